@@ -1,0 +1,47 @@
+#!/usr/bin/env node
+/**
+ * The `ctrain` binary: one entry, one module per sub-command, loaded lazily so `ctrain k8s render`
+ * never pays for loading TensorFlow.js.
+ */
+import { isUserError } from "../core/errors.js";
+
+type Command = { summary: string; load: () => Promise<{ main(argv: string[]): Promise<number> }> };
+
+const COMMANDS: Record<string, Command> = {
+  run: { summary: "whole job on this machine: embedded nats-server and N local workers", load: () => import("./run.js") },
+  predict: { summary: "classify images with a trained model", load: () => import("./predict.js") },
+  k8s: { summary: "Kubernetes manifests for a job (`ctrain k8s render`)", load: () => import("./k8s.js") },
+};
+
+function usage(): string {
+  const lines = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)} ${c.summary}`);
+  return `usage: ctrain <command> [options]\n\ncommands:\n${lines.join("\n")}\n\nRun 'ctrain <command> --help' for the options of a command.`;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (!name || name === "--help" || name === "-h" || name === "help") {
+    console.log(usage());
+    return name ? 0 : 2;
+  }
+  const cmd = COMMANDS[name];
+  if (!cmd) {
+    console.error(`ctrain: unknown command '${name}'.\n\n${usage()}`);
+    return 2;
+  }
+  const mod = await cmd.load();
+  return mod.main(rest);
+}
+
+main(process.argv.slice(2)).then(
+  (code) => { process.exitCode = code; },
+  (err: unknown) => {
+    if (isUserError(err)) {
+      console.error(`ctrain: ${err.name}: ${err.message}`);
+      process.exitCode = 2;
+    } else {
+      console.error(err);
+      process.exitCode = 1;
+    }
+  },
+);

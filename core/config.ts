@@ -1,0 +1,291 @@
+/**
+ * Job options: one schema shared by every sub-command (`run`, `coordinator`, `worker`, `k8s render`),
+ * read from flags and/or `--config job.yaml` and validated once, before any work starts. Flags win
+ * over the file. YAML keys are the flag names without dashes (`input-size: 96`); camelCase works too.
+ */
+import { readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { parse as parseYaml } from "yaml";
+import { ConfigError } from "./errors.js";
+
+export const BACKENDS = ["auto", "tensorflow-gpu", "tensorflow", "wasm", "cpu"] as const;
+export type BackendName = (typeof BACKENDS)[number];
+export const POOLINGS = ["avg", "max", "none"] as const;
+export type Pooling = (typeof POOLINGS)[number];
+export const METHODS = ["cached", "augment"] as const;
+export type Method = (typeof METHODS)[number];
+export const WIRE_DTYPES = ["fp32", "fp16"] as const;
+export type WireDtype = (typeof WIRE_DTYPES)[number];
+export const LAUNCHERS = ["local", "kubernetes"] as const;
+export type Launcher = (typeof LAUNCHERS)[number];
+
+/** Every option of a job. Defaults are in {@link OPTION_SPECS}. */
+export interface JobOptions {
+  /** Job id; scopes NATS subjects, stores and the output folder. Default: `ctrain-<data>-<time>`. */
+  job: string;
+  /** Data set: `fashion-mnist`, `mnist:<dir>` (IDX files), or a folder with one sub-folder per class. */
+  data: string;
+  /** Pretrained model: `mobilenet_v2` (offline, built in), a folder with model.json, or an http(s) URL. */
+  model: string;
+  /** Square input size in pixels the model is rebuilt for (96..224 for MobileNetV2). Default 96. */
+  inputSize: number;
+  /** Name of the layer whose output is the feature vector. Default `out_relu`. */
+  featureLayer: string;
+  /** Pooling over the feature map: `avg`, `max` or `none` (flatten). Default `avg`. */
+  pooling: Pooling;
+  /** `cached`: train the head on cached features; `augment`: frozen base + head end to end with augmentation. */
+  method: Method;
+  /** Epochs of head training. Default 10. */
+  epochs: number;
+  /** Units of the head's hidden Dense layer. Default 256. */
+  headUnits: number;
+  /** Dropout rate of the head. Default 0.5. */
+  dropout: number;
+  /** Top layers of the base to unfreeze for fine-tuning (a count, or a layer name to unfreeze from); 0 = no fine-tuning. */
+  fineTuneLayers: string;
+  /** Epochs of fine-tuning. Default 0. */
+  fineTuneEpochs: number;
+  /** Learning rate of fine-tuning. Default 1e-5. */
+  fineTuneLearningRate: number;
+  /** Global batch size (samples per step across all workers). Default 32. */
+  batchSize: number;
+  /** Learning rate of head training (Adam). Default 1e-3. */
+  learningRate: number;
+  /** Number of workers. Default: one per core for `run`. */
+  workers: number;
+  /** NATS server URL(s), comma-separated. Empty for `run` = start an embedded nats-server. */
+  nats: string;
+  /** Output folder of the run. Default `runs/<job>`. */
+  out: string;
+  /** Compute backend. Default `auto` (tensorflow-gpu, tensorflow, wasm, cpu: the first that loads). */
+  backend: BackendName;
+  /** Use at most N samples of the training set (and N/5 of validation and test); 0 = all. */
+  limit: number;
+  /** Seed of splits, shuffling, initialisation and augmentation. Default 42. */
+  seed: number;
+  /** Fraction of the training data held out for validation. Default 0.1. */
+  valSplit: number;
+  /** Fraction held out for test when the data set has no test set of its own (folders). Default 0.1. */
+  testSplit: number;
+  /** Folder of the on-disk feature cache. Default `.ctrain-cache`. */
+  cacheDir: string;
+  /** Samples per extraction shard. Default 256. */
+  shardSize: number;
+  /** Images larger than this many pixels are refused before decoding. Default 40,000,000. */
+  maxPixels: number;
+  /** Port of the /metrics endpoint; 0 = pick a free one, -1 = none. Default 0. */
+  metricsPort: number;
+  /** Bytes per element of gradients on the wire. Default fp32. */
+  wireDtype: WireDtype;
+  /** How workers are started by the coordinator. Default `local`. */
+  launcher: Launcher;
+  /** Log format: `auto` (human on a terminal, JSON otherwise), `json` or `human`. */
+  logFormat: "auto" | "json" | "human";
+}
+
+type Kind = "string" | "int" | "number";
+interface OptionSpec<K extends keyof JobOptions> {
+  key: K;
+  kind: Kind;
+  help: string;
+  default: () => JobOptions[K];
+  choices?: readonly string[];
+  min?: number;
+  max?: number;
+}
+
+function spec<K extends keyof JobOptions>(s: OptionSpec<K>): OptionSpec<K> {
+  return s;
+}
+
+/** The schema: flag name = key in kebab-case. Order is the order of `--help`. */
+export const OPTION_SPECS = [
+  spec({ key: "data", kind: "string", help: "fashion-mnist | mnist:<dir of IDX files> | <folder with one sub-folder per class>", default: () => "fashion-mnist" }),
+  spec({ key: "model", kind: "string", help: "mobilenet_v2 | <folder with model.json> | <http(s) URL of model.json>", default: () => "mobilenet_v2" }),
+  spec({ key: "inputSize", kind: "int", help: "input size in pixels (square)", default: () => 96, min: 32, max: 1024 }),
+  spec({ key: "featureLayer", kind: "string", help: "layer whose output is the feature", default: () => "out_relu" }),
+  spec({ key: "pooling", kind: "string", help: "pooling of the feature map", default: () => "avg" as Pooling, choices: POOLINGS }),
+  spec({ key: "method", kind: "string", help: "cached features, or frozen base + head with augmentation", default: () => "cached" as Method, choices: METHODS }),
+  spec({ key: "epochs", kind: "int", help: "epochs of head training", default: () => 10, min: 1, max: 100000 }),
+  spec({ key: "headUnits", kind: "int", help: "units of the head's hidden layer", default: () => 256, min: 1, max: 65536 }),
+  spec({ key: "dropout", kind: "number", help: "dropout rate of the head", default: () => 0.5, min: 0, max: 0.95 }),
+  spec({ key: "fineTuneLayers", kind: "string", help: "top layers of the base to unfreeze (count or layer name); 0 = none", default: () => "0" }),
+  spec({ key: "fineTuneEpochs", kind: "int", help: "epochs of fine-tuning", default: () => 0, min: 0, max: 100000 }),
+  spec({ key: "fineTuneLearningRate", kind: "number", help: "learning rate of fine-tuning", default: () => 1e-5, min: 1e-12, max: 10 }),
+  spec({ key: "batchSize", kind: "int", help: "global batch size", default: () => 32, min: 1, max: 65536 }),
+  spec({ key: "learningRate", kind: "number", help: "learning rate of head training", default: () => 1e-3, min: 1e-12, max: 10 }),
+  spec({ key: "workers", kind: "int", help: "number of workers", default: () => Math.max(1, availableParallelism()), min: 1, max: 4096 }),
+  spec({ key: "nats", kind: "string", help: "NATS URL(s), comma-separated; empty = embedded nats-server", default: () => "" }),
+  spec({ key: "out", kind: "string", help: "output folder (default runs/<job>)", default: () => "" }),
+  spec({ key: "backend", kind: "string", help: "compute backend", default: () => "auto" as BackendName, choices: BACKENDS }),
+  spec({ key: "limit", kind: "int", help: "at most N training samples (0 = all)", default: () => 0, min: 0, max: Number.MAX_SAFE_INTEGER }),
+  spec({ key: "seed", kind: "int", help: "random seed", default: () => 42, min: 0, max: 2 ** 31 - 1 }),
+  spec({ key: "valSplit", kind: "number", help: "validation fraction of the training data", default: () => 0.1, min: 0.01, max: 0.5 }),
+  spec({ key: "testSplit", kind: "number", help: "test fraction when the data set has no test set", default: () => 0.1, min: 0.01, max: 0.5 }),
+  spec({ key: "cacheDir", kind: "string", help: "feature cache folder", default: () => ".ctrain-cache" }),
+  spec({ key: "shardSize", kind: "int", help: "samples per extraction shard", default: () => 256, min: 1, max: 1_000_000 }),
+  spec({ key: "maxPixels", kind: "int", help: "refuse images with more pixels than this", default: () => 40_000_000, min: 1, max: 2 ** 32 }),
+  spec({ key: "metricsPort", kind: "int", help: "port of /metrics (0 = free port, -1 = off)", default: () => 0, min: -1, max: 65535 }),
+  spec({ key: "wireDtype", kind: "string", help: "gradient dtype on the wire", default: () => "fp32" as WireDtype, choices: WIRE_DTYPES }),
+  spec({ key: "launcher", kind: "string", help: "how workers are started", default: () => "local" as Launcher, choices: LAUNCHERS }),
+  spec({ key: "logFormat", kind: "string", help: "log format", default: () => "auto" as JobOptions["logFormat"], choices: ["auto", "json", "human"] }),
+  spec({ key: "job", kind: "string", help: "job id", default: () => "" }),
+] as const;
+
+export function flagName(key: string): string {
+  return key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+}
+
+function keyOf(name: string): string {
+  return name.replace(/^-+/, "").replace(/[-_]([a-z])/g, (_, c: string) => c.toUpperCase());
+}
+
+const SPEC_BY_KEY = new Map<string, OptionSpec<keyof JobOptions>>(
+  OPTION_SPECS.map((s) => [s.key, s as unknown as OptionSpec<keyof JobOptions>]),
+);
+
+function closest(name: string): string | undefined {
+  let best: string | undefined;
+  let bestD = 4;
+  for (const k of SPEC_BY_KEY.keys()) {
+    const d = editDistance(flagName(k), flagName(keyOf(name)));
+    if (d < bestD) { bestD = d; best = flagName(k); }
+  }
+  return best;
+}
+
+function editDistance(a: string, b: string): number {
+  const dp = Array.from({ length: a.length + 1 }, (_, i) => [i, ...new Array<number>(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) dp[0][j] = j;
+  for (let i = 1; i <= a.length; i++)
+    for (let j = 1; j <= b.length; j++)
+      dp[i][j] = Math.min(dp[i - 1][j] + 1, dp[i][j - 1] + 1, dp[i - 1][j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+  return dp[a.length][b.length];
+}
+
+function coerce(s: OptionSpec<keyof JobOptions>, raw: unknown, where: string): unknown {
+  const flag = `--${flagName(s.key)}`;
+  if (s.kind === "string") {
+    if (typeof raw === "number") raw = String(raw);
+    if (typeof raw !== "string") throw new ConfigError(`${flag} (${where}) must be a string, got ${JSON.stringify(raw)}.`);
+    if (s.choices && !s.choices.includes(raw))
+      throw new ConfigError(`${flag} (${where}) must be one of ${s.choices.join(", ")}; got ${JSON.stringify(raw)}.`);
+    return raw;
+  }
+  const n = typeof raw === "number" ? raw : typeof raw === "string" && raw.trim() !== "" ? Number(raw) : NaN;
+  if (!Number.isFinite(n)) throw new ConfigError(`${flag} (${where}) must be a number, got ${JSON.stringify(raw)}.`);
+  if (s.kind === "int" && !Number.isInteger(n)) throw new ConfigError(`${flag} (${where}) must be a whole number, got ${JSON.stringify(raw)}.`);
+  if ((s.min !== undefined && n < s.min) || (s.max !== undefined && n > s.max))
+    throw new ConfigError(`${flag} (${where}) must be between ${s.min} and ${s.max}, got ${n}.`);
+  return n;
+}
+
+/** Parsed command line: known job options, other flags (sub-command specific) and positionals. */
+export interface ParsedArgs {
+  options: Partial<JobOptions>;
+  extra: Record<string, string | true>;
+  positionals: string[];
+  configFile?: string;
+}
+
+/**
+ * Splits argv into job options, other flags and positionals. `extraFlags` lists the sub-command's
+ * own flags (without dashes); any other unknown flag is an error with a suggestion.
+ */
+export function parseArgs(argv: readonly string[], extraFlags: readonly string[] = [], booleanFlags: readonly string[] = []): ParsedArgs {
+  const out: ParsedArgs = { options: {}, extra: {}, positionals: [] };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (!a.startsWith("--")) { out.positionals.push(a); continue; }
+    let name = a.slice(2);
+    let value: string | undefined;
+    const eq = name.indexOf("=");
+    if (eq >= 0) { value = name.slice(eq + 1); name = name.slice(0, eq); }
+    if (booleanFlags.includes(name)) { out.extra[name] = value ?? true; continue; }
+    const takeValue = (): string => {
+      if (value !== undefined) return value;
+      const next = argv[i + 1];
+      if (next === undefined || (next.startsWith("--") && next.length > 2)) throw new ConfigError(`--${name} needs a value.`);
+      i++;
+      return next;
+    };
+    if (name === "config") { out.configFile = takeValue(); continue; }
+    if (extraFlags.includes(name)) { out.extra[name] = takeValue(); continue; }
+    const s = SPEC_BY_KEY.get(keyOf(name));
+    if (!s) {
+      const hint = closest(name);
+      throw new ConfigError(`Unknown option --${name}.${hint ? ` Did you mean --${hint}?` : ""} Run with --help to list the options.`);
+    }
+    (out.options as Record<string, unknown>)[s.key] = coerce(s, takeValue(), "flag");
+  }
+  return out;
+}
+
+/** Reads a YAML/JSON job file into options, refusing unknown keys and wrong types. */
+export function readConfigFile(file: string): Partial<JobOptions> {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (cause) {
+    throw new ConfigError(`Cannot read config file ${file}: ${(cause as Error).message}`, { cause });
+  }
+  let doc: unknown;
+  try {
+    doc = parseYaml(text);
+  } catch (cause) {
+    throw new ConfigError(`Config file ${file} is not valid YAML: ${(cause as Error).message}`, { cause });
+  }
+  if (doc === null || doc === undefined) return {};
+  if (typeof doc !== "object" || Array.isArray(doc)) throw new ConfigError(`Config file ${file} must be a mapping of option: value.`);
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(doc as Record<string, unknown>)) {
+    const s = SPEC_BY_KEY.get(keyOf(k));
+    if (!s) {
+      const hint = closest(k);
+      throw new ConfigError(`Unknown key "${k}" in ${file}.${hint ? ` Did you mean "${hint}"?` : ""}`);
+    }
+    out[s.key] = coerce(s, v, file);
+  }
+  return out as Partial<JobOptions>;
+}
+
+/** Fills defaults and checks the cross-field rules. Throws ConfigError naming the option. */
+export function resolveOptions(partial: Partial<JobOptions>, now: Date = new Date()): JobOptions {
+  const o = {} as Record<string, unknown>;
+  for (const s of OPTION_SPECS) o[s.key] = (partial as Record<string, unknown>)[s.key] ?? s.default();
+  const opts = o as unknown as JobOptions;
+  if (!opts.job) {
+    const base = opts.data.replace(/^.*[/:]/, "").replace(/[^a-zA-Z0-9-]/g, "-").toLowerCase() || "data";
+    const stamp = now.toISOString().replace(/[-:]/g, "").replace(/\..*$/, "").replace("T", "-").toLowerCase();
+    opts.job = `ctrain-${base}-${stamp}`;
+  }
+  if (!/^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$/.test(opts.job))
+    throw new ConfigError(`--job ${JSON.stringify(opts.job)} must be 1-63 letters, digits, '-' or '_' (it names NATS subjects and streams).`);
+  if (!opts.out) opts.out = `runs/${opts.job}`;
+  if (opts.valSplit + opts.testSplit >= 0.9) throw new ConfigError(`--val-split + --test-split must leave data to train on (got ${opts.valSplit} + ${opts.testSplit}).`);
+  const ft = opts.fineTuneLayers.trim();
+  if (ft === "" ) throw new ConfigError(`--fine-tune-layers must be a layer count or a layer name.`);
+  if (/^\d+$/.test(ft) && Number(ft) > 0 && opts.fineTuneEpochs === 0) opts.fineTuneEpochs = Math.max(1, Math.ceil(opts.epochs / 2));
+  if (opts.nats) {
+    for (const u of opts.nats.split(",")) {
+      if (!/^(nats|tls|wss?):\/\/[^\s/]+/.test(u.trim()) && !/^[^\s/:]+:\d+$/.test(u.trim()))
+        throw new ConfigError(`--nats ${JSON.stringify(u)} is not a NATS URL (expected nats://host:port).`);
+    }
+  }
+  return opts;
+}
+
+/** Flags + optional config file -> validated options. */
+export function loadOptions(parsed: ParsedArgs): JobOptions {
+  const fromFile = parsed.configFile ? readConfigFile(parsed.configFile) : {};
+  return resolveOptions({ ...fromFile, ...parsed.options });
+}
+
+/** Help text for the job options. */
+export function optionsHelp(): string {
+  return OPTION_SPECS.map((s) => {
+    const d = s.default();
+    const dv = s.key === "workers" ? "cores" : JSON.stringify(d);
+    return `  --${flagName(s.key).padEnd(26)} ${s.help}${s.choices ? ` (${s.choices.join("|")})` : ""} [default ${dv}]`;
+  }).join("\n");
+}

@@ -1,0 +1,60 @@
+/**
+ * Error classes that decide what the caller does next (after horovod's split between a failed
+ * collective and a changed membership). Every error keeps its `cause`; messages say what is wrong
+ * and what to do about it.
+ */
+
+/** A job option or config file is invalid. Raised before any work starts; the CLI prints it without a stack. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
+/** One input (an image, an IDX file, a message) is unusable. The sample is skipped and reported; the job goes on. */
+export class BadInputError extends Error {
+  override name = "BadInputError";
+  /** Stable id of the offending sample or message. */
+  readonly id: string;
+  /** Short machine-readable reason, used as a metric label (`corrupt`, `empty`, `too_many_pixels`, ...). */
+  readonly reason: string;
+  constructor(id: string, reason: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.id = id;
+    this.reason = reason;
+  }
+}
+
+/** A worker stopped answering (heartbeat expired or step deadline passed). Recover by re-planning without it. */
+export class WorkerLostError extends Error {
+  override name = "WorkerLostError";
+  readonly worker: string;
+  constructor(worker: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.worker = worker;
+  }
+}
+
+/** The set of workers changed (a new membership epoch). Keep state, meet again, redo the step. */
+export class MembershipChanged extends Error {
+  override name = "MembershipChanged";
+  readonly epoch: number;
+  constructor(epoch: number, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.epoch = epoch;
+  }
+}
+
+/** The requested compute backend cannot be loaded here. */
+export class BackendUnavailableError extends Error {
+  override name = "BackendUnavailableError";
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
+/** Errors a user caused and can fix: printed as one line, without a stack trace. */
+export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError {
+  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError;
+}
