@@ -1,0 +1,201 @@
+/**
+ * Turns pretrained artifacts into the frozen feature extractor of a job: the topology is rebuilt
+ * for the requested input size, cut at the feature layer, and given Keras-style pooling
+ * (`pooling=avg|max|None`). Surgery happens on the topology JSON, so the weights load once, by
+ * layer name, into the new graph (weights of dropped layers, such as nsfwjs' classifier, are
+ * ignored) -- the same result as building the model again and copying the weights layer by layer.
+ */
+import { createHash } from "node:crypto";
+import * as tf from "@tensorflow/tfjs";
+import type { Pooling } from "./config.js";
+import { ConfigError } from "./errors.js";
+import type { Preprocessing, PretrainedSource } from "./model_zoo.js";
+
+interface LayerJson {
+  name: string;
+  class_name: string;
+  config: Record<string, unknown> & { name?: string; batch_input_shape?: (number | null)[] };
+  inbound_nodes?: unknown[];
+}
+interface ModelConfigJson {
+  class_name: string;
+  config: { name?: string; layers: LayerJson[]; input_layers?: unknown[]; output_layers?: unknown[] } | LayerJson[];
+}
+
+/** The topology's model config, whatever Keras version wrote it. */
+function modelConfigOf(topology: Record<string, unknown>): ModelConfigJson {
+  const mc = (topology["model_config"] ?? topology) as ModelConfigJson;
+  if (!mc || !mc.class_name || !mc.config) throw new ConfigError("model.json: modelTopology has no model_config; is this a TF.js layers model (not a graph model)?");
+  return mc;
+}
+
+function layersOf(mc: ModelConfigJson): LayerJson[] {
+  return Array.isArray(mc.config) ? mc.config : mc.config.layers;
+}
+
+/** Names of the layers a node list refers to (Keras 2.x `[[name, node, tensor, kwargs]]` or Keras 3 dicts). */
+function inboundNames(layer: LayerJson): string[] {
+  const names: string[] = [];
+  const visit = (x: unknown): void => {
+    if (Array.isArray(x)) {
+      if (typeof x[0] === "string" && typeof x[1] === "number") names.push(x[0]);
+      else x.forEach(visit);
+    } else if (x && typeof x === "object") {
+      const o = x as Record<string, unknown>;
+      if (Array.isArray(o["keras_history"]) && typeof (o["keras_history"] as unknown[])[0] === "string") names.push((o["keras_history"] as string[])[0]);
+      else Object.values(o).forEach(visit);
+    }
+  };
+  visit(layer.inbound_nodes ?? []);
+  return names;
+}
+
+export interface CutOptions {
+  /** Square input size in pixels. */
+  inputSize: number;
+  /** Layer whose output becomes the model's output. */
+  outputLayer: string;
+}
+
+/**
+ * A copy of the topology with a new input size and everything after `outputLayer` (and every
+ * layer it does not depend on) removed.
+ */
+export function cutTopology(topology: object, opts: CutOptions): { topology: object; layerNames: string[] } {
+  const copy = structuredClone(topology) as Record<string, unknown>;
+  delete copy["training_config"];
+  const mc = modelConfigOf(copy);
+  const layers = layersOf(mc);
+  const byName = new Map(layers.map((l) => [l.name ?? l.config.name!, l]));
+  if (!byName.has(opts.outputLayer)) {
+    const candidates = layers.filter((l) => /relu|conv|add|act|pool|block|out/i.test(l.name)).slice(-8).map((l) => l.name);
+    throw new ConfigError(`--feature-layer ${JSON.stringify(opts.outputLayer)} is not a layer of this model. Layers near the top: ${candidates.join(", ")}.`);
+  }
+  if (Array.isArray(mc.config)) {
+    // Sequential: keep the prefix up to the output layer.
+    const idx = layers.findIndex((l) => (l.name ?? l.config.name) === opts.outputLayer);
+    const kept = layers.slice(0, idx + 1);
+    const first = kept[0];
+    const shape = first.config.batch_input_shape;
+    if (!shape || shape.length !== 4) throw new ConfigError("the model's first layer has no 4-d batch_input_shape; cannot set the input size.");
+    first.config.batch_input_shape = [null, opts.inputSize, opts.inputSize, shape[3]];
+    mc.config = kept;
+    return { topology: copy, layerNames: kept.map((l) => l.name ?? l.config.name!) };
+  }
+  const needed = new Set<string>();
+  const stack = [opts.outputLayer];
+  while (stack.length) {
+    const n = stack.pop()!;
+    if (needed.has(n)) continue;
+    needed.add(n);
+    const l = byName.get(n);
+    if (!l) throw new ConfigError(`model.json: layer ${n} is referenced but not defined.`);
+    stack.push(...inboundNames(l));
+  }
+  const kept = layers.filter((l) => needed.has(l.name));
+  let inputs = 0;
+  for (const l of kept) {
+    if (l.class_name !== "InputLayer") continue;
+    const shape = l.config.batch_input_shape ?? (l.config["batch_shape"] as (number | null)[] | undefined);
+    if (!shape || shape.length !== 4) throw new ConfigError(`input layer ${l.name} is not an image input (shape ${JSON.stringify(shape)}).`);
+    const newShape = [null, opts.inputSize, opts.inputSize, shape[3]];
+    if (l.config.batch_input_shape) l.config.batch_input_shape = newShape;
+    else l.config["batch_shape"] = newShape;
+    inputs++;
+  }
+  if (inputs !== 1) throw new ConfigError(`the model must have exactly one image input; found ${inputs}.`);
+  mc.config.layers = kept;
+  mc.config.input_layers = [[kept.find((l) => l.class_name === "InputLayer")!.name, 0, 0]];
+  mc.config.output_layers = [[opts.outputLayer, 0, 0]];
+  return { topology: copy, layerNames: kept.map((l) => l.name) };
+}
+
+/** Loads the weights of `source` into a topology produced by {@link cutTopology}. */
+export async function loadCut(source: PretrainedSource, topology: object): Promise<tf.LayersModel> {
+  const { weightSpecs, weightData } = source.artifacts;
+  // strict: false -- the weights of layers that were cut away (the classifier) are present but unused.
+  const model = await tf.loadLayersModel(tf.io.fromMemory({ modelTopology: topology, weightSpecs, weightData }), { strict: false });
+  return model;
+}
+
+/** Scales a batch of [0, 255] RGB pixels the way the model was trained. */
+export function preprocess(x: tf.Tensor4D, mode: Preprocessing): tf.Tensor4D {
+  return tf.tidy(() => {
+    const f = x.toFloat();
+    switch (mode) {
+      case "tf":
+        return f.div(127.5).sub(1) as tf.Tensor4D;
+      case "caffe": {
+        const bgr = tf.reverse(f, -1);
+        return bgr.sub(tf.tensor1d([103.939, 116.779, 123.68])) as tf.Tensor4D;
+      }
+      case "torch":
+        return f.div(255).sub(tf.tensor1d([0.485, 0.456, 0.406])).div(tf.tensor1d([0.229, 0.224, 0.225])) as tf.Tensor4D;
+      case "none":
+        return f as tf.Tensor4D;
+    }
+  });
+}
+
+export interface FeatureExtractorOptions {
+  inputSize: number;
+  featureLayer: string;
+  pooling: Pooling;
+}
+
+/** A frozen convolutional base that maps uint8 RGB images to feature vectors. */
+export interface FeatureExtractor {
+  model: tf.LayersModel;
+  inputSize: number;
+  /** Length of one feature vector. */
+  featureDim: number;
+  /** Shape of one feature before flattening ([h, w, c] for pooling none, [c] otherwise). */
+  featureShape: number[];
+  preprocessing: Preprocessing;
+  /** sha256 over the model, input size, feature layer, pooling and preprocessing. */
+  fingerprint: string;
+  /** Features of `n` images given as n*size*size*3 bytes (HWC). */
+  extract(rgb: Uint8Array, n: number): Float32Array;
+  dispose(): void;
+}
+
+/** Builds the frozen feature extractor of a job. */
+export async function buildFeatureExtractor(source: PretrainedSource, opts: FeatureExtractorOptions): Promise<FeatureExtractor> {
+  const { topology } = cutTopology(source.artifacts.modelTopology as object, { inputSize: opts.inputSize, outputLayer: opts.featureLayer });
+  const base = await loadCut(source, topology);
+  base.trainable = false;
+  const out = base.outputs[0];
+  let pooled: tf.SymbolicTensor;
+  if (out.shape.length !== 4) {
+    if (opts.pooling !== "none") throw new ConfigError(`--pooling ${opts.pooling} needs a 4-d feature map, but layer ${opts.featureLayer} outputs shape ${JSON.stringify(out.shape)}; use --pooling none.`);
+    pooled = out;
+  } else if (opts.pooling === "avg") pooled = tf.layers.globalAveragePooling2d({ name: "ctrain_pool" }).apply(out) as tf.SymbolicTensor;
+  else if (opts.pooling === "max") pooled = tf.layers.globalMaxPooling2d({ name: "ctrain_pool" }).apply(out) as tf.SymbolicTensor;
+  else pooled = tf.layers.flatten({ name: "ctrain_pool" }).apply(out) as tf.SymbolicTensor;
+  const model = tf.model({ inputs: base.inputs, outputs: pooled, name: "ctrain_feature_extractor" });
+  const featureDim = pooled.shape[1] as number;
+  const featureShape = (opts.pooling === "none" ? out.shape.slice(1) : pooled.shape.slice(1)) as number[];
+  const fingerprint = createHash("sha256")
+    .update(JSON.stringify({ model: source.fingerprint, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling, preprocessing: source.preprocessing }))
+    .digest("hex");
+  const size = opts.inputSize;
+  return {
+    model,
+    inputSize: size,
+    featureDim,
+    featureShape,
+    preprocessing: source.preprocessing,
+    fingerprint,
+    extract(rgb: Uint8Array, n: number): Float32Array {
+      if (rgb.length !== n * size * size * 3) throw new Error(`extract: expected ${n * size * size * 3} bytes for ${n} images of ${size}x${size}x3, got ${rgb.length}`);
+      return tf.tidy(() => {
+        const x = preprocess(tf.tensor4d(rgb, [n, size, size, 3], "int32"), source.preprocessing);
+        const y = model.predict(x) as tf.Tensor;
+        return y.dataSync() as Float32Array;
+      });
+    },
+    dispose(): void {
+      model.dispose();
+    },
+  };
+}
