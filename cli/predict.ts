@@ -1,0 +1,64 @@
+/**
+ * `ctrain predict --model DIR IMAGE...`: class and probability per image, with the preprocessing
+ * and class names stored in the model's metadata. An unreadable image is reported and skipped.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { selectBackend } from "../core/backend.js";
+import { parseArgs } from "../core/config.js";
+import { readFile } from "node:fs/promises";
+import { decodeImage } from "../core/datasets/image_decode.js";
+import { BadInputError, ConfigError } from "../core/errors.js";
+import { preprocess } from "../core/feature_model.js";
+import type { ClassifierMetadata } from "../core/head.js";
+import { loadModel } from "../core/model_io.js";
+import type { Preprocessing } from "../core/model_zoo.js";
+
+const HELP = `usage: ctrain predict --model DIR [--top K] [--backend auto|wasm|cpu|...] [--json] IMAGE...
+
+Prints the top classes and probabilities of each image (JPEG, PNG or WebP).`;
+
+export async function main(argv: string[]): Promise<number> {
+  const parsed = parseArgs(argv, ["top"], ["help", "json"]);
+  if (parsed.extra["help"]) {
+    console.log(HELP);
+    return 0;
+  }
+  const dir = parsed.options.model;
+  if (!dir) throw new ConfigError("ctrain predict needs --model DIR (the model/ folder of a run).");
+  if (parsed.positionals.length === 0) throw new ConfigError("ctrain predict needs at least one image path.");
+  const top = parsed.extra["top"] === undefined ? 1 : Number(parsed.extra["top"]);
+  if (!Number.isInteger(top) || top < 1) throw new ConfigError(`--top must be a whole number >= 1, got ${JSON.stringify(parsed.extra["top"])}.`);
+  await selectBackend(parsed.options.backend ?? "auto");
+  let model: tf.LayersModel;
+  try {
+    model = await loadModel(dir);
+  } catch (cause) {
+    throw new ConfigError(`--model ${dir}: cannot load a ctrain model (${(cause as Error).message}).`, { cause });
+  }
+  const meta = (model.getUserDefinedMetadata() as { ctrain?: ClassifierMetadata } | undefined)?.ctrain;
+  if (!meta) throw new ConfigError(`--model ${dir}: model.json has no ctrain metadata (classes, input size); was it written by ctrain run?`);
+  let failed = 0;
+  for (const file of parsed.positionals) {
+    try {
+      let bytes: Uint8Array;
+      try {
+        bytes = new Uint8Array(await readFile(file));
+      } catch (cause) {
+        throw new BadInputError(file, "unreadable", `cannot read ${file}: ${(cause as Error).message}`, { cause });
+      }
+      const rgb = await decodeImage(file, bytes, { size: meta.inputSize, maxPixels: 40_000_000 });
+      const probs = tf.tidy(() => {
+        const x = preprocess(tf.tensor4d(rgb, [1, meta.inputSize, meta.inputSize, 3], "int32"), meta.preprocessing as Preprocessing);
+        return (model.predict(x) as tf.Tensor).dataSync() as Float32Array;
+      });
+      const ranked = [...probs].map((p, i) => ({ cls: meta.classes[i], p })).sort((a, b) => b.p - a.p).slice(0, top);
+      if (parsed.extra["json"]) console.log(JSON.stringify({ image: file, predictions: ranked.map((r) => ({ class: r.cls, probability: Number(r.p.toFixed(6)) })) }));
+      else console.log(`${file}\t${ranked.map((r) => `${r.cls}\t${r.p.toFixed(4)}`).join("\t")}`);
+    } catch (err) {
+      if (!(err instanceof BadInputError)) throw err;
+      failed++;
+      console.error(`${file}: skipped (${err.reason}): ${err.message}`);
+    }
+  }
+  return failed > 0 ? 1 : 0;
+}

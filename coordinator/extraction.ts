@@ -1,0 +1,81 @@
+/**
+ * Extraction phase of a job: plan shards, skip the ones a previous (killed) run already stored,
+ * hand the rest to a shard executor (in-process here; NATS workers in the distributed job), store
+ * each returned shard idempotently, then join them into one committed cache entry.
+ */
+import type { Dataset } from "../core/datasets/types.js";
+import { type FeatureCache, type FeatureSet, type FeatureShardData } from "../core/feature_store.js";
+import type { Logger } from "../core/log.js";
+import type { CtrainMetrics } from "../core/metrics.js";
+import { Progress } from "../core/progress.js";
+import { planShards, type Shard } from "./shard_planner.js";
+
+/** Something that turns shards into features: the local process, or workers over NATS. */
+export interface ShardExecutor {
+  /** Extracts every shard, calling `onShard` once per shard (in any order) and `onImages` as images complete. */
+  run(shards: Shard[], onShard: (data: FeatureShardData) => Promise<void>, onImages: (images: number, skipped: number) => void): Promise<void>;
+  /** Backend and worker count, for the summary. */
+  describe(): { workers: number };
+}
+
+export interface ExtractionResult {
+  features: FeatureSet;
+  cacheHit: boolean;
+  images: number;
+  seconds: number;
+  shards: number;
+  shardsResumed: number;
+}
+
+export interface ExtractionOptions {
+  dataset: Dataset;
+  cache: FeatureCache;
+  key: string;
+  shardSize: number;
+  meta: { featureDim: number; featureShape: number[]; model: string; inputSize: number; featureLayer: string; pooling: string };
+  executor: () => Promise<ShardExecutor>;
+  log: Logger;
+  metrics?: CtrainMetrics;
+}
+
+export async function runExtraction(o: ExtractionOptions): Promise<ExtractionResult> {
+  const t0 = performance.now();
+  if (o.cache.has(o.key)) {
+    const features = await o.cache.load(o.key);
+    o.log.info("feature cache hit: nothing to extract", { key: o.key, samples: features.ids.length });
+    return { features, cacheHit: true, images: 0, seconds: (performance.now() - t0) / 1000, shards: 0, shardsResumed: 0 };
+  }
+  const shards = planShards(o.dataset.samples, o.shardSize);
+  const done = await o.cache.doneShards(o.key);
+  const todo = shards.filter((s) => !done.has(s.id));
+  const images = todo.reduce((a, s) => a + s.samples.length, 0);
+  o.log.info("extracting features", { key: o.key, shards: shards.length, resumed: shards.length - todo.length, images });
+  const counts = { pending: todo.length, running: 0, done: shards.length - todo.length, failed: 0 };
+  o.metrics?.setShards(counts);
+  const progress = new Progress({ label: "extract", total: images, unit: "img" });
+  if (todo.length > 0) {
+    const executor = await o.executor();
+    let seen = 0;
+    await executor.run(
+      todo,
+      async (data) => {
+        await o.cache.putShard(o.key, data);
+        counts.done++;
+        counts.pending = Math.max(0, counts.pending - 1);
+        o.metrics?.setShards(counts);
+        for (const s of data.skipped) o.metrics?.skippedInput(s.reason);
+      },
+      (n, skipped) => {
+        seen += n;
+        progress.tick(n, skipped ? `skipped ${skipped}` : undefined);
+        o.metrics?.progress("extract", seen, images);
+      },
+    );
+    progress.finish();
+  }
+  for (const s of o.dataset.skipped) o.metrics?.skippedInput(s.reason);
+  const features = await o.cache.commit(o.key, { ...o.meta, classes: o.dataset.classes }, o.dataset.samples.map((s) => s.id), o.dataset.skipped);
+  const seconds = (performance.now() - t0) / 1000;
+  o.log.info("features cached", { key: o.key, samples: features.ids.length, skipped: features.skipped.length, seconds: Number(seconds.toFixed(2)) });
+  return { features, cacheHit: false, images, seconds, shards: shards.length, shardsResumed: shards.length - todo.length };
+}

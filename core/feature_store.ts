@@ -1,0 +1,177 @@
+/**
+ * On-disk feature cache. One entry per cache key (model + input size + feature layer + pooling +
+ * preprocessing + the input files and split parameters): a folder with
+ *   meta.json      dims, counts, classes, the key's parts
+ *   index.json     one record per sample: id, label, split (in feature-row order)
+ *   skipped.json   inputs that could not be used, with reasons
+ *   features.f32   rows of float32 little-endian, `featureDim` per sample
+ * While extraction runs, shards land in `<key>.partial/shards/<shard>.bin` -- written once per shard
+ * id and renamed into place, so a redelivered or re-run shard never duplicates a sample and a killed
+ * run resumes where it stopped. `commit()` joins them in sample order and renames the entry into place.
+ */
+import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
+import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import type { SkippedInput, Split } from "./datasets/types.js";
+
+/** Features of one shard of samples. */
+export interface FeatureShardData {
+  shardId: string;
+  ids: string[];
+  labels: number[];
+  splits: Split[];
+  /** ids.length * featureDim values, row-major. */
+  features: Float32Array;
+  skipped: SkippedInput[];
+}
+
+export interface FeatureCacheMeta {
+  key: string;
+  featureDim: number;
+  featureShape: number[];
+  classes: string[];
+  count: number;
+  model: string;
+  inputSize: number;
+  featureLayer: string;
+  pooling: string;
+  createdAt: string;
+}
+
+/** A committed cache entry, loaded in memory. */
+export interface FeatureSet {
+  meta: FeatureCacheMeta;
+  ids: string[];
+  labels: Int32Array;
+  splits: Split[];
+  features: Float32Array;
+  skipped: SkippedInput[];
+}
+
+/** The cache key: sha256 over the feature extractor's and the data set's fingerprints. */
+export function cacheKey(extractorFingerprint: string, datasetFingerprint: string): string {
+  return createHash("sha256").update(`${extractorFingerprint}\n${datasetFingerprint}`).digest("hex").slice(0, 32);
+}
+
+const SPLIT_CODES: Record<Split, number> = { train: 0, val: 1, test: 2 };
+const SPLIT_NAMES: Split[] = ["train", "val", "test"];
+
+/** Binary shard file: header JSON length (u32) + header JSON + features bytes. */
+export function encodeShard(s: FeatureShardData): Buffer {
+  const header = Buffer.from(JSON.stringify({ shardId: s.shardId, ids: s.ids, labels: s.labels, splits: s.splits.map((x) => SPLIT_CODES[x]), skipped: s.skipped, n: s.features.length }));
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(header.length);
+  return Buffer.concat([len, header, Buffer.from(s.features.buffer, s.features.byteOffset, s.features.byteLength)] as unknown as Uint8Array[]);
+}
+
+export function decodeShard(buf: Buffer): FeatureShardData {
+  const hl = buf.readUInt32LE(0);
+  const h = JSON.parse(buf.subarray(4, 4 + hl).toString("utf8")) as { shardId: string; ids: string[]; labels: number[]; splits: number[]; skipped: SkippedInput[]; n: number };
+  const bytes = buf.subarray(4 + hl);
+  if (bytes.length !== h.n * 4) throw new Error(`feature shard ${h.shardId}: ${bytes.length} feature bytes, header says ${h.n * 4}`);
+  const features = new Float32Array(h.n);
+  new Uint8Array(features.buffer).set(bytes);
+  return { shardId: h.shardId, ids: h.ids, labels: h.labels, splits: h.splits.map((c) => SPLIT_NAMES[c]), features, skipped: h.skipped };
+}
+
+export class FeatureCache {
+  constructor(readonly root: string) {}
+
+  entryDir(key: string): string {
+    return join(this.root, key);
+  }
+
+  partialDir(key: string): string {
+    return join(this.root, `${key}.partial`);
+  }
+
+  has(key: string): boolean {
+    return existsSync(join(this.entryDir(key), "meta.json"));
+  }
+
+  /** Shard ids already stored for an unfinished entry (a resumed run skips them). */
+  async doneShards(key: string): Promise<Set<string>> {
+    const dir = join(this.partialDir(key), "shards");
+    if (!existsSync(dir)) return new Set();
+    const names = await readdir(dir);
+    return new Set(names.filter((n) => n.endsWith(".bin")).map((n) => decodeURIComponent(n.slice(0, -4))));
+  }
+
+  /** Stores one shard; a shard id already stored is left as it is (idempotent). */
+  async putShard(key: string, shard: FeatureShardData): Promise<boolean> {
+    const dir = join(this.partialDir(key), "shards");
+    await mkdir(dir, { recursive: true });
+    const file = join(dir, `${encodeURIComponent(shard.shardId)}.bin`);
+    if (existsSync(file)) return false;
+    const tmp = `${file}.${process.pid}.tmp`;
+    await writeFile(tmp, encodeShard(shard));
+    await rename(tmp, file);
+    return true;
+  }
+
+  async readShards(key: string): Promise<FeatureShardData[]> {
+    const dir = join(this.partialDir(key), "shards");
+    if (!existsSync(dir)) return [];
+    const names = (await readdir(dir)).filter((n) => n.endsWith(".bin")).sort();
+    return Promise.all(names.map(async (n) => decodeShard(await readFile(join(dir, n)))));
+  }
+
+  /**
+   * Joins the stored shards into the final entry, rows in `order` (sample ids; samples missing from
+   * the shards must be listed as skipped). A sample id seen twice is an error: it means two shards
+   * overlapped, which the planner never does.
+   */
+  async commit(key: string, meta: Omit<FeatureCacheMeta, "key" | "count" | "createdAt">, order: string[], extraSkipped: SkippedInput[] = []): Promise<FeatureSet> {
+    const shards = await this.readShards(key);
+    const rows = new Map<string, { shard: FeatureShardData; row: number }>();
+    const skipped: SkippedInput[] = [...extraSkipped];
+    for (const shard of shards) {
+      shard.ids.forEach((id, row) => {
+        if (rows.has(id)) throw new Error(`feature cache ${key}: sample ${id} is in two shards (${rows.get(id)!.shard.shardId}, ${shard.shardId})`);
+        rows.set(id, { shard, row });
+      });
+      skipped.push(...shard.skipped);
+    }
+    const dim = meta.featureDim;
+    const kept = order.filter((id) => rows.has(id));
+    const skippedIds = new Set(skipped.map((s) => s.id));
+    const missing = order.filter((id) => !rows.has(id) && !skippedIds.has(id));
+    if (missing.length > 0) throw new Error(`feature cache ${key}: ${missing.length} samples have no features and were not reported skipped (first: ${missing[0]})`);
+    const features = new Float32Array(kept.length * dim);
+    const labels = new Int32Array(kept.length);
+    const splits: Split[] = [];
+    kept.forEach((id, i) => {
+      const { shard, row } = rows.get(id)!;
+      features.set(shard.features.subarray(row * dim, (row + 1) * dim), i * dim);
+      labels[i] = shard.labels[row];
+      splits.push(shard.splits[row]);
+    });
+    const full: FeatureCacheMeta = { ...meta, key, count: kept.length, createdAt: new Date().toISOString() };
+    const tmp = join(this.root, `${key}.tmp-${process.pid}`);
+    await rm(tmp, { recursive: true, force: true });
+    await mkdir(tmp, { recursive: true });
+    await writeFile(join(tmp, "features.f32"), new Uint8Array(features.buffer));
+    await writeFile(join(tmp, "index.json"), JSON.stringify(kept.map((id, i) => ({ id, label: labels[i], split: splits[i] }))));
+    await writeFile(join(tmp, "skipped.json"), JSON.stringify(skipped, null, 1));
+    await writeFile(join(tmp, "meta.json"), JSON.stringify(full, null, 2));
+    await rm(this.entryDir(key), { recursive: true, force: true });
+    await rename(tmp, this.entryDir(key));
+    await rm(this.partialDir(key), { recursive: true, force: true });
+    return { meta: full, ids: kept, labels, splits, features, skipped };
+  }
+
+  /** Loads a committed entry. */
+  async load(key: string): Promise<FeatureSet> {
+    const dir = this.entryDir(key);
+    const meta = JSON.parse(await readFile(join(dir, "meta.json"), "utf8")) as FeatureCacheMeta;
+    const index = JSON.parse(await readFile(join(dir, "index.json"), "utf8")) as { id: string; label: number; split: Split }[];
+    const skipped = JSON.parse(await readFile(join(dir, "skipped.json"), "utf8")) as SkippedInput[];
+    const bytes = await readFile(join(dir, "features.f32"));
+    if (bytes.length !== index.length * meta.featureDim * 4)
+      throw new Error(`feature cache ${dir} is damaged: ${bytes.length} bytes of features for ${index.length} samples x ${meta.featureDim}; delete the folder to rebuild it.`);
+    const features = new Float32Array(index.length * meta.featureDim);
+    new Uint8Array(features.buffer).set(bytes);
+    return { meta, ids: index.map((r) => r.id), labels: Int32Array.from(index.map((r) => r.label)), splits: index.map((r) => r.split), features, skipped };
+  }
+}

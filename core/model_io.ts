@@ -1,0 +1,64 @@
+/**
+ * Saving and loading TF.js layers models in a folder (model.json + weights.bin) without
+ * @tensorflow/tfjs-node, whose `file://` handler is not available on the wasm and cpu backends.
+ * The files are the standard format: tf.loadLayersModel('file://...') under tfjs-node reads them too.
+ */
+import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import * as tf from "@tensorflow/tfjs";
+
+function concatWeightData(d: tf.io.WeightData | undefined): Uint8Array {
+  if (!d) return new Uint8Array(0);
+  if (!Array.isArray(d)) return new Uint8Array(d);
+  return new Uint8Array(tf.io.concatenateArrayBuffers(d));
+}
+
+/** An IOHandler that writes model.json and weights.bin into `dir`. */
+export function folderSaveHandler(dir: string): tf.io.IOHandler {
+  return tf.io.withSaveHandler(async (artifacts) => {
+    await mkdir(dir, { recursive: true });
+    const weights = concatWeightData(artifacts.weightData);
+    const modelJson = {
+      modelTopology: artifacts.modelTopology,
+      format: artifacts.format ?? "layers-model",
+      generatedBy: artifacts.generatedBy,
+      convertedBy: "ctrain",
+      weightsManifest: [{ paths: ["weights.bin"], weights: artifacts.weightSpecs ?? [] }],
+      userDefinedMetadata: artifacts.userDefinedMetadata,
+    };
+    await writeFile(join(dir, "weights.bin"), weights);
+    await writeFile(join(dir, "model.json"), JSON.stringify(modelJson));
+    return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: "JSON", weightDataBytes: weights.byteLength } };
+  });
+}
+
+/** An IOHandler that reads a folder (or a model.json path) written in the TF.js layers format. */
+export function folderLoadHandler(path: string): tf.io.IOHandler {
+  const jsonPath = path.endsWith(".json") ? path : join(path, "model.json");
+  return {
+    async load(): Promise<tf.io.ModelArtifacts> {
+      const modelJson = JSON.parse(await readFile(jsonPath, "utf8")) as tf.io.ModelJSON;
+      const bufs: Uint8Array[] = [];
+      for (const g of modelJson.weightsManifest) for (const p of g.paths) bufs.push(new Uint8Array(await readFile(join(dirname(jsonPath), p))));
+      const total = bufs.reduce((a, b) => a + b.byteLength, 0);
+      const all = new Uint8Array(total);
+      let o = 0;
+      for (const b of bufs) { all.set(b, o); o += b.byteLength; }
+      return {
+        modelTopology: modelJson.modelTopology,
+        weightSpecs: modelJson.weightsManifest.flatMap((g) => g.weights),
+        weightData: all.buffer,
+        format: modelJson.format,
+        userDefinedMetadata: modelJson.userDefinedMetadata,
+      };
+    },
+  };
+}
+
+export async function saveModel(model: tf.LayersModel, dir: string): Promise<void> {
+  await model.save(folderSaveHandler(dir));
+}
+
+export async function loadModel(dir: string): Promise<tf.LayersModel> {
+  return tf.loadLayersModel(folderLoadHandler(dir));
+}

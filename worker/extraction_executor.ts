@@ -1,0 +1,63 @@
+/**
+ * Runs the frozen base over one shard of samples: decode + resize (sharp, on libuv's thread pool)
+ * overlaps with the forward pass of the previous batch. A sample that cannot be decoded is skipped
+ * and reported; any other error fails the whole shard so that it is retried (possibly elsewhere).
+ */
+import type { Dataset, SampleRef, SkippedInput } from "../core/datasets/types.js";
+import { BadInputError } from "../core/errors.js";
+import type { FeatureExtractor } from "../core/feature_model.js";
+import type { FeatureShardData } from "../core/feature_store.js";
+
+export interface ExtractShardOptions {
+  /** Images per forward pass. Default 32. */
+  batchSize?: number;
+  /** Called after each batch with the number of images it held (decoded + skipped). */
+  onBatch?: (images: number, skipped: number) => void;
+  /** Stop early (cooperative cancel); the shard then throws. */
+  signal?: AbortSignal;
+}
+
+type Decoded = { sample: SampleRef; rgb?: Uint8Array; skipped?: SkippedInput };
+
+async function decode(dataset: Dataset, sample: SampleRef, size: number): Promise<Decoded> {
+  try {
+    return { sample, rgb: await dataset.readRgb(sample, size) };
+  } catch (err) {
+    if (err instanceof BadInputError) return { sample, skipped: { id: sample.id, reason: err.reason, message: err.message } };
+    throw err;
+  }
+}
+
+/** Features of every usable sample of the shard, in shard order. */
+export async function extractShard(dataset: Dataset, extractor: FeatureExtractor, shardId: string, samples: SampleRef[], opts: ExtractShardOptions = {}): Promise<FeatureShardData> {
+  const batchSize = opts.batchSize ?? 32;
+  const size = extractor.inputSize;
+  const pixels = size * size * 3;
+  const out: FeatureShardData = { shardId, ids: [], labels: [], splits: [], features: new Float32Array(samples.length * extractor.featureDim), skipped: [] };
+  const decodeBatch = (start: number) => Promise.all(samples.slice(start, start + batchSize).map((s) => decode(dataset, s, size)));
+  let next = samples.length > 0 ? decodeBatch(0) : undefined;
+  let row = 0;
+  for (let start = 0; start < samples.length; start += batchSize) {
+    if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("extraction cancelled");
+    const batch = await next!;
+    // Start decoding the next batch before the (synchronous) forward pass of this one.
+    next = start + batchSize < samples.length ? decodeBatch(start + batchSize) : undefined;
+    const good = batch.filter((d) => d.rgb);
+    for (const d of batch) if (d.skipped) out.skipped.push(d.skipped);
+    if (good.length > 0) {
+      const rgb = new Uint8Array(good.length * pixels);
+      good.forEach((d, i) => rgb.set(d.rgb!, i * pixels));
+      const f = extractor.extract(rgb, good.length);
+      out.features.set(f, row * extractor.featureDim);
+      for (const d of good) {
+        out.ids.push(d.sample.id);
+        out.labels.push(d.sample.label);
+        out.splits.push(d.sample.split);
+      }
+      row += good.length;
+    }
+    opts.onBatch?.(batch.length, batch.length - good.length);
+  }
+  out.features = out.features.slice(0, row * extractor.featureDim);
+  return out;
+}
