@@ -1,0 +1,400 @@
+/**
+ * Tensors on the wire: the gradients of several tensors are flattened into one vector, grouped into
+ * fused buckets of at most `bucketBytes` (small tensors share a bucket, as in horovod's tensor fusion),
+ * cut into chunks that each fit a NATS message, and sent as fp32 or fp16 (little-endian). Receivers
+ * accumulate in fp32. `sliceRanges` cuts the flat vector into the contiguous slices that reduce-scatter
+ * gives to each owner; chunks never straddle a slice boundary, so every chunk has exactly one owner.
+ *
+ * The plan (buckets and chunks) is a pure function of the tensor sizes, the budget, the dtype and the
+ * slices, so every member computes the same plan and knows which chunks to expect.
+ */
+import { endianness } from "node:os";
+import { crc32 } from "../proto/checksum.js";
+
+/** Element type on the wire. Same names as the `--wire-dtype` option and the proto `Dtype` enum. */
+export type WireDtype = "fp32" | "fp16";
+
+/**
+ * Default byte budget of one bucket and one chunk: 512 KiB, so that a chunk plus its header stays well
+ * under NATS's default max_payload of 1 MiB.
+ */
+export const DEFAULT_BUCKET_BYTES = 512 * 1024;
+
+const LITTLE_ENDIAN = endianness() === "LE";
+
+/** Bytes per element of a wire dtype. */
+export function bytesPerElement(dtype: WireDtype): number {
+  return dtype === "fp16" ? 2 : 4;
+}
+
+// ---------------------------------------------------------------------------------------------
+// float32 <-> float16
+
+const scratchF32 = new Float32Array(1);
+const scratchU32 = new Uint32Array(scratchF32.buffer);
+
+/** Converts the bits of a float32 to the bits of the nearest float16 (round to nearest, ties to even). */
+function f32BitsToF16Bits(x: number): number {
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  const mant = x & 0x7fffff;
+  if (exp === 0xff) {
+    // Inf stays Inf; NaN stays NaN (quiet bit set so a payload that shifts out cannot make it Inf).
+    return mant === 0 ? sign | 0x7c00 : sign | 0x7e00 | (mant >>> 13);
+  }
+  const e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00; // overflow: beyond 65504 after rounding range -> Inf
+  if (e <= 0) {
+    // Subnormal half (or zero). Values below 2^-25 round to zero; 2^-25 exactly ties to even (zero).
+    if (e < -10) return sign;
+    const m = mant | 0x800000;
+    const shift = 14 - e; // 14..24
+    let half = m >>> shift;
+    const rem = m & ((1 << shift) - 1);
+    const halfway = 1 << (shift - 1);
+    if (rem > halfway || (rem === halfway && (half & 1) === 1)) half++;
+    return sign | half; // a carry into 0x400 is the smallest normal, which is right
+  }
+  let half = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && (half & 1) === 1)) half++; // a carry may reach Inf: right too
+  return sign | half;
+}
+
+/** Bits (0..0xffff) of the float16 nearest to `value` taken as a float32 (round to nearest even). */
+export function float32ToFloat16Bits(value: number): number {
+  scratchF32[0] = value;
+  return f32BitsToF16Bits(scratchU32[0]!);
+}
+
+/** The float16 with bits `h` (0..0xffff) as a number (exact: every float16 is a float32). */
+export function float16BitsToFloat32(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >>> 10) & 0x1f;
+  const mant = h & 0x3ff;
+  if (exp === 0) return sign * mant * 2 ** -24;
+  if (exp === 0x1f) return mant === 0 ? sign * Infinity : NaN;
+  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
+}
+
+let f16Table: Float32Array | undefined;
+/** All 65536 float16 values as float32, built on first use (256 KiB): decoding is one lookup per element. */
+function float16Table(): Float32Array {
+  if (!f16Table) {
+    f16Table = new Float32Array(65536);
+    for (let h = 0; h < 65536; h++) f16Table[h] = float16BitsToFloat32(h);
+  }
+  return f16Table;
+}
+
+/** Converts float32 values to float16 bits, rounding to nearest even. */
+export function encodeFloat16(src: Float32Array, out = new Uint16Array(src.length)): Uint16Array {
+  const bits = new Uint32Array(src.buffer, src.byteOffset, src.length);
+  for (let i = 0; i < src.length; i++) out[i] = f32BitsToF16Bits(bits[i]!);
+  return out;
+}
+
+/** Converts float16 bits to float32 values. */
+export function decodeFloat16(src: Uint16Array, out = new Float32Array(src.length)): Float32Array {
+  const t = float16Table();
+  for (let i = 0; i < src.length; i++) out[i] = t[src[i]!]!;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Little-endian byte views
+
+/** float32 values as little-endian bytes (a copy). */
+export function float32ToBytes(src: Float32Array): Uint8Array {
+  const out = new Uint8Array(src.length * 4);
+  if (LITTLE_ENDIAN) out.set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength));
+  else {
+    const dv = new DataView(out.buffer);
+    for (let i = 0; i < src.length; i++) dv.setFloat32(i * 4, src[i]!, true);
+  }
+  return out;
+}
+
+/** Little-endian float32 bytes as values (a view when aligned on a little-endian host, else a copy). */
+export function bytesToFloat32(bytes: Uint8Array): Float32Array {
+  if (bytes.length % 4 !== 0) throw new RangeError(`float32 data of ${bytes.length} bytes is not a multiple of 4`);
+  const n = bytes.length / 4;
+  if (LITTLE_ENDIAN) {
+    if (bytes.byteOffset % 4 === 0) return new Float32Array(bytes.buffer, bytes.byteOffset, n);
+    return new Float32Array(new Uint8Array(bytes).buffer /* a copy; Buffer#slice would be a view */, 0, n);
+  }
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = dv.getFloat32(i * 4, true);
+  return out;
+}
+
+function bytesToUint16(bytes: Uint8Array): Uint16Array {
+  if (bytes.length % 2 !== 0) throw new RangeError(`float16 data of ${bytes.length} bytes is not a multiple of 2`);
+  const n = bytes.length / 2;
+  if (LITTLE_ENDIAN) {
+    if (bytes.byteOffset % 2 === 0) return new Uint16Array(bytes.buffer, bytes.byteOffset, n);
+    return new Uint16Array(new Uint8Array(bytes).buffer /* a copy; Buffer#slice would be a view */, 0, n);
+  }
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = new Uint16Array(n);
+  for (let i = 0; i < n; i++) out[i] = dv.getUint16(i * 2, true);
+  return out;
+}
+
+function uint16ToBytes(src: Uint16Array): Uint8Array {
+  if (LITTLE_ENDIAN) return new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
+  const out = new Uint8Array(src.length * 2);
+  const dv = new DataView(out.buffer);
+  for (let i = 0; i < src.length; i++) dv.setUint16(i * 2, src[i]!, true);
+  return out;
+}
+
+/** Encodes float32 values in a wire dtype (little-endian bytes). */
+export function encodeValues(src: Float32Array, dtype: WireDtype): Uint8Array {
+  return dtype === "fp16" ? uint16ToBytes(encodeFloat16(src)) : float32ToBytes(src);
+}
+
+/** Decodes wire bytes of a dtype into float32 values. */
+export function decodeValues(data: Uint8Array, dtype: WireDtype): Float32Array {
+  return dtype === "fp16" ? decodeFloat16(bytesToUint16(data)) : bytesToFloat32(data);
+}
+
+/** True when wire bytes of a dtype hold a NaN or an infinity (checked on the bits, without decoding). */
+export function hasNonFinite(data: Uint8Array, dtype: WireDtype): boolean {
+  if (dtype === "fp16") {
+    const u = bytesToUint16(data);
+    for (let i = 0; i < u.length; i++) if ((u[i]! & 0x7c00) === 0x7c00) return true;
+    return false;
+  }
+  if (data.length % 4 !== 0) throw new RangeError(`float32 data of ${data.length} bytes is not a multiple of 4`);
+  const f = bytesToFloat32(data);
+  const u = new Uint32Array(f.buffer, f.byteOffset, f.length);
+  for (let i = 0; i < u.length; i++) if ((u[i]! & 0x7f800000) === 0x7f800000) return true;
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flattening, slices, buckets and chunks
+
+/** A contiguous range of elements of the flat vector. */
+export interface Range {
+  /** First element. */
+  offset: number;
+  /** Number of elements. */
+  length: number;
+}
+
+/** Concatenates tensors into one flat vector (a copy), in order. */
+export function flatten(tensors: readonly Float32Array[]): Float32Array {
+  let total = 0;
+  for (const t of tensors) total += t.length;
+  const out = new Float32Array(total);
+  let at = 0;
+  for (const t of tensors) {
+    out.set(t, at);
+    at += t.length;
+  }
+  return out;
+}
+
+/** Cuts a flat vector back into tensors of the given sizes (copies). */
+export function unflatten(flat: Float32Array, sizes: readonly number[]): Float32Array[] {
+  const total = sizes.reduce((a, b) => a + b, 0);
+  if (total !== flat.length) throw new RangeError(`flat vector has ${flat.length} elements, sizes sum to ${total}`);
+  const out: Float32Array[] = [];
+  let at = 0;
+  for (const n of sizes) {
+    out.push(flat.slice(at, at + n));
+    at += n;
+  }
+  return out;
+}
+
+/**
+ * Splits `totalLength` elements into `n` contiguous slices whose lengths differ by at most one (the
+ * first `totalLength % n` slices get the extra element). Slice i is owned by member i in reduce-scatter.
+ */
+export function sliceRanges(totalLength: number, n: number): Range[] {
+  if (!Number.isSafeInteger(totalLength) || totalLength < 0) throw new RangeError(`totalLength must be a non-negative integer, got ${totalLength}`);
+  if (!Number.isSafeInteger(n) || n < 1) throw new RangeError(`slice count must be a positive integer, got ${n}`);
+  const base = Math.floor(totalLength / n);
+  const extra = totalLength % n;
+  const out: Range[] = [];
+  let offset = 0;
+  for (let i = 0; i < n; i++) {
+    const length = base + (i < extra ? 1 : 0);
+    out.push({ offset, length });
+    offset += length;
+  }
+  return out;
+}
+
+/** One chunk of the plan: a range of the flat vector that travels as one message. */
+export interface ChunkSpec extends Range {
+  /** Bucket the chunk belongs to (buckets number from 0 in vector order). */
+  bucketId: number;
+  /** Index of the chunk within its bucket. */
+  chunkIndex: number;
+  /** Chunks in the bucket. */
+  chunkCount: number;
+  /** Index of the slice (owner) that contains the chunk; 0 when no slices were given. */
+  slice: number;
+}
+
+/** Options of {@link planChunks}. */
+export interface ChunkPlanOptions {
+  /** Byte budget of a bucket and of a chunk at the wire dtype. Default {@link DEFAULT_BUCKET_BYTES}. */
+  bucketBytes?: number;
+  /** Element type on the wire. Default `fp32`. */
+  dtype?: WireDtype;
+  /** Slices of reduce-scatter (from {@link sliceRanges}); chunks are cut at their boundaries. Default: one slice. */
+  slices?: readonly Range[];
+}
+
+/**
+ * Plans buckets and chunks for tensors of the given sizes (elements). Consecutive tensors are fused
+ * into a bucket while it stays within the budget; a tensor larger than the budget is a bucket of its
+ * own. Each bucket is cut at slice boundaries and into chunks of at most the budget.
+ */
+export function planChunks(sizes: readonly number[], opts: ChunkPlanOptions = {}): ChunkSpec[] {
+  const dtype = opts.dtype ?? "fp32";
+  const budget = opts.bucketBytes ?? DEFAULT_BUCKET_BYTES;
+  const per = bytesPerElement(dtype);
+  if (!Number.isSafeInteger(budget) || budget < per) throw new RangeError(`bucketBytes must be an integer >= ${per}, got ${budget}`);
+  const maxElems = Math.floor(budget / per);
+  let total = 0;
+  for (const s of sizes) {
+    if (!Number.isSafeInteger(s) || s < 0) throw new RangeError(`tensor sizes must be non-negative integers, got ${s}`);
+    total += s;
+  }
+  const slices = opts.slices ?? [{ offset: 0, length: total }];
+  let covered = 0;
+  for (const s of slices) {
+    if (s.offset !== covered || s.length < 0) throw new RangeError("slices must tile the flat vector contiguously from 0");
+    covered += s.length;
+  }
+  if (covered !== total) throw new RangeError(`slices cover ${covered} elements, the tensors have ${total}`);
+
+  // Buckets: greedy fusion of whole tensors.
+  const buckets: Range[] = [];
+  let start = 0;
+  let len = 0;
+  for (const s of sizes) {
+    if (s === 0) continue;
+    if (len > 0 && len + s > maxElems) {
+      buckets.push({ offset: start, length: len });
+      start += len;
+      len = 0;
+    }
+    len += s;
+  }
+  if (len > 0) buckets.push({ offset: start, length: len });
+
+  const out: ChunkSpec[] = [];
+  let sliceIdx = 0;
+  buckets.forEach((b, bucketId) => {
+    const first = out.length;
+    let at = b.offset;
+    const end = b.offset + b.length;
+    while (at < end) {
+      while (sliceIdx < slices.length - 1 && at >= slices[sliceIdx]!.offset + slices[sliceIdx]!.length) sliceIdx++;
+      const s = slices[sliceIdx]!;
+      const stop = Math.min(end, s.offset + s.length, at + maxElems);
+      out.push({ bucketId, chunkIndex: out.length - first, chunkCount: 0, offset: at, length: stop - at, slice: sliceIdx });
+      at = stop;
+    }
+    for (let i = first; i < out.length; i++) out[i]!.chunkCount = out.length - first;
+  });
+  return out;
+}
+
+/** A chunk ready for a GradientChunk / AveragedChunk message (add header and sample_count). */
+export interface EncodedChunk extends ChunkSpec {
+  dtype: WireDtype;
+  /** length * bytesPerElement(dtype) little-endian bytes. */
+  data: Uint8Array;
+  /** CRC-32 of data. */
+  checksum: number;
+}
+
+/** Encodes one planned chunk of a flat vector. */
+export function encodeChunk(flat: Float32Array, spec: ChunkSpec, dtype: WireDtype): EncodedChunk {
+  if (spec.offset + spec.length > flat.length) throw new RangeError(`chunk [${spec.offset}, +${spec.length}) is outside a vector of ${flat.length}`);
+  const data = encodeValues(flat.subarray(spec.offset, spec.offset + spec.length), dtype);
+  return { ...spec, dtype, data, checksum: crc32(data) };
+}
+
+/** Encodes every planned chunk of a flat vector. */
+export function encodeChunks(flat: Float32Array, plan: readonly ChunkSpec[], dtype: WireDtype): EncodedChunk[] {
+  return plan.map((c) => encodeChunk(flat, c, dtype));
+}
+
+/** Adds `scale` times the chunk's values into `target` at `offset` (fp32 accumulation). */
+export function accumulateChunk(target: Float32Array, offset: number, data: Uint8Array, dtype: WireDtype, scale = 1): void {
+  const v = decodeValues(data, dtype);
+  if (offset < 0 || offset + v.length > target.length) throw new RangeError(`chunk [${offset}, +${v.length}) is outside a vector of ${target.length}`);
+  if (scale === 1) for (let i = 0; i < v.length; i++) target[offset + i]! += v[i]!;
+  else for (let i = 0; i < v.length; i++) target[offset + i]! += scale * v[i]!;
+}
+
+/** Writes the chunk's values into `target` at `offset`. */
+export function writeChunk(target: Float32Array, offset: number, data: Uint8Array, dtype: WireDtype): void {
+  const v = decodeValues(data, dtype);
+  if (offset < 0 || offset + v.length > target.length) throw new RangeError(`chunk [${offset}, +${v.length}) is outside a vector of ${target.length}`);
+  target.set(v, offset);
+}
+
+/** The part of a chunk the reassembler needs (a decoded GradientChunk/AveragedChunk fits). */
+export interface ChunkLike {
+  bucketId: number;
+  chunkIndex: number;
+  offset: number;
+  length: number;
+  dtype: WireDtype;
+  data: Uint8Array;
+}
+
+/**
+ * Rebuilds a flat vector from the chunks of a plan, in any order. A duplicate (a redelivery) is
+ * ignored; a chunk that is not in the plan is refused with a RangeError.
+ */
+export class Reassembler {
+  /** The vector being rebuilt; complete when {@link complete} is true. */
+  readonly values: Float32Array;
+  private readonly expected = new Map<string, ChunkSpec>();
+  private readonly seen = new Set<string>();
+
+  /**
+   * @param totalLength elements of the flat vector.
+   * @param plan the chunks to expect (e.g. the plan filtered to one slice).
+   */
+  constructor(totalLength: number, plan: readonly ChunkSpec[]) {
+    this.values = new Float32Array(totalLength);
+    for (const c of plan) this.expected.set(`${c.bucketId}:${c.chunkIndex}`, c);
+  }
+
+  /** Adds a chunk; returns false for a duplicate. */
+  add(chunk: ChunkLike): boolean {
+    const key = `${chunk.bucketId}:${chunk.chunkIndex}`;
+    const spec = this.expected.get(key);
+    if (!spec || spec.offset !== chunk.offset || spec.length !== chunk.length)
+      throw new RangeError(`chunk ${key} [${chunk.offset}, +${chunk.length}) is not in the plan`);
+    if (this.seen.has(key)) return false;
+    if (chunk.data.length !== chunk.length * bytesPerElement(chunk.dtype))
+      throw new RangeError(`chunk ${key} has ${chunk.data.length} bytes for ${chunk.length} ${chunk.dtype} elements`);
+    writeChunk(this.values, chunk.offset, chunk.data, chunk.dtype);
+    this.seen.add(key);
+    return true;
+  }
+
+  /** Chunks still missing. */
+  get missing(): number {
+    return this.expected.size - this.seen.size;
+  }
+
+  /** True when every chunk of the plan arrived. */
+  get complete(): boolean {
+    return this.seen.size === this.expected.size;
+  }
+}
