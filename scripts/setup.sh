@@ -39,7 +39,5 @@ fi
 # Build when any source is newer than the last build.
 if [ ! -f dist/.build-stamp ] || [ -n "$(find cli core coordinator worker proto test bench tsconfig.json package.json -newer dist/.build-stamp -type f -print -quit 2>/dev/null)" ]; then
   echo "setup: building (tsc)"
-  npx tsc -p tsconfig.json
-  cp proto/*.proto dist/proto/
-  touch dist/.build-stamp
+  npm run --silent build
 fi
