@@ -1,6 +1,7 @@
 /**
  * A whole job, phase by phase: backend, data set, pretrained base, feature extraction (cached),
- * head training, export. Writes the run folder of DESIGN.md: model/, history.json, summary.json,
+ * head training (method 1 on cached features, or method 2: frozen base + head on augmented images),
+ * optional fine-tuning of the base's top layers (coordinator/fine_tuning.ts), export. Writes the run folder of DESIGN.md: model/, history.json, summary.json,
  * report.html. Options are validated before this is called; nothing here asks the user anything.
  */
 import { mkdir, writeFile } from "node:fs/promises";
@@ -19,8 +20,13 @@ import { loadPretrained } from "../core/model_zoo.js";
 import { Progress } from "../core/progress.js";
 import type { EpochStats } from "../core/train_loop.js";
 import { LocalShardExecutor } from "../worker/local_executor.js";
+import { resolveAugment } from "../core/augment.js";
+import { buildSplit, copyWeightsByName } from "../core/model_split.js";
+import { registerWasmTrainingKernels } from "../core/wasm_kernels.js";
+import { openImages, samplesOf, trainHeadWithAugmentation } from "./augment_training.js";
 import { runExtraction, type ShardExecutor } from "./extraction.js";
-import { trainHead } from "./head_training.js";
+import { activationData, activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "./fine_tuning.js";
+import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, splitData, trainHead } from "./head_training.js";
 import { renderReport } from "./report.js";
 
 export interface PhaseSummary {
@@ -45,6 +51,8 @@ export interface JobSummary {
   classes: string[];
   samples: { train: number; val: number; test: number };
   extraction: { images: number; seconds: number; images_per_second: number; cache_hit: boolean; cache_key: string; shards: number; shards_resumed: number };
+  /** Fine-tuning only: which layers trained, where the base was cut, and the activation cache. */
+  fine_tune?: { unfreeze: string; cut_layer: string; first_unfrozen: string; trainable_layers: string[]; augmentation: boolean; activation_cache?: { key: string; cache_hit: boolean; images: number; seconds: number } };
   phases: { head: PhaseSummary; fine_tune?: PhaseSummary };
   skipped_inputs: SkippedInput[];
   seconds: number;
@@ -93,7 +101,8 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   const stepsPerEpoch = Math.ceil(trainCount / opts.batchSize);
   const progress = new Progress({ label: "head", total: stepsPerEpoch * opts.epochs, unit: "step" });
   let stepInPhase = 0;
-  const head = await trainHead(features, {
+  const numClasses = dataset.classes.length;
+  const headOptions: HeadTrainingOptions = {
     epochs: opts.epochs, batchSize: opts.batchSize, learningRate: opts.learningRate, units: opts.headUnits, dropout: opts.dropout, seed: opts.seed,
     onBatchEnd: ({ epoch, loss }) => {
       stepInPhase++;
@@ -106,7 +115,22 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
       if (s.val_loss !== undefined) metrics?.setEvaluation("head", "val", { loss: s.val_loss, accuracy: s.val_accuracy });
       log.info("epoch", { phase: "head", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN) });
     },
-  });
+  };
+  let head: HeadTrainingResult;
+  if (opts.method === "augment") {
+    // Method 2: images through the frozen base every step; validation/test on the cached features.
+    const train = await openImages(dataset, samplesOf(dataset, features.ids, features.splits, "train"), opts.inputSize);
+    log.info("augmentation", { images: train.labels.length, in_memory: train.inMemory });
+    const r = await trainHeadWithAugmentation(
+      { base: extractor.model, train, val: splitData(features, "val"), test: splitData(features, "test") },
+      { ...headOptions, numClasses, augment: resolveAugment(), preprocessing: extractor.preprocessing },
+    );
+    const testY = splitData(features, "test").y;
+    head = {
+      head: r.head, history: r.history, seconds: r.seconds, val_accuracy: r.history.at(-1)?.val_accuracy ?? NaN,
+      test: { loss: r.test.loss, accuracy: r.test.accuracy, samples: testY.length, confusion: confusionMatrix(testY, r.test.predictions, numClasses) },
+    };
+  } else head = await trainHead(features, headOptions);
   progress.finish();
   metrics?.setEvaluation("head", "test", { loss: head.test.loss, accuracy: head.test.accuracy });
   log.info("head trained", { test_accuracy: round(head.test.accuracy), test_loss: round(head.test.loss), val_accuracy: round(head.val_accuracy), seconds: round(head.seconds, 2) });
@@ -116,7 +140,21 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     featureLayer: opts.featureLayer, pooling: opts.pooling, job: opts.job,
   });
   await mkdir(opts.out, { recursive: true });
-  await saveModel(classifier, join(opts.out, "model"));
+  const fineTuning = opts.fineTuneLayers.trim() !== "0";
+  // With fine-tuning, model/ is the fine-tuned classifier and model-head/ keeps the head-only one.
+  await saveModel(classifier, join(opts.out, fineTuning ? "model-head" : "model"));
+
+  let ft: FineTuneResult | undefined;
+  let ftInfo: JobSummary["fine_tune"];
+  if (fineTuning) {
+    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, backend, extractorPreprocessing: extractor.preprocessing });
+    ft = r.result;
+    ftInfo = r.info;
+    // The trained top goes back into the full base (same layer names), so model/ has the same graph as model-head/.
+    copyWeightsByName(r.top, extractor.model);
+    r.dispose();
+    await saveModel(classifier, join(opts.out, "model"));
+  }
 
   const summary: JobSummary = {
     job: opts.job,
@@ -136,19 +174,93 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
       cache_hit: extraction.cacheHit, cache_key: key, shards: extraction.shards, shards_resumed: extraction.shardsResumed,
     },
     phases: { head: { epochs: head.history.length, val_accuracy: round(head.val_accuracy), test_accuracy: round(head.test.accuracy), test_loss: round(head.test.loss), seconds: round(head.seconds, 3) } },
+    ...(ftInfo ? { fine_tune: ftInfo } : {}),
     skipped_inputs: features.skipped,
     seconds: 0,
     finished_at: "",
   };
+  if (ft) summary.phases.fine_tune = { epochs: ft.history.length, val_accuracy: round(ft.val_accuracy), test_accuracy: round(ft.test.accuracy), test_loss: round(ft.test.loss), seconds: round(ft.seconds, 3) };
   summary.seconds = round((performance.now() - t0) / 1000, 3);
   summary.finished_at = new Date().toISOString();
-  const history = { head: head.history };
+  const history = ft ? { head: head.history, fine_tune: ft.history } : { head: head.history };
   await writeFile(join(opts.out, "history.json"), JSON.stringify(history, null, 2));
   await writeFile(join(opts.out, "summary.json"), JSON.stringify(summary, null, 2));
   await writeFile(join(opts.out, "report.html"), renderReport({
-    job: opts.job, summary: summary as unknown as Record<string, unknown>, phases: [{ name: "head", history: head.history }], classes: dataset.classes, confusion: head.test.confusion,
+    job: opts.job, summary: summary as unknown as Record<string, unknown>, phases: ft ? [{ name: "head", history: head.history }, { name: "fine_tune", history: ft.history }] : [{ name: "head", history: head.history }],
+    classes: dataset.classes, confusion: ft ? ft.test.confusion : head.test.confusion,
   }));
   head.head.dispose();
   extractor.dispose();
   return summary;
+}
+
+interface FineTuningContext {
+  log: Logger;
+  metrics?: CtrainMetrics;
+  dataset: Dataset;
+  source: Awaited<ReturnType<typeof loadPretrained>>;
+  features: Awaited<ReturnType<typeof runExtraction>>["features"];
+  head: import("@tensorflow/tfjs").LayersModel;
+  cache: FeatureCache;
+  augment: boolean;
+  executor?: JobDeps["executor"];
+  backend: BackendInfo;
+  extractorPreprocessing: FeatureExtractor["preprocessing"];
+}
+
+/**
+ * The fine-tuning phase of a job: split the base, get the data (cached activations at the cut, or
+ * images when augmenting), train top + head. Returns the trained top for the export.
+ */
+async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ result: FineTuneResult; info: NonNullable<JobSummary["fine_tune"]>; top: import("@tensorflow/tfjs").LayersModel; dispose: () => void }> {
+  const { log, metrics } = c;
+  if (c.backend.tfBackend === "wasm") {
+    const added = registerWasmTrainingKernels();
+    if (added.length) log.info("wasm training kernels registered", { kernels: added });
+  }
+  const split = await buildSplit(c.source, { inputSize: opts.inputSize, featureLayer: opts.featureLayer, unfreeze: opts.fineTuneLayers });
+  const epochs = opts.fineTuneEpochs > 0 ? opts.fineTuneEpochs : Math.max(1, Math.ceil(opts.epochs / 2));
+  log.info("fine-tuning", { unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers.length, cut_shape: split.cutShape, augmentation: c.augment, epochs, learning_rate: opts.fineTuneLearningRate });
+  const info: NonNullable<JobSummary["fine_tune"]> = {
+    unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers, augmentation: c.augment,
+  };
+  let data: FineTuneData;
+  if (!c.augment) {
+    const cutExtractor = await activationExtractor(c.source, opts.inputSize, split.plan.cutLayer);
+    const key = cacheKey(cutExtractor.fingerprint, c.dataset.fingerprint);
+    const ex = await runExtraction({
+      dataset: c.dataset, cache: c.cache, key, shardSize: opts.shardSize, log, metrics,
+      executor: c.executor ? () => c.executor!({ dataset: c.dataset, extractor: cutExtractor, backend: c.backend }) : async () => new LocalShardExecutor(c.dataset, cutExtractor, 32, metrics),
+      meta: { featureDim: cutExtractor.featureDim, featureShape: cutExtractor.featureShape, model: c.source.name, inputSize: opts.inputSize, featureLayer: split.plan.cutLayer, pooling: "none" },
+    });
+    cutExtractor.dispose();
+    info.activation_cache = { key, cache_hit: ex.cacheHit, images: ex.images, seconds: round(ex.seconds, 3) };
+    data = { kind: "activations", train: activationData(ex.features, "train"), val: activationData(ex.features, "val"), test: activationData(ex.features, "test") };
+  } else {
+    const open = (s: "train" | "val" | "test") => openImages(c.dataset, samplesOf(c.dataset, c.features.ids, c.features.splits, s), opts.inputSize);
+    data = { kind: "images", train: await open("train"), val: await open("val"), test: await open("test") };
+  }
+  const trainCount = data.kind === "activations" ? data.train.y.length : data.train.labels.length;
+  const steps = Math.ceil(trainCount / opts.batchSize) * epochs;
+  const progress = new Progress({ label: "fine_tune", total: steps, unit: "step" });
+  let step = 0;
+  const result = await fineTune(split, c.head, data, {
+    epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses: c.dataset.classes.length,
+    pooling: opts.pooling, preprocessing: c.extractorPreprocessing, augment: c.augment ? resolveAugment() : null,
+    onBatchEnd: ({ epoch, loss }) => {
+      step++;
+      progress.tick(1, `epoch ${epoch + 1}/${epochs} loss ${loss.toFixed(4)}`);
+      metrics?.setEpoch("fine_tune", epoch + 1, step);
+      metrics?.progress("fine_tune", step, steps);
+    },
+    onEpochEnd: (s: EpochStats) => {
+      metrics?.setEvaluation("fine_tune", "train", { loss: s.loss, accuracy: s.accuracy });
+      if (s.val_loss !== undefined) metrics?.setEvaluation("fine_tune", "val", { loss: s.val_loss, accuracy: s.val_accuracy });
+      log.info("epoch", { phase: "fine_tune", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN) });
+    },
+  });
+  progress.finish();
+  metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
+  log.info("fine-tuned", { test_accuracy: round(result.test.accuracy), test_loss: round(result.test.loss), val_accuracy: round(result.val_accuracy), val_loss_before: round(result.val_loss_before), seconds: round(result.seconds, 2) });
+  return { result, info, top: split.top, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };
 }

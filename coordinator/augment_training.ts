@@ -1,0 +1,242 @@
+/**
+ * Method 2 of the recipe: frozen base + head trained end to end on augmented images, and the
+ * image-fed training loop that fine-tuning with augmentation reuses.
+ *
+ * Images: decoded once with Dataset.readRgb into one in-memory uint8 array when they fit in
+ * `memoryBudgetBytes` (default 1 GiB: 36k images at 96x96 -- decoding and resizing through sharp
+ * costs about as much as a forward pass of the top of the base, so re-decoding every epoch would
+ * double the cost of small runs); above the budget they are decoded again per batch (every epoch).
+ * Augmentation runs as tf ops on each step's batch, so no augmented copy is ever stored.
+ *
+ * The step is train_loop's computeGradients (and the optional gradientHook for data-parallel
+ * averaging); only the batch preparation (decode, augment, preprocess) differs from fit().
+ */
+import * as tf from "@tensorflow/tfjs";
+import { type AugmentOptions, augmentBatch, batchSeed } from "../core/augment.js";
+import type { Dataset, SampleRef } from "../core/datasets/types.js";
+import { preprocess } from "../core/feature_model.js";
+import { freezeAll } from "../core/model_split.js";
+import { buildHead } from "../core/head.js";
+import type { Preprocessing } from "../core/model_zoo.js";
+import { Rng } from "../core/rng.js";
+import { type ArrayData, computeGradients, type EpochStats, epochBatches, type Evaluation, evaluate, type FitOptions, type GradientHook, sparseCrossEntropy } from "../core/train_loop.js";
+
+/** Labelled images of one split, fetched by row. */
+export interface ImageSource {
+  readonly size: number;
+  readonly labels: Int32Array;
+  /** size*size*3 bytes per requested row, HWC, in `rows` order. */
+  batch(rows: ArrayLike<number>): Promise<Uint8Array>;
+  /** Whether rows come from memory (true) or are decoded on every call (false). */
+  readonly inMemory: boolean;
+}
+
+/** Default memory for decoded images of one job (all splits). */
+export const DEFAULT_IMAGE_MEMORY_BYTES = 1 << 30;
+
+/**
+ * The images of `samples` (known-good ids, e.g. a feature cache's rows) as an ImageSource: decoded
+ * once into memory if `samples.length * size^2 * 3 <= memoryBudgetBytes`, else decoded per batch.
+ */
+export async function openImages(dataset: Dataset, samples: SampleRef[], size: number, memoryBudgetBytes = DEFAULT_IMAGE_MEMORY_BYTES): Promise<ImageSource> {
+  const pixels = size * size * 3;
+  const labels = Int32Array.from(samples.map((s) => s.label));
+  if (samples.length * pixels <= memoryBudgetBytes) {
+    const all = new Uint8Array(samples.length * pixels);
+    const chunk = 64;
+    for (let i = 0; i < samples.length; i += chunk) {
+      const part = await Promise.all(samples.slice(i, i + chunk).map((s) => dataset.readRgb(s, size)));
+      part.forEach((rgb, j) => all.set(rgb, (i + j) * pixels));
+    }
+    return {
+      size, labels, inMemory: true,
+      async batch(rows) {
+        const out = new Uint8Array(rows.length * pixels);
+        for (let i = 0; i < rows.length; i++) out.set(all.subarray(rows[i] * pixels, (rows[i] + 1) * pixels), i * pixels);
+        return out;
+      },
+    };
+  }
+  return {
+    size, labels, inMemory: false,
+    async batch(rows) {
+      const out = new Uint8Array(rows.length * pixels);
+      const decoded = await Promise.all(Array.from(rows, (r) => dataset.readRgb(samples[r], size)));
+      decoded.forEach((rgb, i) => out.set(rgb, i * pixels));
+      return out;
+    },
+  };
+}
+
+/** Samples of a split in the row order of `ids` (a feature cache's rows: skipped inputs excluded). */
+export function samplesOf(dataset: Dataset, ids: string[], splits: string[], split: string): SampleRef[] {
+  const byId = new Map(dataset.samples.map((s) => [s.id, s]));
+  const out: SampleRef[] = [];
+  ids.forEach((id, i) => { if (splits[i] === split) out.push(byId.get(id)!); });
+  return out;
+}
+
+/** One preprocessed (optionally augmented) batch as the ArrayData computeGradients takes. */
+export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, rng: Rng): Promise<ArrayData> {
+  const rgb = await source.batch(rows);
+  const s = source.size;
+  const x = tf.tidy(() => {
+    const raw = tf.tensor4d(rgb, [rows.length, s, s, 3], "int32");
+    const img = augment ? augmentBatch(raw, augment, rng) : raw;
+    return preprocess(img, preprocessing);
+  });
+  const data = x.dataSync() as Float32Array;
+  x.dispose();
+  const y = new Int32Array(rows.length);
+  for (let i = 0; i < rows.length; i++) y[i] = source.labels[rows[i]];
+  return { x: data, sampleShape: [s, s, 3], y };
+}
+
+/** Loss, accuracy and predictions of an image -> probabilities model on a whole split, in batches. */
+export async function evaluateImages(model: tf.LayersModel, source: ImageSource, preprocessing: Preprocessing, numClasses: number, batchSize = 64): Promise<Evaluation> {
+  const n = source.labels.length;
+  const predictions = new Int32Array(n);
+  let lossSum = 0, correct = 0;
+  for (let start = 0; start < n; start += batchSize) {
+    const rows = Int32Array.from({ length: Math.min(batchSize, n - start) }, (_, i) => start + i);
+    const b = await imageBatch(source, rows, preprocessing, null, new Rng(0));
+    const ev = evaluate(model, b, numClasses, batchSize);
+    lossSum += ev.loss * rows.length;
+    correct += Math.round(ev.accuracy * rows.length);
+    predictions.set(ev.predictions, start);
+  }
+  return { loss: n ? lossSum / n : NaN, accuracy: n ? correct / n : NaN, predictions };
+}
+
+export interface ImageFitOptions {
+  epochs: number;
+  batchSize: number;
+  seed: number;
+  numClasses: number;
+  optimizer: tf.Optimizer;
+  preprocessing: Preprocessing;
+  /** null = no augmentation. */
+  augment: AugmentOptions | null;
+  /** Validation loss/accuracy after each epoch (the caller picks the cheapest equivalent model). */
+  validate?: () => Promise<{ loss: number; accuracy: number }>;
+  initialEpoch?: number;
+  gradientHook?: GradientHook;
+  onBatchEnd?: FitOptions["onBatchEnd"];
+  onEpochEnd?: FitOptions["onEpochEnd"];
+  signal?: AbortSignal;
+}
+
+/**
+ * fit() for image-fed models: the same seeded batches (epochBatches) and the same step
+ * (computeGradients, gradientHook, optimizer update); the next batch is decoded while the current
+ * one trains.
+ */
+export async function fitImages(model: tf.LayersModel, train: ImageSource, o: ImageFitOptions): Promise<EpochStats[]> {
+  if (!(o.epochs >= 1)) throw new RangeError(`fitImages: epochs must be >= 1, got ${o.epochs}`);
+  const n = train.labels.length;
+  if (n === 0) throw new RangeError("fitImages: no training samples");
+  const history: EpochStats[] = [];
+  for (let epoch = o.initialEpoch ?? 0; epoch < o.epochs; epoch++) {
+    const t0 = performance.now();
+    const batches = epochBatches(n, o.batchSize, o.seed, epoch);
+    const prepare = (b: number) => imageBatch(train, batches[b], o.preprocessing, o.augment, new Rng(batchSeed(o.seed, epoch, b)));
+    let next = prepare(0);
+    let lossSum = 0, correct = 0, seen = 0;
+    for (let b = 0; b < batches.length; b++) {
+      if (o.signal?.aborted) throw o.signal.reason ?? new Error("training stopped");
+      const batch = await next;
+      if (b + 1 < batches.length) next = prepare(b + 1);
+      const m = batch.y.length;
+      const step = computeGradients(model, batch, o.numClasses);
+      let grads = step.grads;
+      if (o.gradientHook) {
+        const replaced = await o.gradientHook(grads, m);
+        if (replaced !== grads) tf.dispose(grads);
+        grads = replaced;
+      }
+      o.optimizer.applyGradients(grads);
+      tf.dispose(grads);
+      lossSum += step.loss * m;
+      correct += step.correct;
+      seen += m;
+      o.onBatchEnd?.({ epoch, batch: b, batches: batches.length, samples: m, loss: step.loss });
+      await new Promise((r) => setImmediate(r));
+    }
+    const seconds = (performance.now() - t0) / 1000;
+    const stats: EpochStats = { epoch: epoch + 1, loss: lossSum / seen, accuracy: correct / seen, seconds, samples_per_second: seen / seconds };
+    if (o.validate) {
+      const v = await o.validate();
+      stats.val_loss = v.loss;
+      stats.val_accuracy = v.accuracy;
+    }
+    history.push(stats);
+    await o.onEpochEnd?.(stats);
+  }
+  return history;
+}
+
+export interface AugmentHeadOptions {
+  epochs: number;
+  batchSize: number;
+  learningRate: number;
+  units: number;
+  dropout: number;
+  seed: number;
+  numClasses: number;
+  augment: AugmentOptions;
+  preprocessing: Preprocessing;
+  gradientHook?: GradientHook;
+  onBatchEnd?: FitOptions["onBatchEnd"];
+  onEpochEnd?: FitOptions["onEpochEnd"];
+}
+
+export interface AugmentHeadData {
+  /** image -> feature vector (the job's feature extractor model); frozen here. */
+  base: tf.LayersModel;
+  train: ImageSource;
+  /** Validation and test as cached features: the frozen base makes head(feature) equal model(image). */
+  val: ArrayData;
+  test: ArrayData;
+}
+
+export interface AugmentHeadResult {
+  head: tf.LayersModel;
+  /** base + head, image -> probabilities (shares the head's weights). */
+  model: tf.LayersModel;
+  history: EpochStats[];
+  test: Evaluation;
+  seconds: number;
+}
+
+/**
+ * Method 2: a fresh head on top of the frozen base, trained on augmented images. Validation and
+ * test run on the cached features of the un-augmented images (same result as running the frozen
+ * base, without running it).
+ */
+export async function trainHeadWithAugmentation(d: AugmentHeadData, o: AugmentHeadOptions): Promise<AugmentHeadResult> {
+  const t0 = performance.now();
+  freezeAll(d.base);
+  const featureDim = d.base.outputs[0].shape[1] as number;
+  const head = buildHead({ featureDim, numClasses: o.numClasses, units: o.units, dropout: o.dropout, seed: o.seed });
+  const model = tf.model({ inputs: d.base.inputs, outputs: head.apply(d.base.outputs[0]) as tf.SymbolicTensor, name: "ctrain_augment_model" });
+  const optimizer = tf.train.adam(o.learningRate);
+  try {
+    const history = await fitImages(model, d.train, {
+      epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer,
+      preprocessing: o.preprocessing, augment: o.augment, gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd,
+      validate: async () => evaluate(head, d.val, o.numClasses),
+    });
+    const test = evaluate(head, d.test, o.numClasses);
+    return { head, model, history, test, seconds: (performance.now() - t0) / 1000 };
+  } finally {
+    optimizer.dispose();
+  }
+}
+
+/** Mean loss of a model on one ArrayData (test helper and sanity checks). */
+export function meanLoss(model: tf.LayersModel, data: ArrayData, numClasses: number): number {
+  return tf.tidy(() => {
+    const x = tf.tensor(data.x, [data.y.length, ...data.sampleShape]);
+    return sparseCrossEntropy(model.predict(x) as tf.Tensor, tf.tensor1d(data.y, "int32"), numClasses).dataSync()[0];
+  });
+}

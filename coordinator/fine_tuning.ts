@@ -1,0 +1,129 @@
+/**
+ * Fine-tuning phase: the top layers of the base (core/model_split.ts decides which) train together
+ * with the already trained head -- never a fresh one -- at a low learning rate; BatchNorm stays
+ * frozen and in inference mode.
+ *
+ * Two data paths:
+ * - no augmentation: the frozen bottom's output (the activation at the cut) is computed once and
+ *   kept in the feature cache (same FeatureCache, its own key: cut layer, pooling `none`,
+ *   featureShape [h, w, c]); each epoch trains "top + head" on it with train_loop's fit(), so the
+ *   frozen part never runs again, not even in a second run.
+ * - augmentation: images change every step, so the frozen bottom runs in every step
+ *   (augment_training's fitImages), validation/test on the un-augmented images.
+ *
+ * Both take an optional gradientHook: the data-parallel driver calls this same code and averages
+ * the gradients there.
+ */
+import * as tf from "@tensorflow/tfjs";
+import type { AugmentOptions } from "../core/augment.js";
+import type { Pooling } from "../core/config.js";
+import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
+import type { FeatureSet } from "../core/feature_store.js";
+import type { SplitBase } from "../core/model_split.js";
+import type { Preprocessing, PretrainedSource } from "../core/model_zoo.js";
+import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook } from "../core/train_loop.js";
+import { evaluateImages, fitImages, type ImageSource } from "./augment_training.js";
+import { confusionMatrix, splitData } from "./head_training.js";
+
+/** Data of the fine-tuning phase: cached activations at the cut, or images (augmentation on). */
+export type FineTuneData =
+  | { kind: "activations"; train: ArrayData; val: ArrayData; test: ArrayData }
+  | { kind: "images"; train: ImageSource; val: ImageSource; test: ImageSource };
+
+export interface FineTuneOptions {
+  epochs: number;
+  batchSize: number;
+  /** Default in the job options: 1e-5. */
+  learningRate: number;
+  seed: number;
+  numClasses: number;
+  /** The pooling the head was trained behind (avg, max, none = flatten). */
+  pooling: Pooling;
+  preprocessing: Preprocessing;
+  /** Required with `images` data; null = none. */
+  augment: AugmentOptions | null;
+  gradientHook?: GradientHook;
+  onBatchEnd?: FitOptions["onBatchEnd"];
+  onEpochEnd?: FitOptions["onEpochEnd"];
+  signal?: AbortSignal;
+}
+
+export interface FineTuneResult {
+  /** The model that trained: (bottom +) top + pooling + head; shares weights with split.top and head. */
+  model: tf.LayersModel;
+  history: EpochStats[];
+  test: { loss: number; accuracy: number; samples: number; confusion: number[][] };
+  /** Validation loss of the model before the first step (= the head phase's end, checked by tests). */
+  val_loss_before: number;
+  val_accuracy: number;
+  seconds: number;
+}
+
+/** The extractor whose features are the activations at the cut (pooling none: [h, w, c] rows). */
+export function activationExtractor(source: PretrainedSource, inputSize: number, cutLayer: string): Promise<FeatureExtractor> {
+  return buildFeatureExtractor(source, { inputSize, featureLayer: cutLayer, pooling: "none" });
+}
+
+/** One split of a cached activation set, rows shaped [h, w, c]. */
+export function activationData(set: FeatureSet, split: "train" | "val" | "test"): ArrayData {
+  return { ...splitData(set, split), sampleShape: set.meta.featureShape };
+}
+
+function poolingLayer(pooling: Pooling): tf.layers.Layer {
+  if (pooling === "avg") return tf.layers.globalAveragePooling2d({ name: "ctrain_pool" });
+  if (pooling === "max") return tf.layers.globalMaxPooling2d({ name: "ctrain_pool" });
+  return tf.layers.flatten({ name: "ctrain_pool" });
+}
+
+/** top (+ bottom for images) + pooling + the trained head, as one trainable model. */
+export function fineTuneModel(split: SplitBase, head: tf.LayersModel, pooling: Pooling, fromImages: boolean): tf.LayersModel {
+  const pool = poolingLayer(pooling);
+  if (!fromImages) {
+    const out = head.apply(pool.apply(split.top.outputs[0])) as tf.SymbolicTensor;
+    return tf.model({ inputs: split.top.inputs, outputs: out, name: "ctrain_fine_tune" });
+  }
+  const features = pool.apply(split.top.apply(split.bottom.outputs[0]) as tf.SymbolicTensor) as tf.SymbolicTensor;
+  return tf.model({ inputs: split.bottom.inputs, outputs: head.apply(features) as tf.SymbolicTensor, name: "ctrain_fine_tune" });
+}
+
+/** Fine-tunes `split.top` and `head` in place. */
+export async function fineTune(split: SplitBase, head: tf.LayersModel, data: FineTuneData, o: FineTuneOptions): Promise<FineTuneResult> {
+  if (!(o.epochs >= 1)) throw new RangeError(`fineTune: epochs must be >= 1, got ${o.epochs}`);
+  const t0 = performance.now();
+  const model = fineTuneModel(split, head, o.pooling, data.kind === "images");
+  const optimizer = tf.train.adam(o.learningRate);
+  try {
+    let history: EpochStats[];
+    let valBefore: Evaluation;
+    let test: Evaluation;
+    let testLabels: Int32Array;
+    if (data.kind === "activations") {
+      valBefore = evaluate(model, data.val, o.numClasses);
+      history = await fit(model, data.train, {
+        epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer, validation: data.val,
+        gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
+      });
+      test = evaluate(model, data.test, o.numClasses);
+      testLabels = data.test.y;
+    } else {
+      if (!o.augment) throw new RangeError("fineTune: image data needs augmentation options (use cached activations otherwise)");
+      const validate = () => evaluateImages(model, data.val, o.preprocessing, o.numClasses);
+      valBefore = await validate();
+      history = await fitImages(model, data.train, {
+        epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer, preprocessing: o.preprocessing,
+        augment: o.augment, validate, gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
+      });
+      test = await evaluateImages(model, data.test, o.preprocessing, o.numClasses);
+      testLabels = data.test.labels;
+    }
+    return {
+      model, history,
+      test: { loss: test.loss, accuracy: test.accuracy, samples: testLabels.length, confusion: confusionMatrix(testLabels, test.predictions, o.numClasses) },
+      val_loss_before: valBefore.loss,
+      val_accuracy: history.at(-1)?.val_accuracy ?? NaN,
+      seconds: (performance.now() - t0) / 1000,
+    };
+  } finally {
+    optimizer.dispose();
+  }
+}

@@ -1,0 +1,96 @@
+/**
+ * Data augmentation for method 2 (frozen base + head trained end to end) and for fine-tuning with
+ * augmentation: random horizontal flip, rotation, zoom and translation, the Keras preprocessing
+ * layers' recipe (RandomFlip("horizontal"), RandomRotation, RandomZoom, RandomTranslation).
+ *
+ * All four are folded into one projective transform per image and applied with a single
+ * tf.image.transform (the `Transform` kernel, which the wasm backend has), so a batch costs one
+ * pass over its pixels. Parameters come from the seeded Rng, so the same seed, epoch and batch give
+ * the same augmentation in every process.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { ConfigError } from "./errors.js";
+import { Rng } from "./rng.js";
+
+export const FILL_MODES = ["reflect", "nearest", "constant", "wrap"] as const;
+export type FillMode = (typeof FILL_MODES)[number];
+
+/** What augmentation does to each training image. Every range is symmetric around "no change". */
+export interface AugmentOptions {
+  /** Mirror left-right with probability 1/2. Default true. */
+  flip: boolean;
+  /** Maximum rotation as a fraction of a full turn (Keras RandomRotation `factor`): 0.1 = up to +-36 degrees. Default 0.05. */
+  rotation: number;
+  /** Maximum zoom as a fraction: the image is scaled by a factor in [1 - zoom, 1 + zoom]. Default 0.1. */
+  zoom: number;
+  /** Maximum shift as a fraction of the width/height, per axis. Default 0.1. */
+  translation: number;
+  /** How pixels from outside the image are filled. Default `reflect` (Keras' default). */
+  fillMode: FillMode;
+  /** Value of `constant` fill, in input pixel units (0..255). Default 0. */
+  fillValue: number;
+}
+
+export const DEFAULT_AUGMENT: Readonly<AugmentOptions> = Object.freeze({ flip: true, rotation: 0.05, zoom: 0.1, translation: 0.1, fillMode: "reflect", fillValue: 0 });
+
+/** Defaults filled in and ranges checked (ConfigError naming the field). */
+export function resolveAugment(partial: Partial<AugmentOptions> = {}): AugmentOptions {
+  const o: AugmentOptions = { ...DEFAULT_AUGMENT, ...partial };
+  const inRange = (k: "rotation" | "zoom" | "translation", max: number): void => {
+    if (!(o[k] >= 0 && o[k] <= max)) throw new ConfigError(`augmentation ${k} must be between 0 and ${max}, got ${o[k]}.`);
+  };
+  inRange("rotation", 0.5);
+  inRange("zoom", 0.9);
+  inRange("translation", 0.5);
+  if (!(FILL_MODES as readonly string[]).includes(o.fillMode)) throw new ConfigError(`augmentation fillMode must be one of ${FILL_MODES.join(", ")}, got ${JSON.stringify(o.fillMode)}.`);
+  return o;
+}
+
+/** True when the options change nothing. */
+export function isIdentity(o: AugmentOptions): boolean {
+  return !o.flip && o.rotation === 0 && o.zoom === 0 && o.translation === 0;
+}
+
+/**
+ * The seed of one batch's augmentation: a function of the run seed, epoch and batch index only, so
+ * a resumed run or another worker draws the same parameters.
+ */
+export function batchSeed(seed: number, epoch: number, batch: number): number {
+  return (Math.imul(seed + 1, 0x9e3779b1) ^ Math.imul(epoch + 1, 0x85ebca6b) ^ Math.imul(batch + 1, 0xc2b2ae35)) >>> 0;
+}
+
+/**
+ * tf.image.transform rows [a0 a1 a2 b0 b1 b2 c0 c1] for `n` images of `height` x `width`, mapping
+ * each output pixel to the input pixel it samples: the inverse of "flip, rotate, zoom, shift"
+ * about the image centre.
+ */
+export function transformMatrices(n: number, height: number, width: number, o: AugmentOptions, rng: Rng): Float32Array {
+  const out = new Float32Array(n * 8);
+  const cx = (width - 1) / 2, cy = (height - 1) / 2;
+  for (let i = 0; i < n; i++) {
+    const f = o.flip && rng.next() < 0.5 ? -1 : 1;
+    const theta = (rng.next() * 2 - 1) * o.rotation * 2 * Math.PI;
+    const z = 1 + (rng.next() * 2 - 1) * o.zoom;
+    const tx = (rng.next() * 2 - 1) * o.translation * width;
+    const ty = (rng.next() * 2 - 1) * o.translation * height;
+    const c = Math.cos(theta) / z, s = Math.sin(theta) / z;
+    // input = F(R(-theta) (p - centre - t) / z) + centre, F = mirror in x when flipped.
+    const ox = cx + tx, oy = cy + ty;
+    out.set([f * c, f * s, cx - f * (c * ox + s * oy), -s, c, cy - (-s * ox + c * oy), 0, 0], i * 8);
+  }
+  return out;
+}
+
+/**
+ * A randomly augmented copy of a batch of images ([n, h, w, c], any dtype, pixel units kept), as
+ * float32. The caller owns the result; nothing else is left allocated.
+ */
+export function augmentBatch(images: tf.Tensor4D, o: AugmentOptions, rng: Rng): tf.Tensor4D {
+  const [n, h, w] = images.shape;
+  return tf.tidy(() => {
+    const x = images.dtype === "float32" ? images.clone() : images.toFloat();
+    if (isIdentity(o)) return x;
+    const m = tf.tensor2d(transformMatrices(n, h, w, o, rng), [n, 8]);
+    return tf.image.transform(x, m, "bilinear", o.fillMode, o.fillValue);
+  });
+}
