@@ -62,7 +62,7 @@ export interface PodMonitor {
   metadata: { name: string; namespace?: string; labels?: Record<string, string> };
   spec: {
     selector: { matchLabels: Record<string, string> };
-    podMetricsEndpoints: { port: string; path: string; interval: string; scrapeTimeout?: string }[];
+    podMetricsEndpoints: { port: string; path: string; interval: string; scrapeTimeout?: string; honorLabels?: boolean }[];
   };
 }
 
@@ -510,7 +510,8 @@ export function podMonitor(r: RenderOptions): PodMonitor {
     metadata: { name: NAMES.podMonitor, namespace: r.namespace, labels: { [LABELS.name]: "ctrain", [LABELS.partOf]: "ctrain" } },
     spec: {
       selector: { matchLabels: { [LABELS.partOf]: "ctrain", [LABELS.metrics]: "true" } },
-      podMetricsEndpoints: [{ port: "metrics", path: "/metrics", interval: "15s", scrapeTimeout: "10s" }],
+      // honorLabels: ctrain's own `job` label (the job id) must win over the scrape job name.
+      podMetricsEndpoints: [{ port: "metrics", path: "/metrics", interval: "15s", scrapeTimeout: "10s", honorLabels: true }],
     },
   };
 }
