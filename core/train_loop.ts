@@ -98,6 +98,12 @@ export interface FitOptions {
   /** Epoch to start from (resume). Default 0. */
   initialEpoch?: number;
   gradientHook?: GradientHook;
+  /**
+   * Data-parallel: picks this worker's part of each global batch (sample indices of the batch, in
+   * order; `batch` is the batch's index in the epoch). The loss is the mean over that part and the
+   * gradient hook receives its size. Default: the whole batch.
+   */
+  sliceOf?: (indices: Int32Array, batch: number) => Int32Array;
   onBatchEnd?: (info: { epoch: number; batch: number; batches: number; samples: number; loss: number }) => void;
   onEpochEnd?: (stats: EpochStats) => void | Promise<void>;
   /** Set to stop after the current batch. */
@@ -155,7 +161,7 @@ export async function fit(model: tf.LayersModel, train: ArrayData, opts: FitOpti
       let seen = 0;
       for (let b = 0; b < batches.length; b++) {
         if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("training stopped");
-        const batch = takeRows(train, batches[b]);
+        const batch = takeRows(train, opts.sliceOf ? opts.sliceOf(batches[b], b) : batches[b]);
         const m = numSamples(batch);
         const step = computeGradients(model, batch, opts.numClasses);
         let grads = step.grads;
@@ -166,7 +172,8 @@ export async function fit(model: tf.LayersModel, train: ArrayData, opts: FitOpti
         }
         opts.optimizer.applyGradients(grads);
         tf.dispose(grads);
-        lossSum += step.loss * m;
+        // A data-parallel worker may get no sample of a short last batch: its NaN mean loss is not a sample.
+        if (m > 0) lossSum += step.loss * m;
         correct += step.correct;
         seen += m;
         opts.onBatchEnd?.({ epoch, batch: b, batches: batches.length, samples: m, loss: step.loss });
