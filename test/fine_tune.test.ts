@@ -107,7 +107,7 @@ test("fine-tuning - tf.memory().numTensors does not grow across steps", async ()
   const counts: number[] = [];
   for (let i = 0; i < 5; i++) {
     const s = computeGradients(model, batch, 3);
-    opt.applyGradients(s.grads as unknown as tf.NamedVariableMap);
+    opt.applyGradients(s.grads as never);
     tf.dispose(s.grads);
     counts.push(tf.memory().numTensors);
   }
