@@ -9,6 +9,8 @@ type Command = { summary: string; load: () => Promise<{ main(argv: string[]): Pr
 
 const COMMANDS: Record<string, Command> = {
   run: { summary: "whole job on this machine: embedded nats-server and N local workers", load: () => import("./run.js") },
+  coordinator: { summary: "the job against an existing NATS (--nats URL); workers elsewhere", load: () => import("./coordinator.js") },
+  worker: { summary: "a feature-extraction worker (--nats URL); serves /metrics", load: () => import("./worker.js") },
   predict: { summary: "classify images with a trained model", load: () => import("./predict.js") },
   k8s: { summary: "Kubernetes manifests for a job (`ctrain k8s render`)", load: () => import("./k8s.js") },
 };

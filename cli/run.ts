@@ -1,23 +1,103 @@
 /**
  * `ctrain run`: the whole job on this machine. Options are validated before any work starts; a
  * /metrics endpoint is served while the job runs (`--metrics-port`, 0 = a free port).
+ *
+ * With `--workers 1` and no `--nats` the job extracts in this process (no broker, no child: the
+ * cheapest way to use one core, and the reference the distributed path is tested against).
+ * Otherwise it is the distributed job on one machine: an embedded nats-server on a free port (unless
+ * `--nats` names one), N `ctrain worker` child processes (tfjs has no threads in Node: one process per
+ * core is how cores are used), and the coordinator here. Everything it started is stopped on the way
+ * out, on success, on error and on Ctrl-C. The /metrics address of every process goes to the log and
+ * to `<out>/ctrain-targets.json` (Prometheus file_sd; see deploy/prometheus/prometheus.yml).
  */
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdir } from "node:fs/promises";
+import { createServer } from "node:net";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { Registry } from "prom-client";
-import { loadOptions, optionsHelp, parseArgs } from "../core/config.js";
-import { createLogger } from "../core/log.js";
-import { createMetrics, serveMetrics } from "../core/metrics.js";
+import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
+import { createLogger, type Logger } from "../core/log.js";
+import { createMetrics, serveMetrics, writeScrapeTargets, type ScrapeTarget } from "../core/metrics.js";
+import { NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, type NatsAuth } from "../core/nats_connect.js";
+import { startEmbeddedNats, type EmbeddedNats } from "../coordinator/embedded_nats.js";
 import { runJob } from "../coordinator/job.js";
+import { printSummary, runDistributedJob } from "./coordinator.js";
 
 export const RUN_HELP = `usage: ctrain run [options] [--config job.yaml]
 
 Runs the whole job on this machine and writes model/, history.json, summary.json and report.html
-into --out.
+into --out. With --workers N > 1 (default: one per core) it starts a private nats-server (or uses
+--nats URL) and N \`ctrain worker\` processes for feature extraction; --workers 1 extracts in-process.
+Prometheus targets of every process are written to <out>/ctrain-targets.json.
 
 options:
-${optionsHelp()}`;
+${optionsHelp()}
+  --nats-user, --nats-pass, --nats-token, --nats-creds, --nats-nkey, --nats-tls-ca/cert/key: credentials for --nats`;
+
+const CLI = fileURLToPath(new URL("./main.js", import.meta.url));
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const a = s.address();
+      const port = typeof a === "object" && a ? a.port : 0;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+interface LocalCluster {
+  workers: { id: string; proc: ChildProcess; metricsPort: number }[];
+  nats?: EmbeddedNats;
+  stop(): Promise<void>;
+}
+
+/** Starts the embedded NATS (unless opts.nats) and N worker processes. */
+async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger): Promise<LocalCluster & { url: string }> {
+  let nats: EmbeddedNats | undefined;
+  let url = opts.nats;
+  if (!url) {
+    nats = await startEmbeddedNats();
+    url = nats.url;
+    log.info("embedded nats-server started", { url, pid: nats.pid });
+  }
+  const workers: LocalCluster["workers"] = [];
+  for (let i = 0; i < opts.workers; i++) {
+    const id = `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, "");
+    const metricsPort = opts.metricsPort >= 0 ? await freePort() : -1;
+    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", opts.logFormat];
+    // Credentials go through the environment: argv is visible to every user of the machine.
+    const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...process.env, ...natsAuthEnv(auth) } });
+    proc.on("exit", (code, signal) => {
+      if (!stopping) log.warn("worker process exited", { worker: id, code, signal });
+    });
+    workers.push({ id, proc, metricsPort });
+  }
+  let stopping = false;
+  return {
+    url,
+    workers,
+    nats,
+    async stop() {
+      stopping = true;
+      await Promise.all(workers.map(async (w) => {
+        if (w.proc.exitCode !== null || w.proc.signalCode !== null) return;
+        const exited = new Promise<void>((r) => w.proc.once("exit", () => r()));
+        const timer = setTimeout(() => w.proc.kill("SIGKILL"), 10_000);
+        w.proc.kill("SIGTERM");
+        await exited;
+        clearTimeout(timer);
+      }));
+      await nats?.stop();
+    },
+  };
+}
 
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseArgs(argv, [], ["help"]);
+  const parsed = parseArgs(argv, [...NATS_AUTH_FLAGS], ["help"]);
   if (parsed.extra["help"]) {
     console.log(RUN_HELP);
     return 0;
@@ -27,22 +107,44 @@ export async function main(argv: string[]): Promise<number> {
     return 2;
   }
   const opts = loadOptions(parsed);
+  const auth = natsAuthFrom(parsed.extra);
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });
   const server = opts.metricsPort >= 0 ? await serveMetrics(registry, opts.metricsPort, "127.0.0.1") : undefined;
   if (server) log.info("serving metrics", { url: server.url });
+
+  const distributed = opts.workers > 1 || opts.nats !== "";
+  let cluster: (LocalCluster & { url: string }) | undefined;
+  const cleanup = async (): Promise<void> => {
+    await cluster?.stop().catch((err: unknown) => log.warn("stopping local workers failed", { error: err as Error }));
+    await server?.close().catch(() => undefined);
+  };
+  const onSignal = (sig: NodeJS.Signals): void => {
+    log.warn("interrupted: stopping workers and NATS", { signal: sig });
+    void cleanup().finally(() => process.exit(130));
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
   try {
-    const summary = await runJob(opts, { log, metrics });
-    const h = summary.phases.head;
-    console.log(
-      `\njob ${summary.job} done in ${summary.seconds.toFixed(1)} s on ${summary.backend}: ` +
-        `extraction ${summary.extraction.cache_hit ? "from cache" : `${summary.extraction.images} images at ${summary.extraction.images_per_second} img/s`}, ` +
-        `head test accuracy ${(h.test_accuracy * 100).toFixed(1)}% (val ${(h.val_accuracy * 100).toFixed(1)}%), ` +
-        `${summary.skipped_inputs.length} inputs skipped.\nrun folder: ${opts.out} (model/, history.json, summary.json, report.html)`,
-    );
+    let summary;
+    if (!distributed) summary = await runJob(opts, { log, metrics });
+    else {
+      cluster = await startLocalCluster(opts, auth, log);
+      await mkdir(opts.out, { recursive: true });
+      const targets: ScrapeTarget[] = [];
+      if (server) targets.push({ address: `127.0.0.1:${server.port}`, job: opts.job, worker: "coordinator" });
+      for (const w of cluster.workers) if (w.metricsPort > 0) targets.push({ address: `127.0.0.1:${w.metricsPort}`, job: opts.job, worker: w.id });
+      const targetsFile = join(opts.out, "ctrain-targets.json");
+      await writeScrapeTargets(targetsFile, targets);
+      log.info("metrics endpoints", { targets: targets.map((t) => `${t.worker}=http://${t.address}/metrics`), prometheus_file_sd: targetsFile });
+      summary = await runDistributedJob({ ...opts, nats: cluster.url }, { log, metrics, auth, workers: opts.workers });
+    }
+    printSummary(summary, opts);
     return 0;
   } finally {
-    await server?.close();
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+    await cleanup();
   }
 }

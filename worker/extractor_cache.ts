@@ -1,0 +1,62 @@
+/**
+ * What a worker keeps between tasks and jobs: pretrained sources by model spec, feature extractors
+ * by (model, input size, feature layer, pooling) and opened data sets by their options. Loading a
+ * model and rebuilding it for an input size takes seconds; a shard takes about as long, so a worker
+ * that rebuilt per task would spend half its time loading. Concurrent requests share one promise.
+ */
+import { openDataset, type OpenOptions } from "../core/datasets/open.js";
+import type { Dataset } from "../core/datasets/types.js";
+import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
+import { loadPretrained, type PretrainedSource } from "../core/model_zoo.js";
+import type { Pooling } from "../core/config.js";
+
+export interface ExtractorKey {
+  model: string;
+  inputSize: number;
+  featureLayer: string;
+  pooling: Pooling;
+}
+
+export class ExtractorCache {
+  private readonly sources = new Map<string, Promise<PretrainedSource>>();
+  private readonly extractors = new Map<string, Promise<FeatureExtractor>>();
+  private readonly datasets = new Map<string, Promise<Dataset>>();
+  /** Extractors built so far (a test checks the model is loaded once). */
+  builds = 0;
+
+  extractor(k: ExtractorKey): Promise<FeatureExtractor> {
+    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling]);
+    let p = this.extractors.get(key);
+    if (!p) {
+      let src = this.sources.get(k.model);
+      if (!src) {
+        src = loadPretrained(k.model);
+        this.sources.set(k.model, src);
+        src.catch(() => this.sources.delete(k.model));
+      }
+      p = src.then((s) => {
+        this.builds++;
+        return buildFeatureExtractor(s, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling });
+      });
+      this.extractors.set(key, p);
+      p.catch(() => this.extractors.delete(key));
+    }
+    return p;
+  }
+
+  dataset(spec: string, o: OpenOptions): Promise<Dataset> {
+    const key = JSON.stringify([spec, o.seed, o.valSplit, o.testSplit, o.limit, o.maxPixels]);
+    let p = this.datasets.get(key);
+    if (!p) {
+      p = openDataset(spec, o);
+      this.datasets.set(key, p);
+      p.catch(() => this.datasets.delete(key));
+    }
+    return p;
+  }
+
+  dispose(): void {
+    for (const p of this.extractors.values()) void p.then((e) => e.dispose(), () => undefined);
+    this.extractors.clear();
+  }
+}

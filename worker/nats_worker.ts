@@ -1,0 +1,395 @@
+/**
+ * An extraction worker over NATS. It registers in the job's worker registry (a Heartbeat in a KV
+ * with a TTL, refreshed every few seconds), pulls ShardTasks one at a time from the job's durable
+ * work-queue consumer, extracts them with the frozen base of the round's JobSpec (models are cached
+ * across tasks and jobs), puts the FeatureShard into the object store under the task's shard id,
+ * announces it, and only then acks. Long shards send in-progress acks so they are not redelivered
+ * while still being worked on; a worker that dies simply stops acking and the shard goes to another.
+ *
+ * A task that does not decode (or belongs to another job) is terminated and counted: redelivering it
+ * could never help. A shard whose extraction throws is nak'ed for another try until its last
+ * delivery, where the worker records a terminal failure the coordinator turns into a job error.
+ *
+ * Life cycle after nats.js: `start()`, `status()` (events, a discriminated union on `type`),
+ * `closed()`, `drain()` (finish the current shard, then leave) and `Symbol.asyncDispose`.
+ */
+import { hostname } from "node:os";
+import type { Consumer, JetStreamClient, JetStreamManager, JsMsg, KV, NatsConnection, ObjectStore } from "nats";
+import { errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../core/extraction_wire.js";
+import type { BackendName } from "../core/config.js";
+import type { Split as DataSplit } from "../core/datasets/types.js";
+import type { Logger } from "../core/log.js";
+import type { CtrainMetrics } from "../core/metrics.js";
+import { float32ToBytes } from "../core/tensor_codec.js";
+import { decode, DecodeError, encode, makeHeader, type Backend, type JobSpec, type ShardTask, type Split as WireSplit, type WorkerState } from "../proto/codec.js";
+import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
+import { extractShard } from "./extraction_executor.js";
+import { ExtractorCache } from "./extractor_cache.js";
+
+/** Events of a worker's life. */
+export type WorkerStatus =
+  | { type: "waiting"; job: string }
+  | { type: "ready"; job: string }
+  | { type: "claimed"; job: string; shard: string; delivery: number; samples: number }
+  | { type: "progress"; job: string; shard: string; done: number; total: number }
+  | { type: "shard_done"; job: string; shard: string; samples: number; skipped: number; seconds: number }
+  | { type: "shard_failed"; job: string; shard: string; delivery: number; terminal: boolean; error: string }
+  | { type: "dropped"; job: string; reason: string }
+  | { type: "draining" }
+  | { type: "stopped"; error?: Error };
+
+export interface NatsWorkerOptions {
+  nc: NatsConnection;
+  /** Job id, or `any`: serve whichever job has tasks queued. */
+  job: string;
+  /** Worker id (a NATS-safe token). Default `<host>-<pid>`. */
+  workerId?: string;
+  log: Logger;
+  metrics?: CtrainMetrics;
+  /** Compute backend in use, for the registry. */
+  backend: BackendName;
+  /** Images per forward pass. Default 32. */
+  batchSize?: number;
+  /** Heartbeat period, ms. Default 3000 (the registry TTL is WORKER_REGISTRY_TTL_MS). */
+  heartbeatMs?: number;
+  /** How long one pull waits for a task, ms. Default 2000. */
+  pullExpiresMs?: number;
+  /** Models and data sets, shared across workers of one process. Default: a new cache. */
+  cache?: ExtractorCache;
+}
+
+interface JobContext {
+  names: JobNames;
+  consumer: Consumer;
+  state: KV;
+  registry: KV;
+  os: ObjectStore;
+  ackWaitMs: number;
+  maxDeliver: number;
+  specs: Map<string, JobSpec>;
+}
+
+const FROM_WIRE_SPLIT: Record<WireSplit, DataSplit> = { train: "train", validation: "val", test: "test" };
+
+/** Default worker id: host name and pid, made NATS-safe. */
+export function defaultWorkerId(): string {
+  const host = hostname().replace(/[^a-zA-Z0-9_-]/g, "-").replace(/^[^a-zA-Z0-9]+/, "").slice(0, 40) || "worker";
+  return `${host}-${process.pid}`;
+}
+
+export class NatsWorker implements AsyncDisposable {
+  readonly id: string;
+  private readonly cache: ExtractorCache;
+  private readonly jobs = new Map<string, JobContext>();
+  private jsm!: JetStreamManager;
+  private js!: JetStreamClient;
+  private running = false;
+  private draining = false;
+  private loop?: Promise<void>;
+  private heartbeatTimer?: NodeJS.Timeout;
+  private stateNow: WorkerState = "starting";
+  private currentShard = "";
+  private shardsDone = 0;
+  private rate = 0;
+  private ready = false;
+  private readonly events: WorkerStatus[] = [];
+  private readonly waiters: ((r: IteratorResult<WorkerStatus>) => void)[] = [];
+  private ended = false;
+  private readonly done: Promise<Error | undefined>;
+  private resolveDone!: (e: Error | undefined) => void;
+
+  constructor(private readonly o: NatsWorkerOptions) {
+    this.id = validateWorkerId(o.workerId ?? defaultWorkerId());
+    if (o.job !== "any") jobNames(o.job);
+    this.cache = o.cache ?? new ExtractorCache();
+    this.done = new Promise((r) => (this.resolveDone = r));
+  }
+
+  /** True once a model is loaded and a job's queue is bound (the /readyz of `ctrain worker`). */
+  isReady(): boolean {
+    return this.ready && !this.draining;
+  }
+
+  /** Begins serving. Returns at once; watch `status()` or await `closed()`. */
+  async start(): Promise<void> {
+    if (this.running) throw new Error(`worker ${this.id} is already started`);
+    this.running = true;
+    this.jsm = await this.o.nc.jetstreamManager();
+    this.js = this.o.nc.jetstream();
+    this.heartbeatTimer = setInterval(() => void this.heartbeat(), this.o.heartbeatMs ?? 3000);
+    this.loop = this.serve().then(
+      () => this.end(),
+      (err: unknown) => this.end(err instanceof Error ? err : new Error(String(err))),
+    );
+  }
+
+  /** Events until the worker stops. One reader. */
+  status(): AsyncIterable<WorkerStatus> {
+    return {
+      [Symbol.asyncIterator]: () => ({
+        next: () => {
+          const e = this.events.shift();
+          if (e) return Promise.resolve({ value: e, done: false });
+          if (this.ended) return Promise.resolve({ value: undefined, done: true });
+          return new Promise<IteratorResult<WorkerStatus>>((r) => this.waiters.push(r));
+        },
+      }),
+    };
+  }
+
+  /** Resolves when the worker has stopped: undefined after a drain, the error if it failed. */
+  closed(): Promise<Error | undefined> {
+    return this.done;
+  }
+
+  /** Finishes the shard in hand (acked), leaves the registry, stops. The connection stays the caller's. */
+  async drain(): Promise<void> {
+    if (!this.draining) {
+      this.draining = true;
+      this.emit({ type: "draining" });
+      this.o.log.info("draining: finishing the current shard", { shard: this.currentShard || undefined });
+    }
+    await this.loop;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.drain();
+  }
+
+  private emit(e: WorkerStatus): void {
+    const w = this.waiters.shift();
+    if (w) w({ value: e, done: false });
+    else {
+      this.events.push(e);
+      if (this.events.length > 1000) this.events.shift(); // nobody reads: keep the newest
+    }
+  }
+
+  private async end(error?: Error): Promise<void> {
+    clearInterval(this.heartbeatTimer);
+    this.stateNow = "stopped";
+    this.ready = false;
+    for (const ctx of this.jobs.values()) await ctx.registry.delete(this.id).catch(() => undefined);
+    if (error) this.o.log.error("worker stopped on an error", { error });
+    this.emit({ type: "stopped", error });
+    this.ended = true;
+    for (const w of this.waiters.splice(0)) w({ value: undefined, done: true });
+    this.resolveDone(error);
+  }
+
+  private async heartbeat(): Promise<void> {
+    for (const ctx of this.jobs.values()) {
+      const hb = encode("Heartbeat", {
+        header: makeHeader(ctx.names.job, this.id), worker: this.id, state: this.stateNow, backend: this.o.backend as Backend,
+        host: hostname(), pid: process.pid, imagesPerSecond: this.rate, shardId: this.currentShard, shardsDone: this.shardsDone,
+      });
+      try {
+        await ctx.registry.put(this.id, hb);
+        this.o.nc.publish(ctx.names.heartbeat, hb);
+      } catch (err) {
+        this.o.log.debug("heartbeat not delivered (NATS reconnecting?)", { error: err as Error });
+      }
+    }
+  }
+
+  /** Binds to a job's queue and stores once the coordinator has created them; undefined while it has not. */
+  private async bind(job: string): Promise<JobContext | undefined> {
+    const known = this.jobs.get(job);
+    if (known) return known;
+    const names = jobNames(job);
+    let info;
+    try {
+      info = await this.jsm.consumers.info(names.tasksStream, names.tasksConsumer);
+    } catch {
+      return undefined;
+    }
+    const ctx: JobContext = {
+      names,
+      consumer: await this.js.consumers.get(names.tasksStream, names.tasksConsumer),
+      state: await this.js.views.kv(names.stateBucket, { history: 1 }),
+      registry: await this.js.views.kv(names.workersBucket, { history: 1, ttl: WORKER_REGISTRY_TTL_MS }),
+      os: await this.js.views.os(names.featuresBucket),
+      ackWaitMs: Math.round((info.config.ack_wait ?? 30e9) / 1e6),
+      maxDeliver: info.config.max_deliver ?? -1,
+      specs: new Map(),
+    };
+    this.jobs.set(job, ctx);
+    this.stateNow = "idle";
+    this.o.nc.publish(names.hello, encode("WorkerHello", {
+      header: makeHeader(job, this.id), worker: this.id, backend: this.o.backend as Backend, host: hostname(), pid: process.pid,
+      cores: 1, softwareVersion: process.env.npm_package_version ?? "", state: "idle",
+    }));
+    await this.heartbeat();
+    this.o.log.info("joined job", { job, stream: names.tasksStream, ack_wait_ms: ctx.ackWaitMs, max_deliver: ctx.maxDeliver });
+    return ctx;
+  }
+
+  /** Jobs with tasks queued (for `--job any`). */
+  private async discover(): Promise<string[]> {
+    const jobs: string[] = [];
+    for await (const s of this.jsm.streams.list()) {
+      const m = /^CTRAIN_([a-zA-Z0-9][a-zA-Z0-9_-]{0,62})_TASKS$/.exec(s.config.name);
+      if (m && s.state.messages > 0) jobs.push(m[1]);
+    }
+    return jobs;
+  }
+
+  private async serve(): Promise<void> {
+    let waitingLogged = false;
+    while (!this.draining) {
+      const candidates = this.o.job === "any" ? await this.discover().catch(() => []) : [this.o.job];
+      let worked = false;
+      for (const job of candidates) {
+        if (this.draining) break;
+        const ctx = await this.bind(job).catch((err: unknown) => {
+          this.o.log.debug("cannot bind to the job yet", { job, error: err as Error });
+          return undefined;
+        });
+        if (!ctx) continue;
+        let msg: JsMsg | null = null;
+        try {
+          msg = await ctx.consumer.next({ expires: this.o.pullExpiresMs ?? 2000 });
+        } catch (err) {
+          this.o.log.debug("pull failed (NATS reconnecting?)", { job, error: err as Error });
+          await sleep(500);
+          continue;
+        }
+        if (!msg) continue;
+        worked = true;
+        await this.handle(ctx, msg);
+      }
+      if (!worked) {
+        if (this.jobs.size === 0 && !waitingLogged) {
+          waitingLogged = true;
+          this.emit({ type: "waiting", job: this.o.job });
+          this.o.log.info("waiting for a job's task queue", { job: this.o.job });
+        }
+        if (this.jobs.size === 0 || this.o.job === "any") await sleep(1000);
+      }
+    }
+  }
+
+  private async spec(ctx: JobContext, round: string): Promise<JobSpec | undefined> {
+    let s = ctx.specs.get(round);
+    if (s) return s;
+    const e = await ctx.state.get(specKey(round));
+    if (!e || e.operation !== "PUT" || e.value.length === 0) return undefined;
+    s = decode("JobSpec", e.value, { job: ctx.names.job, self: "worker", peer: "coordinator" });
+    ctx.specs.set(round, s);
+    return s;
+  }
+
+  private async handle(ctx: JobContext, msg: JsMsg): Promise<void> {
+    const job = ctx.names.job;
+    const { log, metrics } = this.o;
+    let task: ShardTask;
+    try {
+      task = decode("ShardTask", msg.data, { job, self: "worker", peer: "coordinator" });
+      if (!parseWireShardId(task.shardId)) throw new DecodeError("ShardTask", "bad_shape", `shard id ${JSON.stringify(task.shardId)} names no extraction round`);
+    } catch (err) {
+      const reason = err instanceof DecodeError ? err.reason : "malformed";
+      metrics?.droppedMessage(reason);
+      metrics?.decodeError();
+      log.warn("dropped a task that does not decode: terminated", { reason, error: err as Error, seq: msg.seq });
+      msg.term(`ctrain: ${reason}`);
+      this.emit({ type: "dropped", job, reason });
+      return;
+    }
+    const wire = task.shardId;
+    const round = parseWireShardId(wire)!.round;
+    const delivery = msg.info.deliveryCount;
+    const t0 = performance.now();
+    this.currentShard = wire;
+    this.stateNow = "extracting";
+    let lastWorking = Date.now();
+    const working = (): void => {
+      if (Date.now() - lastWorking >= ctx.ackWaitMs / 3) {
+        msg.working();
+        lastWorking = Date.now();
+      }
+    };
+    try {
+      const spec = await this.spec(ctx, round);
+      if (!spec) throw new Error(`the job spec of round ${round} is not in ${ctx.names.stateBucket} (was the coordinator's state lost?)`);
+      const claim = (done: number): void => {
+        this.o.nc.publish(ctx.names.progress, encode("Progress", { header: makeHeader(job, this.id), shardId: wire, done, total: task.ids.length, worker: this.id }));
+      };
+      claim(0);
+      log.info("shard claimed", { shard: wire, delivery, samples: task.ids.length });
+      this.emit({ type: "claimed", job, shard: wire, delivery, samples: task.ids.length });
+      const extractor = await this.cache.extractor({ model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling });
+      working();
+      const dataset = await this.cache.dataset(spec.data, { seed: spec.seed, valSplit: spec.valSplit, testSplit: spec.testSplit, limit: spec.limit, maxPixels: spec.maxPixels });
+      const wantFx = spec.extra[SPEC_EXTRA.extractorFingerprint];
+      if (wantFx && wantFx !== extractor.fingerprint)
+        throw new TerminalError(`this worker's model differs from the coordinator's (extractor fingerprint ${extractor.fingerprint.slice(0, 12)}, coordinator ${wantFx.slice(0, 12)}): run the same --model on both`);
+      const wantDs = spec.extra[SPEC_EXTRA.datasetFingerprint];
+      if (wantDs && wantDs !== dataset.fingerprint)
+        throw new TerminalError(`this worker's copy of data set ${spec.data} differs from the coordinator's (fingerprint ${dataset.fingerprint.slice(0, 12)} vs ${wantDs.slice(0, 12)}): share the same files`);
+      if (!this.ready) {
+        this.ready = true;
+        this.emit({ type: "ready", job });
+      }
+      working();
+      const samples = task.ids.map((id, i) => ({ id, label: task.labels[i], split: FROM_WIRE_SPLIT[task.splits[i]] }));
+      let done = 0;
+      let lastProgress = Date.now();
+      const data = await extractShard(dataset, extractor, wire, samples, {
+        batchSize: this.o.batchSize ?? 32,
+        onBatch: (n, skipped) => {
+          done += n;
+          metrics?.countImages("extract", n - skipped);
+          working();
+          if (Date.now() - lastProgress > 500 || done === samples.length) {
+            lastProgress = Date.now();
+            claim(done);
+            this.emit({ type: "progress", job, shard: wire, done, total: samples.length });
+          }
+        },
+      });
+      const seconds = (performance.now() - t0) / 1000;
+      const header = makeHeader(job, this.id);
+      const featureDims = extractor.featureShape.length ? extractor.featureShape : [extractor.featureDim];
+      const full = encode("FeatureShard", {
+        header, shardId: wire, ids: data.ids, labels: data.labels, splits: data.splits.map((s) => (s === "val" ? "validation" : s)),
+        featureDims, features: float32ToBytes(data.features), skipped: data.skipped, worker: this.id, seconds,
+      });
+      working();
+      // Put first, ack after: a worker that dies in between leaves a stored shard the redelivery overwrites with the same content.
+      await ctx.os.putBlob({ name: wire }, full);
+      this.o.nc.publish(ctx.names.shardDone, encode("FeatureShard", {
+        header, shardId: wire, ids: [], labels: [], splits: [], featureDims, features: new Uint8Array(0), skipped: [], worker: this.id, seconds,
+      }));
+      await msg.ackAck();
+      this.shardsDone++;
+      this.rate = samples.length / seconds;
+      metrics?.setExtractionRate(this.rate);
+      log.info("shard done", { shard: wire, samples: data.ids.length, skipped: data.skipped.length, seconds: Number(seconds.toFixed(3)), images_per_second: Number(this.rate.toFixed(1)) });
+      this.emit({ type: "shard_done", job, shard: wire, samples: data.ids.length, skipped: data.skipped.length, seconds });
+    } catch (err) {
+      const error = err instanceof Error ? err : new Error(String(err));
+      const terminal = error instanceof TerminalError || (ctx.maxDeliver > 0 && delivery >= ctx.maxDeliver);
+      const rec: ShardErrorRecord = { shard: wire, worker: this.id, attempt: delivery, error: error.message, at: Date.now() };
+      const bytes = new TextEncoder().encode(JSON.stringify(rec));
+      await ctx.state.put(errorKey(wire), bytes).catch(() => undefined);
+      if (terminal) {
+        await ctx.state.put(failedKey(wire), bytes).catch(() => undefined);
+        msg.term(`ctrain: ${error.message}`.slice(0, 200));
+      } else msg.nak(1000);
+      log.error(terminal ? "shard failed for good" : "shard failed: it will be retried", { shard: wire, delivery, max_deliver: ctx.maxDeliver, error });
+      this.emit({ type: "shard_failed", job, shard: wire, delivery, terminal, error: error.message });
+    } finally {
+      this.currentShard = "";
+      this.stateNow = "idle";
+    }
+  }
+}
+
+/** A failure no retry can fix (the worker's model or data differ from the coordinator's). */
+class TerminalError extends Error {
+  override name = "TerminalError";
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
