@@ -221,6 +221,7 @@ export class GradientAverager implements AsyncDisposable {
     if (!(this.timeoutMs > 0)) throw new ConfigError(`timeoutMs must be > 0, got ${opts.timeoutMs}`);
     this.maxBufferedBytes = opts.maxBufferedBytes ?? 512 * 1024 * 1024;
     this.metrics = opts.metrics;
+    if (!Number.isSafeInteger(opts.epoch) || opts.epoch < 0) throw new ConfigError(`epoch must be a non-negative integer, got ${opts.epoch}`);
     this._epoch = opts.epoch;
     this._members = checkMembers(opts.members, this.self);
     this.gradSub = this.nc.subscribe(this.names.gradients(this.self), { callback: (err, msg) => !err && this.onMessage("grad", this.self, msg) });
@@ -250,6 +251,7 @@ export class GradientAverager implements AsyncDisposable {
       this.drop("stale_epoch");
       return false;
     });
+    this.earlyBytes = this.early.reduce((a, m) => a + m.bytes, 0);
     this.syncAvgSubs();
     await this.nc.flush();
   }

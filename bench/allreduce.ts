@@ -1,0 +1,298 @@
+/**
+ * bench/allreduce: synchronous gradient averaging (worker/gradient_averaging.ts) between N worker
+ * PROCESSES on loopback through one real nats-server, for G = 1, 10, 100 MB of float32 gradient and
+ * N = 2, 4, 8, fp32 and fp16 on the wire.
+ *
+ * Per combination: N processes open averagers, then the parent starts each round by IPC; each process
+ * times its own average() and reports the bytes it sent and received. A round's time is the slowest
+ * member's (the step is synchronous). Against it, the same run measures raw NATS loopback throughput:
+ * one publisher process -> one subscriber of 512 KiB messages. Achieved bandwidth is reported as a
+ * fraction of that raw figure, per worker (its received bytes / round time) and for the server as a
+ * whole (all workers' received bytes / round time), since every process shares one server and the
+ * machine's cores.
+ *
+ * Bounded: each combination has a time budget (--budget seconds, default 60); rounds stop when the
+ * next one would not fit, and a combination whose round is predicted (from the same N at G/10, times
+ * 10) not to fit, or that would not fit in memory, is recorded as skipped with the reason.
+ * Writes bench/results/allreduce.json.
+ *
+ *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3]
+ */
+import { fork, type ChildProcess } from "node:child_process";
+import { mkdir, writeFile } from "node:fs/promises";
+import { availableParallelism, cpus, freemem } from "node:os";
+import { fileURLToPath } from "node:url";
+import { connect } from "nats";
+import type { WireDtype } from "../core/tensor_codec.js";
+import { GradientAverager, type AllreduceStats } from "../worker/gradient_averaging.js";
+import { startNatsServer } from "../test/helpers/nats_server.js";
+
+const MB = 1024 * 1024;
+const RAW_MESSAGE_BYTES = 512 * 1024;
+
+interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype }
+interface RawArgs { mode: "raw"; url: string; subject: string; seconds: number }
+type ChildArgs = WorkerArgs | RawArgs;
+type ToChild = { type: "round"; step: number } | { type: "exit" };
+type FromChild = { type: "ready" } | { type: "done"; stats: AllreduceStats } | { type: "error"; message: string };
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+async function workerMain(a: WorkerArgs): Promise<void> {
+  const nc = await connect({ servers: a.url });
+  const averager = await GradientAverager.open({ nc, job: a.job, self: a.self, members: a.members, epoch: 1, wireDtype: a.dtype, timeoutMs: 600_000 });
+  const flat = new Float32Array(a.elements);
+  let s = (a.members.indexOf(a.self) + 1) * 2654435761;
+  for (let i = 0; i < flat.length; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    flat[i] = s / 4294967296 - 0.5;
+  }
+  const samples = a.members.indexOf(a.self) + 1;
+  process.on("message", (m: ToChild) => {
+    if (m.type === "exit") {
+      void averager.close().then(() => nc.close()).then(() => process.exit(0));
+      return;
+    }
+    averager.average(m.step, flat, samples).then(
+      () => process.send!({ type: "done", stats: averager.lastStats! } satisfies FromChild),
+      (e: unknown) => process.send!({ type: "error", message: `${(e as Error).name}: ${(e as Error).message}` } satisfies FromChild),
+    );
+  });
+  process.send!({ type: "ready" } satisfies FromChild);
+}
+
+/** Publishes 512 KiB messages as fast as the connection takes them for `seconds`, then an empty end marker. */
+async function rawMain(a: RawArgs): Promise<void> {
+  const nc = await connect({ servers: a.url });
+  const payload = new Uint8Array(RAW_MESSAGE_BYTES).fill(7);
+  process.send!({ type: "ready" } satisfies FromChild);
+  await new Promise<void>((r) => process.once("message", () => r()));
+  const end = performance.now() + a.seconds * 1000;
+  while (performance.now() < end) {
+    for (let i = 0; i < 32; i++) nc.publish(a.subject, payload);
+    await nc.flush(); // keeps the client's buffer bounded: at most 16 MiB in flight
+  }
+  nc.publish(a.subject, new Uint8Array(0));
+  await nc.flush();
+  await nc.close();
+  process.exit(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parent
+
+class Kid {
+  readonly proc: ChildProcess;
+  private stderr = "";
+  private waiters: Array<{ resolve: (m: FromChild) => void; reject: (e: Error) => void }> = [];
+  private queue: FromChild[] = [];
+  constructor(args: ChildArgs) {
+    this.proc = fork(fileURLToPath(import.meta.url), ["--child", JSON.stringify(args)], { stdio: ["ignore", "inherit", "pipe", "ipc"] });
+    this.proc.stderr!.on("data", (d: Buffer) => (this.stderr = (this.stderr + d.toString()).slice(-2000)));
+    this.proc.on("message", (m: FromChild) => {
+      const w = this.waiters.shift();
+      if (w) w.resolve(m);
+      else this.queue.push(m);
+    });
+    this.proc.on("exit", (code) => {
+      for (const w of this.waiters.splice(0)) w.reject(new Error(`child exited ${code}: ${this.stderr.trim().split("\n").slice(-3).join(" | ")}`));
+    });
+  }
+  next(): Promise<FromChild> {
+    const q = this.queue.shift();
+    if (q) return Promise.resolve(q);
+    if (this.proc.exitCode !== null) return Promise.reject(new Error(`child exited ${this.proc.exitCode}: ${this.stderr.trim()}`));
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+  }
+  send(m: ToChild): void {
+    this.proc.send(m);
+  }
+  kill(): void {
+    if (this.proc.exitCode === null) this.proc.kill("SIGKILL");
+  }
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let t: NodeJS.Timeout;
+  return Promise.race([p, new Promise<T>((_, rej) => (t = setTimeout(() => rej(new Error(`${what}: over ${Math.round(ms / 1000)} s`)), ms))).finally(() => clearTimeout(t))]);
+}
+
+async function rawThroughput(url: string, seconds: number): Promise<{ bytes_per_second: number; messages: number; seconds: number }> {
+  const nc = await connect({ servers: url });
+  const subject = "bench.raw";
+  let bytes = 0;
+  let messages = 0;
+  let first = 0;
+  let last = 0;
+  const done = new Promise<void>((resolve) => {
+    nc.subscribe(subject, {
+      callback: (_err, msg) => {
+        if (msg.data.length === 0) return resolve();
+        const now = performance.now();
+        if (messages === 0) first = now;
+        else bytes += msg.data.length; // bytes after the first message, over the time since it
+        last = now;
+        messages++;
+      },
+    });
+  });
+  await nc.flush();
+  const kid = new Kid({ mode: "raw", url, subject, seconds });
+  await kid.next();
+  kid.send({ type: "round", step: 0 });
+  await withTimeout(done, (seconds + 30) * 1000, "raw throughput");
+  await nc.close();
+  const s = (last - first) / 1000;
+  return { bytes_per_second: Math.round(bytes / s), messages, seconds: Number(s.toFixed(2)) };
+}
+
+interface ComboResult {
+  size_mb: number;
+  workers: number;
+  dtype: WireDtype;
+  skipped?: string;
+  rounds?: number;
+  /** Slowest member's average() seconds per round, median over the timed rounds. */
+  round_seconds_median?: number;
+  round_seconds_min?: number;
+  round_seconds_max?: number;
+  bytes_sent_per_worker?: number;
+  bytes_received_per_worker?: number;
+  /** bytes sent per worker / (G bytes at the wire dtype): 1 + headers when O(G). */
+  sent_over_g?: number;
+  received_over_g?: number;
+  /** G (float32 MB) per round second: the gradient averaged per second. */
+  algorithmic_mb_per_second?: number;
+  /** One worker's received bytes per second / raw NATS throughput. */
+  per_worker_fraction_of_raw?: number;
+  /** All workers' received bytes per second (what the server delivered) / raw NATS throughput. */
+  server_fraction_of_raw?: number;
+  note?: string;
+}
+
+async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, budgetS: number, maxRounds: number, raw: number): Promise<ComboResult> {
+  const base: ComboResult = { size_mb: sizeMb, workers: n, dtype };
+  const elements = Math.floor((sizeMb * MB) / 4);
+  const members = Array.from({ length: n }, (_, i) => `w${i}`);
+  const job = `bench-${sizeMb}-${n}-${dtype}`;
+  const t0 = performance.now();
+  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype }));
+  const left = (): number => budgetS * 1000 - (performance.now() - t0);
+  try {
+    for (const m of await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), "start-up")) if (m.type !== "ready") throw new Error(JSON.stringify(m));
+    const rounds: Array<{ seconds: number; stats: AllreduceStats[] }> = [];
+    // Round 0 warms up (JIT, buffers) and is not counted.
+    for (let step = 0; step <= maxRounds; step++) {
+      const last = rounds.at(-1)?.seconds ?? 0;
+      if (step > 1 && left() < last * 1000 * 1.5) break;
+      kids.forEach((k) => k.send({ type: "round", step }));
+      const replies = await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), `round ${step}`);
+      const stats = replies.map((r) => {
+        if (r.type !== "done") throw new Error(r.type === "error" ? r.message : JSON.stringify(r));
+        return r.stats;
+      });
+      const seconds = Math.max(...stats.map((s) => s.seconds));
+      if (step === 0) {
+        if (left() < seconds * 1000) return { ...base, skipped: `warm-up round took ${seconds.toFixed(1)} s: no timed round fits the ${budgetS} s budget` };
+        continue;
+      }
+      rounds.push({ seconds, stats });
+    }
+    kids.forEach((k) => k.send({ type: "exit" }));
+    const secs = rounds.map((r) => r.seconds).sort((a, b) => a - b);
+    const median = secs[Math.floor(secs.length / 2)]!;
+    const all = rounds.flatMap((r) => r.stats);
+    const sent = all.reduce((a, s) => a + s.bytesSent, 0) / all.length;
+    const received = all.reduce((a, s) => a + s.bytesReceived, 0) / all.length;
+    const gWire = elements * (dtype === "fp16" ? 2 : 4);
+    const r3 = (x: number): number => Number(x.toPrecision(3));
+    return {
+      ...base,
+      rounds: rounds.length,
+      round_seconds_median: r3(median),
+      round_seconds_min: r3(secs[0]!),
+      round_seconds_max: r3(secs.at(-1)!),
+      bytes_sent_per_worker: Math.round(sent),
+      bytes_received_per_worker: Math.round(received),
+      sent_over_g: r3(sent / gWire),
+      received_over_g: r3(received / gWire),
+      algorithmic_mb_per_second: r3(sizeMb / median),
+      per_worker_fraction_of_raw: r3(received / median / raw),
+      server_fraction_of_raw: r3((received * n) / median / raw),
+    };
+  } catch (err) {
+    return { ...base, skipped: (err as Error).message };
+  } finally {
+    for (const k of kids) k.kill();
+  }
+}
+
+function arg(name: string, def: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1]! : def;
+}
+
+async function main(): Promise<void> {
+  const sizes = arg("sizes", "1,10,100").split(",").map(Number);
+  const workers = arg("workers", "2,4,8").split(",").map(Number);
+  const dtypes = arg("dtypes", "fp32,fp16").split(",") as WireDtype[];
+  const budget = Number(arg("budget", "60"));
+  const maxRounds = Number(arg("rounds", "5"));
+  const rawSeconds = Number(arg("raw-seconds", "3"));
+  // A burst of G(N-1)/N bytes lands on each owner at once: let the server buffer it rather than cut
+  // the "slow consumer" off (the default max_pending is 64 MB).
+  const server = await startNatsServer({ jetstream: false, config: "max_pending: 1073741824\nwrite_deadline: \"120s\"" });
+  const t0 = performance.now();
+  try {
+    const raw = await rawThroughput(server.url, rawSeconds);
+    console.log(`raw NATS loopback: ${(raw.bytes_per_second / MB).toFixed(0)} MB/s (512 KiB messages, ${raw.seconds} s)`);
+    const results: ComboResult[] = [];
+    const perRound = new Map<string, { sizeMb: number; seconds: number }>();
+    for (const dtype of dtypes) {
+      for (const n of workers) {
+        for (const sizeMb of sizes) {
+          const prev = perRound.get(`${dtype}/${n}`);
+          const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
+          const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
+          let r: ComboResult;
+          if (predicted * 2 > budget) r = { size_mb: sizeMb, workers: n, dtype, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${budget} s budget` };
+          else if (memory > freemem() * 0.7) r = { size_mb: sizeMb, workers: n, dtype, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
+          else r = await combo(server.url, sizeMb, n, dtype, budget, maxRounds, raw.bytes_per_second);
+          if (r.round_seconds_median !== undefined) perRound.set(`${dtype}/${n}`, { sizeMb, seconds: r.round_seconds_median });
+          else perRound.set(`${dtype}/${n}`, { sizeMb, seconds: Infinity });
+          results.push(r);
+          console.log(JSON.stringify(r));
+        }
+      }
+    }
+    const out = {
+      bench: "allreduce",
+      method: "reduce-scatter to slice owners + NATS fan-out of averaged slices (worker/gradient_averaging.ts), 512 KiB chunks",
+      machine: { cores: availableParallelism(), cpu: cpus()[0]?.model },
+      note: "All N worker processes, the parent and one nats-server share this machine's cores; rounds per combination are bounded by the budget.",
+      budget_seconds_per_combination: budget,
+      max_timed_rounds: maxRounds,
+      raw_nats_loopback: { ...raw, message_bytes: RAW_MESSAGE_BYTES, mb_per_second: Number((raw.bytes_per_second / MB).toFixed(1)) },
+      total_seconds: Number(((performance.now() - t0) / 1000).toFixed(1)),
+      date: new Date().toISOString(),
+      results,
+    };
+    await mkdir("bench/results", { recursive: true });
+    await writeFile("bench/results/allreduce.json", `${JSON.stringify(out, null, 2)}\n`);
+    console.log("wrote bench/results/allreduce.json");
+  } finally {
+    await server.stop();
+  }
+}
+
+if (process.argv[2] === "--child") {
+  const a = JSON.parse(process.argv[3]!) as ChildArgs;
+  void (a.mode === "raw" ? rawMain(a) : workerMain(a)).catch((e: unknown) => {
+    console.error(`${(e as Error).name}: ${(e as Error).message}`);
+    process.exit(1);
+  });
+} else void main().then(() => process.exit(0), (e: unknown) => {
+  console.error(e);
+  process.exit(1);
+});
