@@ -62,6 +62,7 @@ export async function main(argv: string[]): Promise<number> {
   }
   const nats = typeof extra.nats === "string" ? extra.nats : process.env.CTRAIN_NATS_URL;
   if (!nats) throw new ConfigError(`ctrain worker needs --nats URL (or CTRAIN_NATS_URL).`);
+  const natsUrl: string = nats;
   const job = typeof extra.job === "string" ? extra.job : "any";
   if (job !== "any") validateJobId(job);
   const workerId = validateWorkerId(typeof extra["worker-id"] === "string" ? extra["worker-id"] : defaultWorkerId());
@@ -81,31 +82,38 @@ export async function main(argv: string[]): Promise<number> {
     : undefined;
   if (server) log.info("serving metrics", { url: server.url, port: server.port });
 
-  const backend = await selectBackend(backendName);
-  metrics.setBackend(backend.name);
-  const nc = await connectNats(nats, auth, { name: `ctrain-worker-${workerId}`, onRetry: (e) => log.warn("NATS not reachable yet, retrying", { error: e.message }) });
-  log.info("connected to NATS", { server: nc.getServer(), backend: backend.name });
-  void (async () => {
-    for await (const s of nc.status()) {
-      if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
-    }
-  })();
-  worker = new NatsWorker({ nc, job, workerId, log, metrics, backend: backend.name, batchSize });
-  let signals = 0;
-  const onSignal = (sig: NodeJS.Signals): void => {
-    signals++;
-    if (signals > 1) {
-      log.warn("second signal: exiting without draining", { signal: sig });
-      process.exit(130);
-    }
-    log.info("signal: draining", { signal: sig });
-    void worker!.drain();
-  };
-  process.on("SIGTERM", onSignal);
-  process.on("SIGINT", onSignal);
-  await worker.start();
-  const err = await worker.closed();
-  await nc.drain().catch(() => undefined);
-  await server?.close();
-  return err ? 1 : 0;
+  try {
+    return await serve();
+  } finally {
+    await server?.close();
+  }
+
+  async function serve(): Promise<number> {
+    const backend = await selectBackend(backendName);
+    metrics.setBackend(backend.name);
+    const nc = await connectNats(natsUrl, auth, { name: `ctrain-worker-${workerId}`, onRetry: (e) => log.warn("NATS not reachable yet, retrying", { error: e.message }) });
+    log.info("connected to NATS", { server: nc.getServer(), backend: backend.name });
+    void (async () => {
+      for await (const s of nc.status()) {
+        if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
+      }
+    })();
+    worker = new NatsWorker({ nc, job, workerId, log, metrics, backend: backend.name, batchSize });
+    let signals = 0;
+    const onSignal = (sig: NodeJS.Signals): void => {
+      signals++;
+      if (signals > 1) {
+        log.warn("second signal: exiting without draining", { signal: sig });
+        process.exit(130);
+      }
+      log.info("signal: draining", { signal: sig });
+      void worker!.drain();
+    };
+    process.on("SIGTERM", onSignal);
+    process.on("SIGINT", onSignal);
+    await worker.start();
+    const err = await worker.closed();
+    await nc.drain().catch(() => undefined);
+    return err ? 1 : 0;
+  }
 }

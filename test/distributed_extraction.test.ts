@@ -1,0 +1,332 @@
+/**
+ * Distributed feature extraction end to end: a real nats-server per test, real `ctrain coordinator`
+ * and `ctrain worker` processes, real Fashion-MNIST images (a few hundred, input 64) and MobileNetV2.
+ * Chaos by schedule: a worker SIGKILLed mid-shard, the NATS server restarted mid-job, the coordinator
+ * SIGKILLed and restarted with the same job id, a worker joining late, garbage and foreign messages on
+ * the job's subjects, and a server that requires credentials.
+ *
+ * "Exactly once" is checked on the committed feature cache (every planned sample id once, nothing
+ * else) and, where the test says so, on the workers' own logs (every shard extracted once).
+ */
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { mkdtemp, readdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { connect } from "nats";
+import { planShards } from "../coordinator/shard_planner.js";
+import { openDataset } from "../core/datasets/open.js";
+import { FeatureCache, type FeatureSet } from "../core/feature_store.js";
+import { encode, makeHeader } from "../proto/codec.js";
+import { jobNames } from "../proto/subjects.js";
+import { CTRAIN_BIN } from "./helpers/cli.js";
+import { freePort } from "./helpers/free_port.js";
+import { check, startNatsServer, type NatsServer } from "./helpers/nats_server.js";
+import { parseExposition } from "./helpers/prom_text.js";
+
+const LIMIT = 120; // 120 train + 24 val + 24 test = 168 samples
+const SHARD = 28; // 6 shards
+const JOB_ARGS = ["--data", "fashion-mnist", "--limit", String(LIMIT), "--input-size", "64", "--shard-size", String(SHARD), "--epochs", "1", "--head-units", "16", "--backend", "wasm", "--log-format", "json", "--seed", "42"];
+
+let dir: string;
+let planIds: string[];
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), "ctrain-dist-"));
+  const ds = await openDataset("fashion-mnist", { seed: 42, valSplit: 0.1, testSplit: 0.1, limit: LIMIT, maxPixels: 40_000_000 });
+  planIds = planShards(ds.samples, SHARD).flatMap((s) => s.samples.map((x) => x.id)).sort();
+});
+after(async () => {
+  if (process.env.CTRAIN_TEST_DEBUG) for (const p of procs) console.error(p.proc.exitCode, p.tail());
+  for (const p of procs) if (p.proc.exitCode === null && p.proc.signalCode === null) p.proc.kill("SIGKILL");
+  await rm(dir, { recursive: true, force: true });
+});
+
+interface LogLine {
+  msg: string;
+  level: string;
+  [k: string]: unknown;
+}
+
+class Proc {
+  lines: LogLine[] = [];
+  stderr = "";
+  stdout = "";
+  readonly exited: Promise<number | null>;
+  constructor(readonly name: string, readonly proc: ChildProcess, readonly metricsPort?: number) {
+    let buf = "";
+    proc.stderr!.on("data", (d: Buffer) => {
+      const s = d.toString();
+      this.stderr = (this.stderr + s).slice(-200_000);
+      buf += s;
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        if (line.startsWith("{")) {
+          try {
+            this.lines.push(JSON.parse(line) as LogLine);
+          } catch {
+            // not a log line
+          }
+        }
+      }
+    });
+    proc.stdout!.on("data", (d: Buffer) => (this.stdout += d.toString()));
+    this.exited = new Promise((r) => proc.once("exit", (code, signal) => r(code ?? (signal ? -1 : null))));
+  }
+  logged(msg: string): LogLine[] {
+    return this.lines.filter((l) => l.msg === msg);
+  }
+  async waitFor(msg: string, timeoutMs = 60_000, count = 1): Promise<LogLine> {
+    return check(() => {
+      if (this.proc.exitCode !== null && this.logged(msg).length < count) throw new Error(`${this.name} exited ${this.proc.exitCode} before logging "${msg}":\n${this.stderr.slice(-3000)}`);
+      const l = this.logged(msg);
+      return l.length >= count ? l[count - 1] : undefined;
+    }, timeoutMs, 50);
+  }
+  async metrics(): Promise<ReturnType<typeof parseExposition>> {
+    const r = await fetch(`http://127.0.0.1:${this.metricsPort}/metrics`);
+    return parseExposition(await r.text());
+  }
+  tail(): string {
+    return `--- ${this.name} stderr ---\n${this.stderr.slice(-4000)}`;
+  }
+}
+
+const procs: Proc[] = [];
+
+function ctrain(name: string, args: string[], env: NodeJS.ProcessEnv = {}, metricsPort?: number): Proc {
+  const proc = spawn(process.execPath, [CTRAIN_BIN, ...args], { env: { ...process.env, CTRAIN_LOG_LEVEL: "debug", ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  const p = new Proc(name, proc, metricsPort);
+  procs.push(p);
+  return p;
+}
+
+async function worker(url: string, job: string, id: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> {
+  const port = await freePort();
+  return ctrain(id, ["worker", "--nats", url, "--job", job, "--worker-id", id, "--backend", "wasm", "--batch-size", "8", "--metrics-port", String(port), "--metrics-host", "127.0.0.1", "--log-format", "json", ...extra], env, port);
+}
+
+async function coordinator(url: string, job: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> {
+  const port = await freePort();
+  const out = join(dir, job, "out");
+  const cache = join(dir, job, "cache");
+  return ctrain(`coordinator-${job}`, ["coordinator", "--nats", url, "--job", job, ...JOB_ARGS, "--workers", "2", "--cache-dir", cache, "--out", out, "--metrics-port", String(port), "--ack-wait", "3", "--max-deliver", "5", ...extra], env, port);
+}
+
+async function stopAll(ps: Proc[]): Promise<void> {
+  for (const p of ps) if (p.proc.exitCode === null && p.proc.signalCode === null) p.proc.kill("SIGTERM");
+  await Promise.all(ps.map((p) => Promise.race([p.exited, new Promise((r) => setTimeout(r, 10_000).unref())])));
+  for (const p of ps) if (p.proc.exitCode === null && p.proc.signalCode === null) p.proc.kill("SIGKILL");
+}
+
+async function expectSuccess(c: Proc, others: Proc[], timeoutMs = 120_000): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const code = await Promise.race([c.exited, new Promise<string>((r) => (timer = setTimeout(() => r("timeout"), timeoutMs)))]);
+  clearTimeout(timer);
+  assert.equal(code, 0, `coordinator ended with ${code}\n${c.tail()}\n${others.map((o) => o.tail()).join("\n")}`);
+}
+
+/** The one committed cache entry of a job. */
+async function committed(job: string): Promise<FeatureSet> {
+  const root = join(dir, job, "cache");
+  const entries = (await readdir(root)).filter((n) => existsSync(join(root, n, "meta.json")));
+  assert.equal(entries.length, 1, `one committed cache entry expected in ${root}, found ${entries.join(", ")}`);
+  return new FeatureCache(root).load(entries[0]);
+}
+
+function assertExactlyOnce(set: FeatureSet): void {
+  assert.equal(set.skipped.length, 0);
+  assert.equal(set.ids.length, planIds.length, "sample count");
+  assert.deepEqual([...set.ids].sort(), planIds, "every planned sample once, nothing else");
+}
+
+/** Shards extracted to the end, per worker log: shard id -> times. */
+function shardsDone(ws: Proc[]): Map<string, number> {
+  const m = new Map<string, number>();
+  for (const w of ws) for (const l of w.logged("shard done")) m.set(String(l.shard), (m.get(String(l.shard)) ?? 0) + 1);
+  return m;
+}
+
+describe("distributed extraction", { concurrency: false }, () => {
+  let server: NatsServer;
+  before(async () => {
+    server = await startNatsServer();
+  });
+  after(async () => {
+    await server?.stop();
+  });
+
+  test("distributed - features equal the single-process features for the same samples", { timeout: 180_000 }, async () => {
+    const job = "dist-equal";
+    const w = [await worker(server.url, job, "eq-w0"), await worker(server.url, job, "eq-w1")];
+    const c = await coordinator(server.url, job);
+    const local = ctrain("local", ["run", ...JOB_ARGS, "--workers", "1", "--job", "dist-local", "--cache-dir", join(dir, "dist-local", "cache"), "--out", join(dir, "dist-local", "out"), "--metrics-port", "-1"]);
+    try {
+      await expectSuccess(c, w);
+      assert.equal(await local.exited, 0, local.tail());
+    } finally {
+      await stopAll(w);
+    }
+    const dist = await committed(job);
+    const single = await committed("dist-local");
+    assertExactlyOnce(dist);
+    assert.deepEqual(dist.ids, single.ids, "same ids in the same order");
+    assert.deepEqual([...dist.labels], [...single.labels]);
+    assert.deepEqual(dist.splits, single.splits);
+    assert.equal(dist.features.length, single.features.length);
+    let maxDiff = 0;
+    for (let i = 0; i < dist.features.length; i++) maxDiff = Math.max(maxDiff, Math.abs(dist.features[i] - single.features[i]));
+    assert.ok(maxDiff <= 1e-4, `max |distributed - single| = ${maxDiff}`);
+    // Both workers took part and each shard was extracted once.
+    const done = shardsDone(w);
+    assert.equal(done.size, Math.ceil(planIds.length / SHARD));
+    assert.ok([...done.values()].every((n) => n === 1), JSON.stringify([...done]));
+  });
+
+  test("distributed - a worker SIGKILLed mid-shard: the shard is redelivered, every sample once", { timeout: 180_000 }, async () => {
+    const job = "dist-killworker";
+    const victim = await worker(server.url, job, "kw-victim");
+    const c = await coordinator(server.url, job);
+    const claimed = await victim.waitFor("shard claimed", 90_000);
+    // Its first shard: the model is still loading or the first batches are running. Kill it now.
+    victim.proc.kill("SIGKILL");
+    await victim.exited;
+    assert.equal(victim.logged("shard done").filter((l) => l.shard === claimed.shard).length, 0, "the victim must not have finished the shard");
+    const survivor = await worker(server.url, job, "kw-survivor");
+    try {
+      await expectSuccess(c, [survivor]);
+    } finally {
+      await stopAll([survivor]);
+    }
+    assertExactlyOnce(await committed(job));
+    const redelivered = survivor.logged("shard claimed").find((l) => l.shard === claimed.shard);
+    assert.ok(redelivered, `the killed shard ${String(claimed.shard)} went to the survivor`);
+    assert.ok(Number(redelivered.delivery) >= 2, `delivery ${String(redelivered.delivery)} of the killed shard`);
+  });
+
+  test("distributed - NATS server restarted mid-job: clients reconnect, the job completes exactly once", { timeout: 180_000 }, async () => {
+    const job = "dist-natsrestart";
+    const own = await startNatsServer();
+    const w = [await worker(own.url, job, "nr-w0"), await worker(own.url, job, "nr-w1")];
+    const c = await coordinator(own.url, job);
+    try {
+      await w[0].waitFor("shard done", 90_000);
+      await own.restart();
+      await expectSuccess(c, w);
+    } finally {
+      await stopAll(w);
+      await own.stop();
+    }
+    assertExactlyOnce(await committed(job));
+    assert.ok(w.some((x) => x.lines.some((l) => l.msg === "NATS reconnect")) || c.lines.some((l) => l.msg === "NATS reconnect"), "a reconnect was logged");
+  });
+
+  test("distributed - coordinator SIGKILLed and restarted with the same job id: finished shards are not extracted again", { timeout: 180_000 }, async () => {
+    const job = "dist-killcoord";
+    const w = [await worker(server.url, job, "kc-w0"), await worker(server.url, job, "kc-w1")];
+    const c1 = await coordinator(server.url, job);
+    try {
+      await check(() => shardsDone(w).size >= 2, 90_000, 50);
+      c1.proc.kill("SIGKILL");
+      await c1.exited;
+      const c2 = await coordinator(server.url, job);
+      await expectSuccess(c2, w);
+      const fetched = c2.lines.find((l) => l.msg === "shards already in the object store: fetching without extraction" || l.msg === "extracting features");
+      assert.ok(fetched, c2.tail());
+    } finally {
+      await stopAll(w);
+    }
+    assertExactlyOnce(await committed(job));
+    const done = shardsDone(w);
+    assert.equal(done.size, Math.ceil(planIds.length / SHARD), "every shard extracted");
+    assert.ok([...done.values()].every((n) => n === 1), `a shard was extracted twice: ${JSON.stringify([...done])}`);
+  });
+
+  test("distributed - auth: an unauthenticated worker is refused, the authenticated job completes", { timeout: 180_000 }, async () => {
+    const job = "dist-auth";
+    const secure = await startNatsServer({ auth: { user: "ctrain", pass: "s3cret-pass" } });
+    try {
+      const anon = await worker(secure.url, job, "auth-anon");
+      const code = await anon.exited;
+      assert.equal(code, 2, anon.tail());
+      assert.match(anon.stderr, /refused the credentials/);
+      const wrong = await worker(secure.url, job, "auth-wrong", ["--nats-user", "ctrain"], { CTRAIN_NATS_PASS: "nope" });
+      assert.equal(await wrong.exited, 2, wrong.tail());
+      const creds = { CTRAIN_NATS_PASS: "s3cret-pass" };
+      const w = await worker(secure.url, job, "auth-w0", ["--nats-user", "ctrain"], creds);
+      const c = await coordinator(secure.url, job, ["--nats-user", "ctrain"], creds);
+      try {
+        await expectSuccess(c, [w]);
+      } finally {
+        await stopAll([w]);
+      }
+      assertExactlyOnce(await committed(job));
+      assert.ok(!w.stderr.includes("s3cret-pass") && !c.stderr.includes("s3cret-pass"), "the password never reaches the logs");
+    } finally {
+      await secure.stop();
+    }
+  });
+
+  test("distributed - malformed and foreign messages on the job's subjects are dropped and counted", { timeout: 180_000 }, async () => {
+    const job = "dist-garbage";
+    const names = jobNames(job);
+    const c = await coordinator(server.url, job);
+    await c.waitFor("shard tasks queued", 90_000);
+    const nc = await connect({ servers: server.url });
+    try {
+      // Garbage and another job's notice on the coordinator's subjects.
+      nc.publish(names.shardDone, new Uint8Array([0xff, 0x01, 0x02, 0x03]));
+      const foreign = encode("FeatureShard", {
+        header: makeHeader("another-job", "intruder"), shardId: "r0123456789abcdef.shard-00000", ids: [], labels: [], splits: [], featureDims: [1280],
+        features: new Uint8Array(0), skipped: [], worker: "intruder", seconds: 0,
+      });
+      nc.publish(names.shardDone, foreign);
+      nc.publish(names.progress, new Uint8Array([1, 2, 3]));
+      // A task that does not decode, and another job's task, on the work queue: workers terminate them.
+      const js = nc.jetstream();
+      await js.publish(names.tasks, new TextEncoder().encode("not a protobuf"));
+      await js.publish(names.tasks, encode("ShardTask", { header: makeHeader("another-job", "intruder"), shardId: "r0123456789abcdef.shard-00000", ids: ["x"], labels: [0], splits: ["train"], attempt: 1 }));
+      await nc.flush();
+      const dropped = await check(async () => {
+        const m = await c.metrics();
+        const s = m.samples.filter((x) => x.name === "ctrain_dropped_messages_total");
+        const by = (r: string) => s.filter((x) => x.labels.reason === r).reduce((a, x) => a + x.value, 0);
+        return by("malformed") >= 2 && by("wrong_job") >= 1 ? { malformed: by("malformed"), wrong_job: by("wrong_job") } : undefined;
+      }, 15_000, 200);
+      assert.ok(dropped.malformed >= 2 && dropped.wrong_job >= 1);
+      // The worker joins now: it drops the two bad tasks, does the real ones, the job completes.
+      const w = await worker(server.url, job, "gb-w0");
+      try {
+        await expectSuccess(c, [w]);
+        const wm = await w.metrics();
+        const ws = wm.samples.filter((x) => x.name === "ctrain_dropped_messages_total");
+        assert.ok(ws.some((x) => x.labels.reason === "malformed" && x.value >= 1), "the worker counted the malformed task");
+        assert.ok(ws.some((x) => x.labels.reason === "wrong_job" && x.value >= 1), "the worker counted the foreign task");
+      } finally {
+        await stopAll([w]);
+      }
+      assertExactlyOnce(await committed(job));
+    } finally {
+      await nc.close();
+    }
+  });
+
+  test("distributed - a worker that joins late takes work", { timeout: 180_000 }, async () => {
+    const job = "dist-late";
+    const early = await worker(server.url, job, "late-w0");
+    const c = await coordinator(server.url, job);
+    await early.waitFor("shard done", 90_000);
+    const late = await worker(server.url, job, "late-w1");
+    try {
+      await expectSuccess(c, [early, late]);
+    } finally {
+      await stopAll([early, late]);
+    }
+    assertExactlyOnce(await committed(job));
+    assert.ok(late.logged("shard done").length >= 1, `the late worker did no shard\n${late.tail()}`);
+    assert.ok(c.lines.some((l) => l.msg === "worker joined" && l.worker === "late-w1"), "the coordinator saw it join");
+  });
+});
