@@ -19,10 +19,13 @@ import { Registry } from "prom-client";
 import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
 import { createLogger, type Logger } from "../core/log.js";
 import { createMetrics, serveMetrics, writeScrapeTargets, type ScrapeTarget } from "../core/metrics.js";
-import { NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, type NatsAuth } from "../core/nats_connect.js";
+import { connectNats, NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, type NatsAuth } from "../core/nats_connect.js";
+import type { NatsConnection } from "nats";
 import { startEmbeddedNats, type EmbeddedNats } from "../coordinator/embedded_nats.js";
-import { runJob } from "../coordinator/job.js";
-import { printSummary, runDistributedJob } from "./coordinator.js";
+import { preflight } from "../coordinator/preflight.js";
+import { runJob, type JobDeps } from "../coordinator/job.js";
+import { natsExecutorFactory } from "../coordinator/nats_executor.js";
+import { printSummary } from "./coordinator.js";
 
 export const RUN_HELP = `usage: ctrain run [options] [--config job.yaml]
 
@@ -56,7 +59,7 @@ interface LocalCluster {
 }
 
 /** Starts the embedded NATS (unless opts.nats) and N worker processes. */
-async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger): Promise<LocalCluster & { url: string }> {
+async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void): Promise<LocalCluster & { url: string }> {
   let nats: EmbeddedNats | undefined;
   let url = opts.nats;
   if (!url) {
@@ -72,7 +75,9 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger):
     // Credentials go through the environment: argv is visible to every user of the machine.
     const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...process.env, ...natsAuthEnv(auth) } });
     proc.on("exit", (code, signal) => {
-      if (!stopping) log.warn("worker process exited", { worker: id, code, signal });
+      if (stopping) return;
+      log.warn("worker process exited", { worker: id, code, signal });
+      if (workers.every((w) => w.proc.exitCode !== null || w.proc.signalCode !== null)) onAllExited();
     });
     workers.push({ id, proc, metricsPort });
   }
@@ -108,6 +113,8 @@ export async function main(argv: string[]): Promise<number> {
   }
   const opts = loadOptions(parsed);
   const auth = natsAuthFrom(parsed.extra);
+  // Refuse a job that cannot run before starting nats-server and workers or writing anything.
+  await preflight(opts);
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });
@@ -116,7 +123,10 @@ export async function main(argv: string[]): Promise<number> {
 
   const distributed = opts.workers > 1 || opts.nats !== "";
   let cluster: (LocalCluster & { url: string }) | undefined;
+  let nc: NatsConnection | undefined;
+  const lost = new AbortController();
   const cleanup = async (): Promise<void> => {
+    await nc?.drain().catch(() => undefined);
     await cluster?.stop().catch((err: unknown) => log.warn("stopping local workers failed", { error: err as Error }));
     await server?.close().catch(() => undefined);
   };
@@ -126,11 +136,11 @@ export async function main(argv: string[]): Promise<number> {
   };
   process.once("SIGINT", onSignal);
   process.once("SIGTERM", onSignal);
-  try {
-    let summary;
-    if (!distributed) summary = await runJob(opts, { log, metrics });
-    else {
-      cluster = await startLocalCluster(opts, auth, log);
+  // The cluster starts only when something must be extracted (runJob asks for an executor then):
+  // a cache hit or a config refused by runJob starts no process and writes nothing.
+  const executor: JobDeps["executor"] = async (ctx) => {
+    if (!cluster) {
+      cluster = await startLocalCluster(opts, auth, log, () => lost.abort(new Error(`every local worker process exited; see their errors above`)));
       await mkdir(opts.out, { recursive: true });
       const targets: ScrapeTarget[] = [];
       if (server) targets.push({ address: `127.0.0.1:${server.port}`, job: opts.job, worker: "coordinator" });
@@ -138,8 +148,16 @@ export async function main(argv: string[]): Promise<number> {
       const targetsFile = join(opts.out, "ctrain-targets.json");
       await writeScrapeTargets(targetsFile, targets);
       log.info("metrics endpoints", { targets: targets.map((t) => `${t.worker}=http://${t.address}/metrics`), prometheus_file_sd: targetsFile });
-      summary = await runDistributedJob({ ...opts, nats: cluster.url }, { log, metrics, auth, workers: opts.workers });
+      nc = await connectNats(cluster.url, auth, { name: `ctrain-coordinator-${opts.job}` });
+      const conn = nc;
+      void (async () => {
+        for await (const s of conn.status()) if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
+      })();
     }
+    return natsExecutorFactory({ nc: nc!, opts, log, metrics, workers: opts.workers, signal: lost.signal })(ctx);
+  };
+  try {
+    const summary = await runJob(opts, distributed ? { log, metrics, executor, workers: opts.workers } : { log, metrics });
     printSummary(summary, opts);
     return 0;
   } finally {
