@@ -16,7 +16,7 @@
  * covers workers that died on it. Either fails the job with ShardFailedError naming the shard and the
  * last error.
  */
-import { headers, type JetStreamClient, type JetStreamManager, type KV, type NatsConnection, type ObjectStore, type Subscription } from "nats";
+import { type JetStreamClient, type JetStreamManager, type KV, type NatsConnection, type ObjectStore, type Subscription } from "nats";
 import type { JobOptions } from "../core/config.js";
 import type { Dataset, SampleRef, Split as DataSplit } from "../core/datasets/types.js";
 import {
@@ -59,6 +59,8 @@ export interface NatsExecutorOptions {
   sweepMs?: number;
   /** Workers to report in describe(). Default opts.workers. */
   workers?: number;
+  /** Aborting fails the extraction with the signal's reason (e.g. every local worker process died). */
+  signal?: AbortSignal;
 }
 
 /** Coordinator-side cost counters (bench/extract_distributed.ts reads them). */
@@ -153,6 +155,7 @@ export class NatsShardExecutor implements ShardExecutor {
       finish = resolve;
       fail = reject;
     });
+    finished.catch(() => undefined); // rejections are awaited below; this keeps an early one from counting as unhandled
     let failed: Error | undefined;
     const failJob = (e: Error): void => {
       if (failed) return;
@@ -170,8 +173,7 @@ export class NatsShardExecutor implements ShardExecutor {
         header: makeHeader(opts.job, "coordinator"), shardId: wire, ids: s.samples.map((x) => x.id), labels: s.samples.map((x) => x.label),
         splits: s.samples.map((x) => TO_WIRE_SPLIT[x.split]), attempt,
       });
-      const h = headers();
-      await js.publish(names.tasks, bytes, { msgID: attempt === 1 ? wire : `${wire}@${attempt}`, headers: h });
+      await js.publish(names.tasks, bytes, { msgID: attempt === 1 ? wire : `${wire}@${attempt}` });
       this.stats.tasksPublished++;
       this.stats.taskBytesOut += bytes.length;
     };
@@ -232,6 +234,9 @@ export class NatsShardExecutor implements ShardExecutor {
     const subs: Subscription[] = [];
     const timers: NodeJS.Timeout[] = [];
     const registry = new WorkerRegistryMonitor(registryKv, opts.job, log, metrics);
+    const onAbort = (): void => failJob(this.o.signal?.reason instanceof Error ? this.o.signal.reason : new Error(String(this.o.signal?.reason ?? "extraction aborted")));
+    if (this.o.signal?.aborted) onAbort();
+    this.o.signal?.addEventListener("abort", onAbort);
     try {
       // Shard-done notices: FeatureShard headers without samples.
       subs.push(nc.subscribe(names.shardDone, {
@@ -337,6 +342,7 @@ export class NatsShardExecutor implements ShardExecutor {
       await finished;
     } finally {
       for (const t of timers) clearInterval(t);
+      this.o.signal?.removeEventListener("abort", onAbort);
       registry.stop();
       for (const s of subs) s.unsubscribe();
     }

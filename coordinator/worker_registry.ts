@@ -12,7 +12,7 @@ import type { CtrainMetrics } from "../core/metrics.js";
 
 export interface WorkerView {
   worker: string;
-  state: "alive" | "lost";
+  state: "alive" | "lost" | "left";
   lastSeenMs: number;
   heartbeat: Heartbeat;
 }
@@ -44,11 +44,10 @@ export class WorkerRegistryMonitor {
   }
 
   /** Workers seen so far, by state. */
-  counts(): { alive: number; lost: number } {
-    let alive = 0;
-    let lost = 0;
-    for (const w of this.workers.values()) w.state === "alive" ? alive++ : lost++;
-    return { alive, lost };
+  counts(): { alive: number; lost: number; left: number } {
+    const c = { alive: 0, lost: 0, left: 0 };
+    for (const w of this.workers.values()) c[w.state]++;
+    return c;
   }
 
   list(): WorkerView[] {
@@ -78,7 +77,11 @@ export class WorkerRegistryMonitor {
         const lastSeenMs = e.created.getTime();
         if (!prev) this.log.info("worker joined", { worker: hb.worker, host: hb.host, pid: hb.pid, backend: hb.backend });
         else if (prev.state === "lost" && lastSeenMs > prev.lastSeenMs) this.log.info("worker back", { worker: hb.worker });
-        if (!prev || lastSeenMs >= prev.lastSeenMs) this.workers.set(hb.worker, { worker: hb.worker, state: now - lastSeenMs < WORKER_REGISTRY_TTL_MS ? "alive" : "lost", lastSeenMs, heartbeat: hb });
+        if (!prev || lastSeenMs > prev.lastSeenMs) {
+          const state = hb.state === "stopped" ? "left" : now - lastSeenMs < WORKER_REGISTRY_TTL_MS ? "alive" : "lost";
+          if (state === "left" && prev?.state !== "left") this.log.info("worker left", { worker: hb.worker, shards_done: hb.shardsDone });
+          this.workers.set(hb.worker, { worker: hb.worker, state, lastSeenMs, heartbeat: hb });
+        }
       }
       for (const w of this.workers.values()) {
         if (w.state === "alive" && now - w.lastSeenMs >= WORKER_REGISTRY_TTL_MS) {

@@ -169,7 +169,8 @@ export class NatsWorker implements AsyncDisposable {
     clearInterval(this.heartbeatTimer);
     this.stateNow = "stopped";
     this.ready = false;
-    for (const ctx of this.jobs.values()) await ctx.registry.delete(this.id).catch(() => undefined);
+    // A last heartbeat saying "stopped": the coordinator counts the worker as left, not lost; the TTL removes it.
+    await this.heartbeat();
     if (error) this.o.log.error("worker stopped on an error", { error });
     this.emit({ type: "stopped", error });
     this.ended = true;
