@@ -13,6 +13,8 @@ import { createMetrics, serveMetrics, type CtrainMetrics } from "../core/metrics
 import { connectNats, NATS_AUTH_FLAGS, natsAuthFrom, type NatsAuth } from "../core/nats_connect.js";
 import { runJob, type JobSummary } from "../coordinator/job.js";
 import { natsExecutorFactory } from "../coordinator/nats_executor.js";
+import { launchWorkers } from "../coordinator/launch_workers.js";
+import { preflight } from "../coordinator/preflight.js";
 
 export const COORDINATOR_FLAGS = [...NATS_AUTH_FLAGS, "ack-wait", "max-deliver", "metrics-host"] as const;
 
@@ -77,17 +79,20 @@ export async function main(argv: string[]): Promise<number> {
   const auth = natsAuthFrom(parsed.extra);
   const ackWait = positiveNumber(parsed.extra["ack-wait"], "ack-wait");
   const maxDeliver = positiveNumber(parsed.extra["max-deliver"], "max-deliver");
+  await preflight(opts);
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });
   const host = typeof parsed.extra["metrics-host"] === "string" ? parsed.extra["metrics-host"] : "127.0.0.1";
   const server = opts.metricsPort >= 0 ? await serveMetrics(registry, opts.metricsPort, host) : undefined;
   if (server) log.info("serving metrics", { url: server.url, port: server.port });
+  const workers = await launchWorkers(opts, log);
   try {
     const summary = await runDistributedJob(opts, { log, metrics, auth, ackWaitMs: ackWait !== undefined ? ackWait * 1000 : undefined, maxDeliver: maxDeliver !== undefined ? Math.round(maxDeliver) : undefined });
     printSummary(summary, opts);
     return 0;
   } finally {
+    await workers.stop().catch((err: unknown) => log.error("scaling workers to zero failed", { error: err as Error }));
     await server?.close();
   }
 }

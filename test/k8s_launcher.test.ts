@@ -342,3 +342,43 @@ after(() => {
   const granted = new Set(LAUNCHER_RBAC_RULES.flatMap((r) => r.apiGroups!.flatMap((g) => r.resources!.flatMap((res) => r.verbs.map((v) => `${g}/${res}:${v}`)))));
   assert.deepEqual([...usedRights].sort(), [...granted].sort(), "launcher API calls = RBAC rules in k8s_manifests.ts");
 });
+
+test("k8s - ctrain coordinator --launcher kubernetes starts workers, logs pod problems with reasons, scales to zero at the end", async () => {
+  const api = await fakeApi({ statefulSetExists: false, watchEvents: [{ type: "ADDED", object: PENDING_POD }, { type: "ADDED", object: CRASH_POD }] });
+  const { mkdtemp, writeFile, rm } = await import("node:fs/promises");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const { createLogger } = await import("../core/log.js");
+  const { launchWorkers } = await import("../coordinator/launch_workers.js");
+  const dir = await mkdtemp(join(tmpdir(), "ctrain-kube-"));
+  try {
+    const kubeconfig = join(dir, "config");
+    await writeFile(kubeconfig, api.kc.exportConfig());
+    const lines: Record<string, unknown>[] = [];
+    const log = createLogger({ job: "demo", format: "json", stream: { write: (s: string) => { for (const l of s.split("\n")) if (l) lines.push(JSON.parse(l)); } } });
+    const opts = resolveOptions({ ...JOB, launcher: "kubernetes" });
+    const env = { KUBECONFIG: kubeconfig, POD_NAMESPACE: NS, CTRAIN_IMAGE: "ctrain:0.1.0-gpu", CTRAIN_GPUS_PER_WORKER: "1" };
+    const workers = await launchWorkers(opts, log, env);
+    const created = api.requests.find((r) => r.method === "POST" && r.path === STS_PATH);
+    assert.ok(created, "the worker StatefulSet is created");
+    assert.equal(created.body.spec.replicas, 3);
+    await check(() => lines.some((l) => l.msg === "worker pod is crash-looping"));
+    const unsched = lines.find((l) => l.msg === "worker pod cannot be scheduled")!;
+    assert.equal(unsched.reason, "Insufficient nvidia.com/gpu");
+    assert.equal(unsched.level, "warn");
+    const crash = lines.find((l) => l.msg === "worker pod is crash-looping")!;
+    assert.equal(crash.reason, "CrashLoopBackOff");
+    assert.match(String(crash.message), /libcudnn/);
+    await workers.stop();
+    const scale = api.requests.filter((r) => r.method === "PATCH" && r.path === `${STS_PATH}/${STS}/scale`).at(-1);
+    assert.equal(scale?.body?.spec?.replicas, 0, "scaled to zero at the end");
+    assert.ok(lines.some((l) => l.msg === "workers scaled to zero"));
+    const local = await launchWorkers(resolveOptions({ ...JOB, launcher: "local" }), log, env);
+    const before = api.requests.length;
+    await local.stop();
+    assert.equal(api.requests.length, before, "--launcher local calls no Kubernetes API");
+  } finally {
+    await api.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+});
