@@ -97,6 +97,8 @@ export interface FitOptions {
   validation?: ArrayData;
   /** Epoch to start from (resume). Default 0. */
   initialEpoch?: number;
+  /** Batch of `initialEpoch` to start from (resume from a mid-epoch checkpoint's data cursor). Default 0. */
+  initialBatch?: number;
   gradientHook?: GradientHook;
   /**
    * Data-parallel: picks this worker's part of each global batch (sample indices of the batch, in
@@ -159,7 +161,8 @@ export async function fit(model: tf.LayersModel, train: ArrayData, opts: FitOpti
       let lossSum = 0;
       let correct = 0;
       let seen = 0;
-      for (let b = 0; b < batches.length; b++) {
+      const firstBatch = epoch === (opts.initialEpoch ?? 0) ? opts.initialBatch ?? 0 : 0;
+      for (let b = firstBatch; b < batches.length; b++) {
         if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("training stopped");
         const batch = takeRows(train, opts.sliceOf ? opts.sliceOf(batches[b], b) : batches[b]);
         const m = numSamples(batch);
@@ -181,7 +184,7 @@ export async function fit(model: tf.LayersModel, train: ArrayData, opts: FitOpti
         if (b % 8 === 7) await new Promise((r) => setImmediate(r));
       }
       const seconds = (performance.now() - t0) / 1000;
-      const stats: EpochStats = { epoch: epoch + 1, loss: lossSum / seen, accuracy: correct / seen, seconds, samples_per_second: seen / seconds };
+      const stats: EpochStats = { epoch: epoch + 1, loss: seen ? lossSum / seen : NaN, accuracy: seen ? correct / seen : NaN, seconds, samples_per_second: seen / seconds };
       if (opts.validation && numSamples(opts.validation) > 0) {
         const ev = evaluate(model, opts.validation, opts.numClasses);
         stats.val_loss = ev.loss;
