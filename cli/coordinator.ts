@@ -16,7 +16,7 @@ import { natsExecutorFactory } from "../coordinator/nats_executor.js";
 import { launchWorkers } from "../coordinator/launch_workers.js";
 import { preflight } from "../coordinator/preflight.js";
 
-export const COORDINATOR_FLAGS = [...NATS_AUTH_FLAGS, "ack-wait", "max-deliver", "metrics-host"] as const;
+export const COORDINATOR_FLAGS = [...NATS_AUTH_FLAGS, "ack-wait", "max-deliver", "metrics-host", "data-parallel"] as const;
 
 export const COORDINATOR_HELP = `usage: ctrain coordinator --nats URL [options] [--config job.yaml]
 
@@ -27,6 +27,7 @@ coordinator options:
   --ack-wait SECONDS         a task not acked (or in-progress acked) for this long is redelivered [default ${DEFAULT_ACK_WAIT_MS / 1000}]
   --max-deliver N            deliveries of a task before the job fails naming the shard [default ${DEFAULT_MAX_DELIVER}]
   --metrics-host HOST        address of /metrics [default 127.0.0.1]
+  --data-parallel on|off|auto  fine-tune data-parallel on the workers (auto: when --workers > 1) [default auto]
   --nats-user U              with CTRAIN_NATS_PASS (or --nats-pass); or --nats-token, --nats-creds FILE,
                              --nats-nkey SEEDFILE; TLS: --nats-tls-ca, --nats-tls-cert, --nats-tls-key
 
@@ -41,6 +42,8 @@ export interface DistributedJobOptions {
   maxDeliver?: number;
   /** Workers to report in the summary. */
   workers?: number;
+  /** Fine-tune data-parallel on the workers. Default: when opts.workers > 1. */
+  dataParallel?: boolean;
 }
 
 /** runJob with the NATS executor: connects, runs, drains. */
@@ -54,7 +57,9 @@ export async function runDistributedJob(opts: JobOptions, d: DistributedJobOptio
   })();
   try {
     const executor = natsExecutorFactory({ nc, opts, log, metrics: d.metrics, ackWaitMs: d.ackWaitMs, maxDeliver: d.maxDeliver, workers: d.workers });
-    return await runJob(opts, { log, metrics: d.metrics, executor, workers: d.workers ?? opts.workers });
+    const workers = d.workers ?? opts.workers;
+    const dataParallel = (d.dataParallel ?? workers > 1) ? async () => ({ nc, workers }) : undefined;
+    return await runJob(opts, { log, metrics: d.metrics, executor, workers, dataParallel });
   } finally {
     await nc.drain().catch(() => undefined);
   }
@@ -79,6 +84,9 @@ export async function main(argv: string[]): Promise<number> {
   const auth = natsAuthFrom(parsed.extra);
   const ackWait = positiveNumber(parsed.extra["ack-wait"], "ack-wait");
   const maxDeliver = positiveNumber(parsed.extra["max-deliver"], "max-deliver");
+  const dpFlag = parsed.extra["data-parallel"] ?? "auto";
+  if (dpFlag !== "on" && dpFlag !== "off" && dpFlag !== "auto") throw new ConfigError(`--data-parallel must be on, off or auto, got ${JSON.stringify(dpFlag)}.`);
+  const dataParallel = dpFlag === "auto" ? undefined : dpFlag === "on";
   await preflight(opts);
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
@@ -88,7 +96,7 @@ export async function main(argv: string[]): Promise<number> {
   if (server) log.info("serving metrics", { url: server.url, port: server.port });
   const workers = await launchWorkers(opts, log);
   try {
-    const summary = await runDistributedJob(opts, { log, metrics, auth, ackWaitMs: ackWait !== undefined ? ackWait * 1000 : undefined, maxDeliver: maxDeliver !== undefined ? Math.round(maxDeliver) : undefined });
+    const summary = await runDistributedJob(opts, { log, metrics, auth, ackWaitMs: ackWait !== undefined ? ackWait * 1000 : undefined, maxDeliver: maxDeliver !== undefined ? Math.round(maxDeliver) : undefined, dataParallel });
     printSummary(summary, opts);
     return 0;
   } finally {

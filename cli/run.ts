@@ -138,7 +138,7 @@ export async function main(argv: string[]): Promise<number> {
   process.once("SIGTERM", onSignal);
   // The cluster starts only when something must be extracted (runJob asks for an executor then):
   // a cache hit or a config refused by runJob starts no process and writes nothing.
-  const executor: JobDeps["executor"] = async (ctx) => {
+  const ensureCluster = async (): Promise<void> => {
     if (!cluster) {
       cluster = await startLocalCluster(opts, auth, log, () => lost.abort(new Error(`every local worker process exited; see their errors above`)));
       await mkdir(opts.out, { recursive: true });
@@ -154,10 +154,18 @@ export async function main(argv: string[]): Promise<number> {
         for await (const s of conn.status()) if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
       })();
     }
+  };
+  const executor: JobDeps["executor"] = async (ctx) => {
+    await ensureCluster();
     return natsExecutorFactory({ nc: nc!, opts, log, metrics, workers: opts.workers, signal: lost.signal })(ctx);
   };
   try {
-    const summary = await runJob(opts, distributed ? { log, metrics, executor, workers: opts.workers } : { log, metrics });
+    // Fine-tuning is data-parallel on the local workers whenever there are several.
+    const dataParallel: JobDeps["dataParallel"] = async () => {
+      await ensureCluster();
+      return { nc: nc!, workers: opts.workers };
+    };
+    const summary = await runJob(opts, distributed ? { log, metrics, executor, workers: opts.workers, dataParallel: opts.workers > 1 ? dataParallel : undefined } : { log, metrics });
     printSummary(summary, opts);
     return 0;
   } finally {

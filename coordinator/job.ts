@@ -28,6 +28,7 @@ import { runExtraction, type ShardExecutor } from "./extraction.js";
 import { activationData, activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, splitData, trainHead } from "./head_training.js";
 import { renderReport } from "./report.js";
+import { runDataParallelFineTune } from "./data_parallel.js";
 
 export interface PhaseSummary {
   epochs: number;
@@ -66,6 +67,12 @@ export interface JobDeps {
   executor?: (ctx: { dataset: Dataset; extractor: FeatureExtractor; backend: BackendInfo }) => Promise<ShardExecutor>;
   /** Workers to report in the summary when an executor is given. */
   workers?: number;
+  /**
+   * Data-parallel fine-tuning over NATS workers (coordinator/data_parallel.ts): the job's connection
+   * (the caller may start its cluster on demand) and the workers to wait for. Absent: fine-tune in
+   * this process. Used for cached activations; augmentation fine-tunes in this process.
+   */
+  dataParallel?: () => Promise<{ nc: import("nats").NatsConnection; workers: number }>;
 }
 
 const round = (x: number, d = 4): number => (Number.isFinite(x) ? Number(x.toFixed(d)) : x);
@@ -147,7 +154,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   let ft: FineTuneResult | undefined;
   let ftInfo: JobSummary["fine_tune"];
   if (fineTuning) {
-    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, backend, extractorPreprocessing: extractor.preprocessing });
+    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, dataParallel: deps.dataParallel, backend, extractorPreprocessing: extractor.preprocessing });
     ft = r.result;
     ftInfo = r.info;
     // The trained top goes back into the full base (same layer names), so model/ has the same graph as model-head/.
@@ -204,6 +211,7 @@ interface FineTuningContext {
   cache: FeatureCache;
   augment: boolean;
   executor?: JobDeps["executor"];
+  dataParallel?: JobDeps["dataParallel"];
   backend: BackendInfo;
   extractorPreprocessing: FeatureExtractor["preprocessing"];
 }
@@ -244,20 +252,28 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
   const steps = Math.ceil(trainCount / opts.batchSize) * epochs;
   const progress = new Progress({ label: "fine_tune", total: steps, unit: "step" });
   let step = 0;
-  const result = await fineTune(split, c.head, data, {
+  const onBatchEnd = ({ epoch, loss }: { epoch: number; loss: number }): void => {
+    step++;
+    progress.tick(1, `epoch ${epoch + 1}/${epochs} loss ${loss.toFixed(4)}`);
+    metrics?.setEpoch("fine_tune", epoch + 1, step);
+    metrics?.progress("fine_tune", step, steps);
+  };
+  const onEpochEnd = (s: EpochStats): void => {
+    metrics?.setEvaluation("fine_tune", "train", { loss: s.loss, accuracy: s.accuracy });
+    if (s.val_loss !== undefined) metrics?.setEvaluation("fine_tune", "val", { loss: s.val_loss, accuracy: s.val_accuracy });
+    log.info("epoch", { phase: "fine_tune", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN) });
+  };
+  const dp = c.dataParallel && data.kind === "activations" ? await c.dataParallel() : undefined;
+  const result = dp && data.kind === "activations" ? await runDataParallelFineTune(split, c.head, data, {
+    nc: dp.nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
+    fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs,
+    numClasses: c.dataset.classes.length, wireDtype: opts.wireDtype, workers: dp.workers, out: opts.out,
+    onBatchProgress: (s, total, epoch) => { metrics?.setEpoch("fine_tune", epoch + 1, s); metrics?.progress("fine_tune", s, total); },
+    onEpochEnd,
+  }) : await fineTune(split, c.head, data, {
     epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses: c.dataset.classes.length,
     pooling: opts.pooling, preprocessing: c.extractorPreprocessing, augment: c.augment ? resolveAugment() : null,
-    onBatchEnd: ({ epoch, loss }) => {
-      step++;
-      progress.tick(1, `epoch ${epoch + 1}/${epochs} loss ${loss.toFixed(4)}`);
-      metrics?.setEpoch("fine_tune", epoch + 1, step);
-      metrics?.progress("fine_tune", step, steps);
-    },
-    onEpochEnd: (s: EpochStats) => {
-      metrics?.setEvaluation("fine_tune", "train", { loss: s.loss, accuracy: s.accuracy });
-      if (s.val_loss !== undefined) metrics?.setEvaluation("fine_tune", "val", { loss: s.val_loss, accuracy: s.val_accuracy });
-      log.info("epoch", { phase: "fine_tune", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN) });
-    },
+    onBatchEnd, onEpochEnd,
   });
   progress.finish();
   metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });

@@ -25,6 +25,8 @@ import { decode, DecodeError, encode, makeHeader, type Backend, type JobSpec, ty
 import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
 import { extractShard } from "./extraction_executor.js";
 import { ExtractorCache } from "./extractor_cache.js";
+import { TRAINING_KEYS } from "../coordinator/data_parallel.js";
+import { runTrainingWorker } from "./training_worker.js";
 
 /** Events of a worker's life. */
 export type WorkerStatus =
@@ -93,6 +95,8 @@ export class NatsWorker implements AsyncDisposable {
   private rate = 0;
   private ready = false;
   private readonly events: WorkerStatus[] = [];
+  /** Stops of the training watchers (drain). */
+  private readonly training: (() => void)[] = [];
   private readonly waiters: ((r: IteratorResult<WorkerStatus>) => void)[] = [];
   private ended = false;
   private readonly done: Promise<Error | undefined>;
@@ -166,6 +170,7 @@ export class NatsWorker implements AsyncDisposable {
   }
 
   private async end(error?: Error): Promise<void> {
+    for (const stop of this.training.splice(0)) stop();
     clearInterval(this.heartbeatTimer);
     this.stateNow = "stopped";
     this.ready = false;
@@ -216,6 +221,7 @@ export class NatsWorker implements AsyncDisposable {
     };
     this.jobs.set(job, ctx);
     this.stateNow = "idle";
+    void this.watchTraining(ctx);
     this.o.nc.publish(names.hello, encode("WorkerHello", {
       header: makeHeader(job, this.id), worker: this.id, backend: this.o.backend as Backend, host: hostname(), pid: process.pid,
       cores: 1, softwareVersion: process.env.npm_package_version ?? "", state: "idle",
@@ -223,6 +229,35 @@ export class NatsWorker implements AsyncDisposable {
     await this.heartbeat();
     this.o.log.info("joined job", { job, stream: names.tasksStream, ack_wait_ms: ctx.ackWaitMs, max_deliver: ctx.maxDeliver });
     return ctx;
+  }
+
+  /** Training role: runs each fine-tuning attempt the coordinator publishes; a newer one supersedes it. */
+  private async watchTraining(ctx: JobContext): Promise<void> {
+    let current: { stop: AbortController; done: Promise<void> } | undefined;
+    const w = await ctx.state.watch({ key: TRAINING_KEYS.spec });
+    this.training.push(() => { current?.stop.abort(new Error("worker draining")); w.stop(); });
+    for await (const e of w) {
+      if (current) {
+        current.stop.abort(new Error("a newer training spec"));
+        await current.done;
+        current = undefined;
+      }
+      if (e.operation !== "PUT" || e.value.length === 0 || this.draining) continue;
+      let spec: JobSpec;
+      try {
+        spec = decode("JobSpec", e.value, { job: ctx.names.job, self: "worker", peer: "coordinator" });
+      } catch (err) {
+        this.o.metrics?.droppedMessage(err instanceof DecodeError ? err.reason : "malformed");
+        continue;
+      }
+      if (spec.extra["role"] !== "fine_tune") continue;
+      const stop = new AbortController();
+      this.stateNow = "training";
+      const done = runTrainingWorker({ nc: this.o.nc, job: ctx.names.job, self: this.id, spec, state: ctx.state, log: this.o.log, metrics: this.o.metrics, signal: stop.signal })
+        .catch((err: unknown) => this.o.log.error("training role failed", { error: err as Error }))
+        .finally(() => { if (this.stateNow === "training") this.stateNow = "idle"; });
+      current = { stop, done };
+    }
   }
 
   /** Jobs with tasks queued (for `--job any`). */

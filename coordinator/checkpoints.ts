@@ -1,0 +1,148 @@
+/**
+ * Checkpoints of data-parallel fine-tuning: the whole state a replica needs to go on from a step --
+ * every weight of the fine-tune model (trainable and frozen, model.getWeights() order), the
+ * optimizer's state (Adam: iterations, first and second moments, in trainable-weight order) and the
+ * data cursor (training epoch, next batch, global step). The same blob seeds the replicas at the start
+ * (the head phase's weights, a fresh optimizer, cursor 0), carries a resumed job's state and is the
+ * phase's final result.
+ *
+ * Format (one object in the job's checkpoints bucket, or one file under `<out>/checkpoints/`): a u32
+ * little-endian length, a JSON header (meta + tensor shapes), zero padding to 4 bytes, then the
+ * float32 data of every tensor in order. Optimizer moments are restored by position, not by name:
+ * tfjs names variables per process, while the trainable-weight order is the same on every replica.
+ *
+ * Trade-off of the period M: a checkpoint costs one object-store put of the model (a few MB for the
+ * top block) on member 0 and stalls its step for that time; a restart redoes at most M-1 steps.
+ */
+import { mkdir, rename, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import type { ObjectStore } from "nats";
+import * as tf from "@tensorflow/tfjs";
+
+/** Where training stands: the next step to run. */
+export interface DataCursor {
+  /** Training epoch (pass over the data) of the next step, from 0. */
+  epoch: number;
+  /** Batch index of the next step within `epoch`. */
+  batch: number;
+  /** Global step number of the next step (steps done so far). */
+  step: number;
+}
+
+export interface StoredArray {
+  shape: number[];
+  data: Float32Array;
+}
+
+export interface TrainingState {
+  cursor: DataCursor;
+  weights: StoredArray[];
+  optimizer: StoredArray[];
+  /** Free-form metadata (attempt, members, history so far). */
+  meta: Record<string, unknown>;
+}
+
+/** Serializes a JSON header and float32 arrays into one blob. */
+export function packArrays(header: Record<string, unknown>, arrays: readonly StoredArray[]): Uint8Array {
+  const head = new TextEncoder().encode(JSON.stringify({ ...header, shapes: arrays.map((a) => a.shape) }));
+  const pad = (4 - ((4 + head.length) % 4)) % 4;
+  const total = arrays.reduce((n, a) => n + a.data.length, 0);
+  const out = new Uint8Array(4 + head.length + pad + total * 4);
+  new DataView(out.buffer).setUint32(0, head.length, true);
+  out.set(head, 4);
+  const floats = new Float32Array(out.buffer, 4 + head.length + pad, total);
+  let at = 0;
+  for (const a of arrays) {
+    floats.set(a.data, at);
+    at += a.data.length;
+  }
+  return out;
+}
+
+/** Inverse of {@link packArrays}. Throws a clear error on a truncated or foreign blob. */
+export function unpackArrays(bytes: Uint8Array): { header: Record<string, unknown>; arrays: StoredArray[] } {
+  if (bytes.length < 4) throw new Error("checkpoint blob is truncated (no header)");
+  const len = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(0, true);
+  if (4 + len > bytes.length) throw new Error("checkpoint blob is truncated (header)");
+  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(4, 4 + len))) as Record<string, unknown> & { shapes: number[][] };
+  const start = 4 + len + ((4 - ((4 + len) % 4)) % 4);
+  const body = bytes.slice(start); // copy: aligned for Float32Array
+  const floats = new Float32Array(body.buffer, 0, body.length / 4);
+  const arrays: StoredArray[] = [];
+  let at = 0;
+  for (const shape of header.shapes) {
+    const n = shape.reduce((a, b) => a * b, 1);
+    if (at + n > floats.length) throw new Error("checkpoint blob is truncated (data)");
+    arrays.push({ shape, data: floats.slice(at, at + n) });
+    at += n;
+  }
+  return { header, arrays };
+}
+
+const toArray = (t: tf.Tensor): StoredArray => ({ shape: t.shape.slice(), data: Float32Array.from(t.dataSync() as Float32Array) });
+
+/** Captures model weights and optimizer state (copies; the caller keeps training). */
+export async function captureState(model: tf.LayersModel, optimizer: tf.Optimizer, cursor: DataCursor, meta: Record<string, unknown> = {}): Promise<TrainingState> {
+  const weights = model.getWeights().map(toArray);
+  const opt = (await optimizer.getWeights()).map((n) => toArray(n.tensor));
+  return { cursor: { ...cursor }, weights, optimizer: opt, meta };
+}
+
+/** Puts a captured state back: weights into the model, moments and iterations into the optimizer. */
+export async function restoreState(model: tf.LayersModel, optimizer: tf.Optimizer, s: TrainingState): Promise<void> {
+  const current = model.getWeights();
+  if (current.length !== s.weights.length) throw new Error(`checkpoint holds ${s.weights.length} weight tensors, the model has ${current.length}: another model or --fine-tune-layers?`);
+  const ts = s.weights.map((a, i) => {
+    if (a.shape.join("x") !== current[i]!.shape.join("x")) throw new Error(`checkpoint weight ${i} has shape [${a.shape}], the model's is [${current[i]!.shape}]`);
+    return tf.tensor(a.data, a.shape, "float32");
+  });
+  model.setWeights(ts);
+  tf.dispose(ts);
+  if (s.optimizer.length > 0) {
+    // setWeights turns these tensors into the optimizer's variables: do not dispose them here.
+    await optimizer.setWeights(s.optimizer.map((a, i) => ({ name: i === 0 ? "iter" : `ctrain_opt_${i}`, tensor: tf.tensor(a.data, a.shape, "float32") })));
+  }
+}
+
+export function encodeState(s: TrainingState): Uint8Array {
+  return packArrays({ kind: "ctrain-training-state", cursor: s.cursor, weightCount: s.weights.length, meta: s.meta }, [...s.weights, ...s.optimizer]);
+}
+
+export function decodeState(bytes: Uint8Array): TrainingState {
+  const { header, arrays } = unpackArrays(bytes);
+  if (header["kind"] !== "ctrain-training-state") throw new Error("not a ctrain training state");
+  const n = header["weightCount"] as number;
+  return { cursor: header["cursor"] as DataCursor, weights: arrays.slice(0, n), optimizer: arrays.slice(n), meta: (header["meta"] ?? {}) as Record<string, unknown> };
+}
+
+/** Object names in the checkpoints bucket. */
+export const CHECKPOINT_OBJECTS = {
+  /** The state the replicas start from (head weights, fresh optimizer, or a resumed checkpoint). */
+  start: (attempt: string) => `start-${attempt}`,
+  /** Training rows (cached activations) of the attempt. */
+  data: (attempt: string, split: "train" | "val") => `data-${attempt}-${split}`,
+  /** The trained head model (topology + weights). */
+  head: (attempt: string) => `head-${attempt}`,
+  /** The latest periodic checkpoint of the job, whatever the attempt (what a restarted coordinator resumes). */
+  latest: "latest",
+  /** The phase's end state. */
+  final: (attempt: string) => `final-${attempt}`,
+} as const;
+
+export async function putBytes(os: ObjectStore, name: string, bytes: Uint8Array): Promise<void> {
+  await os.putBlob({ name }, bytes);
+}
+
+export async function getBytes(os: ObjectStore, name: string): Promise<Uint8Array | null> {
+  return os.getBlob(name);
+}
+
+/** Writes a state under `<dir>/checkpoints/<name>.ckpt` atomically (temp file + rename). */
+export async function writeStateFile(dir: string, name: string, s: TrainingState): Promise<string> {
+  const folder = join(dir, "checkpoints");
+  await mkdir(folder, { recursive: true });
+  const file = join(folder, `${name}.ckpt`);
+  await writeFile(`${file}.tmp`, encodeState(s));
+  await rename(`${file}.tmp`, file);
+  return file;
+}
