@@ -163,18 +163,36 @@ function editDistance(a: string, b: string): number {
   return dp[a.length][b.length];
 }
 
+/** A value quoted in an error message: JSON, one line, at most 80 characters; never throws (YAML aliases can make cycles). */
+function show(raw: unknown): string {
+  let text: string | undefined;
+  try {
+    text = JSON.stringify(raw);
+  } catch {
+    text = Array.isArray(raw) ? "a list" : "a mapping";
+  }
+  text ??= String(raw);
+  return text.length > 80 ? `${text.slice(0, 77)}...` : text;
+}
+
+/** A user-typed name in a one-line message: control characters escaped, at most 80 characters. */
+function oneLine(name: string): string {
+  const t = name.replace(/[\u0000-\u001f\u007f]/g, (c) => JSON.stringify(c).slice(1, -1));
+  return t.length > 80 ? `${t.slice(0, 77)}...` : t;
+}
+
 function coerce(s: OptionSpec<keyof JobOptions>, raw: unknown, where: string): unknown {
   const flag = `--${flagName(s.key)}`;
   if (s.kind === "string") {
     if (typeof raw === "number") raw = String(raw);
-    if (typeof raw !== "string") throw new ConfigError(`${flag} (${where}) must be a string, got ${JSON.stringify(raw)}.`);
+    if (typeof raw !== "string") throw new ConfigError(`${flag} (${where}) must be a string, got ${show(raw)}.`);
     if (s.choices && !s.choices.includes(raw))
-      throw new ConfigError(`${flag} (${where}) must be one of ${s.choices.join(", ")}; got ${JSON.stringify(raw)}.`);
+      throw new ConfigError(`${flag} (${where}) must be one of ${s.choices.join(", ")}; got ${show(raw)}.`);
     return raw;
   }
   const n = typeof raw === "number" ? raw : typeof raw === "string" && raw.trim() !== "" ? Number(raw) : NaN;
-  if (!Number.isFinite(n)) throw new ConfigError(`${flag} (${where}) must be a number, got ${JSON.stringify(raw)}.`);
-  if (s.kind === "int" && !Number.isInteger(n)) throw new ConfigError(`${flag} (${where}) must be a whole number, got ${JSON.stringify(raw)}.`);
+  if (!Number.isFinite(n)) throw new ConfigError(`${flag} (${where}) must be a number, got ${show(raw)}.`);
+  if (s.kind === "int" && !Number.isInteger(n)) throw new ConfigError(`${flag} (${where}) must be a whole number, got ${show(raw)}.`);
   if ((s.min !== undefined && n < s.min) || (s.max !== undefined && n > s.max))
     throw new ConfigError(`${flag} (${where}) must be between ${s.min} and ${s.max}, got ${n}.`);
   return n;
@@ -205,7 +223,7 @@ export function parseArgs(argv: readonly string[], extraFlags: readonly string[]
     const takeValue = (): string => {
       if (value !== undefined) return value;
       const next = argv[i + 1];
-      if (next === undefined || (next.startsWith("--") && next.length > 2)) throw new ConfigError(`--${name} needs a value.`);
+      if (next === undefined || (next.startsWith("--") && next.length > 2)) throw new ConfigError(`--${oneLine(name)} needs a value.`);
       i++;
       return next;
     };
@@ -214,7 +232,7 @@ export function parseArgs(argv: readonly string[], extraFlags: readonly string[]
     const s = SPEC_BY_KEY.get(keyOf(name));
     if (!s) {
       const hint = closest(name);
-      throw new ConfigError(`Unknown option --${name}.${hint ? ` Did you mean --${hint}?` : ""} Run with --help to list the options.`);
+      throw new ConfigError(`Unknown option --${oneLine(name)}.${hint ? ` Did you mean --${hint}?` : ""} Run with --help to list the options.`);
     }
     (out.options as Record<string, unknown>)[s.key] = coerce(s, takeValue(), "flag");
   }
@@ -233,7 +251,9 @@ export function readConfigFile(file: string): Partial<JobOptions> {
   try {
     doc = parseYaml(text);
   } catch (cause) {
-    throw new ConfigError(`Config file ${file} is not valid YAML: ${(cause as Error).message}`, { cause });
+    // The yaml message goes on with a code frame over several lines; its first line says what and where.
+    const what = String((cause as Error).message).split("\n")[0].replace(/:$/, "");
+    throw new ConfigError(`Config file ${file} is not valid YAML: ${what}.`, { cause });
   }
   if (doc === null || doc === undefined) return {};
   if (typeof doc !== "object" || Array.isArray(doc)) throw new ConfigError(`Config file ${file} must be a mapping of option: value.`);
@@ -242,7 +262,7 @@ export function readConfigFile(file: string): Partial<JobOptions> {
     const s = SPEC_BY_KEY.get(keyOf(k));
     if (!s) {
       const hint = closest(k);
-      throw new ConfigError(`Unknown key "${k}" in ${file}.${hint ? ` Did you mean "${hint}"?` : ""}`);
+      throw new ConfigError(`Unknown key ${show(k)} in ${file}.${hint ? ` Did you mean "${hint}"?` : ""}`);
     }
     out[s.key] = coerce(s, v, file);
   }
@@ -254,13 +274,16 @@ export function resolveOptions(partial: Partial<JobOptions>, now: Date = new Dat
   const o = {} as Record<string, unknown>;
   for (const s of OPTION_SPECS) o[s.key] = (partial as Record<string, unknown>)[s.key] ?? s.default();
   const opts = o as unknown as JobOptions;
+  for (const key of ["data", "model", "featureLayer"] as const)
+    if (opts[key].trim() === "") throw new ConfigError(`--${flagName(key)} must not be empty.`);
   if (!opts.job) {
-    const base = opts.data.replace(/^.*[/:]/, "").replace(/[^a-zA-Z0-9-]/g, "-").toLowerCase() || "data";
+    // The id must stay a valid --job (at most 63 characters) whatever the data path: keep 40 of its name.
+    const base = opts.data.replace(/[/:]+$/, "").replace(/^.*[/:]/, "").replace(/[^a-zA-Z0-9-]/g, "-").toLowerCase().slice(0, 40) || "data";
     const stamp = now.toISOString().replace(/[-:]/g, "").replace(/\..*$/, "").replace("T", "-").toLowerCase();
     opts.job = `ctrain-${base}-${stamp}`;
   }
   if (!/^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$/.test(opts.job))
-    throw new ConfigError(`--job ${JSON.stringify(opts.job)} must be 1-63 letters, digits, '-' or '_' (it names NATS subjects and streams).`);
+    throw new ConfigError(`--job ${show(opts.job)} must be 1-63 letters, digits, '-' or '_' (it names NATS subjects and streams).`);
   if (!opts.out) opts.out = `runs/${opts.job}`;
   if (opts.valSplit + opts.testSplit >= 0.9) throw new ConfigError(`--val-split + --test-split must leave data to train on (got ${opts.valSplit} + ${opts.testSplit}).`);
   const ft = opts.fineTuneLayers.trim();
@@ -269,7 +292,7 @@ export function resolveOptions(partial: Partial<JobOptions>, now: Date = new Dat
   if (opts.nats) {
     for (const u of opts.nats.split(",")) {
       if (!/^(nats|tls|wss?):\/\/[^\s/]+/.test(u.trim()) && !/^[^\s/:]+:\d+$/.test(u.trim()))
-        throw new ConfigError(`--nats ${JSON.stringify(u)} is not a NATS URL (expected nats://host:port).`);
+        throw new ConfigError(`--nats ${show(u)} is not a NATS URL (expected nats://host:port).`);
     }
   }
   return opts;

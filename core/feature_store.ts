@@ -65,14 +65,38 @@ export function encodeShard(s: FeatureShardData): Buffer {
   return Buffer.concat([len, header, Buffer.from(s.features.buffer, s.features.byteOffset, s.features.byteLength)] as unknown as Uint8Array[]);
 }
 
-export function decodeShard(buf: Buffer): FeatureShardData {
+/**
+ * Reads a shard file written by {@link encodeShard}. A damaged file (cut short, bytes flipped, a header
+ * whose counts disagree) throws an Error that says so; it never yields rows of the wrong length.
+ */
+export function decodeShard(buf: Buffer, file = "feature shard"): FeatureShardData {
+  const damaged = (why: string): Error => new Error(`${file} is damaged (${why}); delete it to extract the shard again.`);
+  if (buf.length < 4) throw damaged(`${buf.length} bytes, shorter than its header length`);
   const hl = buf.readUInt32LE(0);
-  const h = JSON.parse(buf.subarray(4, 4 + hl).toString("utf8")) as { shardId: string; ids: string[]; labels: number[]; splits: number[]; skipped: SkippedInput[]; n: number };
+  if (hl > buf.length - 4) throw damaged(`header of ${hl} bytes in a ${buf.length}-byte file`);
+  let h: unknown;
+  try {
+    h = JSON.parse(buf.subarray(4, 4 + hl).toString("utf8"));
+  } catch {
+    throw damaged("header is not valid JSON");
+  }
+  if (typeof h !== "object" || h === null || Array.isArray(h)) throw damaged("header is not an object");
+  const { shardId, ids, labels, splits, skipped, n } = h as Record<string, unknown>;
+  if (typeof shardId !== "string") throw damaged("no shard id");
+  if (!Array.isArray(ids) || !ids.every((x) => typeof x === "string")) throw damaged(`shard ${shardId}: ids are not a list of strings`);
+  if (!Array.isArray(labels) || labels.length !== ids.length || !labels.every((x) => Number.isInteger(x) && (x as number) >= 0))
+    throw damaged(`shard ${shardId}: labels do not match the ${ids.length} ids`);
+  if (!Array.isArray(splits) || splits.length !== ids.length || !splits.every((c) => Number.isInteger(c) && SPLIT_NAMES[c as number] !== undefined))
+    throw damaged(`shard ${shardId}: splits do not match the ${ids.length} ids`);
+  if (!Array.isArray(skipped) || !skipped.every((x) => typeof x === "object" && x !== null && typeof (x as SkippedInput).id === "string" && typeof (x as SkippedInput).reason === "string"))
+    throw damaged(`shard ${shardId}: skipped inputs are not a list of {id, reason}`);
+  if (!Number.isSafeInteger(n) || (n as number) < 0 || (ids.length === 0 ? n !== 0 : (n as number) % ids.length !== 0))
+    throw damaged(`shard ${shardId}: ${String(n)} feature values is not a whole number of rows for ${ids.length} ids`);
   const bytes = buf.subarray(4 + hl);
-  if (bytes.length !== h.n * 4) throw new Error(`feature shard ${h.shardId}: ${bytes.length} feature bytes, header says ${h.n * 4}`);
-  const features = new Float32Array(h.n);
+  if (bytes.length !== (n as number) * 4) throw damaged(`shard ${shardId}: ${bytes.length} feature bytes, header says ${(n as number) * 4}`);
+  const features = new Float32Array(n as number);
   new Uint8Array(features.buffer).set(bytes);
-  return { shardId: h.shardId, ids: h.ids, labels: h.labels, splits: h.splits.map((c) => SPLIT_NAMES[c]), features, skipped: h.skipped };
+  return { shardId, ids: ids as string[], labels: labels as number[], splits: (splits as number[]).map((c) => SPLIT_NAMES[c]), features, skipped: skipped as SkippedInput[] };
 }
 
 export class FeatureCache {
@@ -114,7 +138,7 @@ export class FeatureCache {
     const dir = join(this.partialDir(key), "shards");
     if (!existsSync(dir)) return [];
     const names = (await readdir(dir)).filter((n) => n.endsWith(".bin")).sort();
-    return Promise.all(names.map(async (n) => decodeShard(await readFile(join(dir, n)))));
+    return Promise.all(names.map(async (n) => decodeShard(await readFile(join(dir, n)), join(dir, n))));
   }
 
   /**
@@ -161,15 +185,46 @@ export class FeatureCache {
     return { meta: full, ids: kept, labels, splits, features, skipped };
   }
 
-  /** Loads a committed entry. */
+  /**
+   * Loads a committed entry. A damaged entry (a file cut short or garbled, counts that disagree)
+   * throws an Error naming the folder and saying to delete it; it never yields rows of the wrong length.
+   */
   async load(key: string): Promise<FeatureSet> {
     const dir = this.entryDir(key);
-    const meta = JSON.parse(await readFile(join(dir, "meta.json"), "utf8")) as FeatureCacheMeta;
-    const index = JSON.parse(await readFile(join(dir, "index.json"), "utf8")) as { id: string; label: number; split: Split }[];
-    const skipped = JSON.parse(await readFile(join(dir, "skipped.json"), "utf8")) as SkippedInput[];
-    const bytes = await readFile(join(dir, "features.f32"));
+    const damaged = (why: string): Error => new Error(`feature cache ${dir} is damaged: ${why}; delete the folder to rebuild it.`);
+    const json = async (name: string): Promise<unknown> => {
+      let text: string;
+      try {
+        text = await readFile(join(dir, name), "utf8");
+      } catch (cause) {
+        throw Object.assign(damaged(`cannot read ${name} (${(cause as Error).message})`), { cause });
+      }
+      try {
+        return JSON.parse(text);
+      } catch {
+        throw damaged(`${name} is not valid JSON`);
+      }
+    };
+    const meta = (await json("meta.json")) as FeatureCacheMeta;
+    if (typeof meta !== "object" || meta === null || !Number.isSafeInteger(meta.featureDim) || meta.featureDim < 1 || !Array.isArray(meta.classes))
+      throw damaged("meta.json has no valid featureDim and classes");
+    const index = (await json("index.json")) as { id: string; label: number; split: Split }[];
+    if (!Array.isArray(index)) throw damaged("index.json is not a list");
+    index.forEach((r, i) => {
+      if (typeof r !== "object" || r === null || typeof r.id !== "string" || !Number.isInteger(r.label) || r.label < 0 || r.label >= meta.classes.length || !SPLIT_NAMES.includes(r.split))
+        throw damaged(`index.json record ${i} is not {id, label in 0..${meta.classes.length - 1}, split}`);
+    });
+    if (Number.isInteger(meta.count) && meta.count !== index.length) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${index.length}`);
+    const skipped = (await json("skipped.json")) as SkippedInput[];
+    if (!Array.isArray(skipped)) throw damaged("skipped.json is not a list");
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(join(dir, "features.f32"));
+    } catch (cause) {
+      throw Object.assign(damaged(`cannot read features.f32 (${(cause as Error).message})`), { cause });
+    }
     if (bytes.length !== index.length * meta.featureDim * 4)
-      throw new Error(`feature cache ${dir} is damaged: ${bytes.length} bytes of features for ${index.length} samples x ${meta.featureDim}; delete the folder to rebuild it.`);
+      throw damaged(`${bytes.length} bytes of features for ${index.length} samples x ${meta.featureDim}`);
     const features = new Float32Array(index.length * meta.featureDim);
     new Uint8Array(features.buffer).set(bytes);
     return { meta, ids: index.map((r) => r.id), labels: Int32Array.from(index.map((r) => r.label)), splits: index.map((r) => r.split), features, skipped };

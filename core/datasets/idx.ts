@@ -10,14 +10,11 @@
 import { createHash } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
-import { promisify } from "node:util";
-import { gunzip as gunzipCb } from "node:zlib";
+import { createGunzip } from "node:zlib";
 import { BadInputError, ConfigError } from "../errors.js";
 import { grayToRgb } from "./image_decode.js";
 import { applyLimit, stratifiedSplit } from "./splits.js";
 import { SKIP_REASONS, type Dataset, type SampleRef, type Split } from "./types.js";
-
-const gunzip = promisify(gunzipCb);
 
 export const IDX_IMAGES_MAGIC = 0x00000803;
 export const IDX_LABELS_MAGIC = 0x00000801;
@@ -109,14 +106,66 @@ async function readIdxFile(path: string): Promise<{ data: Uint8Array; raw: Uint8
   } catch (cause) {
     throw new ConfigError(`Cannot read IDX file ${path}: ${(cause as Error).message}`, { cause });
   }
-  if (raw.length >= 2 && raw[0] === 0x1f && raw[1] === 0x8b) {
-    try {
-      return { data: await gunzip(raw), raw };
-    } catch (cause) {
-      throw new ConfigError(`IDX file ${path} is not a valid gzip stream (${(cause as Error).message}): the download is probably truncated.`, { cause });
-    }
-  }
+  if (raw.length >= 2 && raw[0] === 0x1f && raw[1] === 0x8b) return { data: await gunzipIdx(raw, path), raw };
   return { data: raw, raw };
+}
+
+/** Deflate expands data by at most about 1032:1, so no gzip file can hold more than this many times its size. */
+const MAX_INFLATE_RATIO = 1032;
+
+/** The size an IDX file's header says the file has, from its first 16 bytes; undefined for an unknown magic. */
+function claimedSize(head: Uint8Array): number | undefined {
+  const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
+  const magic = dv.getUint32(0);
+  if (magic === IDX_LABELS_MAGIC) return 8 + dv.getUint32(4);
+  if (magic === IDX_IMAGES_MAGIC && head.length >= 16) return 16 + dv.getUint32(4) * dv.getUint32(8) * dv.getUint32(12);
+  return undefined;
+}
+
+/**
+ * Gunzips an IDX file without trusting it: output stops at the size its header claims, and a header
+ * claiming more than the compressed bytes could possibly hold (2^31 images in a 1 kB file) is refused
+ * before inflating, so neither a forged header nor a gzip bomb drives an allocation. A file of unknown
+ * magic is inflated only far enough for the parser to report the magic. `file` names it in errors.
+ */
+export async function gunzipIdx(raw: Uint8Array, file: string): Promise<Uint8Array> {
+  return new Promise((resolvePromise, reject) => {
+    const z = createGunzip({ chunkSize: 1 << 20 });
+    const chunks: Buffer[] = [];
+    let total = 0;
+    let limit: number | undefined;
+    let settled = false;
+    const finish = (err: Error | undefined, data?: Uint8Array): void => {
+      if (settled) return;
+      settled = true;
+      z.destroy();
+      if (err) reject(err);
+      else resolvePromise(data!);
+    };
+    z.on("data", (c: Buffer) => {
+      if (settled) return;
+      chunks.push(c);
+      total += c.length;
+      if (limit === undefined && total >= 8) {
+        const all = Buffer.concat(chunks, total);
+        const claimed = claimedSize(all.subarray(0, 16));
+        if (claimed === undefined) {
+          if (total >= 16) finish(undefined, all.subarray(0, 16));
+          return;
+        }
+        if (claimed > raw.length * MAX_INFLATE_RATIO + 1024)
+          return finish(new ConfigError(`IDX file ${file}: its header says ${claimed} bytes, more than a ${raw.length}-byte gzip file can hold: the file is truncated or its header is damaged.`));
+        limit = claimed;
+      }
+      if (limit !== undefined && total > limit)
+        finish(new ConfigError(`IDX file ${file} decompresses to more than the ${limit} bytes its header says: the file is too long or its header is damaged.`));
+    });
+    z.on("end", () => finish(undefined, Buffer.concat(chunks, total)));
+    z.on("error", (cause) =>
+      finish(new ConfigError(`IDX file ${file} is not a valid gzip stream (${cause.message}): the download is probably truncated.`, { cause })),
+    );
+    z.end(raw);
+  });
 }
 
 const cache = new Map<string, Promise<IdxSet>>();

@@ -35,6 +35,11 @@ function plain(b: Buffer): Uint8Array {
 export async function decodeImage(id: string, bytes: Uint8Array, opts: DecodeOptions): Promise<Uint8Array> {
   checkSize(opts.size);
   if (bytes.length === 0) throw new BadInputError(id, SKIP_REASONS.empty, `${id}: the file is empty.`);
+  // libpng refuses a width or height over 10^6, libjpeg one over 65500, as a "corrupt header" before
+  // sharp can report the size, so PNG and JPEG bombs are named from their headers here.
+  const claimed = pngSize(bytes) ?? jpegSize(bytes);
+  if (claimed && claimed.w * claimed.h > opts.maxPixels)
+    throw new BadInputError(id, SKIP_REASONS.tooManyPixels, `${id}: ${claimed.w}x${claimed.h} is more than the ${opts.maxPixels} pixels allowed (--max-pixels).`);
   try {
     const img = sharp(bytes, { failOn: "error", limitInputPixels: opts.maxPixels, sequentialRead: true });
     const meta = await img.metadata();
@@ -97,6 +102,27 @@ export function classifyDecodeError(id: string, err: unknown, bytes: Uint8Array)
   if (/unsupported image format/i.test(msg)) return say(SKIP_REASONS.notAnImage, "not an image in a format we can read");
   if (looksTruncated(bytes)) return say(SKIP_REASONS.truncated, "the image data stops early");
   return say(SKIP_REASONS.corrupt, "the image is corrupt");
+}
+
+/** Width and height from a PNG's IHDR (the first chunk), or undefined when `bytes` does not start like a PNG. */
+function pngSize(bytes: Uint8Array): { w: number; h: number } | undefined {
+  if (!sameBytes(bytes, 0, [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]) || !sameBytes(bytes, 12, [0x49, 0x48, 0x44, 0x52]) || bytes.length < 24) return undefined;
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  return { w: dv.getUint32(16), h: dv.getUint32(20) };
+}
+
+/** Width and height from a JPEG's SOFn marker, or undefined when none comes before the first scan. */
+function jpegSize(bytes: Uint8Array): { w: number; h: number } | undefined {
+  if (!sameBytes(bytes, 0, [0xff, 0xd8])) return undefined;
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  for (let p = 2; p + 9 <= bytes.length && bytes[p] === 0xff; ) {
+    const marker = bytes[p + 1];
+    if (marker === 0xff) { p++; continue; }
+    if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) return { w: dv.getUint16(p + 7), h: dv.getUint16(p + 5) };
+    if (marker === 0xda) return undefined;
+    p += 2 + dv.getUint16(p + 2);
+  }
+  return undefined;
 }
 
 function sameBytes(bytes: Uint8Array, at: number, sig: readonly number[]): boolean {

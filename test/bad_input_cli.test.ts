@@ -1,0 +1,80 @@
+/**
+ * Bad input through the real `ctrain` binary: a wrong config file or data set must end the run with
+ * exit code 2 and one line that names the problem (no stack trace), before any work -- no output
+ * folder, no cache, no nats-server. Fast: every case is refused before a model is loaded.
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { runCli } from "./helpers/cli.js";
+
+let dir: string;
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), "ctrain-bad-input-"));
+});
+after(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+/** An IDX folder whose train images file has the labels' magic number. */
+async function wrongMagicIdx(): Promise<string> {
+  const idx = join(dir, "idx-wrong-magic");
+  await mkdir(idx, { recursive: true });
+  const images = (n: number, magic: number): Buffer => {
+    const b = Buffer.alloc(16 + n * 4);
+    b.writeUInt32BE(magic, 0);
+    b.writeUInt32BE(n, 4);
+    b.writeUInt32BE(2, 8);
+    b.writeUInt32BE(2, 12);
+    return b;
+  };
+  const labels = (n: number): Buffer => {
+    const b = Buffer.alloc(8 + n);
+    b.writeUInt32BE(0x801, 0);
+    b.writeUInt32BE(n, 4);
+    return b;
+  };
+  await writeFile(join(idx, "train-images-idx3-ubyte"), images(10, 0x801));
+  await writeFile(join(idx, "train-labels-idx1-ubyte"), labels(10));
+  await writeFile(join(idx, "t10k-images-idx3-ubyte"), images(2, 0x803));
+  await writeFile(join(idx, "t10k-labels-idx1-ubyte"), labels(2));
+  return idx;
+}
+
+describe("bad input - refused by the CLI before any work", () => {
+  const cases: { name: string; yaml?: string; args?: () => Promise<string[]>; pattern: RegExp }[] = [
+    { name: "epochs is a list", yaml: "data: fashion-mnist\nepochs: [1, 2]\n", pattern: /--epochs \(.*job\.yaml\) must be a number, got \[1,2\]/ },
+    { name: "input-size is a word", yaml: "input-size: \"big\"\n", pattern: /--input-size \(.*job\.yaml\) must be a number, got "big"/ },
+    { name: "batch-size is negative", yaml: "batch-size: -1\n", pattern: /--batch-size \(.*job\.yaml\) must be between 1 and 65536, got -1/ },
+    { name: "epochs is a YAML alias cycle", yaml: "epochs: &a [*a]\n", pattern: /--epochs \(.*job\.yaml\) must be a number, got a list/ },
+    { name: "YAML syntax error", yaml: "epochs: 3\ninput-size: [96\n", pattern: /Config file .*job\.yaml is not valid YAML: .*at line \d+, column \d+/ },
+    { name: "config file missing", args: async () => ["--config", join(dir, "no-such-job.yaml")], pattern: /Cannot read config file .*no-such-job\.yaml: ENOENT/ },
+    { name: "IDX with wrong magic", args: async () => ["--data", `mnist:${await wrongMagicIdx()}`], pattern: /train-images-idx3-ubyte has magic number 0x00000801, expected 0x00000803/ },
+  ];
+  for (const c of cases) {
+    test(`bad input - ${c.name}: exit 2, one line naming it, no output folder`, async () => {
+      const slug = c.name.replace(/\W+/g, "-");
+      const out = join(dir, `out-${slug}`);
+      const cache = join(dir, `cache-${slug}`);
+      let args: string[];
+      if (c.yaml !== undefined) {
+        const file = join(dir, slug, "job.yaml");
+        await mkdir(join(dir, slug), { recursive: true });
+        await writeFile(file, c.yaml);
+        args = ["--config", file];
+      } else args = await c.args!();
+      const r = await runCli(["run", ...args, "--out", out, "--cache-dir", cache, "--workers", "1", "--metrics-port", "-1"], { timeoutMs: 60_000 });
+      assert.equal(r.code, 2, r.stderr);
+      const lines = r.stderr.trimEnd().split("\n");
+      assert.equal(lines.length, 1, `one line: ${r.stderr}`);
+      assert.match(lines[0], /^ctrain: ConfigError: /);
+      assert.match(lines[0], c.pattern);
+      assert.doesNotMatch(r.stderr, /\bat .*\.js:\d+/, "no stack trace");
+      assert.ok(!existsSync(out), "no output folder");
+      assert.ok(!existsSync(cache), "no cache folder");
+    });
+  }
+});
