@@ -3,6 +3,7 @@
  * hand the rest to a shard executor (in-process here; NATS workers in the distributed job), store
  * each returned shard idempotently, then join them into one committed cache entry.
  */
+import { rm } from "node:fs/promises";
 import type { Dataset } from "../core/datasets/types.js";
 import { type FeatureCache, type FeatureSet, type FeatureShardData } from "../core/feature_store.js";
 import type { Logger } from "../core/log.js";
@@ -40,8 +41,18 @@ export interface ExtractionOptions {
 
 export async function runExtraction(o: ExtractionOptions): Promise<ExtractionResult> {
   const t0 = performance.now();
+  let cached: FeatureSet | undefined;
   if (o.cache.has(o.key)) {
-    const features = await o.cache.load(o.key);
+    try {
+      cached = await o.cache.load(o.key);
+    } catch (err) {
+      // A damaged entry (truncated file, disk error) is rebuilt, not trusted and not fatal.
+      o.log.warn("feature cache entry is damaged: extracting again", { key: o.key, error: (err as Error).message });
+      await rm(o.cache.entryDir(o.key), { recursive: true, force: true });
+    }
+  }
+  if (cached) {
+    const features = cached;
     o.log.info("feature cache hit: nothing to extract", { key: o.key, samples: features.ids.length });
     return { features, cacheHit: true, images: 0, seconds: (performance.now() - t0) / 1000, shards: 0, shardsResumed: 0 };
   }

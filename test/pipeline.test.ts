@@ -141,6 +141,20 @@ describe("pipeline - Fashion-MNIST through ctrain run", () => {
     const entries = (await readdir(cache)).filter((n) => /^[0-9a-f]{32}$/.test(n));
     assert.equal(entries.length, 2);
   });
+
+  test("pipeline - a damaged cache entry is rebuilt, not trusted", async () => {
+    const s3 = JSON.parse(await readFile(join(dir, "run3", "summary.json"), "utf8")) as Summary & { extraction: { cache_key: string } };
+    const file = join(cache, s3.extraction.cache_key, "features.f32");
+    const bytes = await readFile(file);
+    await writeFile(file, bytes.subarray(0, bytes.length - 100));
+    const r = await runCli(["run", ...SMALL_JOB, "--limit", "60", "--cache-dir", cache, "--out", join(dir, "run4"), "--job", "pipeline-4", "--epochs", "1"]);
+    assert.equal(r.code, 0, r.stderr.slice(-3000));
+    assert.match(r.stderr, /feature cache entry is damaged: extracting again/);
+    const s4 = JSON.parse(await readFile(join(dir, "run4", "summary.json"), "utf8")) as Summary;
+    assert.equal(s4.extraction.cache_hit, false);
+    assert.equal(s4.extraction.images, 84);
+    assert.equal((await readFile(file)).length, bytes.length, "the entry is whole again");
+  });
 });
 
 describe("pipeline - folder data set with bad files", () => {
