@@ -9,7 +9,6 @@
  * else) and, where the test says so, on the workers' own logs (every shard extracted once).
  */
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -21,10 +20,8 @@ import { openDataset } from "../core/datasets/open.js";
 import { FeatureCache, type FeatureSet } from "../core/feature_store.js";
 import { encode, makeHeader } from "../proto/codec.js";
 import { jobNames } from "../proto/subjects.js";
-import { CTRAIN_BIN } from "./helpers/cli.js";
-import { freePort } from "./helpers/free_port.js";
+import { Cluster, type Proc, shardsDone, stopAll, waitExit } from "./helpers/cluster.js";
 import { check, startNatsServer, type NatsServer } from "./helpers/nats_server.js";
-import { parseExposition } from "./helpers/prom_text.js";
 
 const LIMIT = 120; // 120 train + 24 val + 24 test = 168 samples
 const SHARD = 28; // 6 shards
@@ -34,98 +31,25 @@ let dir: string;
 let planIds: string[];
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), "ctrain-dist-"));
+  cluster = new Cluster({ dir, jobArgs: JOB_ARGS });
   const ds = await openDataset("fashion-mnist", { seed: 42, valSplit: 0.1, testSplit: 0.1, limit: LIMIT, maxPixels: 40_000_000 });
   planIds = planShards(ds.samples, SHARD).flatMap((s) => s.samples.map((x) => x.id)).sort();
 });
 after(async () => {
+  const procs = cluster?.procs ?? [];
   if (process.env.CTRAIN_TEST_DEBUG) for (const p of procs) console.error(p.proc.exitCode, p.tail());
   for (const p of procs) if (p.proc.exitCode === null && p.proc.signalCode === null) p.proc.kill("SIGKILL");
   await rm(dir, { recursive: true, force: true });
 });
 
-interface LogLine {
-  msg: string;
-  level: string;
-  [k: string]: unknown;
-}
-
-class Proc {
-  lines: LogLine[] = [];
-  stderr = "";
-  stdout = "";
-  readonly exited: Promise<number | null>;
-  constructor(readonly name: string, readonly proc: ChildProcess, readonly metricsPort?: number) {
-    let buf = "";
-    proc.stderr!.on("data", (d: Buffer) => {
-      const s = d.toString();
-      this.stderr = (this.stderr + s).slice(-200_000);
-      buf += s;
-      let i;
-      while ((i = buf.indexOf("\n")) >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        if (line.startsWith("{")) {
-          try {
-            this.lines.push(JSON.parse(line) as LogLine);
-          } catch {
-            // not a log line
-          }
-        }
-      }
-    });
-    proc.stdout!.on("data", (d: Buffer) => (this.stdout += d.toString()));
-    this.exited = new Promise((r) => proc.once("exit", (code, signal) => r(code ?? (signal ? -1 : null))));
-  }
-  logged(msg: string): LogLine[] {
-    return this.lines.filter((l) => l.msg === msg);
-  }
-  async waitFor(msg: string, timeoutMs = 60_000, count = 1): Promise<LogLine> {
-    return check(() => {
-      if (this.proc.exitCode !== null && this.logged(msg).length < count) throw new Error(`${this.name} exited ${this.proc.exitCode} before logging "${msg}":\n${this.stderr.slice(-3000)}`);
-      const l = this.logged(msg);
-      return l.length >= count ? l[count - 1] : undefined;
-    }, timeoutMs, 50);
-  }
-  async metrics(): Promise<ReturnType<typeof parseExposition>> {
-    const r = await fetch(`http://127.0.0.1:${this.metricsPort}/metrics`);
-    return parseExposition(await r.text());
-  }
-  tail(): string {
-    return `--- ${this.name} stderr ---\n${this.stderr.slice(-4000)}`;
-  }
-}
-
-const procs: Proc[] = [];
-
-function ctrain(name: string, args: string[], env: NodeJS.ProcessEnv = {}, metricsPort?: number): Proc {
-  const proc = spawn(process.execPath, [CTRAIN_BIN, ...args], { env: { ...process.env, CTRAIN_LOG_LEVEL: "debug", ...env }, stdio: ["ignore", "pipe", "pipe"] });
-  const p = new Proc(name, proc, metricsPort);
-  procs.push(p);
-  return p;
-}
-
-async function worker(url: string, job: string, id: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> {
-  const port = await freePort();
-  return ctrain(id, ["worker", "--nats", url, "--job", job, "--worker-id", id, "--backend", "wasm", "--batch-size", "8", "--metrics-port", String(port), "--metrics-host", "127.0.0.1", "--log-format", "json", ...extra], env, port);
-}
-
-async function coordinator(url: string, job: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> {
-  const port = await freePort();
-  const out = join(dir, job, "out");
-  const cache = join(dir, job, "cache");
-  return ctrain(`coordinator-${job}`, ["coordinator", "--nats", url, "--job", job, ...JOB_ARGS, "--workers", "2", "--cache-dir", cache, "--out", out, "--metrics-port", String(port), "--ack-wait", "3", "--max-deliver", "5", ...extra], env, port);
-}
-
-async function stopAll(ps: Proc[]): Promise<void> {
-  for (const p of ps) if (p.proc.exitCode === null && p.proc.signalCode === null) p.proc.kill("SIGTERM");
-  await Promise.all(ps.map((p) => Promise.race([p.exited, new Promise((r) => setTimeout(r, 10_000).unref())])));
-  for (const p of ps) if (p.proc.exitCode === null && p.proc.signalCode === null) p.proc.kill("SIGKILL");
-}
+// Processes, log parsing and waiting live in helpers/cluster.ts (shared with test/chaos/).
+let cluster: Cluster;
+const ctrain = (name: string, args: string[], env: NodeJS.ProcessEnv = {}, metricsPort?: number): Proc => cluster.ctrain(name, args, env, metricsPort);
+const worker = (url: string, job: string, id: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> => cluster.worker(url, job, id, extra, env);
+const coordinator = (url: string, job: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> => cluster.coordinator(url, job, extra, env);
 
 async function expectSuccess(c: Proc, others: Proc[], timeoutMs = 120_000): Promise<void> {
-  let timer: NodeJS.Timeout | undefined;
-  const code = await Promise.race([c.exited, new Promise<string>((r) => (timer = setTimeout(() => r("timeout"), timeoutMs)))]);
-  clearTimeout(timer);
+  const code = await waitExit(c, timeoutMs);
   assert.equal(code, 0, `coordinator ended with ${code}\n${c.tail()}\n${others.map((o) => o.tail()).join("\n")}`);
 }
 
@@ -141,13 +65,6 @@ function assertExactlyOnce(set: FeatureSet): void {
   assert.equal(set.skipped.length, 0);
   assert.equal(set.ids.length, planIds.length, "sample count");
   assert.deepEqual([...set.ids].sort(), planIds, "every planned sample once, nothing else");
-}
-
-/** Shards extracted to the end, per worker log: shard id -> times. */
-function shardsDone(ws: Proc[]): Map<string, number> {
-  const m = new Map<string, number>();
-  for (const w of ws) for (const l of w.logged("shard done")) m.set(String(l.shard), (m.get(String(l.shard)) ?? 0) + 1);
-  return m;
 }
 
 describe("distributed extraction", { concurrency: false }, () => {

@@ -1,0 +1,69 @@
+/**
+ * `npm run chaos`: every scenario of test/chaos/scenarios.ts, the clean run first (the baseline the
+ * others are compared with), then the table on stdout and bench/results/chaos.json. Exits 1 when a
+ * scenario failed, lost or duplicated samples, or differed from the clean run.
+ *
+ *   node dist/test/chaos/run.js [--seed N] [--limit N] [--shard-size N] [--only a,b] [--timeout S] [--keep]
+ */
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { DEFAULT_CONFIG, formatTable, plannedIds, runScenario, SCENARIOS, type ChaosConfig, type RunArtifacts, type ScenarioResult } from "./scenarios.js";
+
+const RESULTS = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..", "bench", "results", "chaos.json");
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      seed: { type: "string" }, limit: { type: "string" }, "shard-size": { type: "string" }, only: { type: "string" },
+      timeout: { type: "string" }, keep: { type: "boolean" }, out: { type: "string" },
+    },
+  });
+  const dir = await mkdtemp(join(tmpdir(), "ctrain-chaos-"));
+  const cfg: ChaosConfig = {
+    ...DEFAULT_CONFIG, dir,
+    ...(values.seed ? { seed: Number(values.seed) } : {}),
+    ...(values.limit ? { limit: Number(values.limit) } : {}),
+    ...(values["shard-size"] ? { shardSize: Number(values["shard-size"]) } : {}),
+    ...(values.timeout ? { timeoutMs: Number(values.timeout) * 1000 } : {}),
+  };
+  const only = values.only?.split(",");
+  const scenarios = SCENARIOS.filter((s) => s.name === "clean" || !only || only.includes(s.name));
+  const planned = await plannedIds(cfg);
+  console.error(`chaos: ${scenarios.length} scenario(s), seed ${cfg.seed}, ${planned.length} samples in shards of ${cfg.shardSize}, input ${cfg.inputSize}, ack wait ${cfg.ackWaitS} s; work dir ${dir}`);
+  const rows: ScenarioResult[] = [];
+  let baseline: RunArtifacts | undefined;
+  const t0 = performance.now();
+  try {
+    for (const sc of scenarios) {
+      console.error(`chaos: ${sc.name} (${sc.workers} worker(s))...`);
+      const { result, artifacts } = await runScenario(sc, cfg, planned, baseline);
+      if (sc.name === "clean") {
+        baseline = artifacts;
+        result.overhead = 1;
+      }
+      rows.push(result);
+      console.error(`chaos: ${sc.name}: ${result.ok ? "ok" : "FAIL"} in ${result.wall_s} s, faults: ${result.faults.join("; ") || "none"}`);
+    }
+  } finally {
+    if (!values.keep) await rm(dir, { recursive: true, force: true });
+  }
+  console.log(formatTable(rows));
+  const file = values.out ?? RESULTS;
+  await mkdir(dirname(file), { recursive: true });
+  await writeFile(file, JSON.stringify({
+    generated_at: new Date().toISOString(),
+    config: { seed: cfg.seed, limit: cfg.limit, samples: planned.length, shard_size: cfg.shardSize, input_size: cfg.inputSize, ack_wait_s: cfg.ackWaitS, max_deliver: cfg.maxDeliver, backend: "wasm" },
+    seconds: Number(((performance.now() - t0) / 1000).toFixed(1)),
+    scenarios: rows,
+  }, null, 2) + "\n");
+  console.error(`chaos: wrote ${file}`);
+  return rows.every((r) => r.ok) ? 0 : 1;
+}
+
+main().then((code) => process.exit(code), (err: unknown) => {
+  console.error(err);
+  process.exit(2);
+});

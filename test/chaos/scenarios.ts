@@ -1,0 +1,417 @@
+/**
+ * Chaos scenarios: each one a whole job (`ctrain coordinator` + K `ctrain worker` processes + its own
+ * real nats-server) with faults injected by a seeded scheduler. Faults fire on observed progress --
+ * the Nth "shard done" across the workers' logs, a chosen worker's next "shard claimed" -- never on
+ * sleeps alone; which worker, how many and after how much progress are drawn from the seed, so a
+ * failing run is replayed with the same --seed.
+ *
+ * What every scenario checks (see {@link ScenarioResult}): the job completes (exit 0, summary.json);
+ * the committed feature cache holds every planned sample id exactly once (nothing lost, nothing
+ * duplicated, nothing foreign) with the same values as the clean run's for the same ids; the head
+ * (model/weights.bin) and its test accuracy against the clean run's. Head training is seeded and the
+ * features are the same, so equality is expected, not just closeness.
+ */
+import { existsSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { planShards } from "../../coordinator/shard_planner.js";
+import { openDataset } from "../../core/datasets/open.js";
+import type { FeatureSet } from "../../core/feature_store.js";
+import { Rng } from "../../core/rng.js";
+import { Cluster, type Proc, shardsDone, stopAll, waitExit } from "../helpers/cluster.js";
+import { startNatsServer, type NatsServer } from "../helpers/nats_server.js";
+
+/** Size and timing of the chaos jobs. */
+export interface ChaosConfig {
+  /** Root folder of the jobs' out/ and cache/. */
+  dir: string;
+  /** Seed of the fault scheduler and of the job (--seed). */
+  seed: number;
+  /** --limit: train images (val and test add 10% each of the total). */
+  limit: number;
+  /** --shard-size: samples per shard; more shards = more places for a fault to land. */
+  shardSize: number;
+  /** --input-size. */
+  inputSize: number;
+  /** --ack-wait, seconds: how long a stopped worker holds a shard before it is redelivered. */
+  ackWaitS: number;
+  /** --max-deliver. */
+  maxDeliver: number;
+  /** A job that has not finished after this long is a failure (milliseconds). */
+  timeoutMs: number;
+}
+
+export const DEFAULT_CONFIG: Omit<ChaosConfig, "dir"> = { seed: 7, limit: 240, shardSize: 12, inputSize: 64, ackWaitS: 3, maxDeliver: 10, timeoutMs: 300_000 };
+
+/** One row of the chaos table. */
+export interface ScenarioResult {
+  scenario: string;
+  seed: number;
+  workers: number;
+  /** Faults actually injected, in order, each with the second of the job it fired at. */
+  faults: string[];
+  completed: boolean;
+  exit: number | null | "timeout";
+  samples_planned: number;
+  samples_committed: number;
+  /** Planned ids missing from the committed cache. */
+  samples_lost: number;
+  /** Committed rows beyond the first for an id. */
+  samples_duplicated: number;
+  /** Committed ids that were not planned. */
+  samples_foreign: number;
+  /** Shards that workers extracted more than once (wasted work, not a correctness fault). */
+  shards_extracted_twice: number;
+  /** max |features - clean run's features| over the same ids; null for the clean run itself. */
+  feature_max_diff: number | null;
+  /** max |weights - clean run's weights| of model/weights.bin; null when not comparable. */
+  weights_max_diff: number | null;
+  test_accuracy: number | null;
+  /** (test accuracy - clean run's) in percentage points. */
+  test_accuracy_delta_points: number | null;
+  wall_s: number;
+  /** wall time / clean run's wall time. */
+  overhead: number | null;
+  ok: boolean;
+  error?: string;
+  notes: string[];
+}
+
+/** What a scenario's fault script gets. */
+export interface ScenarioContext {
+  server: NatsServer;
+  cluster: Cluster;
+  job: string;
+  /** Every worker started so far (dead ones included: their logs count as progress). */
+  workers: Proc[];
+  /** The current coordinator (replaced by restartCoordinator). */
+  coordinator: Proc;
+  sched: FaultScheduler;
+  notes: string[];
+  /** Starts one more worker (a replacement or a late joiner). */
+  addWorker(): Promise<Proc>;
+  /** Starts a coordinator again with the same job id. */
+  restartCoordinator(): Promise<Proc>;
+}
+
+/** A named fault schedule. */
+export interface Scenario {
+  name: string;
+  /** Workers started with the job. */
+  workers: number;
+  run(ctx: ScenarioContext): Promise<void>;
+}
+
+/**
+ * Seeded choices and progress triggers. Every wait ends early (false) when the job ends, so a fault
+ * planned after the last shard is simply not injected (and not recorded).
+ */
+export class FaultScheduler {
+  readonly faults: string[] = [];
+  private readonly rng: Rng;
+  private readonly t0 = performance.now();
+  constructor(seed: number, private readonly ctx: () => ScenarioContext, private readonly timeoutMs: number) {
+    this.rng = new Rng(seed);
+  }
+  /** Uniform integer in [lo, hi]. */
+  int(lo: number, hi: number): number {
+    return lo + this.rng.int(hi - lo + 1);
+  }
+  pick<T>(xs: T[]): T {
+    return xs[this.rng.int(xs.length)];
+  }
+  /** `n` distinct items, seeded. */
+  sample<T>(xs: T[], n: number): T[] {
+    const p = this.rng.permutation(xs.length);
+    return Array.from(p.slice(0, n), (i) => xs[i]);
+  }
+  /** Seconds since the scheduler started. */
+  get elapsed(): number {
+    return (performance.now() - this.t0) / 1000;
+  }
+  record(fault: string): void {
+    this.faults.push(`t=${this.elapsed.toFixed(1)}s ${fault}`);
+  }
+  /** Log lines `msg` across every worker so far. */
+  count(msg: string): number {
+    return this.ctx().workers.reduce((a, w) => a + w.logged(msg).length, 0);
+  }
+  /** Polls `pred` until true (-> true), the coordinator exits (-> false) or the timeout (-> false). */
+  async until(pred: () => boolean, timeoutMs = this.timeoutMs): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if (pred()) return true;
+      if (!this.ctx().coordinator.alive || Date.now() > deadline) return false;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  /** Until `n` shards are done across the workers. */
+  async shardsDone(n: number): Promise<boolean> {
+    return this.until(() => this.count("shard done") >= n);
+  }
+  /** Until `w` claims a shard after the ones it has claimed so far; the claim's log line, or undefined. */
+  async nextClaim(w: Proc, timeoutMs?: number): Promise<Record<string, unknown> | undefined> {
+    const before = w.logged("shard claimed").length;
+    const ok = await this.until(() => !w.alive || w.logged("shard claimed").length > before, timeoutMs);
+    return ok && w.alive ? w.logged("shard claimed")[before] : undefined;
+  }
+}
+
+const alive = (ws: Proc[]): Proc[] => ws.filter((w) => w.alive);
+
+/** Is `w` between "shard claimed" and "shard done" of the same shard? */
+function holding(w: Proc): string | undefined {
+  const c = w.logged("shard claimed").at(-1);
+  if (!c) return undefined;
+  const done = w.logged("shard done").some((d) => d.shard === c.shard && w.lines.indexOf(d) > w.lines.indexOf(c));
+  return done ? undefined : String(c.shard);
+}
+
+const shortShard = (s: unknown): string => String(s).replace(/^.*\./, "");
+
+/** The scenarios of `npm run chaos`, cheapest first after the baseline. */
+export const SCENARIOS: Scenario[] = [
+  { name: "clean", workers: 2, run: async () => undefined },
+  {
+    // Up to half of the workers SIGKILLed at once, twice, each victim at its next shard claim (mid-shard);
+    // replacements start right away so the job can finish.
+    name: "kill-workers",
+    workers: 4,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      let threshold = 0;
+      for (let round = 1; round <= 2; round++) {
+        threshold += s.int(1, 3);
+        if (!(await s.shardsDone(threshold))) return;
+        const live = alive(ctx.workers);
+        const victims = s.sample(live, s.int(1, Math.max(1, Math.floor(live.length / 2))));
+        let killed = 0;
+        await Promise.all(victims.map(async (v) => {
+          // Mid-shard: now if it holds one, else at its next claim.
+          if (!holding(v)) await s.nextClaim(v, 30_000);
+          if (!v.alive || !ctx.coordinator.alive) return;
+          const held = holding(v);
+          const delivery = held ? v.logged("shard claimed").at(-1)?.delivery : undefined;
+          v.proc.kill("SIGKILL");
+          await v.exited;
+          killed++;
+          s.record(`SIGKILL ${v.name} ${held ? `holding ${shortShard(held)} (delivery ${String(delivery)})` : "idle"}`);
+        }));
+        if (!ctx.coordinator.alive) return;
+        for (let i = 0; i < killed; i++) await ctx.addWorker();
+        if (killed) s.record(`started ${killed} replacement(s)`);
+      }
+    },
+  },
+  {
+    // One worker SIGSTOPped right after a claim: it holds the shard past the ack wait, the shard goes to
+    // another worker; SIGCONT once the other finished it, so the straggler completes and stores it too.
+    name: "straggler",
+    workers: 2,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      if (!(await s.shardsDone(s.int(1, 3)))) return;
+      const v = s.pick(alive(ctx.workers));
+      const claim = await s.nextClaim(v, 30_000);
+      if (!claim || !ctx.coordinator.alive) return;
+      v.proc.kill("SIGSTOP");
+      const shard = claim.shard;
+      s.record(`SIGSTOP ${v.name} holding ${shortShard(shard)}`);
+      const others = () => ctx.workers.filter((w) => w !== v);
+      const redone = await s.until(() => others().some((w) => w.logged("shard done").some((d) => d.shard === shard)), 90_000);
+      v.proc.kill("SIGCONT");
+      s.record(`SIGCONT ${v.name} (${redone ? "its shard was redone by another worker" : "no redelivery seen"})`);
+      if (!redone) ctx.notes.push("straggler: the stopped shard was not redelivered before the job ended or 90 s");
+    },
+  },
+  {
+    // The NATS server restarted (same port, same JetStream store) twice while shards are in flight.
+    name: "nats-restart",
+    workers: 2,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      let threshold = 0;
+      for (let round = 1; round <= 2; round++) {
+        threshold += s.int(1, 4);
+        if (!(await s.shardsDone(threshold))) return;
+        const held = ctx.workers.map(holding).filter(Boolean).length;
+        await ctx.server.restart();
+        s.record(`NATS restart (${held} shard(s) in flight)`);
+      }
+    },
+  },
+  {
+    // The coordinator SIGKILLed mid-extraction and started again with the same job id.
+    name: "coordinator-restart",
+    workers: 2,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      if (!(await s.shardsDone(s.int(2, 4)))) return;
+      const c = ctx.coordinator;
+      c.proc.kill("SIGKILL");
+      await c.exited;
+      s.record(`SIGKILL coordinator after ${s.count("shard done")} shard(s) done`);
+      await ctx.restartCoordinator();
+      s.record("coordinator restarted, same job id");
+    },
+  },
+  {
+    // One worker starts the job; a second joins after some progress.
+    name: "late-worker",
+    workers: 1,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      if (!(await s.shardsDone(s.int(1, 3)))) return;
+      const w = await ctx.addWorker();
+      s.record(`${w.name} joined`);
+    },
+  },
+];
+
+/** The job's planned sample ids (what the coordinator plans: same data set options and shard size). */
+export async function plannedIds(cfg: ChaosConfig): Promise<string[]> {
+  const ds = await openDataset("fashion-mnist", { seed: cfg.seed, valSplit: 0.1, testSplit: 0.1, limit: cfg.limit, maxPixels: 40_000_000 });
+  return planShards(ds.samples, cfg.shardSize).flatMap((s) => s.samples.map((x) => x.id));
+}
+
+/** What a finished run leaves for the comparison with the clean run. */
+export interface RunArtifacts {
+  features?: FeatureSet;
+  weights?: Float32Array;
+  testAccuracy?: number;
+  wallS: number;
+}
+
+function jobArgs(cfg: ChaosConfig): string[] {
+  return ["--data", "fashion-mnist", "--limit", String(cfg.limit), "--input-size", String(cfg.inputSize), "--shard-size", String(cfg.shardSize), "--epochs", "1", "--head-units", "16", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
+}
+
+/** Runs one scenario end to end and checks it against `planned` ids and the clean run (`baseline`). */
+export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: string[], baseline?: RunArtifacts): Promise<{ result: ScenarioResult; artifacts: RunArtifacts }> {
+  const job = `chaos-${sc.name}-${cfg.seed}`;
+  const cluster = new Cluster({ dir: cfg.dir, jobArgs: jobArgs(cfg), coordinatorArgs: ["--workers", String(sc.workers), "--ack-wait", String(cfg.ackWaitS), "--max-deliver", String(cfg.maxDeliver)] });
+  const server = await startNatsServer();
+  const notes: string[] = [];
+  let nextWorker = 0;
+  const workers: Proc[] = [];
+  let ctx: ScenarioContext | undefined;
+  const sched = new FaultScheduler(cfg.seed ^ hash(sc.name), () => ctx!, cfg.timeoutMs);
+  const t0 = performance.now();
+  let exit: number | null | "timeout" = "timeout";
+  let error: string | undefined;
+  let wall = 0;
+  try {
+    const addWorker = async (): Promise<Proc> => {
+      const w = await cluster.worker(server.url, job, `${sc.name}-w${nextWorker++}`);
+      workers.push(w);
+      return w;
+    };
+    for (let i = 0; i < sc.workers; i++) await addWorker();
+    const coordinator = await cluster.coordinator(server.url, job);
+    const c: ScenarioContext = {
+      server, cluster, job, workers, coordinator, sched, notes, addWorker,
+      restartCoordinator: async () => (c.coordinator = await cluster.coordinator(server.url, job)),
+    };
+    ctx = c;
+    await sc.run(c);
+    exit = await waitExit(c.coordinator, Math.max(1, cfg.timeoutMs - (performance.now() - t0)));
+    if (exit !== 0) error = `coordinator ended with ${exit}\n${c.coordinator.tail()}`;
+  } catch (err) {
+    error = (err as Error).stack ?? String(err);
+  } finally {
+    wall = (performance.now() - t0) / 1000;
+    await stopAll(workers).catch(() => undefined);
+    cluster.killAll();
+    await server.stop().catch(() => undefined);
+  }
+  const out = cluster.outDir(job);
+  const artifacts: RunArtifacts = { wallS: wall };
+  const result: ScenarioResult = {
+    scenario: sc.name, seed: cfg.seed, workers: sc.workers, faults: sched.faults, completed: false, exit,
+    samples_planned: planned.length, samples_committed: 0, samples_lost: planned.length, samples_duplicated: 0, samples_foreign: 0,
+    shards_extracted_twice: [...shardsDone(workers).values()].filter((n) => n > 1).length,
+    feature_max_diff: null, weights_max_diff: null, test_accuracy: null, test_accuracy_delta_points: null,
+    wall_s: Number(wall.toFixed(1)), overhead: baseline ? Number((wall / baseline.wallS).toFixed(2)) : null, ok: false, error, notes,
+  };
+  result.completed = exit === 0 && existsSync(join(out, "summary.json"));
+  try {
+    const set = await cluster.committed(job);
+    artifacts.features = set;
+    const plannedSet = new Set(planned);
+    const seen = new Map<string, number>();
+    for (const id of set.ids) seen.set(id, (seen.get(id) ?? 0) + 1);
+    result.samples_committed = set.ids.length;
+    result.samples_lost = planned.filter((id) => !seen.has(id)).length;
+    result.samples_duplicated = [...seen.values()].reduce((a, n) => a + n - 1, 0);
+    result.samples_foreign = [...seen.keys()].filter((id) => !plannedSet.has(id)).length;
+    if (baseline?.features) result.feature_max_diff = featureDiff(set, baseline.features);
+  } catch (err) {
+    result.error = [result.error, `feature cache: ${(err as Error).message}`].filter(Boolean).join("\n");
+  }
+  if (result.completed) {
+    const summary = JSON.parse(await readFile(join(out, "summary.json"), "utf8")) as { phases: { head: { test_accuracy: number } } };
+    artifacts.testAccuracy = summary.phases.head.test_accuracy;
+    result.test_accuracy = artifacts.testAccuracy;
+    const buf = await readFile(join(out, "model", "weights.bin"));
+    artifacts.weights = new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4);
+    if (baseline?.weights) result.weights_max_diff = maxAbsDiff(artifacts.weights, baseline.weights);
+    if (baseline?.testAccuracy !== undefined) result.test_accuracy_delta_points = Number(((artifacts.testAccuracy - baseline.testAccuracy) * 100).toFixed(2));
+  }
+  if (sc.name === "late-worker") {
+    const late = workers.slice(sc.workers);
+    notes.push(`late worker(s) did ${late.reduce((a, w) => a + w.logged("shard done").length, 0)} shard(s)`);
+  }
+  result.ok = result.completed && result.samples_lost === 0 && result.samples_duplicated === 0 && result.samples_foreign === 0
+    && (result.feature_max_diff === null || result.feature_max_diff <= 1e-5)
+    && (result.test_accuracy_delta_points === null || Math.abs(result.test_accuracy_delta_points) <= 1);
+  return { result, artifacts };
+}
+
+function hash(s: string): number {
+  let h = 2166136261;
+  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 16777619);
+  return h >>> 0;
+}
+
+/** max |a - b| over the rows of the same ids (NaN when dims differ: never equal). */
+export function featureDiff(a: FeatureSet, b: FeatureSet): number {
+  const dim = a.meta.featureDim;
+  if (dim !== b.meta.featureDim) return Number.NaN;
+  const row = new Map(b.ids.map((id, i) => [id, i]));
+  let max = 0;
+  a.ids.forEach((id, i) => {
+    const j = row.get(id);
+    if (j === undefined) return;
+    for (let k = 0; k < dim; k++) max = Math.max(max, Math.abs(a.features[i * dim + k] - b.features[j * dim + k]));
+  });
+  return max;
+}
+
+function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+  if (a.length !== b.length) return Number.NaN;
+  let max = 0;
+  for (let i = 0; i < a.length; i++) max = Math.max(max, Math.abs(a[i] - b[i]));
+  return max;
+}
+
+/** The fixed-width table of `npm run chaos`. */
+export function formatTable(rows: ScenarioResult[]): string {
+  const head = ["scenario", "workers", "faults", "completed", "lost", "dup", "feat diff", "weights diff", "acc", "Δacc pt", "wall s", "overhead", "ok"];
+  const fmt = (x: number | null, d: number): string => (x === null ? "-" : Number.isNaN(x) ? "NaN" : x === 0 ? "0" : x < 1e-3 ? x.toExponential(1) : x.toFixed(d));
+  const body = rows.map((r) => [
+    r.scenario, String(r.workers), String(r.faults.length), r.completed ? "yes" : `NO (${r.exit})`, String(r.samples_lost), String(r.samples_duplicated + r.samples_foreign),
+    fmt(r.feature_max_diff, 6), fmt(r.weights_max_diff, 6), r.test_accuracy === null ? "-" : (r.test_accuracy * 100).toFixed(1), fmt(r.test_accuracy_delta_points, 2),
+    r.wall_s.toFixed(1), r.overhead === null ? "1.00" : r.overhead.toFixed(2), r.ok ? "ok" : "FAIL",
+  ]);
+  const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
+  const line = (cells: string[]): string => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
+  const out = [line(head), widths.map((w) => "-".repeat(w)).join("  "), ...body.map(line)];
+  out.push("", "faults injected:");
+  for (const r of rows) {
+    out.push(`  ${r.scenario}: ${r.faults.length ? r.faults.join("; ") : "none"}`);
+    for (const n of r.notes) out.push(`    note: ${n}`);
+    if (r.shards_extracted_twice) out.push(`    shards extracted more than once (redelivered work, stored once): ${r.shards_extracted_twice}`);
+    if (r.error) out.push(`    error: ${r.error.split("\n").slice(0, 12).join("\n           ")}`);
+  }
+  return out.join("\n");
+}
