@@ -205,7 +205,7 @@ export async function runDataParallelFineTune(split: SplitBase, head: tf.LayersM
       await putBytes(os, CHECKPOINT_OBJECTS.data(attempt, "train"), encodeDataObject(data.train));
       await putBytes(os, CHECKPOINT_OBJECTS.data(attempt, "val"), encodeDataObject(data.val));
       const spec: JobSpec = {
-        header: makeHeader(job, sender), data: "", model: o.model, inputSize: o.inputSize, featureLayer: o.featureLayer, pooling: o.pooling,
+        header: makeHeader(job, sender), data: `${names.checkpointsBucket}/${CHECKPOINT_OBJECTS.data(attempt, "train")}`, model: o.model, inputSize: o.inputSize, featureLayer: o.featureLayer, pooling: o.pooling,
         method: "cached", batchSize: o.batchSize, seed: o.seed, backend: "auto", limit: 0, valSplit: 0, testSplit: 0, shardSize: 0, maxPixels: 0,
         fineTuneLayers: o.fineTuneLayers, learningRate: o.learningRate, fineTuneLearningRate: o.learningRate, wireDtype: o.wireDtype ?? "fp32",
         headUnits: 0, dropout: 0, numClasses: o.numClasses, bucketBytes: 0,
@@ -300,7 +300,8 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
     const publish = async (): Promise<void> => {
       await c.state.put(TRAINING_KEYS.members, encode("StepPlan", {
         header: makeHeader(o.job, c.sender, epoch, c.start.cursor.step), trainEpoch: c.start.cursor.epoch, batchIndex: c.start.cursor.batch,
-        members: members.map((w) => ({ worker: w, sampleOffset: 0, sampleCount: 0, sliceOffset: 0, sliceLength: 0 })),
+        // Sample ranges of a full global batch (a short last batch is cut the same way by memberSlice).
+        members: members.map((w, i) => { const r = sliceRanges(o.batchSize, members.length)[i]!; return { worker: w, sampleOffset: r.offset, sampleCount: r.length, sliceOffset: 0, sliceLength: 0 }; }),
         globalBatch: o.batchSize, learningRate: o.learningRate, totalLength: 0, dtype: o.wireDtype ?? "fp32",
       }));
       metrics?.setWorkers({ alive: members.length });

@@ -248,6 +248,7 @@ export class NatsWorker implements AsyncDisposable {
         spec = decode("JobSpec", e.value, { job: ctx.names.job, self: "worker", peer: "coordinator" });
       } catch (err) {
         this.o.metrics?.droppedMessage(err instanceof DecodeError ? err.reason : "malformed");
+        this.o.log.warn("dropped a training spec that does not decode", { error: err as Error });
         continue;
       }
       if (spec.extra["role"] !== "fine_tune") continue;

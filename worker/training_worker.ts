@@ -116,8 +116,9 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
         let plan: StepPlan;
         try {
           plan = decode("StepPlan", e.value, { job, self: "worker", peer: "coordinator" });
-        } catch {
+        } catch (err) {
           metrics?.droppedMessage("decode_error");
+          log.warn("dropped a membership plan that does not decode", { error: err as Error });
           continue;
         }
         if (plan.header.sender !== `coordinator-${attempt}`) continue; // another attempt's plan
