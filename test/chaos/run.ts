@@ -3,14 +3,14 @@
  * others are compared with), then the table on stdout and bench/results/chaos.json. Exits 1 when a
  * scenario failed, lost or duplicated samples, or differed from the clean run.
  *
- *   node dist/test/chaos/run.js [--seed N] [--limit N] [--shard-size N] [--only a,b] [--timeout S] [--keep]
+ *   node dist/test/chaos/run.js [--seed N] [--limit N] [--shard-size N] [--only a,b|ft] [--timeout S] [--keep] [--out FILE] [--log-dir DIR]
  */
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { DEFAULT_CONFIG, formatTable, plannedIds, runScenario, SCENARIOS, type ChaosConfig, type RunArtifacts, type ScenarioResult } from "./scenarios.js";
+import { DEFAULT_CONFIG, formatTable, killRunning, plannedIds, runScenario, SCENARIOS, type ChaosConfig, type RunArtifacts, type ScenarioResult } from "./scenarios.js";
 
 const RESULTS = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..", "bench", "results", "chaos.json");
 
@@ -18,7 +18,7 @@ async function main(): Promise<number> {
   const { values } = parseArgs({
     options: {
       seed: { type: "string" }, limit: { type: "string" }, "shard-size": { type: "string" }, only: { type: "string" },
-      timeout: { type: "string" }, keep: { type: "boolean" }, out: { type: "string" },
+      timeout: { type: "string" }, keep: { type: "boolean" }, out: { type: "string" }, "log-dir": { type: "string" },
     },
   });
   const dir = await mkdtemp(join(tmpdir(), "ctrain-chaos-"));
@@ -28,20 +28,26 @@ async function main(): Promise<number> {
     ...(values.limit ? { limit: Number(values.limit) } : {}),
     ...(values["shard-size"] ? { shardSize: Number(values["shard-size"]) } : {}),
     ...(values.timeout ? { timeoutMs: Number(values.timeout) * 1000 } : {}),
+    ...(values["log-dir"] ? { logDir: values["log-dir"] } : {}),
   };
   const only = values.only?.split(",");
-  const scenarios = SCENARIOS.filter((s) => s.name === "clean" || !only || only.includes(s.name));
+  // The clean runs are the baselines: "clean" for extraction + head, "ft-clean" for fine-tuning.
+  const wanted = (name: string, ft: boolean): boolean => !only || only.includes(name) || (name === "clean") || (name === "ft-clean" && SCENARIOS.some((x) => x.fineTune && only.includes(x.name))) || (ft && only.includes("ft"));
+  const scenarios = SCENARIOS.filter((s) => wanted(s.name, s.fineTune ?? false));
   const planned = await plannedIds(cfg);
   console.error(`chaos: ${scenarios.length} scenario(s), seed ${cfg.seed}, ${planned.length} samples in shards of ${cfg.shardSize}, input ${cfg.inputSize}, ack wait ${cfg.ackWaitS} s; work dir ${dir}`);
   const rows: ScenarioResult[] = [];
-  let baseline: RunArtifacts | undefined;
+  const baselines = new Map<string, RunArtifacts>();
   const t0 = performance.now();
   try {
     for (const sc of scenarios) {
-      console.error(`chaos: ${sc.name} (${sc.workers} worker(s))...`);
+      console.error(`chaos: ${sc.name} (${sc.workers} worker(s)${sc.fineTune ? ", fine-tuning" : ""})...`);
+      const clean = baselines.get("clean");
+      // ft-clean against clean: the same features; its model and time are its own (fine-tuned).
+      const baseline = sc.name === "ft-clean" ? (clean ? { wallS: Number.NaN, features: clean.features } : undefined) : baselines.get(sc.fineTune ? "ft-clean" : "clean");
       const { result, artifacts } = await runScenario(sc, cfg, planned, baseline);
-      if (sc.name === "clean") {
-        baseline = artifacts;
+      if (sc.name === "clean" || sc.name === "ft-clean") {
+        baselines.set(sc.name, artifacts);
         result.overhead = 1;
       }
       rows.push(result);
@@ -61,6 +67,14 @@ async function main(): Promise<number> {
   }, null, 2) + "\n");
   console.error(`chaos: wrote ${file}`);
   return rows.every((r) => r.ok) ? 0 : 1;
+}
+
+// Interrupted: the scenario's ctrain processes go too (nats-servers go with the helper's own hook).
+for (const sig of ["SIGINT", "SIGTERM"] as const) {
+  process.once(sig, () => {
+    killRunning();
+    process.exit(130);
+  });
 }
 
 main().then((code) => process.exit(code), (err: unknown) => {

@@ -12,11 +12,11 @@
  * features are the same, so equality is expected, not just closeness.
  */
 import { existsSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { planShards } from "../../coordinator/shard_planner.js";
 import { openDataset } from "../../core/datasets/open.js";
-import type { FeatureSet } from "../../core/feature_store.js";
+import { FeatureCache, type FeatureSet } from "../../core/feature_store.js";
 import { Rng } from "../../core/rng.js";
 import { Cluster, type Proc, shardsDone, stopAll, waitExit } from "../helpers/cluster.js";
 import { startNatsServer, type NatsServer } from "../helpers/nats_server.js";
@@ -39,6 +39,16 @@ export interface ChaosConfig {
   maxDeliver: number;
   /** A job that has not finished after this long is a failure (milliseconds). */
   timeoutMs: number;
+  /** When set, every process's last 200 KB of stderr goes to `<logDir>/<job>/<process>.log`. */
+  logDir?: string;
+}
+
+/** Clusters of the scenarios running now: {@link killRunning} ends their processes (on a signal). */
+const running = new Set<Cluster>();
+
+/** SIGKILLs the processes of every scenario still running. */
+export function killRunning(): void {
+  for (const c of running) c.killAll();
 }
 
 export const DEFAULT_CONFIG: Omit<ChaosConfig, "dir"> = { seed: 7, limit: 240, shardSize: 12, inputSize: 64, ackWaitS: 3, maxDeliver: 10, timeoutMs: 300_000 };
@@ -86,6 +96,8 @@ export interface ScenarioContext {
   workers: Proc[];
   /** The current coordinator (replaced by restartCoordinator). */
   coordinator: Proc;
+  /** Every coordinator started so far. */
+  coordinators: Proc[];
   sched: FaultScheduler;
   notes: string[];
   /** Starts one more worker (a replacement or a late joiner). */
@@ -99,6 +111,11 @@ export interface Scenario {
   name: string;
   /** Workers started with the job. */
   workers: number;
+  /**
+   * Adds data-parallel fine-tuning of the base's top layers (--fine-tune-layers 3: out_relu, Conv_1_bn frozen as BatchNorm, Conv_1; one epoch) after the
+   * head; compared with the clean fine-tune run "ft-clean" instead of "clean".
+   */
+  fineTune?: boolean;
   run(ctx: ScenarioContext): Promise<void>;
 }
 
@@ -144,6 +161,10 @@ export class FaultScheduler {
       if (!this.ctx().coordinator.alive || Date.now() > deadline) return false;
       await new Promise((r) => setTimeout(r, 50));
     }
+  }
+  /** Log lines `msg` across every coordinator so far. */
+  coordinatorCount(msg: string): number {
+    return this.ctx().coordinators.reduce((a, c) => a + c.logged(msg).length, 0);
   }
   /** Until `n` shards are done across the workers. */
   async shardsDone(n: number): Promise<boolean> {
@@ -266,6 +287,47 @@ export const SCENARIOS: Scenario[] = [
       s.record(`${w.name} joined`);
     },
   },
+  // Fine-tuning (data-parallel over the workers, checkpoints every 2 steps).
+  { name: "ft-clean", workers: 2, fineTune: true, run: async () => undefined },
+  {
+    // A training replica SIGKILLed after a seeded number of checkpoints: the survivors redo the step
+    // with the new membership and go on (elastic); no replacement.
+    name: "ft-kill-worker",
+    workers: 3,
+    fineTune: true,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      const n = s.int(1, 2);
+      if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
+      const v = s.pick(ctx.workers.filter((w) => w.alive && w.logged("training").length > 0));
+      if (!v) return;
+      v.proc.kill("SIGKILL");
+      await v.exited;
+      s.record(`SIGKILL replica ${v.name} after ${n} checkpoint(s)`);
+    },
+  },
+  {
+    // The coordinator SIGKILLed mid-fine-tuning and restarted with the same job id: it resumes from
+    // the latest checkpoint in the job's object store.
+    name: "ft-coordinator-restart",
+    workers: 2,
+    fineTune: true,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      const n = s.int(1, 2);
+      if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
+      const c = ctx.coordinator;
+      c.proc.kill("SIGKILL");
+      await c.exited;
+      s.record(`SIGKILL coordinator after ${n} checkpoint(s)`);
+      await ctx.restartCoordinator();
+      s.record("coordinator restarted, same job id");
+      const c2 = ctx.coordinator;
+      await s.until(() => c2.logged("resuming fine-tuning from checkpoint").length > 0 || c2.logged("training spec published").length > 0);
+      const resumed = c2.logged("resuming fine-tuning from checkpoint")[0];
+      ctx.notes.push(resumed ? `resumed fine-tuning at step ${String(resumed.step)}` : "the restarted coordinator did not resume from a checkpoint");
+    },
+  },
 ];
 
 /** The job's planned sample ids (what the coordinator plans: same data set options and shard size). */
@@ -276,20 +338,23 @@ export async function plannedIds(cfg: ChaosConfig): Promise<string[]> {
 
 /** What a finished run leaves for the comparison with the clean run. */
 export interface RunArtifacts {
-  features?: FeatureSet;
+  /** The committed cache entries, by "<feature layer>/<pooling>" (fine-tuning adds the activations at the cut). */
+  features: Map<string, FeatureSet>;
   weights?: Float32Array;
   testAccuracy?: number;
   wallS: number;
 }
 
-function jobArgs(cfg: ChaosConfig): string[] {
-  return ["--data", "fashion-mnist", "--limit", String(cfg.limit), "--input-size", String(cfg.inputSize), "--shard-size", String(cfg.shardSize), "--epochs", "1", "--head-units", "16", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
+function jobArgs(cfg: ChaosConfig, fineTune: boolean): string[] {
+  const ft = fineTune ? ["--fine-tune-layers", "3", "--fine-tune-epochs", "1", "--batch-size", "16"] : [];
+  return [...ft, "--data", "fashion-mnist", "--limit", String(cfg.limit), "--input-size", String(cfg.inputSize), "--shard-size", String(cfg.shardSize), "--epochs", "1", "--head-units", "16", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
 }
 
 /** Runs one scenario end to end and checks it against `planned` ids and the clean run (`baseline`). */
 export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: string[], baseline?: RunArtifacts): Promise<{ result: ScenarioResult; artifacts: RunArtifacts }> {
   const job = `chaos-${sc.name}-${cfg.seed}`;
-  const cluster = new Cluster({ dir: cfg.dir, jobArgs: jobArgs(cfg), coordinatorArgs: ["--workers", String(sc.workers), "--ack-wait", String(cfg.ackWaitS), "--max-deliver", String(cfg.maxDeliver)] });
+  const cluster = new Cluster({ dir: cfg.dir, jobArgs: jobArgs(cfg, sc.fineTune ?? false), coordinatorArgs: ["--workers", String(sc.workers), "--ack-wait", String(cfg.ackWaitS), "--max-deliver", String(cfg.maxDeliver)] });
+  running.add(cluster);
   const server = await startNatsServer();
   const notes: string[] = [];
   let nextWorker = 0;
@@ -307,10 +372,16 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
       return w;
     };
     for (let i = 0; i < sc.workers; i++) await addWorker();
-    const coordinator = await cluster.coordinator(server.url, job);
+    // Fine-tuning: a checkpoint every 2 steps (progress to trigger on), a lost peer noticed in 10 s.
+    const env = sc.fineTune ? { CTRAIN_DP_CHECKPOINT_EVERY: "2", CTRAIN_DP_STEP_TIMEOUT_MS: "10000" } : {};
+    const coordinator = await cluster.coordinator(server.url, job, [], env);
     const c: ScenarioContext = {
-      server, cluster, job, workers, coordinator, sched, notes, addWorker,
-      restartCoordinator: async () => (c.coordinator = await cluster.coordinator(server.url, job)),
+      server, cluster, job, workers, coordinator, coordinators: [coordinator], sched, notes, addWorker,
+      restartCoordinator: async () => {
+        c.coordinator = await cluster.coordinator(server.url, job, [], env);
+        c.coordinators.push(c.coordinator);
+        return c.coordinator;
+      },
     };
     ctx = c;
     await sc.run(c);
@@ -322,35 +393,50 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
     wall = (performance.now() - t0) / 1000;
     await stopAll(workers).catch(() => undefined);
     cluster.killAll();
+    running.delete(cluster);
     await server.stop().catch(() => undefined);
+    if (cfg.logDir) {
+      await mkdir(join(cfg.logDir, job), { recursive: true });
+      for (const p of cluster.procs) await writeFile(join(cfg.logDir, job, `${p.name}.log`), p.stderr);
+    }
   }
   const out = cluster.outDir(job);
-  const artifacts: RunArtifacts = { wallS: wall };
+  const artifacts: RunArtifacts = { wallS: wall, features: new Map() };
   const result: ScenarioResult = {
     scenario: sc.name, seed: cfg.seed, workers: sc.workers, faults: sched.faults, completed: false, exit,
-    samples_planned: planned.length, samples_committed: 0, samples_lost: planned.length, samples_duplicated: 0, samples_foreign: 0,
+    samples_planned: planned.length * (sc.fineTune ? 2 : 1), samples_committed: 0, samples_lost: planned.length * (sc.fineTune ? 2 : 1), samples_duplicated: 0, samples_foreign: 0,
     shards_extracted_twice: [...shardsDone(workers).values()].filter((n) => n > 1).length,
     feature_max_diff: null, weights_max_diff: null, test_accuracy: null, test_accuracy_delta_points: null,
     wall_s: Number(wall.toFixed(1)), overhead: baseline ? Number((wall / baseline.wallS).toFixed(2)) : null, ok: false, error, notes,
   };
   result.completed = exit === 0 && existsSync(join(out, "summary.json"));
   try {
-    const set = await cluster.committed(job);
-    artifacts.features = set;
+    const keys = await cluster.committedKeys(job);
+    if (keys.length !== (sc.fineTune ? 2 : 1)) throw new Error(`${sc.fineTune ? 2 : 1} committed cache entries expected, found ${keys.length}`);
+    const cache = new FeatureCache(cluster.cacheDir(job));
     const plannedSet = new Set(planned);
-    const seen = new Map<string, number>();
-    for (const id of set.ids) seen.set(id, (seen.get(id) ?? 0) + 1);
-    result.samples_committed = set.ids.length;
-    result.samples_lost = planned.filter((id) => !seen.has(id)).length;
-    result.samples_duplicated = [...seen.values()].reduce((a, n) => a + n - 1, 0);
-    result.samples_foreign = [...seen.keys()].filter((id) => !plannedSet.has(id)).length;
-    if (baseline?.features) result.feature_max_diff = featureDiff(set, baseline.features);
+    result.samples_lost = 0;
+    const diffs: number[] = [];
+    for (const key of keys) {
+      const set = await cache.load(key);
+      const name = `${set.meta.featureLayer}/${set.meta.pooling}`;
+      artifacts.features.set(name, set);
+      const seen = new Map<string, number>();
+      for (const id of set.ids) seen.set(id, (seen.get(id) ?? 0) + 1);
+      result.samples_committed += set.ids.length;
+      result.samples_lost += planned.filter((id) => !seen.has(id)).length;
+      result.samples_duplicated += [...seen.values()].reduce((a, n) => a + n - 1, 0);
+      result.samples_foreign += [...seen.keys()].filter((id) => !plannedSet.has(id)).length;
+      const base = baseline?.features.get(name);
+      if (base) diffs.push(featureDiff(set, base));
+    }
+    if (diffs.length) result.feature_max_diff = Math.max(...diffs);
   } catch (err) {
     result.error = [result.error, `feature cache: ${(err as Error).message}`].filter(Boolean).join("\n");
   }
   if (result.completed) {
-    const summary = JSON.parse(await readFile(join(out, "summary.json"), "utf8")) as { phases: { head: { test_accuracy: number } } };
-    artifacts.testAccuracy = summary.phases.head.test_accuracy;
+    const summary = JSON.parse(await readFile(join(out, "summary.json"), "utf8")) as { phases: { head: { test_accuracy: number }; fine_tune?: { test_accuracy: number } } };
+    artifacts.testAccuracy = (summary.phases.fine_tune ?? summary.phases.head).test_accuracy;
     result.test_accuracy = artifacts.testAccuracy;
     const buf = await readFile(join(out, "model", "weights.bin"));
     artifacts.weights = new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4);

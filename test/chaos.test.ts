@@ -1,0 +1,60 @@
+/**
+ * The short chaos run of `npm test`: the clean job, then workers SIGKILLed mid-shard and the NATS
+ * server restarted mid-job (test/chaos/scenarios.ts), each checked against the clean run: the job
+ * completes, every planned sample is in the committed cache exactly once with the clean run's values,
+ * and the head is the clean run's. `npm run chaos` runs every scenario on a larger job.
+ */
+import assert from "node:assert/strict";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { DEFAULT_CONFIG, formatTable, plannedIds, runScenario, SCENARIOS, type ChaosConfig, type RunArtifacts, type ScenarioResult } from "./chaos/scenarios.js";
+
+const scenario = (name: string) => SCENARIOS.find((s) => s.name === name)!;
+
+function assertClean(r: ScenarioResult): void {
+  const why = formatTable([r]);
+  assert.equal(r.completed, true, why);
+  assert.equal(r.samples_lost, 0, why);
+  assert.equal(r.samples_duplicated, 0, why);
+  assert.equal(r.samples_foreign, 0, why);
+  assert.ok(r.ok, why);
+}
+
+describe("chaos", { concurrency: false }, () => {
+  let cfg: ChaosConfig;
+  let planned: string[];
+  let baseline: RunArtifacts | undefined;
+  before(async () => {
+    cfg = { ...DEFAULT_CONFIG, dir: await mkdtemp(join(tmpdir(), "ctrain-chaos-test-")), limit: 120, shardSize: 12, timeoutMs: 150_000 };
+    planned = await plannedIds(cfg);
+  });
+  after(async () => {
+    await rm(cfg.dir, { recursive: true, force: true });
+  });
+
+  test("chaos - clean job: every planned sample once", { timeout: 180_000 }, async () => {
+    const { result, artifacts } = await runScenario(scenario("clean"), cfg, planned);
+    assertClean(result);
+    baseline = artifacts;
+  });
+
+  test("chaos - workers SIGKILLed mid-shard and replaced: nothing lost or duplicated, same features and head", { timeout: 180_000 }, async () => {
+    assert.ok(baseline, "the clean run failed");
+    const { result } = await runScenario(scenario("kill-workers"), cfg, planned, baseline);
+    assertClean(result);
+    assert.ok(result.faults.some((f) => f.includes("SIGKILL")), `no worker was killed: ${formatTable([result])}`);
+    assert.equal(result.feature_max_diff, 0, "features as in the clean run");
+    assert.equal(result.weights_max_diff, 0, "head as in the clean run");
+  });
+
+  test("chaos - NATS server restarted mid-job: nothing lost or duplicated, same features and head", { timeout: 180_000 }, async () => {
+    assert.ok(baseline, "the clean run failed");
+    const { result } = await runScenario(scenario("nats-restart"), cfg, planned, baseline);
+    assertClean(result);
+    assert.ok(result.faults.some((f) => f.includes("NATS restart")), `the server was not restarted: ${formatTable([result])}`);
+    assert.equal(result.feature_max_diff, 0, "features as in the clean run");
+    assert.equal(result.weights_max_diff, 0, "head as in the clean run");
+  });
+});
