@@ -231,6 +231,7 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
 
     await report({ state: "training", step: cursor.step });
     log.info("training", { attempt, members: av.members, membership_epoch: av.epoch, from: cursor });
+    const fitStart = performance.now();
     await fit(model, train, {
       epochs, batchSize: spec.batchSize, seed: spec.seed, numClasses: spec.numClasses, optimizer, validation,
       initialEpoch: start.cursor.epoch, initialBatch: start.cursor.batch, signal: stop.signal,
@@ -267,7 +268,12 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
       await putBytes(os, CHECKPOINT_OBJECTS.latest, encodeState(s));
     }
     await report({ state: "done", step: cursor.step, cursor: { ...cursor }, history, allreduce_seconds: allreduce.seconds, allreduce_bytes: allreduce.bytes, members: [...av.members] });
-    log.info("training done", { attempt, steps: cursor.step, allreduce_seconds: Number(allreduce.seconds.toFixed(3)) });
+    const stepsRun = cursor.step - start.cursor.step;
+    const trainSeconds = (performance.now() - fitStart) / 1000;
+    log.info("training done", {
+      attempt, steps: cursor.step, steps_run: stepsRun, train_seconds: Number(trainSeconds.toFixed(3)), allreduce_seconds: Number(allreduce.seconds.toFixed(3)),
+      step_seconds: stepsRun ? Number((trainSeconds / stepsRun).toFixed(4)) : 0, allreduce_bytes_per_step: stepsRun ? Math.round(allreduce.bytes / stepsRun) : 0,
+    });
   } catch (err) {
     const e = err instanceof Error ? err : new Error(String(err));
     if (o.signal?.aborted) {

@@ -1,0 +1,192 @@
+/**
+ * Data-parallel fine-tuning end to end: a real nats-server, real `ctrain coordinator` and `ctrain
+ * worker` processes, real Fashion-MNIST (a few hundred images, input 64) and the real MobileNetV2 top
+ * block (--fine-tune-layers 3). The reference is the one-process path (`ctrain run --workers 1`) with
+ * the same seed and global batch; every run shares one feature/activation cache so only the first
+ * extracts. Dropout is 0 so that the head's forward pass is deterministic in every process.
+ */
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { CTRAIN_BIN } from "./helpers/cli.js";
+import { check, startNatsServer, type NatsServer } from "./helpers/nats_server.js";
+
+const JOB_ARGS = [
+  "--data", "fashion-mnist", "--limit", "200", "--input-size", "64", "--epochs", "1", "--head-units", "16", "--dropout", "0",
+  "--fine-tune-layers", "3", "--fine-tune-epochs", "3", "--batch-size", "32", "--backend", "wasm", "--log-format", "json", "--seed", "42", "--metrics-port", "-1",
+];
+
+interface LogLine {
+  msg: string;
+  [k: string]: unknown;
+}
+
+class Proc {
+  lines: LogLine[] = [];
+  stderr = "";
+  readonly exited: Promise<number | null>;
+  constructor(readonly name: string, readonly proc: ChildProcess) {
+    let buf = "";
+    const onData = (d: Buffer): void => {
+      const s = d.toString();
+      this.stderr = (this.stderr + s).slice(-100_000);
+      buf += s;
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        if (line.startsWith("{")) {
+          try {
+            this.lines.push(JSON.parse(line) as LogLine);
+          } catch {
+            // not a log line
+          }
+        }
+      }
+    };
+    proc.stderr!.on("data", onData);
+    proc.stdout!.on("data", onData);
+    this.exited = new Promise((r) => proc.once("exit", (code, signal) => r(code ?? (signal ? -1 : null))));
+  }
+  logged(msg: string): LogLine[] {
+    return this.lines.filter((l) => l.msg === msg);
+  }
+  async waitFor(msg: string, timeoutMs = 60_000): Promise<LogLine> {
+    return check(() => {
+      if (this.proc.exitCode !== null && this.logged(msg).length === 0) throw new Error(`${this.name} exited ${this.proc.exitCode} before logging "${msg}":\n${this.stderr.slice(-3000)}`);
+      return this.logged(msg)[0];
+    }, timeoutMs, 50);
+  }
+  tail(): string {
+    return `--- ${this.name} ---\n${this.stderr.slice(-3000)}`;
+  }
+}
+
+let dir: string;
+let nats: NatsServer;
+const procs: Proc[] = [];
+let reference: { weights: Float32Array; valAccuracy: number };
+
+function ctrain(name: string, args: string[], env: NodeJS.ProcessEnv = {}): Proc {
+  const proc = spawn(process.execPath, [CTRAIN_BIN, ...args], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  const p = new Proc(name, proc);
+  procs.push(p);
+  return p;
+}
+
+function worker(job: string, id: string): Proc {
+  return ctrain(id, ["worker", "--nats", nats.url, "--job", job, "--worker-id", id, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"]);
+}
+
+function coordinator(job: string, workers: number, env: NodeJS.ProcessEnv = {}): Proc {
+  return ctrain(`coordinator-${job}`, ["coordinator", "--nats", nats.url, "--job", job, ...JOB_ARGS, "--workers", String(workers), "--cache-dir", join(dir, "cache"), "--out", join(dir, job)], env);
+}
+
+async function succeeds(c: Proc, others: Proc[], timeoutMs = 150_000): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const code = await Promise.race([c.exited, new Promise<string>((r) => (timer = setTimeout(() => r("timeout"), timeoutMs)))]);
+  clearTimeout(timer);
+  assert.equal(code, 0, `${c.name} ended with ${code}\n${c.tail()}\n${others.map((o) => o.tail()).join("\n")}`);
+}
+
+async function stop(ps: Proc[]): Promise<void> {
+  for (const p of ps) if (p.proc.exitCode === null && p.proc.signalCode === null) p.proc.kill("SIGKILL");
+  await Promise.all(ps.map((p) => p.exited));
+}
+
+async function result(out: string): Promise<{ weights: Float32Array; valAccuracy: number }> {
+  const bin = await readFile(join(out, "model", "weights.bin"));
+  const summary = JSON.parse(await readFile(join(out, "summary.json"), "utf8")) as { phases: { fine_tune: { val_accuracy: number } } };
+  return { weights: new Float32Array(bin.buffer.slice(bin.byteOffset, bin.byteOffset + bin.byteLength)), valAccuracy: summary.phases.fine_tune.val_accuracy };
+}
+
+function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+  assert.equal(a.length, b.length, "same model size");
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
+  return m;
+}
+
+/** Runs a job with N fresh workers and returns its result. */
+async function dataParallelJob(job: string, n: number, env: NodeJS.ProcessEnv = {}): Promise<{ weights: Float32Array; valAccuracy: number; c: Proc; ws: Proc[] }> {
+  const ws = Array.from({ length: n }, (_, i) => worker(job, `${job}-w${i}`));
+  const c = coordinator(job, n, env);
+  await succeeds(c, ws);
+  await stop(ws);
+  return { ...(await result(join(dir, job))), c, ws };
+}
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), "ctrain-dp-"));
+  nats = await startNatsServer();
+  // The one-process reference (local fine-tuning); it also fills the shared cache.
+  const ref = ctrain("reference", ["run", ...JOB_ARGS, "--workers", "1", "--cache-dir", join(dir, "cache"), "--out", join(dir, "reference")]);
+  await succeeds(ref, []);
+  reference = await result(join(dir, "reference"));
+});
+
+after(async () => {
+  await stop(procs);
+  await nats?.stop();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe("data-parallel", () => {
+  test("data-parallel - N=2 and N=3 workers reach the one-process weights (fp32 wire)", async () => {
+    for (const n of [2, 3]) {
+      const r = await dataParallelJob(`equiv${n}`, n);
+      assert.ok(r.c.logged("membership").length >= 1, "a membership was planned");
+      assert.equal(r.c.logged("data-parallel fine-tuning done").length, 1, "the data-parallel driver ran");
+      const d = maxAbsDiff(r.weights, reference.weights);
+      assert.ok(d < 1e-4, `N=${n}: max |w - w_ref| = ${d}`);
+    }
+  });
+
+  test("data-parallel - a worker SIGKILLed mid-fine-tune: the survivors finish, accuracy as undisturbed", async () => {
+    const job = "kill";
+    const ws = [0, 1, 2].map((i) => worker(job, `${job}-w${i}`));
+    const c = coordinator(job, 3, { CTRAIN_DP_STEP_TIMEOUT_MS: "4000" });
+    await ws[2]!.waitFor("training", 120_000);
+    await new Promise((r) => setTimeout(r, 1500));
+    ws[2]!.proc.kill("SIGKILL");
+    await succeeds(c, ws);
+    const lost = c.logged("worker lost: new membership");
+    assert.ok(lost.length >= 1, `the coordinator re-planned without the lost worker\n${c.tail()}`);
+    assert.deepEqual(lost.at(-1)!["members"], [`${job}-w0`, `${job}-w1`]);
+    assert.ok(ws.slice(0, 2).some((w) => w.logged("redoing the step with the new membership").length > 0), "a survivor redid the step");
+    const r = await result(join(dir, job));
+    assert.ok(Math.abs(r.valAccuracy - reference.valAccuracy) <= 0.01, `val accuracy ${r.valAccuracy} vs undisturbed ${reference.valAccuracy}`);
+    // The redo recomputes the same global batch: the weights stay those of the undisturbed run.
+    const d = maxAbsDiff(r.weights, reference.weights);
+    assert.ok(d < 1e-4, `max |w - w_ref| = ${d}`);
+    await stop(ws);
+  });
+
+  test("data-parallel - a restarted coordinator resumes from the checkpoint cursor", async () => {
+    const job = "resume";
+    const env = { CTRAIN_DP_CHECKPOINT_EVERY: "5" };
+    const first = [0, 1].map((i) => worker(job, `${job}-a${i}`));
+    const c1 = coordinator(job, 2, env);
+    const ck = await c1.waitFor("checkpoint saved", 120_000);
+    // The whole job dies: coordinator and workers.
+    await stop([c1, ...first]);
+    const saved = (ck["step"] as number);
+    assert.ok(saved >= 5, `checkpoint at step ${saved}`);
+    const second = [0, 1].map((i) => worker(job, `${job}-b${i}`));
+    const c2 = coordinator(job, 2, env);
+    const resumed = await c2.waitFor("resuming fine-tuning from checkpoint", 120_000);
+    assert.ok((resumed["step"] as number) >= saved, `resumed at step ${resumed["step"]}, checkpoint was at ${saved}`);
+    await succeeds(c2, second);
+    for (const w of second) {
+      const from = w.logged("training")[0]?.["from"] as { step: number } | undefined;
+      assert.equal(from?.step, resumed["step"], `${w.name} started at the checkpoint's step, not from 0`);
+    }
+    const r = await result(join(dir, job));
+    const d = maxAbsDiff(r.weights, reference.weights);
+    assert.ok(d < 1e-4, `resumed job's weights: max |w - w_ref| = ${d}`);
+    await stop(second);
+  });
+});
