@@ -211,13 +211,16 @@ export class NatsShardExecutor implements ShardExecutor {
           await publishTask(wire, attempt);
           return;
         }
-        pending.delete(wire);
-        running.delete(wire);
         const data: FeatureShardData = {
           shardId: shard.id, ids: fs.ids, labels: fs.labels, splits: fs.splits.map((s) => FROM_WIRE_SPLIT[s]),
           features: bytesToFloat32(fs.features), skipped: fs.skipped,
         };
         await onShard(data);
+        // Only once stored: removed before, a faster shard fetched alongside could empty `pending` and
+        // finish the run while this one was still being written, and the commit then missed its samples.
+        if (!pending.has(wire)) return;
+        pending.delete(wire);
+        running.delete(wire);
         counts.done++;
         setShards();
         const seen = imagesSeen.get(wire) ?? 0;

@@ -190,7 +190,7 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
     const hook = async (grads: tf.NamedTensorMap, samples: number): Promise<tf.NamedTensorMap> => {
       const step = cursor.step;
       if (checkpointEvery > 0 && step > start.cursor.step && step % checkpointEvery === 0 && av.members[0] === self) {
-        const s = await captureState(model, optimizer!, cursor, { attempt, members: av.members, history });
+        const s = await captureState(model, optimizer!, cursor, { attempt, members: av.members, history, fingerprint: x["fingerprint"] });
         await putBytes(os, CHECKPOINT_OBJECTS.latest, encodeState(s));
         await report({ state: "checkpoint", step, cursor: { ...cursor } });
         log.info("checkpoint saved", { step, epoch: cursor.epoch, batch: cursor.batch });
@@ -263,7 +263,7 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
     await new Promise((r) => setTimeout(r, 200));
     if (stop.signal.aborted) throw stop.signal.reason;
     if (av.members[0] === self) {
-      const s = await captureState(model, optimizer, cursor, { attempt, members: av.members, history });
+      const s = await captureState(model, optimizer, cursor, { attempt, members: av.members, history, fingerprint: x["fingerprint"] });
       await putBytes(os, CHECKPOINT_OBJECTS.final(attempt), encodeState(s));
       await putBytes(os, CHECKPOINT_OBJECTS.latest, encodeState(s));
     }

@@ -323,9 +323,12 @@ export const SCENARIOS: Scenario[] = [
       await ctx.restartCoordinator();
       s.record("coordinator restarted, same job id");
       const c2 = ctx.coordinator;
-      await s.until(() => c2.logged("resuming fine-tuning from checkpoint").length > 0 || c2.logged("training spec published").length > 0);
-      const resumed = c2.logged("resuming fine-tuning from checkpoint")[0];
-      ctx.notes.push(resumed ? `resumed fine-tuning at step ${String(resumed.step)}` : "the restarted coordinator did not resume from a checkpoint");
+      const said = (): Record<string, unknown> | undefined => ["resuming fine-tuning from checkpoint", "fine-tuning already complete in the checkpoint", "ignoring a checkpoint of another configuration", "training spec published"]
+        .map((m) => c2.logged(m)[0]).find(Boolean);
+      await s.until(() => said() !== undefined);
+      const l = said();
+      ctx.notes.push(l?.msg === "training spec published" && l.from_step === 0 ? "the restarted coordinator found no checkpoint: fine-tuning started again from step 0"
+        : l ? `restarted coordinator: ${String(l.msg)} (step ${String(l.step ?? l.from_step)})` : "the restarted coordinator ended before fine-tuning");
     },
   },
 ];
@@ -386,7 +389,11 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
     ctx = c;
     await sc.run(c);
     exit = await waitExit(c.coordinator, Math.max(1, cfg.timeoutMs - (performance.now() - t0)));
-    if (exit !== 0) error = `coordinator ended with ${exit}\n${c.coordinator.tail()}`;
+    if (exit !== 0) {
+      // The lines that say why: not the debug chatter.
+      const why = c.coordinator.stderr.split("\n").filter((l) => l.trim() && !l.includes('"level":"debug"') && !/^\s*(extract|head|fine_tune)\s+\[/.test(l)).slice(-8);
+      error = `coordinator ended with ${exit}:\n${why.join("\n")}`;
+    }
   } catch (err) {
     error = (err as Error).stack ?? String(err);
   } finally {
@@ -397,7 +404,7 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
     await server.stop().catch(() => undefined);
     if (cfg.logDir) {
       await mkdir(join(cfg.logDir, job), { recursive: true });
-      for (const p of cluster.procs) await writeFile(join(cfg.logDir, job, `${p.name}.log`), p.stderr);
+      for (const [i, p] of cluster.procs.entries()) await writeFile(join(cfg.logDir, job, `${i}-${p.name}.log`), p.stderr);
     }
   }
   const out = cluster.outDir(job);
