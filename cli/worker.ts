@@ -16,6 +16,7 @@ import { defaultWorkerId, NatsWorker } from "../worker/nats_worker.js";
 export const WORKER_HELP = `usage: ctrain worker --nats URL [--job ID|any] [options]
 
 Pulls feature-extraction shards of a job from NATS, extracts them, stores the features.
+When the coordinator publishes a fine-tuning spec, it also trains as a data-parallel replica.
 
 options:
   --nats URL                 NATS server(s), comma-separated (required)

@@ -221,12 +221,13 @@ export class NatsWorker implements AsyncDisposable {
     };
     this.jobs.set(job, ctx);
     this.stateNow = "idle";
-    void this.watchTraining(ctx);
     this.o.nc.publish(names.hello, encode("WorkerHello", {
       header: makeHeader(job, this.id), worker: this.id, backend: this.o.backend as Backend, host: hostname(), pid: process.pid,
       cores: 1, softwareVersion: process.env.npm_package_version ?? "", state: "idle",
     }));
     await this.heartbeat();
+    // After the first heartbeat: the registry sees the worker before anything else is set up.
+    void this.watchTraining(ctx);
     this.o.log.info("joined job", { job, stream: names.tasksStream, ack_wait_ms: ctx.ackWaitMs, max_deliver: ctx.maxDeliver });
     return ctx;
   }
