@@ -9,7 +9,8 @@
  * the committed feature cache holds every planned sample id exactly once (nothing lost, nothing
  * duplicated, nothing foreign) with the same values as the clean run's for the same ids; the head
  * (model/weights.bin) and its test accuracy against the clean run's. Head training is seeded and the
- * features are the same, so equality is expected, not just closeness.
+ * features are the same, so equality is expected, not just closeness; fine-tuning under another
+ * membership is equal to float tolerance (see {@link accuracyTolerance}).
  */
 import { existsSync } from "node:fs";
 import { mkdir, readFile, writeFile } from "node:fs/promises";
@@ -79,6 +80,8 @@ export interface ScenarioResult {
   test_accuracy: number | null;
   /** (test accuracy - clean run's) in percentage points. */
   test_accuracy_delta_points: number | null;
+  /** Test images: one of them is 100 / test_samples points, the least an accuracy can move. */
+  test_samples: number | null;
   wall_s: number;
   /** wall time / clean run's wall time. */
   overhead: number | null;
@@ -413,7 +416,7 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
     scenario: sc.name, seed: cfg.seed, workers: sc.workers, faults: sched.faults, completed: false, exit,
     samples_planned: planned.length * (sc.fineTune ? 2 : 1), samples_committed: 0, samples_lost: planned.length * (sc.fineTune ? 2 : 1), samples_duplicated: 0, samples_foreign: 0,
     shards_extracted_twice: [...shardsDone(workers).values()].filter((n) => n > 1).length,
-    feature_max_diff: null, weights_max_diff: null, test_accuracy: null, test_accuracy_delta_points: null,
+    feature_max_diff: null, weights_max_diff: null, test_accuracy: null, test_accuracy_delta_points: null, test_samples: null,
     wall_s: Number(wall.toFixed(1)), overhead: baseline ? Number((wall / baseline.wallS).toFixed(2)) : null, ok: false, error, notes,
   };
   result.completed = exit === 0 && existsSync(join(out, "summary.json"));
@@ -442,7 +445,8 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
     result.error = [result.error, `feature cache: ${(err as Error).message}`].filter(Boolean).join("\n");
   }
   if (result.completed) {
-    const summary = JSON.parse(await readFile(join(out, "summary.json"), "utf8")) as { phases: { head: { test_accuracy: number }; fine_tune?: { test_accuracy: number } } };
+    const summary = JSON.parse(await readFile(join(out, "summary.json"), "utf8")) as { samples: { test: number }; phases: { head: { test_accuracy: number }; fine_tune?: { test_accuracy: number } } };
+    result.test_samples = summary.samples.test;
     artifacts.testAccuracy = (summary.phases.fine_tune ?? summary.phases.head).test_accuracy;
     result.test_accuracy = artifacts.testAccuracy;
     const buf = await readFile(join(out, "model", "weights.bin"));
@@ -456,8 +460,18 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
   }
   result.ok = result.completed && result.samples_lost === 0 && result.samples_duplicated === 0 && result.samples_foreign === 0
     && (result.feature_max_diff === null || result.feature_max_diff <= 1e-5)
-    && (result.test_accuracy_delta_points === null || Math.abs(result.test_accuracy_delta_points) <= 1);
+    && (result.test_accuracy === null || baseline?.testAccuracy === undefined || Math.abs(result.test_accuracy - baseline.testAccuracy) * 100 <= accuracyTolerance(result.test_samples));
   return { result, artifacts };
+}
+
+/**
+ * Allowed |test accuracy - clean run's|, points: 1, or one test image where one image is more (48 test
+ * images: 2.08). Extraction and head are bit-identical under faults; data-parallel fine-tuning with
+ * another membership sums gradients in another order (weights differ by ~1e-4), which may flip one image.
+ */
+export function accuracyTolerance(testSamples: number | null): number {
+  // summary.json rounds accuracies to 4 decimals: 0.01 points of slack.
+  return Math.max(1, testSamples ? 100 / testSamples : 0) + 0.01;
 }
 
 function hash(s: string): number {
