@@ -109,9 +109,11 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   const progress = new Progress({ label: "head", total: stepsPerEpoch * opts.epochs, unit: "step" });
   let stepInPhase = 0;
   const numClasses = dataset.classes.length;
+  const headStep = stepMetrics(metrics, "head");
   const headOptions: HeadTrainingOptions = {
     epochs: opts.epochs, batchSize: opts.batchSize, learningRate: opts.learningRate, units: opts.headUnits, dropout: opts.dropout, seed: opts.seed,
-    onBatchEnd: ({ epoch, loss }) => {
+    onBatchEnd: ({ epoch, batch, samples, loss }) => {
+      headStep({ batch, samples });
       stepInPhase++;
       progress.tick(1, `epoch ${epoch + 1}/${opts.epochs} loss ${loss.toFixed(4)}`);
       metrics?.setEpoch("head", epoch + 1, stepInPhase);
@@ -252,7 +254,9 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
   const steps = Math.ceil(trainCount / opts.batchSize) * epochs;
   const progress = new Progress({ label: "fine_tune", total: steps, unit: "step" });
   let step = 0;
-  const onBatchEnd = ({ epoch, loss }: { epoch: number; loss: number }): void => {
+  const fineTuneStep = stepMetrics(metrics, "fine_tune");
+  const onBatchEnd = ({ epoch, batch, samples, loss }: { epoch: number; batch: number; samples: number; loss: number }): void => {
+    fineTuneStep({ batch, samples });
     step++;
     progress.tick(1, `epoch ${epoch + 1}/${epochs} loss ${loss.toFixed(4)}`);
     metrics?.setEpoch("fine_tune", epoch + 1, step);
@@ -279,4 +283,20 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
   metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
   log.info("fine-tuned", { test_accuracy: round(result.test.accuracy), test_loss: round(result.test.loss), val_accuracy: round(result.val_accuracy), val_loss_before: round(result.val_loss_before), seconds: round(result.seconds, 2) });
   return { result, info, top: split.top, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };
+}
+
+/**
+ * Images and step time of a training loop that runs in this process (head training, one-process
+ * fine-tuning), for ctrain_images_processed_total and ctrain_step_duration_seconds. A step is timed
+ * from the previous batch's end; the first batch of an epoch is counted but not timed, because its
+ * gap would include the previous epoch's validation.
+ */
+function stepMetrics(metrics: CtrainMetrics | undefined, phase: "head" | "fine_tune"): (info: { batch: number; samples: number }) => void {
+  let last = 0;
+  return ({ batch, samples }) => {
+    const now = performance.now();
+    if (batch > 0 && last > 0) metrics?.observeStep(phase, (now - last) / 1000);
+    last = now;
+    metrics?.countImages(phase, samples);
+  };
 }
