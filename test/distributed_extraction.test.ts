@@ -236,10 +236,16 @@ describe("distributed extraction", { concurrency: false }, () => {
     const early = await worker(server.url, job, "late-w0");
     const c = await coordinator(server.url, job);
     await early.waitFor("shard done", 90_000);
+    // Hold the early worker while the late one starts, so that the late one surely finds work left
+    // (otherwise a fast early worker may finish every shard while the late one loads its model).
+    early.proc.kill("SIGSTOP");
     const late = await worker(server.url, job, "late-w1");
     try {
+      await late.waitFor("shard done", 90_000);
+      early.proc.kill("SIGCONT");
       await expectSuccess(c, [early, late]);
     } finally {
+      early.proc.kill("SIGCONT");
       await stopAll([early, late]);
     }
     assertExactlyOnce(await committed(job));
