@@ -7,68 +7,26 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile, spawn, type ChildProcess } from "node:child_process";
-import { copyFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { execFile } from "node:child_process";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { Registry } from "prom-client";
-import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
+import { parse as parseYaml } from "yaml";
 import { createMetrics, serveMetrics, writeScrapeTargets } from "../core/metrics.js";
-import { freePort } from "./helpers/free_port.js";
 import { parseExposition, seriesNames } from "./helpers/prom_text.js";
+import {
+  DASHBOARD_VARIABLES, INSTALL_HINT, PROM_DIR, ROOT, allPanels, alertRules, dashboardExpressions, eventually, loadDashboard, promQuery, startPrometheus, stopPrometheus,
+  writeTestConfig, type PromHandle,
+} from "./helpers/prometheus.js";
 
 const run = promisify(execFile);
-// Tests run from dist/test/; the deploy files stay in the source tree.
-const ROOT = fileURLToPath(new URL("../../", import.meta.url));
-const PROM_DIR = join(ROOT, "deploy/prometheus");
-const DASHBOARD = join(ROOT, "deploy/grafana/ctrain-dashboard.json");
-const INSTALL_HINT = "install it with `apt-get install -y prometheus` (Debian package, ships prometheus and promtool)";
 
 /** Values a test puts in for the dashboard's variables; nothing else may appear in an expression. */
-const VARIABLES: Record<string, string> = { $job: "ptest", $worker: ".*", $__rate_interval: "1m" };
+const VARIABLES: Record<(typeof DASHBOARD_VARIABLES)[number], string> = { $job: "ptest", $worker: ".*", $__rate_interval: "1m" };
 /** Series Prometheus makes itself for every target. */
 const SYNTHETIC = new Set(["up", "scrape_duration_seconds", "scrape_samples_scraped"]);
-
-interface Panel {
-  id: number;
-  type: string;
-  title: string;
-  targets?: { expr?: string; refId?: string }[];
-  panels?: Panel[];
-}
-interface Dashboard {
-  schemaVersion: number;
-  uid: string;
-  title: string;
-  panels: Panel[];
-  templating: { list: { name: string; type: string; query?: unknown; definition?: string }[] };
-}
-interface Rule {
-  alert?: string;
-  record?: string;
-  expr: string;
-  for?: string;
-}
-
-async function loadDashboard(): Promise<Dashboard> {
-  return JSON.parse(await readFile(DASHBOARD, "utf8")) as Dashboard;
-}
-
-function allPanels(panels: Panel[]): Panel[] {
-  return panels.flatMap((p) => [p, ...allPanels(p.panels ?? [])]);
-}
-
-async function dashboardExpressions(): Promise<{ panel: string; expr: string }[]> {
-  const d = await loadDashboard();
-  return allPanels(d.panels).flatMap((p) => (p.targets ?? []).map((t) => ({ panel: p.title, expr: t.expr ?? "" })));
-}
-
-async function alertRules(): Promise<Rule[]> {
-  const doc = parseYaml(await readFile(join(PROM_DIR, "alerts.yml"), "utf8")) as { groups: { name: string; rules: Rule[] }[] };
-  return doc.groups.flatMap((g) => g.rules);
-}
 
 /** Series names (with histogram suffixes) a fresh ctrain process exports. */
 async function exportedNames(): Promise<Set<string>> {
@@ -83,7 +41,7 @@ function metricNames(expr: string): string[] {
 }
 
 function substitute(expr: string): string {
-  return expr.replace(/\$\{?(__rate_interval|job|worker)\}?/g, (_all, name: string) => VARIABLES[`$${name}`]);
+  return expr.replace(/\$\{?(__rate_interval|job|worker)\}?/g, (_all, name: string) => VARIABLES[`$${name}` as keyof typeof VARIABLES]);
 }
 
 async function promtool(args: string[]): Promise<{ stdout: string; stderr: string }> {
@@ -200,69 +158,6 @@ test("metrics - alert rules name only exported metrics", async () => {
 
 // ---- a real Prometheus ----
 
-interface PromHandle {
-  base: string;
-  proc: ChildProcess;
-  log: () => string;
-}
-
-async function startPrometheus(configFile: string, dataDir: string): Promise<PromHandle> {
-  // freePort can race with another process; retry a few times on an early exit.
-  for (let attempt = 0; ; attempt++) {
-    const port = await freePort();
-    let out = "";
-    const proc = spawn(
-      "prometheus",
-      [`--config.file=${configFile}`, `--storage.tsdb.path=${dataDir}`, `--web.listen-address=127.0.0.1:${port}`, "--log.level=warn"],
-      { stdio: ["ignore", "pipe", "pipe"] },
-    );
-    const spawnError = new Promise<Error>((resolve) => proc.once("error", resolve));
-    proc.stdout!.on("data", (b: Buffer) => (out += b.toString()));
-    proc.stderr!.on("data", (b: Buffer) => (out += b.toString()));
-    const base = `http://127.0.0.1:${port}`;
-    const deadline = Date.now() + 30_000;
-    while (Date.now() < deadline) {
-      const err = await Promise.race([spawnError, new Promise<undefined>((r) => setTimeout(r, 100, undefined))]);
-      if (err) {
-        if ((err as NodeJS.ErrnoException).code === "ENOENT") assert.fail(`prometheus not found in PATH: ${INSTALL_HINT}`);
-        throw err;
-      }
-      if (proc.exitCode !== null) break;
-      try {
-        if ((await fetch(`${base}/-/ready`)).ok) return { base, proc, log: () => out };
-      } catch {
-        // not listening yet
-      }
-    }
-    await stopPrometheus(proc);
-    if (attempt >= 2 || !/address already in use/.test(out)) assert.fail(`prometheus did not become ready:\n${out}`);
-  }
-}
-
-async function stopPrometheus(proc: ChildProcess): Promise<void> {
-  if (proc.exitCode !== null || proc.signalCode !== null) return;
-  const exited = new Promise<void>((r) => proc.once("exit", () => r()));
-  proc.kill("SIGTERM");
-  const timer = setTimeout(() => proc.kill("SIGKILL"), 5_000);
-  await exited;
-  clearTimeout(timer);
-}
-
-async function promQuery(base: string, query: string): Promise<{ status: string; error?: string; data?: { result: { metric: Record<string, string>; value: [number, string] }[] } }> {
-  const res = await fetch(`${base}/api/v1/query?query=${encodeURIComponent(query)}`);
-  return (await res.json()) as { status: string; error?: string; data?: { result: { metric: Record<string, string>; value: [number, string] }[] } };
-}
-
-/** Poll `fn` until it returns a value other than undefined, or fail after `timeoutMs` with `what`. */
-async function eventually<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) assert.fail(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
 
 test("metrics - a real Prometheus on the shipped config scrapes ctrain, fires rules and runs every dashboard query", { timeout: 120_000 }, async () => {
   const dir = await mkdtemp(join(tmpdir(), "ctrain-prom-"));
@@ -279,18 +174,10 @@ test("metrics - a real Prometheus on the shipped config scrapes ctrain, fires ru
     m.setEvaluation("fine_tune", "train", { loss: Number.NaN, accuracy: 0.1 });
 
     // The shipped config, faster, without the static example (its target does not exist here).
-    const cfg = parseYaml(await readFile(join(PROM_DIR, "prometheus.yml"), "utf8")) as {
-      global: Record<string, string>;
-      scrape_configs: { job_name: string; file_sd_configs?: { refresh_interval?: string }[] }[];
-    };
-    cfg.global.scrape_interval = "1s";
-    cfg.global.evaluation_interval = "1s";
-    cfg.scrape_configs = cfg.scrape_configs.filter((c) => c.job_name === "ctrain");
-    await writeFile(join(dir, "prometheus.yml"), stringifyYaml(cfg));
-    await copyFile(join(PROM_DIR, "alerts.yml"), join(dir, "alerts.yml"));
+    const configFile = await writeTestConfig(dir);
     await writeScrapeTargets(join(dir, "ctrain-targets.json"), [{ address: `127.0.0.1:${srv.port}`, job: "ptest", worker: "w0" }]);
 
-    prom = await startPrometheus(join(dir, "prometheus.yml"), join(dir, "data"));
+    prom = await startPrometheus(configFile, join(dir, "data"));
     const base = prom.base;
 
     const info = await eventually("ctrain_backend_info in Prometheus", async () => {
