@@ -351,6 +351,8 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
         }
         if (r.state === "training" && r.history?.length && r.worker === members[0] && r.history.length > epochsSeen) {
           epochsSeen = r.history.length;
+          // Progress between checkpoints (ctrain_progress_ratio, ctrain_epoch/step of fine_tune): member 0's step at the epoch's end.
+          if (r.step !== undefined) o.onBatchProgress?.(r.step, c.totalSteps, epochsSeen - 1);
           await o.onEpochEnd?.(r.history.at(-1)!);
         }
       }
