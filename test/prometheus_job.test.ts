@@ -255,7 +255,9 @@ describe("observability", { timeout: 420_000 }, () => {
     assert.ok(done.data!.result.length > 0, "shards reach done");
     const rate = await labelValues(`ctrain_extraction_images_per_second{job="${JOB}"} > 0`, "worker");
     assert.deepEqual([...rate].sort(), [`${JOB}-w0`, `${JOB}-w1`], "both workers report extraction throughput");
-    const epochs = await labelValues(`ctrain_epoch{job="${JOB}"}`, "phase");
+    const progress = await labelValues(`ctrain_progress_ratio{job="${JOB}",worker="coordinator"} > 0`, "phase");
+    assert.deepEqual([...progress].sort(), [...PHASES].sort(), "the coordinator reports progress of every phase");
+    const epochs = await labelValues(`ctrain_epoch{job="${JOB}",worker="coordinator"}`, "phase");
     assert.ok(epochs.has("head") && epochs.has("fine_tune"), `epoch of head and fine_tune (have ${[...epochs].join(", ")})`);
   });
 
