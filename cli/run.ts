@@ -125,7 +125,10 @@ export async function main(argv: string[]): Promise<number> {
   let cluster: (LocalCluster & { url: string }) | undefined;
   let nc: NatsConnection | undefined;
   const lost = new AbortController();
+  let targetsFile: string | undefined;
   const cleanup = async (): Promise<void> => {
+    // Processes that are gone leave Prometheus' file discovery, so a finished job is not "down".
+    if (targetsFile) await writeScrapeTargets(targetsFile, []).catch((err: unknown) => log.warn("clearing the scrape targets failed", { error: err as Error }));
     await nc?.drain().catch(() => undefined);
     await cluster?.stop().catch((err: unknown) => log.warn("stopping local workers failed", { error: err as Error }));
     await server?.close().catch(() => undefined);
@@ -145,7 +148,7 @@ export async function main(argv: string[]): Promise<number> {
       const targets: ScrapeTarget[] = [];
       if (server) targets.push({ address: `127.0.0.1:${server.port}`, job: opts.job, worker: "coordinator" });
       for (const w of cluster.workers) if (w.metricsPort > 0) targets.push({ address: `127.0.0.1:${w.metricsPort}`, job: opts.job, worker: w.id });
-      const targetsFile = join(opts.out, "ctrain-targets.json");
+      targetsFile = join(opts.out, "ctrain-targets.json");
       await writeScrapeTargets(targetsFile, targets);
       log.info("metrics endpoints", { targets: targets.map((t) => `${t.worker}=http://${t.address}/metrics`), prometheus_file_sd: targetsFile });
       nc = await connectNats(cluster.url, auth, { name: `ctrain-coordinator-${opts.job}` });

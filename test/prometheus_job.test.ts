@@ -317,7 +317,6 @@ describe("observability", { timeout: 420_000 }, () => {
 
   test(
     "observability - the run takes its processes out of the targets file when it ends",
-    { todo: "cli/run.ts leaves ctrain-targets.json in place: Prometheus keeps scraping the dead ports and CtrainWorkerDown fires 1 minute after every finished job" },
     async () => {
       const groups = JSON.parse(await readFile(job.targetsFile, "utf8")) as unknown[];
       assert.deepEqual(groups, []);
