@@ -11,7 +11,8 @@ import type { Pooling } from "./config.js";
 import { ConfigError } from "./errors.js";
 import type { Preprocessing, PretrainedSource } from "./model_zoo.js";
 
-interface LayerJson {
+/** One layer of a Keras topology JSON. */
+export interface LayerJson {
   name: string;
   class_name: string;
   config: Record<string, unknown> & { name?: string; batch_input_shape?: (number | null)[] };
@@ -34,7 +35,7 @@ function layersOf(mc: ModelConfigJson): LayerJson[] {
 }
 
 /** Names of the layers a node list refers to (Keras 2.x `[[name, node, tensor, kwargs]]` or Keras 3 dicts). */
-function inboundNames(layer: LayerJson): string[] {
+export function inboundNames(layer: LayerJson): string[] {
   const names: string[] = [];
   const visit = (x: unknown): void => {
     if (Array.isArray(x)) {

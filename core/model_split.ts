@@ -20,15 +20,8 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { ConfigError } from "./errors.js";
-import { cutTopology, loadCut } from "./feature_model.js";
+import { cutTopology, inboundNames, type LayerJson, loadCut } from "./feature_model.js";
 import type { PretrainedSource } from "./model_zoo.js";
-
-interface LayerJson {
-  name: string;
-  class_name: string;
-  config: Record<string, unknown> & { name?: string };
-  inbound_nodes?: unknown[];
-}
 
 function layersOf(topology: object): { layers: LayerJson[]; config: Record<string, unknown> } {
   const t = topology as Record<string, unknown>;
@@ -38,22 +31,6 @@ function layersOf(topology: object): { layers: LayerJson[]; config: Record<strin
   return { layers: config.layers, config };
 }
 
-/** Names of the layers a layer's inbound nodes read (Keras 2 lists and Keras 3 dicts). */
-function inboundNames(layer: LayerJson): string[] {
-  const names: string[] = [];
-  const visit = (x: unknown): void => {
-    if (Array.isArray(x)) {
-      if (typeof x[0] === "string" && typeof x[1] === "number") names.push(x[0]);
-      else x.forEach(visit);
-    } else if (x && typeof x === "object") {
-      const o = x as Record<string, unknown>;
-      if (Array.isArray(o["keras_history"]) && typeof (o["keras_history"] as unknown[])[0] === "string") names.push((o["keras_history"] as string[])[0]);
-      else Object.values(o).forEach(visit);
-    }
-  };
-  visit(layer.inbound_nodes ?? []);
-  return names;
-}
 
 /** Which layers of a base train, and where the base is cut for fine-tuning. */
 export interface SplitPlan {
