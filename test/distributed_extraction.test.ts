@@ -252,4 +252,20 @@ describe("distributed extraction", { concurrency: false }, () => {
     assert.ok(late.logged("shard done").length >= 1, `the late worker did no shard\n${late.tail()}`);
     assert.ok(c.lines.some((l) => l.msg === "worker joined" && l.worker === "late-w1"), "the coordinator saw it join");
   });
+
+  test("distributed - a shard too big for a worker's memory fails the job with a clear error, the worker survives", { timeout: 180_000 }, async () => {
+    const job = "dist-memory";
+    // 28 samples x 1280 features plus two batches of 64x64 images need about 2 MiB; allow 1 MiB.
+    const w = await worker(server.url, job, "mem-w0", [], { CTRAIN_WORKER_MEMORY_BYTES: String(2 ** 20) });
+    const c = await coordinator(server.url, job, ["--max-deliver", "2"]);
+    try {
+      const code = await waitExit(c, 120_000);
+      assert.notEqual(code, 0, "the job fails");
+      assert.match(c.stderr, /shard \S+ needs about \d+ MiB \(28 samples x 1280 features\) but this worker may use 1 MiB per shard: lower --shard-size/);
+      assert.ok(w.alive, `the worker is still running\n${w.tail()}`);
+      assert.ok(w.logged("shard failed for good").length >= 1);
+    } finally {
+      await stopAll([w, c]);
+    }
+  });
 });

@@ -61,3 +61,26 @@ export async function extractShard(dataset: Dataset, extractor: FeatureExtractor
   out.features = out.features.slice(0, row * extractor.featureDim);
   return out;
 }
+
+/**
+ * Bytes a worker holds for one shard at its peak: the features (kept, then copied into the
+ * protobuf message and its wire bytes) plus the decoded images and tensors of two batches in flight.
+ */
+export function shardMemoryBytes(samples: number, featureDim: number, inputSize: number, batchSize: number): number {
+  const features = samples * featureDim * 4 * 3;
+  const batches = 2 * batchSize * inputSize * inputSize * 3 * (1 + 4 + 4);
+  return features + batches;
+}
+
+/**
+ * Memory a worker may spend on one shard: CTRAIN_WORKER_MEMORY_BYTES, else half of the machine's
+ * memory. A shard above it is refused with a clear error instead of taking the machine down.
+ */
+export function shardMemoryBudget(env: NodeJS.ProcessEnv, totalMemory: number): number {
+  const v = env.CTRAIN_WORKER_MEMORY_BYTES;
+  if (v !== undefined && v !== "") {
+    const n = Number(v);
+    if (Number.isFinite(n) && n > 0) return n;
+  }
+  return Math.floor(totalMemory / 2);
+}

@@ -23,7 +23,8 @@ import type { CtrainMetrics } from "../core/metrics.js";
 import { float32ToBytes } from "../core/tensor_codec.js";
 import { decode, DecodeError, encode, makeHeader, type Backend, type JobSpec, type ShardTask, type Split as WireSplit, type WorkerState } from "../proto/codec.js";
 import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
-import { extractShard } from "./extraction_executor.js";
+import { totalmem } from "node:os";
+import { extractShard, shardMemoryBudget, shardMemoryBytes } from "./extraction_executor.js";
 import { ExtractorCache } from "./extractor_cache.js";
 import { TRAINING_KEYS } from "../coordinator/data_parallel.js";
 import { runTrainingWorker } from "./training_worker.js";
@@ -369,6 +370,13 @@ export class NatsWorker implements AsyncDisposable {
         this.emit({ type: "ready", job });
       }
       working();
+      const need = shardMemoryBytes(task.ids.length, extractor.featureDim, extractor.inputSize, this.o.batchSize ?? 32);
+      const budget = shardMemoryBudget(process.env, totalmem());
+      if (need > budget)
+        throw new TerminalError(
+          `shard ${wire} needs about ${Math.ceil(need / 2 ** 20)} MiB (${task.ids.length} samples x ${extractor.featureDim} features) but this worker may use ${Math.floor(budget / 2 ** 20)} MiB per shard: ` +
+            `lower --shard-size${extractor.featureShape.length > 1 ? " or use --pooling avg" : ""}, or raise CTRAIN_WORKER_MEMORY_BYTES on the workers`,
+        );
       const samples = task.ids.map((id, i) => ({ id, label: task.labels[i], split: FROM_WIRE_SPLIT[task.splits[i]] }));
       let done = 0;
       let lastProgress = Date.now();
