@@ -127,6 +127,8 @@ export const CHECKPOINT_OBJECTS = {
   latest: "latest",
   /** The phase's end state. */
   final: (attempt: string) => `final-${attempt}`,
+  /** Member 0's state at the boundary where the join of membership epoch `epoch` applies (what joiners start from). */
+  join: (attempt: string, epoch: number) => `join-${attempt}-${epoch}`,
 } as const;
 
 export async function putBytes(os: ObjectStore, name: string, bytes: Uint8Array): Promise<void> {

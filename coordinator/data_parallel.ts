@@ -28,6 +28,17 @@
  *   `peers_lost` reports after StepPeersLostError) is removed: membership epoch + 1, new StepPlan; the
  *   survivors call setMembership, recompute their part of the same global batch and average again.
  *   The update is applied only after averaging succeeded, so no replica holds a half-applied step.
+ * - Joining (elastic scale-up). A replica that becomes ready after the first plan (a worker started
+ *   late, or a member left out earlier that reports `waiting`) is proposed: a StepPlan with the
+ *   current members unchanged plus the newcomers in `joining`, under a new epoch. The members go on
+ *   as they are. At the first step S of every training epoch member 0 decides -- a Control
+ *   EPOCH_BOUNDARY under TRAINING_KEYS.boundary naming the proposal's epoch (after putting its state
+ *   at S, weights + Adam moments + cursor, as CHECKPOINT_OBJECTS.join) or the current one -- and
+ *   every member waits for that decision before averaging step S. The joiners restore the join state
+ *   and everyone runs step S under the new membership; a weights checksum of step S from every member
+ *   proves the joiners start from the same replica. Plans and decisions live in one KV subject tree
+ *   (TRAINING_KEYS.plan), so every replica reads them in one order and reaches the same membership
+ *   (worker/membership_view.ts); a proposal withdrawn by a later plan is not applied by a late decision.
  * - Consistency. Every K steps each replica publishes WeightsChecksum; replicas compare and a
  *   mismatch fails the job with ReplicaMismatchError.
  * - Checkpoints. Member 0 puts the state (weights + Adam moments + cursor (epoch, batch, step)) to
@@ -36,8 +47,8 @@
  *   config fingerprint) and makes it the start state of a new attempt: fit() resumes at
  *   initialEpoch + initialBatch, completed steps are not redone. A new spec supersedes the old
  *   attempt: workers still running it stop.
- * - Not done: a worker joining mid-phase (it would be admitted at the next epoch boundary from member
- *   0's epoch-end checkpoint); today a worker that arrives late waits for the next attempt.
+ * - Not handled: a member lost after some survivors already finished the step (those are one step
+ *   ahead of the others' redo); untested.
  */
 import type { JetStreamClient, KV, NatsConnection, ObjectStore } from "nats";
 import * as tf from "@tensorflow/tfjs";
@@ -57,7 +68,12 @@ import { confusionMatrix } from "./head_training.js";
 /** Keys of the training role in the job's state KV. */
 export const TRAINING_KEYS = {
   spec: "ft.spec",
-  members: "ft.members",
+  /** StepPlan: the membership (coordinator). */
+  members: "ft.plan.members",
+  /** Control EPOCH_BOUNDARY: member 0's decision at a training-epoch boundary. */
+  boundary: "ft.plan.boundary",
+  /** Both, watched as one ordered stream by every replica. */
+  plan: "ft.plan.>",
   report: (worker: string) => `ft.report.${worker}`,
   reports: "ft.report.>",
 } as const;
@@ -67,7 +83,7 @@ export interface TrainingReport {
   attempt: string;
   worker: string;
   at: number;
-  state: "loading" | "ready" | "training" | "checkpoint" | "peers_lost" | "done" | "failed" | "evicted";
+  state: "loading" | "ready" | "waiting" | "training" | "checkpoint" | "peers_lost" | "done" | "failed" | "evicted";
   step?: number;
   epoch?: number;
   lost?: string[];
@@ -252,6 +268,7 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
   const pending: TrainingReport[] = [];
   let wake: (() => void) | undefined;
   const watch = await c.state.watch({ key: TRAINING_KEYS.reports });
+  let boundaryWatch: Awaited<ReturnType<KV["watch"]>> | undefined;
   void (async () => {
     for await (const e of watch) {
       if (e.operation !== "PUT") continue;
@@ -296,32 +313,69 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
     let members = ready();
     if (members.length === 0) throw new Error(`no worker became ready for fine-tuning within ${o.readyTimeoutMs ?? 120_000} ms`);
     if (members.length < o.workers) log.warn("starting fine-tuning with fewer workers than asked", { ready: members.length, asked: o.workers });
+    // Membership epochs: `epoch` is the newest plan's; `activeEpoch` the one the replicas average under
+    // (a proposal only becomes it when member 0 applies it at a boundary).
     let epoch = 1;
-    const publish = async (): Promise<void> => {
+    let activeEpoch = 1;
+    let proposal: { epoch: number; joiners: string[] } | undefined;
+    const publish = async (joining: string[] = []): Promise<void> => {
+      const all = [...members, ...joining];
       await c.state.put(TRAINING_KEYS.members, encode("StepPlan", {
         header: makeHeader(o.job, c.sender, epoch, c.start.cursor.step), trainEpoch: c.start.cursor.epoch, batchIndex: c.start.cursor.batch,
         // Sample ranges of a full global batch (a short last batch is cut the same way by memberSlice).
-        members: members.map((w, i) => { const r = sliceRanges(o.batchSize, members.length)[i]!; return { worker: w, sampleOffset: r.offset, sampleCount: r.length, sliceOffset: 0, sliceLength: 0 }; }),
-        globalBatch: o.batchSize, learningRate: o.learningRate, totalLength: 0, dtype: o.wireDtype ?? "fp32",
+        members: all.map((w, i) => { const r = sliceRanges(o.batchSize, all.length)[i]!; return { worker: w, sampleOffset: r.offset, sampleCount: r.length, sliceOffset: 0, sliceLength: 0 }; }),
+        globalBatch: o.batchSize, learningRate: o.learningRate, totalLength: 0, dtype: o.wireDtype ?? "fp32", joining,
       }));
-      metrics?.setWorkers({ alive: members.length });
-      log.info("membership", { epoch, members });
+      if (joining.length === 0) {
+        activeEpoch = epoch;
+        metrics?.setWorkers({ alive: members.length });
+        log.info("membership", { epoch, members });
+      } else log.info("join proposed for the next training-epoch boundary", { epoch, members, joining });
     };
     await publish();
     const drop = async (lost: string[], why: string): Promise<void> => {
       const gone = lost.filter((w) => members.includes(w));
-      if (gone.length === 0) return;
+      const goneJoiners = lost.filter((w) => proposal?.joiners.includes(w));
+      if (gone.length === 0 && goneJoiners.length === 0) return;
       members = members.filter((w) => !gone.includes(w));
       if (members.length === 0) throw new Error(`every fine-tuning worker was lost (last: ${gone.join(", ")})`);
+      // A pending proposal is withdrawn; its joiners that are still alive are proposed again.
+      proposal = undefined;
       epoch++;
-      log.warn("worker lost: new membership", { lost: gone, why, epoch, members });
+      if (gone.length) log.warn("worker lost: new membership", { lost: gone, why, epoch, members });
+      else log.warn("joiner lost before its boundary: proposal withdrawn", { lost: goneJoiners, why, epoch });
       await publish();
     };
+    // Member 0's boundary decisions: a proposal becomes the membership when one applies it.
+    const decisions: { step: number; epoch: number }[] = [];
+    boundaryWatch = await c.state.watch({ key: TRAINING_KEYS.boundary });
+    void (async () => {
+      for await (const e of boundaryWatch) {
+        if (e.operation !== "PUT" || e.value.length === 0) continue;
+        try {
+          const d = decode("Control", e.value, { job: o.job, self: "coordinator", peer: "worker" });
+          if (d.kind !== "epoch_boundary" || d.reason !== c.attempt) continue;
+          decisions.push({ step: d.header.step, epoch: d.header.epoch });
+          wake?.();
+        } catch {
+          metrics?.droppedMessage("decode_error");
+        }
+      }
+    })();
     // 2. Supervise.
     let lastCheck = 0;
     let epochsSeen = 0;
     for (;;) {
       if (o.signal?.aborted) throw o.signal.reason;
+      for (const d of decisions.splice(0)) {
+        if (proposal && d.epoch === proposal.epoch) {
+          members = [...members, ...proposal.joiners];
+          activeEpoch = proposal.epoch;
+          log.info("workers joined at a training-epoch boundary", { joined: proposal.joiners, step: d.step, epoch: activeEpoch, members });
+          metrics?.setWorkers({ alive: members.length });
+          proposal = undefined;
+        }
+      }
       for (const r of pending.splice(0)) {
         if (r.state === "failed") throw new Error(`fine-tuning failed on worker ${r.worker}: ${r.error}`);
         if (r.state === "checkpoint") {
@@ -332,7 +386,7 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
             if (b) await writeStateFile(o.out, "latest", decodeState(b)).catch((err: unknown) => log.warn("checkpoint copy to --out failed", { error: err as Error }));
           }
         }
-        if (r.state === "peers_lost" && r.epoch === epoch) {
+        if (r.state === "peers_lost" && r.epoch === activeEpoch) {
           // Trust a survivor's report only for peers whose heartbeat is gone or stale.
           const lost: string[] = [];
           for (const w of r.lost ?? []) if (!(await alive(w))) lost.push(w);
@@ -361,11 +415,25 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
         lastCheck = Date.now();
         const gone: string[] = [];
         for (const w of members) if (!(await alive(w))) gone.push(w);
+        for (const w of proposal?.joiners ?? []) if (!(await alive(w))) gone.push(w);
         if (gone.length) await drop(gone, "no heartbeat");
+      }
+      // Elastic scale-up: replicas ready (or left out earlier and waiting) that are not members are proposed
+      // to come in at the next training-epoch boundary, from member 0's state there.
+      if (!proposal) {
+        const joiners: string[] = [];
+        for (const r of reports.values()) if ((r.state === "ready" || r.state === "waiting") && !members.includes(r.worker) && (await alive(r.worker))) joiners.push(r.worker);
+        if (joiners.length) {
+          joiners.sort();
+          epoch++;
+          proposal = { epoch, joiners };
+          await publish(joiners);
+        }
       }
       await tick(1000);
     }
   } finally {
     watch.stop();
+    boundaryWatch?.stop();
   }
 }

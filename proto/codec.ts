@@ -44,7 +44,7 @@ const ENUM_NAMES = {
     draining: "WORKER_STATE_DRAINING",
     stopped: "WORKER_STATE_STOPPED",
   },
-  ControlKind: { drain: "CONTROL_KIND_DRAIN", stop: "CONTROL_KIND_STOP", abort_step: "CONTROL_KIND_ABORT_STEP", phase: "CONTROL_KIND_PHASE" },
+  ControlKind: { drain: "CONTROL_KIND_DRAIN", stop: "CONTROL_KIND_STOP", abort_step: "CONTROL_KIND_ABORT_STEP", phase: "CONTROL_KIND_PHASE", epoch_boundary: "CONTROL_KIND_EPOCH_BOUNDARY" },
 } as const;
 
 export type Pooling = keyof (typeof ENUM_NAMES)["Pooling"];
@@ -182,6 +182,8 @@ export interface StepPlan {
   totalLength: number;
   dtype: Dtype;
   batchIndex: number;
+  /** Members that come in at the next training-epoch boundary; empty when the plan takes effect at once. */
+  joining: string[];
 }
 
 /** GradientChunk and AveragedChunk share this layout. */
@@ -545,6 +547,10 @@ function validate(type: MessageType, o: Record<string, unknown>): void {
         shape(type, h, mb.sampleOffset + mb.sampleCount <= m.globalBatch, `member ${mb.worker} samples outside the global batch`);
       }
       shape(type, h, samples === m.globalBatch, `members' samples sum to ${samples}, global batch is ${m.globalBatch}`);
+      const joining = new Set(m.joining);
+      shape(type, h, joining.size === m.joining.length, "a joiner listed twice");
+      for (const w of joining) shape(type, h, names.has(w), `joiner ${JSON.stringify(w)} is not a member`);
+      shape(type, h, joining.size < m.members.length, "every member is a joiner");
       const slices = m.members.map((mb) => [mb.sliceOffset, mb.sliceLength] as const).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
       let at = 0;
       for (const [off, len] of slices) {

@@ -165,6 +165,38 @@ describe("data-parallel", () => {
     await stop(ws);
   });
 
+  test("data-parallel - a worker that arrives mid-fine-tune joins at a training-epoch boundary; weights as one process", async (t) => {
+    const job = "join";
+    const ws = [0, 1].map((i) => worker(job, `${job}-w${i}`));
+    // The late worker is started with the others but held (SIGSTOP) from the moment it joined the job
+    // until the coordinator planned the first membership without it, so it arrives during training,
+    // warm enough to be ready before the last boundary.
+    const late = worker(job, `${job}-late`);
+    const c = coordinator(job, 2);
+    await late.waitFor("joined job", 60_000);
+    late.proc.kill("SIGSTOP");
+    await c.waitFor("membership", 120_000);
+    late.proc.kill("SIGCONT");
+    await succeeds(c, [...ws, late]);
+    const joined = c.logged("workers joined at a training-epoch boundary");
+    assert.equal(joined.length, 1, `one join\n${c.tail()}\n${late.tail()}`);
+    assert.deepEqual(joined[0]!["joined"], [`${job}-late`]);
+    assert.deepEqual(joined[0]!["members"], [`${job}-w0`, `${job}-w1`, `${job}-late`]);
+    const at = joined[0]!["step"] as number;
+    assert.ok(at > 0, `joined at step ${at}`);
+    const j = late.logged("joining the training at a training-epoch boundary")[0];
+    assert.equal(j?.["step"], at, "the joiner starts from member 0's state at the boundary step");
+    for (const w of ws) assert.equal(w.logged("membership changed at the training-epoch boundary")[0]?.["step"], at, `${w.name} switched at the same step`);
+    const done = late.logged("training done")[0];
+    assert.ok((done?.["steps_run"] as number) > 0, `the joiner ran steps: ${JSON.stringify(done)}`);
+    // Three replicas from step `at` on, two before: the same global batches, so the one-process weights.
+    const r = await result(join(dir, job));
+    const d = maxAbsDiff(r.weights, reference.weights);
+    t.diagnostic(`joined at step ${at} of ${done?.["steps"]}; the joiner ran ${done?.["steps_run"]} steps; max |w - w_ref| = ${d.toExponential(2)}`);
+    assert.ok(d < 1e-4, `max |w - w_ref| = ${d}`);
+    await stop([...ws, late]);
+  });
+
   test("data-parallel - a restarted coordinator resumes from the checkpoint cursor", async () => {
     const job = "resume";
     const env = { CTRAIN_DP_CHECKPOINT_EVERY: "5" };

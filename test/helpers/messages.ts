@@ -33,7 +33,7 @@ export function sampleMessages(): { [K in MessageType]: MessageMap[K] } {
     Heartbeat: { header: header(), worker: "worker-0", state: "extracting", backend: "wasm", host: "node-a", pid: 1234, imagesPerSecond: 87.5, shardId: "shard-00001", shardsDone: 4 },
     Progress: { header: header(), shardId: "shard-00001", done: 100, total: 256, worker: "worker-0" },
     StepPlan: {
-      header: header(), trainEpoch: 2, globalBatch: 32, learningRate: 1e-5, totalLength: 1001, dtype: "fp32", batchIndex: 17,
+      header: header(), trainEpoch: 2, globalBatch: 32, learningRate: 1e-5, totalLength: 1001, dtype: "fp32", batchIndex: 17, joining: ["worker-1"],
       members: [
         { worker: "worker-0", sampleOffset: 0, sampleCount: 16, sliceOffset: 0, sliceLength: 501 },
         { worker: "worker-1", sampleOffset: 16, sampleCount: 16, sliceOffset: 501, sliceLength: 500 },
