@@ -58,6 +58,20 @@ interface LocalCluster {
   stop(): Promise<void>;
 }
 
+/** True once http://127.0.0.1:port/healthz answers (any status); false when `proc` exits or after `timeoutMs`. */
+async function answers(port: number, proc: ChildProcess, timeoutMs: number): Promise<boolean> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end && proc.exitCode === null && proc.signalCode === null) {
+    try {
+      await fetch(`http://127.0.0.1:${port}/healthz`, { signal: AbortSignal.timeout(2000) });
+      return true;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  return false;
+}
+
 /** Starts the embedded NATS (unless opts.nats) and N worker processes. */
 async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void): Promise<LocalCluster & { url: string }> {
   let nats: EmbeddedNats | undefined;
@@ -128,7 +142,9 @@ export async function main(argv: string[]): Promise<number> {
   let targetsFile: string | undefined;
   const cleanup = async (): Promise<void> => {
     // Processes that are gone leave Prometheus' file discovery, so a finished job is not "down".
-    if (targetsFile) await writeScrapeTargets(targetsFile, []).catch((err: unknown) => log.warn("clearing the scrape targets failed", { error: err as Error }));
+    const file = targetsFile;
+    targetsFile = undefined; // no late addition after this
+    if (file) await writeScrapeTargets(file, []).catch((err: unknown) => log.warn("clearing the scrape targets failed", { error: err as Error }));
     await nc?.drain().catch(() => undefined);
     await cluster?.stop().catch((err: unknown) => log.warn("stopping local workers failed", { error: err as Error }));
     await server?.close().catch(() => undefined);
@@ -145,12 +161,27 @@ export async function main(argv: string[]): Promise<number> {
     if (!cluster) {
       cluster = await startLocalCluster(opts, auth, log, () => lost.abort(new Error(`every local worker process exited; see their errors above`)));
       await mkdir(opts.out, { recursive: true });
+      // A process enters the targets file once it answers, so Prometheus never scrapes a port that is
+      // not open yet (a worker loads tfjs before it listens) and CtrainWorkerDown stays quiet.
       const targets: ScrapeTarget[] = [];
       if (server) targets.push({ address: `127.0.0.1:${server.port}`, job: opts.job, worker: "coordinator" });
-      for (const w of cluster.workers) if (w.metricsPort > 0) targets.push({ address: `127.0.0.1:${w.metricsPort}`, job: opts.job, worker: w.id });
-      targetsFile = join(opts.out, "ctrain-targets.json");
-      await writeScrapeTargets(targetsFile, targets);
-      log.info("metrics endpoints", { targets: targets.map((t) => `${t.worker}=http://${t.address}/metrics`), prometheus_file_sd: targetsFile });
+      const file = join(opts.out, "ctrain-targets.json");
+      targetsFile = file;
+      await writeScrapeTargets(file, targets);
+      const c = cluster;
+      void (async () => {
+        let writing = Promise.resolve();
+        await Promise.all(c.workers.filter((w) => w.metricsPort > 0).map(async (w) => {
+          if (!(await answers(w.metricsPort, w.proc, 120_000))) {
+            if (w.proc.exitCode === null && w.proc.signalCode === null) log.warn("worker metrics endpoint does not answer: not a scrape target", { worker: w.id, port: w.metricsPort });
+            return;
+          }
+          targets.push({ address: `127.0.0.1:${w.metricsPort}`, job: opts.job, worker: w.id });
+          writing = writing.then(() => (targetsFile ? writeScrapeTargets(file, targets) : undefined));
+          await writing;
+        }));
+        if (targetsFile) log.info("metrics endpoints", { targets: targets.map((t) => `${t.worker}=http://${t.address}/metrics`), prometheus_file_sd: file });
+      })().catch((err: unknown) => log.warn("writing the scrape targets failed", { error: err as Error }));
       nc = await connectNats(cluster.url, auth, { name: `ctrain-coordinator-${opts.job}` });
       const conn = nc;
       void (async () => {

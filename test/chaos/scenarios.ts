@@ -310,6 +310,23 @@ export const SCENARIOS: Scenario[] = [
     },
   },
   {
+    // A third worker started after a seeded number of checkpoints: it is let in at the next
+    // training-epoch boundary from member 0's state there (elastic scale-up).
+    name: "ft-late-worker",
+    workers: 2,
+    fineTune: true,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      const n = s.int(1, 2);
+      if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
+      const w = await ctx.addWorker();
+      s.record(`${w.name} started after ${n} checkpoint(s)`);
+      await s.until(() => s.coordinatorCount("workers joined at a training-epoch boundary") > 0);
+      const j = ctx.coordinator.logged("workers joined at a training-epoch boundary")[0];
+      ctx.notes.push(j ? `ft-late-worker: ${w.name} joined at step ${String(j.step)}` : `ft-late-worker: ${w.name} did not join before the end`);
+    },
+  },
+  {
     // The coordinator SIGKILLed mid-fine-tuning and restarted with the same job id: it resumes from
     // the latest checkpoint in the job's object store.
     name: "ft-coordinator-restart",
