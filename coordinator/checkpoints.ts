@@ -40,6 +40,18 @@ export interface TrainingState {
   optimizer: StoredArray[];
   /** Free-form metadata (attempt, members, history so far). */
   meta: Record<string, unknown>;
+  /**
+   * Adam's running beta1^t and beta2^t. tfjs' setWeights recomputes them as pow(beta, t + 1), which
+   * differs in the last bits from the product the optimizer accumulated step by step; a replica
+   * restored that way would drift from the others (and a resumed run from the uninterrupted one).
+   */
+  adamAccBeta?: [number, number];
+}
+
+/** tfjs' AdamOptimizer keeps beta^t in these (not in getWeights()). */
+interface AdamInternals {
+  accBeta1?: tf.Variable;
+  accBeta2?: tf.Variable;
 }
 
 /** Serializes a JSON header and float32 arrays into one blob. */
@@ -85,7 +97,10 @@ const toArray = (t: tf.Tensor): StoredArray => ({ shape: t.shape.slice(), data: 
 export async function captureState(model: tf.LayersModel, optimizer: tf.Optimizer, cursor: DataCursor, meta: Record<string, unknown> = {}): Promise<TrainingState> {
   const weights = model.getWeights().map(toArray);
   const opt = (await optimizer.getWeights()).map((n) => toArray(n.tensor));
-  return { cursor: { ...cursor }, weights, optimizer: opt, meta };
+  const adam = optimizer as unknown as AdamInternals;
+  const adamAccBeta: [number, number] | undefined = adam.accBeta1 instanceof tf.Variable && adam.accBeta2 instanceof tf.Variable
+    ? [adam.accBeta1.dataSync()[0]!, adam.accBeta2.dataSync()[0]!] : undefined;
+  return { cursor: { ...cursor }, weights, optimizer: opt, meta, ...(adamAccBeta ? { adamAccBeta } : {}) };
 }
 
 /** Puts a captured state back: weights into the model, moments and iterations into the optimizer. */
@@ -101,18 +116,29 @@ export async function restoreState(model: tf.LayersModel, optimizer: tf.Optimize
   if (s.optimizer.length > 0) {
     // setWeights turns these tensors into the optimizer's variables: do not dispose them here.
     await optimizer.setWeights(s.optimizer.map((a, i) => ({ name: i === 0 ? "iter" : `ctrain_opt_${i}`, tensor: tf.tensor(a.data, a.shape, "float32") })));
+    const adam = optimizer as unknown as AdamInternals;
+    if (s.adamAccBeta && adam.accBeta1 instanceof tf.Variable && adam.accBeta2 instanceof tf.Variable) {
+      // Exactly the values the saving optimizer had (float32 survives the JSON header unchanged).
+      const [b1, b2] = s.adamAccBeta;
+      tf.tidy(() => {
+        adam.accBeta1!.assign(tf.scalar(b1, "float32"));
+        adam.accBeta2!.assign(tf.scalar(b2, "float32"));
+      });
+    }
   }
 }
 
 export function encodeState(s: TrainingState): Uint8Array {
-  return packArrays({ kind: "ctrain-training-state", cursor: s.cursor, weightCount: s.weights.length, meta: s.meta }, [...s.weights, ...s.optimizer]);
+  return packArrays({ kind: "ctrain-training-state", cursor: s.cursor, weightCount: s.weights.length, meta: s.meta, ...(s.adamAccBeta ? { adamAccBeta: s.adamAccBeta } : {}) }, [...s.weights, ...s.optimizer]);
 }
 
 export function decodeState(bytes: Uint8Array): TrainingState {
   const { header, arrays } = unpackArrays(bytes);
   if (header["kind"] !== "ctrain-training-state") throw new Error("not a ctrain training state");
   const n = header["weightCount"] as number;
-  return { cursor: header["cursor"] as DataCursor, weights: arrays.slice(0, n), optimizer: arrays.slice(n), meta: (header["meta"] ?? {}) as Record<string, unknown> };
+  const acc = header["adamAccBeta"];
+  const adamAccBeta = Array.isArray(acc) && acc.length === 2 && acc.every((v) => typeof v === "number" && Number.isFinite(v)) ? [acc[0], acc[1]] as [number, number] : undefined;
+  return { cursor: header["cursor"] as DataCursor, weights: arrays.slice(0, n), optimizer: arrays.slice(n), meta: (header["meta"] ?? {}) as Record<string, unknown>, ...(adamAccBeta ? { adamAccBeta } : {}) };
 }
 
 /** Object names in the checkpoints bucket. */

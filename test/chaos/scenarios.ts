@@ -310,15 +310,15 @@ export const SCENARIOS: Scenario[] = [
     },
   },
   {
-    // A third worker started after a seeded number of checkpoints: it is let in at the next
-    // training-epoch boundary from member 0's state there (elastic scale-up).
+    // A third worker started once fine-tuning began (after a seeded number of checkpoints): it is let
+    // in at the next training-epoch boundary from member 0's state there (elastic scale-up).
     name: "ft-late-worker",
     workers: 2,
     fineTune: true,
     run: async (ctx) => {
       const s = ctx.sched;
-      const n = s.int(1, 2);
-      if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
+      const n = s.int(0, 1);
+      if (!(await s.until(() => s.coordinatorCount("membership") > 0 && s.coordinatorCount("checkpoint saved") >= n))) return;
       const w = await ctx.addWorker();
       s.record(`${w.name} started after ${n} checkpoint(s)`);
       await s.until(() => s.coordinatorCount("workers joined at a training-epoch boundary") > 0);
@@ -369,7 +369,7 @@ export interface RunArtifacts {
 }
 
 function jobArgs(cfg: ChaosConfig, fineTune: boolean): string[] {
-  const ft = fineTune ? ["--fine-tune-layers", "3", "--fine-tune-epochs", "1", "--batch-size", "16"] : [];
+  const ft = fineTune ? ["--fine-tune-layers", "3", "--fine-tune-epochs", "3", "--batch-size", "16"] : [];
   return [...ft, "--data", "fashion-mnist", "--limit", String(cfg.limit), "--input-size", String(cfg.inputSize), "--shard-size", String(cfg.shardSize), "--epochs", "1", "--head-units", "16", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
 }
 
