@@ -79,7 +79,9 @@ describe("distributed extraction", { concurrency: false }, () => {
   test("distributed - features equal the single-process features for the same samples", { timeout: 180_000 }, async () => {
     const job = "dist-equal";
     const w = [await worker(server.url, job, "eq-w0"), await worker(server.url, job, "eq-w1")];
-    const c = await coordinator(server.url, job);
+    // No fault here, so no shard may be redelivered: an ack wait far above any pause of a loaded machine
+    // (the workers also send in-progress acks on a timer) makes "each shard once" a sound assertion.
+    const c = await coordinator(server.url, job, ["--ack-wait", "30"]);
     const local = ctrain("local", ["run", ...JOB_ARGS, "--workers", "1", "--job", "dist-local", "--cache-dir", join(dir, "dist-local", "cache"), "--out", join(dir, "dist-local", "out"), "--metrics-port", "-1"]);
     try {
       await expectSuccess(c, w);

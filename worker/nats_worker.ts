@@ -347,6 +347,9 @@ export class NatsWorker implements AsyncDisposable {
         lastWorking = Date.now();
       }
     };
+    // In-progress acks on a timer too, not only between batches: loading the model or opening the data set
+    // for the first shard can take longer than the ack wait, and the shard must not be redelivered meanwhile.
+    const keepAlive = setInterval(working, Math.max(100, Math.floor(ctx.ackWaitMs / 6)));
     try {
       const spec = await this.spec(ctx, round);
       if (!spec) throw new Error(`the job spec of round ${round} is not in ${ctx.names.stateBucket} (was the coordinator's state lost?)`);
@@ -425,6 +428,7 @@ export class NatsWorker implements AsyncDisposable {
       log.error(terminal ? "shard failed for good" : "shard failed: it will be retried", { shard: wire, delivery, max_deliver: ctx.maxDeliver, error });
       this.emit({ type: "shard_failed", job, shard: wire, delivery, terminal, error: error.message });
     } finally {
+      clearInterval(keepAlive);
       this.currentShard = "";
       this.stateNow = "idle";
     }
