@@ -146,12 +146,13 @@ describe("distributed extraction", { concurrency: false }, () => {
   test("distributed - coordinator SIGKILLed and restarted with the same job id: finished shards are not extracted again", { timeout: 180_000 }, async () => {
     const job = "dist-killcoord";
     const w = [await worker(server.url, job, "kc-w0"), await worker(server.url, job, "kc-w1")];
-    const c1 = await coordinator(server.url, job);
+    // Only the coordinator fails here: a long ack wait keeps load pauses from redelivering a worker's shard.
+    const c1 = await coordinator(server.url, job, ["--ack-wait", "30"]);
     try {
       await check(() => shardsDone(w).size >= 2, 90_000, 50);
       c1.proc.kill("SIGKILL");
       await c1.exited;
-      const c2 = await coordinator(server.url, job);
+      const c2 = await coordinator(server.url, job, ["--ack-wait", "30"]);
       await expectSuccess(c2, w);
       const fetched = c2.lines.find((l) => l.msg === "shards already in the object store: fetching without extraction" || l.msg === "extracting features");
       assert.ok(fetched, c2.tail());
