@@ -368,9 +368,10 @@ export interface RunArtifacts {
   wallS: number;
 }
 
+// Enough head epochs that the accuracy column means something (a 1-epoch head sits near chance), still seconds.
 function jobArgs(cfg: ChaosConfig, fineTune: boolean): string[] {
   const ft = fineTune ? ["--fine-tune-layers", "3", "--fine-tune-epochs", "3", "--batch-size", "16"] : [];
-  return [...ft, "--data", "fashion-mnist", "--limit", String(cfg.limit), "--input-size", String(cfg.inputSize), "--shard-size", String(cfg.shardSize), "--epochs", "1", "--head-units", "16", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
+  return [...ft, "--data", "fashion-mnist", "--limit", String(cfg.limit), "--input-size", String(cfg.inputSize), "--shard-size", String(cfg.shardSize), "--epochs", "30", "--head-units", "64", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
 }
 
 /** Runs one scenario end to end and checks it against `planned` ids and the clean run (`baseline`). */
@@ -521,7 +522,7 @@ function maxAbsDiff(a: Float32Array, b: Float32Array): number {
 /** The fixed-width table of `npm run chaos`. */
 export function formatTable(rows: ScenarioResult[]): string {
   const head = ["scenario", "workers", "faults", "completed", "lost", "dup", "feat diff", "weights diff", "acc", "Δacc pt", "wall s", "overhead", "ok"];
-  const fmt = (x: number | null, d: number): string => (x === null ? "-" : Number.isNaN(x) ? "NaN" : x === 0 ? "0" : x < 1e-3 ? x.toExponential(1) : x.toFixed(d));
+  const fmt = (x: number | null, d: number): string => (x === null ? "-" : Number.isNaN(x) ? "NaN" : x === 0 ? "0" : Math.abs(x) < 1e-3 ? x.toExponential(1) : x.toFixed(d));
   const body = rows.map((r) => [
     r.scenario, String(r.workers), String(r.faults.length), r.completed ? "yes" : `NO (${r.exit})`, String(r.samples_lost), String(r.samples_duplicated + r.samples_foreign),
     fmt(r.feature_max_diff, 6), fmt(r.weights_max_diff, 6), r.test_accuracy === null ? "-" : (r.test_accuracy * 100).toFixed(1), fmt(r.test_accuracy_delta_points, 2),
