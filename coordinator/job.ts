@@ -20,7 +20,7 @@ import { loadPretrained } from "../core/model_zoo.js";
 import { Progress } from "../core/progress.js";
 import type { EpochStats } from "../core/train_loop.js";
 import { LocalShardExecutor } from "../worker/local_executor.js";
-import { resolveAugment } from "../core/augment.js";
+import { type AugmentOptions, augmentOf } from "../core/augment.js";
 import { buildSplit, copyWeightsByName } from "../core/model_split.js";
 import { registerWasmTrainingKernels } from "../core/wasm_kernels.js";
 import { openImages, samplesOf, trainHeadWithAugmentation } from "./augment_training.js";
@@ -48,6 +48,8 @@ export interface JobSummary {
   feature_layer: string;
   pooling: string;
   method: string;
+  /** `--method augment` only: what was done to each training image. */
+  augmentation?: AugmentOptions;
   data: string;
   classes: string[];
   samples: { train: number; val: number; test: number };
@@ -129,10 +131,10 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   if (opts.method === "augment") {
     // Method 2: images through the frozen base every step; validation/test on the cached features.
     const train = await openImages(dataset, samplesOf(dataset, features.ids, features.splits, "train"), opts.inputSize);
-    log.info("augmentation", { images: train.labels.length, in_memory: train.inMemory });
+    log.info("augmentation", { images: train.labels.length, in_memory: train.inMemory, ...augmentOf(opts) });
     const r = await trainHeadWithAugmentation(
       { base: extractor.model, train, val: splitData(features, "val"), test: splitData(features, "test") },
-      { ...headOptions, numClasses, augment: resolveAugment(), preprocessing: extractor.preprocessing },
+      { ...headOptions, numClasses, augment: augmentOf(opts), preprocessing: extractor.preprocessing },
     );
     const testY = splitData(features, "test").y;
     head = {
@@ -174,6 +176,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     feature_layer: opts.featureLayer,
     pooling: opts.pooling,
     method: opts.method,
+    ...(opts.method === "augment" ? { augmentation: augmentOf(opts) } : {}),
     data: dataset.name,
     classes: dataset.classes,
     samples: { train: trainCount, val: features.splits.filter((s) => s === "val").length, test: head.test.samples },
@@ -276,7 +279,7 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
     onEpochEnd,
   }) : await fineTune(split, c.head, data, {
     epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses: c.dataset.classes.length,
-    pooling: opts.pooling, preprocessing: c.extractorPreprocessing, augment: c.augment ? resolveAugment() : null,
+    pooling: opts.pooling, preprocessing: c.extractorPreprocessing, augment: c.augment ? augmentOf(opts) : null,
     onBatchEnd, onEpochEnd,
   });
   progress.finish();

@@ -9,11 +9,11 @@
  * the same augmentation in every process.
  */
 import * as tf from "@tensorflow/tfjs";
+import { FILL_MODES, type FillMode, type JobOptions } from "./config.js";
 import { ConfigError } from "./errors.js";
 import { Rng } from "./rng.js";
 
-export const FILL_MODES = ["reflect", "nearest", "constant", "wrap"] as const;
-export type FillMode = (typeof FILL_MODES)[number];
+export { FILL_MODES, type FillMode };
 
 /** What augmentation does to each training image. Every range is symmetric around "no change". */
 export interface AugmentOptions {
@@ -44,6 +44,11 @@ export function resolveAugment(partial: Partial<AugmentOptions> = {}): AugmentOp
   inRange("translation", 0.5);
   if (!(FILL_MODES as readonly string[]).includes(o.fillMode)) throw new ConfigError(`augmentation fillMode must be one of ${FILL_MODES.join(", ")}, got ${JSON.stringify(o.fillMode)}.`);
   return o;
+}
+
+/** The augmentation a job's options ask for (`--augment-*`). */
+export function augmentOf(o: Pick<JobOptions, "augmentFlip" | "augmentRotation" | "augmentZoom" | "augmentTranslation" | "augmentFillMode">): AugmentOptions {
+  return resolveAugment({ flip: o.augmentFlip === "horizontal", rotation: o.augmentRotation, zoom: o.augmentZoom, translation: o.augmentTranslation, fillMode: o.augmentFillMode });
 }
 
 /** True when the options change nothing. */

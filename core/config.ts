@@ -18,6 +18,13 @@ export const WIRE_DTYPES = ["fp32", "fp16"] as const;
 export type WireDtype = (typeof WIRE_DTYPES)[number];
 export const LAUNCHERS = ["local", "kubernetes"] as const;
 export type Launcher = (typeof LAUNCHERS)[number];
+/** How augmentation fills pixels that come from outside the image (tf.image.transform's modes). */
+export const FILL_MODES = ["reflect", "nearest", "constant", "wrap"] as const;
+export type FillMode = (typeof FILL_MODES)[number];
+export const AUGMENT_FLIPS = ["horizontal", "none"] as const;
+export type AugmentFlip = (typeof AUGMENT_FLIPS)[number];
+/** Options that only mean something with `--method augment`. */
+export const AUGMENT_KEYS = ["augmentFlip", "augmentRotation", "augmentZoom", "augmentTranslation", "augmentFillMode"] as const;
 
 /** Every option of a job. Defaults are in {@link OPTION_SPECS}. */
 export interface JobOptions {
@@ -35,6 +42,16 @@ export interface JobOptions {
   pooling: Pooling;
   /** `cached`: train the head on cached features; `augment`: frozen base + head end to end with augmentation. */
   method: Method;
+  /** Augmentation (`--method augment`): random left-right mirror (`horizontal`) or none. Default `horizontal`. */
+  augmentFlip: AugmentFlip;
+  /** Augmentation: maximum rotation as a fraction of a full turn (0.05 = up to +-18 degrees). Default 0.05. */
+  augmentRotation: number;
+  /** Augmentation: maximum zoom as a fraction (images scaled by 1 +- zoom). Default 0.1. */
+  augmentZoom: number;
+  /** Augmentation: maximum shift as a fraction of width/height, per axis. Default 0.1. */
+  augmentTranslation: number;
+  /** Augmentation: how pixels from outside the image are filled. Default `reflect`. */
+  augmentFillMode: FillMode;
   /** Epochs of head training. Default 10. */
   epochs: number;
   /** Units of the head's hidden Dense layer. Default 256. */
@@ -106,6 +123,11 @@ export const OPTION_SPECS = [
   spec({ key: "featureLayer", kind: "string", help: "layer whose output is the feature", default: () => "out_relu" }),
   spec({ key: "pooling", kind: "string", help: "pooling of the feature map", default: () => "avg" as Pooling, choices: POOLINGS }),
   spec({ key: "method", kind: "string", help: "cached features, or frozen base + head with augmentation", default: () => "cached" as Method, choices: METHODS }),
+  spec({ key: "augmentFlip", kind: "string", help: "augmentation: random left-right mirror", default: () => "horizontal" as AugmentFlip, choices: AUGMENT_FLIPS }),
+  spec({ key: "augmentRotation", kind: "number", help: "augmentation: max rotation, fraction of a full turn", default: () => 0.05, min: 0, max: 0.5 }),
+  spec({ key: "augmentZoom", kind: "number", help: "augmentation: max zoom, fraction", default: () => 0.1, min: 0, max: 0.9 }),
+  spec({ key: "augmentTranslation", kind: "number", help: "augmentation: max shift, fraction of the size", default: () => 0.1, min: 0, max: 0.5 }),
+  spec({ key: "augmentFillMode", kind: "string", help: "augmentation: fill of pixels from outside the image", default: () => "reflect" as FillMode, choices: FILL_MODES }),
   spec({ key: "epochs", kind: "int", help: "epochs of head training", default: () => 10, min: 1, max: 100000 }),
   spec({ key: "headUnits", kind: "int", help: "units of the head's hidden layer", default: () => 256, min: 1, max: 65536 }),
   spec({ key: "dropout", kind: "number", help: "dropout rate of the head", default: () => 0.5, min: 0, max: 0.95 }),
@@ -285,6 +307,9 @@ export function resolveOptions(partial: Partial<JobOptions>, now: Date = new Dat
   if (!/^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$/.test(opts.job))
     throw new ConfigError(`--job ${show(opts.job)} must be 1-63 letters, digits, '-' or '_' (it names NATS subjects and streams).`);
   if (!opts.out) opts.out = `runs/${opts.job}`;
+  const augmentGiven = AUGMENT_KEYS.filter((k) => (partial as Record<string, unknown>)[k] !== undefined);
+  if (augmentGiven.length > 0 && opts.method !== "augment")
+    throw new ConfigError(`--${flagName(augmentGiven[0])} applies only to --method augment (the cached method trains on features, no images are augmented): add --method augment or drop it.`);
   if (opts.valSplit + opts.testSplit >= 0.9) throw new ConfigError(`--val-split + --test-split must leave data to train on (got ${opts.valSplit} + ${opts.testSplit}).`);
   const ft = opts.fineTuneLayers.trim();
   if (ft === "" ) throw new ConfigError(`--fine-tune-layers must be a layer count or a layer name.`);

@@ -199,6 +199,33 @@ describe("pipeline - folder data set with bad files", () => {
   });
 });
 
+describe("pipeline - method 2 (frozen base + head on augmented images) and fine-tuning through ctrain run", () => {
+  test("pipeline - --method augment uses the --augment-* options, fine-tunes with augmentation, leaves both models", async () => {
+    const out = join(dir, "augment-run");
+    const r = await runCli(["run", "--data", "fashion-mnist", "--limit", "150", "--input-size", "64", "--feature-layer", "block_12_add", "--epochs", "4", "--dropout", "0.2",
+      "--method", "augment", "--augment-flip", "none", "--augment-rotation", "0.1", "--augment-zoom", "0.05", "--augment-fill-mode", "nearest",
+      "--fine-tune-layers", "9", "--fine-tune-epochs", "1", "--batch-size", "16", "--workers", "1", "--metrics-port", "-1", "--log-format", "json",
+      "--cache-dir", join(dir, "cache-augment"), "--out", out, "--job", "augment-1"]);
+    assert.equal(r.code, 0, r.stderr.slice(-3000));
+    const summary = JSON.parse(await readFile(join(out, "summary.json"), "utf8")) as Summary & {
+      method: string; augmentation: Record<string, unknown>; fine_tune: { augmentation: boolean; activation_cache?: unknown };
+      phases: { fine_tune: { epochs: number; test_accuracy: number } };
+    };
+    assert.equal(summary.method, "augment");
+    assert.deepEqual(summary.augmentation, { flip: false, rotation: 0.1, zoom: 0.05, translation: 0.1, fillMode: "nearest", fillValue: 0 });
+    const logged = (r.stdout + "\n" + r.stderr).split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === "augmentation");
+    assert.ok(logged && logged.rotation === 0.1 && logged.flip === false, `augmentation log line: ${JSON.stringify(logged)}`);
+    assert.equal(summary.fine_tune.augmentation, true);
+    assert.equal(summary.fine_tune.activation_cache, undefined, "with augmentation the frozen part runs every step: no activation cache");
+    const history = JSON.parse(await readFile(join(out, "history.json"), "utf8")) as { head: unknown[]; fine_tune: unknown[] };
+    assert.equal(history.head.length, 4);
+    assert.equal(history.fine_tune.length, 1);
+    for (const f of ["model/model.json", "model-head/model.json", "report.html"]) assert.ok(existsSync(join(out, f)), `${f} missing`);
+    // 150 images, 4 epochs: learning, not a benchmark. Chance is 10%.
+    assert.ok(summary.phases.head.test_accuracy > 0.3, `head test accuracy ${summary.phases.head.test_accuracy}`);
+  });
+});
+
 describe("pipeline - bad configuration is refused before any work", () => {
   const cases: [string, string[], RegExp][] = [
     ["unknown flag", ["--epoch", "3"], /Unknown option --epoch\. Did you mean --epochs\?/],
@@ -207,6 +234,9 @@ describe("pipeline - bad configuration is refused before any work", () => {
     ["bad choice", ["--pooling", "mean"], /--pooling \(flag\) must be one of avg, max, none/],
     ["missing data", ["--data", "/nonexistent/images"], /nonexistent/],
     ["unknown feature layer", ["--feature-layer", "no_such_layer", "--limit", "10"], /--feature-layer "no_such_layer" is not a layer of this model/],
+    ["augmentation without --method augment", ["--augment-zoom", "0.2"], /--augment-zoom applies only to --method augment/],
+    ["augmentation out of range", ["--method", "augment", "--augment-rotation", "0.9"], /--augment-rotation \(flag\) must be between 0 and 0.5/],
+    ["bad fill mode", ["--method", "augment", "--augment-fill-mode", "mirror"], /--augment-fill-mode \(flag\) must be one of reflect, nearest, constant, wrap/],
   ];
   for (const [name, args, pattern] of cases) {
     test(`pipeline - ${name} exits 2 with a message and leaves no run folder`, async () => {
