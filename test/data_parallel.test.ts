@@ -6,64 +6,19 @@
  * extracts. Dropout is 0 so that the head's forward pass is deterministic in every process.
  */
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn } from "node:child_process";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { CTRAIN_BIN } from "./helpers/cli.js";
+import { Proc } from "./helpers/cluster.js";
 import { check, startNatsServer, type NatsServer } from "./helpers/nats_server.js";
 
 const JOB_ARGS = [
   "--data", "fashion-mnist", "--limit", "200", "--input-size", "64", "--epochs", "1", "--head-units", "16", "--dropout", "0",
   "--fine-tune-layers", "3", "--fine-tune-epochs", "3", "--batch-size", "32", "--backend", "wasm", "--log-format", "json", "--seed", "42", "--metrics-port", "-1",
 ];
-
-interface LogLine {
-  msg: string;
-  [k: string]: unknown;
-}
-
-class Proc {
-  lines: LogLine[] = [];
-  stderr = "";
-  readonly exited: Promise<number | null>;
-  constructor(readonly name: string, readonly proc: ChildProcess) {
-    let buf = "";
-    const onData = (d: Buffer): void => {
-      const s = d.toString();
-      this.stderr = (this.stderr + s).slice(-100_000);
-      buf += s;
-      let i;
-      while ((i = buf.indexOf("\n")) >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        if (line.startsWith("{")) {
-          try {
-            this.lines.push(JSON.parse(line) as LogLine);
-          } catch {
-            // not a log line
-          }
-        }
-      }
-    };
-    proc.stderr!.on("data", onData);
-    proc.stdout!.on("data", onData);
-    this.exited = new Promise((r) => proc.once("exit", (code, signal) => r(code ?? (signal ? -1 : null))));
-  }
-  logged(msg: string): LogLine[] {
-    return this.lines.filter((l) => l.msg === msg);
-  }
-  async waitFor(msg: string, timeoutMs = 60_000): Promise<LogLine> {
-    return check(() => {
-      if (this.proc.exitCode !== null && this.logged(msg).length === 0) throw new Error(`${this.name} exited ${this.proc.exitCode} before logging "${msg}":\n${this.stderr.slice(-3000)}`);
-      return this.logged(msg)[0];
-    }, timeoutMs, 50);
-  }
-  tail(): string {
-    return `--- ${this.name} ---\n${this.stderr.slice(-3000)}`;
-  }
-}
 
 let dir: string;
 let nats: NatsServer;

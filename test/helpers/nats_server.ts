@@ -6,9 +6,10 @@
  * running when the test process exits are killed.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, accessSync, constants } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { delimiter, join } from "node:path";
+import { join } from "node:path";
+import { findNatsServerBinary } from "../../coordinator/embedded_nats.js";
 
 /** Options of {@link startNatsServer}. */
 export interface NatsServerOptions {
@@ -75,23 +76,8 @@ function installExitHook(): void {
   }
 }
 
-/** Finds the nats-server binary, or throws an Error that says how to install it. */
-export function findNatsServer(binary?: string): string {
-  const candidates = binary ? [binary] : [process.env.NATS_SERVER_BIN, "/usr/sbin/nats-server", ...(process.env.PATH ?? "").split(delimiter).filter(Boolean).map((d) => join(d, "nats-server"))];
-  for (const c of candidates) {
-    if (!c) continue;
-    try {
-      accessSync(c, constants.X_OK);
-      return c;
-    } catch {
-      // try the next
-    }
-  }
-  throw new Error(
-    `nats-server not found (looked for ${candidates.filter(Boolean).slice(0, 3).join(", ")}${binary ? "" : " and PATH"}): ` +
-      `install it with \`apt-get install nats-server\`, or set NATS_SERVER_BIN`,
-  );
-}
+/** Finds the nats-server binary the way `ctrain run` does, or throws an error that says how to install it. */
+export const findNatsServer = findNatsServerBinary;
 
 function configText(opts: NatsServerOptions, port: number, dir: string, storeDir: string): string {
   const lines = [`listen: "127.0.0.1:${port}"`, `ports_file_dir: ${JSON.stringify(dir)}`, `server_name: ctrain_test_${process.pid}`];
