@@ -59,7 +59,7 @@ import type { CtrainMetrics } from "../core/metrics.js";
 import type { SplitBase } from "../core/model_split.js";
 import { sliceRanges } from "../core/tensor_codec.js";
 import { type ArrayData, type EpochStats, evaluate, epochBatches } from "../core/train_loop.js";
-import { decode, encode, makeHeader, type JobSpec } from "../proto/codec.js";
+import { decode, DecodeError, encode, makeHeader, type JobSpec } from "../proto/codec.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
 import { captureState, CHECKPOINT_OBJECTS, decodeState, encodeState, getBytes, packArrays, putBytes, restoreState, unpackArrays, writeStateFile, type TrainingState } from "./checkpoints.js";
 import { fineTuneModel, type FineTuneResult } from "./fine_tuning.js";
@@ -78,7 +78,7 @@ export const TRAINING_KEYS = {
   reports: "ft.report.>",
 } as const;
 
-/** What a replica reports in the state KV (JSON; the latest per worker). */
+/** What a replica reports in the state KV (a TrainingReport message; the latest per worker). */
 export interface TrainingReport {
   attempt: string;
   worker: string;
@@ -93,6 +93,37 @@ export interface TrainingReport {
   members?: string[];
   allreduce_seconds?: number;
   allreduce_bytes?: number;
+}
+
+export function encodeReport(job: string, r: TrainingReport): Uint8Array {
+  return encode("TrainingReport", {
+    header: makeHeader(job, r.worker, r.epoch ?? 0, r.step ?? 0), attempt: r.attempt, worker: r.worker, state: r.state, atUnixMs: r.at,
+    lost: r.lost ?? [], cursor: r.cursor ? { trainEpoch: r.cursor.epoch, batchIndex: r.cursor.batch, step: r.cursor.step } : null,
+    history: (r.history ?? []).map((e) => ({
+      epoch: e.epoch, loss: e.loss, accuracy: e.accuracy, hasValidation: e.val_loss !== undefined, valLoss: e.val_loss ?? 0, valAccuracy: e.val_accuracy ?? 0,
+      seconds: e.seconds, samplesPerSecond: e.samples_per_second,
+    })),
+    error: r.error ?? "", members: r.members ?? [], allreduceSeconds: r.allreduce_seconds ?? 0, allreduceBytes: r.allreduce_bytes ?? 0,
+  });
+}
+
+/** Throws DecodeError for bytes that are not a TrainingReport of `job`. */
+export function decodeReport(job: string, bytes: Uint8Array): TrainingReport {
+  const m = decode("TrainingReport", bytes, { job, self: "coordinator", peer: "worker" });
+  return {
+    attempt: m.attempt, worker: m.worker, at: m.atUnixMs, state: m.state, step: m.header.step, epoch: m.header.epoch,
+    ...(m.lost.length ? { lost: m.lost } : {}),
+    ...(m.cursor ? { cursor: { epoch: m.cursor.trainEpoch, batch: m.cursor.batchIndex, step: m.cursor.step } } : {}),
+    ...(m.history.length ? {
+      history: m.history.map((e) => ({
+        epoch: e.epoch, loss: e.loss, accuracy: e.accuracy, ...(e.hasValidation ? { val_loss: e.valLoss, val_accuracy: e.valAccuracy } : {}),
+        seconds: e.seconds, samples_per_second: e.samplesPerSecond,
+      })),
+    } : {}),
+    ...(m.error ? { error: m.error } : {}),
+    ...(m.members.length ? { members: m.members } : {}),
+    allreduce_seconds: m.allreduceSeconds, allreduce_bytes: m.allreduceBytes,
+  };
 }
 
 /** Member `self`'s contiguous part of a global batch (sample order kept). */
@@ -272,15 +303,19 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
   void (async () => {
     for await (const e of watch) {
       if (e.operation !== "PUT") continue;
+      let r: TrainingReport;
       try {
-        const r = JSON.parse(new TextDecoder().decode(e.value)) as TrainingReport;
-        if (r.attempt !== c.attempt) continue;
-        reports.set(r.worker, r);
-        if (r.state !== "loading" && r.state !== "ready") pending.push(r);
-        wake?.();
-      } catch {
-        metrics?.droppedMessage("decode_error");
+        r = decodeReport(o.job, e.value);
+      } catch (err) {
+        const reason = err instanceof DecodeError ? err.reason : "malformed";
+        metrics?.droppedMessage(reason);
+        log.warn("dropped a training report that does not decode", { key: e.key, reason, error: err as Error });
+        continue;
       }
+      if (r.attempt !== c.attempt) continue;
+      reports.set(r.worker, r);
+      if (r.state !== "loading" && r.state !== "ready") pending.push(r);
+      wake?.();
     }
   })();
   const tick = (ms: number): Promise<void> => new Promise((r) => {

@@ -20,7 +20,7 @@ import { type JetStreamClient, type JetStreamManager, type KV, type NatsConnecti
 import type { JobOptions } from "../core/config.js";
 import type { Dataset, SampleRef, Split as DataSplit } from "../core/datasets/types.js";
 import {
-  DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER, ensureTaskQueue, errorKey, failedKey, parseWireShardId, roundId, SPEC_EXTRA, specKey, wireShardId,
+  decodeShardError, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER, ensureTaskQueue, errorKey, failedKey, parseWireShardId, roundId, SPEC_EXTRA, specKey, wireShardId,
   type ShardErrorRecord,
 } from "../core/extraction_wire.js";
 import type { FeatureExtractor } from "../core/feature_model.js";
@@ -295,7 +295,7 @@ export class NatsShardExecutor implements ShardExecutor {
             const sm = await jsm.streams.getMessage(names.tasksStream, { seq: a.stream_seq });
             const t = decode("ShardTask", sm.data, { job: opts.job });
             if (!pending.has(t.shardId)) return;
-            const last = await readError(state, errorKey(t.shardId));
+            const last = await readError(state, errorKey(t.shardId), opts.job, metrics, log);
             await jsm.streams.deleteMessage(names.tasksStream, a.stream_seq).catch(() => undefined);
             failJob(shardFailed(t.shardId, a.deliveries ?? maxDeliver, last));
           })().catch((err: unknown) => log.warn("cannot read a max-deliveries advisory", { error: err as Error }));
@@ -332,7 +332,7 @@ export class NatsShardExecutor implements ShardExecutor {
           for await (const k of keys) {
             const wire = k.slice("failed.".length);
             if (!pending.has(wire)) continue;
-            const rec = await readError(state, k);
+            const rec = await readError(state, k, opts.job, metrics, log);
             failJob(shardFailed(wire, rec?.attempt ?? maxDeliver, rec));
           }
           const c = registry.counts();
@@ -352,12 +352,21 @@ export class NatsShardExecutor implements ShardExecutor {
   }
 }
 
-async function readError(kv: KV, key: string): Promise<ShardErrorRecord | undefined> {
+/** A worker's failure record; undefined when there is none, or when it does not decode (dropped and counted). */
+async function readError(kv: KV, key: string, job: string, metrics: CtrainMetrics | undefined, log: Logger): Promise<ShardErrorRecord | undefined> {
+  let e;
   try {
-    const e = await kv.get(key);
-    if (!e || e.operation !== "PUT" || e.value.length === 0) return undefined;
-    return JSON.parse(new TextDecoder().decode(e.value)) as ShardErrorRecord;
+    e = await kv.get(key);
   } catch {
+    return undefined;
+  }
+  if (!e || e.operation !== "PUT" || e.value.length === 0) return undefined;
+  try {
+    return decodeShardError(job, e.value);
+  } catch (err) {
+    const reason = err instanceof DecodeError ? err.reason : "malformed";
+    metrics?.droppedMessage(reason);
+    log.warn("dropped a shard error record that does not decode", { key, reason, error: err as Error });
     return undefined;
   }
 }

@@ -10,9 +10,10 @@
  *   state KV keys        `spec.<round>`   the JobSpec a worker extracts this round with
  *                        `error.<round>.<shard>`   last error of a shard (retried)
  *                        `failed.<round>.<shard>`  the shard gave up (max deliveries): the job fails
- * Failure records are small JSON documents in the state KV (store contents, not messages).
+ * Failure records are ShardError messages (trainer.proto), checked on read like any message.
  */
 import { AckPolicy, DeliverPolicy, nanos, RetentionPolicy, StorageType, type JetStreamManager } from "nats";
+import { decode, encode, makeHeader } from "../proto/codec.js";
 import type { JobNames } from "../proto/subjects.js";
 
 /** Time a worker may hold a task without an in-progress ack before it is redelivered, ms. */
@@ -48,7 +49,7 @@ export const specKey = (round: string): string => `spec.${round}`;
 export const errorKey = (wire: string): string => `error.${wire}`;
 export const failedKey = (wire: string): string => `failed.${wire}`;
 
-/** A shard's last error (state KV, JSON). */
+/** A shard's last error (state KV, a ShardError message). */
 export interface ShardErrorRecord {
   shard: string;
   worker: string;
@@ -57,6 +58,16 @@ export interface ShardErrorRecord {
   error: string;
   /** Unix ms. */
   at: number;
+}
+
+export function encodeShardError(job: string, r: ShardErrorRecord): Uint8Array {
+  return encode("ShardError", { header: makeHeader(job, r.worker), shardId: r.shard, worker: r.worker, attempt: r.attempt, error: r.error || "(no message)", atUnixMs: r.at });
+}
+
+/** Throws DecodeError for bytes that are not a ShardError of `job`. */
+export function decodeShardError(job: string, bytes: Uint8Array): ShardErrorRecord {
+  const m = decode("ShardError", bytes, { job, self: "coordinator", peer: "worker" });
+  return { shard: m.shardId, worker: m.worker, attempt: m.attempt, error: m.error, at: m.atUnixMs };
 }
 
 /** Creates (or updates) the job's work-queue stream and its durable pull consumer. Idempotent. */

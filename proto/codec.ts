@@ -19,7 +19,7 @@ import { crc32 } from "./checksum.js";
 import { bytesPerElement, hasNonFinite } from "../core/tensor_codec.js";
 
 /** Version of the wire contract. Peers with different versions refuse each other's messages. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Enums: TS string unions <-> proto enum value names.
@@ -44,6 +44,17 @@ const ENUM_NAMES = {
     draining: "WORKER_STATE_DRAINING",
     stopped: "WORKER_STATE_STOPPED",
   },
+  ReplicaState: {
+    loading: "REPLICA_STATE_LOADING",
+    ready: "REPLICA_STATE_READY",
+    waiting: "REPLICA_STATE_WAITING",
+    training: "REPLICA_STATE_TRAINING",
+    checkpoint: "REPLICA_STATE_CHECKPOINT",
+    peers_lost: "REPLICA_STATE_PEERS_LOST",
+    done: "REPLICA_STATE_DONE",
+    failed: "REPLICA_STATE_FAILED",
+    evicted: "REPLICA_STATE_EVICTED",
+  },
   ControlKind: { drain: "CONTROL_KIND_DRAIN", stop: "CONTROL_KIND_STOP", abort_step: "CONTROL_KIND_ABORT_STEP", phase: "CONTROL_KIND_PHASE", epoch_boundary: "CONTROL_KIND_EPOCH_BOUNDARY" },
 } as const;
 
@@ -54,6 +65,7 @@ export type Split = keyof (typeof ENUM_NAMES)["Split"];
 export type Dtype = keyof (typeof ENUM_NAMES)["Dtype"];
 export type WorkerState = keyof (typeof ENUM_NAMES)["WorkerState"];
 export type ControlKind = keyof (typeof ENUM_NAMES)["ControlKind"];
+export type ReplicaState = keyof (typeof ENUM_NAMES)["ReplicaState"];
 
 /** The values of each enum, for option validation and tests. */
 export const ENUM_VALUES = {
@@ -64,6 +76,7 @@ export const ENUM_VALUES = {
   Dtype: Object.keys(ENUM_NAMES.Dtype) as Dtype[],
   WorkerState: Object.keys(ENUM_NAMES.WorkerState) as WorkerState[],
   ControlKind: Object.keys(ENUM_NAMES.ControlKind) as ControlKind[],
+  ReplicaState: Object.keys(ENUM_NAMES.ReplicaState) as ReplicaState[],
 } as const;
 
 // ---------------------------------------------------------------------------------------------
@@ -234,6 +247,48 @@ export interface Control {
   phase: string;
 }
 
+export interface EpochStatsMessage {
+  epoch: number;
+  loss: number;
+  accuracy: number;
+  hasValidation: boolean;
+  valLoss: number;
+  valAccuracy: number;
+  seconds: number;
+  samplesPerSecond: number;
+}
+
+export interface DataCursor {
+  trainEpoch: number;
+  batchIndex: number;
+  step: number;
+}
+
+export interface TrainingReport {
+  header: Header;
+  attempt: string;
+  worker: string;
+  state: ReplicaState;
+  atUnixMs: number;
+  lost: string[];
+  /** null when not set. */
+  cursor: DataCursor | null;
+  history: EpochStatsMessage[];
+  error: string;
+  members: string[];
+  allreduceSeconds: number;
+  allreduceBytes: number;
+}
+
+export interface ShardError {
+  header: Header;
+  shardId: string;
+  worker: string;
+  attempt: number;
+  error: string;
+  atUnixMs: number;
+}
+
 /** Message type name -> TS shape. */
 export interface MessageMap {
   JobSpec: JobSpec;
@@ -248,6 +303,8 @@ export interface MessageMap {
   WeightsChecksum: WeightsChecksum;
   CheckpointMeta: CheckpointMeta;
   Control: Control;
+  TrainingReport: TrainingReport;
+  ShardError: ShardError;
 }
 export type MessageType = keyof MessageMap;
 
@@ -265,6 +322,8 @@ export const MESSAGE_TYPES: readonly MessageType[] = [
   "WeightsChecksum",
   "CheckpointMeta",
   "Control",
+  "TrainingReport",
+  "ShardError",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -584,5 +643,19 @@ function validate(type: MessageType, o: Record<string, unknown>): void {
     }
     case "Control":
       return; // kind is checked by the enum conversion
+    case "TrainingReport": {
+      const m = o as unknown as TrainingReport;
+      required(m.attempt !== "", "attempt");
+      required(m.worker !== "", "worker");
+      // Loss and accuracy figures may be NaN (a diverged run): they are reported, never applied.
+      return;
+    }
+    case "ShardError": {
+      const m = o as unknown as ShardError;
+      required(m.shardId !== "", "shard_id");
+      required(m.worker !== "", "worker");
+      required(m.error !== "", "error");
+      return;
+    }
   }
 }

@@ -15,7 +15,7 @@
  */
 import { hostname } from "node:os";
 import type { Consumer, JetStreamClient, JetStreamManager, JsMsg, KV, NatsConnection, ObjectStore } from "nats";
-import { errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../core/extraction_wire.js";
+import { encodeShardError, errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../core/extraction_wire.js";
 import type { BackendName } from "../core/config.js";
 import type { Split as DataSplit } from "../core/datasets/types.js";
 import type { Logger } from "../core/log.js";
@@ -419,7 +419,7 @@ export class NatsWorker implements AsyncDisposable {
       const error = err instanceof Error ? err : new Error(String(err));
       const terminal = error instanceof TerminalError || (ctx.maxDeliver > 0 && delivery >= ctx.maxDeliver);
       const rec: ShardErrorRecord = { shard: wire, worker: this.id, attempt: delivery, error: error.message, at: Date.now() };
-      const bytes = new TextEncoder().encode(JSON.stringify(rec));
+      const bytes = encodeShardError(job, rec);
       await ctx.state.put(errorKey(wire), bytes).catch(() => undefined);
       if (terminal) {
         await ctx.state.put(failedKey(wire), bytes).catch(() => undefined);

@@ -38,7 +38,7 @@ import { registerWasmTrainingKernels } from "../core/wasm_kernels.js";
 import { decode, DecodeError, encode, makeHeader, type JobSpec } from "../proto/codec.js";
 import { jobNames } from "../proto/subjects.js";
 import { CHECKPOINT_OBJECTS, captureState, decodeState, encodeState, getBytes, putBytes, restoreState, type DataCursor } from "../coordinator/checkpoints.js";
-import { decodeDataObject, decodeHeadObject, memberSlice, TRAINING_KEYS, type TrainingReport } from "../coordinator/data_parallel.js";
+import { decodeDataObject, decodeHeadObject, encodeReport, memberSlice, TRAINING_KEYS, type TrainingReport } from "../coordinator/data_parallel.js";
 import { fineTuneModel } from "../coordinator/fine_tuning.js";
 import { GradientAverager, gradientHookFor, StepPeersLostError } from "./gradient_averaging.js";
 import { MembershipView } from "./membership_view.js";
@@ -82,7 +82,7 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
   const timeoutMs = Number(x["timeout_ms"] ?? 30_000);
   const report = async (r: Omit<TrainingReport, "attempt" | "worker" | "at">): Promise<void> => {
     const full: TrainingReport = { ...r, attempt, worker: self, at: Date.now() };
-    await state.put(TRAINING_KEYS.report(self), new TextEncoder().encode(JSON.stringify(full))).catch((err: unknown) => log.warn("training report not stored", { error: err as Error }));
+    await state.put(TRAINING_KEYS.report(self), encodeReport(job, full)).catch((err: unknown) => log.warn("training report not stored", { error: err as Error }));
   };
   const js = nc.jetstream();
   const os: ObjectStore = await js.views.os(names.checkpointsBucket);
