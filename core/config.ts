@@ -307,7 +307,12 @@ export function resolveOptions(partial: Partial<JobOptions>, now: Date = new Dat
   if (!/^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$/.test(opts.job))
     throw new ConfigError(`--job ${show(opts.job)} must be 1-63 letters, digits, '-' or '_' (it names NATS subjects and streams).`);
   if (!opts.out) opts.out = `runs/${opts.job}`;
-  const augmentGiven = AUGMENT_KEYS.filter((k) => (partial as Record<string, unknown>)[k] !== undefined);
+  // A setting that changes augmentation is refused without --method augment. Values equal to the default
+  // are not: they change nothing, and resolving already-resolved options must give the same options.
+  const augmentGiven = AUGMENT_KEYS.filter((k) => {
+    const v = (partial as Record<string, unknown>)[k];
+    return v !== undefined && v !== OPTION_SPECS.find((s) => s.key === k)?.default();
+  });
   if (augmentGiven.length > 0 && opts.method !== "augment")
     throw new ConfigError(`--${flagName(augmentGiven[0])} applies only to --method augment (the cached method trains on features, no images are augmented): add --method augment or drop it.`);
   if (opts.valSplit + opts.testSplit >= 0.9) throw new ConfigError(`--val-split + --test-split must leave data to train on (got ${opts.valSplit} + ${opts.testSplit}).`);

@@ -547,7 +547,10 @@ test("fuzz - flags: random argument vectors give valid options or a ConfigError 
         });
         try {
           const parsed = parseArgs(argv, [], ["help"]);
-          assertValid(resolveOptions(parsed.options));
+          const resolved = resolveOptions(parsed.options);
+          assertValid(resolved);
+          // Resolved options are passed on (the Kubernetes launcher, the job spec): resolving again changes nothing.
+          assert.deepEqual(resolveOptions(resolved), resolved);
           ok++;
         } catch (err) {
           if (err instanceof assert.AssertionError) throw err;
