@@ -20,11 +20,10 @@ import { fileURLToPath } from "node:url";
 import * as tf from "@tensorflow/tfjs";
 import "@tensorflow/tfjs-backend-wasm";
 import { buildHead } from "../core/head.js";
-import { buildSplit } from "../core/model_split.js";
+import { buildSplit, fineTuneModel } from "../core/model_split.js";
 import { loadPretrained, type PretrainedSource } from "../core/model_zoo.js";
 import { computeGradients } from "../core/train_loop.js";
 import { registerWasmTrainingKernels } from "../core/wasm_kernels.js";
-import { fineTuneModel } from "../coordinator/fine_tuning.js";
 
 function arg(name: string, def: string): string {
   const i = process.argv.indexOf(`--${name}`);

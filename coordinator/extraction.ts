@@ -5,19 +5,12 @@
  */
 import { rm } from "node:fs/promises";
 import type { Dataset } from "../core/datasets/types.js";
-import { type FeatureCache, type FeatureSet, type FeatureShardData } from "../core/feature_store.js";
+import type { FeatureCache, FeatureSet } from "../core/feature_store.js";
 import type { Logger } from "../core/log.js";
 import type { CtrainMetrics } from "../core/metrics.js";
 import { Progress } from "../core/progress.js";
-import { planShards, type Shard } from "./shard_planner.js";
-
-/** Something that turns shards into features: the local process, or workers over NATS. */
-export interface ShardExecutor {
-  /** Extracts every shard, calling `onShard` once per shard (in any order) and `onImages` as images complete. */
-  run(shards: Shard[], onShard: (data: FeatureShardData) => Promise<void>, onImages: (images: number, skipped: number) => void): Promise<void>;
-  /** Backend and worker count, for the summary. */
-  describe(): { workers: number };
-}
+import type { ShardExecutor } from "../core/shards.js";
+import { planShards } from "./shard_planner.js";
 
 export interface ExtractionResult {
   features: FeatureSet;

@@ -19,7 +19,7 @@ import type { AugmentOptions } from "../core/augment.js";
 import type { Pooling } from "../core/config.js";
 import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
 import type { FeatureSet } from "../core/feature_store.js";
-import type { SplitBase } from "../core/model_split.js";
+import { fineTuneModel, type SplitBase } from "../core/model_split.js";
 import type { Preprocessing, PretrainedSource } from "../core/model_zoo.js";
 import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook } from "../core/train_loop.js";
 import { evaluateImages, fitImages, type ImageSource } from "./augment_training.js";
@@ -67,23 +67,6 @@ export function activationExtractor(source: PretrainedSource, inputSize: number,
 /** One split of a cached activation set, rows shaped [h, w, c]. */
 export function activationData(set: FeatureSet, split: "train" | "val" | "test"): ArrayData {
   return { ...splitData(set, split), sampleShape: set.meta.featureShape };
-}
-
-function poolingLayer(pooling: Pooling): tf.layers.Layer {
-  if (pooling === "avg") return tf.layers.globalAveragePooling2d({ name: "ctrain_pool" });
-  if (pooling === "max") return tf.layers.globalMaxPooling2d({ name: "ctrain_pool" });
-  return tf.layers.flatten({ name: "ctrain_pool" });
-}
-
-/** top (+ bottom for images) + pooling + the trained head, as one trainable model. */
-export function fineTuneModel(split: SplitBase, head: tf.LayersModel, pooling: Pooling, fromImages: boolean): tf.LayersModel {
-  const pool = poolingLayer(pooling);
-  if (!fromImages) {
-    const out = head.apply(pool.apply(split.top.outputs[0])) as tf.SymbolicTensor;
-    return tf.model({ inputs: split.top.inputs, outputs: out, name: "ctrain_fine_tune" });
-  }
-  const features = pool.apply(split.top.apply(split.bottom.outputs[0]) as tf.SymbolicTensor) as tf.SymbolicTensor;
-  return tf.model({ inputs: split.bottom.inputs, outputs: head.apply(features) as tf.SymbolicTensor, name: "ctrain_fine_tune" });
 }
 
 /** Fine-tunes `split.top` and `head` in place. */

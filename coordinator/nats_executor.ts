@@ -30,8 +30,7 @@ import type { CtrainMetrics } from "../core/metrics.js";
 import { bytesToFloat32 } from "../core/tensor_codec.js";
 import { decode, DecodeError, encode, makeHeader, type FeatureShard, type JobSpec, type Pooling, type Split as WireSplit } from "../proto/codec.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
-import type { ShardExecutor } from "./extraction.js";
-import type { Shard } from "./shard_planner.js";
+import type { Shard, ShardExecutor } from "../core/shards.js";
 import { WorkerRegistryMonitor } from "./worker_registry.js";
 
 /** A shard gave up after the consumer's max deliveries. Fix the cause (the message says it) and run the job again. */

@@ -160,6 +160,13 @@ export interface FeatureExtractor {
   dispose(): void;
 }
 
+/** ctrain's pooling over a 4-d feature map (`none`: flatten), named `ctrain_pool` wherever it is used. */
+export function poolingLayer(pooling: Pooling): tf.layers.Layer {
+  if (pooling === "avg") return tf.layers.globalAveragePooling2d({ name: "ctrain_pool" });
+  if (pooling === "max") return tf.layers.globalMaxPooling2d({ name: "ctrain_pool" });
+  return tf.layers.flatten({ name: "ctrain_pool" });
+}
+
 /** Builds the frozen feature extractor of a job. */
 export async function buildFeatureExtractor(source: PretrainedSource, opts: FeatureExtractorOptions): Promise<FeatureExtractor> {
   const { topology } = cutTopology(source.artifacts.modelTopology as object, { inputSize: opts.inputSize, outputLayer: opts.featureLayer });
@@ -170,9 +177,7 @@ export async function buildFeatureExtractor(source: PretrainedSource, opts: Feat
   if (out.shape.length !== 4) {
     if (opts.pooling !== "none") throw new ConfigError(`--pooling ${opts.pooling} needs a 4-d feature map, but layer ${opts.featureLayer} outputs shape ${JSON.stringify(out.shape)}; use --pooling none.`);
     pooled = out;
-  } else if (opts.pooling === "avg") pooled = tf.layers.globalAveragePooling2d({ name: "ctrain_pool" }).apply(out) as tf.SymbolicTensor;
-  else if (opts.pooling === "max") pooled = tf.layers.globalMaxPooling2d({ name: "ctrain_pool" }).apply(out) as tf.SymbolicTensor;
-  else pooled = tf.layers.flatten({ name: "ctrain_pool" }).apply(out) as tf.SymbolicTensor;
+  } else pooled = poolingLayer(opts.pooling).apply(out) as tf.SymbolicTensor;
   const model = tf.model({ inputs: base.inputs, outputs: pooled, name: "ctrain_feature_extractor" });
   const featureDim = pooled.shape[1] as number;
   const featureShape = (opts.pooling === "none" ? out.shape.slice(1) : pooled.shape.slice(1)) as number[];

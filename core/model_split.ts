@@ -20,7 +20,8 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { ConfigError } from "./errors.js";
-import { cutTopology, inboundNames, type LayerJson, loadCut } from "./feature_model.js";
+import type { Pooling } from "./config.js";
+import { cutTopology, inboundNames, type LayerJson, loadCut, poolingLayer } from "./feature_model.js";
 import type { PretrainedSource } from "./model_zoo.js";
 
 function layersOf(topology: object): { layers: LayerJson[]; config: Record<string, unknown> } {
@@ -201,4 +202,15 @@ export function copyWeightsByName(from: tf.LayersModel, into: tf.LayersModel): n
     n++;
   }
   return n;
+}
+
+/** top (+ bottom for images) + pooling + the trained head, as one trainable model. */
+export function fineTuneModel(split: SplitBase, head: tf.LayersModel, pooling: Pooling, fromImages: boolean): tf.LayersModel {
+  const pool = poolingLayer(pooling);
+  if (!fromImages) {
+    const out = head.apply(pool.apply(split.top.outputs[0])) as tf.SymbolicTensor;
+    return tf.model({ inputs: split.top.inputs, outputs: out, name: "ctrain_fine_tune" });
+  }
+  const features = pool.apply(split.top.apply(split.bottom.outputs[0]) as tf.SymbolicTensor) as tf.SymbolicTensor;
+  return tf.model({ inputs: split.bottom.inputs, outputs: head.apply(features) as tf.SymbolicTensor, name: "ctrain_fine_tune" });
 }

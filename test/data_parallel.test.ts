@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { CTRAIN_BIN } from "./helpers/cli.js";
 import { Proc } from "./helpers/cluster.js";
-import { check, startNatsServer, type NatsServer } from "./helpers/nats_server.js";
+import { startNatsServer, type NatsServer } from "./helpers/nats_server.js";
 
 const JOB_ARGS = [
   "--data", "fashion-mnist", "--limit", "200", "--input-size", "64", "--epochs", "1", "--head-units", "16", "--dropout", "0",

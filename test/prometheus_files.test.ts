@@ -25,8 +25,6 @@ const run = promisify(execFile);
 
 /** Values a test puts in for the dashboard's variables; nothing else may appear in an expression. */
 const VARIABLES: Record<(typeof DASHBOARD_VARIABLES)[number], string> = { $job: "ptest", $worker: ".*", $__rate_interval: "1m" };
-/** Series Prometheus makes itself for every target. */
-const SYNTHETIC = new Set(["up", "scrape_duration_seconds", "scrape_samples_scraped"]);
 
 /** Series names (with histogram suffixes) a fresh ctrain process exports. */
 async function exportedNames(): Promise<Set<string>> {

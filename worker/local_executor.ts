@@ -6,8 +6,7 @@ import type { Dataset } from "../core/datasets/types.js";
 import type { FeatureExtractor } from "../core/feature_model.js";
 import type { FeatureShardData } from "../core/feature_store.js";
 import type { CtrainMetrics } from "../core/metrics.js";
-import type { ShardExecutor } from "../coordinator/extraction.js";
-import type { Shard } from "../coordinator/shard_planner.js";
+import type { Shard, ShardExecutor } from "../core/shards.js";
 import { extractShard } from "./extraction_executor.js";
 
 export class LocalShardExecutor implements ShardExecutor {

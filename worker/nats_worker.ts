@@ -26,7 +26,7 @@ import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } fro
 import { totalmem } from "node:os";
 import { extractShard, shardMemoryBudget, shardMemoryBytes } from "./extraction_executor.js";
 import { ExtractorCache } from "./extractor_cache.js";
-import { TRAINING_KEYS } from "../coordinator/data_parallel.js";
+import { TRAINING_KEYS } from "../core/training_wire.js";
 import { runTrainingWorker } from "./training_worker.js";
 
 /** Events of a worker's life. */

@@ -1,0 +1,57 @@
+/**
+ * The layout is the architecture (../shared/STYLE.md): proto/ is the wire contract, core/ knows no
+ * role, coordinator/ and worker/ are roles that meet only through core/ and proto/. A role that
+ * imports the other would ship the coordinator's code in every worker image and tie their
+ * versions together; this test reads every import of the source tree and refuses such an edge.
+ */
+import assert from "node:assert/strict";
+import { readdirSync, readFileSync, statSync } from "node:fs";
+import { dirname, join, relative, resolve, sep } from "node:path";
+import { test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+/** What each top-level folder may import (besides itself and npm packages). */
+const ALLOWED: Record<string, readonly string[]> = {
+  // proto/ and core/ are the shared base (the codec uses core's tensor codec and errors, core's wire
+  // helpers use the codec); neither may import a role.
+  proto: ["core"],
+  core: ["proto"],
+  worker: ["core", "proto"],
+  coordinator: ["core", "proto", "worker"],
+  cli: ["core", "proto", "worker", "coordinator"],
+};
+
+function sources(dir: string): string[] {
+  return readdirSync(dir).flatMap((name) => {
+    const p = join(dir, name);
+    if (statSync(p).isDirectory()) return sources(p);
+    return name.endsWith(".ts") ? [p] : [];
+  });
+}
+
+/** Relative module specifiers of a file's import/export ... from, side-effect import and dynamic import(). */
+function importsOf(file: string): string[] {
+  const text = readFileSync(file, "utf8");
+  const out: string[] = [];
+  for (const m of text.matchAll(/(?:^|\n)\s*(?:import|export)\s[^;]*?from\s+"(\.[^"]+)"/g)) out.push(m[1]!);
+  for (const m of text.matchAll(/(?:^|\n)\s*import\s+"(\.[^"]+)"/g)) out.push(m[1]!);
+  for (const m of text.matchAll(/import\(\s*"(\.[^"]+)"\s*\)/g)) out.push(m[1]!);
+  return out;
+}
+
+test("layout - core/ and proto/ know no role; worker/ never imports coordinator/", () => {
+  const bad: string[] = [];
+  let edges = 0;
+  for (const [folder, allowed] of Object.entries(ALLOWED)) {
+    for (const file of sources(join(ROOT, folder))) {
+      for (const spec of importsOf(file)) {
+        const target = relative(ROOT, resolve(dirname(file), spec)).split(sep)[0]!;
+        edges++;
+        if (target !== folder && !allowed.includes(target)) bad.push(`${relative(ROOT, file)} imports ${spec} (${folder}/ may import ${allowed.join(", ") || "nothing else"})`);
+      }
+    }
+  }
+  assert.ok(edges > 100, `only ${edges} imports found: the scan is broken`);
+  assert.deepEqual(bad, []);
+});
