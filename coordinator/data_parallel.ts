@@ -47,8 +47,11 @@
  *   config fingerprint) and makes it the start state of a new attempt: fit() resumes at
  *   initialEpoch + initialBatch, completed steps are not redone. A new spec supersedes the old
  *   attempt: workers still running it stop.
- * - Not handled: a member lost after some survivors already finished the step (those are one step
- *   ahead of the others' redo); untested.
+ * - Survivors one step apart: a member can complete a step that another survivor gave up on a moment
+ *   earlier (its timeout fired first, or the new plan aborted it with the last slice in flight). The
+ *   one ahead resends the averaged vector it applied and the other takes it as the step's result
+ *   ("Catch-up" in worker/gradient_averaging.ts), so both apply the same update and meet at the next
+ *   step.
  */
 import type { JetStreamClient, KV, NatsConnection, ObjectStore } from "nats";
 import * as tf from "@tensorflow/tfjs";

@@ -214,6 +214,8 @@ export interface TensorChunk {
   sampleCount: number;
   /** CRC-32 of data (proto/checksum.ts). */
   checksum: number;
+  /** AveragedChunk only: a completed step's whole averaged vector resent to a member redoing it. */
+  replay?: boolean;
 }
 export type GradientChunk = TensorChunk;
 export type AveragedChunk = TensorChunk;

@@ -13,7 +13,7 @@ import * as tf from "@tensorflow/tfjs";
 import { selectBackend } from "../core/backend.js";
 import { MembershipChanged, WorkerLostError } from "../core/errors.js";
 import { Rng } from "../core/rng.js";
-import { bytesPerElement, encodeValues, type WireDtype } from "../core/tensor_codec.js";
+import { bytesPerElement, decodeValues, encodeValues, planChunks, sliceRanges, type WireDtype } from "../core/tensor_codec.js";
 import { fit } from "../core/train_loop.js";
 import { crc32 } from "../proto/checksum.js";
 import { encode, makeHeader, type TensorChunk } from "../proto/codec.js";
@@ -266,6 +266,80 @@ describe("allreduce - hostile input", () => {
     const results = await Promise.all(survivors.map((a, k) => a.average(0, grads[k * 2]!, 2)));
     const want = weightedMean([grads[0]!, grads[2]!], [2, 2]);
     for (const r of results) assert.ok(maxAbsDiff(r, want) <= 1e-6);
+    await g.close();
+  });
+
+  test("allreduce - a member that completed a step a survivor must redo resends what it applied; both meet at the next step", async () => {
+    // w0 completes step 0; w1 gives up on it (its timeout fires before w2's averaged slice comes), then
+    // w2 is gone. w1 redoes step 0 under the new membership while w0 already runs step 1.
+    const job = `ar-${process.pid}-${++jobSeq}`;
+    const members = ["w0", "w1", "w2"];
+    const dtype = "fp16";
+    const bucketBytes = 4096;
+    const len = 5000; // 10 KB in fp16: several chunks per slice
+    const [m0, m1] = [new Recorder(), new Recorder()];
+    const a0 = await GradientAverager.open({ nc: await conn(), job, self: "w0", members, epoch: 1, wireDtype: dtype, bucketBytes, timeoutMs: 20_000, metrics: m0 });
+    const a1 = await GradientAverager.open({ nc: await conn(), job, self: "w1", members, epoch: 1, wireDtype: dtype, bucketBytes, timeoutMs: 1500, metrics: m1 });
+    const rng = new Rng(77);
+    const g = members.map(() => randomVector(len, rng));
+    const n = [4, 3, 2];
+    // w2 is played by hand: its gradient chunks for w0's and w1's slices now, its averaged slice later.
+    const w2 = await conn();
+    const names = jobNames(job);
+    const slices = sliceRanges(len, 3);
+    const chunks = planChunks([len], { dtype, bucketBytes, slices });
+    const send = (type: "GradientChunk" | "AveragedChunk", subject: string, values: Float32Array, c: (typeof chunks)[number], sampleCount: number): void => {
+      const data = encodeValues(values.subarray(c.offset, c.offset + c.length), dtype);
+      w2.publish(subject, encode(type, {
+        header: makeHeader(job, "w2", 1, 0), bucketId: c.bucketId, chunkIndex: c.chunkIndex, chunkCount: c.chunkCount,
+        offset: c.offset, length: c.length, dtype, data, sampleCount, checksum: crc32(data),
+      }));
+    };
+    const step0 = [a0.average(0, g[0]!, n[0]!), a1.average(0, g[1]!, n[1]!).then(() => assert.fail("w1 cannot complete step 0"), (e: unknown) => e)];
+    for (const c of chunks) if (c.slice !== 2) send("GradientChunk", names.gradients(members[c.slice]!), g[2]!, c, n[2]!);
+    await w2.flush();
+    const lost = (await step0[1]) as StepPeersLostError;
+    assert.ok(lost instanceof StepPeersLostError, String(lost));
+    assert.deepEqual(lost.missingAveraged, ["w2"]);
+    // Now w2's averaged slice: only w0 is still waiting for it.
+    const mean = weightedMean(g, n);
+    const avg2 = Float32Array.from(mean);
+    for (const c of chunks) if (c.slice === 2) send("AveragedChunk", names.averaged("w2"), avg2, c, 9);
+    await w2.flush();
+    const r0 = (await step0[0]) as Float32Array;
+    assert.ok(maxAbsDiff(r0, mean) <= 2e-3, "w0 applied the step-0 mean of all three");
+    // The coordinator drops w2. w0 goes on to step 1; w1 redoes step 0 (its part of the batch is now bigger).
+    await Promise.all([a0.setMembership(2, ["w0", "w1"]), a1.setMembership(2, ["w0", "w1"])]);
+    const h = [randomVector(len, rng), randomVector(len, rng)];
+    const step1 = a0.average(1, h[0]!, 5);
+    const redo = await a1.average(0, randomVector(len, rng), 6);
+    assert.deepEqual(redo, r0, "the redo returns exactly what w0 applied");
+    assert.equal(a0.replaysSent, 1);
+    assert.equal(a1.replaysApplied, 1);
+    const r1 = await a1.average(1, h[1]!, 2);
+    assert.deepEqual(await step1, r1, "step 1 is averaged together again, identical on both");
+    assert.ok(maxAbsDiff(r1, weightedMean(h, [5, 2])) <= 2e-3);
+    // The replay is exact fp32 of fp16-rounded values: re-encoding changes nothing.
+    assert.deepEqual(decodeValues(encodeValues(redo, "fp16"), "fp16"), redo);
+    assert.equal(m0.dropped, 0, JSON.stringify([...m0.drops]));
+    await Promise.all([a0.close(), a1.close()]);
+  });
+
+  test("allreduce - gradientHookFor redoes a failed step under the same step number", async () => {
+    const g = await group(2, { timeoutMs: 500 });
+    const model = dpModel();
+    const hook = gradientHookFor(g.averagers[0]!, model, { firstStep: 7 });
+    const grads = (): tf.NamedTensorMap => Object.fromEntries(model.trainableWeights.map((w) => [(w.read() as tf.Variable).name, tf.ones(w.shape as number[])]));
+    const first = grads();
+    await assert.rejects(hook(first, 2), StepPeersLostError); // w1 never sends
+    await g.averagers[0]!.setMembership(2, ["w0"]);
+    tf.dispose(await hook(first, 2));
+    assert.equal(g.averagers[0]!.lastStats?.step, 7, "the redo is step 7 again, not 8");
+    const second = grads();
+    tf.dispose(await hook(second, 2));
+    assert.equal(g.averagers[0]!.lastStats?.step, 8);
+    tf.dispose([first, second]);
+    model.dispose();
     await g.close();
   });
 

@@ -28,6 +28,16 @@
  * membership epoch and the survivors redo the step. A driver that learns of the failure sooner (a
  * Control ABORT_STEP) calls `abort()` to end the wait at once.
  *
+ * Catch-up: survivors need not fail a step together. A member can complete step s (the last averaged
+ * slice reached it) while another gave up on it a moment earlier (its timeout fired first, or the new
+ * membership aborted it with the last slice still in flight). The first applied s and runs s+1; the
+ * second redoes s under the new epoch, and the two would wait for each other forever. So each member
+ * keeps the vector it returned for its last completed step; when a gradient chunk of that step
+ * arrives under a newer epoch (someone is redoing what it finished), it resends that whole vector once
+ * per epoch on its averaged subject, marked `replay`, in fp32 (exact, fp16-rounded values included).
+ * A member redoing the step takes the first complete replay as the step's result: it applies exactly
+ * what the others applied, and everyone meets again at s+1. Cost: one copy of the flat vector.
+ *
  * Start-up: subscriptions must reach the server before any peer publishes, so create averagers with
  * {@link GradientAverager.open} (it flushes) and start step 0 only once every member has opened (the
  * coordinator's StepPlan is that barrier).
@@ -160,6 +170,8 @@ interface StepState {
   /** Averaged chunks still expected per owner (peers only). */
   avgMissing: Map<string, Set<string>>;
   ownDone: boolean;
+  /** A peer's resent result of this step (catch-up): its sender, the chunks still expected, the vector. */
+  replay: { from: string; missing: Set<string>; result: Float32Array } | undefined;
   bytesReceived: number;
   messagesReceived: number;
   bytesSent: number;
@@ -195,6 +207,14 @@ export class GradientAverager implements AsyncDisposable {
   private early: Incoming[] = [];
   private earlyBytes = 0;
   private closed = false;
+  /** The last completed step and a copy of the vector it returned, for a member that must catch up. */
+  private completed: { epoch: number; step: number; result: Float32Array } | undefined;
+  /** Membership epochs the completed step was already resent under (one resend reaches every member). */
+  private readonly replayedUnder = new Set<number>();
+  /** Completed steps resent to members that were redoing them (see "Catch-up" above). */
+  replaysSent = 0;
+  /** Steps this member completed with a peer's resent result instead of its own averaging. */
+  replaysApplied = 0;
   /** Stats of the last completed `average()`. */
   lastStats: AllreduceStats | undefined;
 
@@ -294,7 +314,7 @@ export class GradientAverager implements AsyncDisposable {
     const st: StepState = {
       step, epoch: this._epoch, dtype, length: flat.length, slices, plan: new Map(), mySlice, acc, samples: sampleCount,
       result: new Float32Array(flat.length), gradMissing: new Map(), gradSamples: new Map(), avgMissing: new Map(), ownDone: false,
-      bytesReceived: 0, messagesReceived: 0, bytesSent: 0, messagesSent: 0, resolve, reject, settled: false,
+      replay: undefined, bytesReceived: 0, messagesReceived: 0, bytesSent: 0, messagesSent: 0, resolve, reject, settled: false,
     };
     for (const c of chunks) st.plan.set(key(c.bucketId, c.chunkIndex), c);
     for (const m of this._members) {
@@ -330,6 +350,8 @@ export class GradientAverager implements AsyncDisposable {
     }, this.timeoutMs);
     try {
       const out = await done;
+      this.completed = { epoch: st.epoch, step, result: out.slice() };
+      this.replayedUnder.clear();
       const seconds = (performance.now() - t0) / 1000;
       this.lastStats = { step, seconds, bytesSent: st.bytesSent, bytesReceived: st.bytesReceived, messagesSent: st.messagesSent, messagesReceived: st.messagesReceived };
       this.metrics?.observeAllreduce(seconds, st.bytesSent, st.bytesReceived);
@@ -350,6 +372,7 @@ export class GradientAverager implements AsyncDisposable {
     this.avgSubs.clear();
     this.early = [];
     this.earlyBytes = 0;
+    this.completed = undefined;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -401,6 +424,9 @@ export class GradientAverager implements AsyncDisposable {
   private route(m: Incoming): void {
     const h = m.msg.header;
     if (h.epoch < this._epoch) return this.drop("stale_epoch");
+    // Someone redoes, under a newer membership, the step I completed: send them what I applied.
+    const c = this.completed;
+    if (m.kind === "grad" && c && h.step === c.step && h.epoch > c.epoch) return this.replay(h.epoch);
     // The step being run, else the last one started (a step ended by setMembership counts as done).
     const st = this.active && !this.active.settled ? this.active : undefined;
     const ref = st ? { epoch: st.epoch, step: st.step } : this.last;
@@ -414,8 +440,11 @@ export class GradientAverager implements AsyncDisposable {
         this.earlyBytes += m.bytes;
         return;
       }
+      // A resent result for a member that is behind me: not mine, not an error.
+      if (m.msg.replay) return;
       return this.drop("wrong_step");
     }
+    if (m.msg.replay) return this.applyReplay(st, m);
     if (m.msg.dtype !== st.dtype) return this.drop("bad_shape");
     const k = key(m.msg.bucketId, m.msg.chunkIndex);
     const spec = st.plan.get(k);
@@ -443,6 +472,43 @@ export class GradientAverager implements AsyncDisposable {
       st.messagesReceived++;
     }
     this.maybeComplete(st);
+  }
+
+  /** Resends my last completed step's result, whole, on my averaged subject (once per membership epoch). */
+  private replay(epoch: number): void {
+    const c = this.completed!;
+    if (this.replayedUnder.has(epoch)) return;
+    this.replayedUnder.add(epoch);
+    this.replaysSent++;
+    for (const ch of planChunks([c.result.length], { dtype: "fp32", bucketBytes: this.bucketBytes })) {
+      const data = encodeValues(c.result.subarray(ch.offset, ch.offset + ch.length), "fp32");
+      this.nc.publish(this.names.averaged(this.self), encode("AveragedChunk", {
+        header: makeHeader(this.job, this.self, epoch, c.step),
+        bucketId: ch.bucketId, chunkIndex: ch.chunkIndex, chunkCount: ch.chunkCount, offset: ch.offset, length: ch.length,
+        dtype: "fp32", data, sampleCount: 0, checksum: crc32(data), replay: true,
+      }));
+    }
+  }
+
+  /** A chunk of a member's resent result of the running step: the step ends with that result once it is whole. */
+  private applyReplay(st: StepState, m: Incoming): void {
+    const sender = m.msg.header.sender;
+    if (sender !== m.owner || !this._members.includes(sender) || sender === this.self) return this.drop("unknown_sender");
+    if (m.msg.dtype !== "fp32") return this.drop("bad_shape");
+    const plan = new Map(planChunks([st.length], { dtype: "fp32", bucketBytes: this.bucketBytes }).map((c) => [key(c.bucketId, c.chunkIndex), c]));
+    const k = key(m.msg.bucketId, m.msg.chunkIndex);
+    const spec = plan.get(k);
+    if (!spec || spec.offset !== m.msg.offset || spec.length !== m.msg.length || spec.chunkCount !== m.msg.chunkCount) return this.drop("not_in_plan");
+    st.replay ??= { from: sender, missing: new Set(plan.keys()), result: new Float32Array(st.length) };
+    // Replays of one step are identical (every sender applied the same vector): the first sender's suffice.
+    if (st.replay.from !== sender || !st.replay.missing.delete(k)) return this.drop("duplicate");
+    writeChunk(st.replay.result, spec.offset, m.msg.data, "fp32");
+    st.bytesReceived += m.bytes;
+    st.messagesReceived++;
+    if (st.replay.missing.size > 0 || st.settled) return;
+    st.settled = true;
+    this.replaysApplied++;
+    st.resolve(st.replay.result);
   }
 
   /** Once every peer's chunks of my slice are in: divide, publish the averaged slice once, keep it. */
@@ -502,7 +568,7 @@ function checkMembers(members: readonly string[], self: string): string[] {
 
 /** Options of {@link gradientHookFor}. */
 export interface GradientHookOptions {
-  /** Step number of the first call; each call takes the next. Default 0. */
+  /** Step number of the first call; each successful call takes the next (a failed one is redone under the same number). Default 0. */
   firstStep?: number;
   /** Called after each averaging with its stats. */
   onAverage?: (stats: AllreduceStats) => void;
@@ -529,7 +595,8 @@ export function gradientHookFor(averager: GradientAverager, model: tf.LayersMode
       flat.set(grads[names[i]!]!.dataSync() as Float32Array, at);
       at += sizes[i]!;
     }
-    const avg = await averager.average(step++, flat, batchSamples);
+    const avg = await averager.average(step, flat, batchSamples);
+    step++;
     if (averager.lastStats) opts.onAverage?.(averager.lastStats);
     const out: tf.NamedTensorMap = {};
     at = 0;

@@ -308,7 +308,9 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
           try {
             // A membership that changed while the gradients were computed: redo them under it first.
             if (await adopt()) recompute();
+            const caughtUp = av.replaysApplied;
             const out = await average(g, m);
+            if (av.replaysApplied > caughtUp) log.info("caught up: applied the step as a member that had completed it did", { step, membership_epoch: av.epoch });
             if (own) tf.dispose(g);
             return out;
           } catch (err) {

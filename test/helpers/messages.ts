@@ -45,7 +45,7 @@ export function sampleMessages(): { [K in MessageType]: MessageMap[K] } {
     },
     AveragedChunk: {
       header: header(), bucketId: chunk32.bucketId, chunkIndex: chunk32.chunkIndex, chunkCount: chunk32.chunkCount, offset: chunk32.offset,
-      length: chunk32.length, dtype: chunk32.dtype, data: chunk32.data, sampleCount: 32, checksum: chunk32.checksum,
+      length: chunk32.length, dtype: chunk32.dtype, data: chunk32.data, sampleCount: 32, checksum: chunk32.checksum, replay: false,
     },
     WeightsChecksum: { header: header(), worker: "worker-0", checksum: 0xdeadbeef, parameterCount: 2_257_984, sum: -12.5 },
     CheckpointMeta: {
