@@ -330,7 +330,10 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
       await report({ state: "training", step: cursor.step });
       log.info("training", { attempt, members: av.members, membership_epoch: av.epoch, from: cursor });
       await fit(model, train, {
-        epochs, batchSize: spec.batchSize, seed: spec.seed, numClasses: spec.numClasses, optimizer: optimizer!, validation: av.members[0] === self ? val : undefined,
+        epochs, batchSize: spec.batchSize, seed: spec.seed, numClasses: spec.numClasses, optimizer: optimizer!,
+        // Every replica validates (identical weights give identical figures), so whichever is member 0 when an epoch
+        // ends has them, also after the first member 0 was lost. No wall time: the others would wait for it anyway.
+        validation: val,
         initialEpoch: cursor.epoch, initialBatch: cursor.batch, signal: stop.signal,
         sliceOf: (indices, batch) => {
           stepTimer = metrics?.startStep("fine_tune");
