@@ -85,6 +85,7 @@ async function main(): Promise<void> {
             bytes_in: s1.inBytes - s0.inBytes, bytes_out: s1.outBytes - s0.outBytes,
             bytes_in_per_shard: Math.round((s1.inBytes - s0.inBytes) / shards.length), bytes_out_per_shard: Math.round((s1.outBytes - s0.outBytes) / shards.length),
             feature_bytes_per_shard: Math.round(ex.stats.featureBytesIn / shards.length), task_bytes_per_shard: Math.round(ex.stats.taskBytesOut / shards.length),
+            store_listings: ex.stats.storeListings,
           },
         };
         console.log(JSON.stringify(row));

@@ -190,6 +190,38 @@ describe("distributed extraction", { concurrency: false }, () => {
     }
   });
 
+  test("distributed - shard-done notices that never arrive (an ACL denies them): the fallback sweep finds the stored shards, each once", { timeout: 180_000 }, async () => {
+    const job = "dist-quiet";
+    const denied = jobNames(job).shardDone;
+    const quiet = await startNatsServer({
+      config: `authorization { users: [
+        { user: "coord", password: "c-pass" }
+        { user: "worker", password: "w-pass", permissions: { publish: { deny: [${JSON.stringify(denied)}] } } }
+      ] }`,
+    });
+    try {
+      const w = await worker(quiet.url, job, "quiet-w0", ["--nats-user", "worker"], { CTRAIN_NATS_PASS: "w-pass" });
+      const c = await coordinator(quiet.url, job, ["--nats-user", "coord", "--ack-wait", "30"], { CTRAIN_NATS_PASS: "c-pass" });
+      // Nothing on the notice subject reaches the coordinator: count what the server lets through.
+      const spy = await connect({ servers: quiet.url, user: "coord", pass: "c-pass" });
+      let notices = 0;
+      spy.subscribe(denied, { callback: () => void notices++ });
+      try {
+        await expectSuccess(c, [w]);
+      } finally {
+        await stopAll([w]);
+        await spy.close();
+      }
+      assert.equal(notices, 0, "the ACL kept every notice from the coordinator");
+      assertExactlyOnce(await committed(job));
+      const done = shardsDone([w]);
+      assert.equal(done.size, Math.ceil(planIds.length / SHARD));
+      assert.ok([...done.values()].every((n) => n === 1), JSON.stringify([...done]));
+    } finally {
+      await quiet.stop();
+    }
+  });
+
   test("distributed - malformed and foreign messages on the job's subjects are dropped and counted", { timeout: 180_000 }, async () => {
     const job = "dist-garbage";
     const names = jobNames(job);
