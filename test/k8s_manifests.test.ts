@@ -13,7 +13,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { cpSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync, mkdirSync } from "node:fs";
+import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -176,14 +176,12 @@ function kustomize(dir: string): Obj[] {
   return objs;
 }
 
-/** A copy of deploy/ with a placeholder dashboard when deploy/grafana/ctrain-dashboard.json is not there yet. */
-function k8sTree(): { dir: string; cleanup(): void } {
-  if (existsSync(join(ROOT, "deploy", "grafana", "ctrain-dashboard.json"))) return { dir: K8S_DIR, cleanup() {} };
-  const tmp = mkdtempSync(join(tmpdir(), "ctrain-k8s-"));
-  cpSync(K8S_DIR, join(tmp, "deploy", "k8s"), { recursive: true });
-  mkdirSync(join(tmp, "deploy", "grafana"), { recursive: true });
-  writeFileSync(join(tmp, "deploy", "grafana", "ctrain-dashboard.json"), JSON.stringify({ title: "placeholder" }));
-  return { dir: join(tmp, "deploy", "k8s"), cleanup: () => rmSync(tmp, { recursive: true, force: true }) };
+/** `kubectl kustomize dir` (the kustomize built into kubectl) when kubectl is installed; undefined otherwise. */
+function realKustomize(dir: string): Obj[] | undefined {
+  const r = spawnSync("kubectl", ["kustomize", dir], { encoding: "utf8" });
+  if (r.error && (r.error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+  assert.equal(r.status, 0, `kubectl kustomize ${dir} failed: ${r.stderr}`);
+  return parseDocs(r.stdout, `kubectl kustomize ${dir}`);
 }
 
 // ---------------------------------------------------------------- invariants
@@ -402,9 +400,8 @@ test("k8s - every shipped YAML document under deploy/k8s parses, and complete ob
 
 for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
   test(`k8s - overlay ${overlay} builds (kustomize emulated), validates and keeps every invariant`, () => {
-    const tree = k8sTree();
-    try {
-      const objs = kustomize(join(tree.dir, "overlays", overlay));
+    {
+      const objs = kustomize(join(K8S_DIR, "overlays", overlay));
       for (const o of objs) assert.equal(o.metadata.namespace, "ctrain");
       checkInvariants(objs, `overlay ${overlay}`, { gpus });
       const dash = objs.find((o) => o.kind === "ConfigMap" && o.metadata.name === "ctrain-grafana-dashboard");
@@ -419,8 +416,28 @@ for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
       const env = coord.spec.template.spec.containers[0].env;
       assert.equal(env.find((e: { name: string }) => e.name === "CTRAIN_IMAGE").value, image, "launcher creates workers with the same image");
       assert.equal(env.find((e: { name: string }) => e.name === "CTRAIN_GPUS_PER_WORKER").value, String(gpus));
-    } finally {
-      tree.cleanup();
+    }
+  });
+
+  test(`k8s - overlay ${overlay} builds with the real kustomize (kubectl kustomize, default load restrictor) into what the emulation builds`, (t) => {
+    const dir = join(K8S_DIR, "overlays", overlay);
+    const real = realKustomize(dir);
+    if (!real) return t.skip("kubectl is not installed: the emulated build above is the check");
+    const key = (o: Obj): string => `${o.kind}/${o.metadata.namespace}/${o.metadata.name}`;
+    // Strategic merge puts patched list items first; the order of keyed lists (env, volumes...) means nothing.
+    const norm = (v: any): any => {
+      if (Array.isArray(v)) {
+        const items = v.map(norm);
+        const mk = ["name", "mountPath", "containerPort"].find((k) => items.length > 0 && items.every((i) => i && typeof i === "object" && k in i));
+        return mk ? items.sort((a, b) => String(a[mk]).localeCompare(String(b[mk]))) : items;
+      }
+      return v && typeof v === "object" ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, norm(x)])) : v;
+    };
+    const emulated = kustomize(dir);
+    assert.deepEqual(real.map(key).sort(), emulated.map(key).sort());
+    for (const o of real) {
+      validate(o, `kubectl kustomize ${overlay}`);
+      assert.deepEqual(norm(o), norm(emulated.find((e) => key(e) === key(o))), `${key(o)}: the emulation differs from kustomize`);
     }
   });
 }
@@ -438,7 +455,8 @@ test("k8s - the schema check rejects a malformed object", () => {
 test("k8s - the kustomize base holds the same objects as ctrain k8s render", () => {
   const rendered = renderOk(["--job", "ctrain", "--workers", "2", "--nats", "nats://nats:4222", "--image", "ctrain", "--namespace", "ctrain", "--no-dashboard"]);
   const base = parseYaml(readFileSync(join(K8S_DIR, "base", "kustomization.yaml"), "utf8"));
-  const shipped = (base.resources as string[]).flatMap((f) => parseDocs(readFileSync(join(K8S_DIR, "base", f), "utf8"), f));
+  const files = (base.resources as string[]).filter((f) => f.endsWith(".yaml")); // ../../grafana: the dashboard kustomization
+  const shipped = files.flatMap((f) => parseDocs(readFileSync(join(K8S_DIR, "base", f), "utf8"), f));
   const strip = (o: Obj): Obj => {
     const c = structuredClone(o);
     delete c.metadata.namespace;
