@@ -19,6 +19,7 @@ import { freezeAll } from "../core/model_split.js";
 import { buildHead } from "../core/head.js";
 import type { Preprocessing } from "../core/model_zoo.js";
 import { Rng } from "../core/rng.js";
+import type { HeadTrainingOptions } from "./head_training.js";
 import { type ArrayData, computeGradients, type EpochStats, epochBatches, type Evaluation, evaluate, type FitOptions, type GradientHook, sparseCrossEntropy } from "../core/train_loop.js";
 
 /** Labelled images of one split, fetched by row. */
@@ -175,19 +176,12 @@ export async function fitImages(model: tf.LayersModel, train: ImageSource, o: Im
   return history;
 }
 
-export interface AugmentHeadOptions {
-  epochs: number;
-  batchSize: number;
-  learningRate: number;
-  units: number;
-  dropout: number;
-  seed: number;
+/** The head phase's options (same head, same schedule) plus what training on images needs. */
+export interface AugmentHeadOptions extends HeadTrainingOptions {
   numClasses: number;
   augment: AugmentOptions;
   preprocessing: Preprocessing;
   gradientHook?: GradientHook;
-  onBatchEnd?: FitOptions["onBatchEnd"];
-  onEpochEnd?: FitOptions["onEpochEnd"];
 }
 
 export interface AugmentHeadData {
