@@ -108,11 +108,13 @@ export function natsConnectionOptions(servers: string, auth: NatsAuth, name: str
   }
   if (authenticators.length) o.authenticator = authenticators[0];
   if (auth.tlsCa !== undefined || auth.tlsCert !== undefined) {
+    // Read here rather than by nats.js at handshake time, so a wrong path is a ConfigError naming it.
+    const text = (file: string, what: string): string => new TextDecoder().decode(readSecret(file, what));
     o.tls = {};
-    if (auth.tlsCa !== undefined) o.tls.caFile = auth.tlsCa;
+    if (auth.tlsCa !== undefined) o.tls.ca = text(auth.tlsCa, "TLS CA");
     if (auth.tlsCert !== undefined) {
-      o.tls.certFile = auth.tlsCert;
-      o.tls.keyFile = auth.tlsKey;
+      o.tls.cert = text(auth.tlsCert, "TLS certificate");
+      o.tls.key = text(auth.tlsKey!, "TLS key");
     }
   }
   return o;
@@ -137,12 +139,17 @@ export interface ConnectOptions {
   onRetry?: (err: Error) => void;
 }
 
-function classify(err: unknown, servers: string): NatsConnectError {
+function classify(err: unknown, servers: string, tls: boolean): NatsConnectError {
   const e = err as { code?: string; message?: string };
   const msg = String(e?.message ?? err);
   if (/authoriz|authenticat|permissions/i.test(msg) || e?.code === "AUTHORIZATION_VIOLATION" || e?.code === "BAD_AUTHENTICATION")
     return new NatsConnectError("auth", `NATS at ${servers} refused the credentials (${msg}): set --nats-user with CTRAIN_NATS_PASS, --nats-token, --nats-creds or --nats-nkey.`, { cause: err });
-  if (/tls|certificate|ssl/i.test(msg)) return new NatsConnectError("tls", `TLS to NATS at ${servers} failed (${msg}): check --nats-tls-ca/--nats-tls-cert/--nats-tls-key.`, { cause: err });
+  if (/tls|certificate|ssl/i.test(msg) || /^(ERR_TLS_|ERR_SSL_|CERT_|UNABLE_TO_|DEPTH_ZERO_|SELF_SIGNED_)/.test(e?.code ?? ""))
+    return new NatsConnectError("tls", `TLS to NATS at ${servers} failed (${msg}): check --nats-tls-ca/--nats-tls-cert/--nats-tls-key.`, { cause: err });
+  // A server that refuses the client's certificate closes the connection after the handshake, which
+  // nats.js reports as a timeout. With TLS on, an open port that never completes is that, not an absent server.
+  if (tls && (e?.code === "TIMEOUT" || /^timeout$/i.test(msg)))
+    return new NatsConnectError("tls", `TLS to NATS at ${servers} failed (the server closed the connection during the handshake or never completed it): does it require a client certificate (--nats-tls-cert/--nats-tls-key) that it trusts? check --nats-tls-ca/--nats-tls-cert/--nats-tls-key.`, { cause: err });
   if (/CONNECTION_REFUSED|ECONNREFUSED|timeout|ENOTFOUND|EHOSTUNREACH/i.test(msg) || e?.code === "CONNECTION_REFUSED")
     return new NatsConnectError("unreachable", `no NATS server answers at ${servers} (${msg}): start one, or fix --nats.`, { cause: err });
   return new NatsConnectError("other", `cannot connect to NATS at ${servers}: ${msg}`, { cause: err });
@@ -159,7 +166,7 @@ export async function connectNats(servers: string, auth: NatsAuth, opts: Connect
     try {
       return await connect(o);
     } catch (err) {
-      const c = classify(err, servers);
+      const c = classify(err, servers, o.tls !== undefined || /(^|,)\s*tls:\/\//.test(servers));
       if (c.reason !== "unreachable" || Date.now() > deadline) throw c;
       opts.onRetry?.(c);
       await new Promise((r) => setTimeout(r, 500));
