@@ -1,7 +1,8 @@
 /**
  * NATS security through ctrain's own connection code (core/nats_connect.ts, which every coordinator,
  * worker and `ctrain run` process uses) against real nats-servers: mutual TLS with certificates made
- * here by openssl, nkey authentication with a key pair made by nats.js' nkeys, and a token. Each
+ * here by openssl, nkey authentication with a key pair made by nats.js' nkeys, a .creds file in
+ * operator (JWT) mode with JWTs signed here, and a token. Each
  * shows the right credentials work end to end (a message goes round) and the wrong ones are refused
  * with an error that says which flag to fix, quickly (no 30 s retry as for an absent server). Last,
  * `ctrain worker` itself joins a job over mutual TLS from its flags.
@@ -95,6 +96,46 @@ test("nats security - nkey: the seed file signs the server's challenge; another 
   await refused(server.url, { nkey: path("other.nk") }, "auth", /--nats-nkey/);
   await refused(server.url, {}, "auth", /--nats-user .*--nats-nkey/);
   await assert.rejects(connectNats(server.url, { nkey: path("missing.nk") }, { name: "x" }), /cannot read the NATS nkey seed file .*missing\.nk/);
+});
+
+/** A NATS JWT (header.claims.signature, ed25519 by the issuer's nkey), as nsc would write it. */
+function natsJwt(issuer: ReturnType<typeof nkeys.createAccount>, claims: Record<string, unknown>): string {
+  const b64u = (b: Uint8Array | string): string => Buffer.from(b).toString("base64url");
+  const signed = `${b64u(JSON.stringify({ typ: "JWT", alg: "ed25519-nkey" }))}.${b64u(JSON.stringify({ iat: Math.floor(Date.now() / 1000), iss: issuer.getPublicKey(), ...claims }))}`;
+  return `${signed}.${b64u(issuer.sign(new TextEncoder().encode(signed)))}`;
+}
+
+/** A .creds file: a user JWT issued by `account`, and the user's seed. */
+function credsFile(name: string, account: ReturnType<typeof nkeys.createAccount>): string {
+  const user = nkeys.createUser();
+  const jwt = natsJwt(account, { jti: `${name}-user`, name, sub: user.getPublicKey(), nats: { pub: {}, sub: {}, subs: -1, data: -1, payload: -1, type: "user", version: 2 } });
+  const seed = new TextDecoder().decode(user.getSeed());
+  writeFileSync(path(name), `-----BEGIN NATS USER JWT-----\n${jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n${seed}\n------END USER NKEY SEED------\n`, { mode: 0o600 });
+  return path(name);
+}
+
+test("nats security - creds file (operator/JWT mode): a user of a trusted account connects; one of an unknown account is refused", async () => {
+  const operator = nkeys.createOperator();
+  const account = nkeys.createAccount();
+  const system = nkeys.createAccount();
+  const stranger = nkeys.createAccount(); // signs users, but the operator never issued it
+  const limits = { subs: -1, data: -1, payload: -1, imports: -1, exports: -1, wildcards: true, conn: -1, leaf: -1 };
+  const accountJwt = (kp: typeof account, name: string): string =>
+    natsJwt(operator, { jti: name, name, sub: kp.getPublicKey(), nats: { limits, type: "account", version: 2 } });
+  writeFileSync(path("operator.jwt"), natsJwt(operator, { jti: "op", name: "ctrain-test-operator", sub: operator.getPublicKey(), nats: { type: "operator", version: 2 } }));
+  await using server = await startNatsServer({
+    jetstream: false,
+    config: [
+      `operator: ${JSON.stringify(path("operator.jwt"))}`,
+      `system_account: ${system.getPublicKey()}`,
+      "resolver: MEMORY",
+      `resolver_preload: { ${account.getPublicKey()}: ${JSON.stringify(accountJwt(account, "ctrain"))}, ${system.getPublicKey()}: ${JSON.stringify(accountJwt(system, "SYS"))} }`,
+    ].join("\n"),
+  });
+  await roundTrip(await connectNats(server.url, { creds: credsFile("ctrain.creds", account) }, { name: "ctrain-test" }));
+  await refused(server.url, { creds: credsFile("stranger.creds", stranger) }, "auth", /--nats-creds/);
+  await refused(server.url, {}, "auth", /--nats-creds/);
+  await assert.rejects(connectNats(server.url, { creds: path("missing.creds") }, { name: "x" }), /cannot read the NATS creds file .*missing\.creds/);
 });
 
 test("nats security - token: the right token connects, a wrong one is refused", async () => {
