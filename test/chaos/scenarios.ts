@@ -310,6 +310,32 @@ export const SCENARIOS: Scenario[] = [
     },
   },
   {
+    // A training replica SIGSTOPped (a hung GPU driver, a swapping node) past the step deadline, then
+    // SIGCONTed: the others declare it lost and go on without it; the resumed replica finds itself left
+    // out, waits, and may be let in again at a training-epoch boundary. Nothing it sends late is applied.
+    name: "ft-straggler",
+    workers: 3,
+    fineTune: true,
+    run: async (ctx) => {
+      const s = ctx.sched;
+      const n = s.int(1, 2);
+      if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
+      const v = s.pick(ctx.workers.filter((w) => w.alive && w.logged("training").length > 0));
+      if (!v) return;
+      const lostBefore = s.coordinatorCount("worker lost: new membership");
+      v.proc.kill("SIGSTOP");
+      s.record(`SIGSTOP replica ${v.name} after ${n} checkpoint(s)`);
+      const replanned = await s.until(() => s.coordinatorCount("worker lost: new membership") > lostBefore, 60_000);
+      await new Promise((r) => setTimeout(r, 2000));
+      v.proc.kill("SIGCONT");
+      s.record(`SIGCONT ${v.name} (${replanned ? "the others had gone on without it" : "no new membership seen"})`);
+      await s.until(() => v.logged("left out of the membership: waiting to be let in again").length > 0 || !ctx.coordinator.alive, 30_000);
+      const back = () => ctx.coordinator.logged("workers joined at a training-epoch boundary").some((l) => JSON.stringify(l).includes(v.name));
+      await s.until(back);
+      ctx.notes.push(`ft-straggler: ${v.name} ${v.logged("left out of the membership: waiting to be let in again").length ? "was left out" : "was not told it was left out"}, ${back() ? "and let in again at a boundary" : "and not let in again before the end"}`);
+    },
+  },
+  {
     // A third worker started once fine-tuning began (after a seeded number of checkpoints): it is let
     // in at the next training-epoch boundary from member 0's state there (elastic scale-up).
     name: "ft-late-worker",
