@@ -129,6 +129,10 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     },
   };
   let head: HeadTrainingResult;
+  // The head phase trains here, in this process, even with workers: on cached features it is the cheap
+  // part (bench/head: 54k rows of 96-d features in 50 s); with --method augment the frozen base runs here too.
+  if (deps.dataParallel && opts.method === "augment")
+    log.warn("--method augment trains in the coordinator process, not on the workers (data-parallel training covers fine-tuning on cached activations): drop --method augment to train across the workers");
   if (opts.method === "augment") {
     // Method 2: images through the frozen base every step; validation/test on the cached features.
     const train = await openImages(dataset, samplesOf(dataset, features.ids, features.splits, "train"), opts.inputSize);
