@@ -279,7 +279,7 @@ describe("allreduce - hostile input", () => {
     const len = 5000; // 10 KB in fp16: several chunks per slice
     const [m0, m1] = [new Recorder(), new Recorder()];
     const a0 = await GradientAverager.open({ nc: await conn(), job, self: "w0", members, epoch: 1, wireDtype: dtype, bucketBytes, timeoutMs: 20_000, metrics: m0 });
-    const a1 = await GradientAverager.open({ nc: await conn(), job, self: "w1", members, epoch: 1, wireDtype: dtype, bucketBytes, timeoutMs: 1500, metrics: m1 });
+    const a1 = await GradientAverager.open({ nc: await conn(), job, self: "w1", members, epoch: 1, wireDtype: dtype, bucketBytes, timeoutMs: 4000, metrics: m1 });
     const rng = new Rng(77);
     const g = members.map(() => randomVector(len, rng));
     const n = [4, 3, 2];
