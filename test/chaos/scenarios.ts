@@ -193,6 +193,15 @@ function holding(w: Proc): string | undefined {
 
 const shortShard = (s: unknown): string => String(s).replace(/^.*\./, "");
 
+/** After a seeded number (1-2) of fine-tuning checkpoints, a seeded pick among the training replicas. */
+async function trainingVictim(ctx: ScenarioContext): Promise<{ v: Proc; n: number } | undefined> {
+  const s = ctx.sched;
+  const n = s.int(1, 2);
+  if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return undefined;
+  const v = s.pick(ctx.workers.filter((w) => w.alive && w.logged("training").length > 0));
+  return v ? { v, n } : undefined;
+}
+
 /** The scenarios of `npm run chaos`, cheapest first after the baseline. */
 export const SCENARIOS: Scenario[] = [
   { name: "clean", workers: 2, run: async () => undefined },
@@ -300,9 +309,7 @@ export const SCENARIOS: Scenario[] = [
     fineTune: true,
     run: async (ctx) => {
       const s = ctx.sched;
-      const n = s.int(1, 2);
-      if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
-      const v = s.pick(ctx.workers.filter((w) => w.alive && w.logged("training").length > 0));
+      const { v, n } = (await trainingVictim(ctx)) ?? {};
       if (!v) return;
       v.proc.kill("SIGKILL");
       await v.exited;
@@ -318,9 +325,7 @@ export const SCENARIOS: Scenario[] = [
     fineTune: true,
     run: async (ctx) => {
       const s = ctx.sched;
-      const n = s.int(1, 2);
-      if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
-      const v = s.pick(ctx.workers.filter((w) => w.alive && w.logged("training").length > 0));
+      const { v, n } = (await trainingVictim(ctx)) ?? {};
       if (!v) return;
       const lostBefore = s.coordinatorCount("worker lost: new membership");
       v.proc.kill("SIGSTOP");
