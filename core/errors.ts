@@ -58,3 +58,20 @@ export class BackendUnavailableError extends Error {
 export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError {
   return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError;
 }
+
+/**
+ * A layer (or a setting of one) that the TF.js -> ONNX converter does not handle. The caller runs
+ * the model on tfjs instead and logs this message: never a wrong answer from a half-converted graph.
+ */
+export class UnsupportedLayerError extends ConfigError {
+  override name = "UnsupportedLayerError";
+  /** Name of the layer in the model. */
+  readonly layer: string;
+  /** Its Keras class (`UpSampling2D`, `Conv2D`...). */
+  readonly className: string;
+  constructor(layer: string, className: string, reason: string, options?: { cause?: unknown }) {
+    super(`cannot convert layer ${JSON.stringify(layer)} (${className}) to ONNX: ${reason}. Run this model with --engine tfjs (--engine auto falls back to it).`, options);
+    this.layer = layer;
+    this.className = className;
+  }
+}
