@@ -108,7 +108,7 @@ export async function main(argv: string[]): Promise<number> {
 export function printSummary(summary: JobSummary, opts: JobOptions): void {
   const h = summary.phases.head;
   console.log(
-    `\njob ${summary.job} done in ${summary.seconds.toFixed(1)} s on ${summary.backend} with ${summary.workers} worker(s): ` +
+    `\njob ${summary.job} done in ${summary.seconds.toFixed(1)} s (frozen passes on ${summary.engine.name}, training on ${summary.backend}) with ${summary.workers} worker(s): ` +
       `extraction ${summary.extraction.cache_hit ? "from cache" : `${summary.extraction.images} images at ${summary.extraction.images_per_second} img/s`}, ` +
       `head test accuracy ${(h.test_accuracy * 100).toFixed(1)}% (val ${(h.val_accuracy * 100).toFixed(1)}%), ` +
       `${summary.skipped_inputs.length} inputs skipped.\nrun folder: ${opts.out} (model/, history.json, summary.json, report.html)`,

@@ -8,12 +8,12 @@ import { parseArgs } from "../core/config.js";
 import { readFile } from "node:fs/promises";
 import { decodeImage } from "../core/datasets/image_decode.js";
 import { BadInputError, ConfigError } from "../core/errors.js";
-import { preprocess } from "../core/feature_model.js";
+import { frozenForward, threadsFor } from "../core/models/inference_engine.js";
 import type { ClassifierMetadata } from "../core/head.js";
 import { loadModel } from "../core/model_io.js";
 import type { Preprocessing } from "../core/model_zoo.js";
 
-const HELP = `usage: ctrain predict --model DIR [--top K] [--backend auto|wasm|cpu|...] [--json] IMAGE...
+const HELP = `usage: ctrain predict --model DIR [--top K] [--engine auto|onnx|tfjs] [--threads N] [--backend auto|wasm|cpu|...] [--json] IMAGE...
 
 Prints the top classes and probabilities of each image (JPEG, PNG or WebP).`;
 
@@ -37,6 +37,9 @@ export async function main(argv: string[]): Promise<number> {
   }
   const meta = (model.getUserDefinedMetadata() as { ctrain?: ClassifierMetadata } | undefined)?.ctrain;
   if (!meta) throw new ConfigError(`--model ${dir}: model.json has no ctrain metadata (classes, input size); was it written by ctrain run?`);
+  // The whole classifier (base + head) is a frozen graph here: onnxruntime when it converts.
+  const forward = await frozenForward(model, meta.preprocessing as Preprocessing, { engine: parsed.options.engine ?? "auto", threads: threadsFor(parsed.options.threads ?? 0, 1) });
+  if (forward.info.fallback) console.error(`ctrain predict: running on tfjs (${forward.info.fallback})`);
   let failed = 0;
   for (const file of parsed.positionals) {
     try {
@@ -47,10 +50,7 @@ export async function main(argv: string[]): Promise<number> {
         throw new BadInputError(file, "unreadable", `cannot read ${file}: ${(cause as Error).message}`, { cause });
       }
       const rgb = await decodeImage(file, bytes, { size: meta.inputSize, maxPixels: 40_000_000 });
-      const probs = tf.tidy(() => {
-        const x = preprocess(tf.tensor4d(rgb, [1, meta.inputSize, meta.inputSize, 3], "int32"), meta.preprocessing as Preprocessing);
-        return (model.predict(x) as tf.Tensor).dataSync() as Float32Array;
-      });
+      const probs = await forward.run(rgb, 1);
       const ranked = [...probs].map((p, i) => ({ cls: meta.classes[i], p })).sort((a, b) => b.p - a.p).slice(0, top);
       if (parsed.extra["json"]) console.log(JSON.stringify({ image: file, predictions: ranked.map((r) => ({ class: r.cls, probability: Number(r.p.toFixed(6)) })) }));
       else console.log(`${file}\t${ranked.map((r) => `${r.cls}\t${r.p.toFixed(4)}`).join("\t")}`);

@@ -11,6 +11,7 @@
  * to `<out>/ctrain-targets.json` (Prometheus file_sd; see deploy/prometheus/prometheus.yml).
  */
 import { spawn, type ChildProcess } from "node:child_process";
+import { threadsFor } from "../core/models/inference_engine.js";
 import { mkdir } from "node:fs/promises";
 import { createServer } from "node:net";
 import { join } from "node:path";
@@ -85,7 +86,7 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, 
   for (let i = 0; i < opts.workers; i++) {
     const id = `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, "");
     const metricsPort = opts.metricsPort >= 0 ? await freePort() : -1;
-    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", opts.logFormat];
+    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--threads", String(threadsFor(opts.threads, opts.workers)), "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", opts.logFormat];
     // Credentials go through the environment: argv is visible to every user of the machine.
     const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...process.env, ...natsAuthEnv(auth) } });
     proc.on("exit", (code, signal) => {

@@ -24,6 +24,7 @@ options:
   --worker-id ID             name in the registry, logs and metrics [default <host>-<pid>]
   --backend NAME             ${BACKENDS.join("|")} [default auto]
   --batch-size N             images per forward pass [default 32]
+  --threads N                onnxruntime threads when the job leaves it to the worker [default: cores]
   --metrics-port N           port of /metrics, /healthz, /readyz (0 = free port, -1 = off) [default 0]
   --metrics-host HOST        address to bind [default 0.0.0.0]
   --log-format FMT           auto|json|human [default auto]
@@ -31,7 +32,7 @@ options:
                              --nats-nkey SEEDFILE; TLS: --nats-tls-ca, --nats-tls-cert, --nats-tls-key
                              (every flag also reads CTRAIN_NATS_<NAME>)`;
 
-const FLAGS = ["nats", "job", "worker-id", "backend", "batch-size", "metrics-port", "metrics-host", "log-format", ...NATS_AUTH_FLAGS];
+const FLAGS = ["nats", "job", "worker-id", "backend", "batch-size", "threads", "metrics-port", "metrics-host", "log-format", ...NATS_AUTH_FLAGS];
 
 function intFlag(v: string | true | undefined, name: string, def: number, min: number, max: number): number {
   if (v === undefined) return def;
@@ -70,6 +71,7 @@ export async function main(argv: string[]): Promise<number> {
   const backendName = (typeof extra.backend === "string" ? extra.backend : "auto") as BackendName;
   if (!BACKENDS.includes(backendName)) throw new ConfigError(`--backend must be one of ${BACKENDS.join(", ")}; got ${JSON.stringify(backendName)}.`);
   const batchSize = intFlag(extra["batch-size"], "batch-size", 32, 1, 4096);
+  const threads = intFlag(extra["threads"], "threads", 0, 0, 1024) || undefined;
   const metricsPort = intFlag(extra["metrics-port"], "metrics-port", 0, -1, 65535);
   const format = (typeof extra["log-format"] === "string" ? extra["log-format"] : "auto") as LogFormat;
   const auth = natsAuthFrom(extra);
@@ -99,7 +101,7 @@ export async function main(argv: string[]): Promise<number> {
         if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
       }
     })();
-    worker = new NatsWorker({ nc, job, workerId, log, metrics, backend: backend.name, batchSize });
+    worker = new NatsWorker({ nc, job, workerId, log, metrics, backend: backend.name, batchSize, threads });
     let signals = 0;
     const onSignal = (sig: NodeJS.Signals): void => {
       signals++;

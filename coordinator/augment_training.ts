@@ -8,8 +8,14 @@
  * double the cost of small runs); above the budget they are decoded again per batch (every epoch).
  * Augmentation runs as tf ops on each step's batch, so no augmented copy is ever stored.
  *
+ * The frozen part of an image-fed model (the whole base for method 2, the bottom below the cut for
+ * fine-tuning) is a {@link FrozenStage}: it runs on the inference engine (onnxruntime when the model
+ * converts, core/models/inference_engine.ts) and only the trainable part runs in tfjs. Gradients
+ * stop at the frozen part anyway, so splitting there changes no result and moves the most expensive
+ * forward pass to the fastest engine.
+ *
  * The step is train_loop's computeGradients (and the optional gradientHook for data-parallel
- * averaging); only the batch preparation (decode, augment, preprocess) differs from fit().
+ * averaging); only the batch preparation (decode, augment, frozen forward) differs from fit().
  */
 import * as tf from "@tensorflow/tfjs";
 import { type AugmentOptions, augmentBatch, batchSeed } from "../core/augment.js";
@@ -21,6 +27,13 @@ import type { Preprocessing } from "../core/model_zoo.js";
 import { Rng } from "../core/rng.js";
 import type { HeadTrainingOptions } from "./head_training.js";
 import { type ArrayData, computeGradients, type EpochStats, epochBatches, type Evaluation, evaluate, type FitOptions, type GradientHook, sparseCrossEntropy } from "../core/train_loop.js";
+
+/** The frozen part of an image-fed model: [0, 255] NHWC pixels -> the rows the trainable part takes. */
+export interface FrozenStage {
+  /** Shape of one output row (before flattening). */
+  readonly featureShape: number[];
+  extract(pixels: Uint8Array | Float32Array, n: number): Promise<Float32Array>;
+}
 
 /** Labelled images of one split, fetched by row. */
 export interface ImageSource {
@@ -77,30 +90,35 @@ export function samplesOf(dataset: Dataset, ids: string[], splits: string[], spl
   return out;
 }
 
-/** One preprocessed (optionally augmented) batch as the ArrayData computeGradients takes. */
-export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, rng: Rng): Promise<ArrayData> {
+/**
+ * One (optionally augmented) batch as the ArrayData computeGradients takes: through `frozen` when
+ * given (rows of its output), else preprocessed pixels for a model that starts at the image.
+ */
+export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, rng: Rng, frozen?: FrozenStage): Promise<ArrayData> {
   const rgb = await source.batch(rows);
   const s = source.size;
+  const y = new Int32Array(rows.length);
+  for (let i = 0; i < rows.length; i++) y[i] = source.labels[rows[i]];
+  if (frozen && !augment) return { x: await frozen.extract(rgb, rows.length), sampleShape: frozen.featureShape, y };
   const x = tf.tidy(() => {
     const raw = tf.tensor4d(rgb, [rows.length, s, s, 3], "int32");
     const img = augment ? augmentBatch(raw, augment, rng) : raw;
-    return preprocess(img, preprocessing);
+    return frozen ? img.toFloat() : preprocess(img, preprocessing);
   });
   const data = x.dataSync() as Float32Array;
   x.dispose();
-  const y = new Int32Array(rows.length);
-  for (let i = 0; i < rows.length; i++) y[i] = source.labels[rows[i]];
+  if (frozen) return { x: await frozen.extract(data, rows.length), sampleShape: frozen.featureShape, y };
   return { x: data, sampleShape: [s, s, 3], y };
 }
 
 /** Loss, accuracy and predictions of an image -> probabilities model on a whole split, in batches. */
-export async function evaluateImages(model: tf.LayersModel, source: ImageSource, preprocessing: Preprocessing, numClasses: number, batchSize = 64): Promise<Evaluation> {
+export async function evaluateImages(model: tf.LayersModel, source: ImageSource, preprocessing: Preprocessing, numClasses: number, batchSize = 64, frozen?: FrozenStage): Promise<Evaluation> {
   const n = source.labels.length;
   const predictions = new Int32Array(n);
   let lossSum = 0, correct = 0;
   for (let start = 0; start < n; start += batchSize) {
     const rows = Int32Array.from({ length: Math.min(batchSize, n - start) }, (_, i) => start + i);
-    const b = await imageBatch(source, rows, preprocessing, null, new Rng(0));
+    const b = await imageBatch(source, rows, preprocessing, null, new Rng(0), frozen);
     const ev = evaluate(model, b, numClasses, batchSize);
     lossSum += ev.loss * rows.length;
     correct += Math.round(ev.accuracy * rows.length);
@@ -118,6 +136,8 @@ export interface ImageFitOptions {
   preprocessing: Preprocessing;
   /** null = no augmentation. */
   augment: AugmentOptions | null;
+  /** The frozen part in front of `model` (then `model` takes its output rows); absent: `model` takes preprocessed images. */
+  frozen?: FrozenStage;
   /** Validation loss/accuracy after each epoch (the caller picks the cheapest equivalent model). */
   validate?: () => Promise<{ loss: number; accuracy: number }>;
   initialEpoch?: number;
@@ -140,7 +160,7 @@ export async function fitImages(model: tf.LayersModel, train: ImageSource, o: Im
   for (let epoch = o.initialEpoch ?? 0; epoch < o.epochs; epoch++) {
     const t0 = performance.now();
     const batches = epochBatches(n, o.batchSize, o.seed, epoch);
-    const prepare = (b: number) => imageBatch(train, batches[b], o.preprocessing, o.augment, new Rng(batchSeed(o.seed, epoch, b)));
+    const prepare = (b: number) => imageBatch(train, batches[b], o.preprocessing, o.augment, new Rng(batchSeed(o.seed, epoch, b)), o.frozen);
     let next = prepare(0);
     let lossSum = 0, correct = 0, seen = 0;
     for (let b = 0; b < batches.length; b++) {
@@ -185,8 +205,8 @@ export interface AugmentHeadOptions extends HeadTrainingOptions {
 }
 
 export interface AugmentHeadData {
-  /** image -> feature vector (the job's feature extractor model); frozen here. */
-  base: tf.LayersModel;
+  /** image -> feature vector (the job's feature extractor): its model stays frozen, its engine runs the forward pass. */
+  base: FrozenStage & { model: tf.LayersModel };
   train: ImageSource;
   /** Validation and test as cached features: the frozen base makes head(feature) equal model(image). */
   val: ArrayData;
@@ -209,14 +229,16 @@ export interface AugmentHeadResult {
  */
 export async function trainHeadWithAugmentation(d: AugmentHeadData, o: AugmentHeadOptions): Promise<AugmentHeadResult> {
   const t0 = performance.now();
-  freezeAll(d.base);
-  const featureDim = d.base.outputs[0].shape[1] as number;
+  const base = d.base.model;
+  freezeAll(base);
+  const featureDim = base.outputs[0].shape[1] as number;
   const head = buildHead({ featureDim, numClasses: o.numClasses, units: o.units, dropout: o.dropout, seed: o.seed });
-  const model = tf.model({ inputs: d.base.inputs, outputs: head.apply(d.base.outputs[0]) as tf.SymbolicTensor, name: "ctrain_augment_model" });
+  const model = tf.model({ inputs: base.inputs, outputs: head.apply(base.outputs[0]) as tf.SymbolicTensor, name: "ctrain_augment_model" });
   const optimizer = tf.train.adam(o.learningRate);
   try {
-    const history = await fitImages(model, d.train, {
-      epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer,
+    // The head trains on the base's output for each augmented batch: model = base + head, split at the frozen boundary.
+    const history = await fitImages(head, d.train, {
+      epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer, frozen: d.base,
       preprocessing: o.preprocessing, augment: o.augment, gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd,
       validate: async () => evaluate(head, d.val, o.numClasses),
     });

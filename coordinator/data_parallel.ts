@@ -161,7 +161,7 @@ export async function runDataParallelFineTune(split: SplitBase, head: tf.LayersM
         header: makeHeader(job, sender), data: `${names.checkpointsBucket}/${CHECKPOINT_OBJECTS.data(attempt, "train")}`, model: o.model, inputSize: o.inputSize, featureLayer: o.featureLayer, pooling: o.pooling,
         method: "cached", batchSize: o.batchSize, seed: o.seed, backend: "auto", limit: 0, valSplit: 0, testSplit: 0, shardSize: 0, maxPixels: 0,
         fineTuneLayers: o.fineTuneLayers, learningRate: o.learningRate, fineTuneLearningRate: o.learningRate, wireDtype: o.wireDtype ?? "fp32",
-        headUnits: 0, dropout: 0, numClasses: o.numClasses, bucketBytes: 0,
+        headUnits: 0, dropout: 0, numClasses: o.numClasses, bucketBytes: 0, engine: "", threads: 0,
         extra: { role: "fine_tune", attempt, epochs: String(o.epochs), checksum_every: String(checksumEvery), checkpoint_every: String(checkpointEvery), timeout_ms: String(stepTimeoutMs), fingerprint: fp },
       };
       await state.put(TRAINING_KEYS.spec, encode("JobSpec", spec));

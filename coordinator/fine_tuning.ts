@@ -21,8 +21,9 @@ import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_mo
 import type { FeatureSet } from "../core/feature_store.js";
 import { fineTuneModel, type SplitBase } from "../core/model_split.js";
 import type { Preprocessing, PretrainedSource } from "../core/model_zoo.js";
+import type { EngineOptions } from "../core/models/inference_engine.js";
 import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook } from "../core/train_loop.js";
-import { evaluateImages, fitImages, type ImageSource } from "./augment_training.js";
+import { evaluateImages, fitImages, type FrozenStage, type ImageSource } from "./augment_training.js";
 import { confusionMatrix, splitData } from "./head_training.js";
 
 /** Data of the fine-tuning phase: cached activations at the cut, or images (augmentation on). */
@@ -42,6 +43,11 @@ export interface FineTuneOptions {
   preprocessing: Preprocessing;
   /** Required with `images` data; null = none. */
   augment: AugmentOptions | null;
+  /**
+   * With `images` data: the frozen bottom on the inference engine (the activation extractor at the
+   * cut); then only top + head run in tfjs. Absent: bottom + top + head all run in tfjs.
+   */
+  frozen?: FrozenStage;
   gradientHook?: GradientHook;
   onBatchEnd?: FitOptions["onBatchEnd"];
   onEpochEnd?: FitOptions["onEpochEnd"];
@@ -60,8 +66,8 @@ export interface FineTuneResult {
 }
 
 /** The extractor whose features are the activations at the cut (pooling none: [h, w, c] rows). */
-export function activationExtractor(source: PretrainedSource, inputSize: number, cutLayer: string): Promise<FeatureExtractor> {
-  return buildFeatureExtractor(source, { inputSize, featureLayer: cutLayer, pooling: "none" });
+export function activationExtractor(source: PretrainedSource, inputSize: number, cutLayer: string, engine: EngineOptions = {}): Promise<FeatureExtractor> {
+  return buildFeatureExtractor(source, { inputSize, featureLayer: cutLayer, pooling: "none", ...engine });
 }
 
 /** One split of a cached activation set, rows shaped [h, w, c]. */
@@ -73,7 +79,7 @@ export function activationData(set: FeatureSet, split: "train" | "val" | "test")
 export async function fineTune(split: SplitBase, head: tf.LayersModel, data: FineTuneData, o: FineTuneOptions): Promise<FineTuneResult> {
   if (!(o.epochs >= 1)) throw new RangeError(`fineTune: epochs must be >= 1, got ${o.epochs}`);
   const t0 = performance.now();
-  const model = fineTuneModel(split, head, o.pooling, data.kind === "images");
+  const model = fineTuneModel(split, head, o.pooling, data.kind === "images" && !o.frozen);
   const optimizer = tf.train.adam(o.learningRate);
   try {
     let history: EpochStats[];
@@ -90,13 +96,13 @@ export async function fineTune(split: SplitBase, head: tf.LayersModel, data: Fin
       testLabels = data.test.y;
     } else {
       if (!o.augment) throw new RangeError("fineTune: image data needs augmentation options (use cached activations otherwise)");
-      const validate = () => evaluateImages(model, data.val, o.preprocessing, o.numClasses);
+      const validate = () => evaluateImages(model, data.val, o.preprocessing, o.numClasses, 64, o.frozen);
       valBefore = await validate();
       history = await fitImages(model, data.train, {
         epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer, preprocessing: o.preprocessing,
-        augment: o.augment, validate, gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
+        augment: o.augment, validate, frozen: o.frozen, gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
       });
-      test = await evaluateImages(model, data.test, o.preprocessing, o.numClasses);
+      test = await evaluateImages(model, data.test, o.preprocessing, o.numClasses, 64, o.frozen);
       testLabels = data.test.labels;
     }
     return {

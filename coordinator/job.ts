@@ -17,6 +17,7 @@ import type { Logger } from "../core/log.js";
 import type { CtrainMetrics } from "../core/metrics.js";
 import { saveModel } from "../core/model_io.js";
 import { loadPretrained } from "../core/model_zoo.js";
+import { type EngineInfo, type EngineOptions, threadsFor } from "../core/models/inference_engine.js";
 import { Progress } from "../core/progress.js";
 import type { EpochStats } from "../core/train_loop.js";
 import { LocalShardExecutor } from "../worker/local_executor.js";
@@ -43,6 +44,8 @@ export interface PhaseSummary {
 export interface JobSummary {
   job: string;
   backend: string;
+  /** The inference engine of the frozen forward passes in this process (workers log and export their own). */
+  engine: EngineInfo;
   workers: number;
   model: string;
   input_size: number;
@@ -78,6 +81,15 @@ export interface JobDeps {
   dataParallel?: () => Promise<{ nc: import("nats").NatsConnection; workers: number }>;
 }
 
+/** Images per forward pass of in-process extraction. */
+const EXTRACT_BATCH = 32;
+
+/** One line on the engine of the frozen forward passes; a warning when auto did not get onnx. */
+function logEngine(log: Logger, e: EngineInfo): void {
+  if (e.fallback) log.warn("inference engine: onnx not used, frozen forward passes run on tfjs", { requested: e.requested, reason: e.fallback });
+  else log.info("inference engine", { engine: e.name, version: e.version, threads: e.threads, provider: e.provider });
+}
+
 const round = (x: number, d = 4): number => (Number.isFinite(x) ? Number(x.toFixed(d)) : x);
 
 export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummary> {
@@ -93,14 +105,17 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   log.info("data set", { data: dataset.name, classes: dataset.classes.length, ...counts, skipped_at_listing: dataset.skipped.length });
 
   const source = await loadPretrained(opts.model);
-  const extractor = await buildFeatureExtractor(source, { inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling });
-  log.info("feature extractor", { model: source.name, input_size: opts.inputSize, feature_layer: opts.featureLayer, pooling: opts.pooling, feature_dim: extractor.featureDim, preprocessing: extractor.preprocessing });
+  const engine = { engine: opts.engine, threads: threadsFor(opts.threads, 1) };
+  const extractor = await buildFeatureExtractor(source, { inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling, ...engine });
+  logEngine(log, extractor.engine);
+  metrics?.setEngine(extractor.engine.name);
+  log.info("feature extractor", { model: source.name, input_size: opts.inputSize, feature_layer: opts.featureLayer, pooling: opts.pooling, feature_dim: extractor.featureDim, preprocessing: extractor.preprocessing, engine: extractor.engine.name });
 
   const cache = new FeatureCache(opts.cacheDir);
   const key = cacheKey(extractor.fingerprint, dataset.fingerprint);
   const makeExecutor = deps.executor
     ? () => deps.executor!({ dataset, extractor, backend })
-    : async () => new LocalShardExecutor(dataset, extractor, 32, metrics);
+    : async () => new LocalShardExecutor(dataset, extractor, EXTRACT_BATCH, metrics);
   const extraction = await runExtraction({
     dataset, cache, key, shardSize: opts.shardSize, log, metrics, executor: makeExecutor,
     meta: { featureDim: extractor.featureDim, featureShape: extractor.featureShape, model: source.name, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling },
@@ -138,7 +153,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     const train = await openImages(dataset, samplesOf(dataset, features.ids, features.splits, "train"), opts.inputSize);
     log.info("augmentation", { images: train.labels.length, in_memory: train.inMemory, ...augmentOf(opts) });
     const r = await trainHeadWithAugmentation(
-      { base: extractor.model, train, val: splitData(features, "val"), test: splitData(features, "test") },
+      { base: extractor, train, val: splitData(features, "val"), test: splitData(features, "test") },
       { ...headOptions, numClasses, augment: augmentOf(opts), preprocessing: extractor.preprocessing },
     );
     const testY = splitData(features, "test").y;
@@ -163,7 +178,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   let ft: FineTuneResult | undefined;
   let ftInfo: JobSummary["fine_tune"];
   if (fineTuning) {
-    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, dataParallel: deps.dataParallel, backend, extractorPreprocessing: extractor.preprocessing });
+    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, dataParallel: deps.dataParallel, backend, engine, extractorPreprocessing: extractor.preprocessing });
     ft = r.result;
     ftInfo = r.info;
     // The trained top goes back into the full base (same layer names), so model/ has the same graph as model-head/.
@@ -175,6 +190,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   const summary: JobSummary = {
     job: opts.job,
     backend: backend.name,
+    engine: extractor.engine,
     workers: deps.executor ? deps.workers ?? opts.workers : 1,
     model: source.name,
     input_size: opts.inputSize,
@@ -223,6 +239,7 @@ interface FineTuningContext {
   executor?: JobDeps["executor"];
   dataParallel?: JobDeps["dataParallel"];
   backend: BackendInfo;
+  engine: EngineOptions;
   extractorPreprocessing: FeatureExtractor["preprocessing"];
 }
 
@@ -243,12 +260,13 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
     unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers, augmentation: c.augment,
   };
   let data: FineTuneData;
+  let frozenBottom: FeatureExtractor | undefined;
   if (!c.augment) {
-    const cutExtractor = await activationExtractor(c.source, opts.inputSize, split.plan.cutLayer);
+    const cutExtractor = await activationExtractor(c.source, opts.inputSize, split.plan.cutLayer, c.engine);
     const key = cacheKey(cutExtractor.fingerprint, c.dataset.fingerprint);
     const ex = await runExtraction({
       dataset: c.dataset, cache: c.cache, key, shardSize: opts.shardSize, log, metrics,
-      executor: c.executor ? () => c.executor!({ dataset: c.dataset, extractor: cutExtractor, backend: c.backend }) : async () => new LocalShardExecutor(c.dataset, cutExtractor, 32, metrics),
+      executor: c.executor ? () => c.executor!({ dataset: c.dataset, extractor: cutExtractor, backend: c.backend }) : async () => new LocalShardExecutor(c.dataset, cutExtractor, EXTRACT_BATCH, metrics),
       meta: { featureDim: cutExtractor.featureDim, featureShape: cutExtractor.featureShape, model: c.source.name, inputSize: opts.inputSize, featureLayer: split.plan.cutLayer, pooling: "none" },
     });
     cutExtractor.dispose();
@@ -257,6 +275,8 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
   } else {
     const open = (s: "train" | "val" | "test") => openImages(c.dataset, samplesOf(c.dataset, c.features.ids, c.features.splits, s), opts.inputSize);
     data = { kind: "images", train: await open("train"), val: await open("val"), test: await open("test") };
+    // The frozen bottom runs on the inference engine every step; only top + head train in tfjs.
+    frozenBottom = await activationExtractor(c.source, opts.inputSize, split.plan.cutLayer, c.engine);
   }
   const trainCount = data.kind === "activations" ? data.train.y.length : data.train.labels.length;
   const steps = Math.ceil(trainCount / opts.batchSize) * epochs;
@@ -284,9 +304,10 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
     onEpochEnd,
   }) : await fineTune(split, c.head, data, {
     epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses: c.dataset.classes.length,
-    pooling: opts.pooling, preprocessing: c.extractorPreprocessing, augment: c.augment ? augmentOf(opts) : null,
+    pooling: opts.pooling, preprocessing: c.extractorPreprocessing, augment: c.augment ? augmentOf(opts) : null, frozen: frozenBottom,
     onBatchEnd, onEpochEnd,
   });
+  frozenBottom?.dispose();
   progress.finish();
   metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
   log.info("fine-tuned", { test_accuracy: round(result.test.accuracy), test_loss: round(result.test.loss), val_accuracy: round(result.val_accuracy), val_loss_before: round(result.val_loss_before), seconds: round(result.seconds, 2) });

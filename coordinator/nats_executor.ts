@@ -103,7 +103,7 @@ export function jobSpecFor(opts: JobOptions, extractor: FeatureExtractor, datase
     batchSize: opts.batchSize, seed: opts.seed, backend: opts.backend, limit: opts.limit, valSplit: opts.valSplit, testSplit: opts.testSplit,
     shardSize: opts.shardSize, maxPixels: opts.maxPixels, fineTuneLayers: opts.fineTuneLayers, learningRate: opts.learningRate,
     fineTuneLearningRate: opts.fineTuneLearningRate, wireDtype: opts.wireDtype, headUnits: opts.headUnits, dropout: opts.dropout,
-    numClasses: dataset.classes.length, bucketBytes: 0,
+    numClasses: dataset.classes.length, bucketBytes: 0, engine: opts.engine, threads: opts.threads,
     extra: { [SPEC_EXTRA.round]: round, [SPEC_EXTRA.extractorFingerprint]: extractor.fingerprint, [SPEC_EXTRA.datasetFingerprint]: dataset.fingerprint },
   };
 }

@@ -53,6 +53,14 @@ function confusionTable(classes: string[], m: number[][]): string {
   return `<table class="cm">${head}${rows}</table>`;
 }
 
+/** Where the work ran: the engine of the frozen forward passes and the backend that trained. */
+function computeLine(summary: Record<string, unknown>): string {
+  const e = summary["engine"] as { name?: string; version?: string; threads?: number; provider?: string; fallback?: string } | undefined;
+  if (!e?.name) return "";
+  const engine = e.name === "onnx" ? `onnxruntime ${e.version ?? ""} (${e.provider ?? "cpu"}, ${e.threads ?? 1} thread${e.threads === 1 ? "" : "s"})` : `tfjs ${e.version ?? ""}`;
+  return `<p class="compute">Frozen forward passes: <b>${esc(engine)}</b>${e.fallback ? ` (onnx not used: ${esc(e.fallback)})` : ""}; training: <b>${esc(String(summary["backend"] ?? "?"))}</b>.</p>`;
+}
+
 export function renderReport(r: ReportInput): string {
   const colors = { train: "#1f77b4", val: "#ff7f0e" };
   const charts = r.phases.filter((p) => p.history.length > 0).map((p) => {
@@ -63,7 +71,7 @@ export function renderReport(r: ReportInput): string {
 <style>body{font-family:system-ui,sans-serif;margin:24px;color:#222}.row{display:flex;gap:24px;flex-wrap:wrap}
 table.cm{border-collapse:collapse;font-size:12px}table.cm td,table.cm th{border:1px solid #ccc;padding:4px 6px;text-align:right}
 pre{background:#f6f6f6;padding:12px;overflow:auto;font-size:12px}</style></head><body>
-<h1>ctrain report: ${esc(r.job)}</h1>${charts}
+<h1>ctrain report: ${esc(r.job)}</h1>${computeLine(r.summary)}${charts}
 <h2>Confusion matrix (test split, final model)</h2>${confusionTable(r.classes, r.confusion)}
 <h2>Summary</h2><pre>${esc(JSON.stringify(r.summary, null, 2))}</pre></body></html>\n`;
 }

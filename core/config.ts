@@ -10,6 +10,9 @@ import { ConfigError } from "./errors.js";
 
 export const BACKENDS = ["auto", "tensorflow-gpu", "tensorflow", "wasm", "cpu"] as const;
 export type BackendName = (typeof BACKENDS)[number];
+/** Inference engine of frozen forward passes (core/models/inference_engine.ts). */
+export const ENGINES = ["auto", "onnx", "tfjs"] as const;
+export type EngineName = (typeof ENGINES)[number];
 export const POOLINGS = ["avg", "max", "none"] as const;
 export type Pooling = (typeof POOLINGS)[number];
 export const METHODS = ["cached", "augment"] as const;
@@ -76,6 +79,10 @@ export interface JobOptions {
   out: string;
   /** Compute backend. Default `auto` (tensorflow-gpu, tensorflow, wasm, cpu: the first that loads). */
   backend: BackendName;
+  /** Inference engine of every frozen forward pass: `auto` (onnx when it loads and the model converts), `onnx`, `tfjs`. Default `auto`. */
+  engine: EngineName;
+  /** onnxruntime intra-op threads per worker process; 0 = the cores divided by the local worker processes. Default 0. */
+  threads: number;
   /** Use at most N samples of the training set (and N/5 of validation and test); 0 = all. */
   limit: number;
   /** Seed of splits, shuffling, initialisation and augmentation. Default 42. */
@@ -140,6 +147,8 @@ export const OPTION_SPECS = [
   spec({ key: "nats", kind: "string", help: "NATS URL(s), comma-separated; empty = embedded nats-server", default: () => "" }),
   spec({ key: "out", kind: "string", help: "output folder (default runs/<job>)", default: () => "" }),
   spec({ key: "backend", kind: "string", help: "compute backend", default: () => "auto" as BackendName, choices: BACKENDS }),
+  spec({ key: "engine", kind: "string", help: "inference engine of frozen forward passes (auto = onnx when the model converts)", default: () => "auto" as EngineName, choices: ENGINES }),
+  spec({ key: "threads", kind: "int", help: "onnxruntime threads per worker process (0 = cores / workers)", default: () => 0, min: 0, max: 1024 }),
   spec({ key: "limit", kind: "int", help: "at most N training samples (0 = all)", default: () => 0, min: 0, max: Number.MAX_SAFE_INTEGER }),
   spec({ key: "seed", kind: "int", help: "random seed", default: () => 42, min: 0, max: 2 ** 31 - 1 }),
   spec({ key: "valSplit", kind: "number", help: "validation fraction of the training data", default: () => 0.1, min: 0.01, max: 0.5 }),

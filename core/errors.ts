@@ -54,9 +54,17 @@ export class BackendUnavailableError extends Error {
   }
 }
 
+/** The requested inference engine (`--engine onnx`) cannot run here: onnxruntime-node is missing or refused the graph. */
+export class EngineUnavailableError extends Error {
+  override name = "EngineUnavailableError";
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
 /** Errors a user caused and can fix: printed as one line, without a stack trace. */
-export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError {
-  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError;
+export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError | EngineUnavailableError {
+  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError || err instanceof EngineUnavailableError;
 }
 
 /**

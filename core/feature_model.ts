@@ -9,6 +9,7 @@ import { createHash } from "node:crypto";
 import * as tf from "@tensorflow/tfjs";
 import type { Pooling } from "./config.js";
 import { ConfigError } from "./errors.js";
+import { type EngineInfo, type EngineOptions, type FrozenForward, frozenForward } from "./models/inference_engine.js";
 import type { Preprocessing, PretrainedSource } from "./model_zoo.js";
 
 /** One layer of a Keras topology JSON. */
@@ -138,7 +139,7 @@ export function preprocess(x: tf.Tensor4D, mode: Preprocessing): tf.Tensor4D {
   });
 }
 
-export interface FeatureExtractorOptions {
+export interface FeatureExtractorOptions extends EngineOptions {
   inputSize: number;
   featureLayer: string;
   pooling: Pooling;
@@ -153,10 +154,16 @@ export interface FeatureExtractor {
   /** Shape of one feature before flattening ([h, w, c] for pooling none, [c] otherwise). */
   featureShape: number[];
   preprocessing: Preprocessing;
-  /** sha256 over the model, input size, feature layer, pooling and preprocessing. */
+  /**
+   * sha256 over the model, input size, feature layer, pooling and preprocessing. Not the engine:
+   * onnx and tfjs compute the same features (parity-tested, probed at build), so a cache filled by
+   * one serves the other.
+   */
   fingerprint: string;
-  /** Features of `n` images given as n*size*size*3 bytes (HWC). */
-  extract(rgb: Uint8Array, n: number): Float32Array;
+  /** The engine that runs the frozen forward pass (`--engine`). */
+  engine: EngineInfo;
+  /** Features of `n` images given as n*size*size*3 values in [0, 255] (HWC): uint8 as decoded, float32 after augmentation. */
+  extract(pixels: Uint8Array | Float32Array, n: number): Promise<Float32Array>;
   dispose(): void;
 }
 
@@ -185,6 +192,13 @@ export async function buildFeatureExtractor(source: PretrainedSource, opts: Feat
     .update(JSON.stringify({ model: source.fingerprint, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling, preprocessing: source.preprocessing }))
     .digest("hex");
   const size = opts.inputSize;
+  let forward: FrozenForward;
+  try {
+    forward = await frozenForward(model, source.preprocessing, opts);
+  } catch (err) {
+    model.dispose();
+    throw err;
+  }
   return {
     model,
     inputSize: size,
@@ -192,15 +206,13 @@ export async function buildFeatureExtractor(source: PretrainedSource, opts: Feat
     featureShape,
     preprocessing: source.preprocessing,
     fingerprint,
-    extract(rgb: Uint8Array, n: number): Float32Array {
-      if (rgb.length !== n * size * size * 3) throw new Error(`extract: expected ${n * size * size * 3} bytes for ${n} images of ${size}x${size}x3, got ${rgb.length}`);
-      return tf.tidy(() => {
-        const x = preprocess(tf.tensor4d(rgb, [n, size, size, 3], "int32"), source.preprocessing);
-        const y = model.predict(x) as tf.Tensor;
-        return y.dataSync() as Float32Array;
-      });
+    engine: forward.info,
+    extract(pixels: Uint8Array | Float32Array, n: number): Promise<Float32Array> {
+      if (pixels.length !== n * size * size * 3) throw new Error(`extract: expected ${n * size * size * 3} values for ${n} images of ${size}x${size}x3, got ${pixels.length}`);
+      return forward.run(pixels, n);
     },
     dispose(): void {
+      forward.dispose();
       model.dispose();
     },
   };

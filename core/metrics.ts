@@ -96,8 +96,8 @@ export interface CtrainMetrics {
   readonly decodeErrors: Counter<JobWorker>;
   /** `ctrain_dropped_messages_total{job,worker,reason}`: NATS messages dropped unapplied (`decode_error`, `wrong_job`, `stale_epoch`, `wrong_step`, ...). */
   readonly droppedMessages: Counter<JobWorker | "reason">;
-  /** `ctrain_backend_info{job,worker,backend}`: 1 for the compute backend in use. */
-  readonly backendInfo: Gauge<JobWorker | "backend">;
+  /** `ctrain_backend_info{job,worker,backend,engine}`: 1 for the compute backend and inference engine in use (engine `none` until a frozen graph is built). */
+  readonly backendInfo: Gauge<JobWorker | "backend" | "engine">;
 
   /** Count `n` (default 1) images processed in `phase`; also marks progress. */
   countImages(phase: Phase, n?: number): void;
@@ -132,6 +132,8 @@ export interface CtrainMetrics {
   droppedMessage(reason: string, n?: number): void;
   /** Set the compute backend in use (`wasm`, `tensorflow`, ...); replaces an earlier one. */
   setBackend(backend: string): void;
+  /** Set the inference engine of frozen forward passes (`onnx`, `tfjs`), kept with the backend in ctrain_backend_info. */
+  setEngine(engine: string): void;
   /** Mark progress now (refreshes `ctrain_last_progress_timestamp_seconds`). */
   markProgress(): void;
 }
@@ -255,11 +257,12 @@ export function createMetrics(registry: Registry, labels: { job: string; worker?
   });
   const backendInfo = new Gauge({
     name: "ctrain_backend_info",
-    help: "Compute backend in use (value 1).",
-    labelNames: ["job", "worker", "backend"] as const,
+    help: "Compute backend (training) and inference engine (frozen forward passes) in use (value 1).",
+    labelNames: ["job", "worker", "backend", "engine"] as const,
     registers,
   });
 
+  const info = { backend: "none", engine: "none" };
   const markProgress = (): void => lastProgressTimestamp.set({ job }, Date.now() / 1000);
   up.set({ job, worker }, 1);
   // Start the no-progress clock at process start, so a job stuck before its first image still alerts.
@@ -364,8 +367,14 @@ export function createMetrics(registry: Registry, labels: { job: string; worker?
       droppedMessages.inc({ job, worker, reason }, n);
     },
     setBackend(backend) {
+      info.backend = backend;
       backendInfo.reset();
-      backendInfo.set({ job, worker, backend }, 1);
+      backendInfo.set({ job, worker, ...info }, 1);
+    },
+    setEngine(engine) {
+      info.engine = engine;
+      backendInfo.reset();
+      backendInfo.set({ job, worker, ...info }, 1);
     },
     markProgress,
   };

@@ -115,6 +115,10 @@ export interface JobSpec {
   dropout: number;
   numClasses: number;
   bucketBytes: number;
+  /** `auto`, `onnx` or `tfjs`; empty from an older coordinator = auto. */
+  engine: string;
+  /** onnxruntime threads per worker process; 0 = the worker decides. */
+  threads: number;
   extra: Record<string, string>;
 }
 
@@ -551,6 +555,7 @@ function validate(type: MessageType, o: Record<string, unknown>): void {
       required(m.model !== "", "model");
       required(m.inputSize > 0, "input_size");
       required(m.batchSize > 0, "batch_size");
+      if (!["", "auto", "onnx", "tfjs"].includes(m.engine)) throw new DecodeError(type, "malformed", `unknown engine ${JSON.stringify(m.engine.slice(0, 20))}`, { header: h });
       return;
     }
     case "ShardTask": {

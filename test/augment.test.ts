@@ -92,7 +92,7 @@ test("augment - method 2 trains only the head: base weights untouched, no tensor
   const baseBefore = extractor.model.weights.map((w) => (w.read().dataSync() as Float32Array).slice());
   const counts: number[] = [];
   const r = await trainHeadWithAugmentation(
-    { base: extractor.model, train, val, test: val },
+    { base: extractor, train, val, test: val },
     {
       epochs: 2, batchSize: 16, learningRate: 1e-3, units: 32, dropout: 0.2, seed: 7, numClasses: dataset.classes.length,
       augment: resolveAugment(), preprocessing: extractor.preprocessing,

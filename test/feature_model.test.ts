@@ -42,7 +42,7 @@ describe("model - built-in mobilenet_v2", () => {
     const fx = await buildFeatureExtractor(source, { inputSize: 224, featureLayer: "out_relu", pooling: "none" });
     const imgs = pseudoImages(2, 224, 3);
     const expected = tf.tidy(() => (probe.predict(preprocess(tf.tensor4d(imgs, [2, 224, 224, 3], "int32"), "tf")) as tf.Tensor).dataSync());
-    const got = fx.extract(imgs, 2);
+    const got = await fx.extract(imgs, 2);
     assert.equal(got.length, expected.length);
     assert.deepEqual(fx.featureShape, [7, 7, 1280]);
     let maxDiff = 0;
@@ -84,7 +84,7 @@ describe("model - built-in mobilenet_v2", () => {
       assert.equal(fx.featureDim, dim, `${layer}/${pooling}`);
       assert.deepEqual(fx.featureShape, shape);
       assert.ok(!fx.model.layers.some((l) => /^dense/.test(l.name)), "nsfwjs' classifier head is dropped");
-      const f = fx.extract(pseudoImages(3, 96, 9), 3);
+      const f = await fx.extract(pseudoImages(3, 96, 9), 3);
       assert.equal(f.length, 3 * dim);
       assert.ok(f.every(Number.isFinite));
       fx.dispose();

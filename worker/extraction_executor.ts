@@ -40,14 +40,14 @@ export async function extractShard(dataset: Dataset, extractor: FeatureExtractor
   for (let start = 0; start < samples.length; start += batchSize) {
     if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("extraction cancelled");
     const batch = await next!;
-    // Start decoding the next batch before the (synchronous) forward pass of this one.
+    // Start decoding the next batch before the forward pass of this one (onnxruntime runs it off the event loop).
     next = start + batchSize < samples.length ? decodeBatch(start + batchSize) : undefined;
     const good = batch.filter((d) => d.rgb);
     for (const d of batch) if (d.skipped) out.skipped.push(d.skipped);
     if (good.length > 0) {
       const rgb = new Uint8Array(good.length * pixels);
       good.forEach((d, i) => rgb.set(d.rgb!, i * pixels));
-      const f = extractor.extract(rgb, good.length);
+      const f = await extractor.extract(rgb, good.length);
       out.features.set(f, row * extractor.featureDim);
       for (const d of good) {
         out.ids.push(d.sample.id);

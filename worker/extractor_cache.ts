@@ -8,13 +8,17 @@ import { openDataset, type OpenOptions } from "../core/datasets/open.js";
 import type { Dataset } from "../core/datasets/types.js";
 import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
 import { loadPretrained, type PretrainedSource } from "../core/model_zoo.js";
-import type { Pooling } from "../core/config.js";
+import type { EngineName, Pooling } from "../core/config.js";
 
 export interface ExtractorKey {
   model: string;
   inputSize: number;
   featureLayer: string;
   pooling: Pooling;
+  /** Inference engine (`--engine`). Default auto. */
+  engine?: EngineName;
+  /** onnxruntime intra-op threads. Default 1. */
+  threads?: number;
 }
 
 export class ExtractorCache {
@@ -25,7 +29,7 @@ export class ExtractorCache {
   builds = 0;
 
   extractor(k: ExtractorKey): Promise<FeatureExtractor> {
-    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling]);
+    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling, k.engine ?? "auto", k.threads ?? 1]);
     let p = this.extractors.get(key);
     if (!p) {
       let src = this.sources.get(k.model);
@@ -36,7 +40,7 @@ export class ExtractorCache {
       }
       p = src.then((s) => {
         this.builds++;
-        return buildFeatureExtractor(s, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling });
+        return buildFeatureExtractor(s, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling, engine: k.engine, threads: k.threads });
       });
       this.extractors.set(key, p);
       p.catch(() => this.extractors.delete(key));

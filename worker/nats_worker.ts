@@ -16,7 +16,7 @@
 import { hostname } from "node:os";
 import type { Consumer, JetStreamClient, JetStreamManager, JsMsg, KV, NatsConnection, ObjectStore } from "nats";
 import { encodeShardError, errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../core/extraction_wire.js";
-import type { BackendName } from "../core/config.js";
+import type { BackendName, EngineName } from "../core/config.js";
 import type { Split as DataSplit } from "../core/datasets/types.js";
 import type { Logger } from "../core/log.js";
 import type { CtrainMetrics } from "../core/metrics.js";
@@ -26,6 +26,7 @@ import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } fro
 import { totalmem } from "node:os";
 import { extractShard, shardMemoryBudget, shardMemoryBytes } from "./extraction_executor.js";
 import { ExtractorCache } from "./extractor_cache.js";
+import { defaultThreads, type EngineInfo } from "../core/models/inference_engine.js";
 import { TRAINING_KEYS } from "../core/training_wire.js";
 import { runTrainingWorker } from "./training_worker.js";
 
@@ -53,6 +54,8 @@ export interface NatsWorkerOptions {
   backend: BackendName;
   /** Images per forward pass. Default 32. */
   batchSize?: number;
+  /** onnxruntime threads when the job spec leaves it to the worker (0). Default: this machine's cores. */
+  threads?: number;
   /** Heartbeat period, ms. Default 3000 (the registry TTL is WORKER_REGISTRY_TTL_MS). */
   heartbeatMs?: number;
   /** How long one pull waits for a task, ms. Default 2000. */
@@ -159,6 +162,18 @@ export class NatsWorker implements AsyncDisposable {
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.drain();
+  }
+
+  private engineNoted = "";
+
+  /** Logs (once per change) and exports the engine that runs this worker's frozen forward passes. */
+  private noteEngine(e: EngineInfo): void {
+    const key = `${e.name}/${e.threads}/${e.fallback ?? ""}`;
+    if (key === this.engineNoted) return;
+    this.engineNoted = key;
+    this.o.metrics?.setEngine(e.name);
+    if (e.fallback) this.o.log.warn("inference engine: onnx not used, frozen forward passes run on tfjs", { requested: e.requested, reason: e.fallback });
+    else this.o.log.info("inference engine", { engine: e.name, version: e.version, threads: e.threads, provider: e.provider });
   }
 
   private emit(e: WorkerStatus): void {
@@ -359,7 +374,11 @@ export class NatsWorker implements AsyncDisposable {
       claim(0);
       log.info("shard claimed", { shard: wire, delivery, samples: task.ids.length });
       this.emit({ type: "claimed", job, shard: wire, delivery, samples: task.ids.length });
-      const extractor = await this.cache.extractor({ model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling });
+      const extractor = await this.cache.extractor({
+        model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling,
+        engine: (spec.engine || "auto") as EngineName, threads: spec.threads || this.o.threads || defaultThreads(1),
+      });
+      this.noteEngine(extractor.engine);
       working();
       const dataset = await this.cache.dataset(spec.data, { seed: spec.seed, valSplit: spec.valSplit, testSplit: spec.testSplit, limit: spec.limit, maxPixels: spec.maxPixels });
       const wantFx = spec.extra[SPEC_EXTRA.extractorFingerprint];

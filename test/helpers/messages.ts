@@ -21,7 +21,7 @@ export function sampleMessages(): { [K in MessageType]: MessageMap[K] } {
       pooling: "avg", method: "cached", batchSize: 32, seed: 42, backend: "wasm", limit: 1000, valSplit: 0.1,
       testSplit: 0.1, shardSize: 256, maxPixels: 40_000_000, fineTuneLayers: "20", learningRate: 1e-3,
       fineTuneLearningRate: 1e-5, wireDtype: "fp16", headUnits: 256, dropout: 0.5, numClasses: 10,
-      bucketBytes: 524288, extra: { note: "hello", empty: "" },
+      bucketBytes: 524288, engine: "onnx", threads: 2, extra: { note: "hello", empty: "" },
     },
     ShardTask: { header: header(), shardId: "shard-00001", ids: ["train/0", "train/1", "test/5"], labels: [3, 0, 9], splits: ["train", "validation", "test"], attempt: 1 },
     FeatureShard: {

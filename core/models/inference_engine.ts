@@ -1,0 +1,206 @@
+/**
+ * The inference-engine seam: every frozen forward pass (feature extraction, the frozen base under
+ * `--method augment`, the lower part that builds the fine-tune activation cache, `ctrain predict`)
+ * runs a {@link FrozenForward}. Training stays on the tfjs backend (core/backend.ts).
+ *
+ * `--engine auto|onnx|tfjs`:
+ * - `onnx`: onnxruntime-node (its CPU library ships inside the npm package). The tfjs layers model
+ *   is converted to an ONNX graph in memory (core/models/onnx/export.ts) with the preprocessing
+ *   folded in, so the engine takes [0, 255] pixels as they come from the decoder.
+ * - `tfjs`: the model's own predict() on the tfjs backend (wasm here).
+ * - `auto`: onnx when onnxruntime loads, the model converts and the converted graph agrees with
+ *   tfjs on a probe batch; otherwise tfjs, with the reason in `info.fallback` for the log.
+ *
+ * The probe costs one tfjs forward pass of two images per built graph (under a second at 224 px
+ * on wasm) and turns any converter defect into a fallback instead of wrong features.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { availableParallelism } from "node:os";
+import type { EngineName } from "../config.js";
+import { ConfigError, EngineUnavailableError, UnsupportedLayerError } from "../errors.js";
+import { preprocess } from "../feature_model.js";
+import type { Preprocessing } from "../model_zoo.js";
+import { layersModelToOnnx } from "./onnx/export.js";
+
+export { ENGINES, type EngineName } from "../config.js";
+
+/** The engine a frozen graph actually runs on. */
+export interface EngineInfo {
+  /** What was asked for. */
+  requested: EngineName;
+  /** What runs. */
+  name: "onnx" | "tfjs";
+  /** Version of the engine library (onnxruntime-node's, or tfjs-core's). */
+  version: string;
+  /** Intra-op threads of onnxruntime (1 for tfjs, which has no threads in Node on wasm/cpu). */
+  threads: number;
+  /** Execution provider (`cpu`, `cuda`) for onnx; the tfjs backend name for tfjs. */
+  provider: string;
+  /** Why `auto` did not take onnx (absent when it did, or when tfjs was asked for). */
+  fallback?: string;
+}
+
+/** How to build the engine of a frozen graph. */
+export interface EngineOptions {
+  /** Default `auto`. */
+  engine?: EngineName;
+  /** onnxruntime intra-op threads. Default 1 (one worker process per core uses the cores). */
+  threads?: number;
+  /** `--engine-provider`: `cpu` (default) or `cuda` (needs onnxruntime-node's CUDA provider, see README). */
+  provider?: "cpu" | "cuda";
+}
+
+/** A frozen graph from NHWC [0, 255] pixels to one flat float32 row per image. */
+export interface FrozenForward {
+  readonly info: EngineInfo;
+  /** Rows of `n` images: n*H*W*C pixels in [0, 255] (uint8 from the decoder, float32 after augmentation). */
+  run(pixels: Uint8Array | Float32Array, n: number): Promise<Float32Array>;
+  dispose(): void;
+}
+
+type Ort = typeof import("onnxruntime-node");
+let ortPromise: Promise<Ort> | undefined;
+
+/** onnxruntime-node, imported once; rejects with EngineUnavailableError saying how to install it. */
+export function loadOnnxRuntime(): Promise<Ort> {
+  ortPromise ??= import("onnxruntime-node").then(
+    (m) => ((m as { default?: Ort }).default ?? m) as Ort,
+    (cause: unknown) => {
+      ortPromise = undefined;
+      throw new EngineUnavailableError(
+        `onnxruntime-node cannot be loaded here (${firstLine(cause)}): run 'npm ci' (its CPU library ships in the npm package for linux/darwin/win32 x64 and arm64), or use --engine tfjs.`,
+        { cause },
+      );
+    },
+  );
+  return ortPromise;
+}
+
+function firstLine(err: unknown): string {
+  return String((err as Error)?.message ?? err).split("\n")[0];
+}
+
+/** Threads for onnxruntime when the user gave none: the process's share of the cores, at least 1. */
+export function defaultThreads(processesPerMachine: number): number {
+  return Math.max(1, Math.floor(availableParallelism() / Math.max(1, processesPerMachine)));
+}
+
+/** `--threads` as given (> 0), else this process's share of the cores among `processes` on the machine. */
+export function threadsFor(threads: number, processes: number): number {
+  return threads > 0 ? threads : defaultThreads(processes);
+}
+
+/**
+ * The frozen forward pass of `model` (image -> features or probabilities) on the requested engine.
+ * `model` takes preprocessed NHWC images; `preprocessing` says how [0, 255] pixels become its input.
+ */
+export async function frozenForward(model: tf.LayersModel, preprocessing: Preprocessing, o: EngineOptions = {}): Promise<FrozenForward> {
+  const requested = o.engine ?? "auto";
+  if (requested === "tfjs") return tfjsForward(model, preprocessing, { requested });
+  try {
+    const onnx = await onnxForward(model, preprocessing, requested, o);
+    await checkAgainstTfjs(onnx, model, preprocessing);
+    return onnx;
+  } catch (err) {
+    if (requested === "onnx") {
+      if (err instanceof UnsupportedLayerError) throw new ConfigError(`--engine onnx: ${err.message} Use --engine auto (falls back to tfjs) or --engine tfjs.`, { cause: err });
+      throw err;
+    }
+    return tfjsForward(model, preprocessing, { requested, fallback: firstLine(err) });
+  }
+}
+
+/** The tfjs engine: predict() on the current backend. */
+export function tfjsForward(model: tf.LayersModel, preprocessing: Preprocessing, info: Pick<EngineInfo, "requested" | "fallback">): FrozenForward {
+  const shape = model.inputs[0].shape;
+  const [h, w, c] = [shape[1] as number, shape[2] as number, shape[3] as number];
+  return {
+    info: { ...info, name: "tfjs", version: tf.version.tfjs, threads: 1, provider: tf.getBackend() },
+    async run(pixels, n) {
+      checkPixels(pixels, n, h * w * c);
+      const y = tf.tidy(() => {
+        const x = tf.tensor4d(pixels, [n, h, w, c], pixels instanceof Uint8Array ? "int32" : "float32");
+        const out = model.predict(preprocess(x, preprocessing)) as tf.Tensor;
+        return out.reshape([n, -1]);
+      });
+      try {
+        return (await y.data()) as Float32Array;
+      } finally {
+        y.dispose();
+      }
+    },
+    dispose() {},
+  };
+}
+
+function checkPixels(pixels: Uint8Array | Float32Array, n: number, perImage: number): void {
+  if (pixels.length !== n * perImage) throw new RangeError(`frozen forward: expected ${n * perImage} pixel values for ${n} images, got ${pixels.length}`);
+}
+
+type Session = import("onnxruntime-node").InferenceSession;
+
+/** The onnx engine: one session per input dtype (uint8 from the decoder, float32 after augmentation), built on first use. */
+async function onnxForward(model: tf.LayersModel, preprocessing: Preprocessing, requested: EngineName, o: EngineOptions): Promise<FrozenForward> {
+  const ort = await loadOnnxRuntime();
+  const threads = o.threads ?? 1;
+  const provider = o.provider ?? "cpu";
+  const sessions = new Map<"uint8" | "float32", Promise<{ session: Session; input: string; output: string; perImage: number; dims: number[] }>>();
+  const open = (dtype: "uint8" | "float32") => {
+    let s = sessions.get(dtype);
+    if (!s) {
+      s = (async () => {
+        const g = layersModelToOnnx(model, { preprocessing, inputDtype: dtype });
+        const session = await ort.InferenceSession.create(g.bytes, {
+          executionProviders: [provider],
+          intraOpNumThreads: threads,
+          interOpNumThreads: 1,
+          executionMode: "sequential",
+          graphOptimizationLevel: "all",
+        });
+        return { session, input: g.inputName, output: g.outputName, perImage: g.inputShape.reduce((a, b) => a * b, 1), dims: g.inputShape };
+      })();
+      sessions.set(dtype, s);
+    }
+    return s;
+  };
+  await open("uint8"); // conversion errors surface here, before any work
+  return {
+    info: { requested, name: "onnx", version: ort.env.versions?.node ?? "unknown", threads, provider },
+    async run(pixels, n) {
+      const s = await open(pixels instanceof Uint8Array ? "uint8" : "float32");
+      checkPixels(pixels, n, s.perImage);
+      const input = new ort.Tensor(pixels instanceof Uint8Array ? "uint8" : "float32", pixels, [n, ...s.dims]);
+      const result = await s.session.run({ [s.input]: input });
+      const out = result[s.output];
+      const data = out.data as Float32Array;
+      input.dispose?.();
+      return data;
+    },
+    dispose() {
+      for (const s of sessions.values()) void s.then((x) => x.session.release(), () => undefined);
+      sessions.clear();
+    },
+  };
+}
+
+/**
+ * Two deterministic probe images through both engines; the ONNX graph is taken only if every value
+ * agrees within 1e-3 of the output's scale (the parity tests hold 1e-4 on real images).
+ */
+async function checkAgainstTfjs(onnx: FrozenForward, model: tf.LayersModel, preprocessing: Preprocessing): Promise<void> {
+  const shape = model.inputs[0].shape;
+  const per = (shape[1] as number) * (shape[2] as number) * (shape[3] as number);
+  const probe = new Uint8Array(2 * per);
+  for (let i = 0; i < probe.length; i++) probe[i] = (i * 2654435761) >>> 24;
+  const want = await tfjsForward(model, preprocessing, { requested: "tfjs" }).run(probe, 2);
+  const got = await onnx.run(probe, 2);
+  let scale = 0, diff = 0;
+  for (let i = 0; i < want.length; i++) {
+    scale = Math.max(scale, Math.abs(want[i]));
+    diff = Math.max(diff, Math.abs(want[i] - got[i]));
+  }
+  if (got.length !== want.length || !(diff <= 1e-3 * Math.max(scale, 1e-6))) {
+    onnx.dispose();
+    throw new EngineUnavailableError(`the ONNX graph disagrees with tfjs on a probe batch (max abs diff ${diff.toExponential(2)}, output scale ${scale.toExponential(2)}, ${got.length} vs ${want.length} values)`);
+  }
+}
