@@ -7,7 +7,7 @@
 import { openDataset, type OpenOptions } from "../core/datasets/open.js";
 import type { Dataset } from "../core/datasets/types.js";
 import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
-import { loadPretrained, type PretrainedSource } from "../core/model_zoo.js";
+import { loadPretrained, PREPROCESSINGS, type Preprocessing, type PretrainedSource, withPreprocessing } from "../core/model_zoo.js";
 import type { Pooling } from "../core/config.js";
 
 export interface ExtractorKey {
@@ -15,6 +15,8 @@ export interface ExtractorKey {
   inputSize: number;
   featureLayer: string;
   pooling: Pooling;
+  /** The job's preprocessing (a JobSpec extra); absent = the model's own. */
+  preprocessing?: string;
 }
 
 export class ExtractorCache {
@@ -25,7 +27,7 @@ export class ExtractorCache {
   builds = 0;
 
   extractor(k: ExtractorKey): Promise<FeatureExtractor> {
-    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling]);
+    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling, k.preprocessing ?? ""]);
     let p = this.extractors.get(key);
     if (!p) {
       let src = this.sources.get(k.model);
@@ -36,7 +38,9 @@ export class ExtractorCache {
       }
       p = src.then((s) => {
         this.builds++;
-        return buildFeatureExtractor(s, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling });
+        if (k.preprocessing !== undefined && !(PREPROCESSINGS as readonly string[]).includes(k.preprocessing))
+          throw new Error(`the job asks for preprocessing ${JSON.stringify(k.preprocessing)}, which this worker does not know (${PREPROCESSINGS.join(", ")}): run the same ctrain version as the coordinator`);
+        return buildFeatureExtractor(k.preprocessing ? withPreprocessing(s, k.preprocessing as Preprocessing) : s, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling });
       });
       this.extractors.set(key, p);
       p.catch(() => this.extractors.delete(key));

@@ -359,7 +359,7 @@ export class NatsWorker implements AsyncDisposable {
       claim(0);
       log.info("shard claimed", { shard: wire, delivery, samples: task.ids.length });
       this.emit({ type: "claimed", job, shard: wire, delivery, samples: task.ids.length });
-      const extractor = await this.cache.extractor({ model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling });
+      const extractor = await this.cache.extractor({ model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling, preprocessing: spec.extra[SPEC_EXTRA.preprocessing] });
       working();
       const dataset = await this.cache.dataset(spec.data, { seed: spec.seed, valSplit: spec.valSplit, testSplit: spec.testSplit, limit: spec.limit, maxPixels: spec.maxPixels });
       const wantFx = spec.extra[SPEC_EXTRA.extractorFingerprint];
