@@ -12,6 +12,7 @@ const COMMANDS: Record<string, Command> = {
   coordinator: { summary: "the job against an existing NATS (--nats URL); workers elsewhere", load: () => import("./coordinator.js") },
   worker: { summary: "a feature-extraction worker (--nats URL); serves /metrics", load: () => import("./worker.js") },
   predict: { summary: "classify images with a trained model", load: () => import("./predict.js") },
+  "model-info": { summary: "a pretrained base: preprocessing, parameters, layers worth cutting at", load: () => import("./model_info.js") },
   k8s: { summary: "Kubernetes manifests for a job (`ctrain k8s render`)", load: () => import("./k8s.js") },
 };
 

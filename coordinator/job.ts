@@ -16,7 +16,7 @@ import { composeClassifier } from "../core/head.js";
 import type { Logger } from "../core/log.js";
 import type { CtrainMetrics } from "../core/metrics.js";
 import { saveModel } from "../core/model_io.js";
-import { loadPretrained } from "../core/model_zoo.js";
+import { loadPretrained, resolveModelChoices, withPreprocessing } from "../core/model_zoo.js";
 import { type EngineInfo, type EngineOptions, threadsFor } from "../core/models/inference_engine.js";
 import { Progress } from "../core/progress.js";
 import type { EpochStats } from "../core/train_loop.js";
@@ -51,6 +51,8 @@ export interface JobSummary {
   input_size: number;
   feature_layer: string;
   pooling: string;
+  /** The preprocessing the base was fed (`--preprocessing auto` resolved). */
+  preprocessing: string;
   method: string;
   /** `--method augment` only: what was done to each training image. */
   augmentation?: AugmentOptions;
@@ -104,7 +106,12 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   for (const s of dataset.samples) counts[s.split]++;
   log.info("data set", { data: dataset.name, classes: dataset.classes.length, ...counts, skipped_at_listing: dataset.skipped.length });
 
-  const source = await loadPretrained(opts.model);
+  const loaded = await loadPretrained(opts.model);
+  const choices = resolveModelChoices(loaded, opts);
+  if (choices.overridden)
+    log.warn(`--preprocessing ${choices.preprocessing} replaces ${loaded.name}'s own preprocessing (${choices.overridden.declared}, from its ${choices.overridden.origin === "builtin" ? "training recipe" : "metadata"}): features will not match what its weights were trained on`);
+  opts = { ...opts, featureLayer: choices.featureLayer, preprocessing: choices.preprocessing };
+  const source = withPreprocessing(loaded, choices.preprocessing);
   const engine = { engine: opts.engine, threads: threadsFor(opts.threads, 1) };
   const extractor = await buildFeatureExtractor(source, { inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling, ...engine });
   logEngine(log, extractor.engine);
@@ -196,6 +203,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     input_size: opts.inputSize,
     feature_layer: opts.featureLayer,
     pooling: opts.pooling,
+    preprocessing: extractor.preprocessing,
     method: opts.method,
     ...(opts.method === "augment" ? { augmentation: augmentOf(opts) } : {}),
     data: dataset.name,

@@ -1,7 +1,7 @@
 /**
  * Checks a job against what it names before any work starts (before a nats-server, workers or an
- * output folder exist): the data set opens and has samples, the model loads, the feature layer and
- * the fine-tune spec exist in it. Everything it refuses is a ConfigError with the fix; runJob would
+ * output folder exist): the data set opens and has samples, the model loads, the input size suits it,
+ * the feature layer and the fine-tune spec exist in it. Everything it refuses is a ConfigError with the fix; runJob would
  * refuse the same things later, after resources were spent.
  */
 import type { JobOptions } from "../core/config.js";
@@ -9,7 +9,7 @@ import { openDataset } from "../core/datasets/open.js";
 import { ConfigError } from "../core/errors.js";
 import { cutTopology } from "../core/feature_model.js";
 import { planSplit } from "../core/model_split.js";
-import { loadPretrained } from "../core/model_zoo.js";
+import { loadPretrained, resolveModelChoices } from "../core/model_zoo.js";
 
 export interface PreflightResult {
   classes: number;
@@ -20,7 +20,8 @@ export async function preflight(opts: JobOptions): Promise<PreflightResult> {
   const dataset = await openDataset(opts.data, { seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit, maxPixels: opts.maxPixels });
   if (!dataset.samples.some((s) => s.split === "train")) throw new ConfigError(`--data ${opts.data}: no training samples after splitting; add images or lower --val-split/--test-split.`);
   const source = await loadPretrained(opts.model);
-  const { topology } = cutTopology(source.artifacts.modelTopology as object, { inputSize: opts.inputSize, outputLayer: opts.featureLayer });
+  const { featureLayer } = resolveModelChoices(source, opts);
+  const { topology } = cutTopology(source.artifacts.modelTopology as object, { inputSize: opts.inputSize, outputLayer: featureLayer });
   if (opts.fineTuneLayers.trim() !== "0") planSplit(topology, opts.fineTuneLayers);
   return { classes: dataset.classes.length, samples: dataset.samples.length };
 }

@@ -26,6 +26,9 @@ export const FILL_MODES = ["reflect", "nearest", "constant", "wrap"] as const;
 export type FillMode = (typeof FILL_MODES)[number];
 export const AUGMENT_FLIPS = ["horizontal", "none"] as const;
 export type AugmentFlip = (typeof AUGMENT_FLIPS)[number];
+/** `--preprocessing`: `auto` = the model's own (see core/model_zoo.ts PREPROCESSINGS, which this list repeats so options load without TensorFlow.js). */
+export const PREPROCESSING_CHOICES = ["auto", "unit", "tf", "caffe", "torch", "none"] as const;
+export type PreprocessingChoice = (typeof PREPROCESSING_CHOICES)[number];
 /** Options that only mean something with `--method augment`. */
 export const AUGMENT_KEYS = ["augmentFlip", "augmentRotation", "augmentZoom", "augmentTranslation", "augmentFillMode"] as const;
 
@@ -39,8 +42,10 @@ export interface JobOptions {
   model: string;
   /** Square input size in pixels the model is rebuilt for (96..224 for MobileNetV2). Default 96. */
   inputSize: number;
-  /** Name of the layer whose output is the feature vector. Default `out_relu`. */
+  /** Name of the layer whose output is the feature vector; `auto` = the model's base output (`out_relu` for mobilenet_v2, `mixed10` for inception_v3). Default `auto`. */
   featureLayer: string;
+  /** How pixels are scaled for the model: `auto` = the model's own (`unit` = [0, 1] for the built-ins), or `unit|tf|caffe|torch|none`. Default `auto`. */
+  preprocessing: PreprocessingChoice;
   /** Pooling over the feature map: `avg`, `max` or `none` (flatten). Default `avg`. */
   pooling: Pooling;
   /** `cached`: train the head on cached features; `augment`: frozen base + head end to end with augmentation. */
@@ -127,7 +132,8 @@ export const OPTION_SPECS = [
   spec({ key: "data", kind: "string", help: "fashion-mnist | mnist:<dir of IDX files> | <folder with one sub-folder per class>", default: () => "fashion-mnist" }),
   spec({ key: "model", kind: "string", help: "mobilenet_v2 | <folder with model.json> | <http(s) URL of model.json>", default: () => "mobilenet_v2" }),
   spec({ key: "inputSize", kind: "int", help: "input size in pixels (square)", default: () => 96, min: 32, max: 1024 }),
-  spec({ key: "featureLayer", kind: "string", help: "layer whose output is the feature", default: () => "out_relu" }),
+  spec({ key: "featureLayer", kind: "string", help: "layer whose output is the feature (auto = the model's base output)", default: () => "auto" }),
+  spec({ key: "preprocessing", kind: "string", help: "pixel scaling (auto = the model's own; unit = [0, 1], tf = [-1, 1])", default: () => "auto" as PreprocessingChoice, choices: PREPROCESSING_CHOICES }),
   spec({ key: "pooling", kind: "string", help: "pooling of the feature map", default: () => "avg" as Pooling, choices: POOLINGS }),
   spec({ key: "method", kind: "string", help: "cached features, or frozen base + head with augmentation", default: () => "cached" as Method, choices: METHODS }),
   spec({ key: "augmentFlip", kind: "string", help: "augmentation: random left-right mirror", default: () => "horizontal" as AugmentFlip, choices: AUGMENT_FLIPS }),

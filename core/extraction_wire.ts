@@ -28,6 +28,8 @@ export const SPEC_EXTRA = {
   round: "extraction_round",
   extractorFingerprint: "extractor_fingerprint",
   datasetFingerprint: "dataset_fingerprint",
+  /** The preprocessing the coordinator's extractor uses (absent: the model's own). */
+  preprocessing: "preprocessing",
 } as const;
 
 /** Round id from a feature-cache key: `r` + 16 hex digits. */

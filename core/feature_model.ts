@@ -125,6 +125,8 @@ export function preprocess(x: tf.Tensor4D, mode: Preprocessing): tf.Tensor4D {
   return tf.tidy(() => {
     const f = x.toFloat();
     switch (mode) {
+      case "unit":
+        return f.div(255) as tf.Tensor4D;
       case "tf":
         return f.div(127.5).sub(1) as tf.Tensor4D;
       case "caffe": {

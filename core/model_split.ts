@@ -33,6 +33,32 @@ function layersOf(topology: object): { layers: LayerJson[]; config: Record<strin
 }
 
 
+/**
+ * Per layer (topology order): whether it is a cut point -- every layer after it reads only layers at
+ * or after it, so its output is the one tensor the rest of the graph depends on.
+ */
+function cutPointIndices(layers: LayerJson[]): boolean[] {
+  const index = new Map(layers.map((l, i) => [l.name, i]));
+  // earliest[j] = the earliest layer that layer j or any later layer reads.
+  const earliest = new Array<number>(layers.length + 1).fill(Infinity);
+  for (let j = layers.length - 1; j >= 0; j--) {
+    let m = earliest[j + 1];
+    for (const n of inboundNames(layers[j])) m = Math.min(m, index.get(n) ?? -1);
+    earliest[j] = m;
+  }
+  return layers.map((_, p) => earliest[p + 1] >= p);
+}
+
+/**
+ * Names of the layers of a (cut) functional topology where the graph can be cut in one tensor: the
+ * places a feature layer or a fine-tuning cut can go without leaving a branch behind.
+ */
+export function cutPoints(cutTopologyJson: object): string[] {
+  const { layers } = layersOf(cutTopologyJson);
+  const points = cutPointIndices(layers);
+  return layers.filter((l, i) => points[i] && l.class_name !== "InputLayer").map((l) => l.name);
+}
+
 /** Which layers of a base train, and where the base is cut for fine-tuning. */
 export interface SplitPlan {
   /** Layer whose output is the top's input (the cached activation). */
@@ -70,14 +96,10 @@ export function planSplit(cutTopologyJson: object, spec: string): SplitPlan {
     }
     first = i;
   }
-  // The latest cut p < first such that every layer after p reads only layers at or after p.
+  // The latest cut point before the first unfrozen layer.
+  const points = cutPointIndices(layers);
   let cut = -1;
-  for (let p = first - 1; p >= 0 && cut < 0; p--) {
-    let ok = true;
-    for (let j = p + 1; j < layers.length && ok; j++)
-      for (const n of inboundNames(layers[j])) if ((index.get(n) ?? -1) < p) { ok = false; break; }
-    if (ok) cut = p;
-  }
+  for (let p = first - 1; p >= 0 && cut < 0; p--) if (points[p]) cut = p;
   if (cut < 0) throw new ConfigError(`cannot cut the base before layer ${layers[first].name}: no single tensor feeds the layers above it.`);
   const topLayers = layers.slice(cut + 1).map((l) => l.name);
   const trainableLayers = layers.slice(first).filter((l) => l.class_name !== "BatchNormalization").map((l) => l.name);

@@ -1,7 +1,7 @@
 /**
- * Where pretrained models come from: the built-in offline `mobilenet_v2` (the Keras MobileNetV2
- * that the npm package `nsfwjs` ships as a TF.js layers model with base64, uint8-quantized weights),
- * a folder with model.json + weight files, or an http(s) URL. Every source yields plain
+ * Where pretrained models come from: the built-in offline `mobilenet_v2` and `inception_v3` (the
+ * Keras MobileNetV2 and InceptionV3 that the npm package `nsfwjs` ships as TF.js layers models with
+ * base64, uint8-quantized weights), a folder with model.json + weight files, or an http(s) URL. Every source yields plain
  * `tf.io.ModelArtifacts` so topology surgery (input size, cut point) works on JSON before any
  * layer is built.
  */
@@ -12,46 +12,81 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as tf from "@tensorflow/tfjs";
 import { ConfigError } from "./errors.js";
+import { inboundNames, type LayerJson } from "./feature_model.js";
 
-/** How pixels in [0, 255] become the model's input. */
-export const PREPROCESSINGS = ["tf", "caffe", "torch", "none"] as const;
+/** How pixels in [0, 255] become the model's input (the models' own modes; see {@link preprocess}). */
+export const PREPROCESSINGS = ["unit", "tf", "caffe", "torch", "none"] as const;
 export type Preprocessing = (typeof PREPROCESSINGS)[number];
+
+/** Where a source's preprocessing came from: what ctrain knows of a built-in, the model's metadata, or a guess from its name. */
+export type PreprocessingOrigin = "builtin" | "metadata" | "name";
 
 export interface PretrainedSource {
   /** The name a user gave (`mobilenet_v2`, a path or URL). */
   name: string;
   artifacts: tf.io.ModelArtifacts;
-  /** The model's own preprocessing: `tf` = [-1, 1] (MobileNet, Inception, EfficientNet-lite), `caffe` = BGR minus ImageNet means (VGG, ResNet50), `torch` = ImageNet mean/std (DenseNet). */
+  /**
+   * The model's own preprocessing: `unit` = [0, 1] (the nsfwjs models), `tf` = [-1, 1] (Keras
+   * MobileNet, Inception, EfficientNet-lite), `caffe` = BGR minus ImageNet means (VGG, ResNet50),
+   * `torch` = ImageNet mean/std (DenseNet).
+   */
   preprocessing: Preprocessing;
+  /** Whether {@link preprocessing} is known (built-in, metadata) or guessed from the name. Default `name`. */
+  preprocessingOrigin?: PreprocessingOrigin;
+  /** The feature layer `--feature-layer auto` picks (built-ins; others: found in the topology). */
+  defaultFeatureLayer?: string;
+  /** The smallest input size the architecture accepts, pixels (built-ins). */
+  minInputSize?: number;
   /** sha256 of topology and weights: part of every cache key. */
   fingerprint: string;
 }
 
 const require = createRequire(import.meta.url);
 
-/** Built-in models that need no network. */
-export const BUILTIN_MODELS = ["mobilenet_v2"] as const;
+/** What ctrain knows about a model nsfwjs ships as a layers model. */
+interface BuiltinSpec {
+  /** Folder under nsfwjs' dist/models/. */
+  dir: string;
+  /** Keras `include_top=False` output: the last block before nsfwjs' pooling and classifier. */
+  featureLayer: string;
+  /** Keras' own limit (InceptionV3: 75; its stride-2 stem and reductions leave nothing below). */
+  minInputSize: number;
+}
 
-async function loadBuiltinMobileNetV2(): Promise<PretrainedSource> {
+/**
+ * Built-in models that need no network. nsfwjs' third model, `mobilenet_v2_mid`, is a TF.js graph
+ * model (no Keras topology to rebuild for another input size or cut), so it is not one of them.
+ */
+export const BUILTIN_MODELS = ["mobilenet_v2", "inception_v3"] as const;
+export type BuiltinModel = (typeof BUILTIN_MODELS)[number];
+const BUILTINS: Record<BuiltinModel, BuiltinSpec> = {
+  mobilenet_v2: { dir: "mobilenet_v2", featureLayer: "out_relu", minInputSize: 32 },
+  inception_v3: { dir: "inception_v3", featureLayer: "mixed10", minInputSize: 75 },
+};
+
+async function loadBuiltin(name: BuiltinModel): Promise<PretrainedSource> {
+  const spec = BUILTINS[name];
   let pkgDir: string;
   try {
     pkgDir = dirname(dirname(require.resolve("nsfwjs")));
   } catch (cause) {
-    throw new ConfigError("the built-in mobilenet_v2 needs the npm package nsfwjs: run 'npm ci'.", { cause });
+    throw new ConfigError(`the built-in ${name} needs the npm package nsfwjs: run 'npm ci'.`, { cause });
   }
-  // dist/cjs/index.js -> dist/ ; the model bundles are CommonJS modules exporting JSON and a base64 string.
-  const modelDir = join(pkgDir, "models", "mobilenet_v2");
+  // dist/cjs/index.js -> dist/ ; the model bundles are CommonJS modules exporting JSON and base64 strings, one per weight shard.
+  const modelDir = join(pkgDir, "models", spec.dir);
   const json = require(join(modelDir, "model.min.js")) as { modelTopology: object; weightsManifest: tf.io.WeightsManifestConfig };
-  const weightsB64 = require(join(modelDir, "group1-shard1of1.min.js")) as string;
-  const weightData = Buffer.from(weightsB64, "base64");
-  const weightSpecs = json.weightsManifest.flatMap((g) => g.weights);
+  const shards = json.weightsManifest.flatMap((g) => g.paths).map((p) => Buffer.from(require(join(modelDir, `${p}.min.js`)) as string, "base64"));
   const artifacts: tf.io.ModelArtifacts = {
     modelTopology: json.modelTopology,
-    weightSpecs,
-    weightData: toArrayBuffer(weightData),
+    weightSpecs: json.weightsManifest.flatMap((g) => g.weights),
+    weightData: toArrayBuffer(Buffer.concat(shards as unknown as Uint8Array[])),
     format: "layers-model",
   };
-  return { name: "mobilenet_v2", artifacts, preprocessing: "tf", fingerprint: fingerprintOf(artifacts) };
+  // nsfwjs' authors trained both networks on pixels / 255 (NSFWJS.infer divides by its normalizationOffset, 255).
+  return {
+    name, artifacts, preprocessing: "unit", preprocessingOrigin: "builtin",
+    defaultFeatureLayer: spec.featureLayer, minInputSize: spec.minInputSize, fingerprint: fingerprintOf(artifacts),
+  };
 }
 
 /** A standalone ArrayBuffer copy (Node's Buffers may share a pooled or Shared ArrayBuffer). */
@@ -70,17 +105,17 @@ function fingerprintOf(a: tf.io.ModelArtifacts): string {
   return h.digest("hex");
 }
 
-function preprocessingOf(modelJson: { userDefinedMetadata?: Record<string, unknown> }, name: string): Preprocessing {
+function preprocessingOf(modelJson: { userDefinedMetadata?: Record<string, unknown> }, name: string): Pick<PretrainedSource, "preprocessing" | "preprocessingOrigin"> {
   const declared = modelJson.userDefinedMetadata?.["ctrain_preprocessing"];
   if (declared !== undefined) {
     if (typeof declared !== "string" || !(PREPROCESSINGS as readonly string[]).includes(declared))
       throw new ConfigError(`model ${name}: userDefinedMetadata.ctrain_preprocessing must be one of ${PREPROCESSINGS.join(", ")}, got ${JSON.stringify(declared)}.`);
-    return declared as Preprocessing;
+    return { preprocessing: declared as Preprocessing, preprocessingOrigin: "metadata" };
   }
   const lower = name.toLowerCase();
-  if (/vgg|resnet(?!.*v2)/.test(lower)) return "caffe";
-  if (/densenet/.test(lower)) return "torch";
-  return "tf";
+  if (/vgg|resnet(?!.*v2)/.test(lower)) return { preprocessing: "caffe", preprocessingOrigin: "name" };
+  if (/densenet/.test(lower)) return { preprocessing: "torch", preprocessingOrigin: "name" };
+  return { preprocessing: "tf", preprocessingOrigin: "name" };
 }
 
 async function loadFromFolder(spec: string): Promise<PretrainedSource> {
@@ -112,7 +147,7 @@ async function loadFromFolder(spec: string): Promise<PretrainedSource> {
     format: modelJson.format,
     userDefinedMetadata: modelJson.userDefinedMetadata,
   };
-  return { name: spec, artifacts, preprocessing: preprocessingOf(modelJson, spec), fingerprint: fingerprintOf(artifacts) };
+  return { name: spec, artifacts, ...preprocessingOf(modelJson, spec), fingerprint: fingerprintOf(artifacts) };
 }
 
 async function loadFromUrl(spec: string): Promise<PretrainedSource> {
@@ -123,13 +158,64 @@ async function loadFromUrl(spec: string): Promise<PretrainedSource> {
   } catch (cause) {
     throw new ConfigError(`--model ${spec}: cannot load model.json from the URL (${(cause as Error).message}).`, { cause });
   }
-  return { name: spec, artifacts, preprocessing: preprocessingOf(artifacts, spec), fingerprint: fingerprintOf(artifacts) };
+  return { name: spec, artifacts, ...preprocessingOf(artifacts, spec), fingerprint: fingerprintOf(artifacts) };
 }
 
 /** Resolves a `--model` value to artifacts. Throws ConfigError with a fix for anything unusable. */
 export async function loadPretrained(spec: string): Promise<PretrainedSource> {
-  if (spec === "mobilenet_v2") return loadBuiltinMobileNetV2();
+  if ((BUILTIN_MODELS as readonly string[]).includes(spec)) return loadBuiltin(spec as BuiltinModel);
   if (/^https?:\/\//.test(spec)) return loadFromUrl(spec);
   if (spec.startsWith("file://") || spec.includes("/") || spec.endsWith(".json")) return loadFromFolder(spec);
   throw new ConfigError(`--model ${JSON.stringify(spec)} is not a built-in model (${BUILTIN_MODELS.join(", ")}), a folder with model.json, or an http(s) URL.`);
+}
+
+/** What `--feature-layer auto` and `--preprocessing auto` became for one model, and the input size checked. */
+export interface ModelChoices {
+  featureLayer: string;
+  preprocessing: Preprocessing;
+  /** Set when the user replaced a preprocessing the model declares (built-in or metadata): worth a warning. */
+  overridden?: { declared: Preprocessing; chosen: Preprocessing; origin: PreprocessingOrigin };
+}
+
+/**
+ * Resolves the model-dependent choices of a job: `auto` feature layer (the built-in's, else the input
+ * of the first pooling/flatten layer, i.e. Keras' `include_top=False` output), `auto` preprocessing
+ * (the model's own), and the input size against the architecture's minimum. Throws ConfigError.
+ */
+export function resolveModelChoices(source: PretrainedSource, o: { featureLayer: string; preprocessing: Preprocessing | "auto"; inputSize: number }): ModelChoices {
+  if (source.minInputSize !== undefined && o.inputSize < source.minInputSize)
+    throw new ConfigError(`--input-size ${o.inputSize} is too small for ${source.name}: its architecture needs at least ${source.minInputSize} pixels (its strided stem and reductions leave no feature map below that).`);
+  const featureLayer = o.featureLayer === "auto" ? source.defaultFeatureLayer ?? topFeatureLayer(source) : o.featureLayer;
+  const preprocessing = o.preprocessing === "auto" ? source.preprocessing : o.preprocessing;
+  const origin = source.preprocessingOrigin ?? "name";
+  const overridden = preprocessing !== source.preprocessing && origin !== "name" ? { declared: source.preprocessing, chosen: preprocessing, origin } : undefined;
+  return { featureLayer, preprocessing, ...(overridden ? { overridden } : {}) };
+}
+
+/** A copy of `source` that feeds its pixels through `preprocessing` (the chosen one, which may not be the model's own). */
+export function withPreprocessing(source: PretrainedSource, preprocessing: Preprocessing): PretrainedSource {
+  return preprocessing === source.preprocessing ? source : { ...source, preprocessing };
+}
+
+const TOP_POOLING = new Set(["GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten"]);
+
+/** The last layer of the convolutional base: what feeds the classifier's global pooling or flatten (through a plain pooling layer if there is one). */
+function topFeatureLayer(source: PretrainedSource): string {
+  const topology = source.artifacts.modelTopology as Record<string, unknown> | undefined;
+  const mc = (topology?.["model_config"] ?? topology) as { config?: { layers?: LayerJson[] } | LayerJson[] } | undefined;
+  const layers = (Array.isArray(mc?.config) ? mc.config : mc?.config?.layers) ?? [];
+  if (layers.length === 0) throw new ConfigError(`--feature-layer auto: model ${source.name} has no Keras layers; name the layer with --feature-layer.`);
+  const nameOf = (l: LayerJson): string => l.name ?? l.config.name!;
+  const byName = new Map(layers.map((l) => [nameOf(l), l]));
+  // Functional models name their inputs; in a Sequential one the input is the layer before.
+  const below = (l: LayerJson): LayerJson | undefined => {
+    const inbound = inboundNames(l)[0];
+    return inbound !== undefined ? byName.get(inbound) : layers[layers.indexOf(l) - 1];
+  };
+  const top = layers.find((l) => TOP_POOLING.has(l.class_name));
+  if (!top) return nameOf(layers.at(-1)!);
+  let base = below(top);
+  if (base && /^(Average|Max)Pooling2D$/.test(base.class_name)) base = below(base);
+  if (!base) throw new ConfigError(`--feature-layer auto: cannot tell where the base of model ${source.name} ends; name the layer with --feature-layer.`);
+  return nameOf(base);
 }

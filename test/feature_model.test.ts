@@ -31,7 +31,7 @@ describe("model - built-in mobilenet_v2", () => {
     const specs = source.artifacts.weightSpecs!;
     assert.ok(specs.length > 200);
     assert.ok(specs.some((s) => s.quantization?.dtype === "uint8"), "weights manifest carries quantization");
-    assert.equal(source.preprocessing, "tf");
+    assert.equal(source.preprocessing, "unit");
     assert.match(source.fingerprint, /^[0-9a-f]{64}$/);
   });
 
@@ -41,7 +41,7 @@ describe("model - built-in mobilenet_v2", () => {
     const probe = tf.model({ inputs: whole.inputs, outputs: whole.getLayer("out_relu").output as tf.SymbolicTensor });
     const fx = await buildFeatureExtractor(source, { inputSize: 224, featureLayer: "out_relu", pooling: "none" });
     const imgs = pseudoImages(2, 224, 3);
-    const expected = tf.tidy(() => (probe.predict(preprocess(tf.tensor4d(imgs, [2, 224, 224, 3], "int32"), "tf")) as tf.Tensor).dataSync());
+    const expected = tf.tidy(() => (probe.predict(preprocess(tf.tensor4d(imgs, [2, 224, 224, 3], "int32"), source.preprocessing)) as tf.Tensor).dataSync());
     const got = await fx.extract(imgs, 2);
     assert.equal(got.length, expected.length);
     assert.deepEqual(fx.featureShape, [7, 7, 1280]);
@@ -96,8 +96,9 @@ describe("model - built-in mobilenet_v2", () => {
       (e: Error) => e.name === "ConfigError" && /block_99_add/.test(e.message) && /out_relu/.test(e.message));
   });
 
-  test("model - preprocessing: tf maps [0,255] to [-1,1], caffe is BGR minus means", () => {
+  test("model - preprocessing: unit maps [0,255] to [0,1], tf to [-1,1], caffe is BGR minus means", () => {
     const x = tf.tensor4d([0, 127.5, 255], [1, 1, 1, 3]);
+    assert.deepEqual(Array.from(preprocess(x, "unit").dataSync()), [0, 0.5, 1]);
     assert.deepEqual(Array.from(preprocess(x, "tf").dataSync()), [-1, 0, 1]);
     const c = preprocess(x, "caffe").dataSync();
     assert.ok(Math.abs(c[0] - (255 - 103.939)) < 1e-4 && Math.abs(c[2] - (0 - 123.68)) < 1e-4);

@@ -7,7 +7,7 @@
 import { openDataset, type OpenOptions } from "../core/datasets/open.js";
 import type { Dataset } from "../core/datasets/types.js";
 import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
-import { loadPretrained, type PretrainedSource } from "../core/model_zoo.js";
+import { loadPretrained, PREPROCESSINGS, type Preprocessing, type PretrainedSource, withPreprocessing } from "../core/model_zoo.js";
 import type { EngineName, Pooling } from "../core/config.js";
 
 export interface ExtractorKey {
@@ -19,6 +19,8 @@ export interface ExtractorKey {
   engine?: EngineName;
   /** onnxruntime intra-op threads. Default 1. */
   threads?: number;
+  /** The job's preprocessing (a JobSpec extra); absent = the model's own. */
+  preprocessing?: string;
 }
 
 export class ExtractorCache {
@@ -29,7 +31,7 @@ export class ExtractorCache {
   builds = 0;
 
   extractor(k: ExtractorKey): Promise<FeatureExtractor> {
-    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling, k.engine ?? "auto", k.threads ?? 1]);
+    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling, k.preprocessing ?? "", k.engine ?? "auto", k.threads ?? 1]);
     let p = this.extractors.get(key);
     if (!p) {
       let src = this.sources.get(k.model);
@@ -40,7 +42,9 @@ export class ExtractorCache {
       }
       p = src.then((s) => {
         this.builds++;
-        return buildFeatureExtractor(s, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling, engine: k.engine, threads: k.threads });
+        if (k.preprocessing !== undefined && !(PREPROCESSINGS as readonly string[]).includes(k.preprocessing))
+          throw new Error(`the job asks for preprocessing ${JSON.stringify(k.preprocessing)}, which this worker does not know (${PREPROCESSINGS.join(", ")}): run the same ctrain version as the coordinator`);
+        return buildFeatureExtractor(k.preprocessing ? withPreprocessing(s, k.preprocessing as Preprocessing) : s, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling, engine: k.engine, threads: k.threads });
       });
       this.extractors.set(key, p);
       p.catch(() => this.extractors.delete(key));

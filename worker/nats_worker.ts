@@ -375,7 +375,7 @@ export class NatsWorker implements AsyncDisposable {
       log.info("shard claimed", { shard: wire, delivery, samples: task.ids.length });
       this.emit({ type: "claimed", job, shard: wire, delivery, samples: task.ids.length });
       const extractor = await this.cache.extractor({
-        model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling,
+        model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling, preprocessing: spec.extra[SPEC_EXTRA.preprocessing],
         engine: (spec.engine || "auto") as EngineName, threads: spec.threads || this.o.threads || defaultThreads(1),
       });
       this.noteEngine(extractor.engine);
