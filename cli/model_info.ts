@@ -9,8 +9,10 @@ import { optionsHelp, parseArgs, resolveOptions } from "../core/config.js";
 import { cutTopology, loadCut } from "../core/feature_model.js";
 import { cutPoints } from "../core/model_split.js";
 import { loadPretrained, resolveModelChoices } from "../core/model_zoo.js";
+import { loadOnnxRuntime } from "../core/models/inference_engine.js";
+import { channelsLast, defaultOnnxFeatureTensor, isOnnxModelSpec, loadOnnxSource, onnxTensorShapes } from "../core/models/onnx/user_model.js";
 
-const HELP = `usage: ctrain model-info [--model mobilenet_v2|inception_v3|DIR|URL] [--input-size N] [--json]
+const HELP = `usage: ctrain model-info [--model mobilenet_v2|inception_v3|DIR|URL|FILE.onnx] [--input-size N] [--json]
 
 Prints the model's input size, preprocessing, parameter count of its convolutional base, and the
 layers worth cutting at (activation / add / concatenate / pooling outputs through which the whole
@@ -38,13 +40,36 @@ export interface ModelInfo {
   preprocessing: string;
   /** `builtin`, `metadata` (declared by the model) or `name` (guessed from its name). */
   preprocessing_origin: string;
+  /** Where the model's channel axis is (TF.js layers models are channels-last; ONNX exports from PyTorch are NCHW). */
+  layout: "NHWC" | "NCHW";
   default_feature_layer: string;
   /** Weights of the base, input to the default feature layer. */
   parameters: number;
   layers: CutLayerInfo[];
 }
 
+/** ONNX ops whose outputs make useful features (activations, residual adds, concatenations, pools). */
+const ONNX_CUTTABLE = /^(Relu|Clip|LeakyRelu|Elu|Sigmoid|HardSwish|Add|Sum|Concat|MaxPool|AveragePool|GlobalAveragePool|GlobalMaxPool|Mul)$/;
+
+/** model-info of an ONNX file: its tensors are probed on onnxruntime at the input size. */
+async function describeOnnxModel(spec: string, inputSize: number, o: { featureLayer: string; preprocessing: string }): Promise<ModelInfo> {
+  const src = await loadOnnxSource(spec);
+  const size = src.fixedSize ?? inputSize;
+  const tensors = await onnxTensorShapes(await loadOnnxRuntime(), src, size);
+  const featureLayer = o.featureLayer === "auto" ? defaultOnnxFeatureTensor(tensors) : o.featureLayer;
+  const hwc = (s: number[]): number[] => channelsLast(s, src.layout);
+  const layers = tensors
+    .filter((t) => (t.shape.length === 3 && ONNX_CUTTABLE.test(t.opType)) || t.name === featureLayer)
+    .map((t) => ({ name: t.name, class_name: t.opType, output_shape: hwc(t.shape) }));
+  const preprocessing = o.preprocessing === "auto" ? src.preprocessing ?? "unknown (give --preprocessing)" : o.preprocessing;
+  return {
+    model: spec, input_size: size, min_input_size: null, layout: src.layout, preprocessing, preprocessing_origin: src.preprocessing ? "metadata" : "none",
+    default_feature_layer: featureLayer, parameters: src.parameters, layers,
+  };
+}
+
 export async function describeModel(spec: string, inputSize: number, o: { featureLayer: string; preprocessing: Parameters<typeof resolveModelChoices>[1]["preprocessing"] }): Promise<ModelInfo> {
+  if (isOnnxModelSpec(spec)) return describeOnnxModel(spec, inputSize, o);
   const source = await loadPretrained(spec);
   const choices = resolveModelChoices(source, { ...o, inputSize });
   const { topology } = cutTopology(source.artifacts.modelTopology as object, { inputSize, outputLayer: choices.featureLayer });
@@ -55,7 +80,7 @@ export async function describeModel(spec: string, inputSize: number, o: { featur
       .filter((l) => points.has(l.name) && (CUTTABLE.test(l.getClassName()) || l.name === choices.featureLayer))
       .map((l) => ({ name: l.name, class_name: l.getClassName(), output_shape: (l.outputShape as (number | null)[]).slice(1) as number[] }));
     return {
-      model: source.name, input_size: inputSize, min_input_size: source.minInputSize ?? null,
+      model: source.name, input_size: inputSize, min_input_size: source.minInputSize ?? null, layout: "NHWC",
       preprocessing: choices.preprocessing, preprocessing_origin: source.preprocessingOrigin ?? "name",
       default_feature_layer: choices.featureLayer, parameters: base.countParams(), layers,
     };
@@ -77,11 +102,11 @@ export async function main(argv: string[]): Promise<number> {
     console.log(JSON.stringify(info, null, 2));
     return 0;
   }
-  const origin = { builtin: "the model's training recipe", metadata: "declared in model.json", name: "guessed from the name" }[info.preprocessing_origin] ?? info.preprocessing_origin;
+  const origin = { builtin: "the model's training recipe", metadata: "declared in the model's metadata", name: "guessed from the name", none: "not declared" }[info.preprocessing_origin] ?? info.preprocessing_origin;
   console.log(`model          ${info.model}`);
-  console.log(`input size     ${info.input_size}${info.min_input_size !== null ? ` (at least ${info.min_input_size})` : ""}`);
+  console.log(`input size     ${info.input_size}${info.min_input_size !== null ? ` (at least ${info.min_input_size})` : ""}, layout ${info.layout}`);
   console.log(`preprocessing  ${info.preprocessing} (${origin})`);
-  console.log(`parameters     ${info.parameters.toLocaleString("en-US")} (base, input to ${info.default_feature_layer})`);
+  console.log(`parameters     ${info.parameters.toLocaleString("en-US")} (${info.model.toLowerCase().endsWith(".onnx") ? "the whole graph" : `base, input to ${info.default_feature_layer}`})`);
   console.log(`\nlayers worth cutting at (--feature-layer; * = default):`);
   const width = Math.max(...info.layers.map((l) => l.name.length));
   for (const l of info.layers)

@@ -8,7 +8,9 @@ import { parseArgs } from "../core/config.js";
 import { readFile } from "node:fs/promises";
 import { decodeImage } from "../core/datasets/image_decode.js";
 import { BadInputError, ConfigError } from "../core/errors.js";
-import { frozenForward, threadsFor } from "../core/models/inference_engine.js";
+import { type EngineOptions, type FrozenForward, frozenForward, onnxGraphForward, threadsFor } from "../core/models/inference_engine.js";
+import { decodeModel } from "../core/models/onnx/schema.js";
+import { join } from "node:path";
 import type { ClassifierMetadata } from "../core/head.js";
 import { loadModel } from "../core/model_io.js";
 import type { Preprocessing } from "../core/model_zoo.js";
@@ -16,6 +18,36 @@ import type { Preprocessing } from "../core/model_zoo.js";
 const HELP = `usage: ctrain predict --model DIR [--top K] [--engine auto|onnx|tfjs] [--threads N] [--backend auto|wasm|cpu|...] [--json] IMAGE...
 
 Prints the top classes and probabilities of each image (JPEG, PNG or WebP).`;
+
+/** A classifier saved from an ONNX base: base.onnx on onnxruntime (pixels -> features), then the tfjs head. */
+async function onnxBaseThenHead(basePath: string, head: tf.LayersModel, size: number, o: EngineOptions): Promise<FrozenForward> {
+  if (o.engine === "tfjs") throw new ConfigError(`--engine tfjs cannot run ${basePath} (an ONNX base): use --engine auto or onnx.`);
+  let bytes: Uint8Array;
+  try {
+    bytes = new Uint8Array(await readFile(basePath));
+  } catch (cause) {
+    throw new ConfigError(`cannot read the model's ONNX base ${basePath} (${(cause as Error).message}): copy the whole model/ folder.`, { cause });
+  }
+  const g = decodeModel(bytes, basePath).graph;
+  const graph = { bytes, inputName: g.input[0].name, outputName: g.output[0].name, inputShape: [size, size, 3] };
+  const base = await onnxGraphForward((dtype) => {
+    if (dtype !== "uint8") throw new Error("predict feeds decoded uint8 pixels only");
+    return graph;
+  }, o.engine ?? "auto", o);
+  return {
+    info: base.info,
+    async run(pixels, n) {
+      const features = await base.run(pixels, n);
+      const y = tf.tidy(() => head.predict(tf.tensor2d(features, [n, features.length / n])) as tf.Tensor);
+      try {
+        return (await y.data()) as Float32Array;
+      } finally {
+        y.dispose();
+      }
+    },
+    dispose: () => base.dispose(),
+  };
+}
 
 export async function main(argv: string[]): Promise<number> {
   const parsed = parseArgs(argv, ["top"], ["help", "json"]);
@@ -35,10 +67,13 @@ export async function main(argv: string[]): Promise<number> {
   } catch (cause) {
     throw new ConfigError(`--model ${dir}: cannot load a ctrain model (${(cause as Error).message}).`, { cause });
   }
-  const meta = (model.getUserDefinedMetadata() as { ctrain?: ClassifierMetadata } | undefined)?.ctrain;
+  const meta = (model.getUserDefinedMetadata() as { ctrain?: ClassifierMetadata & { baseOnnx?: string } } | undefined)?.ctrain;
   if (!meta) throw new ConfigError(`--model ${dir}: model.json has no ctrain metadata (classes, input size); was it written by ctrain run?`);
-  // The whole classifier (base + head) is a frozen graph here: onnxruntime when it converts.
-  const forward = await frozenForward(model, meta.preprocessing as Preprocessing, { engine: parsed.options.engine ?? "auto", threads: threadsFor(parsed.options.threads ?? 0, 1) });
+  const engine = { engine: parsed.options.engine ?? "auto", threads: threadsFor(parsed.options.threads ?? 0, 1) };
+  const forward = meta.baseOnnx
+    ? await onnxBaseThenHead(join(dir, meta.baseOnnx), model, meta.inputSize, engine)
+    // The whole classifier (base + head) is a frozen graph here: onnxruntime when it converts.
+    : await frozenForward(model, meta.preprocessing as Preprocessing, engine);
   if (forward.info.fallback) console.error(`ctrain predict: running on tfjs (${forward.info.fallback})`);
   let failed = 0;
   for (const file of parsed.positionals) {

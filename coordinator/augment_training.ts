@@ -205,8 +205,8 @@ export interface AugmentHeadOptions extends HeadTrainingOptions {
 }
 
 export interface AugmentHeadData {
-  /** image -> feature vector (the job's feature extractor): its model stays frozen, its engine runs the forward pass. */
-  base: FrozenStage & { model: tf.LayersModel };
+  /** image -> feature vector (the job's feature extractor): its engine runs the forward pass; its tfjs model (absent for an ONNX base) stays frozen. */
+  base: FrozenStage & { model?: tf.LayersModel };
   train: ImageSource;
   /** Validation and test as cached features: the frozen base makes head(feature) equal model(image). */
   val: ArrayData;
@@ -215,8 +215,8 @@ export interface AugmentHeadData {
 
 export interface AugmentHeadResult {
   head: tf.LayersModel;
-  /** base + head, image -> probabilities (shares the head's weights). */
-  model: tf.LayersModel;
+  /** base + head, image -> probabilities (shares the head's weights); absent when the base has no tfjs form. */
+  model?: tf.LayersModel;
   history: EpochStats[];
   test: Evaluation;
   seconds: number;
@@ -230,10 +230,10 @@ export interface AugmentHeadResult {
 export async function trainHeadWithAugmentation(d: AugmentHeadData, o: AugmentHeadOptions): Promise<AugmentHeadResult> {
   const t0 = performance.now();
   const base = d.base.model;
-  freezeAll(base);
-  const featureDim = base.outputs[0].shape[1] as number;
+  if (base) freezeAll(base);
+  const featureDim = d.base.featureShape.reduce((a, b) => a * b, 1);
   const head = buildHead({ featureDim, numClasses: o.numClasses, units: o.units, dropout: o.dropout, seed: o.seed });
-  const model = tf.model({ inputs: base.inputs, outputs: head.apply(base.outputs[0]) as tf.SymbolicTensor, name: "ctrain_augment_model" });
+  const model = base ? tf.model({ inputs: base.inputs, outputs: head.apply(base.outputs[0]) as tf.SymbolicTensor, name: "ctrain_augment_model" }) : undefined;
   const optimizer = tf.train.adam(o.learningRate);
   try {
     // The head trains on the base's output for each augmented batch: model = base + head, split at the frozen boundary.

@@ -10,13 +10,14 @@ import { type BackendInfo, selectBackend } from "../core/backend.js";
 import type { JobOptions } from "../core/config.js";
 import { openDataset } from "../core/datasets/open.js";
 import type { Dataset, SkippedInput } from "../core/datasets/types.js";
-import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
+import { buildFeatureExtractor, type FeatureExtractor, isOnnxSource, loadModelSource, resolveSourceChoices } from "../core/feature_model.js";
+import { ConfigError } from "../core/errors.js";
 import { cacheKey, FeatureCache } from "../core/feature_store.js";
-import { composeClassifier } from "../core/head.js";
+import { type ClassifierMetadata, composeClassifier } from "../core/head.js";
 import type { Logger } from "../core/log.js";
 import type { CtrainMetrics } from "../core/metrics.js";
-import { saveModel } from "../core/model_io.js";
-import { loadPretrained, resolveModelChoices, withPreprocessing } from "../core/model_zoo.js";
+import { saveModel, saveOnnxClassifier } from "../core/model_io.js";
+import type { PretrainedSource } from "../core/model_zoo.js";
 import { type EngineInfo, type EngineOptions, threadsFor } from "../core/models/inference_engine.js";
 import { Progress } from "../core/progress.js";
 import type { EpochStats } from "../core/train_loop.js";
@@ -106,14 +107,15 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   for (const s of dataset.samples) counts[s.split]++;
   log.info("data set", { data: dataset.name, classes: dataset.classes.length, ...counts, skipped_at_listing: dataset.skipped.length });
 
-  const loaded = await loadPretrained(opts.model);
-  const choices = resolveModelChoices(loaded, opts);
+  const loaded = await loadModelSource(opts.model);
+  const choices = resolveSourceChoices(loaded, opts);
   if (choices.overridden)
     log.warn(`--preprocessing ${choices.preprocessing} replaces ${loaded.name}'s own preprocessing (${choices.overridden.declared}, from its ${choices.overridden.origin === "builtin" ? "training recipe" : "metadata"}): features will not match what its weights were trained on`);
-  opts = { ...opts, featureLayer: choices.featureLayer, preprocessing: choices.preprocessing };
-  const source = withPreprocessing(loaded, choices.preprocessing);
+  const source = choices.source;
   const engine = { engine: opts.engine, threads: threadsFor(opts.threads, 1) };
-  const extractor = await buildFeatureExtractor(source, { inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling, ...engine });
+  const extractor = await buildFeatureExtractor(source, { inputSize: opts.inputSize, featureLayer: choices.featureLayer, pooling: opts.pooling, ...engine });
+  // An ONNX model's `auto` feature tensor is known once its graph is probed.
+  opts = { ...opts, featureLayer: extractor.featureLayer, preprocessing: extractor.preprocessing };
   logEngine(log, extractor.engine);
   metrics?.setEngine(extractor.engine.name);
   log.info("feature extractor", { model: source.name, input_size: opts.inputSize, feature_layer: opts.featureLayer, pooling: opts.pooling, feature_dim: extractor.featureDim, preprocessing: extractor.preprocessing, engine: extractor.engine.name });
@@ -173,23 +175,27 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   metrics?.setEvaluation("head", "test", { loss: head.test.loss, accuracy: head.test.accuracy });
   log.info("head trained", { test_accuracy: round(head.test.accuracy), test_loss: round(head.test.loss), val_accuracy: round(head.val_accuracy), seconds: round(head.seconds, 2) });
 
-  const classifier = composeClassifier(extractor.model, head.head, {
+  const meta: ClassifierMetadata = {
     classes: dataset.classes, inputSize: opts.inputSize, preprocessing: extractor.preprocessing, baseModel: source.name,
     featureLayer: opts.featureLayer, pooling: opts.pooling, job: opts.job,
-  });
+  };
+  const classifier = extractor.model ? composeClassifier(extractor.model, head.head, meta) : undefined;
   await mkdir(opts.out, { recursive: true });
   const fineTuning = opts.fineTuneLayers.trim() !== "0";
   // With fine-tuning, model/ is the fine-tuned classifier and model-head/ keeps the head-only one.
-  await saveModel(classifier, join(opts.out, fineTuning ? "model-head" : "model"));
+  const modelDir = join(opts.out, fineTuning ? "model-head" : "model");
+  if (classifier) await saveModel(classifier, modelDir);
+  else await saveOnnxClassifier(extractor.onnxGraph!, head.head, meta, modelDir);
 
   let ft: FineTuneResult | undefined;
   let ftInfo: JobSummary["fine_tune"];
   if (fineTuning) {
+    if (!classifier || isOnnxSource(source)) throw new ConfigError(`fine-tuning needs a TF.js layers model; ${source.name} is an ONNX graph (inference only).`);
     const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, dataParallel: deps.dataParallel, backend, engine, extractorPreprocessing: extractor.preprocessing });
     ft = r.result;
     ftInfo = r.info;
     // The trained top goes back into the full base (same layer names), so model/ has the same graph as model-head/.
-    copyWeightsByName(r.top, extractor.model);
+    copyWeightsByName(r.top, extractor.model!);
     r.dispose();
     await saveModel(classifier, join(opts.out, "model"));
   }
@@ -239,7 +245,7 @@ interface FineTuningContext {
   log: Logger;
   metrics?: CtrainMetrics;
   dataset: Dataset;
-  source: Awaited<ReturnType<typeof loadPretrained>>;
+  source: PretrainedSource;
   features: Awaited<ReturnType<typeof runExtraction>>["features"];
   head: import("@tensorflow/tfjs").LayersModel;
   cache: FeatureCache;

@@ -28,7 +28,7 @@ import { cacheKey, type FeatureShardData } from "../core/feature_store.js";
 import type { Logger } from "../core/log.js";
 import type { CtrainMetrics } from "../core/metrics.js";
 import { bytesToFloat32 } from "../core/tensor_codec.js";
-import { decode, DecodeError, encode, makeHeader, type FeatureShard, type JobSpec, type Pooling, type Split as WireSplit } from "../proto/codec.js";
+import { decode, DecodeError, encode, makeHeader, type FeatureShard, type JobSpec, type Split as WireSplit } from "../proto/codec.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
 import type { Shard, ShardExecutor } from "../core/shards.js";
 import { WorkerRegistryMonitor } from "./worker_registry.js";
@@ -80,23 +80,9 @@ export interface ExecutorStats {
 const TO_WIRE_SPLIT: Record<DataSplit, WireSplit> = { train: "train", val: "validation", test: "test" };
 const FROM_WIRE_SPLIT: Record<WireSplit, DataSplit> = { train: "train", validation: "val", test: "test" };
 
-/**
- * The feature layer and pooling an extractor was built with, read back from its graph
- * (buildFeatureExtractor appends `ctrain_pool` after the feature layer unless the output is flat).
- */
-export function describeExtractor(extractor: FeatureExtractor): { featureLayer: string; pooling: Pooling } {
-  const model = extractor.model;
-  const out = model.outputLayers[0];
-  if (out.name !== "ctrain_pool") return { featureLayer: out.name, pooling: "none" };
-  const cls = out.getClassName();
-  const pooling: Pooling = cls === "GlobalAveragePooling2D" ? "avg" : cls === "GlobalMaxPooling2D" ? "max" : "none";
-  const inbound = (out as unknown as { inboundNodes: { inboundLayers: { name: string }[] }[] }).inboundNodes[0].inboundLayers[0];
-  return { featureLayer: inbound.name, pooling };
-}
-
 /** The JobSpec of one extraction round. */
 export function jobSpecFor(opts: JobOptions, extractor: FeatureExtractor, dataset: Dataset, round: string, sender = "coordinator"): JobSpec {
-  const { featureLayer, pooling } = describeExtractor(extractor);
+  const { featureLayer, pooling } = extractor;
   return {
     header: makeHeader(opts.job, sender),
     data: opts.data, model: opts.model, inputSize: extractor.inputSize, featureLayer, pooling, method: opts.method,

@@ -7,7 +7,8 @@
 import type { JobOptions } from "../core/config.js";
 import { openDataset } from "../core/datasets/open.js";
 import { ConfigError } from "../core/errors.js";
-import { cutTopology } from "../core/feature_model.js";
+import { buildFeatureExtractor, cutTopology, resolveSourceChoices } from "../core/feature_model.js";
+import { isOnnxModelSpec, loadOnnxSource } from "../core/models/onnx/user_model.js";
 import { planSplit } from "../core/model_split.js";
 import { loadPretrained, resolveModelChoices } from "../core/model_zoo.js";
 
@@ -19,9 +20,25 @@ export interface PreflightResult {
 export async function preflight(opts: JobOptions): Promise<PreflightResult> {
   const dataset = await openDataset(opts.data, { seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit, maxPixels: opts.maxPixels });
   if (!dataset.samples.some((s) => s.split === "train")) throw new ConfigError(`--data ${opts.data}: no training samples after splitting; add images or lower --val-split/--test-split.`);
+  if (isOnnxModelSpec(opts.model)) {
+    await preflightOnnx(opts);
+    return { classes: dataset.classes.length, samples: dataset.samples.length };
+  }
   const source = await loadPretrained(opts.model);
   const { featureLayer } = resolveModelChoices(source, opts);
   const { topology } = cutTopology(source.artifacts.modelTopology as object, { inputSize: opts.inputSize, outputLayer: featureLayer });
   if (opts.fineTuneLayers.trim() !== "0") planSplit(topology, opts.fineTuneLayers);
   return { classes: dataset.classes.length, samples: dataset.samples.length };
+}
+
+/**
+ * An ONNX base: fine-tuning is refused (the graph is inference only), and the cut graph is built
+ * once -- which checks the file, onnxruntime, the input size, the preprocessing and the feature tensor.
+ */
+async function preflightOnnx(opts: JobOptions): Promise<void> {
+  if (opts.fineTuneLayers.trim() !== "0")
+    throw new ConfigError(`--fine-tune-layers: ${opts.model} is an ONNX graph, which ctrain runs for inference only (it has no trainable layers tfjs can differentiate). Train the head on its features (drop --fine-tune-layers), or convert the model to a TF.js layers model (tensorflowjs_converter) to fine-tune it.`);
+  const choices = resolveSourceChoices(await loadOnnxSource(opts.model), opts);
+  const fx = await buildFeatureExtractor(choices.source, { inputSize: opts.inputSize, featureLayer: choices.featureLayer, pooling: opts.pooling, engine: opts.engine, threads: 1 });
+  fx.dispose();
 }

@@ -10,7 +10,9 @@ import * as tf from "@tensorflow/tfjs";
 import type { Pooling } from "./config.js";
 import { ConfigError } from "./errors.js";
 import { type EngineInfo, type EngineOptions, type FrozenForward, frozenForward } from "./models/inference_engine.js";
-import type { Preprocessing, PretrainedSource } from "./model_zoo.js";
+import { loadPretrained, type ModelChoices, type Preprocessing, type PretrainedSource, resolveModelChoices, withPreprocessing } from "./model_zoo.js";
+import { loadOnnxRuntime, onnxGraphForward } from "./models/inference_engine.js";
+import { cutOnnxModel, defaultOnnxFeatureTensor, isOnnxModelSpec, loadOnnxSource, onnxInputSize, onnxTensorShapes, type OnnxSource } from "./models/onnx/user_model.js";
 
 /** One layer of a Keras topology JSON. */
 export interface LayerJson {
@@ -149,7 +151,11 @@ export interface FeatureExtractorOptions extends EngineOptions {
 
 /** A frozen convolutional base that maps uint8 RGB images to feature vectors. */
 export interface FeatureExtractor {
-  model: tf.LayersModel;
+  /** The frozen base as a tfjs model (composed with the head for export); absent for an ONNX model (`--model x.onnx`). */
+  model?: tf.LayersModel;
+  /** The layer (or, for an ONNX model, the graph tensor) whose output is the feature. */
+  featureLayer: string;
+  pooling: Pooling;
   inputSize: number;
   /** Length of one feature vector. */
   featureDim: number;
@@ -164,6 +170,8 @@ export interface FeatureExtractor {
   fingerprint: string;
   /** The engine that runs the frozen forward pass (`--engine`). */
   engine: EngineInfo;
+  /** For an ONNX model: the cut graph (uint8 NHWC pixels in, features out) that a saved classifier keeps as base.onnx. */
+  onnxGraph?: Uint8Array;
   /** Features of `n` images given as n*size*size*3 values in [0, 255] (HWC): uint8 as decoded, float32 after augmentation. */
   extract(pixels: Uint8Array | Float32Array, n: number): Promise<Float32Array>;
   dispose(): void;
@@ -176,8 +184,14 @@ export function poolingLayer(pooling: Pooling): tf.layers.Layer {
   return tf.layers.flatten({ name: "ctrain_pool" });
 }
 
+/** A feature extractor built from a TF.js layers model: its tfjs form is always there. */
+export type LayersFeatureExtractor = FeatureExtractor & { model: tf.LayersModel };
+
 /** Builds the frozen feature extractor of a job. */
-export async function buildFeatureExtractor(source: PretrainedSource, opts: FeatureExtractorOptions): Promise<FeatureExtractor> {
+export async function buildFeatureExtractor(source: PretrainedSource, opts: FeatureExtractorOptions): Promise<LayersFeatureExtractor>;
+export async function buildFeatureExtractor(source: ModelSource, opts: FeatureExtractorOptions): Promise<FeatureExtractor>;
+export async function buildFeatureExtractor(source: ModelSource, opts: FeatureExtractorOptions): Promise<FeatureExtractor> {
+  if (isOnnxSource(source)) return buildOnnxFeatureExtractor(source, opts);
   const { topology } = cutTopology(source.artifacts.modelTopology as object, { inputSize: opts.inputSize, outputLayer: opts.featureLayer });
   const base = await loadCut(source, topology);
   base.trainable = false;
@@ -203,6 +217,8 @@ export async function buildFeatureExtractor(source: PretrainedSource, opts: Feat
   }
   return {
     model,
+    featureLayer: opts.featureLayer,
+    pooling: opts.pooling,
     inputSize: size,
     featureDim,
     featureShape,
@@ -218,4 +234,66 @@ export async function buildFeatureExtractor(source: PretrainedSource, opts: Feat
       model.dispose();
     },
   };
+}
+
+/** A TF.js layers model (built-in, folder, URL) or an ONNX graph (`--model x.onnx`, inference only). */
+export type ModelSource = PretrainedSource | OnnxSource;
+
+export function isOnnxSource(s: ModelSource): s is OnnxSource {
+  return (s as OnnxSource).kind === "onnx";
+}
+
+/** `--model`: an ONNX file, or what loadPretrained knows (built-ins, a folder with model.json, a URL). */
+export function loadModelSource(spec: string): Promise<ModelSource> {
+  return isOnnxModelSpec(spec) ? loadOnnxSource(spec) : loadPretrained(spec);
+}
+
+/**
+ * The feature extractor of an ONNX model: its tensors are probed once for their shapes, the graph is
+ * cut at `featureLayer` (`auto`: the last 4-d feature map) behind ctrain's preprocessing and in front
+ * of the pooling, and runs on onnxruntime (there is no tfjs form of it to fall back to).
+ */
+async function buildOnnxFeatureExtractor(src: OnnxSource, opts: FeatureExtractorOptions): Promise<FeatureExtractor> {
+  if (opts.engine === "tfjs") throw new ConfigError(`--engine tfjs cannot run the ONNX model ${src.name}: use --engine auto or onnx (onnxruntime), or convert the model to a TF.js layers model.`);
+  const preprocessing = src.preprocessing;
+  if (!preprocessing)
+    throw new ConfigError(`--model ${src.name}: an ONNX model does not say how its training pixels were scaled: give --preprocessing (torch for torchvision models, tf for Keras MobileNet/Inception/EfficientNet exports, caffe for Keras VGG/ResNet, unit for [0, 1]).`);
+  const ort = await loadOnnxRuntime();
+  const size = onnxInputSize(src, opts.inputSize);
+  const tensors = await onnxTensorShapes(ort, src, size);
+  const featureLayer = opts.featureLayer === "auto" ? defaultOnnxFeatureTensor(tensors) : opts.featureLayer;
+  const tensor = tensors.find((t) => t.name === featureLayer);
+  if (!tensor) {
+    const maps = tensors.filter((t) => t.shape.length === 3).slice(-6).map((t) => t.name);
+    throw new ConfigError(`--feature-layer ${JSON.stringify(featureLayer)} is not a tensor of ${src.name}. Feature maps near the top: ${maps.join(", ")} (ctrain model-info --model ${src.name} lists all).`);
+  }
+  const cut = (dtype: "uint8" | "float32") => cutOnnxModel(src, { featureTensor: featureLayer, featureShape: tensor.shape, pooling: opts.pooling, preprocessing, size, inputDtype: dtype });
+  const first = cut("uint8");
+  const forward = await onnxGraphForward((dtype) => (dtype === "uint8" ? first : cut(dtype)), opts.engine ?? "auto", opts);
+  const featureDim = first.featureShape.reduce((a, b) => a * b, 1);
+  const fingerprint = createHash("sha256")
+    .update(JSON.stringify({ model: src.fingerprint, inputSize: size, featureLayer, pooling: opts.pooling, preprocessing }))
+    .digest("hex");
+  return {
+    featureLayer, pooling: opts.pooling, inputSize: size, featureDim, featureShape: first.featureShape, preprocessing, fingerprint, engine: forward.info,
+    onnxGraph: first.bytes,
+    extract(pixels, n) {
+      return forward.run(pixels, n);
+    },
+    dispose() {
+      forward.dispose();
+    },
+  };
+}
+
+/** What `--feature-layer auto` and `--preprocessing auto` became for a model of either kind (ONNX: the layer is resolved when the graph is probed). */
+export function resolveSourceChoices(source: ModelSource, o: { featureLayer: string; preprocessing: Preprocessing | "auto"; inputSize: number }): ModelChoices & { source: ModelSource } {
+  if (!isOnnxSource(source)) {
+    const c = resolveModelChoices(source, o);
+    return { ...c, source: withPreprocessing(source, c.preprocessing) };
+  }
+  const preprocessing = o.preprocessing === "auto" ? source.preprocessing : o.preprocessing;
+  const overridden = source.preprocessing && preprocessing && preprocessing !== source.preprocessing ? { declared: source.preprocessing, chosen: preprocessing, origin: "metadata" as const } : undefined;
+  // An undefined preprocessing is refused, with what to give, when the extractor is built.
+  return { featureLayer: o.featureLayer, preprocessing: preprocessing as Preprocessing, ...(overridden ? { overridden } : {}), source: { ...source, preprocessing } };
 }

@@ -62,3 +62,17 @@ export async function saveModel(model: tf.LayersModel, dir: string): Promise<voi
 export async function loadModel(dir: string): Promise<tf.LayersModel> {
   return tf.loadLayersModel(folderLoadHandler(dir));
 }
+
+/** File name of the frozen ONNX base next to a head-only classifier (`--model x.onnx` runs). */
+export const ONNX_BASE_FILE = "base.onnx";
+
+/**
+ * A classifier whose frozen base is an ONNX graph: the cut base (uint8 NHWC pixels in, features out,
+ * preprocessing and pooling inside) as base.onnx, and the head as the TF.js layers model, whose
+ * metadata names the base file. `ctrain predict` runs one after the other.
+ */
+export async function saveOnnxClassifier(base: Uint8Array, head: tf.LayersModel, meta: object, dir: string): Promise<void> {
+  head.setUserDefinedMetadata({ ctrain: { ...meta, baseOnnx: ONNX_BASE_FILE } } as unknown as {});
+  await saveModel(head, dir);
+  await writeFile(join(dir, ONNX_BASE_FILE), base);
+}

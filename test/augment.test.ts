@@ -100,7 +100,7 @@ test("augment - method 2 trains only the head: base weights untouched, no tensor
     },
   );
   assert.equal(extractor.model.trainableWeights.length, 0, "the base has no trainable weight");
-  assert.deepEqual(r.model.trainableWeights.map((w) => w.originalName ?? w.name).sort(), r.head.trainableWeights.map((w) => w.originalName ?? w.name).sort(), "only the head's weights train");
+  assert.deepEqual(r.model!.trainableWeights.map((w) => w.originalName ?? w.name).sort(), r.head.trainableWeights.map((w) => w.originalName ?? w.name).sort(), "only the head's weights train");
   extractor.model.weights.forEach((w, i) => {
     const now = w.read().dataSync() as Float32Array;
     assert.ok(Buffer.compare(Buffer.from(now.buffer, now.byteOffset, now.byteLength), Buffer.from(baseBefore[i].buffer)) === 0, `base weight ${w.name} changed`);

@@ -6,8 +6,8 @@
  */
 import { openDataset, type OpenOptions } from "../core/datasets/open.js";
 import type { Dataset } from "../core/datasets/types.js";
-import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
-import { loadPretrained, PREPROCESSINGS, type Preprocessing, type PretrainedSource, withPreprocessing } from "../core/model_zoo.js";
+import { buildFeatureExtractor, type FeatureExtractor, isOnnxSource, loadModelSource, type ModelSource } from "../core/feature_model.js";
+import { PREPROCESSINGS, type Preprocessing, withPreprocessing } from "../core/model_zoo.js";
 import type { EngineName, Pooling } from "../core/config.js";
 
 export interface ExtractorKey {
@@ -24,7 +24,7 @@ export interface ExtractorKey {
 }
 
 export class ExtractorCache {
-  private readonly sources = new Map<string, Promise<PretrainedSource>>();
+  private readonly sources = new Map<string, Promise<ModelSource>>();
   private readonly extractors = new Map<string, Promise<FeatureExtractor>>();
   private readonly datasets = new Map<string, Promise<Dataset>>();
   /** Extractors built so far (a test checks the model is loaded once). */
@@ -36,7 +36,7 @@ export class ExtractorCache {
     if (!p) {
       let src = this.sources.get(k.model);
       if (!src) {
-        src = loadPretrained(k.model);
+        src = loadModelSource(k.model);
         this.sources.set(k.model, src);
         src.catch(() => this.sources.delete(k.model));
       }
@@ -44,7 +44,8 @@ export class ExtractorCache {
         this.builds++;
         if (k.preprocessing !== undefined && !(PREPROCESSINGS as readonly string[]).includes(k.preprocessing))
           throw new Error(`the job asks for preprocessing ${JSON.stringify(k.preprocessing)}, which this worker does not know (${PREPROCESSINGS.join(", ")}): run the same ctrain version as the coordinator`);
-        return buildFeatureExtractor(k.preprocessing ? withPreprocessing(s, k.preprocessing as Preprocessing) : s, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling, engine: k.engine, threads: k.threads });
+        const source = !k.preprocessing ? s : isOnnxSource(s) ? { ...s, preprocessing: k.preprocessing as Preprocessing } : withPreprocessing(s, k.preprocessing as Preprocessing);
+        return buildFeatureExtractor(source, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling, engine: k.engine, threads: k.threads });
       });
       this.extractors.set(key, p);
       p.catch(() => this.extractors.delete(key));

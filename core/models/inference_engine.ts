@@ -139,8 +139,26 @@ function checkPixels(pixels: Uint8Array | Float32Array, n: number, perImage: num
 
 type Session = import("onnxruntime-node").InferenceSession;
 
-/** The onnx engine: one session per input dtype (uint8 from the decoder, float32 after augmentation), built on first use. */
-async function onnxForward(model: tf.LayersModel, preprocessing: Preprocessing, requested: EngineName, o: EngineOptions): Promise<FrozenForward> {
+/** An ONNX graph from NHWC [0, 255] pixels (uint8 or float32) to [N, D] rows. */
+export interface OnnxGraph {
+  bytes: Uint8Array;
+  inputName: string;
+  outputName: string;
+  /** [H, W, C]. */
+  inputShape: number[];
+}
+
+/** The onnx engine for a graph made from a tfjs layers model by the converter. */
+function onnxForward(model: tf.LayersModel, preprocessing: Preprocessing, requested: EngineName, o: EngineOptions): Promise<FrozenForward> {
+  return onnxGraphForward((dtype) => layersModelToOnnx(model, { preprocessing, inputDtype: dtype }), requested, o);
+}
+
+/**
+ * The onnx engine: one session per input dtype (uint8 from the decoder, float32 after augmentation),
+ * each graph made by `graphFor` on first use; the uint8 one is built here, so a graph that does not
+ * convert or load fails before any work.
+ */
+export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") => OnnxGraph, requested: EngineName, o: EngineOptions): Promise<FrozenForward> {
   const ort = await loadOnnxRuntime();
   const threads = o.threads ?? 1;
   const provider = o.provider ?? "cpu";
@@ -149,7 +167,7 @@ async function onnxForward(model: tf.LayersModel, preprocessing: Preprocessing, 
     let s = sessions.get(dtype);
     if (!s) {
       s = (async () => {
-        const g = layersModelToOnnx(model, { preprocessing, inputDtype: dtype });
+        const g = graphFor(dtype);
         const session = await ort.InferenceSession.create(g.bytes, {
           executionProviders: [provider],
           intraOpNumThreads: threads,
@@ -163,7 +181,7 @@ async function onnxForward(model: tf.LayersModel, preprocessing: Preprocessing, 
     }
     return s;
   };
-  await open("uint8"); // conversion errors surface here, before any work
+  await open("uint8");
   return {
     info: { requested, name: "onnx", version: ort.env.versions?.node ?? "unknown", threads, provider },
     async run(pixels, n) {
@@ -171,10 +189,7 @@ async function onnxForward(model: tf.LayersModel, preprocessing: Preprocessing, 
       checkPixels(pixels, n, s.perImage);
       const input = new ort.Tensor(pixels instanceof Uint8Array ? "uint8" : "float32", pixels, [n, ...s.dims]);
       const result = await s.session.run({ [s.input]: input });
-      const out = result[s.output];
-      const data = out.data as Float32Array;
-      input.dispose?.();
-      return data;
+      return result[s.output].data as Float32Array;
     },
     dispose() {
       for (const s of sessions.values()) void s.then((x) => x.session.release(), () => undefined);

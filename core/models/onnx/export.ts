@@ -92,7 +92,7 @@ export function layersModelToOnnx(model: tf.LayersModel, opts: OnnxExportOptions
  * The pixel scaling of `preprocess()` in feature_model.ts, as graph nodes on NHWC float input
  * (same operations in the same order, so the numbers match to the last bit or two).
  */
-function preprocessGraph(g: GraphBuilder, pixels: string, mode: string, dtype: string, channels: number): string {
+export function preprocessGraph(g: GraphBuilder, pixels: string, mode: string, dtype: string, channels: number): string {
   const x = dtype === "uint8" ? g.node("Cast", [pixels], "pixels_f32", { to: DataType.FLOAT }) : pixels;
   const scalar = (hint: string, v: number): string => g.constFloat(hint, [], [v]);
   const perChannel = (hint: string, v: number[]): string => {

@@ -90,11 +90,27 @@ export class GraphBuilder {
     this.outputs.push(valueInfo(value, elemType, shape));
   }
 
-  /** The whole model, serialized. */
-  toBytes(meta: { graphName: string; opset: number; producerVersion: string; docString?: string; metadata?: Record<string, string> }): Uint8Array {
+  /** Initializers as they will be serialized. */
+  initializers(): TensorProto[] {
     const initializer: TensorProto[] = [];
     for (const f of this.floats.values()) initializer.push({ name: f.name, dims: f.dims, dataType: DataType.FLOAT, rawData: bytesOf(f.data) });
     for (const [name, t] of this.int64s) initializer.push({ name, dims: t.dims, dataType: DataType.INT64, rawData: bytesOf(t.data) });
+    return initializer;
+  }
+
+  /** Marks names of another graph as taken, so nodes added here can be spliced into it (core/models/onnx/user_model.ts). */
+  reserve(names: Iterable<string>): void {
+    for (const n of names) this.used.add(n);
+  }
+
+  /** Declared graph inputs and outputs. */
+  signature(): { inputs: ValueInfoProto[]; outputs: ValueInfoProto[] } {
+    return { inputs: this.inputs, outputs: this.outputs };
+  }
+
+  /** The whole model, serialized. */
+  toBytes(meta: { graphName: string; opset: number; producerVersion: string; docString?: string; metadata?: Record<string, string> }): Uint8Array {
+    const initializer = this.initializers();
     const model: ModelProto = {
       irVersion: 8,
       opsetImport: [{ domain: "", version: meta.opset }],
