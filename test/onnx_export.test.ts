@@ -106,7 +106,10 @@ function convNet(): tf.LayersModel {
   const shared = ap(L.conv2d({ filters: 16, kernelSize: 3, padding: "same", name: "conv_shared" }), s);
   const bnShared = ap(L.batchNormalization({ center: false, scale: false, name: "bn_unfolded" }), shared);
   const sum = ap(L.add({ name: "add3" }), [shared, bnShared, d]);
-  const prod = ap(L.multiply({ name: "mul" }), [sum, s]);
+  // Squeeze-and-excitation (EfficientNet): a [1, 1, C] gate broadcast over the feature map.
+  const squeezed = ap(L.reshape({ targetShape: [1, 1, 16], name: "se_reshape" }), ap(L.globalAveragePooling2d({ name: "se_pool" }), s));
+  const excite = ap(L.conv2d({ filters: 16, kernelSize: 1, activation: "sigmoid", name: "se_expand" }), ap(L.conv2d({ filters: 4, kernelSize: 1, activation: "swish", name: "se_reduce" }), squeezed));
+  const prod = ap(L.multiply({ name: "mul" }), [sum, ap(L.multiply({ name: "se_excite" }), [s, excite])]);
   const mean = ap(L.average({ name: "average" }), [prod, d]);
   const mn = ap(L.minimum({ name: "min" }), [ap(L.maximum({ name: "max" }), [mean, s]), d]);
   const padded = ap(L.zeroPadding2d({ padding: [[1, 2], [0, 1]], name: "zpad" }), mn); // 8x6
