@@ -142,8 +142,12 @@ function resolvedShape(layer: tf.layers.Layer, n: TfNode, ins: Value[]): (number
     return symbolic;
   }
   const shapes = ins.map((v) => [null, ...v.shape]);
-  const out = layer.computeOutputShape(shapes.length === 1 ? shapes[0] : shapes) as (number | null)[];
-  return Array.isArray(out[0]) ? symbolic : out.slice(1);
+  try {
+    const out = layer.computeOutputShape(shapes.length === 1 ? shapes[0] : shapes) as (number | null)[];
+    return Array.isArray(out[0]) ? symbolic : out.slice(1);
+  } catch {
+    return symbolic; // refused by the caller as "not fixed", naming the layer
+  }
 }
 
 function isContainer(layer: tf.layers.Layer): boolean {
