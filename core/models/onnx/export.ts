@@ -126,6 +126,30 @@ function functionalView(model: tf.LayersModel | tf.layers.Layer): TfContainer {
   return model as unknown as TfContainer;
 }
 
+/**
+ * The per-sample output shape of a layer call. tfjs leaves a Reshape's -1 (and everything after it)
+ * unknown even when the input size is fixed; asking the layer again with the sizes known resolves it.
+ */
+function resolvedShape(layer: tf.layers.Layer, n: TfNode, ins: Value[]): (number | null)[] {
+  const symbolic = n.outputTensors[0].shape.slice(1);
+  if (!symbolic.some((d) => d === null)) return symbolic;
+  if (layer.getClassName() === "Reshape" && ins.length === 1) {
+    // tfjs keeps a -1 as null in targetShape and never resolves it.
+    const target = (layer.getConfig()["targetShape"] as (number | null)[]).map((d) => (d === null || d < 0 ? null : d));
+    const known = target.reduce<number>((a, d) => a * (d ?? 1), 1);
+    const size = ins[0].shape.reduce((a, b) => a * b, 1);
+    if (target.filter((d) => d === null).length === 1 && size % known === 0) return target.map((d) => d ?? size / known);
+    return symbolic;
+  }
+  const shapes = ins.map((v) => [null, ...v.shape]);
+  try {
+    const out = layer.computeOutputShape(shapes.length === 1 ? shapes[0] : shapes) as (number | null)[];
+    return Array.isArray(out[0]) ? symbolic : out.slice(1);
+  } catch {
+    return symbolic; // refused by the caller as "not fixed", naming the layer
+  }
+}
+
 function isContainer(layer: tf.layers.Layer): boolean {
   return layer instanceof tf.LayersModel;
 }
@@ -171,7 +195,7 @@ export class Converter {
     const convert = LAYER_CONVERTERS[className];
     if (!convert) throw new UnsupportedLayerError(layer.name, className, "this layer type has no ONNX conversion");
     if (n.outputTensors.length !== 1) throw new UnsupportedLayerError(layer.name, className, `${n.outputTensors.length} outputs`);
-    const outShape = n.outputTensors[0].shape.slice(1);
+    const outShape = resolvedShape(layer, n, ins);
     if (outShape.some((d) => d === null)) throw new UnsupportedLayerError(layer.name, className, `its output shape ${JSON.stringify(n.outputTensors[0].shape)} is not fixed`);
     const call: LayerCall = {
       cv: this,

@@ -419,7 +419,9 @@ function zeroPadding2d(call: LayerCall): Value {
 
 function cropping2d(call: LayerCall): Value {
   const x = image(call);
-  const [[t, b], [l, r]] = call.config["cropping"] as number[][];
+  const crop = call.config["cropping"] as number[][];
+  if (!Array.isArray(crop) || crop.length !== 2 || !crop.every((q) => Array.isArray(q) && q.length === 2)) unsupported(call, `cropping ${JSON.stringify(crop)}`);
+  const [[t, b], [l, r]] = crop;
   const g = call.cv.g;
   const [h, w] = x.shape;
   const inputs = [x.name, g.constInt64(`${call.layer.name}/starts`, [t, l]), g.constInt64(`${call.layer.name}/ends`, [h - b, w - r]), g.constInt64(`${call.layer.name}/axes`, [2, 3])];
