@@ -13,6 +13,7 @@ const COMMANDS: Record<string, Command> = {
   worker: { summary: "a feature-extraction worker (--nats URL); serves /metrics", load: () => import("./worker.js") },
   predict: { summary: "classify images with a trained model", load: () => import("./predict.js") },
   "model-info": { summary: "a pretrained base: preprocessing, parameters, layers worth cutting at", load: () => import("./model_info.js") },
+  "export-onnx": { summary: "the frozen base (or a trained classifier) as an ONNX graph", load: () => import("./export_onnx.js") },
   k8s: { summary: "Kubernetes manifests for a job (`ctrain k8s render`)", load: () => import("./k8s.js") },
 };
 

@@ -69,7 +69,7 @@ export async function main(argv: string[]): Promise<number> {
   }
   const meta = (model.getUserDefinedMetadata() as { ctrain?: ClassifierMetadata & { baseOnnx?: string } } | undefined)?.ctrain;
   if (!meta) throw new ConfigError(`--model ${dir}: model.json has no ctrain metadata (classes, input size); was it written by ctrain run?`);
-  const engine = { engine: parsed.options.engine ?? "auto", threads: threadsFor(parsed.options.threads ?? 0, 1) };
+  const engine = { engine: parsed.options.engine ?? "auto", threads: threadsFor(parsed.options.threads ?? 0, 1), provider: parsed.options.engineProvider };
   const forward = meta.baseOnnx
     ? await onnxBaseThenHead(join(dir, meta.baseOnnx), model, meta.inputSize, engine)
     // The whole classifier (base + head) is a frozen graph here: onnxruntime when it converts.

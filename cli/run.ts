@@ -86,7 +86,7 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, 
   for (let i = 0; i < opts.workers; i++) {
     const id = `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, "");
     const metricsPort = opts.metricsPort >= 0 ? await freePort() : -1;
-    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--threads", String(threadsFor(opts.threads, opts.workers)), "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", opts.logFormat];
+    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--threads", String(threadsFor(opts.threads, opts.workers)), "--engine-provider", opts.engineProvider, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", opts.logFormat];
     // Credentials go through the environment: argv is visible to every user of the machine.
     const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...process.env, ...natsAuthEnv(auth) } });
     proc.on("exit", (code, signal) => {

@@ -5,7 +5,7 @@
  */
 import { Registry } from "prom-client";
 import { selectBackend } from "../core/backend.js";
-import { BACKENDS, type BackendName } from "../core/config.js";
+import { BACKENDS, type BackendName, ENGINE_PROVIDERS, type EngineProvider } from "../core/config.js";
 import { ConfigError } from "../core/errors.js";
 import { createLogger, type LogFormat } from "../core/log.js";
 import { createMetrics, serveMetrics } from "../core/metrics.js";
@@ -25,6 +25,7 @@ options:
   --backend NAME             ${BACKENDS.join("|")} [default auto]
   --batch-size N             images per forward pass [default 32]
   --threads N                onnxruntime threads when the job leaves it to the worker [default: cores]
+  --engine-provider P        onnxruntime execution provider: auto|cpu|cuda [default auto: cuda when installed]
   --metrics-port N           port of /metrics, /healthz, /readyz (0 = free port, -1 = off) [default 0]
   --metrics-host HOST        address to bind [default 0.0.0.0]
   --log-format FMT           auto|json|human [default auto]
@@ -32,7 +33,7 @@ options:
                              --nats-nkey SEEDFILE; TLS: --nats-tls-ca, --nats-tls-cert, --nats-tls-key
                              (every flag also reads CTRAIN_NATS_<NAME>)`;
 
-const FLAGS = ["nats", "job", "worker-id", "backend", "batch-size", "threads", "metrics-port", "metrics-host", "log-format", ...NATS_AUTH_FLAGS];
+const FLAGS = ["nats", "job", "worker-id", "backend", "batch-size", "threads", "engine-provider", "metrics-port", "metrics-host", "log-format", ...NATS_AUTH_FLAGS];
 
 function intFlag(v: string | true | undefined, name: string, def: number, min: number, max: number): number {
   if (v === undefined) return def;
@@ -72,6 +73,8 @@ export async function main(argv: string[]): Promise<number> {
   if (!BACKENDS.includes(backendName)) throw new ConfigError(`--backend must be one of ${BACKENDS.join(", ")}; got ${JSON.stringify(backendName)}.`);
   const batchSize = intFlag(extra["batch-size"], "batch-size", 32, 1, 4096);
   const threads = intFlag(extra["threads"], "threads", 0, 0, 1024) || undefined;
+  const provider = (typeof extra["engine-provider"] === "string" ? extra["engine-provider"] : "auto") as EngineProvider;
+  if (!ENGINE_PROVIDERS.includes(provider)) throw new ConfigError(`--engine-provider must be one of ${ENGINE_PROVIDERS.join(", ")}; got ${JSON.stringify(provider)}.`);
   const metricsPort = intFlag(extra["metrics-port"], "metrics-port", 0, -1, 65535);
   const format = (typeof extra["log-format"] === "string" ? extra["log-format"] : "auto") as LogFormat;
   const auth = natsAuthFrom(extra);
@@ -101,7 +104,7 @@ export async function main(argv: string[]): Promise<number> {
         if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
       }
     })();
-    worker = new NatsWorker({ nc, job, workerId, log, metrics, backend: backend.name, batchSize, threads });
+    worker = new NatsWorker({ nc, job, workerId, log, metrics, backend: backend.name, batchSize, threads, provider });
     let signals = 0;
     const onSignal = (sig: NodeJS.Signals): void => {
       signals++;

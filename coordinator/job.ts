@@ -112,7 +112,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   if (choices.overridden)
     log.warn(`--preprocessing ${choices.preprocessing} replaces ${loaded.name}'s own preprocessing (${choices.overridden.declared}, from its ${choices.overridden.origin === "builtin" ? "training recipe" : "metadata"}): features will not match what its weights were trained on`);
   const source = choices.source;
-  const engine = { engine: opts.engine, threads: threadsFor(opts.threads, 1) };
+  const engine = { engine: opts.engine, threads: threadsFor(opts.threads, 1), provider: opts.engineProvider };
   const extractor = await buildFeatureExtractor(source, { inputSize: opts.inputSize, featureLayer: choices.featureLayer, pooling: opts.pooling, ...engine });
   // An ONNX model's `auto` feature tensor is known once its graph is probed.
   opts = { ...opts, featureLayer: extractor.featureLayer, preprocessing: extractor.preprocessing };

@@ -13,6 +13,9 @@ export type BackendName = (typeof BACKENDS)[number];
 /** Inference engine of frozen forward passes (core/models/inference_engine.ts). */
 export const ENGINES = ["auto", "onnx", "tfjs"] as const;
 export type EngineName = (typeof ENGINES)[number];
+/** Where onnxruntime runs the graph: auto = cuda when its CUDA provider is installed, else cpu. */
+export const ENGINE_PROVIDERS = ["auto", "cpu", "cuda"] as const;
+export type EngineProvider = (typeof ENGINE_PROVIDERS)[number];
 export const POOLINGS = ["avg", "max", "none"] as const;
 export type Pooling = (typeof POOLINGS)[number];
 export const METHODS = ["cached", "augment"] as const;
@@ -88,6 +91,8 @@ export interface JobOptions {
   engine: EngineName;
   /** onnxruntime intra-op threads per worker process; 0 = the cores divided by the local worker processes. Default 0. */
   threads: number;
+  /** onnxruntime execution provider: `auto` (cuda when its CUDA provider is installed, else cpu), `cpu`, `cuda`. Default `auto`. */
+  engineProvider: EngineProvider;
   /** Use at most N samples of the training set (and N/5 of validation and test); 0 = all. */
   limit: number;
   /** Seed of splits, shuffling, initialisation and augmentation. Default 42. */
@@ -154,6 +159,7 @@ export const OPTION_SPECS = [
   spec({ key: "out", kind: "string", help: "output folder (default runs/<job>)", default: () => "" }),
   spec({ key: "backend", kind: "string", help: "compute backend", default: () => "auto" as BackendName, choices: BACKENDS }),
   spec({ key: "engine", kind: "string", help: "inference engine of frozen forward passes (auto = onnx when the model converts)", default: () => "auto" as EngineName, choices: ENGINES }),
+  spec({ key: "engineProvider", kind: "string", help: "onnxruntime execution provider (auto = cuda when installed)", default: () => "auto" as EngineProvider, choices: ENGINE_PROVIDERS }),
   spec({ key: "threads", kind: "int", help: "onnxruntime threads per worker process (0 = cores / workers)", default: () => 0, min: 0, max: 1024 }),
   spec({ key: "limit", kind: "int", help: "at most N training samples (0 = all)", default: () => 0, min: 0, max: Number.MAX_SAFE_INTEGER }),
   spec({ key: "seed", kind: "int", help: "random seed", default: () => 42, min: 0, max: 2 ** 31 - 1 }),

@@ -13,9 +13,9 @@ import { after, before, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
 import { selectBackend } from "../core/backend.js";
 import { openDataset } from "../core/datasets/open.js";
-import { ConfigError } from "../core/errors.js";
+import { ConfigError, EngineUnavailableError } from "../core/errors.js";
 import { buildFeatureExtractor } from "../core/feature_model.js";
-import { frozenForward } from "../core/models/inference_engine.js";
+import { cudaProviderPath, frozenForward } from "../core/models/inference_engine.js";
 import { loadPretrained } from "../core/model_zoo.js";
 import { runCli } from "./helpers/cli.js";
 
@@ -78,6 +78,17 @@ test("engine - a layer the converter does not know: auto falls back to tfjs nami
   model.dispose();
 });
 
+test("engine - the CUDA provider: auto takes the CPU where it is not installed, --engine-provider cuda says how to install it", { skip: cudaProviderPath() ? "the CUDA provider is installed here" : false }, async () => {
+  const input = tf.input({ shape: [8, 8, 3] });
+  const model = tf.model({ inputs: input, outputs: tf.layers.globalAveragePooling2d({}).apply(tf.layers.conv2d({ filters: 2, kernelSize: 3 }).apply(input)) as tf.SymbolicTensor });
+  const auto = await frozenForward(model, "unit", { engine: "onnx", provider: "auto" });
+  assert.equal(auto.info.provider, "cpu");
+  auto.dispose();
+  for (const engine of ["onnx", "auto"] as const)
+    await assert.rejects(frozenForward(model, "unit", { engine, provider: "cuda" }), (err: unknown) => err instanceof EngineUnavailableError && /CUDA provider is not installed.*ONNXRUNTIME_NODE_INSTALL=cuda12.*--engine-provider cpu/.test(err.message));
+  model.dispose();
+});
+
 const HIDE_ORT = fileURLToPath(new URL("./helpers/hide_onnxruntime.js", import.meta.url));
 const TINY_JOB = ["--data", "fashion-mnist", "--limit", "60", "--input-size", "48", "--feature-layer", "block_3_expand_relu", "--epochs", "1", "--workers", "1", "--metrics-port", "-1", "--log-format", "json"];
 
@@ -107,4 +118,25 @@ test("engine - ctrain run records the engine it used in summary.json", async () 
   assert.equal(summary.engine.threads, 1);
   assert.match(summary.engine.version, /^\d+\.\d+/);
   assert.ok(summary.extraction.images >= 60);
+});
+
+test("engine - ctrain export-onnx writes the base onnxruntime runs: pixels in, the tfjs features out", async () => {
+  const file = join(dir, "base.onnx");
+  const r = await runCli(["export-onnx", "--model", "mobilenet_v2", "--input-size", "64", "--feature-layer", "block_6_expand_relu", "--pooling", "max", "--out", file]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /wrote .*base\.onnx: base mobilenet_v2 cut at block_6_expand_relu \(max pooling, 192 features, input 64, preprocessing unit\)/);
+  const { loadOnnxRuntime } = await import("../core/models/inference_engine.js");
+  const ort = await loadOnnxRuntime();
+  const session = await ort.InferenceSession.create(await readFile(file));
+  const imgs = await realImages(3, 64);
+  const out = await session.run({ [session.inputNames[0]]: new ort.Tensor("uint8", imgs, [3, 64, 64, 3]) });
+  const got = out[session.outputNames[0]].data as Float32Array;
+  const ref = await buildFeatureExtractor(await loadPretrained("mobilenet_v2"), { inputSize: 64, featureLayer: "block_6_expand_relu", pooling: "max", engine: "tfjs" });
+  const want = await ref.extract(imgs, 3);
+  ref.dispose();
+  await session.release();
+  assert.equal(got.length, want.length);
+  let diff = 0;
+  for (let i = 0; i < got.length; i++) diff = Math.max(diff, Math.abs(got[i] - want[i]));
+  assert.ok(diff <= 1e-4 * maxAbs(want), `max abs diff ${diff}`);
 });

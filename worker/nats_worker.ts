@@ -16,7 +16,7 @@
 import { hostname } from "node:os";
 import type { Consumer, JetStreamClient, JetStreamManager, JsMsg, KV, NatsConnection, ObjectStore } from "nats";
 import { encodeShardError, errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../core/extraction_wire.js";
-import type { BackendName, EngineName } from "../core/config.js";
+import type { BackendName, EngineName, EngineProvider } from "../core/config.js";
 import type { Split as DataSplit } from "../core/datasets/types.js";
 import type { Logger } from "../core/log.js";
 import type { CtrainMetrics } from "../core/metrics.js";
@@ -56,6 +56,8 @@ export interface NatsWorkerOptions {
   batchSize?: number;
   /** onnxruntime threads when the job spec leaves it to the worker (0). Default: this machine's cores. */
   threads?: number;
+  /** onnxruntime execution provider of this machine. Default auto (cuda when installed). */
+  provider?: EngineProvider;
   /** Heartbeat period, ms. Default 3000 (the registry TTL is WORKER_REGISTRY_TTL_MS). */
   heartbeatMs?: number;
   /** How long one pull waits for a task, ms. Default 2000. */
@@ -376,7 +378,7 @@ export class NatsWorker implements AsyncDisposable {
       this.emit({ type: "claimed", job, shard: wire, delivery, samples: task.ids.length });
       const extractor = await this.cache.extractor({
         model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling, preprocessing: spec.extra[SPEC_EXTRA.preprocessing],
-        engine: (spec.engine || "auto") as EngineName, threads: spec.threads || this.o.threads || defaultThreads(1),
+        engine: (spec.engine || "auto") as EngineName, threads: spec.threads || this.o.threads || defaultThreads(1), provider: this.o.provider,
       });
       this.noteEngine(extractor.engine);
       working();

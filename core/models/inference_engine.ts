@@ -16,7 +16,10 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { availableParallelism } from "node:os";
-import type { EngineName } from "../config.js";
+import { existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import { dirname, join } from "node:path";
+import type { EngineName, EngineProvider } from "../config.js";
 import { ConfigError, EngineUnavailableError, UnsupportedLayerError } from "../errors.js";
 import { preprocess } from "../feature_model.js";
 import type { Preprocessing } from "../model_zoo.js";
@@ -46,8 +49,8 @@ export interface EngineOptions {
   engine?: EngineName;
   /** onnxruntime intra-op threads. Default 1 (one worker process per core uses the cores). */
   threads?: number;
-  /** `--engine-provider`: `cpu` (default) or `cuda` (needs onnxruntime-node's CUDA provider, see README). */
-  provider?: "cpu" | "cuda";
+  /** `--engine-provider`: `auto` (default: cuda when onnxruntime-node's CUDA provider is installed, else cpu), `cpu` or `cuda`. */
+  provider?: EngineProvider;
 }
 
 /** A frozen graph from NHWC [0, 255] pixels to one flat float32 row per image. */
@@ -59,6 +62,30 @@ export interface FrozenForward {
 }
 
 type Ort = typeof import("onnxruntime-node");
+const require = createRequire(import.meta.url);
+
+/** onnxruntime-node's CUDA execution provider library: not in the npm package, fetched by its install script on request. */
+export function cudaProviderPath(): string | undefined {
+  try {
+    const dist = dirname(require.resolve("onnxruntime-node"));
+    const lib = join(dist, "..", "bin", "napi-v6", process.platform, process.arch, "libonnxruntime_providers_cuda.so");
+    return existsSync(lib) ? lib : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** How to get the CUDA provider, for messages. */
+export const CUDA_INSTALL_HINT =
+  "on a Linux x64 machine with CUDA 12, cuDNN 9 and internet, run ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install.js (the project's .npmrc skips that download by default)";
+
+/** The execution provider to ask onnxruntime for. */
+export function resolveProvider(p: EngineProvider | undefined): "cpu" | "cuda" {
+  if (p === "cpu") return "cpu";
+  const cuda = cudaProviderPath() !== undefined;
+  if (p === "cuda" && !cuda) throw new EngineUnavailableError(`--engine-provider cuda: onnxruntime-node's CUDA provider is not installed here; ${CUDA_INSTALL_HINT}, or use --engine-provider cpu.`);
+  return cuda ? "cuda" : "cpu";
+}
 let ortPromise: Promise<Ort> | undefined;
 
 /** onnxruntime-node, imported once; rejects with EngineUnavailableError saying how to install it. */
@@ -97,6 +124,8 @@ export function threadsFor(threads: number, processes: number): number {
 export async function frozenForward(model: tf.LayersModel, preprocessing: Preprocessing, o: EngineOptions = {}): Promise<FrozenForward> {
   const requested = o.engine ?? "auto";
   if (requested === "tfjs") return tfjsForward(model, preprocessing, { requested });
+  // An explicit --engine-provider cuda that cannot be had is an error under auto too, not a silent fallback.
+  if (o.provider === "cuda") resolveProvider("cuda");
   try {
     const onnx = await onnxForward(model, preprocessing, requested, o);
     await checkAgainstTfjs(onnx, model, preprocessing);
@@ -161,7 +190,7 @@ function onnxForward(model: tf.LayersModel, preprocessing: Preprocessing, reques
 export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") => OnnxGraph, requested: EngineName, o: EngineOptions): Promise<FrozenForward> {
   const ort = await loadOnnxRuntime();
   const threads = o.threads ?? 1;
-  const provider = o.provider ?? "cpu";
+  const provider = resolveProvider(o.provider);
   const sessions = new Map<"uint8" | "float32", Promise<{ session: Session; input: string; output: string; perImage: number; dims: number[] }>>();
   const open = (dtype: "uint8" | "float32") => {
     let s = sessions.get(dtype);
@@ -169,7 +198,8 @@ export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") =>
       s = (async () => {
         const g = graphFor(dtype);
         const session = await ort.InferenceSession.create(g.bytes, {
-          executionProviders: [provider],
+          // CUDA runs the graph; ops it lacks fall back to the CPU provider inside the same session.
+          executionProviders: provider === "cuda" ? ["cuda", "cpu"] : ["cpu"],
           intraOpNumThreads: threads,
           interOpNumThreads: 1,
           executionMode: "sequential",
