@@ -5,9 +5,11 @@
  * report.html. Options are validated before this is called; nothing here asks the user anything.
  */
 import { mkdir, writeFile } from "node:fs/promises";
+import { createRequire } from "node:module";
 import { join } from "node:path";
+import { version as tfjsVersion } from "@tensorflow/tfjs";
 import { type BackendInfo, selectBackend } from "../core/backend.js";
-import type { JobOptions } from "../core/config.js";
+import { jobFileText, type JobOptions, reproducibleOptions } from "../core/config.js";
 import { openDataset } from "../core/datasets/open.js";
 import type { Dataset, SkippedInput } from "../core/datasets/types.js";
 import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
@@ -66,6 +68,9 @@ export interface JobSummary {
   fine_tune?: { unfreeze: string; cut_layer: string; first_unfrozen: string; trainable_layers: string[]; augmentation: boolean; activation_cache?: { key: string; cache_hit: boolean; images: number; seconds: number } };
   phases: { head: PhaseSummary; fine_tune?: PhaseSummary };
   skipped_inputs: SkippedInput[];
+  /** Every option that shaped the result (flag names; `auto` choices resolved): job.yaml holds the same. */
+  options: Record<string, string | number | boolean>;
+  versions: { ctrain: string; node: string; tfjs: string };
   seconds: number;
   finished_at: string;
 }
@@ -84,6 +89,8 @@ export interface JobDeps {
    */
   dataParallel?: () => Promise<{ nc: import("nats").NatsConnection; workers: number }>;
 }
+
+const CTRAIN_VERSION = (createRequire(import.meta.url)("../../package.json") as { version: string }).version;
 
 const round = (x: number, d = 4): number => (Number.isFinite(x) ? Number(x.toFixed(d)) : x);
 
@@ -208,6 +215,8 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     phases: { head: phaseSummary(head.history, opts.epochs, head) },
     ...(ftInfo ? { fine_tune: ftInfo } : {}),
     skipped_inputs: features.skipped,
+    options: reproducibleOptions(opts),
+    versions: { ctrain: CTRAIN_VERSION, node: process.versions.node, tfjs: tfjsVersion.tfjs },
     seconds: 0,
     finished_at: "",
   };
@@ -217,6 +226,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   const history = ft ? { head: head.history, fine_tune: ft.history } : { head: head.history };
   await writeFile(join(opts.out, "history.json"), JSON.stringify(history, null, 2));
   await writeFile(join(opts.out, "summary.json"), JSON.stringify(summary, null, 2));
+  await writeFile(join(opts.out, "job.yaml"), jobFileText(opts));
   await writeFile(join(opts.out, "report.html"), renderReport({
     job: opts.job, summary: summary as unknown as Record<string, unknown>, phases: ft ? [{ name: "head", history: head.history }, { name: "fine_tune", history: ft.history }] : [{ name: "head", history: head.history }],
     classes: dataset.classes, confusion: ft ? ft.test.confusion : head.test.confusion,

@@ -5,7 +5,7 @@
  */
 import { readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
-import { parse as parseYaml } from "yaml";
+import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import { ConfigError } from "./errors.js";
 
 export const BACKENDS = ["auto", "tensorflow-gpu", "tensorflow", "wasm", "cpu"] as const;
@@ -101,7 +101,7 @@ export interface JobOptions {
   out: string;
   /** Compute backend. Default `auto` (tensorflow-gpu, tensorflow, wasm, cpu: the first that loads). */
   backend: BackendName;
-  /** Use at most N samples of the training set (and N/5 of validation and test); 0 = all. */
+  /** Use at most N samples of the training set (validation and test in the proportion their splits hold to train); 0 = all. */
   limit: number;
   /** Seed of splits, shuffling, initialisation and augmentation. Default 42. */
   seed: number;
@@ -388,6 +388,26 @@ function checkControls(opts: JobOptions, partial: Partial<JobOptions>): void {
 export function loadOptions(parsed: ParsedArgs): JobOptions {
   const fromFile = parsed.configFile ? readConfigFile(parsed.configFile) : {};
   return resolveOptions({ ...fromFile, ...parsed.options });
+}
+
+/** Options that say where and how a job runs, not what it computes: left out of a run's job.yaml. */
+export const PLACEMENT_KEYS = ["job", "out", "nats", "cacheDir", "metricsPort", "launcher", "logFormat"] as const;
+
+/**
+ * The options that shape a job's result, keyed by flag name in option-table order: summary.json's
+ * `options` and the run's job.yaml. Give it the options runJob resolved (`auto` feature layer and
+ * preprocessing replaced by what they became), so a later default cannot change a rerun.
+ */
+export function reproducibleOptions(opts: JobOptions): Record<string, string | number | boolean> {
+  const out: Record<string, string | number | boolean> = {};
+  for (const s of OPTION_SPECS) if (!(PLACEMENT_KEYS as readonly string[]).includes(s.key)) out[flagName(s.key)] = opts[s.key];
+  return out;
+}
+
+/** `<out>/job.yaml`: a config file that `ctrain run --config <out>/job.yaml` reruns the job from. */
+export function jobFileText(opts: JobOptions): string {
+  return `# ctrain job ${opts.job}: rerun with  ctrain run --config <this file> [--out DIR]
+${stringifyYaml(reproducibleOptions(opts))}`;
 }
 
 /** Help text for the job options. */
