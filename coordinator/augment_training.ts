@@ -140,6 +140,7 @@ export async function fitImages(model: tf.LayersModel, train: ImageSource, o: Im
   return fitBatches(model, {
     samples: train.labels.length,
     batch: (indices, b, epoch) => imageBatch(train, indices, preprocessing, augment, new Rng(batchSeed(o.seed, epoch, b))),
+    prefetch: true,
     validate,
   }, rest);
 }

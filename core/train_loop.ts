@@ -209,8 +209,13 @@ export async function fit(model: tf.LayersModel, train: ArrayData, opts: FitOpti
 export interface BatchSource {
   /** Training samples; batches are a seeded permutation of 0..samples-1. */
   samples: number;
-  /** The training rows of global batch `b` (sample indices in order); may be prepared ahead, one batch at a time. */
+  /** The training rows of global batch `b` (sample indices in order). */
   batch(indices: Int32Array, b: number, epoch: number): ArrayData | Promise<ArrayData>;
+  /**
+   * Prepare batch b + 1 while batch b trains (decoding images). Default false: `batch` is then called
+   * right before its step, which data-parallel `sliceOf` callers rely on (they note the current batch).
+   */
+  prefetch?: boolean;
   /** Validation loss and accuracy of the model as it is now (undefined: no validation). */
   validate?: () => Promise<{ loss: number; accuracy: number }>;
 }
@@ -257,7 +262,7 @@ export async function fitBatches(model: tf.LayersModel, data: BatchSource, opts:
   }
 }
 
-/** One pass over the epoch's batches; the next batch is prepared while the current one trains. */
+/** One pass over the epoch's batches (with `prefetch`, the next batch is prepared while the current one trains). */
 async function trainEpoch(model: tf.LayersModel, data: BatchSource, opts: Omit<FitOptions, "validation" | "sliceOf">, epoch: number): Promise<EpochStats> {
   const t0 = performance.now();
   const batches = epochBatches(data.samples, opts.batchSize, opts.seed, epoch);
@@ -266,11 +271,11 @@ async function trainEpoch(model: tf.LayersModel, data: BatchSource, opts: Omit<F
   let seen = 0;
   const firstBatch = epoch === (opts.initialEpoch ?? 0) ? opts.initialBatch ?? 0 : 0;
   const prepare = (b: number): Promise<ArrayData> => Promise.resolve(data.batch(batches[b], b, epoch));
-  let next = firstBatch < batches.length ? prepare(firstBatch) : undefined;
+  let next = data.prefetch && firstBatch < batches.length ? prepare(firstBatch) : undefined;
   for (let b = firstBatch; b < batches.length; b++) {
     if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("training stopped");
-    const batch = await next!;
-    next = b + 1 < batches.length ? prepare(b + 1) : undefined;
+    const batch = await (next ?? prepare(b));
+    next = data.prefetch && b + 1 < batches.length ? prepare(b + 1) : undefined;
     const m = numSamples(batch);
     const step = computeGradients(model, batch, opts.numClasses, opts.controls?.loss);
     let grads = step.grads;
