@@ -26,7 +26,7 @@ import { buildHead } from "../core/head.js";
 import type { Preprocessing } from "../core/model_zoo.js";
 import { Rng } from "../core/rng.js";
 import type { HeadTrainingOptions } from "./head_training.js";
-import { type ArrayData, computeGradients, type EpochStats, epochBatches, type Evaluation, evaluate, type FitOptions, type GradientHook, sparseCrossEntropy } from "../core/train_loop.js";
+import { type ArrayData, type EpochStats, type Evaluation, evaluate, fitBatches, type FitOptions, type GradientHook, sparseCrossEntropy, type TrainingControls } from "../core/train_loop.js";
 
 /** The frozen part of an image-fed model: [0, 255] NHWC pixels -> the rows the trainable part takes. */
 export interface FrozenStage {
@@ -142,58 +142,27 @@ export interface ImageFitOptions {
   validate?: () => Promise<{ loss: number; accuracy: number }>;
   initialEpoch?: number;
   gradientHook?: GradientHook;
+  controls?: TrainingControls;
   onBatchEnd?: FitOptions["onBatchEnd"];
   onEpochEnd?: FitOptions["onEpochEnd"];
   signal?: AbortSignal;
 }
 
 /**
- * fit() for image-fed models: the same seeded batches (epochBatches) and the same step
- * (computeGradients, gradientHook, optimizer update); the next batch is decoded while the current
- * one trains.
+ * fit() for image-fed models: train_loop's one epoch loop (fitBatches: the same seeded batches, the
+ * same step, the same training controls) with batches decoded and augmented from images; the next
+ * batch is decoded while the current one trains.
  */
 export async function fitImages(model: tf.LayersModel, train: ImageSource, o: ImageFitOptions): Promise<EpochStats[]> {
   if (!(o.epochs >= 1)) throw new RangeError(`fitImages: epochs must be >= 1, got ${o.epochs}`);
-  const n = train.labels.length;
-  if (n === 0) throw new RangeError("fitImages: no training samples");
-  const history: EpochStats[] = [];
-  for (let epoch = o.initialEpoch ?? 0; epoch < o.epochs; epoch++) {
-    const t0 = performance.now();
-    const batches = epochBatches(n, o.batchSize, o.seed, epoch);
-    const prepare = (b: number) => imageBatch(train, batches[b], o.preprocessing, o.augment, new Rng(batchSeed(o.seed, epoch, b)), o.frozen);
-    let next = prepare(0);
-    let lossSum = 0, correct = 0, seen = 0;
-    for (let b = 0; b < batches.length; b++) {
-      if (o.signal?.aborted) throw o.signal.reason ?? new Error("training stopped");
-      const batch = await next;
-      if (b + 1 < batches.length) next = prepare(b + 1);
-      const m = batch.y.length;
-      const step = computeGradients(model, batch, o.numClasses);
-      let grads = step.grads;
-      if (o.gradientHook) {
-        const replaced = await o.gradientHook(grads, m);
-        if (replaced !== grads) tf.dispose(grads);
-        grads = replaced;
-      }
-      o.optimizer.applyGradients(grads);
-      tf.dispose(grads);
-      lossSum += step.loss * m;
-      correct += step.correct;
-      seen += m;
-      o.onBatchEnd?.({ epoch, batch: b, batches: batches.length, samples: m, loss: step.loss });
-      await new Promise((r) => setImmediate(r));
-    }
-    const seconds = (performance.now() - t0) / 1000;
-    const stats: EpochStats = { epoch: epoch + 1, loss: lossSum / seen, accuracy: correct / seen, seconds, samples_per_second: seen / seconds };
-    if (o.validate) {
-      const v = await o.validate();
-      stats.val_loss = v.loss;
-      stats.val_accuracy = v.accuracy;
-    }
-    history.push(stats);
-    await o.onEpochEnd?.(stats);
-  }
-  return history;
+  if (train.labels.length === 0) throw new RangeError("fitImages: no training samples");
+  const { preprocessing, augment, validate, frozen, ...rest } = o;
+  return fitBatches(model, {
+    samples: train.labels.length,
+    batch: (indices, b, epoch) => imageBatch(train, indices, preprocessing, augment, new Rng(batchSeed(o.seed, epoch, b)), frozen),
+    prefetch: true,
+    validate,
+  }, rest);
 }
 
 /** The head phase's options (same head, same schedule) plus what training on images needs. */
@@ -239,7 +208,7 @@ export async function trainHeadWithAugmentation(d: AugmentHeadData, o: AugmentHe
     // The head trains on the base's output for each augmented batch: model = base + head, split at the frozen boundary.
     const history = await fitImages(head, d.train, {
       epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer, frozen: d.base,
-      preprocessing: o.preprocessing, augment: o.augment, gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd,
+      preprocessing: o.preprocessing, augment: o.augment, gradientHook: o.gradientHook, controls: o.controls, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd,
       validate: async () => evaluate(head, d.val, o.numClasses),
     });
     const test = evaluate(head, d.test, o.numClasses);

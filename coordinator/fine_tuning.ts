@@ -22,9 +22,9 @@ import type { FeatureSet } from "../core/feature_store.js";
 import { fineTuneModel, type SplitBase } from "../core/model_split.js";
 import type { Preprocessing, PretrainedSource } from "../core/model_zoo.js";
 import type { EngineOptions } from "../core/models/inference_engine.js";
-import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook } from "../core/train_loop.js";
+import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook, type TrainingControls } from "../core/train_loop.js";
 import { evaluateImages, fitImages, type FrozenStage, type ImageSource } from "./augment_training.js";
-import { confusionMatrix, splitData } from "./head_training.js";
+import { confusionMatrix, resultEpoch, splitData } from "./head_training.js";
 
 /** Data of the fine-tuning phase: cached activations at the cut, or images (augmentation on). */
 export type FineTuneData =
@@ -49,6 +49,8 @@ export interface FineTuneOptions {
    */
   frozen?: FrozenStage;
   gradientHook?: GradientHook;
+  /** Early stopping, best weights, schedule, class weights, label smoothing. Default: none. */
+  controls?: TrainingControls;
   onBatchEnd?: FitOptions["onBatchEnd"];
   onEpochEnd?: FitOptions["onEpochEnd"];
   signal?: AbortSignal;
@@ -90,7 +92,7 @@ export async function fineTune(split: SplitBase, head: tf.LayersModel, data: Fin
       valBefore = evaluate(model, data.val, o.numClasses);
       history = await fit(model, data.train, {
         epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer, validation: data.val,
-        gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
+        gradientHook: o.gradientHook, controls: o.controls, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
       });
       test = evaluate(model, data.test, o.numClasses);
       testLabels = data.test.y;
@@ -100,7 +102,7 @@ export async function fineTune(split: SplitBase, head: tf.LayersModel, data: Fin
       valBefore = await validate();
       history = await fitImages(model, data.train, {
         epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer, preprocessing: o.preprocessing,
-        augment: o.augment, validate, frozen: o.frozen, gradientHook: o.gradientHook, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
+        augment: o.augment, validate, frozen: o.frozen, gradientHook: o.gradientHook, controls: o.controls, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
       });
       test = await evaluateImages(model, data.test, o.preprocessing, o.numClasses, 64, o.frozen);
       testLabels = data.test.labels;
@@ -109,7 +111,7 @@ export async function fineTune(split: SplitBase, head: tf.LayersModel, data: Fin
       model, history,
       test: { loss: test.loss, accuracy: test.accuracy, samples: testLabels.length, confusion: confusionMatrix(testLabels, test.predictions, o.numClasses) },
       val_loss_before: valBefore.loss,
-      val_accuracy: history.at(-1)?.val_accuracy ?? NaN,
+      val_accuracy: resultEpoch(history)?.val_accuracy ?? NaN,
       seconds: (performance.now() - t0) / 1000,
     };
   } finally {

@@ -6,7 +6,7 @@ import * as tf from "@tensorflow/tfjs";
 import type { Split } from "../core/datasets/types.js";
 import type { FeatureSet } from "../core/feature_store.js";
 import { buildHead } from "../core/head.js";
-import { type ArrayData, type EpochStats, evaluate, fit, type FitOptions } from "../core/train_loop.js";
+import { type ArrayData, type EpochStats, evaluate, fit, type FitOptions, type TrainingControls } from "../core/train_loop.js";
 
 export interface HeadTrainingOptions {
   epochs: number;
@@ -15,6 +15,8 @@ export interface HeadTrainingOptions {
   units: number;
   dropout: number;
   seed: number;
+  /** Early stopping, best weights, schedule, class weights, label smoothing. Default: none. */
+  controls?: TrainingControls;
   onBatchEnd?: FitOptions["onBatchEnd"];
   onEpochEnd?: FitOptions["onEpochEnd"];
 }
@@ -41,6 +43,11 @@ export function splitData(set: FeatureSet, split: Split): ArrayData {
   return { x, sampleShape: [dim], y };
 }
 
+/** The epoch whose weights a phase ended with: the best one when best weights were restored, else the last. */
+export function resultEpoch(history: EpochStats[]): EpochStats | undefined {
+  return history.find((h) => h.best) ?? history.at(-1);
+}
+
 /** confusion[true][predicted] counts. */
 export function confusionMatrix(labels: Int32Array, predictions: Int32Array, numClasses: number): number[][] {
   const m = Array.from({ length: numClasses }, () => new Array<number>(numClasses).fill(0));
@@ -63,6 +70,7 @@ export async function trainHead(set: FeatureSet, o: HeadTrainingOptions): Promis
     numClasses,
     optimizer,
     validation: val,
+    controls: o.controls,
     onBatchEnd: o.onBatchEnd,
     onEpochEnd: o.onEpochEnd,
   });
@@ -72,7 +80,7 @@ export async function trainHead(set: FeatureSet, o: HeadTrainingOptions): Promis
     head,
     history,
     test: { loss: ev.loss, accuracy: ev.accuracy, samples: test.y.length, confusion: confusionMatrix(test.y, ev.predictions, numClasses) },
-    val_accuracy: history.at(-1)?.val_accuracy ?? NaN,
+    val_accuracy: resultEpoch(history)?.val_accuracy ?? NaN,
     seconds: (performance.now() - t0) / 1000,
   };
 }

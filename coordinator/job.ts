@@ -5,9 +5,11 @@
  * report.html. Options are validated before this is called; nothing here asks the user anything.
  */
 import { mkdir, writeFile } from "node:fs/promises";
+import { createRequire } from "node:module";
 import { join } from "node:path";
+import { version as tfjsVersion } from "@tensorflow/tfjs";
 import { type BackendInfo, selectBackend } from "../core/backend.js";
-import type { JobOptions } from "../core/config.js";
+import { jobFileText, type JobOptions, reproducibleOptions } from "../core/config.js";
 import { openDataset } from "../core/datasets/open.js";
 import type { Dataset, SkippedInput } from "../core/datasets/types.js";
 import { buildFeatureExtractor, type FeatureExtractor, isOnnxSource, loadModelSource, resolveSourceChoices } from "../core/feature_model.js";
@@ -20,6 +22,7 @@ import { saveModel, saveOnnxClassifier } from "../core/model_io.js";
 import type { PretrainedSource } from "../core/model_zoo.js";
 import { type EngineInfo, type EngineOptions, threadsFor } from "../core/models/inference_engine.js";
 import { Progress } from "../core/progress.js";
+import { checkControlsForDataParallel, classWeightsFor, controlsOf, trainCounts } from "../core/training_controls.js";
 import type { EpochStats } from "../core/train_loop.js";
 import { LocalShardExecutor } from "../worker/local_executor.js";
 import { type AugmentOptions, augmentOf } from "../core/augment.js";
@@ -29,12 +32,16 @@ import { openImages, samplesOf, trainHeadWithAugmentation } from "./augment_trai
 import type { ShardExecutor } from "../core/shards.js";
 import { runExtraction } from "./extraction.js";
 import { activationData, activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "./fine_tuning.js";
-import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, splitData, trainHead } from "./head_training.js";
+import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, resultEpoch, splitData, trainHead } from "./head_training.js";
 import { renderReport } from "./report.js";
 import { runDataParallelFineTune } from "./data_parallel.js";
 
 export interface PhaseSummary {
+  /** Epochs run (fewer than asked when early stopping ended the phase). */
   epochs: number;
+  epochs_asked: number;
+  /** The epoch whose weights the phase ended with (restore-best-weights), when not the last. */
+  best_epoch?: number;
   val_accuracy: number;
   test_accuracy: number;
   test_loss: number;
@@ -65,6 +72,9 @@ export interface JobSummary {
   fine_tune?: { unfreeze: string; cut_layer: string; first_unfrozen: string; trainable_layers: string[]; augmentation: boolean; activation_cache?: { key: string; cache_hit: boolean; images: number; seconds: number } };
   phases: { head: PhaseSummary; fine_tune?: PhaseSummary };
   skipped_inputs: SkippedInput[];
+  /** Every option that shaped the result (flag names; `auto` choices resolved): job.yaml holds the same. */
+  options: Record<string, string | number | boolean>;
+  versions: { ctrain: string; node: string; tfjs: string };
   seconds: number;
   finished_at: string;
 }
@@ -93,11 +103,15 @@ function logEngine(log: Logger, e: EngineInfo): void {
   else log.info("inference engine", { engine: e.name, version: e.version, threads: e.threads, provider: e.provider });
 }
 
+const CTRAIN_VERSION = (createRequire(import.meta.url)("../../package.json") as { version: string }).version;
+
 const round = (x: number, d = 4): number => (Number.isFinite(x) ? Number(x.toFixed(d)) : x);
 
 export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummary> {
   const t0 = performance.now();
   const { log, metrics } = deps;
+  const fineTuning = opts.fineTuneLayers.trim() !== "0";
+  if (fineTuning && deps.dataParallel && opts.method !== "augment") checkControlsForDataParallel(opts, deps.workers ?? opts.workers);
   const backend = await selectBackend(opts.backend);
   log.info("compute backend", { backend: backend.name, requested: backend.requested, passed_over: backend.fallbacks.map((f) => `${f.name}: ${f.reason}`) });
   metrics?.setBackend(backend.name);
@@ -136,9 +150,10 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   const progress = new Progress({ label: "head", total: stepsPerEpoch * opts.epochs, unit: "step" });
   let stepInPhase = 0;
   const numClasses = dataset.classes.length;
+  const controls = controlsOf(opts, classWeightsFor(opts.classWeight, dataset.classes, trainCounts(dataset.samples, numClasses)));
   const headStep = stepMetrics(metrics, "head");
   const headOptions: HeadTrainingOptions = {
-    epochs: opts.epochs, batchSize: opts.batchSize, learningRate: opts.learningRate, units: opts.headUnits, dropout: opts.dropout, seed: opts.seed,
+    epochs: opts.epochs, batchSize: opts.batchSize, learningRate: opts.learningRate, units: opts.headUnits, dropout: opts.dropout, seed: opts.seed, controls,
     onBatchEnd: ({ epoch, batch, samples, loss }) => {
       headStep({ batch, samples });
       stepInPhase++;
@@ -149,7 +164,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     onEpochEnd: (s: EpochStats) => {
       metrics?.setEvaluation("head", "train", { loss: s.loss, accuracy: s.accuracy });
       if (s.val_loss !== undefined) metrics?.setEvaluation("head", "val", { loss: s.val_loss, accuracy: s.val_accuracy });
-      log.info("epoch", { phase: "head", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN) });
+      log.info("epoch", { phase: "head", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN), lr: s.lr });
     },
   };
   let head: HeadTrainingResult;
@@ -167,7 +182,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     );
     const testY = splitData(features, "test").y;
     head = {
-      head: r.head, history: r.history, seconds: r.seconds, val_accuracy: r.history.at(-1)?.val_accuracy ?? NaN,
+      head: r.head, history: r.history, seconds: r.seconds, val_accuracy: resultEpoch(r.history)?.val_accuracy ?? NaN,
       test: { loss: r.test.loss, accuracy: r.test.accuracy, samples: testY.length, confusion: confusionMatrix(testY, r.test.predictions, numClasses) },
     };
   } else head = await trainHead(features, headOptions);
@@ -181,7 +196,6 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   };
   const classifier = extractor.model ? composeClassifier(extractor.model, head.head, meta) : undefined;
   await mkdir(opts.out, { recursive: true });
-  const fineTuning = opts.fineTuneLayers.trim() !== "0";
   // With fine-tuning, model/ is the fine-tuned classifier and model-head/ keeps the head-only one.
   const modelDir = join(opts.out, fineTuning ? "model-head" : "model");
   if (classifier) await saveModel(classifier, modelDir);
@@ -191,7 +205,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   let ftInfo: JobSummary["fine_tune"];
   if (fineTuning) {
     if (!classifier || isOnnxSource(source)) throw new ConfigError(`fine-tuning needs a TF.js layers model; ${source.name} is an ONNX graph (inference only).`);
-    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, dataParallel: deps.dataParallel, backend, engine, extractorPreprocessing: extractor.preprocessing });
+    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, dataParallel: deps.dataParallel, backend, engine, extractorPreprocessing: extractor.preprocessing, controls });
     ft = r.result;
     ftInfo = r.info;
     // The trained top goes back into the full base (same layer names), so model/ has the same graph as model-head/.
@@ -220,18 +234,21 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
       images_per_second: extraction.images > 0 ? round(extraction.images / extraction.seconds, 2) : 0,
       cache_hit: extraction.cacheHit, cache_key: key, shards: extraction.shards, shards_resumed: extraction.shardsResumed,
     },
-    phases: { head: { epochs: head.history.length, val_accuracy: round(head.val_accuracy), test_accuracy: round(head.test.accuracy), test_loss: round(head.test.loss), seconds: round(head.seconds, 3) } },
+    phases: { head: phaseSummary(head.history, opts.epochs, head) },
     ...(ftInfo ? { fine_tune: ftInfo } : {}),
     skipped_inputs: features.skipped,
+    options: reproducibleOptions(opts),
+    versions: { ctrain: CTRAIN_VERSION, node: process.versions.node, tfjs: tfjsVersion.tfjs },
     seconds: 0,
     finished_at: "",
   };
-  if (ft) summary.phases.fine_tune = { epochs: ft.history.length, val_accuracy: round(ft.val_accuracy), test_accuracy: round(ft.test.accuracy), test_loss: round(ft.test.loss), seconds: round(ft.seconds, 3) };
+  if (ft) summary.phases.fine_tune = phaseSummary(ft.history, ftEpochsOf(opts), ft);
   summary.seconds = round((performance.now() - t0) / 1000, 3);
   summary.finished_at = new Date().toISOString();
   const history = ft ? { head: head.history, fine_tune: ft.history } : { head: head.history };
   await writeFile(join(opts.out, "history.json"), JSON.stringify(history, null, 2));
   await writeFile(join(opts.out, "summary.json"), JSON.stringify(summary, null, 2));
+  await writeFile(join(opts.out, "job.yaml"), jobFileText(opts));
   await writeFile(join(opts.out, "report.html"), renderReport({
     job: opts.job, summary: summary as unknown as Record<string, unknown>, phases: ft ? [{ name: "head", history: head.history }, { name: "fine_tune", history: ft.history }] : [{ name: "head", history: head.history }],
     classes: dataset.classes, confusion: ft ? ft.test.confusion : head.test.confusion,
@@ -255,6 +272,7 @@ interface FineTuningContext {
   backend: BackendInfo;
   engine: EngineOptions;
   extractorPreprocessing: FeatureExtractor["preprocessing"];
+  controls: import("../core/train_loop.js").TrainingControls;
 }
 
 /**
@@ -268,7 +286,7 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
     if (added.length) log.info("wasm training kernels registered", { kernels: added });
   }
   const split = await buildSplit(c.source, { inputSize: opts.inputSize, featureLayer: opts.featureLayer, unfreeze: opts.fineTuneLayers });
-  const epochs = opts.fineTuneEpochs > 0 ? opts.fineTuneEpochs : Math.max(1, Math.ceil(opts.epochs / 2));
+  const epochs = ftEpochsOf(opts);
   log.info("fine-tuning", { unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers.length, cut_shape: split.cutShape, augmentation: c.augment, epochs, learning_rate: opts.fineTuneLearningRate });
   const info: NonNullable<JobSummary["fine_tune"]> = {
     unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers, augmentation: c.augment,
@@ -307,9 +325,10 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
   const onEpochEnd = (s: EpochStats): void => {
     metrics?.setEvaluation("fine_tune", "train", { loss: s.loss, accuracy: s.accuracy });
     if (s.val_loss !== undefined) metrics?.setEvaluation("fine_tune", "val", { loss: s.val_loss, accuracy: s.val_accuracy });
-    log.info("epoch", { phase: "fine_tune", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN) });
+    log.info("epoch", { phase: "fine_tune", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN), lr: s.lr });
   };
   const dp = c.dataParallel && data.kind === "activations" ? await c.dataParallel() : undefined;
+  if (dp && opts.restoreBestWeights) log.info("data-parallel fine-tuning keeps its last epoch's weights (--restore-best-weights applies to the head phase and to fine-tuning in one process)");
   const result = dp && data.kind === "activations" ? await runDataParallelFineTune(split, c.head, data, {
     nc: dp.nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
     fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs,
@@ -319,13 +338,26 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
   }) : await fineTune(split, c.head, data, {
     epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses: c.dataset.classes.length,
     pooling: opts.pooling, preprocessing: c.extractorPreprocessing, augment: c.augment ? augmentOf(opts) : null, frozen: frozenBottom,
-    onBatchEnd, onEpochEnd,
+    controls: c.controls, onBatchEnd, onEpochEnd,
   });
   frozenBottom?.dispose();
   progress.finish();
   metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
   log.info("fine-tuned", { test_accuracy: round(result.test.accuracy), test_loss: round(result.test.loss), val_accuracy: round(result.val_accuracy), val_loss_before: round(result.val_loss_before), seconds: round(result.seconds, 2) });
   return { result, info, top: split.top, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };
+}
+
+/** Epochs of fine-tuning asked for (`--fine-tune-epochs`, else half the head's). */
+function ftEpochsOf(opts: JobOptions): number {
+  return opts.fineTuneEpochs > 0 ? opts.fineTuneEpochs : Math.max(1, Math.ceil(opts.epochs / 2));
+}
+
+function phaseSummary(history: EpochStats[], asked: number, r: { val_accuracy: number; test: { accuracy: number; loss: number }; seconds: number }): PhaseSummary {
+  const best = history.find((h) => h.best);
+  return {
+    epochs: history.length, epochs_asked: asked, ...(best && best !== history.at(-1) ? { best_epoch: best.epoch } : {}),
+    val_accuracy: round(r.val_accuracy), test_accuracy: round(r.test.accuracy), test_loss: round(r.test.loss), seconds: round(r.seconds, 3),
+  };
 }
 
 /**

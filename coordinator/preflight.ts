@@ -1,6 +1,7 @@
 /**
  * Checks a job against what it names before any work starts (before a nats-server, workers or an
- * output folder exist): the data set opens and has samples, the model loads, the input size suits it,
+ * output folder exist): the data set opens and has samples (validation ones when a training control
+ * watches them), the classes --class-weight names exist, the model loads, the input size suits it,
  * the feature layer and the fine-tune spec exist in it. Everything it refuses is a ConfigError with the fix; runJob would
  * refuse the same things later, after resources were spent.
  */
@@ -11,6 +12,7 @@ import { buildFeatureExtractor, cutTopology, resolveSourceChoices } from "../cor
 import { isOnnxModelSpec, loadOnnxSource } from "../core/models/onnx/user_model.js";
 import { planSplit } from "../core/model_split.js";
 import { loadPretrained, resolveModelChoices } from "../core/model_zoo.js";
+import { classWeightsFor, trainCounts } from "../core/training_controls.js";
 
 export interface PreflightResult {
   classes: number;
@@ -20,6 +22,11 @@ export interface PreflightResult {
 export async function preflight(opts: JobOptions): Promise<PreflightResult> {
   const dataset = await openDataset(opts.data, { seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit, maxPixels: opts.maxPixels });
   if (!dataset.samples.some((s) => s.split === "train")) throw new ConfigError(`--data ${opts.data}: no training samples after splitting; add images or lower --val-split/--test-split.`);
+  classWeightsFor(opts.classWeight, dataset.classes, trainCounts(dataset.samples, dataset.classes.length));
+  if (!dataset.samples.some((s) => s.split === "val")) {
+    const needs = opts.earlyStoppingPatience > 0 ? "--early-stopping-patience" : opts.lrSchedule === "plateau" ? "--lr-schedule plateau" : undefined;
+    if (needs) throw new ConfigError(`${needs} watches the validation set, but --data ${opts.data} has no validation samples after splitting: raise --val-split or add images.`);
+  }
   if (isOnnxModelSpec(opts.model)) {
     await preflightOnnx(opts);
     return { classes: dataset.classes.length, samples: dataset.samples.length };

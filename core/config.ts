@@ -5,7 +5,7 @@
  */
 import { readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
-import { parse as parseYaml } from "yaml";
+import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import { ConfigError } from "./errors.js";
 
 export const BACKENDS = ["auto", "tensorflow-gpu", "tensorflow", "wasm", "cpu"] as const;
@@ -32,6 +32,12 @@ export type AugmentFlip = (typeof AUGMENT_FLIPS)[number];
 /** `--preprocessing`: `auto` = the model's own (see core/model_zoo.ts PREPROCESSINGS, which this list repeats so options load without TensorFlow.js). */
 export const PREPROCESSING_CHOICES = ["auto", "unit", "tf", "caffe", "torch", "none"] as const;
 export type PreprocessingChoice = (typeof PREPROCESSING_CHOICES)[number];
+/** Learning-rate schedules of the training loop (core/train_loop.ts). */
+export const LR_SCHEDULES = ["constant", "cosine", "plateau"] as const;
+export type LrSchedule = (typeof LR_SCHEDULES)[number];
+/** The validation figure early stopping, best weights and the plateau schedule watch. */
+export const MONITORS = ["val_loss", "val_accuracy"] as const;
+export type Monitor = (typeof MONITORS)[number];
 /** Options that only mean something with `--method augment`. */
 export const AUGMENT_KEYS = ["augmentFlip", "augmentRotation", "augmentZoom", "augmentTranslation", "augmentFillMode"] as const;
 
@@ -75,6 +81,20 @@ export interface JobOptions {
   fineTuneEpochs: number;
   /** Learning rate of fine-tuning. Default 1e-5. */
   fineTuneLearningRate: number;
+  /** Stop a phase when `monitor` has not improved for this many epochs; 0 = off. Default 0. */
+  earlyStoppingPatience: number;
+  /** End each phase with the weights of its best epoch by `monitor` (the saved model is that epoch's). Default true. */
+  restoreBestWeights: boolean;
+  /** What early stopping, best weights and the plateau schedule watch. Default `val_loss`. */
+  monitor: Monitor;
+  /** Learning-rate schedule of each phase: `constant`, `cosine` (to 0 over the phase) or `plateau` (x0.2 after `lrPatience` epochs without improvement). Default `constant`. */
+  lrSchedule: LrSchedule;
+  /** `--lr-schedule plateau`: epochs without improvement before the rate drops. Default 2. */
+  lrPatience: number;
+  /** Class weights of the training loss: `none`, `auto` (balanced: n / (classes * n_class)) or `<class>=<weight>,...` (others 1). Default `none`. */
+  classWeight: string;
+  /** Label smoothing of the training loss, in [0, 0.5). Default 0. */
+  labelSmoothing: number;
   /** Global batch size (samples per step across all workers). Default 32. */
   batchSize: number;
   /** Learning rate of head training (Adam). Default 1e-3. */
@@ -93,7 +113,7 @@ export interface JobOptions {
   threads: number;
   /** onnxruntime execution provider: `auto` (cuda when its CUDA provider is installed, else cpu), `cpu`, `cuda`. Default `auto`. */
   engineProvider: EngineProvider;
-  /** Use at most N samples of the training set (and N/5 of validation and test); 0 = all. */
+  /** Use at most N samples of the training set (validation and test in the proportion their splits hold to train); 0 = all. */
   limit: number;
   /** Seed of splits, shuffling, initialisation and augmentation. Default 42. */
   seed: number;
@@ -117,7 +137,7 @@ export interface JobOptions {
   logFormat: "auto" | "json" | "human";
 }
 
-type Kind = "string" | "int" | "number";
+type Kind = "string" | "int" | "number" | "bool";
 interface OptionSpec<K extends keyof JobOptions> {
   key: K;
   kind: Kind;
@@ -152,6 +172,13 @@ export const OPTION_SPECS = [
   spec({ key: "fineTuneLayers", kind: "string", help: "top layers of the base to unfreeze (count or layer name); 0 = none", default: () => "0" }),
   spec({ key: "fineTuneEpochs", kind: "int", help: "epochs of fine-tuning", default: () => 0, min: 0, max: 100000 }),
   spec({ key: "fineTuneLearningRate", kind: "number", help: "learning rate of fine-tuning", default: () => 1e-5, min: 1e-12, max: 10 }),
+  spec({ key: "earlyStoppingPatience", kind: "int", help: "stop a phase after N epochs without improvement of --monitor (0 = off)", default: () => 0, min: 0, max: 100000 }),
+  spec({ key: "restoreBestWeights", kind: "bool", help: "end each phase with its best epoch's weights (by --monitor)", default: () => true }),
+  spec({ key: "monitor", kind: "string", help: "validation figure watched by early stopping, best weights, plateau", default: () => "val_loss" as Monitor, choices: MONITORS }),
+  spec({ key: "lrSchedule", kind: "string", help: "learning-rate schedule of each phase", default: () => "constant" as LrSchedule, choices: LR_SCHEDULES }),
+  spec({ key: "lrPatience", kind: "int", help: "plateau schedule: epochs without improvement before the rate is x0.2", default: () => 2, min: 1, max: 100000 }),
+  spec({ key: "classWeight", kind: "string", help: "class weights of the loss: none | auto (balanced) | <class>=<weight>,...", default: () => "none" }),
+  spec({ key: "labelSmoothing", kind: "number", help: "label smoothing of the training loss", default: () => 0, min: 0, max: 0.49 }),
   spec({ key: "batchSize", kind: "int", help: "global batch size", default: () => 32, min: 1, max: 65536 }),
   spec({ key: "learningRate", kind: "number", help: "learning rate of head training", default: () => 1e-3, min: 1e-12, max: 10 }),
   spec({ key: "workers", kind: "int", help: "number of workers", default: () => Math.max(1, availableParallelism()), min: 1, max: 4096 }),
@@ -163,7 +190,7 @@ export const OPTION_SPECS = [
   spec({ key: "threads", kind: "int", help: "onnxruntime threads per worker process (0 = cores / workers)", default: () => 0, min: 0, max: 1024 }),
   spec({ key: "limit", kind: "int", help: "at most N training samples (0 = all)", default: () => 0, min: 0, max: Number.MAX_SAFE_INTEGER }),
   spec({ key: "seed", kind: "int", help: "random seed", default: () => 42, min: 0, max: 2 ** 31 - 1 }),
-  spec({ key: "valSplit", kind: "number", help: "validation fraction of the training data", default: () => 0.1, min: 0.01, max: 0.5 }),
+  spec({ key: "valSplit", kind: "number", help: "validation fraction of the training data (0 = no validation)", default: () => 0.1, min: 0, max: 0.5 }),
   spec({ key: "testSplit", kind: "number", help: "test fraction when the data set has no test set", default: () => 0.1, min: 0.01, max: 0.5 }),
   spec({ key: "cacheDir", kind: "string", help: "feature cache folder", default: () => ".ctrain-cache" }),
   spec({ key: "shardSize", kind: "int", help: "samples per extraction shard", default: () => 256, min: 1, max: 1_000_000 }),
@@ -226,6 +253,13 @@ function oneLine(name: string): string {
 
 function coerce(s: OptionSpec<keyof JobOptions>, raw: unknown, where: string): unknown {
   const flag = `--${flagName(s.key)}`;
+  if (s.kind === "bool") {
+    if (typeof raw === "boolean") return raw;
+    const t = typeof raw === "string" ? raw.trim().toLowerCase() : undefined;
+    if (t === "true" || t === "yes" || t === "on" || t === "1") return true;
+    if (t === "false" || t === "no" || t === "off" || t === "0") return false;
+    throw new ConfigError(`${flag} (${where}) must be true or false, got ${show(raw)}.`);
+  }
   if (s.kind === "string") {
     if (typeof raw === "number") raw = String(raw);
     if (typeof raw !== "string") throw new ConfigError(`${flag} (${where}) must be a string, got ${show(raw)}.`);
@@ -336,6 +370,7 @@ export function resolveOptions(partial: Partial<JobOptions>, now: Date = new Dat
   });
   if (augmentGiven.length > 0 && opts.method !== "augment")
     throw new ConfigError(`--${flagName(augmentGiven[0])} applies only to --method augment (the cached method trains on features, no images are augmented): add --method augment or drop it.`);
+  checkControls(opts, partial);
   if (opts.valSplit + opts.testSplit >= 0.9) throw new ConfigError(`--val-split + --test-split must leave data to train on (got ${opts.valSplit} + ${opts.testSplit}).`);
   const ft = opts.fineTuneLayers.trim();
   if (ft === "" ) throw new ConfigError(`--fine-tune-layers must be a layer count or a layer name.`);
@@ -349,10 +384,45 @@ export function resolveOptions(partial: Partial<JobOptions>, now: Date = new Dat
   return opts;
 }
 
+/**
+ * The training controls' cross-field rules: what needs a validation split, and `--lr-patience`
+ * only with the plateau schedule. Best weights given by default are dropped without validation.
+ */
+function checkControls(opts: JobOptions, partial: Partial<JobOptions>): void {
+  if (opts.valSplit === 0) {
+    const needs = opts.earlyStoppingPatience > 0 ? "earlyStoppingPatience" : opts.lrSchedule === "plateau" ? "lrSchedule" : partial.restoreBestWeights === true ? "restoreBestWeights" : undefined;
+    if (needs)
+      throw new ConfigError(`--${flagName(needs)} ${show(opts[needs])} watches the validation set, but --val-split is 0 (no validation): give --val-split (e.g. 0.1) or drop --${flagName(needs)}.`);
+    opts.restoreBestWeights = false;
+  }
+  if (partial.lrPatience !== undefined && partial.lrPatience !== SPEC_BY_KEY.get("lrPatience")?.default() && opts.lrSchedule !== "plateau")
+    throw new ConfigError(`--lr-patience applies only to --lr-schedule plateau (got --lr-schedule ${opts.lrSchedule}): add --lr-schedule plateau or drop it.`);
+}
+
 /** Flags + optional config file -> validated options. */
 export function loadOptions(parsed: ParsedArgs): JobOptions {
   const fromFile = parsed.configFile ? readConfigFile(parsed.configFile) : {};
   return resolveOptions({ ...fromFile, ...parsed.options });
+}
+
+/** Options that say where and how a job runs, not what it computes: left out of a run's job.yaml. */
+export const PLACEMENT_KEYS = ["job", "out", "nats", "cacheDir", "metricsPort", "launcher", "logFormat"] as const;
+
+/**
+ * The options that shape a job's result, keyed by flag name in option-table order: summary.json's
+ * `options` and the run's job.yaml. Give it the options runJob resolved (`auto` feature layer and
+ * preprocessing replaced by what they became), so a later default cannot change a rerun.
+ */
+export function reproducibleOptions(opts: JobOptions): Record<string, string | number | boolean> {
+  const out: Record<string, string | number | boolean> = {};
+  for (const s of OPTION_SPECS) if (!(PLACEMENT_KEYS as readonly string[]).includes(s.key)) out[flagName(s.key)] = opts[s.key];
+  return out;
+}
+
+/** `<out>/job.yaml`: a config file that `ctrain run --config <out>/job.yaml` reruns the job from. */
+export function jobFileText(opts: JobOptions): string {
+  return `# ctrain job ${opts.job}: rerun with  ctrain run --config <this file> [--out DIR]
+${stringifyYaml(reproducibleOptions(opts))}`;
 }
 
 /** Help text for the job options. */

@@ -2,12 +2,16 @@
  * The one training-step implementation that head training, fine-tuning and data-parallel workers
  * share: gradients of the mean loss over a batch, an optional hook that may replace them (the
  * data-parallel path averages them across workers there), then the optimizer update. Epochs walk a
- * seeded permutation so every process that knows the seed knows every batch.
+ * seeded permutation so every process that knows the seed knows every batch. The one epoch loop
+ * ({@link fitBatches}; {@link fit} for rows in memory, augment_training's fitImages for images)
+ * carries Keras' training controls: early stopping, best weights restored, a learning-rate
+ * schedule, class weights and label smoothing ({@link TrainingControls}).
  *
  * Tensor lifetimes are explicit: each step runs in tf.tidy and the loop's tests check that
  * tf.memory().numTensors does not grow across steps.
  */
 import * as tf from "@tensorflow/tfjs";
+import type { LrSchedule, Monitor } from "./config.js";
 import { Rng } from "./rng.js";
 
 /** Rows of inputs (any per-sample shape) and integer labels held in memory. */
@@ -45,6 +49,10 @@ export interface EpochStats {
   accuracy: number;
   val_loss?: number;
   val_accuracy?: number;
+  /** Learning rate of the epoch's steps (when the optimizer has a numeric one, as Adam and SGD do). */
+  lr?: number;
+  /** The epoch whose weights the phase ended with (restore-best-weights): the saved model is this epoch's. */
+  best?: true;
   seconds: number;
   samples_per_second: number;
 }
@@ -56,17 +64,35 @@ export interface Evaluation {
   predictions: Int32Array;
 }
 
-/** Mean sparse categorical cross-entropy of softmax outputs. */
-export function sparseCrossEntropy(probs: tf.Tensor, labels: tf.Tensor1D, numClasses: number): tf.Scalar {
+/** How a training step weighs its samples and targets (validation and test always use the plain loss). */
+export interface LossOptions {
+  /** Weight of each class's samples (Keras `class_weight`), length = classes. Default: all 1. */
+  classWeights?: Float32Array;
+  /** Keras `label_smoothing`: targets become (1 - s) * one-hot + s / classes. Default 0. */
+  labelSmoothing?: number;
+}
+
+/**
+ * Mean sparse categorical cross-entropy of softmax outputs; with {@link LossOptions} the training
+ * loss Keras computes for `class_weight` and `label_smoothing` (per-sample weights, mean over the batch).
+ */
+export function sparseCrossEntropy(probs: tf.Tensor, labels: tf.Tensor1D, numClasses: number, o: LossOptions = {}): tf.Scalar {
   // Keras' categorical cross-entropy on probabilities: clip, log, pick the true class, mean.
-  return tf.tidy(() => tf.oneHot(labels, numClasses).mul(tf.log(probs.clipByValue(1e-7, 1))).sum(-1).neg().mean() as tf.Scalar);
+  return tf.tidy(() => {
+    let target = tf.oneHot(labels, numClasses).toFloat();
+    const s = o.labelSmoothing ?? 0;
+    if (s > 0) target = target.mul(1 - s).add(s / numClasses);
+    const perSample = target.mul(tf.log(probs.clipByValue(1e-7, 1))).sum(-1).neg();
+    const weighted = o.classWeights ? perSample.mul(tf.gather(tf.tensor1d(o.classWeights), labels)) : perSample;
+    return weighted.mean() as tf.Scalar;
+  });
 }
 
 /**
  * Gradients of the mean loss of `model` on one batch, for its trainable weights. Returns the loss,
  * the number of correct predictions and the gradients (owned by the caller).
  */
-export function computeGradients(model: tf.LayersModel, batch: ArrayData, numClasses: number): { loss: number; correct: number; grads: tf.NamedTensorMap } {
+export function computeGradients(model: tf.LayersModel, batch: ArrayData, numClasses: number, lossOptions: LossOptions = {}): { loss: number; correct: number; grads: tf.NamedTensorMap } {
   const n = numSamples(batch);
   let correct = 0;
   let lossValue = 0;
@@ -77,7 +103,7 @@ export function computeGradients(model: tf.LayersModel, batch: ArrayData, numCla
     const { value, grads } = tf.variableGrads(() => {
       const probs = model.apply(x, { training: true }) as tf.Tensor;
       correct = probs.argMax(-1).equal(y).sum().dataSync()[0];
-      return sparseCrossEntropy(probs, y, numClasses);
+      return sparseCrossEntropy(probs, y, numClasses, lossOptions);
     }, vars);
     lossValue = value.dataSync()[0];
     return grads;
@@ -87,6 +113,27 @@ export function computeGradients(model: tf.LayersModel, batch: ArrayData, numCla
 
 /** Hook that may replace a step's gradients (data-parallel averaging). Must return tensors it owns. */
 export type GradientHook = (grads: tf.NamedTensorMap, batchSamples: number) => Promise<tf.NamedTensorMap>;
+
+/**
+ * Keras' training controls, applied by the one epoch loop. Every field is optional; the defaults
+ * train plainly (what data-parallel workers do: they pass none).
+ */
+export interface TrainingControls {
+  /** Stop when the monitored figure has not improved for this many epochs (Keras EarlyStopping). 0 = off (default). Needs validation. */
+  earlyStoppingPatience?: number;
+  /** End with the weights of the epoch with the best monitored figure (Keras `restore_best_weights`). Default false. Needs validation. */
+  restoreBestWeights?: boolean;
+  /** What early stopping, best weights and the plateau schedule watch. Default `val_loss`. */
+  monitor?: Monitor;
+  /** `constant` (default), `cosine` (per epoch from the initial rate down to 0), `plateau` (Keras ReduceLROnPlateau). */
+  lrSchedule?: LrSchedule;
+  /** plateau: epochs without improvement before the rate is multiplied by {@link lrFactor}. Default 2. */
+  lrPatience?: number;
+  /** plateau: factor of each reduction. Default 0.2 (Keras' ReduceLROnPlateau example). */
+  lrFactor?: number;
+  /** Weighted and smoothed training loss. */
+  loss?: LossOptions;
+}
 
 export interface FitOptions {
   epochs: number;
@@ -106,6 +153,7 @@ export interface FitOptions {
    * gradient hook receives its size. Default: the whole batch.
    */
   sliceOf?: (indices: Int32Array, batch: number) => Int32Array;
+  controls?: TrainingControls;
   onBatchEnd?: (info: { epoch: number; batch: number; batches: number; samples: number; loss: number }) => void;
   onEpochEnd?: (stats: EpochStats) => void | Promise<void>;
   /** Set to stop after the current batch. */
@@ -148,53 +196,191 @@ let running = false;
 
 /** Trains `model`'s trainable weights on `train`. One fit at a time per process. */
 export async function fit(model: tf.LayersModel, train: ArrayData, opts: FitOptions): Promise<EpochStats[]> {
+  const { validation, sliceOf, ...rest } = opts;
+  const hasValidation = validation !== undefined && numSamples(validation) > 0;
+  return fitBatches(model, {
+    samples: numSamples(train),
+    batch: (indices, b) => takeRows(train, sliceOf ? sliceOf(indices, b) : indices),
+    validate: hasValidation ? async () => evaluate(model, validation, opts.numClasses) : undefined,
+  }, rest);
+}
+
+/** Where {@link fitBatches} gets its data. */
+export interface BatchSource {
+  /** Training samples; batches are a seeded permutation of 0..samples-1. */
+  samples: number;
+  /** The training rows of global batch `b` (sample indices in order). */
+  batch(indices: Int32Array, b: number, epoch: number): ArrayData | Promise<ArrayData>;
+  /**
+   * Prepare batch b + 1 while batch b trains (decoding images). Default false: `batch` is then called
+   * right before its step, which data-parallel `sliceOf` callers rely on (they note the current batch).
+   */
+  prefetch?: boolean;
+  /** Validation loss and accuracy of the model as it is now (undefined: no validation). */
+  validate?: () => Promise<{ loss: number; accuracy: number }>;
+}
+
+/**
+ * The epoch loop every trainer shares: seeded batches, the shared step, the training controls.
+ * Argument checks come first; the learning rate the optimizer started with is put back at the end.
+ */
+export async function fitBatches(model: tf.LayersModel, data: BatchSource, opts: Omit<FitOptions, "validation" | "sliceOf">): Promise<EpochStats[]> {
   if (!(opts.epochs >= 1)) throw new RangeError(`fit: epochs must be >= 1, got ${opts.epochs}`);
   if (!(opts.batchSize >= 1)) throw new RangeError(`fit: batchSize must be >= 1, got ${opts.batchSize}`);
-  if (numSamples(train) === 0) throw new RangeError("fit: no training samples");
+  if (data.samples === 0) throw new RangeError("fit: no training samples");
+  const c = opts.controls ?? {};
+  // Best weights are on by default and simply have nothing to pick without validation; the others would silently do nothing.
+  if (((c.earlyStoppingPatience ?? 0) > 0 || c.lrSchedule === "plateau") && !data.validate)
+    throw new RangeError("fit: early stopping and the plateau schedule need validation data");
   if (running) throw new Error("fit: another fit is running in this process");
   running = true;
+  const schedule = new LearningRate(opts.optimizer, c, opts.epochs);
+  const watch = new Watch(c);
   const history: EpochStats[] = [];
   try {
     for (let epoch = opts.initialEpoch ?? 0; epoch < opts.epochs; epoch++) {
-      const t0 = performance.now();
-      const batches = epochBatches(numSamples(train), opts.batchSize, opts.seed, epoch);
-      let lossSum = 0;
-      let correct = 0;
-      let seen = 0;
-      const firstBatch = epoch === (opts.initialEpoch ?? 0) ? opts.initialBatch ?? 0 : 0;
-      for (let b = firstBatch; b < batches.length; b++) {
-        if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("training stopped");
-        const batch = takeRows(train, opts.sliceOf ? opts.sliceOf(batches[b], b) : batches[b]);
-        const m = numSamples(batch);
-        const step = computeGradients(model, batch, opts.numClasses);
-        let grads = step.grads;
-        if (opts.gradientHook) {
-          const replaced = await opts.gradientHook(grads, m);
-          if (replaced !== grads) tf.dispose(grads);
-          grads = replaced;
-        }
-        opts.optimizer.applyGradients(grads);
-        tf.dispose(grads);
-        // A data-parallel worker may get no sample of a short last batch: its NaN mean loss is not a sample.
-        if (m > 0) lossSum += step.loss * m;
-        correct += step.correct;
-        seen += m;
-        opts.onBatchEnd?.({ epoch, batch: b, batches: batches.length, samples: m, loss: step.loss });
-        // Let timers and I/O (progress output, heartbeats, /metrics) run between steps.
-        if (b % 8 === 7) await new Promise((r) => setImmediate(r));
-      }
-      const seconds = (performance.now() - t0) / 1000;
-      const stats: EpochStats = { epoch: epoch + 1, loss: seen ? lossSum / seen : NaN, accuracy: seen ? correct / seen : NaN, seconds, samples_per_second: seen / seconds };
-      if (opts.validation && numSamples(opts.validation) > 0) {
-        const ev = evaluate(model, opts.validation, opts.numClasses);
-        stats.val_loss = ev.loss;
-        stats.val_accuracy = ev.accuracy;
+      const lr = schedule.epochStart(epoch);
+      const stats = await trainEpoch(model, data, opts, epoch);
+      if (lr !== undefined) stats.lr = lr;
+      if (data.validate) {
+        const v = await data.validate();
+        stats.val_loss = v.loss;
+        stats.val_accuracy = v.accuracy;
       }
       history.push(stats);
+      const improved = watch.epochEnd(model, stats);
+      schedule.epochEnd(improved);
       await opts.onEpochEnd?.(stats);
+      if (watch.shouldStop()) break;
     }
+    watch.finish(model, history);
     return history;
   } finally {
+    schedule.reset();
+    watch.dispose();
     running = false;
+  }
+}
+
+/** One pass over the epoch's batches (with `prefetch`, the next batch is prepared while the current one trains). */
+async function trainEpoch(model: tf.LayersModel, data: BatchSource, opts: Omit<FitOptions, "validation" | "sliceOf">, epoch: number): Promise<EpochStats> {
+  const t0 = performance.now();
+  const batches = epochBatches(data.samples, opts.batchSize, opts.seed, epoch);
+  let lossSum = 0;
+  let correct = 0;
+  let seen = 0;
+  const firstBatch = epoch === (opts.initialEpoch ?? 0) ? opts.initialBatch ?? 0 : 0;
+  const prepare = (b: number): Promise<ArrayData> => Promise.resolve(data.batch(batches[b], b, epoch));
+  let next = data.prefetch && firstBatch < batches.length ? prepare(firstBatch) : undefined;
+  for (let b = firstBatch; b < batches.length; b++) {
+    if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("training stopped");
+    const batch = await (next ?? prepare(b));
+    next = data.prefetch && b + 1 < batches.length ? prepare(b + 1) : undefined;
+    const m = numSamples(batch);
+    const step = computeGradients(model, batch, opts.numClasses, opts.controls?.loss);
+    let grads = step.grads;
+    if (opts.gradientHook) {
+      const replaced = await opts.gradientHook(grads, m);
+      if (replaced !== grads) tf.dispose(grads);
+      grads = replaced;
+    }
+    opts.optimizer.applyGradients(grads);
+    tf.dispose(grads);
+    // A data-parallel worker may get no sample of a short last batch: its NaN mean loss is not a sample.
+    if (m > 0) lossSum += step.loss * m;
+    correct += step.correct;
+    seen += m;
+    opts.onBatchEnd?.({ epoch, batch: b, batches: batches.length, samples: m, loss: step.loss });
+    // Let timers and I/O (progress output, heartbeats, /metrics) run between steps.
+    if (b % 8 === 7) await new Promise((r) => setImmediate(r));
+  }
+  const seconds = (performance.now() - t0) / 1000;
+  return { epoch: epoch + 1, loss: seen ? lossSum / seen : NaN, accuracy: seen ? correct / seen : NaN, seconds, samples_per_second: seen / seconds };
+}
+
+/** The optimizer's learning rate under a schedule (Adam reads its `learningRate` field every step; SGD has a setter). */
+class LearningRate {
+  private readonly initial: number | undefined;
+  private current: number | undefined;
+  private wait = 0;
+
+  constructor(private readonly optimizer: tf.Optimizer, private readonly c: TrainingControls, private readonly epochs: number) {
+    const lr = (optimizer as unknown as { learningRate?: unknown }).learningRate;
+    const scheduled = (c.lrSchedule ?? "constant") !== "constant";
+    if (scheduled && typeof lr !== "number") throw new RangeError(`fit: the ${c.lrSchedule} schedule needs an optimizer with a numeric learningRate`);
+    this.initial = typeof lr === "number" ? lr : undefined;
+    this.current = this.initial;
+  }
+
+  /** The rate of epoch `epoch`'s steps (set on the optimizer). */
+  epochStart(epoch: number): number | undefined {
+    if (this.c.lrSchedule === "cosine" && this.initial !== undefined) this.set(this.initial * 0.5 * (1 + Math.cos((Math.PI * epoch) / this.epochs)));
+    return this.current;
+  }
+
+  /** Plateau: after `lrPatience` epochs without improvement, multiply by `lrFactor` (Keras ReduceLROnPlateau, no cooldown). */
+  epochEnd(improved: boolean): void {
+    if (this.c.lrSchedule !== "plateau" || this.current === undefined) return;
+    this.wait = improved ? 0 : this.wait + 1;
+    if (this.wait >= (this.c.lrPatience ?? 2)) {
+      this.set(this.current * (this.c.lrFactor ?? 0.2));
+      this.wait = 0;
+    }
+  }
+
+  reset(): void {
+    if (this.initial !== undefined && this.current !== this.initial) this.set(this.initial);
+  }
+
+  private set(lr: number): void {
+    this.current = lr;
+    const o = this.optimizer as unknown as { setLearningRate?: (lr: number) => void; learningRate: number };
+    if (typeof o.setLearningRate === "function") o.setLearningRate(lr);
+    else o.learningRate = lr;
+  }
+}
+
+/** The monitored validation figure: improvement, patience, and a copy of the best epoch's trainable weights. */
+class Watch {
+  private best = Infinity;
+  private bestEpoch = 0;
+  private wait = 0;
+  private snapshot: tf.Tensor[] | undefined;
+
+  constructor(private readonly c: TrainingControls) {}
+
+  /** Records the epoch; true when the monitored figure improved. */
+  epochEnd(model: tf.LayersModel, stats: EpochStats): boolean {
+    const value = (this.c.monitor ?? "val_loss") === "val_loss" ? stats.val_loss : stats.val_accuracy === undefined ? undefined : -stats.val_accuracy;
+    if (value === undefined || !Number.isFinite(value) || !(value < this.best)) {
+      this.wait++;
+      return false;
+    }
+    this.best = value;
+    this.bestEpoch = stats.epoch;
+    this.wait = 0;
+    if (this.c.restoreBestWeights) {
+      tf.dispose(this.snapshot);
+      this.snapshot = model.trainableWeights.map((w) => tf.keep(w.read().clone()));
+    }
+    return true;
+  }
+
+  shouldStop(): boolean {
+    const patience = this.c.earlyStoppingPatience ?? 0;
+    return patience > 0 && this.wait >= patience;
+  }
+
+  /** Puts the best epoch's weights back (when restoring and the last epoch was not the best) and marks that epoch. */
+  finish(model: tf.LayersModel, history: EpochStats[]): void {
+    if (!this.c.restoreBestWeights || !this.snapshot) return;
+    if (this.bestEpoch !== history.at(-1)?.epoch) model.trainableWeights.forEach((w, i) => w.write(this.snapshot![i]));
+    const best = history.find((h) => h.epoch === this.bestEpoch);
+    if (best) best.best = true;
+  }
+
+  dispose(): void {
+    tf.dispose(this.snapshot);
+    this.snapshot = undefined;
   }
 }

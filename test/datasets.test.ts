@@ -158,17 +158,18 @@ function countBy<T>(xs: readonly T[], key: (x: T) => string | number): Map<strin
 
 // ---- Fashion-MNIST (real data) ----
 
-test("datasets - fashion-mnist with limit 300 keeps 300/60/60, 30/6/6 per class", { skip: fmnistSkip }, async () => {
-  const d = await openDataset("fashion-mnist", { ...OPTS, limit: 300 });
+test("datasets - fashion-mnist with limit 270 keeps 270/30/50 (val and test in their splits' proportion to train), 27/3/5 per class", { skip: fmnistSkip }, async () => {
+  const d = await openDataset("fashion-mnist", { ...OPTS, limit: 270 });
   assert.equal(d.name, "fashion-mnist");
   assert.deepEqual(d.classes, ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]);
   assert.deepEqual(d.skipped, []);
   const bySplit = countBy(d.samples, (s) => s.split);
-  assert.deepEqual(Object.fromEntries(bySplit), { train: 300, val: 60, test: 60 });
+  // 54,000 train / 6,000 val / 10,000 test before the limit.
+  assert.deepEqual(Object.fromEntries(bySplit), { train: 270, val: 30, test: 50 });
   for (const split of ["train", "val", "test"] as Split[]) {
     const perClass = countBy(d.samples.filter((s) => s.split === split), (s) => s.label);
     assert.equal(perClass.size, 10, `${split} has every class`);
-    for (const [label, n] of perClass) assert.equal(n, split === "train" ? 30 : 6, `${split} class ${label}`);
+    for (const [label, n] of perClass) assert.equal(n, { train: 27, val: 3, test: 5 }[split], `${split} class ${label}`);
   }
   for (const s of d.samples) {
     const m = /^fashion-mnist\/(train|test)\/(\d+)$/.exec(s.id);
@@ -448,12 +449,19 @@ test("datasets - stratified split keeps class proportions, is seeded, and limit 
   // The split of an id does not depend on where it sits in the list.
   const rev = stratifiedSplit([...ids].reverse(), [...labels].reverse(), { seed: 1, valFraction: 0.1, testFraction: 0.2 }).reverse();
   assert.deepEqual(rev, a);
-  // limit 100: 100 train (70/20/10), ceil(100/5) = 20 each of val and test.
+  // limit 100: 100 train (70/20/10); val and test keep their proportion to train (100 and 200 to 700).
   const kept = applyLimit(ids, labels, a, 100, 1);
   assert.equal(kept.filter((i) => a[i] === "train").length, 100);
   assert.deepEqual([0, 1, 2].map((l) => kept.filter((i) => a[i] === "train" && labels[i] === l).length), [70, 20, 10]);
-  assert.equal(kept.filter((i) => a[i] === "val").length, 20);
-  assert.equal(kept.filter((i) => a[i] === "test").length, 20);
+  assert.equal(kept.filter((i) => a[i] === "val").length, Math.ceil((100 * 100) / 700));
+  assert.equal(kept.filter((i) => a[i] === "test").length, Math.ceil((100 * 200) / 700));
+  // --val-split is honoured under --limit: 0.3 gives more validation samples than 0.1.
+  const valUnderLimit = (valFraction: number) => {
+    const s = stratifiedSplit(ids, labels, { seed: 1, valFraction, testFraction: 0.2 });
+    return applyLimit(ids, labels, s, 100, 1).filter((i) => s[i] === "val").length;
+  };
+  assert.equal(valUnderLimit(0.1), 15);
+  assert.equal(valUnderLimit(0.3), 60, "0.3 of the data against 0.5 in train: 100 * 300 / 500");
   // A class of one stays in train.
   assert.deepEqual(stratifiedSplit(["x", "y", "z"], [0, 1, 1], { seed: 3, valFraction: 0.4, testFraction: 0.4 })[0], "train");
   assert.deepEqual(stratifiedSubset(ids, labels, [5, 3, 1], 10, 0), [1, 3, 5]);

@@ -440,6 +440,8 @@ function assertValid(o: JobOptions): void {
     if (spec.kind === "string") {
       assert.equal(typeof v, "string", s.key);
       if (spec.choices) assert.ok(spec.choices.includes(v as string), `${s.key}=${String(v)}`);
+    } else if (spec.kind === "bool") {
+      assert.equal(typeof v, "boolean", s.key);
     } else {
       assert.ok(typeof v === "number" && Number.isFinite(v), `${s.key}=${String(v)}`);
       if (spec.kind === "int") assert.ok(Number.isInteger(v), `${s.key}=${v}`);
@@ -581,7 +583,7 @@ test("fuzz - configs: wrong types and impossible values are refused naming the o
     [{ data: "" }, /--data must not be empty/],
     [{ model: " " }, /--model must not be empty/],
     [{ "val-split": 0.5, "test-split": 0.45 }, /--val-split \+ --test-split/],
-    [{ "val-split": 0.6 }, /--val-split .* between 0.01 and 0.5/],
+    [{ "val-split": 0.6 }, /--val-split .* between 0 and 0.5/],
     [{ job: "my job" }, /--job "my job" must be/],
     [{ job: "my.job" }, /--job "my.job" must be/],
     [{ job: "x".repeat(64) }, /--job "x{64}" must be/],

@@ -13,11 +13,14 @@ import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
 import { selectBackend } from "../core/backend.js";
 import { openDataset } from "../core/datasets/open.js";
+import { preprocess } from "../core/feature_model.js";
 import { loadModel } from "../core/model_io.js";
+import type { Preprocessing } from "../core/model_zoo.js";
 import { runCli } from "./helpers/cli.js";
 
 // A few hundred real images at a small input size: the floor below is what this setting reaches
-// (about 72% on the 100 test images), far above the 10% of chance.
+// (68-70% on the 93 test images, measured with unit and tf preprocessing, best or last epoch's
+// weights; one image is 1.1 points), far above the 10% of chance.
 const SMALL_JOB = ["--data", "fashion-mnist", "--limit", "500", "--input-size", "96", "--feature-layer", "block_12_add", "--epochs", "30", "--dropout", "0.2", "--workers", "1", "--metrics-port", "-1", "--log-format", "json"];
 
 let dir: string;
@@ -71,8 +74,9 @@ describe("pipeline - Fashion-MNIST through ctrain run", () => {
     assert.equal(summary.model, "mobilenet_v2");
     assert.equal(summary.input_size, 96);
     assert.equal(summary.classes.length, 10);
-    assert.deepEqual(summary.samples, { train: 500, val: 100, test: 100 });
-    assert.equal(summary.extraction.images, 700);
+    // val and test in their splits' proportion to train (6,000 and 10,000 to 54,000).
+    assert.deepEqual(summary.samples, { train: 500, val: 56, test: 93 });
+    assert.equal(summary.extraction.images, 649);
     assert.equal(summary.extraction.cache_hit, false);
     assert.ok(summary.extraction.images_per_second > 0);
     assert.deepEqual(summary.skipped_inputs, []);
@@ -80,14 +84,15 @@ describe("pipeline - Fashion-MNIST through ctrain run", () => {
 
   test("pipeline - the head learns: test accuracy far above chance", () => {
     const acc = summary.phases.head.test_accuracy;
-    assert.ok(acc >= 0.7, `head test accuracy ${acc} < 0.7 (chance is 0.1)`);
+    assert.ok(acc >= 0.64, `head test accuracy ${acc} < 0.64 (chance is 0.1)`);
     assert.ok(summary.phases.head.val_accuracy >= 0.65, `val accuracy ${summary.phases.head.val_accuracy}`);
   });
 
   test("pipeline - model/ loads with tf.loadLayersModel and classifies real images", async () => {
     await selectBackend("wasm");
     const model = await loadModel(join(out, "model"));
-    const meta = (model.getUserDefinedMetadata() as { ctrain: { classes: string[]; inputSize: number } }).ctrain;
+    const meta = (model.getUserDefinedMetadata() as { ctrain: { classes: string[]; inputSize: number; preprocessing: Preprocessing } }).ctrain;
+    assert.equal(meta.preprocessing, "unit", "the built-in model's own preprocessing is stored for predict");
     assert.equal(meta.classes.length, 10);
     assert.deepEqual(model.inputs[0].shape, [null, 96, 96, 3]);
     assert.deepEqual(model.outputs[0].shape, [null, 10]);
@@ -96,7 +101,7 @@ describe("pipeline - Fashion-MNIST through ctrain run", () => {
     const test = ds.samples.filter((s) => s.split === "test").slice(0, 40);
     const rgb = new Uint8Array(test.length * 96 * 96 * 3);
     for (let i = 0; i < test.length; i++) rgb.set(await ds.readRgb(test[i], 96), i * 96 * 96 * 3);
-    const pred = tf.tidy(() => (model.predict(tf.tensor4d(rgb, [test.length, 96, 96, 3], "int32").toFloat().div(127.5).sub(1)) as tf.Tensor).argMax(-1).dataSync());
+    const pred = tf.tidy(() => (model.predict(preprocess(tf.tensor4d(rgb, [test.length, 96, 96, 3], "int32"), meta.preprocessing)) as tf.Tensor).argMax(-1).dataSync());
     const correct = test.filter((s, i) => pred[i] === s.label).length;
     assert.ok(correct / test.length >= 0.6, `saved model: ${correct}/${test.length} correct`);
     model.dispose();
@@ -137,7 +142,8 @@ describe("pipeline - Fashion-MNIST through ctrain run", () => {
     assert.equal(r.code, 0, r.stderr.slice(-3000));
     const s3 = JSON.parse(await readFile(join(out3, "summary.json"), "utf8")) as Summary;
     assert.equal(s3.extraction.cache_hit, false);
-    assert.equal(s3.extraction.images, 60 + 12 + 12);
+    // val and test in proportion to train: ceil(60 * 6,000 / 54,000) and ceil(60 * 10,000 / 54,000).
+    assert.equal(s3.extraction.images, 60 + 7 + 12);
     const entries = (await readdir(cache)).filter((n) => /^[0-9a-f]{32}$/.test(n));
     assert.equal(entries.length, 2);
   });
@@ -152,7 +158,7 @@ describe("pipeline - Fashion-MNIST through ctrain run", () => {
     assert.match(r.stderr, /feature cache entry is damaged: extracting again/);
     const s4 = JSON.parse(await readFile(join(dir, "run4", "summary.json"), "utf8")) as Summary;
     assert.equal(s4.extraction.cache_hit, false);
-    assert.equal(s4.extraction.images, 84);
+    assert.equal(s4.extraction.images, 79);
     assert.equal((await readFile(file)).length, bytes.length, "the entry is whole again");
   });
 });

@@ -148,7 +148,7 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
   const samples: SampleRef[] = kept.map((i) => ({ id: ids[i], label: labels[i], split: splits[i] }));
 
   const h = createHash("sha256");
-  h.update(JSON.stringify({ kind: "folder", v: 1, classes: classDirs, seed: o.seed, valSplit: o.valSplit, testSplit: o.testSplit, limit: o.limit, maxPixels: o.maxPixels }));
+  h.update(JSON.stringify({ kind: "folder", v: 2, classes: classDirs, seed: o.seed, valSplit: o.valSplit, testSplit: o.testSplit, limit: o.limit, maxPixels: o.maxPixels }));
   for (const line of identity) h.update(`\n${line}`);
 
   const known = new Set(ids);

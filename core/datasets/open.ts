@@ -25,7 +25,7 @@ export interface OpenOptions {
   valSplit: number;
   /** Fraction of each class held out for test, in [0, 1); ignored by IDX sets, whose t10k files are the test split. */
   testSplit: number;
-  /** At most this many training samples and ceil(limit / 5) each of val and test (stratified); 0 = all. */
+  /** At most this many training samples, val and test in proportion to train (stratified; splits.ts limitsFor); 0 = all. */
   limit: number;
   /** Refuse images whose header claims more than this many pixels (width x height). */
   maxPixels: number;

@@ -102,11 +102,16 @@ export function stratifiedSubset(ids: readonly string[], labels: ArrayLike<numbe
   return kept.sort((a, b) => a - b);
 }
 
-/** What `--limit N` keeps: at most N training samples and at most ceil(N / 5) each of val and test. */
-export function limitsFor(limit: number): Record<Split, number> {
+/**
+ * What `--limit N` keeps: at most N training samples, and val and test in the proportion the splits
+ * hold to train (`counts`: samples per split before the limit), so `--val-split` and `--test-split`
+ * keep their meaning: with --val-split 0.3, val is 0.3 / 0.7 of train, not a fixed N / 5.
+ */
+export function limitsFor(limit: number, counts: Record<Split, number>): Record<Split, number> {
   if (limit <= 0) return { train: Infinity, val: Infinity, test: Infinity };
-  const other = Math.ceil(limit / 5);
-  return { train: limit, val: other, test: other };
+  const train = Math.min(limit, counts.train);
+  const share = (n: number): number => (counts.train > 0 ? Math.ceil((train * n) / counts.train) : n);
+  return { train: limit, val: share(counts.val), test: share(counts.test) };
 }
 
 /**
@@ -114,9 +119,9 @@ export function limitsFor(limit: number): Record<Split, number> {
  * kept indices ordered train, then val, then test, ascending within each.
  */
 export function applyLimit(ids: readonly string[], labels: ArrayLike<number>, splits: readonly Split[], limit: number, seed: number): number[] {
-  const max = limitsFor(limit);
   const bySplit: Record<Split, number[]> = { train: [], val: [], test: [] };
   for (let i = 0; i < splits.length; i++) bySplit[splits[i]].push(i);
+  const max = limitsFor(limit, { train: bySplit.train.length, val: bySplit.val.length, test: bySplit.test.length });
   const out: number[] = [];
   for (const s of ["train", "val", "test"] as const) out.push(...stratifiedSubset(ids, labels, bySplit[s], max[s], seed));
   return out;
