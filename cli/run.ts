@@ -73,21 +73,25 @@ async function answers(port: number, proc: ChildProcess, timeoutMs: number): Pro
 }
 
 /** Starts the embedded NATS (unless opts.nats) and N worker processes. */
-async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void): Promise<LocalCluster & { url: string }> {
+async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void): Promise<LocalCluster & { url: string; auth: NatsAuth }> {
   let nats: EmbeddedNats | undefined;
   let url = opts.nats;
+  const ids = Array.from({ length: opts.workers }, (_, i) => `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, ""));
   if (!url) {
-    nats = await startEmbeddedNats();
+    // Our own server: per-job users, the coordinator's for this process, one per worker with its role's permissions.
+    nats = await startEmbeddedNats({ job: opts.job, workers: ids, onError: (line) => log.warn("embedded nats-server", { error: line }) });
     url = nats.url;
-    log.info("embedded nats-server started", { url, pid: nats.pid });
+    auth = nats.credentials.coordinator;
+    log.info("embedded nats-server started", { url, pid: nats.pid, auth: "per-job users" });
   }
+  // Inherited CTRAIN_NATS_* must not mix with the credentials given below.
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("CTRAIN_NATS_")));
   const workers: LocalCluster["workers"] = [];
-  for (let i = 0; i < opts.workers; i++) {
-    const id = `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, "");
+  for (const id of ids) {
     const metricsPort = opts.metricsPort >= 0 ? await freePort() : -1;
     const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", opts.logFormat];
     // Credentials go through the environment: argv is visible to every user of the machine.
-    const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...process.env, ...natsAuthEnv(auth) } });
+    const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...env, ...natsAuthEnv(nats?.credentials.workers.get(id) ?? auth) } });
     proc.on("exit", (code, signal) => {
       if (stopping) return;
       log.warn("worker process exited", { worker: id, code, signal });
@@ -98,6 +102,7 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, 
   let stopping = false;
   return {
     url,
+    auth,
     workers,
     nats,
     async stop() {
@@ -136,7 +141,7 @@ export async function main(argv: string[]): Promise<number> {
   if (server) log.info("serving metrics", { url: server.url });
 
   const distributed = opts.workers > 1 || opts.nats !== "";
-  let cluster: (LocalCluster & { url: string }) | undefined;
+  let cluster: (LocalCluster & { url: string; auth: NatsAuth }) | undefined;
   let nc: NatsConnection | undefined;
   const lost = new AbortController();
   let targetsFile: string | undefined;
@@ -182,7 +187,7 @@ export async function main(argv: string[]): Promise<number> {
         }));
         if (targetsFile) log.info("metrics endpoints", { targets: targets.map((t) => `${t.worker}=http://${t.address}/metrics`), prometheus_file_sd: file });
       })().catch((err: unknown) => log.warn("writing the scrape targets failed", { error: err as Error }));
-      nc = await connectNats(cluster.url, auth, { name: `ctrain-coordinator-${opts.job}` });
+      nc = await connectNats(cluster.url, cluster.auth, { name: `ctrain-coordinator-${opts.job}` });
       const conn = nc;
       void (async () => {
         for await (const s of conn.status()) if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });

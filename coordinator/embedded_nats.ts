@@ -1,6 +1,10 @@
 /**
  * The nats-server `ctrain run` starts for itself: on a free port of 127.0.0.1 (`port: -1`, read back
  * from the ports file the server writes), JetStream in a temp store dir, gone after `stop()`.
+ * It always requires authentication: one user for the coordinator and one per local worker, each with
+ * a fresh random password and its role's permissions (coordinator/nats_permissions.ts). The passwords
+ * live only in the 0600 config in a 0700 temp dir and in memory; callers hand them to workers through
+ * the environment, never argv, and nothing logs them.
  * Adapted from the test harness (test/helpers/nats_server.ts), which production code must not import.
  */
 import { spawn, type ChildProcess } from "node:child_process";
@@ -8,18 +12,35 @@ import { accessSync, constants, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
 import { ConfigError } from "../core/errors.js";
+import type { NatsAuth } from "../core/nats_connect.js";
+import { authorizationBlock, jobUsers } from "./nats_permissions.js";
 
 export interface EmbeddedNatsOptions {
   /** nats-server binary. Default: $NATS_SERVER_BIN, /usr/sbin/nats-server, then PATH. */
   binary?: string;
   /** How long to wait for the server to listen, milliseconds. Default 10000. */
   startTimeoutMs?: number;
+  /** Job whose worker permissions the server enforces. Default `embedded` (no worker user unless `workers`). */
+  job?: string;
+  /** Worker ids to create users for. Default none (only the coordinator user). */
+  workers?: readonly string[];
+  /** Called with each error line of the server (a permission violation, a full store...). */
+  onError?: (line: string) => void;
+}
+
+/** Credentials of the embedded server's users. */
+export interface EmbeddedNatsCredentials {
+  /** Every subject (the coordinator, tools). */
+  coordinator: NatsAuth;
+  /** One per worker id, with the worker role's permissions. */
+  workers: ReadonlyMap<string, NatsAuth>;
 }
 
 export interface EmbeddedNats extends AsyncDisposable {
   /** `nats://127.0.0.1:<port>`. */
   readonly url: string;
   readonly pid: number;
+  readonly credentials: EmbeddedNatsCredentials;
   /** SIGTERM (SIGKILL after 5 s), then removes the store. Idempotent. */
   stop(): Promise<void>;
 }
@@ -44,15 +65,28 @@ export async function startEmbeddedNats(opts: EmbeddedNatsOptions = {}): Promise
   const bin = findNatsServerBinary(opts.binary);
   const dir = mkdtempSync(join(tmpdir(), "ctrain-embedded-nats-"));
   const conf = join(dir, "server.conf");
+  const users = jobUsers(opts.job ?? "embedded", opts.workers ?? []);
   writeFileSync(
     conf,
     [`listen: "127.0.0.1:-1"`, `ports_file_dir: ${JSON.stringify(dir)}`, `server_name: ctrain_run_${process.pid}`,
-      `jetstream {`, `  store_dir: ${JSON.stringify(join(dir, "jetstream"))}`, `}`].join("\n") + "\n",
+      `jetstream {`, `  store_dir: ${JSON.stringify(join(dir, "jetstream"))}`, `}`,
+      authorizationBlock([users.coordinator, ...users.workers.values()])].join("\n") + "\n",
+    { mode: 0o600 },
   );
+  const credentials: EmbeddedNatsCredentials = {
+    coordinator: { user: users.coordinator.user, pass: users.coordinator.password },
+    workers: new Map([...users.workers].map(([w, u]) => [w, { user: u.user, pass: u.password }])),
+  };
   const proc: ChildProcess = spawn(bin, ["-c", conf], { stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
   proc.stderr!.setEncoding("utf8");
-  proc.stderr!.on("data", (d: string) => (stderr = (stderr + d).slice(-4000)));
+  let partial = "";
+  proc.stderr!.on("data", (d: string) => {
+    stderr = (stderr + d).slice(-4000);
+    const lines = (partial + d).split("\n");
+    partial = lines.pop() ?? "";
+    for (const l of lines) if (/\[(ERR|FTL)\]/.test(l)) opts.onError?.(l.replace(/^\[\d+\] \S+ \S+ /, ""));
+  });
   let spawnError: Error | undefined;
   proc.once("error", (e) => (spawnError = e));
   // Never outlive the process that started us.
@@ -92,6 +126,7 @@ export async function startEmbeddedNats(opts: EmbeddedNatsOptions = {}): Promise
   const server: EmbeddedNats = {
     url: `nats://127.0.0.1:${port}`,
     pid: proc.pid ?? -1,
+    credentials,
     async stop() {
       if (stopped) return;
       stopped = true;
