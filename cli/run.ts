@@ -19,7 +19,7 @@ import { Registry } from "prom-client";
 import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
 import { createLogger, type Logger } from "../core/log.js";
 import { createMetrics, serveMetrics, writeScrapeTargets, type ScrapeTarget } from "../core/metrics.js";
-import { connectNats, NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, type NatsAuth } from "../core/nats_connect.js";
+import { connectNats, NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, splitUrlCredentials, type NatsAuth } from "../core/nats_connect.js";
 import type { NatsConnection } from "nats";
 import { startEmbeddedNats, type EmbeddedNats } from "../coordinator/embedded_nats.js";
 import { preflight } from "../coordinator/preflight.js";
@@ -83,6 +83,11 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, 
     url = nats.url;
     auth = nats.credentials.coordinator;
     log.info("embedded nats-server started", { url, pid: nats.pid, auth: "per-job users" });
+  } else {
+    // Userinfo in --nats goes to the workers' environment, never their argv.
+    const split = splitUrlCredentials(url);
+    url = split.servers;
+    if (Object.keys(auth).length === 0) auth = split.auth;
   }
   // Inherited CTRAIN_NATS_* must not mix with the credentials given below.
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("CTRAIN_NATS_")));
