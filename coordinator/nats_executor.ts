@@ -23,6 +23,7 @@ import {
   decodeShardError, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER, ensureTaskQueue, errorKey, failedKey, parseWireShardId, roundId, SPEC_EXTRA, specKey, wireShardId,
   type ShardErrorRecord,
 } from "../core/extraction_wire.js";
+import { StorageError } from "../core/errors.js";
 import type { FeatureExtractor } from "../core/feature_model.js";
 import { cacheKey, type FeatureShardData } from "../core/feature_store.js";
 import type { Logger } from "../core/log.js";
@@ -261,7 +262,9 @@ export class NatsShardExecutor implements ShardExecutor {
         log.debug("shard stored", { shard: shard.id, worker: fs.worker || worker, samples: data.ids.length, skipped: data.skipped.length, seconds: Number(fs.seconds.toFixed(3)) });
         if (pending.size === 0) finish();
       } catch (err) {
-        log.debug("fetching a shard failed (the sweep retries)", { shard: wire, error: err as Error });
+        // A disk that cannot take the shard will not take it on the next sweep either: stop now, saying where.
+        if (err instanceof StorageError) failJob(err);
+        else log.debug("fetching a shard failed (the sweep retries)", { shard: wire, error: err as Error });
       } finally {
         fetching.delete(wire);
       }

@@ -54,7 +54,34 @@ export class BackendUnavailableError extends Error {
   }
 }
 
+/** A file the job writes cannot be written (disk full, read-only, no permission). The job stops; nothing half-written is kept. */
+export class StorageError extends Error {
+  override name = "StorageError";
+  /** The file or folder that could not be written. */
+  readonly path: string;
+  /** The errno code (`ENOSPC`, `EROFS`, `EACCES`, `EDQUOT`). */
+  readonly code: string;
+  constructor(path: string, code: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.path = path;
+    this.code = code;
+  }
+}
+
+const STORAGE_CODES: Record<string, string> = { ENOSPC: "no space left on the device", EDQUOT: "disk quota exceeded", EROFS: "read-only file system", EACCES: "permission denied", EPERM: "permission denied" };
+
+/**
+ * `err` as a StorageError naming `path` when it is a disk-full / read-only / permission failure
+ * (`need`: bytes the write wanted, for the message); otherwise `err` unchanged.
+ */
+export function storageError(err: unknown, path: string, need?: number): unknown {
+  const code = (err as NodeJS.ErrnoException)?.code;
+  if (!code || !STORAGE_CODES[code]) return err;
+  const size = need !== undefined ? ` (writing ${(need / 2 ** 20).toFixed(1)} MiB)` : "";
+  return new StorageError(path, code, `cannot write ${path}: ${STORAGE_CODES[code]} (${code})${size}. Free space or choose another folder (--cache-dir, --out), then run the job again: what was stored completely is reused.`, { cause: err });
+}
+
 /** Errors a user caused and can fix: printed as one line, without a stack trace. */
-export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError {
-  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError;
+export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError | StorageError {
+  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError || err instanceof StorageError;
 }
