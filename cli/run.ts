@@ -17,6 +17,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Registry } from "prom-client";
 import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
+import { ServiceLostError } from "../core/errors.js";
 import { createLogger, type Logger } from "../core/log.js";
 import { createMetrics, serveMetrics, writeScrapeTargets, type ScrapeTarget } from "../core/metrics.js";
 import { connectNats, NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, splitUrlCredentials, type NatsAuth } from "../core/nats_connect.js";
@@ -73,13 +74,19 @@ async function answers(port: number, proc: ChildProcess, timeoutMs: number): Pro
 }
 
 /** Starts the embedded NATS (unless opts.nats) and N worker processes. */
-async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void): Promise<LocalCluster & { url: string; auth: NatsAuth }> {
+async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void, onNatsLost: (e: Error) => void): Promise<LocalCluster & { url: string; auth: NatsAuth }> {
   let nats: EmbeddedNats | undefined;
   let url = opts.nats;
   const ids = Array.from({ length: opts.workers }, (_, i) => `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, ""));
   if (!url) {
     // Our own server: per-job users, the coordinator's for this process, one per worker with its role's permissions.
-    nats = await startEmbeddedNats({ job: opts.job, workers: ids, onError: (line) => log.warn("embedded nats-server", { error: line }) });
+    nats = await startEmbeddedNats({
+      job: opts.job, workers: ids, onError: (line) => log.warn("embedded nats-server", { error: line }),
+      onExit: (e) => {
+        if (e.restarted) return log.warn("embedded nats-server died: restarted on its store, clients reconnect", { pid: e.pid, how: e.how, new_pid: e.newPid, last_line: e.lastLine });
+        onNatsLost(new ServiceLostError(`the embedded nats-server (pid ${e.pid}) died (${e.how}${e.lastLine ? `: ${e.lastLine}` : ""}) and could not be restarted. Run the same command again with --job ${opts.job} to resume: finished shards are in the feature cache.`));
+      },
+    });
     url = nats.url;
     auth = nats.credentials.coordinator;
     log.info("embedded nats-server started", { url, pid: nats.pid, auth: "per-job users" });
@@ -169,7 +176,12 @@ export async function main(argv: string[]): Promise<number> {
   // a cache hit or a config refused by runJob starts no process and writes nothing.
   const ensureCluster = async (): Promise<void> => {
     if (!cluster) {
-      cluster = await startLocalCluster(opts, auth, log, () => lost.abort(new Error(`every local worker process exited; see their errors above`)));
+      cluster = await startLocalCluster(opts, auth, log, () => lost.abort(new Error(`every local worker process exited; see their errors above`)), (e) => {
+        log.error("embedded nats-server lost", { error: e });
+        lost.abort(e);
+        // Fine-tuning waits on NATS and has no abort signal: end the job here, within seconds, with the message.
+        setTimeout(() => void cleanup().finally(() => process.exit(1)), 5000).unref();
+      });
       await mkdir(opts.out, { recursive: true });
       // A process enters the targets file once it answers, so Prometheus never scrapes a port that is
       // not open yet (a worker loads tfjs before it listens) and CtrainWorkerDown stays quiet.

@@ -68,6 +68,14 @@ export class StorageError extends Error {
   }
 }
 
+/** A service the job runs on (its embedded nats-server) died and could not be brought back. The message says how to resume. */
+export class ServiceLostError extends Error {
+  override name = "ServiceLostError";
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
 const STORAGE_CODES: Record<string, string> = { ENOSPC: "no space left on the device", EDQUOT: "disk quota exceeded", EROFS: "read-only file system", EACCES: "permission denied", EPERM: "permission denied" };
 
 /**
@@ -81,7 +89,7 @@ export function storageError(err: unknown, path: string, need?: number): unknown
   return new StorageError(path, code, `cannot write ${path}: ${STORAGE_CODES[code]} (${code})${size}. Free space or choose another folder (--cache-dir, --out), then run the job again: what was stored completely is reused.`, { cause: err });
 }
 
-/** Errors a user caused and can fix: printed as one line, without a stack trace. */
-export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError | StorageError {
-  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError || err instanceof StorageError;
+/** Errors whose message says all a user needs (what to fix, how to resume): printed as one line, without a stack trace. */
+export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError | StorageError | ServiceLostError {
+  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError || err instanceof StorageError || err instanceof ServiceLostError;
 }
