@@ -23,7 +23,7 @@ import { buildFeatureExtractor } from "../core/feature_model.js";
 import { FeatureCache } from "../core/feature_store.js";
 import { createLogger } from "../core/log.js";
 import { loadPretrained } from "../core/model_zoo.js";
-import { connectNats } from "../core/nats_connect.js";
+import { connectNats, natsAuthEnv } from "../core/nats_connect.js";
 import { startEmbeddedNats } from "../coordinator/embedded_nats.js";
 import { NatsShardExecutor } from "../coordinator/nats_executor.js";
 import { planShards } from "../coordinator/shard_planner.js";
@@ -53,10 +53,10 @@ async function main(): Promise<void> {
     for (const n of workerCounts) {
       const job = `bench-dist-${n}`;
       const opts = resolveOptions({ job, data: "fashion-mnist", limit, inputSize, shardSize, backend: "wasm", workers: n, seed: 42 });
-      const nc = await connectNats(nats.url, {}, { name: "bench-coordinator" });
+      const nc = await connectNats(nats.url, nats.credentials.coordinator, { name: "bench-coordinator" });
       const kids: ChildProcess[] = [];
       for (let i = 0; i < n; i++)
-        kids.push(spawn(process.execPath, [CLI, "worker", "--nats", nats.url, "--job", job, "--worker-id", `${job}-w${i}`, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, CTRAIN_LOG_LEVEL: "warn" } }));
+        kids.push(spawn(process.execPath, [CLI, "worker", "--nats", nats.url, "--job", job, "--worker-id", `${job}-w${i}`, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, ...natsAuthEnv(nats.credentials.coordinator), CTRAIN_LOG_LEVEL: "warn" } }));
       try {
         // Warm-up round (another data set fingerprint, so another round): every worker loads the model.
         const warm = await openDataset("fashion-mnist", { seed: 43, valSplit: 0.1, testSplit: 0.1, limit: 8 * n, maxPixels: opts.maxPixels });

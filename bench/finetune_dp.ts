@@ -16,6 +16,7 @@ import { availableParallelism, cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { startEmbeddedNats } from "../coordinator/embedded_nats.js";
+import { natsAuthEnv } from "../core/nats_connect.js";
 
 const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 const arg = (name: string, def: string): string => {
@@ -33,8 +34,8 @@ interface Done {
   allreduce_bytes_per_step: number;
 }
 
-function run(args: string[]): { proc: ChildProcess; done: Promise<{ code: number | null; lines: Record<string, unknown>[] }> } {
-  const p = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+function run(args: string[], env: Record<string, string> = {}): { proc: ChildProcess; done: Promise<{ code: number | null; lines: Record<string, unknown>[] }> } {
+  const p = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
   return { proc: p, done: collect(p) };
 }
 
@@ -66,16 +67,18 @@ async function main(): Promise<void> {
   const ns = arg("workers", "1,2").split(",").map(Number);
   const dir = await mkdtemp(join(tmpdir(), "ctrain-bench-dp-"));
   const nats = await startEmbeddedNats();
+  // One server for every job of the bench: each process gets the coordinator's (unrestricted) user.
+  const auth = natsAuthEnv(nats.credentials.coordinator);
   const results: Record<string, unknown>[] = [];
   try {
     for (const n of ns) {
       const job = `benchdp${n}`;
-      const workers = Array.from({ length: n }, (_, i) => run(["worker", "--nats", nats.url, "--job", job, "--worker-id", `${job}-w${i}`, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"]));
+      const workers = Array.from({ length: n }, (_, i) => run(["worker", "--nats", nats.url, "--job", job, "--worker-id", `${job}-w${i}`, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"], auth));
       const coord = await run([
         "coordinator", "--nats", nats.url, "--job", job, "--data", "fashion-mnist", "--limit", limit, "--input-size", inputSize, "--epochs", "1",
         "--fine-tune-layers", layers, "--fine-tune-epochs", epochs, "--batch-size", batch, "--dropout", "0", "--backend", "wasm", "--workers", String(n),
         "--data-parallel", "on", "--cache-dir", join(dir, "cache"), "--out", join(dir, job), "--metrics-port", "-1", "--log-format", "json", "--seed", "42",
-      ]).done;
+      ], auth).done;
       if (coord.code !== 0) throw new Error(`coordinator N=${n} exited ${coord.code}: ${JSON.stringify(coord.lines.slice(-3))}`);
       // Workers stay up after a job: stop them (SIGTERM drains).
       for (const w of workers) w.proc.kill("SIGTERM");

@@ -93,7 +93,7 @@ export async function main(argv: string[]): Promise<number> {
   const metrics = createMetrics(registry, { job: opts.job });
   const host = typeof parsed.extra["metrics-host"] === "string" ? parsed.extra["metrics-host"] : "127.0.0.1";
   const server = opts.metricsPort >= 0 ? await serveMetrics(registry, opts.metricsPort, host) : undefined;
-  if (server) log.info("serving metrics", { url: server.url, port: server.port });
+  if (server) log.info("serving metrics", { url: server.url, port: server.port, listen: server.listen });
   const workers = await launchWorkers(opts, log);
   try {
     const summary = await runDistributedJob(opts, { log, metrics, auth, ackWaitMs: ackWait !== undefined ? ackWait * 1000 : undefined, maxDeliver: maxDeliver !== undefined ? Math.round(maxDeliver) : undefined, dataParallel });

@@ -3,7 +3,9 @@
  * The `ctrain` binary: one entry, one module per sub-command, loaded lazily so `ctrain k8s render`
  * never pays for loading TensorFlow.js.
  */
+import { inspect } from "node:util";
 import { isUserError } from "../core/errors.js";
+import { redactSecrets } from "../core/log.js";
 
 type Command = { summary: string; load: () => Promise<{ main(argv: string[]): Promise<number> }> };
 
@@ -41,10 +43,10 @@ main(process.argv.slice(2)).then(
   (code) => { process.exitCode = code; },
   (err: unknown) => {
     if (isUserError(err)) {
-      console.error(`ctrain: ${err.name}: ${err.message}`);
+      console.error(redactSecrets(`ctrain: ${err.name}: ${err.message}`));
       process.exitCode = 2;
     } else {
-      console.error(err);
+      console.error(redactSecrets(inspect(err)));
       process.exitCode = 1;
     }
   },

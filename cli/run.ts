@@ -18,9 +18,10 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Registry } from "prom-client";
 import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
+import { ServiceLostError } from "../core/errors.js";
 import { createLogger, type Logger } from "../core/log.js";
 import { createMetrics, serveMetrics, writeScrapeTargets, type ScrapeTarget } from "../core/metrics.js";
-import { connectNats, NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, type NatsAuth } from "../core/nats_connect.js";
+import { connectNats, NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, splitUrlCredentials, type NatsAuth } from "../core/nats_connect.js";
 import type { NatsConnection } from "nats";
 import { startEmbeddedNats, type EmbeddedNats } from "../coordinator/embedded_nats.js";
 import { preflight } from "../coordinator/preflight.js";
@@ -74,21 +75,36 @@ async function answers(port: number, proc: ChildProcess, timeoutMs: number): Pro
 }
 
 /** Starts the embedded NATS (unless opts.nats) and N worker processes. */
-async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void): Promise<LocalCluster & { url: string }> {
+async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void, onNatsLost: (e: Error) => void): Promise<LocalCluster & { url: string; auth: NatsAuth }> {
   let nats: EmbeddedNats | undefined;
   let url = opts.nats;
+  const ids = Array.from({ length: opts.workers }, (_, i) => `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, ""));
   if (!url) {
-    nats = await startEmbeddedNats();
+    // Our own server: per-job users, the coordinator's for this process, one per worker with its role's permissions.
+    nats = await startEmbeddedNats({
+      job: opts.job, workers: ids, onError: (line) => log.warn("embedded nats-server", { error: line }),
+      onExit: (e) => {
+        if (e.restarted) return log.warn("embedded nats-server died: restarted on its store, clients reconnect", { pid: e.pid, how: e.how, new_pid: e.newPid, last_line: e.lastLine });
+        onNatsLost(new ServiceLostError(`the embedded nats-server (pid ${e.pid}) died (${e.how}${e.lastLine ? `: ${e.lastLine}` : ""}) and could not be restarted. Run the same command again with --job ${opts.job} to resume: finished shards are in the feature cache.`));
+      },
+    });
     url = nats.url;
-    log.info("embedded nats-server started", { url, pid: nats.pid });
+    auth = nats.credentials.coordinator;
+    log.info("embedded nats-server started", { url, pid: nats.pid, auth: "per-job users" });
+  } else {
+    // Userinfo in --nats goes to the workers' environment, never their argv.
+    const split = splitUrlCredentials(url);
+    url = split.servers;
+    if (Object.keys(auth).length === 0) auth = split.auth;
   }
+  // Inherited CTRAIN_NATS_* must not mix with the credentials given below.
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("CTRAIN_NATS_")));
   const workers: LocalCluster["workers"] = [];
-  for (let i = 0; i < opts.workers; i++) {
-    const id = `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, "");
+  for (const id of ids) {
     const metricsPort = opts.metricsPort >= 0 ? await freePort() : -1;
     const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--threads", String(threadsFor(opts.threads, opts.workers)), "--engine-provider", opts.engineProvider, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", opts.logFormat];
     // Credentials go through the environment: argv is visible to every user of the machine.
-    const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...process.env, ...natsAuthEnv(auth) } });
+    const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...env, ...natsAuthEnv(nats?.credentials.workers.get(id) ?? auth) } });
     proc.on("exit", (code, signal) => {
       if (stopping) return;
       log.warn("worker process exited", { worker: id, code, signal });
@@ -99,6 +115,7 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, 
   let stopping = false;
   return {
     url,
+    auth,
     workers,
     nats,
     async stop() {
@@ -129,7 +146,7 @@ export async function main(argv: string[]): Promise<number> {
   const opts = loadOptions(parsed);
   const auth = natsAuthFrom(parsed.extra);
   // Refuse a job that cannot run before starting nats-server and workers or writing anything.
-  await preflight(opts);
+  await preflight(opts, { localWorkers: opts.workers });
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });
@@ -137,7 +154,7 @@ export async function main(argv: string[]): Promise<number> {
   if (server) log.info("serving metrics", { url: server.url });
 
   const distributed = opts.workers > 1 || opts.nats !== "";
-  let cluster: (LocalCluster & { url: string }) | undefined;
+  let cluster: (LocalCluster & { url: string; auth: NatsAuth }) | undefined;
   let nc: NatsConnection | undefined;
   const lost = new AbortController();
   let targetsFile: string | undefined;
@@ -160,7 +177,12 @@ export async function main(argv: string[]): Promise<number> {
   // a cache hit or a config refused by runJob starts no process and writes nothing.
   const ensureCluster = async (): Promise<void> => {
     if (!cluster) {
-      cluster = await startLocalCluster(opts, auth, log, () => lost.abort(new Error(`every local worker process exited; see their errors above`)));
+      cluster = await startLocalCluster(opts, auth, log, () => lost.abort(new Error(`every local worker process exited; see their errors above`)), (e) => {
+        log.error("embedded nats-server lost", { error: e });
+        lost.abort(e);
+        // Fine-tuning waits on NATS and has no abort signal: end the job here, within seconds, with the message.
+        setTimeout(() => void cleanup().finally(() => process.exit(1)), 5000).unref();
+      });
       await mkdir(opts.out, { recursive: true });
       // A process enters the targets file once it answers, so Prometheus never scrapes a port that is
       // not open yet (a worker loads tfjs before it listens) and CtrainWorkerDown stays quiet.
@@ -183,7 +205,7 @@ export async function main(argv: string[]): Promise<number> {
         }));
         if (targetsFile) log.info("metrics endpoints", { targets: targets.map((t) => `${t.worker}=http://${t.address}/metrics`), prometheus_file_sd: file });
       })().catch((err: unknown) => log.warn("writing the scrape targets failed", { error: err as Error }));
-      nc = await connectNats(cluster.url, auth, { name: `ctrain-coordinator-${opts.job}` });
+      nc = await connectNats(cluster.url, cluster.auth, { name: `ctrain-coordinator-${opts.job}` });
       const conn = nc;
       void (async () => {
         for await (const s of conn.status()) if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });

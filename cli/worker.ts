@@ -27,7 +27,7 @@ options:
   --threads N                onnxruntime threads when the job leaves it to the worker [default: cores]
   --engine-provider P        onnxruntime execution provider: auto|cpu|cuda [default auto: cuda when installed]
   --metrics-port N           port of /metrics, /healthz, /readyz (0 = free port, -1 = off) [default 0]
-  --metrics-host HOST        address to bind [default 0.0.0.0]
+  --metrics-host HOST        address to bind; 0.0.0.0 to be scraped from other hosts [default 127.0.0.1]
   --log-format FMT           auto|json|human [default auto]
   --nats-user U              with CTRAIN_NATS_PASS (or --nats-pass); or --nats-token T, --nats-creds FILE,
                              --nats-nkey SEEDFILE; TLS: --nats-tls-ca, --nats-tls-cert, --nats-tls-key
@@ -84,9 +84,9 @@ export async function main(argv: string[]): Promise<number> {
   const metrics = createMetrics(registry, { job, worker: workerId });
   let worker: NatsWorker | undefined;
   const server = metricsPort >= 0
-    ? await serveMetrics(registry, metricsPort, typeof extra["metrics-host"] === "string" ? extra["metrics-host"] : "0.0.0.0", { ready: () => worker?.isReady() ?? false })
+    ? await serveMetrics(registry, metricsPort, typeof extra["metrics-host"] === "string" ? extra["metrics-host"] : "127.0.0.1", { ready: () => worker?.isReady() ?? false })
     : undefined;
-  if (server) log.info("serving metrics", { url: server.url, port: server.port });
+  if (server) log.info("serving metrics", { url: server.url, port: server.port, listen: server.listen });
 
   try {
     return await serve();

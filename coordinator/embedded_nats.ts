@@ -1,6 +1,10 @@
 /**
  * The nats-server `ctrain run` starts for itself: on a free port of 127.0.0.1 (`port: -1`, read back
  * from the ports file the server writes), JetStream in a temp store dir, gone after `stop()`.
+ * It always requires authentication: one user for the coordinator and one per local worker, each with
+ * a fresh random password and its role's permissions (coordinator/nats_permissions.ts). The passwords
+ * live only in the 0600 config in a 0700 temp dir and in memory; callers hand them to workers through
+ * the environment, never argv, and nothing logs them.
  * Adapted from the test harness (test/helpers/nats_server.ts), which production code must not import.
  */
 import { spawn, type ChildProcess } from "node:child_process";
@@ -8,18 +12,40 @@ import { accessSync, constants, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
 import { ConfigError } from "../core/errors.js";
+import type { NatsAuth } from "../core/nats_connect.js";
+import { authorizationBlock, jobUsers } from "./nats_permissions.js";
 
 export interface EmbeddedNatsOptions {
   /** nats-server binary. Default: $NATS_SERVER_BIN, /usr/sbin/nats-server, then PATH. */
   binary?: string;
   /** How long to wait for the server to listen, milliseconds. Default 10000. */
   startTimeoutMs?: number;
+  /** Job whose worker permissions the server enforces. Default `embedded` (no worker user unless `workers`). */
+  job?: string;
+  /** Worker ids to create users for. Default none (only the coordinator user). */
+  workers?: readonly string[];
+  /** Called with each error line of the server (a permission violation, a full store...). */
+  onError?: (line: string) => void;
+  /** Called when the server process dies unasked, after the restart (or the decision not to). */
+  onExit?: (e: { pid: number; how: string; lastLine: string; restarted: boolean; newPid?: number }) => void;
+  /** Restarts after unasked deaths before giving up. Default 3. */
+  maxRestarts?: number;
+}
+
+/** Credentials of the embedded server's users. */
+export interface EmbeddedNatsCredentials {
+  /** Every subject (the coordinator, tools). */
+  coordinator: NatsAuth;
+  /** One per worker id, with the worker role's permissions. */
+  workers: ReadonlyMap<string, NatsAuth>;
 }
 
 export interface EmbeddedNats extends AsyncDisposable {
   /** `nats://127.0.0.1:<port>`. */
   readonly url: string;
-  readonly pid: number;
+  /** Pid of the current server process (a new one after a restart). */
+  pid: number;
+  readonly credentials: EmbeddedNatsCredentials;
   /** SIGTERM (SIGKILL after 5 s), then removes the store. Idempotent. */
   stop(): Promise<void>;
 }
@@ -39,66 +65,113 @@ export function findNatsServerBinary(binary?: string): string {
   throw new ConfigError(`ctrain run needs nats-server for its workers: install it (apt-get install nats-server), set NATS_SERVER_BIN, pass --nats URL of a running server, or use --workers 1.`);
 }
 
-/** Starts a private nats-server with JetStream. */
-export async function startEmbeddedNats(opts: EmbeddedNatsOptions = {}): Promise<EmbeddedNats> {
-  const bin = findNatsServerBinary(opts.binary);
-  const dir = mkdtempSync(join(tmpdir(), "ctrain-embedded-nats-"));
-  const conf = join(dir, "server.conf");
-  writeFileSync(
-    conf,
-    [`listen: "127.0.0.1:-1"`, `ports_file_dir: ${JSON.stringify(dir)}`, `server_name: ctrain_run_${process.pid}`,
-      `jetstream {`, `  store_dir: ${JSON.stringify(join(dir, "jetstream"))}`, `}`].join("\n") + "\n",
-  );
+/** One nats-server process on `port` (-1: a free one); resolves once it listens. */
+async function launch(bin: string, dir: string, conf: string, port: number, users: ReturnType<typeof jobUsers>, opts: EmbeddedNatsOptions): Promise<{ proc: ChildProcess; port: number; exited: Promise<void>; stderr: () => string }> {
+  writeFileSync(conf, configText(dir, port, users), { mode: 0o600 });
   const proc: ChildProcess = spawn(bin, ["-c", conf], { stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
   proc.stderr!.setEncoding("utf8");
-  proc.stderr!.on("data", (d: string) => (stderr = (stderr + d).slice(-4000)));
+  let partial = "";
+  proc.stderr!.on("data", (d: string) => {
+    stderr = (stderr + d).slice(-4000);
+    const lines = (partial + d).split("\n");
+    partial = lines.pop() ?? "";
+    for (const l of lines) if (/\[(ERR|FTL)\]/.test(l)) opts.onError?.(l.replace(/^\[\d+\] \S+ \S+ /, ""));
+  });
   let spawnError: Error | undefined;
   proc.once("error", (e) => (spawnError = e));
-  // Never outlive the process that started us.
-  const onExit = (): void => {
-    if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGKILL");
-    rmSync(dir, { recursive: true, force: true });
-  };
-  process.on("exit", onExit);
   const exited = new Promise<void>((resolve) => proc.once("exit", () => resolve()));
   const deadline = Date.now() + (opts.startTimeoutMs ?? 10_000);
-  let port = 0;
-  while (port === 0) {
-    if (spawnError || proc.exitCode !== null || proc.signalCode !== null) {
-      onExit();
-      process.off("exit", onExit);
+  let bound = 0;
+  while (bound === 0) {
+    if (spawnError || proc.exitCode !== null || proc.signalCode !== null)
       throw new Error(`nats-server did not start: ${spawnError?.message ?? `exit ${proc.exitCode ?? proc.signalCode}`}\n${stderr.trim()}`);
-    }
     const name = proc.pid !== undefined ? readdirSync(dir).find((f) => f.endsWith(`_${proc.pid}.ports`)) : undefined;
     if (name) {
       try {
         const url = (JSON.parse(readFileSync(join(dir, name), "utf8")) as { nats?: string[] }).nats?.[0];
-        if (url) port = Number(new URL(url).port);
+        if (url) bound = Number(new URL(url).port);
       } catch {
         // partly written
       }
     }
-    if (port === 0) {
+    if (bound === 0) {
       if (Date.now() > deadline) {
-        onExit();
-        process.off("exit", onExit);
+        proc.kill("SIGKILL");
         throw new Error(`nats-server did not listen within ${opts.startTimeoutMs ?? 10_000} ms:\n${stderr.trim()}`);
       }
       await new Promise((r) => setTimeout(r, 20));
     }
   }
+  return { proc, port: bound, exited, stderr: () => stderr };
+}
+
+function configText(dir: string, port: number, users: ReturnType<typeof jobUsers>): string {
+  return [`listen: "127.0.0.1:${port}"`, `ports_file_dir: ${JSON.stringify(dir)}`, `server_name: ctrain_run_${process.pid}`,
+    `jetstream {`, `  store_dir: ${JSON.stringify(join(dir, "jetstream"))}`, `}`,
+    authorizationBlock([users.coordinator, ...users.workers.values()])].join("\n") + "\n";
+}
+
+/**
+ * Starts a private nats-server with JetStream. If it dies while in use, it is started again on the
+ * same port with the same store (clients reconnect; streams, buckets and queued tasks survive), up
+ * to `maxRestarts` times; `onExit` hears of each death and whether it was restarted.
+ */
+export async function startEmbeddedNats(opts: EmbeddedNatsOptions = {}): Promise<EmbeddedNats> {
+  const bin = findNatsServerBinary(opts.binary);
+  const dir = mkdtempSync(join(tmpdir(), "ctrain-embedded-nats-"));
+  const conf = join(dir, "server.conf");
+  const users = jobUsers(opts.job ?? "embedded", opts.workers ?? []);
+  const credentials: EmbeddedNatsCredentials = {
+    coordinator: { user: users.coordinator.user, pass: users.coordinator.password },
+    workers: new Map([...users.workers].map(([w, u]) => [w, { user: u.user, pass: u.password }])),
+  };
+  let current: Awaited<ReturnType<typeof launch>> | undefined;
+  // Never outlive the process that started us.
+  const onExit = (): void => {
+    if (current && current.proc.exitCode === null && current.proc.signalCode === null) current.proc.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+  };
+  process.on("exit", onExit);
+  try {
+    current = await launch(bin, dir, conf, -1, users, opts);
+  } catch (err) {
+    onExit();
+    process.off("exit", onExit);
+    throw err;
+  }
+  const port = current.port;
   let stopped = false;
-  const server: EmbeddedNats = {
+  let restarts = 0;
+  const watch = (c: Awaited<ReturnType<typeof launch>>): void => {
+    void c.exited.then(async () => {
+      if (stopped) return;
+      const how = c.proc.signalCode ?? `exit code ${c.proc.exitCode}`;
+      const why = c.stderr().trim().split("\n").filter((l) => /\[(ERR|FTL)\]/.test(l)).slice(-1)[0] ?? "";
+      if (restarts >= (opts.maxRestarts ?? 3)) return opts.onExit?.({ pid: c.proc.pid ?? -1, how, lastLine: why, restarted: false });
+      restarts++;
+      try {
+        current = await launch(bin, dir, conf, port, users, opts);
+        server.pid = current.proc.pid ?? -1;
+        opts.onExit?.({ pid: c.proc.pid ?? -1, how, lastLine: why, restarted: true, newPid: server.pid });
+        watch(current);
+      } catch (err) {
+        opts.onExit?.({ pid: c.proc.pid ?? -1, how, lastLine: `${why}; restart failed: ${(err as Error).message.split("\n")[0]}`, restarted: false });
+      }
+    });
+  };
+  const server = {
     url: `nats://127.0.0.1:${port}`,
-    pid: proc.pid ?? -1,
+    pid: current.proc.pid ?? -1,
+    credentials,
     async stop() {
       if (stopped) return;
       stopped = true;
-      if (proc.exitCode === null && proc.signalCode === null) {
-        const timer = setTimeout(() => proc.kill("SIGKILL"), 5000);
-        proc.kill("SIGTERM");
-        await exited;
+      const c = current!;
+      if (c.proc.exitCode === null && c.proc.signalCode === null) {
+        const timer = setTimeout(() => c.proc.kill("SIGKILL"), 5000);
+        c.proc.kill("SIGTERM");
+        await c.exited;
         clearTimeout(timer);
       }
       rmSync(dir, { recursive: true, force: true });
@@ -108,5 +181,6 @@ export async function startEmbeddedNats(opts: EmbeddedNatsOptions = {}): Promise
       await server.stop();
     },
   };
+  watch(current);
   return server;
 }

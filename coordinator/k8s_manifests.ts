@@ -14,6 +14,7 @@ import type {
 import { randomBytes } from "node:crypto";
 import { stringify } from "yaml";
 import { ConfigError } from "../core/errors.js";
+import { redactSecrets } from "../core/log.js";
 import { OPTION_SPECS, flagName, type JobOptions } from "../core/config.js";
 
 /** Port every ctrain process serves /metrics, /healthz and /readyz on inside a pod (container port `metrics`). */
@@ -142,15 +143,18 @@ function podOptions(opts: JobOptions): JobOptions {
   return { ...opts, metricsPort: METRICS_PORT, cacheDir: CACHE_DIR, out: `${OUT_DIR}/${opts.job}`, logFormat: "json" };
 }
 
-/** NATS URL(s) with the Secret's credentials, expanded by the kubelet from the container's env. */
-function natsWithCredentials(nats: string): string {
+/**
+ * NATS URL(s) as they go into container args: a scheme, never credentials (args show in `kubectl
+ * describe` and in `ps`); the Secret reaches ctrain as CTRAIN_NATS_USER / CTRAIN_NATS_PASS instead.
+ */
+function natsUrls(nats: string): string {
   return nats
     .split(",")
     .map((u) => {
       const t = u.trim();
       const m = /^((?:nats|tls|wss?):\/\/)?(.*)$/.exec(t)!;
-      if (m[2].includes("@")) return t; // credentials given by the user
-      return `${m[1] ?? "nats://"}$(NATS_USER):$(NATS_PASSWORD)@${m[2]}`;
+      if (m[2].includes("@")) throw new ConfigError(`--nats ${redactSecrets(t)} holds credentials; manifests take them from the ${NAMES.natsSecret} Secret: give the URL without user:password@.`);
+      return `${m[1] ?? "nats://"}${m[2]}`;
     })
     .join(",");
 }
@@ -176,9 +180,11 @@ export function containerArgs(opts: JobOptions, role: "coordinator" | "worker"):
     if (NEVER[role].includes(s.key)) continue;
     const v = o[s.key];
     if (!ALWAYS[role].includes(s.key) && v === s.default()) continue;
-    const value = s.key === "nats" ? natsWithCredentials(String(v)) : String(v);
+    const value = s.key === "nats" ? natsUrls(String(v)) : String(v);
     args.push(`--${flagName(s.key)}`, value);
   }
+  // Said explicitly: Prometheus and the kubelet's probes reach /metrics on the pod IP.
+  args.push("--metrics-host", "0.0.0.0");
   return args;
 }
 
@@ -201,8 +207,9 @@ function credentialsEnv(): V1EnvVar[] {
 }
 
 function ctrainEnv(): V1EnvVar[] {
-  // $(NATS_USER)/$(NATS_PASSWORD) in args are expanded only from variables defined before use.
-  return [...credentialsEnv(), { name: "HOME", value: "/tmp" }];
+  // ctrain reads its NATS credentials from these (core/nats_connect.ts), never from a URL in args.
+  const from = (name: string, key: string): V1EnvVar => ({ name, valueFrom: { secretKeyRef: { name: NAMES.natsSecret, key } } });
+  return [from("CTRAIN_NATS_USER", "NATS_USER"), from("CTRAIN_NATS_PASS", "NATS_PASSWORD"), { name: "HOME", value: "/tmp" }];
 }
 
 function httpProbe(path: string, period: number, failures: number): V1Probe {
@@ -390,7 +397,6 @@ export function natsObjects(r: RenderOptions): Manifest[] {
       kind: "Secret",
       metadata: meta(NAMES.natsSecret, r, labels),
       type: "Opaque",
-      // URL-safe characters only: ctrain puts them in nats://user:password@host URLs.
       stringData: { NATS_USER: "ctrain", NATS_PASSWORD: r.natsPassword ?? randomBytes(24).toString("hex") },
     };
     out.push(secret);

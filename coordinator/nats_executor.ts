@@ -23,6 +23,7 @@ import {
   decodeShardError, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER, ensureTaskQueue, errorKey, failedKey, parseWireShardId, roundId, SPEC_EXTRA, specKey, wireShardId,
   type ShardErrorRecord,
 } from "../core/extraction_wire.js";
+import { StorageError } from "../core/errors.js";
 import type { FeatureExtractor } from "../core/feature_model.js";
 import { cacheKey, type FeatureShardData } from "../core/feature_store.js";
 import type { Logger } from "../core/log.js";
@@ -63,6 +64,46 @@ export interface NatsExecutorOptions {
   workers?: number;
   /** Aborting fails the extraction with the signal's reason (e.g. every local worker process died). */
   signal?: AbortSignal;
+}
+
+/**
+ * A worker's result disagrees with the shard the coordinator asked for. `reason` is the label of the
+ * dropped-messages metric: `shard_ids` (a sample not in the plan, or listed twice), `shard_count`
+ * (samples missing), `shard_labels` / `shard_splits` (not the plan's), `shard_dim` (feature size).
+ */
+export class ShardRejected extends Error {
+  override name = "ShardRejected";
+  constructor(readonly reason: "shard_ids" | "shard_count" | "shard_labels" | "shard_splits" | "shard_dim", message: string) {
+    super(message);
+  }
+}
+
+/**
+ * The trust boundary of extraction results: a worker supplies only feature rows. Ids must be exactly
+ * the plan's samples (extracted or skipped, each once), labels and splits must echo the plan's, rows
+ * must have the extractor's size (the codec already checked bytes = rows x size x 4, i.e. float32).
+ * What is kept takes labels and splits from the plan, never from the worker. Throws ShardRejected.
+ */
+export function checkAgainstPlan(fs: FeatureShard, wire: string, shard: Shard, featureDim: number): FeatureShardData {
+  if (fs.shardId !== wire) throw new ShardRejected("shard_ids", `object ${wire} holds shard ${fs.shardId}`);
+  const plan = new Map(shard.samples.map((x) => [x.id, x]));
+  const got = new Set<string>();
+  for (const id of [...fs.ids, ...fs.skipped.map((s) => s.id)]) {
+    if (!plan.has(id) || got.has(id)) throw new ShardRejected("shard_ids", `sample ${id} is not in the plan of ${wire} or listed twice`);
+    got.add(id);
+  }
+  if (got.size !== plan.size) throw new ShardRejected("shard_count", `${got.size} of ${plan.size} samples of ${wire} accounted for`);
+  const dim = fs.featureDims.reduce((a, b) => a * b, 1);
+  if (dim !== featureDim) throw new ShardRejected("shard_dim", `feature dim ${dim}, expected ${featureDim}`);
+  const samples = fs.ids.map((id) => plan.get(id)!);
+  const badLabel = samples.findIndex((x, i) => x.label !== fs.labels[i]);
+  if (badLabel >= 0) throw new ShardRejected("shard_labels", `sample ${fs.ids[badLabel]} labelled ${fs.labels[badLabel]}, the plan says ${samples[badLabel].label}`);
+  const badSplit = samples.findIndex((x, i) => TO_WIRE_SPLIT[x.split] !== fs.splits[i]);
+  if (badSplit >= 0) throw new ShardRejected("shard_splits", `sample ${fs.ids[badSplit]} in split ${fs.splits[badSplit]}, the plan says ${samples[badSplit].split}`);
+  return {
+    shardId: shard.id, ids: samples.map((x) => x.id), labels: samples.map((x) => x.label), splits: samples.map((x) => x.split),
+    features: bytesToFloat32(fs.features), skipped: fs.skipped.map((s) => ({ id: s.id, reason: s.reason, message: s.message })),
+  };
 }
 
 /** Coordinator-side cost counters (bench/extract_distributed.ts reads them). */
@@ -131,7 +172,6 @@ export class NatsShardExecutor implements ShardExecutor {
     await state.put(specKey(round), encode("JobSpec", jobSpecFor(opts, this.extractor, this.dataset, round)));
 
     const pending = new Map<string, Shard>(shards.map((s) => [wireShardId(round, s.id), s]));
-    const planIds = new Map<string, Set<string>>(shards.map((s) => [wireShardId(round, s.id), new Set(s.samples.map((x) => x.id))]));
     const shardOf = (wire: string): Shard | undefined => pending.get(wire);
     const fetching = new Set<string>();
     const imagesSeen = new Map<string, number>();
@@ -177,34 +217,24 @@ export class NatsShardExecutor implements ShardExecutor {
         if (!blob) return; // announced but not visible yet: the sweep tries again
         this.stats.shardsFetched++;
         this.stats.featureBytesIn += blob.length;
-        let fs: FeatureShard;
+        let data: FeatureShardData;
+        let fs: FeatureShard | undefined;
         try {
           fs = decode("FeatureShard", blob, { job: opts.job, peer: "worker" });
-          const plan = planIds.get(wire)!;
-          if (fs.shardId !== wire) throw new DecodeError("FeatureShard", "bad_shape", `object ${wire} holds shard ${fs.shardId}`);
-          const got = new Set<string>();
-          for (const id of [...fs.ids, ...fs.skipped.map((s) => s.id)]) {
-            if (!plan.has(id) || got.has(id)) throw new DecodeError("FeatureShard", "bad_shape", `sample ${id} is not in the plan of ${wire} or listed twice`);
-            got.add(id);
-          }
-          if (got.size !== plan.size) throw new DecodeError("FeatureShard", "bad_shape", `${got.size} of ${plan.size} samples of ${wire} accounted for`);
-          const dim = fs.featureDims.reduce((a, b) => a * b, 1);
-          if (dim !== this.extractor.featureDim) throw new DecodeError("FeatureShard", "bad_shape", `feature dim ${dim}, expected ${this.extractor.featureDim}`);
+          data = checkAgainstPlan(fs, wire, shard, this.extractor.featureDim);
         } catch (err) {
-          if (!(err instanceof DecodeError)) throw err;
+          if (!(err instanceof DecodeError) && !(err instanceof ShardRejected)) throw err;
           metrics?.droppedMessage(err.reason);
-          metrics?.decodeError();
+          if (err instanceof DecodeError) metrics?.decodeError();
           log.warn("dropped a stored feature shard; extracting it again", { shard: wire, reason: err.reason, error: err.message });
           await os.delete(wire).catch(() => undefined);
           const attempt = ((await state.get(`retry.${wire}`).then((e) => (e?.value.length ? Number(new TextDecoder().decode(e.value)) : 1)).catch(() => 1)) || 1) + 1;
           await state.put(`retry.${wire}`, new TextEncoder().encode(String(attempt)));
+          // A worker that keeps sending bad results must not keep the job busy forever.
+          if (attempt > maxDeliver) return failJob(shardFailed(wire, attempt - 1, { shard: wire, worker: fs?.worker ?? "?", attempt: attempt - 1, error: `result rejected: ${err.message}`, at: Date.now() }));
           await publishTask(wire, attempt);
           return;
         }
-        const data: FeatureShardData = {
-          shardId: shard.id, ids: fs.ids, labels: fs.labels, splits: fs.splits.map((s) => FROM_WIRE_SPLIT[s]),
-          features: bytesToFloat32(fs.features), skipped: fs.skipped,
-        };
         await onShard(data);
         // Only once stored: removed before, a faster shard fetched alongside could empty `pending` and
         // finish the run while this one was still being written, and the commit then missed its samples.
@@ -214,11 +244,13 @@ export class NatsShardExecutor implements ShardExecutor {
         counts.done++;
         setShards();
         const seen = imagesSeen.get(wire) ?? 0;
-        onImages(Math.max(0, shard.samples.length - seen), fs.skipped.length);
-        log.debug("shard stored", { shard: shard.id, worker: fs.worker || worker, samples: fs.ids.length, skipped: fs.skipped.length, seconds: Number(fs.seconds.toFixed(3)) });
+        onImages(Math.max(0, shard.samples.length - seen), data.skipped.length);
+        log.debug("shard stored", { shard: shard.id, worker: fs.worker || worker, samples: data.ids.length, skipped: data.skipped.length, seconds: Number(fs.seconds.toFixed(3)) });
         if (pending.size === 0) finish();
       } catch (err) {
-        log.debug("fetching a shard failed (the sweep retries)", { shard: wire, error: err as Error });
+        // A disk that cannot take the shard will not take it on the next sweep either: stop now, saying where.
+        if (err instanceof StorageError) failJob(err);
+        else log.debug("fetching a shard failed (the sweep retries)", { shard: wire, error: err as Error });
       } finally {
         fetching.delete(wire);
       }

@@ -54,6 +54,28 @@ export class BackendUnavailableError extends Error {
   }
 }
 
+/** A file the job writes cannot be written (disk full, read-only, no permission). The job stops; nothing half-written is kept. */
+export class StorageError extends Error {
+  override name = "StorageError";
+  /** The file or folder that could not be written. */
+  readonly path: string;
+  /** The errno code (`ENOSPC`, `EROFS`, `EACCES`, `EDQUOT`). */
+  readonly code: string;
+  constructor(path: string, code: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.path = path;
+    this.code = code;
+  }
+}
+
+/** A service the job runs on (its embedded nats-server) died and could not be brought back. The message says how to resume. */
+export class ServiceLostError extends Error {
+  override name = "ServiceLostError";
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
 /** The requested inference engine (`--engine onnx`) cannot run here: onnxruntime-node is missing or refused the graph. */
 export class EngineUnavailableError extends Error {
   override name = "EngineUnavailableError";
@@ -62,9 +84,22 @@ export class EngineUnavailableError extends Error {
   }
 }
 
-/** Errors a user caused and can fix: printed as one line, without a stack trace. */
-export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError | EngineUnavailableError {
-  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError || err instanceof EngineUnavailableError;
+const STORAGE_CODES: Record<string, string> = { ENOSPC: "no space left on the device", EDQUOT: "disk quota exceeded", EROFS: "read-only file system", EACCES: "permission denied", EPERM: "permission denied" };
+
+/**
+ * `err` as a StorageError naming `path` when it is a disk-full / read-only / permission failure
+ * (`need`: bytes the write wanted, for the message); otherwise `err` unchanged.
+ */
+export function storageError(err: unknown, path: string, need?: number): unknown {
+  const code = (err as NodeJS.ErrnoException)?.code;
+  if (!code || !STORAGE_CODES[code]) return err;
+  const size = need !== undefined ? ` (writing ${(need / 2 ** 20).toFixed(1)} MiB)` : "";
+  return new StorageError(path, code, `cannot write ${path}: ${STORAGE_CODES[code]} (${code})${size}. Free space or choose another folder (--cache-dir, --out), then run the job again: what was stored completely is reused.`, { cause: err });
+}
+
+/** Errors whose message says all a user needs (what to fix, how to resume): printed as one line, without a stack trace. */
+export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError | EngineUnavailableError | StorageError | ServiceLostError {
+  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError || err instanceof EngineUnavailableError || err instanceof StorageError || err instanceof ServiceLostError;
 }
 
 /**

@@ -14,6 +14,7 @@ import { existsSync } from "node:fs";
 import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { SkippedInput, Split } from "./datasets/types.js";
+import { storageError } from "./errors.js";
 
 /** Features of one shard of samples. */
 export interface FeatureShardData {
@@ -129,8 +130,14 @@ export class FeatureCache {
     const file = join(dir, `${encodeURIComponent(shard.shardId)}.bin`);
     if (existsSync(file)) return false;
     const tmp = `${file}.${process.pid}.tmp`;
-    await writeFile(tmp, encodeShard(shard));
-    await rename(tmp, file);
+    const bytes = encodeShard(shard);
+    try {
+      await writeFile(tmp, bytes);
+      await rename(tmp, file);
+    } catch (err) {
+      await rm(tmp, { force: true });
+      throw storageError(err, dir, bytes.length);
+    }
     return true;
   }
 
@@ -174,11 +181,17 @@ export class FeatureCache {
     const full: FeatureCacheMeta = { ...meta, key, count: kept.length, createdAt: new Date().toISOString() };
     const tmp = join(this.root, `${key}.tmp-${process.pid}`);
     await rm(tmp, { recursive: true, force: true });
-    await mkdir(tmp, { recursive: true });
-    await writeFile(join(tmp, "features.f32"), new Uint8Array(features.buffer));
-    await writeFile(join(tmp, "index.json"), JSON.stringify(kept.map((id, i) => ({ id, label: labels[i], split: splits[i] }))));
-    await writeFile(join(tmp, "skipped.json"), JSON.stringify(skipped, null, 1));
-    await writeFile(join(tmp, "meta.json"), JSON.stringify(full, null, 2));
+    try {
+      await mkdir(tmp, { recursive: true });
+      await writeFile(join(tmp, "features.f32"), new Uint8Array(features.buffer));
+      await writeFile(join(tmp, "index.json"), JSON.stringify(kept.map((id, i) => ({ id, label: labels[i], split: splits[i] }))));
+      await writeFile(join(tmp, "skipped.json"), JSON.stringify(skipped, null, 1));
+      await writeFile(join(tmp, "meta.json"), JSON.stringify(full, null, 2));
+    } catch (err) {
+      // Half an entry is never left where a later run would look (meta.json is what marks an entry).
+      await rm(tmp, { recursive: true, force: true });
+      throw storageError(err, this.root, features.byteLength);
+    }
     await rm(this.entryDir(key), { recursive: true, force: true });
     await rename(tmp, this.entryDir(key));
     await rm(this.partialDir(key), { recursive: true, force: true });

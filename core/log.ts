@@ -5,6 +5,7 @@
  * merged and filtered like the metrics.
  *
  * The level comes from `CTRAIN_LOG_LEVEL` (`debug|info|warn|error`, default `info`) unless given.
+ * Every line goes through {@link redactSecrets}: URL userinfo and registered secrets are masked.
  */
 
 /** Log levels, lowest first. */
@@ -61,6 +62,32 @@ export function parseLogLevel(value: string | undefined): LogLevel | undefined {
 /** The level from `CTRAIN_LOG_LEVEL`, default `info`. An unknown value falls back to `info`. */
 export function levelFromEnv(env: NodeJS.ProcessEnv = process.env): LogLevel {
   return parseLogLevel(env.CTRAIN_LOG_LEVEL) ?? "info";
+}
+
+const secrets = new Set<string>();
+
+/**
+ * Registers a value (a password, a token) that no log line or printed error of this process may show.
+ * Values shorter than 4 characters are ignored (they would mask ordinary text).
+ */
+export function registerSecret(value: string | undefined): void {
+  if (!value || value.length < 4) return;
+  secrets.add(value);
+  const escaped = JSON.stringify(value).slice(1, -1); // as it appears inside a JSON log line
+  if (escaped !== value) secrets.add(escaped);
+}
+
+/**
+ * `text` with the userinfo of every URL masked (`nats://user:***@host`, `nats://***@host` for a token)
+ * and every registered secret replaced by `***`.
+ */
+export function redactSecrets(text: string): string {
+  let out = text.replace(/\b([a-z][a-z0-9+.-]*:\/\/)([^\s/?#@"'<>\\]+)@/gi, (_m, scheme: string, info: string) => {
+    const colon = info.indexOf(":");
+    return `${scheme}${colon >= 0 ? `${info.slice(0, colon)}:***` : "***"}@`;
+  });
+  for (const s of secrets) if (out.includes(s)) out = out.split(s).join("***");
+  return out;
 }
 
 const MAX_CAUSE_DEPTH = 5;
@@ -159,7 +186,8 @@ export function createLogger(options: LoggerOptions): Logger {
         // A field that cannot be serialized (a throwing getter, say) must not take the process down.
         line = toJsonLine({ ts: ts.toISOString(), level: lvl, msg, ...bound, log_error: String(err) }) + "\n";
       }
-      stream.write(line);
+      // Secrets never reach the output, whatever field or error message carried them.
+      stream.write(redactSecrets(line));
     };
     return {
       level,

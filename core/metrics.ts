@@ -11,6 +11,7 @@
  * counters, `_info` metrics valued 1. The `job` label is the ctrain job id; the scrape config uses
  * `honor_labels: true` so it is not renamed to `exported_job` (see deploy/prometheus/prometheus.yml).
  */
+import { ConfigError } from "./errors.js";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import { rename, writeFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
@@ -384,6 +385,8 @@ export function createMetrics(registry: Registry, labels: { job: string; worker?
 export interface MetricsServer {
   /** The port actually bound (the free one picked when 0 was asked for). */
   readonly port: number;
+  /** The address and port actually bound, `0.0.0.0:9400` or `127.0.0.1:41234` (what to log: who can reach it). */
+  readonly listen: string;
   /** `http://<host>:<port>/metrics`. */
   readonly url: string;
   /** Stop listening and drop open connections. */
@@ -444,16 +447,21 @@ export async function serveMetrics(
     });
   });
   await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(port, host, () => {
-      server.off("error", reject);
-      resolve();
+    server.once("error", (err: NodeJS.ErrnoException) => {
+      // A port in use or an address this host does not have is the user's to fix: one line, naming the flags.
+      const why: Record<string, string> = { EADDRINUSE: "the port is in use", EACCES: "permission denied", EADDRNOTAVAIL: "this host has no such address" };
+      reject(err.code && why[err.code]
+        ? new ConfigError(`cannot serve /metrics on ${host}:${port}: ${why[err.code]} (${err.code}); choose another --metrics-port (0 = a free one, -1 = off) or --metrics-host.`, { cause: err })
+        : err);
     });
+    server.listen(port, host, () => resolve());
   });
-  const bound = (server.address() as AddressInfo).port;
+  const address = server.address() as AddressInfo;
+  const bound = address.port;
   const urlHost = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host.includes(":") ? `[${host}]` : host;
   return {
     port: bound,
+    listen: `${address.family === "IPv6" ? `[${address.address}]` : address.address}:${bound}`,
     url: `http://${urlHost}:${bound}/metrics`,
     close: () =>
       new Promise<void>((resolve, reject) => {

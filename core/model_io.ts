@@ -3,9 +3,10 @@
  * @tensorflow/tfjs-node, whose `file://` handler is not available on the wasm and cpu backends.
  * The files are the standard format: tf.loadLayersModel('file://...') under tfjs-node reads them too.
  */
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
+import { storageError } from "./errors.js";
 
 function concatWeightData(d: tf.io.WeightData | undefined): Uint8Array {
   if (!d) return new Uint8Array(0);
@@ -16,7 +17,7 @@ function concatWeightData(d: tf.io.WeightData | undefined): Uint8Array {
 /** An IOHandler that writes model.json and weights.bin into `dir`. */
 export function folderSaveHandler(dir: string): tf.io.IOHandler {
   return tf.io.withSaveHandler(async (artifacts) => {
-    await mkdir(dir, { recursive: true });
+    await mkdir(dir, { recursive: true }).catch((err: unknown) => Promise.reject(storageError(err, dir)));
     const weights = concatWeightData(artifacts.weightData);
     const modelJson = {
       modelTopology: artifacts.modelTopology,
@@ -26,8 +27,17 @@ export function folderSaveHandler(dir: string): tf.io.IOHandler {
       weightsManifest: [{ paths: ["weights.bin"], weights: artifacts.weightSpecs ?? [] }],
       userDefinedMetadata: artifacts.userDefinedMetadata,
     };
-    await writeFile(join(dir, "weights.bin"), weights);
-    await writeFile(join(dir, "model.json"), JSON.stringify(modelJson));
+    // Each file goes to a temporary name and is renamed into place once complete, weights first: a
+    // full disk leaves the previous files (or none), never a truncated weights.bin next to a model.json.
+    const files: [string, Uint8Array | string][] = [["weights.bin", weights], ["model.json", JSON.stringify(modelJson)]];
+    const tmp = (name: string): string => join(dir, `.${name}.${process.pid}.tmp`);
+    try {
+      for (const [name, data] of files) await writeFile(tmp(name), data);
+      for (const [name] of files) await rename(tmp(name), join(dir, name));
+    } catch (err) {
+      await Promise.all(files.map(([name]) => rm(tmp(name), { force: true })));
+      throw storageError(err, dir, weights.byteLength);
+    }
     return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: "JSON", weightDataBytes: weights.byteLength } };
   });
 }

@@ -10,13 +10,15 @@
  *   --nats-tls-ca / CTRAIN_NATS_TLS_CA    CA bundle to verify the server (turns TLS on)
  *   --nats-tls-cert, --nats-tls-key       client certificate and key (mutual TLS)
  *
- * Connections reconnect forever: a restarted or failed-over server is waited for, never a reason to
- * exit. A first connection that is refused for credentials fails at once with a ConfigError that
+ * Connections reconnect forever, backing off from 250 ms to 4 s between rounds: a restarted or
+ * failed-over server is waited for, never a reason to exit. Passwords and tokens (from flags, the
+ * environment or a URL's userinfo) are registered with the logger, which masks them in every line. A first connection that is refused for credentials fails at once with a ConfigError that
  * says which flags to set; one that finds no server retries for `firstConnectTimeoutMs`.
  */
 import { readFileSync } from "node:fs";
 import { connect, credsAuthenticator, nkeyAuthenticator, type Authenticator, type ConnectionOptions, type NatsConnection } from "nats";
 import { ConfigError } from "./errors.js";
+import { redactSecrets, registerSecret } from "./log.js";
 
 /** Credentials and TLS files of a NATS connection. Every field is optional. */
 export interface NatsAuth {
@@ -86,13 +88,58 @@ function readSecret(path: string, what: string): Uint8Array {
   }
 }
 
+/** Registers the password or token of `auth` and of every `user:pass@` / `token@` in `servers` with the logger. */
+export function registerNatsSecrets(servers: string, auth: NatsAuth): void {
+  registerSecret(auth.pass);
+  registerSecret(auth.token);
+  for (const s of servers.split(",")) {
+    const m = /^[a-z][a-z0-9+.-]*:\/\/([^/?#@]+)@/i.exec(s.trim());
+    if (!m) continue;
+    const colon = m[1].indexOf(":");
+    const secret = colon >= 0 ? m[1].slice(colon + 1) : m[1];
+    registerSecret(secret);
+    registerSecret(decodeURIComponent(secret));
+  }
+}
+
+/**
+ * Moves credentials out of URLs: `nats://user:pass@host` -> `nats://host` and {user, pass}
+ * (`nats://token@host` -> a token), so a child process gets them through its environment, not argv.
+ */
+export function splitUrlCredentials(servers: string): { servers: string; auth: NatsAuth } {
+  const auth: NatsAuth = {};
+  const plain = servers.split(",").map((s) => s.trim()).filter(Boolean).map((s) => {
+    const m = /^([a-z][a-z0-9+.-]*:\/\/)([^/?#@]+)@(.*)$/i.exec(s);
+    if (!m) return s;
+    const colon = m[2].indexOf(":");
+    if (colon >= 0) Object.assign(auth, { user: decodeURIComponent(m[2].slice(0, colon)), pass: decodeURIComponent(m[2].slice(colon + 1)) });
+    else auth.token = decodeURIComponent(m[2]);
+    return `${m[1]}${m[3]}`;
+  });
+  return { servers: plain.join(","), auth };
+}
+
+/** Wait before the next reconnect round: 250 ms growing with the outage's age to 4 s; a new outage starts over. */
+function reconnectBackoff(): () => number {
+  let since = 0;
+  let last = 0;
+  return () => {
+    const now = Date.now();
+    if (now - last > 10_000) since = now;
+    last = now;
+    return Math.min(4000, 250 + (now - since) / 4);
+  };
+}
+
 /** nats.js connection options for `servers` (comma-separated) with `auth`. */
 export function natsConnectionOptions(servers: string, auth: NatsAuth, name: string): ConnectionOptions {
+  registerNatsSecrets(servers, auth);
   const o: ConnectionOptions = {
     servers: servers.split(",").map((s) => s.trim()).filter(Boolean),
     name,
     maxReconnectAttempts: -1,
     reconnectTimeWait: 250,
+    reconnectDelayHandler: reconnectBackoff(),
     pingInterval: 10_000,
   };
   if (auth.user !== undefined) {
@@ -139,7 +186,8 @@ export interface ConnectOptions {
   onRetry?: (err: Error) => void;
 }
 
-function classify(err: unknown, servers: string, tls: boolean): NatsConnectError {
+function classify(err: unknown, url: string, tls: boolean): NatsConnectError {
+  const servers = redactSecrets(url);
   const e = err as { code?: string; message?: string };
   const msg = String(e?.message ?? err);
   if (/authoriz|authenticat|permissions/i.test(msg) || e?.code === "AUTHORIZATION_VIOLATION" || e?.code === "BAD_AUTHENTICATION")
@@ -162,14 +210,14 @@ function classify(err: unknown, servers: string, tls: boolean): NatsConnectError
 export async function connectNats(servers: string, auth: NatsAuth, opts: ConnectOptions): Promise<NatsConnection> {
   const o = natsConnectionOptions(servers, auth, opts.name);
   const deadline = Date.now() + (opts.firstConnectTimeoutMs ?? 30_000);
-  for (;;) {
+  for (let wait = 500; ; wait = Math.min(wait * 2, 8000)) {
     try {
       return await connect(o);
     } catch (err) {
       const c = classify(err, servers, o.tls !== undefined || /(^|,)\s*tls:\/\//.test(servers));
       if (c.reason !== "unreachable" || Date.now() > deadline) throw c;
       opts.onRetry?.(c);
-      await new Promise((r) => setTimeout(r, 500));
+      await new Promise((r) => setTimeout(r, Math.min(wait, Math.max(0, deadline - Date.now()) + 1)));
     }
   }
 }

@@ -94,6 +94,9 @@ export function sparseCrossEntropy(probs: tf.Tensor, labels: tf.Tensor1D, numCla
  */
 export function computeGradients(model: tf.LayersModel, batch: ArrayData, numClasses: number, lossOptions: LossOptions = {}): { loss: number; correct: number; grads: tf.NamedTensorMap } {
   const n = numSamples(batch);
+  // A data-parallel member's empty share of a short batch contributes nothing: zero gradients without a
+  // forward pass, as wasm's conv kernels trap ("divide by zero") on a batch of 0.
+  if (n === 0) return { loss: NaN, correct: 0, grads: Object.fromEntries(model.trainableWeights.map((w) => [(w.read() as tf.Variable).name, tf.zerosLike(w.read())])) };
   let correct = 0;
   let lossValue = 0;
   const grads = tf.tidy(() => {

@@ -18,7 +18,8 @@ import { connect } from "nats";
 import { planShards } from "../coordinator/shard_planner.js";
 import { openDataset } from "../core/datasets/open.js";
 import { FeatureCache, type FeatureSet } from "../core/feature_store.js";
-import { encode, makeHeader } from "../proto/codec.js";
+import { decode, encode, makeHeader, type FeatureShard, type ShardTask } from "../proto/codec.js";
+import { float32ToBytes } from "../core/tensor_codec.js";
 import { jobNames } from "../proto/subjects.js";
 import { Cluster, type Proc, shardsDone, stopAll, waitExit } from "./helpers/cluster.js";
 import { check, startNatsServer, type NatsServer } from "./helpers/nats_server.js";
@@ -261,6 +262,71 @@ describe("distributed extraction", { concurrency: false }, () => {
         await stopAll([w]);
       }
       assertExactlyOnce(await committed(job));
+    } finally {
+      await nc.close();
+    }
+  });
+
+  test("distributed - a forged worker's results (labels, splits, ids, count, feature size not the plan's) are rejected, counted by reason, never cached", { timeout: 180_000 }, async () => {
+    const job = "dist-forged";
+    const names = jobNames(job);
+    const c = await coordinator(server.url, job);
+    await c.waitFor("shard tasks queued", 90_000);
+    const nc = await connect({ servers: server.url });
+    const FORGED = 0.25;
+    // Each forgery answers one task; the coordinator must refuse all five and queue them again.
+    const forgeries: ((t: ShardTask) => Partial<FeatureShard>)[] = [
+      (t) => ({ labels: t.labels.map((l) => (l + 1) % 10) }),
+      (t) => ({ splits: t.splits.map((x) => (x === "train" ? "test" : "train")) }),
+      (t) => ({ ids: [...t.ids.slice(1), "intruder.png"] }),
+      (t) => ({ ids: t.ids.slice(1), labels: t.labels.slice(1), splits: t.splits.slice(1) }),
+      () => ({ featureDims: [7] }),
+    ];
+    try {
+      const js = nc.jetstream();
+      const consumer = await js.consumers.get(names.tasksStream, names.tasksConsumer);
+      const os = await js.views.os(names.featuresBucket);
+      const forgedShards: string[] = [];
+      for (const forge of forgeries) {
+        const msg = await consumer.next({ expires: 10_000 });
+        assert.ok(msg, "a task for the forger");
+        const t = decode("ShardTask", msg.data, { job });
+        const f = { ids: t.ids, labels: t.labels, splits: t.splits, featureDims: [1280], ...forge(t) };
+        const dim = f.featureDims.reduce((a, b) => a * b, 1);
+        const shard = encode("FeatureShard", {
+          header: makeHeader(job, "forger"), shardId: t.shardId, ...f, features: float32ToBytes(new Float32Array(f.ids.length * dim).fill(FORGED)),
+          skipped: [], worker: "forger", seconds: 1,
+        });
+        await os.putBlob({ name: t.shardId }, shard);
+        nc.publish(names.shardDone, encode("FeatureShard", { header: makeHeader(job, "forger"), shardId: t.shardId, ids: [], labels: [], splits: [], featureDims: [1280], features: new Uint8Array(0), skipped: [], worker: "forger", seconds: 1 }));
+        await msg.ackAck();
+        forgedShards.push(t.shardId);
+      }
+      const reasons = ["shard_labels", "shard_splits", "shard_ids", "shard_count", "shard_dim"];
+      await check(async () => {
+        const m = await c.metrics();
+        const s = m.samples.filter((x) => x.name === "ctrain_dropped_messages_total");
+        return reasons.every((r) => s.some((x) => x.labels.reason === r && x.value >= 1));
+      }, 20_000, 200);
+      const w = await worker(server.url, job, "fg-w0");
+      try {
+        await expectSuccess(c, [w]);
+      } finally {
+        await stopAll([w]);
+      }
+      // The honest worker extracted the five refused shards again; the cache holds the plan's labels and splits and no forged row.
+      const done = shardsDone([w]);
+      for (const wire of forgedShards) assert.equal(done.get(wire), 1, `shard ${wire} extracted again by the honest worker`);
+      const set = await committed(job);
+      assertExactlyOnce(set);
+      const ds = await openDataset("fashion-mnist", { seed: 42, valSplit: 0.1, testSplit: 0.1, limit: LIMIT, maxPixels: 40_000_000 });
+      const plan = new Map(ds.samples.map((x) => [x.id, x]));
+      set.ids.forEach((id, i) => {
+        assert.equal(set.labels[i], plan.get(id)!.label, `label of ${id}`);
+        assert.equal(set.splits[i], plan.get(id)!.split, `split of ${id}`);
+      });
+      const dim = set.meta.featureDim;
+      for (let r = 0; r < set.ids.length; r++) assert.ok(set.features.subarray(r * dim, (r + 1) * dim).some((v) => v !== FORGED), `row ${set.ids[r]} is forged`);
     } finally {
       await nc.close();
     }

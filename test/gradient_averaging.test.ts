@@ -20,7 +20,7 @@ import { encode, makeHeader, type TensorChunk } from "../proto/codec.js";
 import { jobNames } from "../proto/subjects.js";
 import { GradientAverager, NonFiniteGradientError, StepPeersLostError, gradientHookFor, type AveragerMetrics } from "../worker/gradient_averaging.js";
 import { weightsChecksum } from "../worker/weights_checksum.js";
-import { DP_SETUP, dpData, dpModel, type DpFitArgs } from "./helpers/dp_fit_setup.js";
+import { DP_CONV, DP_SETUP, dpConvData, dpConvModel, dpData, dpModel, type DpFitArgs } from "./helpers/dp_fit_setup.js";
 import { startNatsServer, check, type NatsServer } from "./helpers/nats_server.js";
 
 let server: NatsServer;
@@ -389,7 +389,9 @@ describe("allreduce - training", () => {
     return w;
   }
 
-  function runWorker(args: DpFitArgs): Promise<{ self: string; digest: { checksum: number; parameterCount: number; sum: number }; weights: number[][] }> {
+  type Digest = { checksum: number; parameterCount: number; sum: number };
+  type WorkerResult = { self: string; digest: Digest; weights: number[][]; sweep?: { size: number; digest: Digest; weights: number[][] }[] };
+  function runWorker(args: DpFitArgs): Promise<WorkerResult> {
     const script = fileURLToPath(new URL("./helpers/dp_fit_worker.js", import.meta.url));
     return new Promise((resolve, reject) => {
       const p = spawn(process.execPath, [script, JSON.stringify(args)], { stdio: ["ignore", "pipe", "pipe"] });
@@ -401,26 +403,56 @@ describe("allreduce - training", () => {
     });
   }
 
+  /** Starts one dp_fit_worker per member, lets them go once all are subscribed, returns their results. */
+  async function runGroup(job: string, members: string[], sweep?: DpFitArgs["sweep"]): Promise<WorkerResult[]> {
+    const nc = await conn();
+    const ready = nc.subscribe(`${job}-ready`, { max: members.length });
+    await nc.flush();
+    const workers = members.map((self) => runWorker({ url: server.url, job, self, members, ...(sweep ? { sweep } : {}) }));
+    for await (const _ of ready) {
+      // wait for every member
+    }
+    nc.publish(`${job}-go`);
+    return Promise.all(workers);
+  }
+
   for (const n of [2, 3]) {
     test(`allreduce - ${n} workers training with fit() on slices of the global batch end with the weights of one process on the whole batch`, async () => {
       const want = await reference();
       const job = `fit-${process.pid}-${n}`;
       const members = Array.from({ length: n }, (_, i) => `w${i}`);
-      const nc = await conn();
-      const ready = nc.subscribe(`${job}-ready`, { max: n });
-      await nc.flush();
-      const workers = members.map((self) => runWorker({ url: server.url, job, self, members }));
-      for await (const _ of ready) {
-        // wait for all n
-      }
-      nc.publish(`${job}-go`);
-      const results = await Promise.all(workers);
+      const results = await runGroup(job, members);
       for (const r of results) {
         assert.deepEqual(r.digest, results[0]!.digest, "every replica holds bit-identical weights");
         r.weights.forEach((w, k) => assert.ok(maxAbsDiff(w, want[k]!) <= 1e-5, `${r.self} weight ${k} differs from the single-process run by ${maxAbsDiff(w, want[k]!)}`));
       }
     });
   }
+
+  test("allreduce - conv model on wasm, every training-set size from 1 to 3 batches, N = 2 and 3: no member fails on an empty slice, weights as one process", async () => {
+    const sizes = Array.from({ length: 3 * DP_CONV.batchSize }, (_, i) => i + 1);
+    const reference: number[][][] = [];
+    for (const n of sizes) {
+      const model = dpConvModel();
+      const opt = tf.train.sgd(DP_CONV.learningRate);
+      await fit(model, dpConvData(n), { epochs: 1, batchSize: DP_CONV.batchSize, seed: DP_CONV.seed, numClasses: DP_CONV.classes, optimizer: opt });
+      reference.push(model.trainableWeights.map((v) => Array.from(v.read().dataSync())));
+      model.dispose();
+      opt.dispose();
+    }
+    for (const n of [2, 3]) {
+      const job = `sweep-${process.pid}-${n}`;
+      const members = Array.from({ length: n }, (_, i) => `w${i}`);
+      const results = await runGroup(job, members, { sizes });
+      for (const r of results) {
+        assert.equal(r.sweep!.length, sizes.length);
+        r.sweep!.forEach((s, i) => {
+          assert.deepEqual(s.digest, results[0]!.sweep![i]!.digest, `N=${n}, ${s.size} samples: every replica holds the same weights`);
+          s.weights.forEach((w, k) => assert.ok(maxAbsDiff(w, reference[i]![k]!) <= 1e-4, `N=${n}, ${s.size} samples: ${r.self} weight ${k} differs by ${maxAbsDiff(w, reference[i]![k]!)}`));
+        });
+      }
+    }
+  });
 
   test("allreduce - gradientHookFor returns fresh tensors in model order and the weights checksum tracks the weights", async () => {
     const g = await group(2);

@@ -273,7 +273,11 @@ function checkInvariants(objs: Obj[], where: string, expect: { gpus: number }): 
   assert.equal(wargs[0], "worker");
   assert.equal(wargs[wargs.indexOf("--metrics-port") + 1], String(METRICS_PORT));
   assert.equal(wargs[wargs.indexOf("--cache-dir") + 1], "/cache");
-  assert.match(wargs[wargs.indexOf("--nats") + 1], /^nats:\/\/\$\(NATS_USER\):\$\(NATS_PASSWORD\)@nats:4222$/);
+  assert.equal(wargs[wargs.indexOf("--nats") + 1], "nats://nats:4222", `${where}: no credentials in args`);
+  assert.equal(wargs[wargs.indexOf("--metrics-host") + 1], "0.0.0.0", `${where}: metrics reachable on the pod IP, said explicitly`);
+  const wenv = new Map<string, { secretKeyRef?: { key: string } }>(wc.env.map((e: { name: string; valueFrom?: { secretKeyRef?: { key: string } } }) => [e.name, e.valueFrom ?? {}]));
+  assert.equal(wenv.get("CTRAIN_NATS_PASS")?.secretKeyRef?.key, "NATS_PASSWORD", `${where}: the password comes from the Secret as an env var`);
+  assert.ok(!JSON.stringify(objs).includes("$(NATS_PASSWORD)"), `${where}: no password placeholder in any URL`);
 
   // Coordinator: a Job with the launcher's ServiceAccount, --launcher kubernetes.
   const [coord] = workloads.filter((w) => component(w) === "coordinator");

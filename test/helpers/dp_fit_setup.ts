@@ -9,6 +9,29 @@ export interface DpFitArgs {
   job: string;
   self: string;
   members: string[];
+  /** Instead of the head: fit the small conv model of {@link dpConvModel} on wasm once per training-set size. */
+  sweep?: { sizes: number[] };
+}
+
+/** The conv sweep: batches of 4, one epoch, so sizes 1..12 give every short last batch for N = 2 and 3. */
+export const DP_CONV = { side: 3, channels: 4, classes: 3, batchSize: 4, seed: 3, learningRate: 0.1 } as const;
+
+/** `n` seeded samples of DP_CONV's shape. */
+export function dpConvData(n: number): ArrayData {
+  const { side, channels, classes } = DP_CONV;
+  const rng = new Rng(91 + n);
+  const x = Float32Array.from({ length: n * side * side * channels }, () => rng.next() - 0.5);
+  return { x, sampleShape: [side, side, channels], y: Int32Array.from({ length: n }, (_, i) => i % classes) };
+}
+
+/** A trainable 1x1 conv, pooled, then softmax (the kernels of a fine-tuned top block on wasm). */
+export function dpConvModel(): tf.LayersModel {
+  const { side, channels, classes } = DP_CONV;
+  const inp = tf.input({ shape: [side, side, channels] });
+  let h = tf.layers.conv2d({ filters: 5, kernelSize: 1, kernelInitializer: tf.initializers.glorotUniform({ seed: 1 }) }).apply(inp) as tf.SymbolicTensor;
+  h = tf.layers.globalAveragePooling2d({}).apply(h) as tf.SymbolicTensor;
+  const out = tf.layers.dense({ units: classes, activation: "softmax", kernelInitializer: tf.initializers.glorotUniform({ seed: 2 }) }).apply(h) as tf.SymbolicTensor;
+  return tf.model({ inputs: inp, outputs: out });
 }
 
 /** 62 samples in batches of 10: the last batch has 2, so with 3 workers one gets none. */
