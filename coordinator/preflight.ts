@@ -11,14 +11,16 @@ import { ConfigError } from "../core/errors.js";
 import { cutTopology } from "../core/feature_model.js";
 import { planSplit } from "../core/model_split.js";
 import { loadPretrained, resolveModelChoices } from "../core/model_zoo.js";
-import { classWeightsFor, trainCounts } from "../core/training_controls.js";
+import { checkControlsForDataParallel, classWeightsFor, trainCounts } from "../core/training_controls.js";
 
 export interface PreflightResult {
   classes: number;
   samples: number;
 }
 
-export async function preflight(opts: JobOptions): Promise<PreflightResult> {
+/** `dataParallelWorkers`: workers that will fine-tune data-parallel (0 = fine-tuning, if any, runs in one process). */
+export async function preflight(opts: JobOptions, o: { dataParallelWorkers?: number } = {}): Promise<PreflightResult> {
+  if ((o.dataParallelWorkers ?? 0) > 1 && opts.fineTuneLayers.trim() !== "0" && opts.method !== "augment") checkControlsForDataParallel(opts, o.dataParallelWorkers!);
   const dataset = await openDataset(opts.data, { seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit, maxPixels: opts.maxPixels });
   if (!dataset.samples.some((s) => s.split === "train")) throw new ConfigError(`--data ${opts.data}: no training samples after splitting; add images or lower --val-split/--test-split.`);
   classWeightsFor(opts.classWeight, dataset.classes, trainCounts(dataset.samples, dataset.classes.length));
