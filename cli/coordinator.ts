@@ -87,7 +87,7 @@ export async function main(argv: string[]): Promise<number> {
   const dpFlag = parsed.extra["data-parallel"] ?? "auto";
   if (dpFlag !== "on" && dpFlag !== "off" && dpFlag !== "auto") throw new ConfigError(`--data-parallel must be on, off or auto, got ${JSON.stringify(dpFlag)}.`);
   const dataParallel = dpFlag === "auto" ? undefined : dpFlag === "on";
-  await preflight(opts);
+  await preflight(opts, { dataParallelWorkers: dataParallel ?? opts.workers > 1 ? opts.workers : 0 });
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });

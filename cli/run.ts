@@ -146,7 +146,7 @@ export async function main(argv: string[]): Promise<number> {
   const opts = loadOptions(parsed);
   const auth = natsAuthFrom(parsed.extra);
   // Refuse a job that cannot run before starting nats-server and workers or writing anything.
-  await preflight(opts, { localWorkers: opts.workers });
+  await preflight(opts, { localWorkers: opts.workers, dataParallelWorkers: opts.workers });
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });

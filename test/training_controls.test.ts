@@ -5,6 +5,7 @@
  * that refuse them before any work.
  */
 import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
 import { before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
 import { selectBackend } from "../core/backend.js";
@@ -13,6 +14,7 @@ import { buildHead } from "../core/head.js";
 import { Rng } from "../core/rng.js";
 import { type ArrayData, evaluate, fit, type FitOptions, sparseCrossEntropy } from "../core/train_loop.js";
 import { checkControlsForDataParallel, classWeightsFor, controlsOf } from "../core/training_controls.js";
+import { runCli } from "./helpers/cli.js";
 
 before(async () => {
   await selectBackend("wasm");
@@ -188,5 +190,19 @@ describe("training controls - options are checked before any work", () => {
     assert.throws(() => checkControlsForDataParallel(o, 2), (e: Error) => e.name === "ConfigError" && /--early-stopping-patience, --label-smoothing apply to the head phase/.test(e.message) && /--workers 1/.test(e.message));
     assert.doesNotThrow(() => checkControlsForDataParallel(opts(), 2));
     assert.deepEqual(controlsOf(o, undefined), { earlyStoppingPatience: 2, restoreBestWeights: true, monitor: "val_loss", lrSchedule: "constant", lrPatience: 2, loss: { labelSmoothing: 0.1 } });
+  });
+
+  test("training controls - through the CLI: refused before any work, naming the option (no output folder)", async () => {
+    const out = `/tmp/ctrain-controls-refused-${process.pid}`;
+    const dp = await runCli(["run", "--workers", "2", "--fine-tune-layers", "5", "--lr-schedule", "cosine", "--limit", "50", "--out", out], { timeoutMs: 60_000 });
+    assert.equal(dp.code, 2);
+    assert.match(dp.stderr, /ConfigError: --lr-schedule applies to the head phase and to fine-tuning in one process, but this job fine-tunes data-parallel across 2 workers/);
+    const cw = await runCli(["run", "--workers", "1", "--class-weight", "Trouser=2,Socks=3", "--limit", "50", "--out", out], { timeoutMs: 60_000 });
+    assert.equal(cw.code, 2);
+    assert.match(cw.stderr, /ConfigError: --class-weight names class "Socks", which is not in the data set \(classes: T-shirt\/top, Trouser/);
+    const es = await runCli(["run", "--val-split", "0", "--early-stopping-patience", "2", "--out", out], { timeoutMs: 60_000 });
+    assert.equal(es.code, 2);
+    assert.match(es.stderr, /--early-stopping-patience 2 watches the validation set, but --val-split is 0/);
+    assert.ok(!existsSync(out), "nothing was written");
   });
 });
