@@ -137,6 +137,19 @@ async function listClassFiles(root: string, classDirs: string[], skipped: Skippe
   return files;
 }
 
+/**
+ * The class folders that hold a usable image, and each folder's new label (-1: left out). A class
+ * without images would still be an output of the classifier, one it could never learn.
+ */
+function classesWithImages(root: string, classDirs: string[], usable: Listed[], warnings: string[]): { classes: string[]; newLabel: number[] } {
+  const present = classDirs.map((_, label) => usable.some((u) => u.label === label));
+  const classes = classDirs.filter((_, label) => present[label]);
+  for (const [label, name] of classDirs.entries()) if (!present[label]) warnings.push(`class folder ${name} has no usable image: left out of the classes.`);
+  if (classes.length < 2)
+    throw new ConfigError(`--data ${root}: only ${classes.length} class folder${classes.length === 1 ? "" : "s"} with images (${classes.join(", ") || "none"}); a classifier needs at least 2.`);
+  return { classes, newLabel: classDirs.map((name) => classes.indexOf(name)) };
+}
+
 async function mapLimited<T, R>(items: readonly T[], limit: number, fn: (t: T) => Promise<R>): Promise<R[]> {
   const out = new Array<R>(items.length);
   let next = 0;
@@ -203,13 +216,7 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
     usable.push({ id, label, size: s.size, mtimeMs: s.mtimeMs });
   }
   if (usable.length === 0) throw new ConfigError(`--data ${o.root}: no ${IMAGE_EXTENSIONS.join("/")} images found in ${classDirs.join(", ")}.`);
-  // A class without images would still be an output of the classifier, one it can never learn.
-  const present = classDirs.map((_, label) => usable.some((u) => u.label === label));
-  const classes = classDirs.filter((_, label) => present[label]);
-  for (const [label, name] of classDirs.entries()) if (!present[label]) warnings.push(`class folder ${name} has no usable image: left out of the classes.`);
-  if (classes.length < 2)
-    throw new ConfigError(`--data ${o.root}: only ${classes.length} class folder${classes.length === 1 ? "" : "s"} with images (${classes.join(", ") || "none"}); a classifier needs at least 2.`);
-  const newLabel = classDirs.map((name) => classes.indexOf(name));
+  const { classes, newLabel } = classesWithImages(o.root, classDirs, usable, warnings);
 
   const ids = usable.map((u) => u.id);
   const labels = usable.map((u) => newLabel[u.label]);
