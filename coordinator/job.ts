@@ -120,6 +120,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   const counts = { train: 0, val: 0, test: 0 };
   for (const s of dataset.samples) counts[s.split]++;
   log.info("data set", { data: dataset.name, classes: dataset.classes.length, ...counts, skipped_at_listing: dataset.skipped.length });
+  for (const w of dataset.warnings ?? []) log.warn("data set", { data: dataset.name, warning: w });
 
   const loaded = await loadModelSource(opts.model);
   const choices = resolveSourceChoices(loaded, opts);

@@ -5,14 +5,16 @@
  *
  * Listing only stats files (no decoding): empty files and files that are not .jpg/.jpeg/.png/.webp
  * are refused here; the rest are refused, if need be, when decoded (BadInputError from readRgb).
- * Hidden files and folders (names starting with ".") are ignored silently.
+ * Hidden files and folders (names starting with ".") are ignored silently. Links are followed to each
+ * real file or folder once (see walkFiles); a class folder without a usable image is left out of the
+ * classes with a warning, and the content of a file, not only its name, must be JPEG/PNG/WebP.
  */
 import { createHash } from "node:crypto";
 import type { Dirent } from "node:fs";
-import { readdir, readFile, stat } from "node:fs/promises";
+import { readdir, readFile, realpath, stat } from "node:fs/promises";
 import { extname, join, relative, resolve, sep } from "node:path";
 import { BadInputError, ConfigError } from "../errors.js";
-import { decodeImage } from "./image_decode.js";
+import { decodeImage, sniffFormat } from "./image_decode.js";
 import { applyLimit, stratifiedSplit } from "./splits.js";
 import { SKIP_REASONS, type Dataset, type SampleRef, type SkippedInput } from "./types.js";
 
@@ -50,24 +52,102 @@ async function readDirSorted(dir: string): Promise<Dirent[]> {
   return entries.filter((e) => !e.name.startsWith(".")).sort((a, b) => byCodePoint(a.name, b.name));
 }
 
-/** Every non-hidden file below `dir`, depth first in name order, as absolute paths. Follows symlinks (once per path). */
-async function walkFiles(dir: string, out: string[]): Promise<void> {
+/** What one class's walk shares with the others: real folders and files already listed, and where not to go. */
+interface WalkState {
+  root: string;
+  realRoot: string;
+  /** Real path of each class folder, by label. */
+  classReals: string[];
+  label: number;
+  seenDirs: Set<string>;
+  /** Real path of each listed file -> its id. */
+  seenFiles: Map<string, string>;
+  skipped: SkippedInput[];
+  warnings: string[];
+}
+
+const idOf = (root: string, path: string): string => relative(root, path).split(sep).join("/");
+const within = (path: string, dir: string): boolean => path === dir || path.startsWith(dir.endsWith(sep) ? dir : dir + sep);
+
+/**
+ * Every non-hidden file below `dir` (whose real path is `real`), depth first in name order, as
+ * absolute paths. Links are followed to each real path once: a link back to the data set's root or
+ * above it (a loop) and a link into another class's folder are not followed (that would relabel
+ * another class's images), and a file reached a second time is listed as a skipped duplicate.
+ */
+async function walkFiles(dir: string, real: string, out: string[], w: WalkState): Promise<void> {
   for (const e of await readDirSorted(dir)) {
     const p = join(dir, e.name);
     let isDir = e.isDirectory();
     let isFile = e.isFile();
+    let target = join(real, e.name);
     if (e.isSymbolicLink()) {
       try {
-        const s = await stat(p);
+        target = await realpath(p);
+        const s = await stat(target);
         isDir = s.isDirectory();
         isFile = s.isFile();
       } catch {
-        isFile = true; // a dangling link: listed, then refused as unreadable
+        out.push(p); // a dangling link: listed, then refused as unreadable
+        continue;
       }
     }
-    if (isDir) await walkFiles(p, out);
-    else if (isFile) out.push(p);
+    // Files need the check only behind a link: a plain file is inside the folder being walked.
+    if (isDir || e.isSymbolicLink()) {
+      const other = w.classReals.findIndex((c, i) => i !== w.label && within(target, c));
+      if (within(w.realRoot, target) || other >= 0) {
+        const why = other >= 0 ? `a link into class folder ${idOf(w.realRoot, w.classReals[other]) || "."}` : "a link back to the data set folder or above it (a loop)";
+        if (isDir) w.warnings.push(`${idOf(w.root, p)}: ${why}; not followed.`);
+        else w.skipped.push({ id: idOf(w.root, p), reason: SKIP_REASONS.duplicate, message: `${idOf(w.root, p)}: ${why}; not listed.` });
+        continue;
+      }
+    }
+    if (isDir) {
+      if (w.seenDirs.has(target)) continue; // another link to a folder already listed
+      w.seenDirs.add(target);
+      await walkFiles(p, target, out, w);
+    } else if (isFile) {
+      const first = w.seenFiles.get(target);
+      if (first !== undefined) {
+        w.skipped.push({ id: idOf(w.root, p), reason: SKIP_REASONS.duplicate, message: `${idOf(w.root, p)}: the same file as ${first}; listed once.` });
+        continue;
+      }
+      w.seenFiles.set(target, idOf(w.root, p));
+      out.push(p);
+    }
   }
+}
+
+/** The files of every class folder, each real file once, in class then walk order. */
+async function listClassFiles(root: string, classDirs: string[], skipped: SkippedInput[], warnings: string[]): Promise<{ path: string; label: number }[]> {
+  const realRoot = await realpath(root);
+  const classReals = await Promise.all(classDirs.map((c) => realpath(join(root, c))));
+  const state: WalkState = { root, realRoot, classReals, label: 0, seenDirs: new Set(), seenFiles: new Map(), skipped, warnings };
+  const files: { path: string; label: number }[] = [];
+  for (let label = 0; label < classDirs.length; label++) {
+    if (state.seenDirs.has(classReals[label])) {
+      warnings.push(`class folder ${classDirs[label]} is the same folder as another class (a link): not listed again.`);
+      continue;
+    }
+    state.seenDirs.add(classReals[label]);
+    const found: string[] = [];
+    await walkFiles(join(root, classDirs[label]), classReals[label], found, { ...state, label });
+    for (const path of found) files.push({ path, label });
+  }
+  return files;
+}
+
+/**
+ * The class folders that hold a usable image, and each folder's new label (-1: left out). A class
+ * without images would still be an output of the classifier, one it could never learn.
+ */
+function classesWithImages(root: string, classDirs: string[], usable: Listed[], warnings: string[]): { classes: string[]; newLabel: number[] } {
+  const present = classDirs.map((_, label) => usable.some((u) => u.label === label));
+  const classes = classDirs.filter((_, label) => present[label]);
+  for (const [label, name] of classDirs.entries()) if (!present[label]) warnings.push(`class folder ${name} has no usable image: left out of the classes.`);
+  if (classes.length < 2)
+    throw new ConfigError(`--data ${root}: only ${classes.length} class folder${classes.length === 1 ? "" : "s"} with images (${classes.join(", ") || "none"}); a classifier needs at least 2.`);
+  return { classes, newLabel: classDirs.map((name) => classes.indexOf(name)) };
 }
 
 async function mapLimited<T, R>(items: readonly T[], limit: number, fn: (t: T) => Promise<R>): Promise<R[]> {
@@ -102,14 +182,10 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
   if (classDirs.length < 2)
     throw new ConfigError(`--data ${o.root} has ${classDirs.length} class folder${classDirs.length === 1 ? "" : "s"}${classDirs.length ? ` (${classDirs.join(", ")})` : ""}; a classifier needs at least 2 (one sub-folder per class).`);
 
-  const files: { path: string; label: number }[] = [];
-  for (let label = 0; label < classDirs.length; label++) {
-    const found: string[] = [];
-    await walkFiles(join(root, classDirs[label]), found);
-    for (const path of found) files.push({ path, label });
-  }
-
   const skipped: SkippedInput[] = [];
+  const warnings: string[] = [];
+  const files = await listClassFiles(root, classDirs, skipped, warnings);
+
   const usable: Listed[] = [];
   const identity: string[] = [];
   const stats = await mapLimited(files, STAT_CONCURRENCY, async (f) => {
@@ -140,23 +216,25 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
     usable.push({ id, label, size: s.size, mtimeMs: s.mtimeMs });
   }
   if (usable.length === 0) throw new ConfigError(`--data ${o.root}: no ${IMAGE_EXTENSIONS.join("/")} images found in ${classDirs.join(", ")}.`);
+  const { classes, newLabel } = classesWithImages(o.root, classDirs, usable, warnings);
 
   const ids = usable.map((u) => u.id);
-  const labels = usable.map((u) => u.label);
+  const labels = usable.map((u) => newLabel[u.label]);
   const splits = stratifiedSplit(ids, labels, { seed: o.seed, valFraction: o.valSplit, testFraction: o.testSplit });
   const kept = applyLimit(ids, labels, splits, o.limit, o.seed);
   const samples: SampleRef[] = kept.map((i) => ({ id: ids[i], label: labels[i], split: splits[i] }));
 
   const h = createHash("sha256");
-  h.update(JSON.stringify({ kind: "folder", v: 2, classes: classDirs, seed: o.seed, valSplit: o.valSplit, testSplit: o.testSplit, limit: o.limit, maxPixels: o.maxPixels }));
+  h.update(JSON.stringify({ kind: "folder", v: 3, classes, seed: o.seed, valSplit: o.valSplit, testSplit: o.testSplit, limit: o.limit, maxPixels: o.maxPixels }));
   for (const line of identity) h.update(`\n${line}`);
 
   const known = new Set(ids);
   return {
     name: o.root,
-    classes: classDirs,
+    classes,
     samples,
     skipped,
+    warnings,
     fingerprint: h.digest("hex"),
     async readRgb(sample: SampleRef, size: number): Promise<Uint8Array> {
       const id = sample.id;
@@ -168,6 +246,10 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
       } catch (cause) {
         throw new BadInputError(id, SKIP_REASONS.unreadable, `${id}: cannot read: ${(cause as Error).message}`, { cause });
       }
+      // The content decides, by the same rule as the name: a GIF or SVG called .png is not an image here either.
+      const format = sniffFormat(bytes);
+      if (format === "gif" || format === "svg")
+        throw new BadInputError(id, SKIP_REASONS.notAnImage, `${id}: the content is ${format.toUpperCase()}, not one of ${IMAGE_EXTENSIONS.join(" ")} whatever its name says.`);
       return decodeImage(id, bytes, { size, maxPixels: o.maxPixels });
     },
   };

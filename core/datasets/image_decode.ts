@@ -104,6 +104,17 @@ export function classifyDecodeError(id: string, err: unknown, bytes: Uint8Array)
   return say(SKIP_REASONS.corrupt, "the image is corrupt");
 }
 
+/** The format named by the first bytes of a file: what it is, whatever its name says. */
+export function sniffFormat(bytes: Uint8Array): "jpeg" | "png" | "webp" | "gif" | "svg" | "other" {
+  if (sameBytes(bytes, 0, [0xff, 0xd8, 0xff])) return "jpeg";
+  if (sameBytes(bytes, 0, [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])) return "png";
+  if (sameBytes(bytes, 0, [0x52, 0x49, 0x46, 0x46]) && sameBytes(bytes, 8, [0x57, 0x45, 0x42, 0x50])) return "webp";
+  if (sameBytes(bytes, 0, [0x47, 0x49, 0x46, 0x38])) return "gif";
+  const head = new TextDecoder().decode(bytes.subarray(0, 512)).trimStart().toLowerCase();
+  if (head.startsWith("<svg") || (head.startsWith("<?xml") && head.includes("<svg"))) return "svg";
+  return "other";
+}
+
 /** Width and height from a PNG's IHDR (the first chunk), or undefined when `bytes` does not start like a PNG. */
 function pngSize(bytes: Uint8Array): { w: number; h: number } | undefined {
   if (!sameBytes(bytes, 0, [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]) || !sameBytes(bytes, 12, [0x49, 0x48, 0x44, 0x52]) || bytes.length < 24) return undefined;

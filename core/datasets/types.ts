@@ -33,6 +33,8 @@ export const SKIP_REASONS = {
   unreadable: "unreadable",
   /** The id does not name a sample of this data set (a stale or foreign message). */
   unknownSample: "unknown_sample",
+  /** The same file reached a second time (through a link), or through a link into another class's folder. */
+  duplicate: "duplicate",
 } as const;
 export type SkipReason = (typeof SKIP_REASONS)[keyof typeof SKIP_REASONS];
 
@@ -51,6 +53,8 @@ export interface Dataset {
   samples: SampleRef[];
   /** inputs refused while listing (empty files, unreadable IDX items...) */
   skipped: SkippedInput[];
+  /** what the listing left out beyond single inputs, for the log (a class folder without images, a link loop not followed) */
+  warnings?: string[];
   /** hex sha256 over what identifies the inputs (paths + sizes + mtimes for folders, file contents hash for IDX), the split parameters, seed and limit: the feature-cache key uses it */
   fingerprint: string;
   /**
