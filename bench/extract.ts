@@ -132,16 +132,36 @@ async function wholeRun(engine: EngineName, size: number, limit: number): Promis
   const cli = fileURLToPath(new URL("../cli/main.js", import.meta.url));
   try {
     const t0 = performance.now();
-    await promisify(execFile)(process.execPath, [cli, "run", "--limit", String(limit), "--input-size", String(size), "--engine", engine, "--epochs", "1",
-      "--out", join(dir, "out"), "--cache-dir", join(dir, "cache"), "--log-format", "json", "--metrics-port", "-1"], { maxBuffer: 64 << 20 });
+    const { stdout, stderr } = await promisify(execFile)(process.execPath, [cli, "run", "--limit", String(limit), "--input-size", String(size), "--engine", engine, "--epochs", "1",
+      "--out", join(dir, "out"), "--cache-dir", join(dir, "cache"), "--log-format", "json", "--metrics-port", "-1"], { maxBuffer: 256 << 20, env: { ...process.env, CTRAIN_LOG_LEVEL: "debug" } });
     const wall = (performance.now() - t0) / 1000;
     const s = JSON.parse(await readFile(join(dir, "out", "summary.json"), "utf8")) as { workers: number; extraction: { images: number; seconds: number; images_per_second: number } };
-    return { engine, input_size: size, workers: s.workers, images: s.extraction.images, extraction_seconds: s.extraction.seconds, extraction_images_per_second: s.extraction.images_per_second, job_wall_seconds: round(wall, 1) };
+    return {
+      engine, input_size: size, workers: s.workers, images: s.extraction.images, extraction_seconds: s.extraction.seconds,
+      extraction_images_per_second: s.extraction.images_per_second, job_wall_seconds: round(wall, 1), worker_time_split: timeSplit(`${stdout}\n${stderr}`),
+    };
   } catch (err) {
     return { engine, input_size: size, error: String((err as Error).message).slice(0, 300) };
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+}
+
+/** The workers' "shard done" lines summed: the share of shard time in forward, waiting for decode, setup and publishing. */
+function timeSplit(log: string): Record<string, number> | null {
+  const sums: Record<string, number> = { forward_s: 0, decode_wait_s: 0, setup_s: 0, publish_s: 0, seconds: 0 };
+  let shards = 0;
+  for (const line of log.split("\n")) {
+    if (!line.includes('"shard done"')) continue;
+    try {
+      const o = JSON.parse(line) as Record<string, number>;
+      for (const k of Object.keys(sums)) sums[k] += Number(o[k] ?? 0);
+      shards++;
+    } catch { /* not a JSON line */ }
+  }
+  if (shards === 0) return null;
+  const total = sums.seconds + sums.publish_s;
+  return { shards, forward_share: round(sums.forward_s / total, 3), decode_wait_share: round(sums.decode_wait_s / total, 3), setup_share: round(sums.setup_s / total, 3), publish_share: round(sums.publish_s / total, 3) };
 }
 
 async function main(): Promise<void> {

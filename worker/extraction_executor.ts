@@ -15,6 +15,16 @@ export interface ExtractShardOptions {
   onBatch?: (images: number, skipped: number) => void;
   /** Stop early (cooperative cancel); the shard then throws. */
   signal?: AbortSignal;
+  /** Filled with where the shard's time went (seconds). */
+  timing?: ShardTiming;
+}
+
+/** Where a shard's extraction time went: waiting for decoded images vs the frozen forward pass. */
+export interface ShardTiming {
+  /** Time the forward pass waited for the next batch to be decoded (decode not hidden behind the previous batch). */
+  decodeWaitSeconds: number;
+  /** Time in the frozen forward pass. */
+  forwardSeconds: number;
 }
 
 type Decoded = { sample: SampleRef; rgb?: Uint8Array; skipped?: SkippedInput };
@@ -39,7 +49,9 @@ export async function extractShard(dataset: Dataset, extractor: FeatureExtractor
   let row = 0;
   for (let start = 0; start < samples.length; start += batchSize) {
     if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("extraction cancelled");
+    const t0 = performance.now();
     const batch = await next!;
+    const t1 = performance.now();
     // Start decoding the next batch before the forward pass of this one (onnxruntime runs it off the event loop).
     next = start + batchSize < samples.length ? decodeBatch(start + batchSize) : undefined;
     const good = batch.filter((d) => d.rgb);
@@ -48,6 +60,7 @@ export async function extractShard(dataset: Dataset, extractor: FeatureExtractor
       const rgb = new Uint8Array(good.length * pixels);
       good.forEach((d, i) => rgb.set(d.rgb!, i * pixels));
       const f = await extractor.extract(rgb, good.length);
+      if (opts.timing) opts.timing.forwardSeconds += (performance.now() - t1) / 1000;
       out.features.set(f, row * extractor.featureDim);
       for (const d of good) {
         out.ids.push(d.sample.id);
@@ -56,6 +69,7 @@ export async function extractShard(dataset: Dataset, extractor: FeatureExtractor
       }
       row += good.length;
     }
+    if (opts.timing) opts.timing.decodeWaitSeconds += (t1 - t0) / 1000;
     opts.onBatch?.(batch.length, batch.length - good.length);
   }
   out.features = out.features.slice(0, row * extractor.featureDim);

@@ -404,8 +404,10 @@ export class NatsWorker implements AsyncDisposable {
       const samples = task.ids.map((id, i) => ({ id, label: task.labels[i], split: FROM_WIRE_SPLIT[task.splits[i]] }));
       let done = 0;
       let lastProgress = Date.now();
+      const timing = { decodeWaitSeconds: 0, forwardSeconds: 0 };
+      const tExtract = performance.now();
       const data = await extractShard(dataset, extractor, wire, samples, {
-        batchSize: this.o.batchSize ?? 32,
+        batchSize: this.o.batchSize ?? 32, timing,
         onBatch: (n, skipped) => {
           done += n;
           metrics?.countImages("extract", n - skipped);
@@ -418,6 +420,7 @@ export class NatsWorker implements AsyncDisposable {
         },
       });
       const seconds = (performance.now() - t0) / 1000;
+      const tPublish = performance.now();
       const header = makeHeader(job, this.id);
       const featureDims = extractor.featureShape.length ? extractor.featureShape : [extractor.featureDim];
       const full = encode("FeatureShard", {
@@ -434,7 +437,12 @@ export class NatsWorker implements AsyncDisposable {
       this.shardsDone++;
       this.rate = samples.length / seconds;
       metrics?.setExtractionRate(this.rate);
-      log.info("shard done", { shard: wire, samples: data.ids.length, skipped: data.skipped.length, seconds: Number(seconds.toFixed(3)), images_per_second: Number(this.rate.toFixed(1)) });
+      // Where the shard's time went (bench/extract sums these over a run): the forward pass should dominate.
+      const split = { forward_s: timing.forwardSeconds, decode_wait_s: timing.decodeWaitSeconds, setup_s: (tExtract - t0) / 1000, publish_s: (performance.now() - tPublish) / 1000 };
+      log.info("shard done", {
+        shard: wire, samples: data.ids.length, skipped: data.skipped.length, seconds: Number(seconds.toFixed(3)), images_per_second: Number(this.rate.toFixed(1)),
+        ...Object.fromEntries(Object.entries(split).map(([k, v]) => [k, Number(v.toFixed(3))])),
+      });
       this.emit({ type: "shard_done", job, shard: wire, samples: data.ids.length, skipped: data.skipped.length, seconds });
     } catch (err) {
       const error = err instanceof Error ? err : new Error(String(err));
