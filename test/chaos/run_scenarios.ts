@@ -4,6 +4,8 @@
  * clean run (same committed features, same head) or must end with a clear error within 30 s of the
  * fault, leaving no committed cache entry:
  *   run-kill-nats      the embedded nats-server SIGKILLed once the tasks are queued: restarted, job completes
+ *   run-forged-worker  (ctrain run --nats) a forged worker answers 3 tasks with shifted labels and constant
+ *                      features: refused, extracted again, the clean run's features, labels and head
  *   run-full-cache     the --cache-dir disk (a 4 MiB tmpfs) filled by someone else mid-extraction: StorageError
  *   run-readonly-out   --out on a read-only file system: refused before any work
  *   run-symlink-loop   a folder data set with `ln -s .. a/up`: every real image once, with its own label
@@ -13,7 +15,12 @@ import { execFileSync, spawn } from "node:child_process";
 import { existsSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
+import { connect } from "nats";
 import sharp from "sharp";
+import { float32ToBytes } from "../../core/tensor_codec.js";
+import { decode, encode, makeHeader } from "../../proto/codec.js";
+import { jobNames } from "../../proto/subjects.js";
+import { startNatsServer, type NatsServer } from "../helpers/nats_server.js";
 import { FeatureCache } from "../../core/feature_store.js";
 import { CTRAIN_BIN } from "../helpers/cli.js";
 import { Proc } from "../helpers/cluster.js";
@@ -32,6 +39,34 @@ export interface RunScenario {
   fault?(p: Proc, dir: string): Promise<string | undefined>;
   /** For a completed row: checks of its own on the committed features (they are not the clean run's). */
   check?(features: { ids: string[]; labels: Int32Array }, classes: string[]): string | undefined;
+}
+
+const servers: NatsServer[] = [];
+
+/** Answers `n` tasks of `job` as a forger would: labels shifted, features constant; returns the fault's description. */
+async function forge(url: string, job: string, n: number): Promise<string> {
+  const names = jobNames(job);
+  const nc = await connect({ servers: url });
+  try {
+    const js = nc.jetstream();
+    const consumer = await js.consumers.get(names.tasksStream, names.tasksConsumer);
+    const os = await js.views.os(names.featuresBucket);
+    let forged = 0;
+    for (let i = 0; i < n; i++) {
+      const msg = await consumer.next({ expires: 10_000 });
+      if (!msg) break;
+      const t = decode("ShardTask", msg.data, { job });
+      const header = makeHeader(job, "forger");
+      const features = float32ToBytes(new Float32Array(t.ids.length * 1280).fill(0.25));
+      await os.putBlob({ name: t.shardId }, encode("FeatureShard", { header, shardId: t.shardId, ids: t.ids, labels: t.labels.map((l) => (l + 1) % 10), splits: t.splits, featureDims: [1280], features, skipped: [], worker: "forger", seconds: 1 }));
+      nc.publish(names.shardDone, encode("FeatureShard", { header, shardId: t.shardId, ids: [], labels: [], splits: [], featureDims: [1280], features: new Uint8Array(0), skipped: [], worker: "forger", seconds: 1 }));
+      await msg.ackAck();
+      forged++;
+    }
+    return `a forged worker answered ${forged} task(s) with shifted labels and constant features`;
+  } finally {
+    await nc.close();
+  }
 }
 
 function mountTmpfs(path: string, kib: number, readOnly = false): boolean {
@@ -54,6 +89,23 @@ export const RUN_SCENARIOS: RunScenario[] = [
       await p.waitFor("shard tasks queued", 120_000);
       process.kill(pid, "SIGKILL");
       return `SIGKILL embedded nats-server (pid ${pid}) once the shard tasks were queued`;
+    },
+  },
+  {
+    name: "run-forged-worker",
+    workers: 2,
+    expect: "complete",
+    async setup() {
+      // A server of our own (ctrain run --nats): the forger is a client with the workers' access.
+      const server = await startNatsServer();
+      servers.push(server);
+      return { nats: server.url };
+    },
+    async fault(p) {
+      const url = servers.at(-1)!.url;
+      await p.waitFor("shard tasks queued", 120_000);
+      const job = String(p.logged("shard tasks queued")[0]!.job);
+      return forge(url, job, 3);
     },
   },
   {
@@ -150,6 +202,7 @@ export async function runRunScenario(sc: RunScenario, cfg: ChaosConfig, planned:
     clearTimeout(timer);
     if (p.alive) p.proc.kill("SIGKILL");
     for (const m of ["disk", "ro"]) if (existsSync(join(dir, m))) execFileSync("umount", ["-l", join(dir, m)], { stdio: "ignore" });
+    for (const s of servers.splice(0)) await s.stop();
   }
   result.wall_s = Number(((performance.now() - t0) / 1000).toFixed(1));
   result.completed = result.exit === 0 && existsSync(join(flags.out!, "summary.json"));
@@ -185,7 +238,13 @@ export async function runRunScenario(sc: RunScenario, cfg: ChaosConfig, planned:
   result.samples_duplicated = set.ids.length - seen.size;
   result.samples_foreign = set.ids.filter((id) => !plannedSet.has(id)).length;
   const base = baseline?.features.get(`${set.meta.featureLayer}/${set.meta.pooling}`);
-  if (base) result.feature_max_diff = featureDiff(set, base);
+  if (base) {
+    result.feature_max_diff = featureDiff(set, base);
+    const label = new Map(base.ids.map((id, i) => [id, base.labels[i]]));
+    const relabelled = set.ids.filter((id, i) => label.has(id) && label.get(id) !== set.labels[i]).length;
+    if (relabelled) result.error = `${relabelled} samples labelled otherwise than in the clean run`;
+    result.samples_foreign += relabelled;
+  }
   if (baseline?.testAccuracy !== undefined) result.test_accuracy_delta_points = Number(((result.test_accuracy - baseline.testAccuracy) * 100).toFixed(2));
   result.ok = injected && result.samples_lost === 0 && result.samples_duplicated === 0 && result.samples_foreign === 0 && (result.feature_max_diff ?? 0) <= 1e-5;
   return result;
