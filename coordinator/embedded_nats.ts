@@ -65,6 +65,22 @@ export function findNatsServerBinary(binary?: string): string {
   throw new ConfigError(`ctrain run needs nats-server for its workers: install it (apt-get install nats-server), set NATS_SERVER_BIN, pass --nats URL of a running server, or use --workers 1.`);
 }
 
+/**
+ * Removes the stores of embedded servers whose `ctrain run` is gone (SIGKILLed: no exit hook ran), so a
+ * killed run does not leave its JetStream store in the temp folder for good.
+ */
+function removeStaleStores(): void {
+  for (const name of readdirSync(tmpdir())) {
+    const m = /^ctrain-embedded-nats-(\d+)-/.exec(name);
+    if (!m || Number(m[1]) === process.pid) continue;
+    try {
+      process.kill(Number(m[1]), 0);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ESRCH") rmSync(join(tmpdir(), name), { recursive: true, force: true });
+    }
+  }
+}
+
 /** One nats-server process on `port` (-1: a free one); resolves once it listens. */
 async function launch(bin: string, dir: string, conf: string, port: number, users: ReturnType<typeof jobUsers>, opts: EmbeddedNatsOptions): Promise<{ proc: ChildProcess; port: number; exited: Promise<void>; stderr: () => string }> {
   writeFileSync(conf, configText(dir, port, users), { mode: 0o600 });
@@ -119,7 +135,8 @@ function configText(dir: string, port: number, users: ReturnType<typeof jobUsers
  */
 export async function startEmbeddedNats(opts: EmbeddedNatsOptions = {}): Promise<EmbeddedNats> {
   const bin = findNatsServerBinary(opts.binary);
-  const dir = mkdtempSync(join(tmpdir(), "ctrain-embedded-nats-"));
+  removeStaleStores();
+  const dir = mkdtempSync(join(tmpdir(), `ctrain-embedded-nats-${process.pid}-`));
   const conf = join(dir, "server.conf");
   const users = jobUsers(opts.job ?? "embedded", opts.workers ?? []);
   const credentials: EmbeddedNatsCredentials = {

@@ -267,20 +267,21 @@ describe("distributed extraction", { concurrency: false }, () => {
     }
   });
 
-  test("distributed - a forged worker's results (labels, splits, ids, count, feature size not the plan's) are rejected, counted by reason, never cached", { timeout: 180_000 }, async () => {
+  test("distributed - a forged worker's results (labels, splits, ids, count, feature size, dtype not the plan's) are rejected, counted by reason, never cached", { timeout: 180_000 }, async () => {
     const job = "dist-forged";
     const names = jobNames(job);
     const c = await coordinator(server.url, job);
     await c.waitFor("shard tasks queued", 90_000);
     const nc = await connect({ servers: server.url });
     const FORGED = 0.25;
-    // Each forgery answers one task; the coordinator must refuse all five and queue them again.
-    const forgeries: ((t: ShardTask) => Partial<FeatureShard>)[] = [
+    // Each forgery answers one task; the coordinator must refuse all six and queue them again.
+    const forgeries: ((t: ShardTask) => Partial<FeatureShard> & { dtype?: string })[] = [
       (t) => ({ labels: t.labels.map((l) => (l + 1) % 10) }),
       (t) => ({ splits: t.splits.map((x) => (x === "train" ? "test" : "train")) }),
       (t) => ({ ids: [...t.ids.slice(1), "intruder.png"] }),
       (t) => ({ ids: t.ids.slice(1), labels: t.labels.slice(1), splits: t.splits.slice(1) }),
       () => ({ featureDims: [7] }),
+      () => ({ dtype: "fp16" }), // half the bytes: float16 rows where float32 is the format
     ];
     try {
       const js = nc.jetstream();
@@ -291,10 +292,11 @@ describe("distributed extraction", { concurrency: false }, () => {
         const msg = await consumer.next({ expires: 10_000 });
         assert.ok(msg, "a task for the forger");
         const t = decode("ShardTask", msg.data, { job });
-        const f = { ids: t.ids, labels: t.labels, splits: t.splits, featureDims: [1280], ...forge(t) };
+        const { dtype, ...f } = { ids: t.ids, labels: t.labels, splits: t.splits, featureDims: [1280], dtype: "fp32", ...forge(t) };
         const dim = f.featureDims.reduce((a, b) => a * b, 1);
+        const rows = float32ToBytes(new Float32Array(f.ids.length * dim).fill(FORGED));
         const shard = encode("FeatureShard", {
-          header: makeHeader(job, "forger"), shardId: t.shardId, ...f, features: float32ToBytes(new Float32Array(f.ids.length * dim).fill(FORGED)),
+          header: makeHeader(job, "forger"), shardId: t.shardId, ...f, features: dtype === "fp16" ? rows.subarray(0, rows.length / 2) : rows,
           skipped: [], worker: "forger", seconds: 1,
         });
         await os.putBlob({ name: t.shardId }, shard);
@@ -302,7 +304,7 @@ describe("distributed extraction", { concurrency: false }, () => {
         await msg.ackAck();
         forgedShards.push(t.shardId);
       }
-      const reasons = ["shard_labels", "shard_splits", "shard_ids", "shard_count", "shard_dim"];
+      const reasons = ["shard_labels", "shard_splits", "shard_ids", "shard_count", "shard_dim", "bad_shape"];
       await check(async () => {
         const m = await c.metrics();
         const s = m.samples.filter((x) => x.name === "ctrain_dropped_messages_total");
@@ -314,7 +316,7 @@ describe("distributed extraction", { concurrency: false }, () => {
       } finally {
         await stopAll([w]);
       }
-      // The honest worker extracted the five refused shards again; the cache holds the plan's labels and splits and no forged row.
+      // The honest worker extracted the six refused shards again; the cache holds the plan's labels and splits and no forged row.
       const done = shardsDone([w]);
       for (const wire of forgedShards) assert.equal(done.get(wire), 1, `shard ${wire} extracted again by the honest worker`);
       const set = await committed(job);

@@ -6,11 +6,12 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdirSync, rmSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
+import { startEmbeddedNats } from "../coordinator/embedded_nats.js";
 import { CTRAIN_BIN } from "./helpers/cli.js";
 import { Proc } from "./helpers/cluster.js";
 
@@ -34,6 +35,19 @@ function run(job: string): Proc {
   procs.push(p);
   return p;
 }
+
+test("embedded nats faults - the store of a SIGKILLed run is removed by the next start, a live run's is kept", async () => {
+  const dead = spawn(process.execPath, ["-e", ""]);
+  await new Promise((r) => dead.once("exit", r));
+  const stale = join(tmpdir(), `ctrain-embedded-nats-${dead.pid}-test`);
+  const live = join(tmpdir(), `ctrain-embedded-nats-${process.ppid}-test`);
+  for (const d of [stale, live]) mkdirSync(join(d, "jetstream"), { recursive: true });
+  const server = await startEmbeddedNats();
+  await server.stop();
+  assert.equal(existsSync(stale), false, "the dead run's store is gone");
+  assert.equal(existsSync(live), true, "a running process's store stays");
+  rmSync(live, { recursive: true, force: true });
+});
 
 const restartMsg = "embedded nats-server died: restarted on its store, clients reconnect";
 

@@ -3,14 +3,16 @@
  * others are compared with), then the table on stdout and bench/results/chaos.json. Exits 1 when a
  * scenario failed, lost or duplicated samples, or differed from the clean run.
  *
- *   node dist/test/chaos/run.js [--seed N] [--limit N] [--shard-size N] [--only a,b|ft] [--timeout S] [--keep] [--out FILE] [--log-dir DIR]
+ *   node dist/test/chaos/run.js [--seed N] [--limit N] [--shard-size N] [--only a,b|ft|run] [--timeout S] [--keep] [--out FILE] [--log-dir DIR]
+ * The `run-*` rows (test/chaos/run_scenarios.ts) drive `ctrain run` with its embedded nats-server.
  */
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { DEFAULT_CONFIG, formatTable, killRunning, plannedIds, runScenario, SCENARIOS, type ChaosConfig, type RunArtifacts, type ScenarioResult } from "./scenarios.js";
+import { RUN_SCENARIOS, runRunScenario } from "./run_scenarios.js";
+import { DEFAULT_CONFIG, formatTable, jobArgs, killRunning, plannedIds, runScenario, SCENARIOS, type ChaosConfig, type RunArtifacts, type ScenarioResult } from "./scenarios.js";
 
 const RESULTS = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..", "bench", "results", "chaos.json");
 
@@ -50,6 +52,12 @@ async function main(): Promise<number> {
         baselines.set(sc.name, artifacts);
         result.overhead = 1;
       }
+      rows.push(result);
+      console.error(`chaos: ${sc.name}: ${result.ok ? "ok" : "FAIL"} in ${result.wall_s} s, faults: ${result.faults.join("; ") || "none"}`);
+    }
+    for (const sc of RUN_SCENARIOS.filter((s) => !only || only.includes(s.name) || only.includes("run"))) {
+      console.error(`chaos: ${sc.name} (ctrain run, ${sc.workers} worker(s))...`);
+      const result = await runRunScenario(sc, cfg, planned, jobArgs(cfg, false), baselines.get("clean"));
       rows.push(result);
       console.error(`chaos: ${sc.name}: ${result.ok ? "ok" : "FAIL"} in ${result.wall_s} s, faults: ${result.faults.join("; ") || "none"}`);
     }

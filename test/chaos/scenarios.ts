@@ -400,7 +400,7 @@ export interface RunArtifacts {
 }
 
 // Enough head epochs that the accuracy column means something (a 1-epoch head sits near chance), still seconds.
-function jobArgs(cfg: ChaosConfig, fineTune: boolean): string[] {
+export function jobArgs(cfg: ChaosConfig, fineTune: boolean): string[] {
   const ft = fineTune ? ["--fine-tune-layers", "3", "--fine-tune-epochs", "3", "--batch-size", "16"] : [];
   return [...ft, "--data", "fashion-mnist", "--limit", String(cfg.limit), "--input-size", String(cfg.inputSize), "--shard-size", String(cfg.shardSize), "--epochs", "30", "--head-units", "64", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
 }
@@ -543,7 +543,7 @@ export function featureDiff(a: FeatureSet, b: FeatureSet): number {
   return max;
 }
 
-function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+export function maxAbsDiff(a: Float32Array, b: Float32Array): number {
   if (a.length !== b.length) return Number.NaN;
   let max = 0;
   for (let i = 0; i < a.length; i++) max = Math.max(max, Math.abs(a[i] - b[i]));
