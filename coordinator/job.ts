@@ -13,7 +13,7 @@ import { jobFileText, type JobOptions, reproducibleOptions } from "../core/confi
 import { openDataset } from "../core/datasets/open.js";
 import type { Dataset, SkippedInput } from "../core/datasets/types.js";
 import { buildFeatureExtractor, type FeatureExtractor, isOnnxSource, loadModelSource, resolveSourceChoices } from "../core/feature_model.js";
-import { ConfigError } from "../core/errors.js";
+import { ConfigError, storageError } from "../core/errors.js";
 import { cacheKey, FeatureCache } from "../core/feature_store.js";
 import { type ClassifierMetadata, composeClassifier } from "../core/head.js";
 import type { Logger } from "../core/log.js";
@@ -92,6 +92,11 @@ export interface JobDeps {
    * this process. Used for cached activations; augmentation fine-tunes in this process.
    */
   dataParallel?: () => Promise<{ nc: import("nats").NatsConnection; workers: number }>;
+}
+
+/** A file of the run folder; a full or read-only disk becomes a StorageError naming it. */
+async function writeOut(path: string, data: string): Promise<void> {
+  await writeFile(path, data).catch((err: unknown) => Promise.reject(storageError(err, path, Buffer.byteLength(data))));
 }
 
 /** Images per forward pass of in-process extraction. */
@@ -196,7 +201,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     featureLayer: opts.featureLayer, pooling: opts.pooling, job: opts.job,
   };
   const classifier = extractor.model ? composeClassifier(extractor.model, head.head, meta) : undefined;
-  await mkdir(opts.out, { recursive: true });
+  await mkdir(opts.out, { recursive: true }).catch((err: unknown) => Promise.reject(storageError(err, opts.out)));
   // With fine-tuning, model/ is the fine-tuned classifier and model-head/ keeps the head-only one.
   const modelDir = join(opts.out, fineTuning ? "model-head" : "model");
   if (classifier) await saveModel(classifier, modelDir);
@@ -247,10 +252,10 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   summary.seconds = round((performance.now() - t0) / 1000, 3);
   summary.finished_at = new Date().toISOString();
   const history = ft ? { head: head.history, fine_tune: ft.history } : { head: head.history };
-  await writeFile(join(opts.out, "history.json"), JSON.stringify(history, null, 2));
-  await writeFile(join(opts.out, "summary.json"), JSON.stringify(summary, null, 2));
-  await writeFile(join(opts.out, "job.yaml"), jobFileText(opts));
-  await writeFile(join(opts.out, "report.html"), renderReport({
+  await writeOut(join(opts.out, "history.json"), JSON.stringify(history, null, 2));
+  await writeOut(join(opts.out, "summary.json"), JSON.stringify(summary, null, 2));
+  await writeOut(join(opts.out, "job.yaml"), jobFileText(opts));
+  await writeOut(join(opts.out, "report.html"), renderReport({
     job: opts.job, summary: summary as unknown as Record<string, unknown>, phases: ft ? [{ name: "head", history: head.history }, { name: "fine_tune", history: ft.history }] : [{ name: "head", history: head.history }],
     classes: dataset.classes, confusion: ft ? ft.test.confusion : head.test.confusion,
   }));

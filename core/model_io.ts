@@ -84,5 +84,5 @@ export const ONNX_BASE_FILE = "base.onnx";
 export async function saveOnnxClassifier(base: Uint8Array, head: tf.LayersModel, meta: object, dir: string): Promise<void> {
   head.setUserDefinedMetadata({ ctrain: { ...meta, baseOnnx: ONNX_BASE_FILE } } as unknown as {});
   await saveModel(head, dir);
-  await writeFile(join(dir, ONNX_BASE_FILE), base);
+  await writeFile(join(dir, ONNX_BASE_FILE), base).catch((err: unknown) => Promise.reject(storageError(err, join(dir, ONNX_BASE_FILE), base.byteLength)));
 }
