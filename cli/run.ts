@@ -216,18 +216,20 @@ export async function main(argv: string[]): Promise<number> {
     await ensureCluster();
     return natsExecutorFactory({ nc: nc!, opts, log, metrics, workers: opts.workers, signal: lost.signal })(ctx);
   };
+  let summary: Awaited<ReturnType<typeof runJob>>;
   try {
     // Fine-tuning is data-parallel on the local workers whenever there are several.
     const dataParallel: JobDeps["dataParallel"] = async () => {
       await ensureCluster();
       return { nc: nc!, workers: opts.workers };
     };
-    const summary = await runJob(opts, distributed ? { log, metrics, executor, workers: opts.workers, dataParallel: opts.workers > 1 ? dataParallel : undefined } : { log, metrics });
-    printSummary(summary, opts);
-    return 0;
+    summary = await runJob(opts, distributed ? { log, metrics, executor, workers: opts.workers, dataParallel: opts.workers > 1 ? dataParallel : undefined } : { log, metrics });
   } finally {
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);
     await cleanup();
   }
+  // After the workers and NATS are stopped, so their last lines come before it: the summary is the end.
+  printSummary(summary, opts);
+  return 0;
 }
