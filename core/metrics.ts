@@ -482,8 +482,8 @@ export interface ScrapeTarget {
 }
 
 /**
- * Write `targets` as a Prometheus file_sd JSON file (deploy/prometheus/ctrain-targets.json is what
- * the shipped prometheus.yml watches). Written to a temporary file and renamed, so Prometheus never
+ * Write `targets` as a Prometheus file_sd JSON file (the shipped prometheus.yml watches
+ * runs/ctrain-targets/*.json, where `ctrain run` writes them). Written to a temporary file and renamed, so Prometheus never
  * reads half a file.
  */
 export async function writeScrapeTargets(file: string, targets: readonly ScrapeTarget[]): Promise<void> {

@@ -183,7 +183,7 @@ async function runJob(cacheDir: string, out: string): Promise<JobRun> {
     assert.ok(l, `the run logged "${msg}"; exit ${code}\n${output.slice(-4000)}`);
     return Date.parse(l.ts) / 1000;
   };
-  return { code, lines, output, start: when("metrics endpoints"), end: when("fine-tuned"), scrapes, targetsFile: join(out, "ctrain-targets.json") };
+  return { code, lines, output, start: when("metrics endpoints"), end: when("fine-tuned"), scrapes, targetsFile: join(out, "..", "ctrain-targets", `${JOB}.json`) };
 }
 
 async function range(query: string): Promise<RangeResult> {
@@ -202,7 +202,7 @@ describe("observability", { timeout: 420_000 }, () => {
     dir = await mkdtemp(join(tmpdir(), "ctrain-obs-"));
     const out = join(dir, "out");
     // The targets file does not exist yet: Prometheus has no target until the run writes it.
-    prom = await startPrometheus(await writeTestConfig(dir, join(out, "ctrain-targets.json")), join(dir, "data"));
+    prom = await startPrometheus(await writeTestConfig(dir, join(dir, "ctrain-targets", `${JOB}.json`)), join(dir, "data"));
     job = await runJob(join(dir, "cache"), out);
     assert.equal(job.code, 0, `ctrain run failed:\n${job.output.slice(-6000)}`);
     // Let the rule evaluations after the last scrape land before querying.
