@@ -4,6 +4,7 @@
  * Re-running with the same --job resumes: shards in the local cache or in the job's object store are
  * not extracted again.
  */
+import { join } from "node:path";
 import { Registry } from "prom-client";
 import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
 import { ConfigError } from "../core/errors.js";
@@ -105,12 +106,28 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+/** A percentage with one decimal. */
+const pct = (x: number): string => `${(x * 100).toFixed(1)}%`;
+
+/**
+ * The last thing a run prints: every phase that ran with its test and validation accuracy, where
+ * the features came from, what was skipped, and which model was saved where.
+ */
 export function printSummary(summary: JobSummary, opts: JobOptions): void {
-  const h = summary.phases.head;
-  console.log(
-    `\njob ${summary.job} done in ${summary.seconds.toFixed(1)} s (frozen passes on ${summary.engine.name}, training on ${summary.backend}) with ${summary.workers} worker(s): ` +
-      `extraction ${summary.extraction.cache_hit ? "from cache" : `${summary.extraction.images} images at ${summary.extraction.images_per_second} img/s`}, ` +
-      `head test accuracy ${(h.test_accuracy * 100).toFixed(1)}% (val ${(h.val_accuracy * 100).toFixed(1)}%), ` +
-      `${summary.skipped_inputs.length} inputs skipped.\nrun folder: ${opts.out} (model/, history.json, summary.json, report.html)`,
-  );
+  const { head, fine_tune: ft } = summary.phases;
+  const x = summary.extraction;
+  const who = summary.workers === 0 ? "no worker started" : summary.workers === 1 ? "in this process" : `${summary.workers} workers`;
+  const phase = (name: string, p: typeof head): string =>
+    `  ${name.padEnd(10)} test accuracy ${pct(p.test_accuracy)}, ${Number.isFinite(p.val_accuracy) ? `val ${pct(p.val_accuracy)}` : "no validation"} (${p.epochs}/${p.epochs_asked} epochs, ${p.seconds.toFixed(1)} s)`;
+  const lines = [
+    `\njob ${summary.job} done in ${summary.seconds.toFixed(1)} s (frozen passes on ${summary.engine.name}, training on ${summary.backend}, ${who})`,
+    `  features   ${x.cache_hit ? `from the cache (${summary.samples.train + summary.samples.val + summary.samples.test} samples)` : `${x.images} images extracted at ${x.images_per_second} img/s`}, ${summary.skipped_inputs.length} inputs skipped${summary.skipped_inputs.length ? " (listed in summary.json)" : ""}`,
+    phase("head", head),
+    ...(ft ? [phase("fine-tune", ft)] : []),
+    ft
+      ? `  saved      ${join(opts.out, "model")} (fine-tuned, test ${pct(ft.test_accuracy)}); head only: ${join(opts.out, "model-head")} (test ${pct(head.test_accuracy)})`
+      : `  saved      ${join(opts.out, "model")} (test ${pct(head.test_accuracy)})`,
+    `run folder: ${opts.out} (history.json, summary.json, report.html, job.yaml)`,
+  ];
+  console.log(lines.join("\n"));
 }

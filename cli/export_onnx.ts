@@ -21,14 +21,15 @@ const HELP = `usage: ctrain export-onnx --model mobilenet_v2|inception_v3|DIR|UR
 Writes the frozen base as an ONNX graph (uint8 NHWC pixels in, features out, preprocessing folded in),
 or, for a ctrain run's model/ folder, the whole classifier (pixels in, class probabilities out).
 
-${optionsHelp()}`;
+${optionsHelp("export-onnx")}`;
 
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseArgs(argv, [], ["help"]);
+  const parsed = parseArgs(argv, [], ["help"], "export-onnx");
   if (parsed.extra["help"]) {
     console.log(HELP);
     return 0;
   }
+  if (parsed.positionals.length > 0) throw new ConfigError(`ctrain export-onnx: unexpected argument ${JSON.stringify(parsed.positionals[0])}; options start with --.`);
   const out = parsed.options.out;
   if (!out || !out.toLowerCase().endsWith(".onnx")) throw new ConfigError("ctrain export-onnx needs --out FILE.onnx.");
   const opts = resolveOptions(parsed.options);

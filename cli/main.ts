@@ -3,6 +3,7 @@
  * The `ctrain` binary: one entry, one module per sub-command, loaded lazily so `ctrain k8s render`
  * never pays for loading TensorFlow.js.
  */
+import { createRequire } from "node:module";
 import { inspect } from "node:util";
 import { isUserError } from "../core/errors.js";
 import { redactSecrets } from "../core/log.js";
@@ -21,11 +22,19 @@ const COMMANDS: Record<string, Command> = {
 
 function usage(): string {
   const lines = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)} ${c.summary}`);
-  return `usage: ctrain <command> [options]\n\ncommands:\n${lines.join("\n")}\n\nRun 'ctrain <command> --help' for the options of a command.`;
+  return `usage: ctrain <command> [options]\n\ncommands:\n${lines.join("\n")}\n\nRun 'ctrain <command> --help' (or -h) for the options of a command; 'ctrain --version' for the version.`;
 }
+
+/** The version of the ctrain package (package.json next to dist/). */
+const VERSION = (createRequire(import.meta.url)("../../package.json") as { version: string }).version;
 
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
+  // No flag takes a value that starts with --, so --version anywhere is the flag, for every command.
+  if (argv.includes("--version")) {
+    console.log(`ctrain ${VERSION} (node ${process.versions.node})`);
+    return 0;
+  }
   if (!name || name === "--help" || name === "-h" || name === "help") {
     console.log(usage());
     return name ? 0 : 2;

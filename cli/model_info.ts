@@ -7,6 +7,7 @@
 import { selectBackend } from "../core/backend.js";
 import { optionsHelp, parseArgs, resolveOptions } from "../core/config.js";
 import { cutTopology, loadCut } from "../core/feature_model.js";
+import { ConfigError } from "../core/errors.js";
 import { cutPoints } from "../core/model_split.js";
 import { loadPretrained, resolveModelChoices } from "../core/model_zoo.js";
 import { loadOnnxRuntime } from "../core/models/inference_engine.js";
@@ -18,8 +19,9 @@ Prints the model's input size, preprocessing, parameter count of its convolution
 layers worth cutting at (activation / add / concatenate / pooling outputs through which the whole
 graph passes) with their output shapes at that input size. The default feature layer is marked '*'.
 
-Options read: --model, --input-size, --preprocessing, --feature-layer, --backend (others are ignored).
-${optionsHelp()}`;
+options:
+  --json                       the description as JSON
+${optionsHelp("model-info")}`;
 
 /** Layer classes whose outputs make useful features. */
 const CUTTABLE = /^(Activation|ReLU|LeakyReLU|ELU|PReLU|Softmax|Add|Concatenate|(Global)?(Average|Max)Pooling2D)$/;
@@ -90,11 +92,12 @@ export async function describeModel(spec: string, inputSize: number, o: { featur
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseArgs(argv, [], ["help", "json"]);
+  const parsed = parseArgs(argv, [], ["help", "json"], "model-info");
   if (parsed.extra["help"]) {
     console.log(HELP);
     return 0;
   }
+  if (parsed.positionals.length > 0) throw new ConfigError(`ctrain model-info: unexpected argument ${JSON.stringify(parsed.positionals[0])}; options start with --.`);
   const opts = resolveOptions(parsed.options);
   await selectBackend(opts.backend);
   const info = await describeModel(opts.model, opts.inputSize, { featureLayer: opts.featureLayer, preprocessing: opts.preprocessing });

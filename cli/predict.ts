@@ -4,7 +4,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { selectBackend } from "../core/backend.js";
-import { parseArgs } from "../core/config.js";
+import { optionsHelp, parseArgs } from "../core/config.js";
 import { readFile } from "node:fs/promises";
 import { decodeImage } from "../core/datasets/image_decode.js";
 import { BadInputError, ConfigError } from "../core/errors.js";
@@ -17,7 +17,12 @@ import type { Preprocessing } from "../core/model_zoo.js";
 
 const HELP = `usage: ctrain predict --model DIR [--top K] [--engine auto|onnx|tfjs] [--threads N] [--backend auto|wasm|cpu|...] [--json] IMAGE...
 
-Prints the top classes and probabilities of each image (JPEG, PNG or WebP).`;
+Prints the top classes and probabilities of each image (JPEG, PNG or WebP).
+
+options:
+  --top K                      classes printed per image [default 1]
+  --json                       one JSON object per image
+${optionsHelp("predict")}`;
 
 /** A classifier saved from an ONNX base: base.onnx on onnxruntime (pixels -> features), then the tfjs head. */
 async function onnxBaseThenHead(basePath: string, head: tf.LayersModel, size: number, o: EngineOptions): Promise<FrozenForward> {
@@ -50,7 +55,7 @@ async function onnxBaseThenHead(basePath: string, head: tf.LayersModel, size: nu
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseArgs(argv, ["top"], ["help", "json"]);
+  const parsed = parseArgs(argv, ["top"], ["help", "json"], "predict");
   if (parsed.extra["help"]) {
     console.log(HELP);
     return 0;

@@ -8,13 +8,14 @@
  * `--nats` names one), N `ctrain worker` child processes (tfjs has no threads in Node: one process per
  * core is how cores are used), and the coordinator here. Everything it started is stopped on the way
  * out, on success, on error and on Ctrl-C. The /metrics address of every process goes to the log and
- * to `<out>/ctrain-targets.json` (Prometheus file_sd; see deploy/prometheus/prometheus.yml).
+ * to `<parent of out>/ctrain-targets/<job>.json` ({@link targetsFileOf}; Prometheus file_sd, which
+ * deploy/prometheus/prometheus.yml watches for the default `runs/<job>`).
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { threadsFor } from "../core/models/inference_engine.js";
 import { mkdir } from "node:fs/promises";
 import { createServer } from "node:net";
-import { join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Registry } from "prom-client";
 import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
@@ -34,11 +35,21 @@ export const RUN_HELP = `usage: ctrain run [options] [--config job.yaml]
 Runs the whole job on this machine and writes model/, history.json, summary.json and report.html
 into --out. With --workers N > 1 (default: one per core) it starts a private nats-server (or uses
 --nats URL) and N \`ctrain worker\` processes for feature extraction; --workers 1 extracts in-process.
-Prometheus targets of every process are written to <out>/ctrain-targets.json.
+Prometheus targets of every process are written to <parent of --out>/ctrain-targets/<job>.json
+(runs/ctrain-targets/ by default, which deploy/prometheus/prometheus.yml watches).
 
 options:
 ${optionsHelp()}
   --nats-user, --nats-pass, --nats-token, --nats-creds, --nats-nkey, --nats-tls-ca/cert/key: credentials for --nats`;
+
+/**
+ * The run's Prometheus file_sd targets: one file per job in a `ctrain-targets/` folder next to the run
+ * folder, so one glob (`runs/ctrain-targets/*.json` in the shipped prometheus.yml) finds every run
+ * under `runs/`. File discovery globs only the last path segment: `runs/*\/ctrain-targets.json` cannot be watched.
+ */
+export function targetsFileOf(opts: Pick<JobOptions, "out" | "job">): string {
+  return join(dirname(resolve(opts.out)), "ctrain-targets", `${opts.job}.json`);
+}
 
 const CLI = fileURLToPath(new URL("./main.js", import.meta.url));
 
@@ -157,7 +168,16 @@ export async function main(argv: string[]): Promise<number> {
   let cluster: (LocalCluster & { url: string; auth: NatsAuth }) | undefined;
   let nc: NatsConnection | undefined;
   const lost = new AbortController();
+  // The coordinator is a target from the start, also on a cache hit that starts no other process.
+  const targets: ScrapeTarget[] = server ? [{ address: `127.0.0.1:${server.port}`, job: opts.job, worker: "coordinator" }] : [];
   let targetsFile: string | undefined;
+  if (server) {
+    const file = targetsFileOf(opts);
+    await mkdir(dirname(file), { recursive: true });
+    await writeScrapeTargets(file, targets);
+    targetsFile = file;
+    log.info("prometheus targets", { prometheus_file_sd: file });
+  }
   const cleanup = async (): Promise<void> => {
     // Processes that are gone leave Prometheus' file discovery, so a finished job is not "down".
     const file = targetsFile;
@@ -174,7 +194,7 @@ export async function main(argv: string[]): Promise<number> {
   process.once("SIGINT", onSignal);
   process.once("SIGTERM", onSignal);
   // The cluster starts only when something must be extracted (runJob asks for an executor then):
-  // a cache hit or a config refused by runJob starts no process and writes nothing.
+  // a cache hit or a config refused by runJob starts no process.
   const ensureCluster = async (): Promise<void> => {
     if (!cluster) {
       cluster = await startLocalCluster(opts, auth, log, () => lost.abort(new Error(`every local worker process exited; see their errors above`)), (e) => {
@@ -186,11 +206,7 @@ export async function main(argv: string[]): Promise<number> {
       await mkdir(opts.out, { recursive: true });
       // A process enters the targets file once it answers, so Prometheus never scrapes a port that is
       // not open yet (a worker loads tfjs before it listens) and CtrainWorkerDown stays quiet.
-      const targets: ScrapeTarget[] = [];
-      if (server) targets.push({ address: `127.0.0.1:${server.port}`, job: opts.job, worker: "coordinator" });
-      const file = join(opts.out, "ctrain-targets.json");
-      targetsFile = file;
-      await writeScrapeTargets(file, targets);
+      const file = targetsFile;
       const c = cluster;
       void (async () => {
         let writing = Promise.resolve();
@@ -200,7 +216,7 @@ export async function main(argv: string[]): Promise<number> {
             return;
           }
           targets.push({ address: `127.0.0.1:${w.metricsPort}`, job: opts.job, worker: w.id });
-          writing = writing.then(() => (targetsFile ? writeScrapeTargets(file, targets) : undefined));
+          writing = writing.then(() => (targetsFile && file ? writeScrapeTargets(file, targets) : undefined));
           await writing;
         }));
         if (targetsFile) log.info("metrics endpoints", { targets: targets.map((t) => `${t.worker}=http://${t.address}/metrics`), prometheus_file_sd: file });
@@ -216,18 +232,20 @@ export async function main(argv: string[]): Promise<number> {
     await ensureCluster();
     return natsExecutorFactory({ nc: nc!, opts, log, metrics, workers: opts.workers, signal: lost.signal })(ctx);
   };
+  let summary: Awaited<ReturnType<typeof runJob>>;
   try {
     // Fine-tuning is data-parallel on the local workers whenever there are several.
     const dataParallel: JobDeps["dataParallel"] = async () => {
       await ensureCluster();
       return { nc: nc!, workers: opts.workers };
     };
-    const summary = await runJob(opts, distributed ? { log, metrics, executor, workers: opts.workers, dataParallel: opts.workers > 1 ? dataParallel : undefined } : { log, metrics });
-    printSummary(summary, opts);
-    return 0;
+    summary = await runJob(opts, distributed ? { log, metrics, executor, workers: opts.workers, dataParallel: opts.workers > 1 ? dataParallel : undefined } : { log, metrics });
   } finally {
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);
     await cleanup();
   }
+  // After the workers and NATS are stopped, so their last lines come before it: the summary is the end.
+  printSummary(summary, opts);
+  return 0;
 }

@@ -15,6 +15,7 @@ import { planShards } from "./shard_planner.js";
 export interface ExtractionResult {
   features: FeatureSet;
   cacheHit: boolean;
+  /** Images extracted by this run: not skipped inputs, not shards resumed from the cache. */
   images: number;
   seconds: number;
   shards: number;
@@ -57,13 +58,15 @@ export async function runExtraction(o: ExtractionOptions): Promise<ExtractionRes
   const counts = { pending: todo.length, running: 0, done: shards.length - todo.length, failed: 0 };
   o.metrics?.setShards(counts);
   const progress = new Progress({ label: "extract", total: images, unit: "img" });
+  // What was extracted, not what was attempted: a bad file is a skipped input, not an image.
+  let extracted = 0;
   if (todo.length > 0) {
     const executor = await o.executor();
     let seen = 0;
     await executor.run(
       todo,
       async (data) => {
-        await o.cache.putShard(o.key, data);
+        if (await o.cache.putShard(o.key, data)) extracted += data.ids.length;
         counts.done++;
         counts.pending = Math.max(0, counts.pending - 1);
         o.metrics?.setShards(counts);
@@ -81,5 +84,5 @@ export async function runExtraction(o: ExtractionOptions): Promise<ExtractionRes
   const features = await o.cache.commit(o.key, { ...o.meta, classes: o.dataset.classes }, o.dataset.samples.map((s) => s.id), o.dataset.skipped);
   const seconds = (performance.now() - t0) / 1000;
   o.log.info("features cached", { key: o.key, samples: features.ids.length, skipped: features.skipped.length, seconds: Number(seconds.toFixed(2)) });
-  return { features, cacheHit: false, images, seconds, shards: shards.length, shardsResumed: shards.length - todo.length };
+  return { features, cacheHit: false, images: extracted, seconds, shards: shards.length, shardsResumed: shards.length - todo.length };
 }

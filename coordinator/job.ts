@@ -54,6 +54,7 @@ export interface JobSummary {
   backend: string;
   /** The inference engine of the frozen forward passes in this process (workers log and export their own). */
   engine: EngineInfo;
+  /** Worker processes that extracted or trained; 0 when none was started (a cache hit); 1 = in this process. */
   workers: number;
   model: string;
   input_size: number;
@@ -142,8 +143,12 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
 
   const cache = new FeatureCache(opts.cacheDir);
   const key = cacheKey(extractor.fingerprint, dataset.fingerprint);
-  const makeExecutor = deps.executor
-    ? () => deps.executor!({ dataset, extractor, backend })
+  // Workers count in the summary only when something ran on them (a cache hit starts none).
+  let workersUsed = false;
+  const dataParallel = deps.dataParallel && (() => { workersUsed = true; return deps.dataParallel!(); });
+  const executor: JobDeps["executor"] = deps.executor && ((ctx) => { workersUsed = true; return deps.executor!(ctx); });
+  const makeExecutor = executor
+    ? () => executor({ dataset, extractor, backend })
     : async () => new LocalShardExecutor(dataset, extractor, EXTRACT_BATCH, metrics);
   const extraction = await runExtraction({
     dataset, cache, key, shardSize: opts.shardSize, log, metrics, executor: makeExecutor,
@@ -211,7 +216,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   let ftInfo: JobSummary["fine_tune"];
   if (fineTuning) {
     if (!classifier || isOnnxSource(source)) throw new ConfigError(`fine-tuning needs a TF.js layers model; ${source.name} is an ONNX graph (inference only).`);
-    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor: deps.executor, dataParallel: deps.dataParallel, backend, engine, extractorPreprocessing: extractor.preprocessing, controls });
+    const r = await runFineTuning(opts, { log, metrics, dataset, source, features, head: head.head, cache, augment: opts.method === "augment", executor, dataParallel, backend, engine, extractorPreprocessing: extractor.preprocessing, controls });
     ft = r.result;
     ftInfo = r.info;
     // The trained top goes back into the full base (same layer names), so model/ has the same graph as model-head/.
@@ -224,7 +229,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     job: opts.job,
     backend: backend.name,
     engine: extractor.engine,
-    workers: deps.executor ? deps.workers ?? opts.workers : 1,
+    workers: !deps.executor ? 1 : workersUsed ? deps.workers ?? opts.workers : 0,
     model: source.name,
     input_size: opts.inputSize,
     feature_layer: opts.featureLayer,

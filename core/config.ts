@@ -214,12 +214,24 @@ const SPEC_BY_KEY = new Map<string, OptionSpec<keyof JobOptions>>(
   OPTION_SPECS.map((s) => [s.key, s as unknown as OptionSpec<keyof JobOptions>]),
 );
 
-function closest(name: string): string | undefined {
+/**
+ * The job options a sub-command reads, for its flags, suggestions and `--help`; a command not listed
+ * reads every option and `--config`. A subset of the one table, so a flag another command reads is
+ * refused here instead of being accepted and ignored.
+ */
+export const COMMAND_OPTIONS: Readonly<Record<string, readonly (keyof JobOptions)[]>> = {
+  predict: ["model", "backend", "engine", "engineProvider", "threads"],
+  "model-info": ["model", "inputSize", "featureLayer", "preprocessing", "backend"],
+  "export-onnx": ["model", "out", "inputSize", "featureLayer", "pooling", "preprocessing", "backend"],
+};
+
+/** The nearest of `candidates` (flag names) to a mistyped flag, within 3 edits. */
+function closest(name: string, candidates: Iterable<string> = [...SPEC_BY_KEY.keys()].map(flagName)): string | undefined {
   let best: string | undefined;
   let bestD = 4;
-  for (const k of SPEC_BY_KEY.keys()) {
-    const d = editDistance(flagName(k), flagName(keyOf(name)));
-    if (d < bestD) { bestD = d; best = flagName(k); }
+  for (const c of candidates) {
+    const d = editDistance(c, flagName(keyOf(name)));
+    if (d < bestD) { bestD = d; best = c; }
   }
   return best;
 }
@@ -285,12 +297,17 @@ export interface ParsedArgs {
 
 /**
  * Splits argv into job options, other flags and positionals. `extraFlags` lists the sub-command's
- * own flags (without dashes); any other unknown flag is an error with a suggestion.
+ * own flags (without dashes); `command` names it in {@link COMMAND_OPTIONS} to accept only the job
+ * options it reads. Any other flag is an error with a suggestion among the flags it accepts. `-h`
+ * is `--help` where `help` is one of `booleanFlags`.
  */
-export function parseArgs(argv: readonly string[], extraFlags: readonly string[] = [], booleanFlags: readonly string[] = []): ParsedArgs {
+export function parseArgs(argv: readonly string[], extraFlags: readonly string[] = [], booleanFlags: readonly string[] = [], command?: string): ParsedArgs {
   const out: ParsedArgs = { options: {}, extra: {}, positionals: [] };
+  const only = command !== undefined ? COMMAND_OPTIONS[command] : undefined;
+  const accepted = (): string[] => [...(only ?? [...SPEC_BY_KEY.keys()]).map(flagName), ...extraFlags, ...booleanFlags, ...(only ? [] : ["config"])];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
+    if (a === "-h" && booleanFlags.includes("help")) { out.extra["help"] = true; continue; }
     if (!a.startsWith("--")) { out.positionals.push(a); continue; }
     let name = a.slice(2);
     let value: string | undefined;
@@ -304,12 +321,13 @@ export function parseArgs(argv: readonly string[], extraFlags: readonly string[]
       i++;
       return next;
     };
-    if (name === "config") { out.configFile = takeValue(); continue; }
+    if (name === "config" && !only) { out.configFile = takeValue(); continue; }
     if (extraFlags.includes(name)) { out.extra[name] = takeValue(); continue; }
     const s = SPEC_BY_KEY.get(keyOf(name));
-    if (!s) {
-      const hint = closest(name);
-      throw new ConfigError(`Unknown option --${oneLine(name)}.${hint ? ` Did you mean --${hint}?` : ""} Run with --help to list the options.`);
+    if (!s || (only && !only.includes(s.key))) {
+      const hint = closest(name, accepted());
+      const what = s || name === "config" ? `${command} does not read --${oneLine(name)}` : `Unknown option --${oneLine(name)}`;
+      throw new ConfigError(`${what}.${hint ? ` Did you mean --${hint}?` : ""} Run with --help to list the options.`);
     }
     (out.options as Record<string, unknown>)[s.key] = coerce(s, takeValue(), "flag");
   }
@@ -425,9 +443,10 @@ export function jobFileText(opts: JobOptions): string {
 ${stringifyYaml(reproducibleOptions(opts))}`;
 }
 
-/** Help text for the job options. */
-export function optionsHelp(): string {
-  return OPTION_SPECS.map((s) => {
+/** Help text for the job options; `command` keeps those it reads ({@link COMMAND_OPTIONS}). */
+export function optionsHelp(command?: string): string {
+  const only = command !== undefined ? COMMAND_OPTIONS[command] : undefined;
+  return OPTION_SPECS.filter((s) => !only || only.includes(s.key)).map((s) => {
     const d = s.default();
     const dv = s.key === "workers" ? "cores" : JSON.stringify(d);
     return `  --${flagName(s.key).padEnd(26)} ${s.help}${s.choices ? ` (${s.choices.join("|")})` : ""} [default ${dv}]`;

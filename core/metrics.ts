@@ -11,6 +11,7 @@
  * counters, `_info` metrics valued 1. The `job` label is the ctrain job id; the scrape config uses
  * `honor_labels: true` so it is not renamed to `exported_job` (see deploy/prometheus/prometheus.yml).
  */
+import { SKIP_REASONS } from "./datasets/types.js";
 import { ConfigError } from "./errors.js";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import { rename, writeFile } from "node:fs/promises";
@@ -37,6 +38,18 @@ export type WorkerState = (typeof WORKER_STATES)[number];
 /** Directions of all-reduce traffic, the `direction` label of `ctrain_allreduce_bytes_total`. */
 export const DIRECTIONS = ["sent", "received"] as const;
 export type Direction = (typeof DIRECTIONS)[number];
+
+/**
+ * Every `reason` of `ctrain_dropped_messages_total`: the codec's DecodeError reasons, the coordinator's
+ * ShardRejected reasons, gradient averaging's drops, and `decode_error`. Each starts at 0 in every
+ * process, so a `rate()` alert fires on the first drop and the dashboard panel is never "no data";
+ * test/metrics.test.ts checks that every reason in the source is listed here.
+ */
+export const DROP_REASONS = [
+  "malformed", "wrong_job", "stale_epoch", "wrong_step", "bad_shape", "non_finite", "decode_error",
+  "buffer_full", "duplicate", "not_in_plan", "unknown_sender",
+  "shard_ids", "shard_count", "shard_labels", "shard_splits", "shard_dim",
+] as const;
 
 /** Value of the `worker` label in a process that is not a worker (the coordinator). */
 export const COORDINATOR_WORKER_LABEL = "coordinator";
@@ -266,6 +279,10 @@ export function createMetrics(registry: Registry, labels: { job: string; worker?
   const info = { backend: "none", engine: "none" };
   const markProgress = (): void => lastProgressTimestamp.set({ job }, Date.now() / 1000);
   up.set({ job, worker }, 1);
+  // Counters the dashboard and alerts query exist at 0 from the start (see DROP_REASONS).
+  decodeErrors.inc({ job, worker }, 0);
+  for (const reason of DROP_REASONS) droppedMessages.inc({ job, worker, reason }, 0);
+  for (const reason of Object.values(SKIP_REASONS)) skippedInputs.inc({ job, reason }, 0);
   // Start the no-progress clock at process start, so a job stuck before its first image still alerts.
   markProgress();
 
@@ -482,8 +499,8 @@ export interface ScrapeTarget {
 }
 
 /**
- * Write `targets` as a Prometheus file_sd JSON file (deploy/prometheus/ctrain-targets.json is what
- * the shipped prometheus.yml watches). Written to a temporary file and renamed, so Prometheus never
+ * Write `targets` as a Prometheus file_sd JSON file (the shipped prometheus.yml watches
+ * runs/ctrain-targets/*.json, where `ctrain run` writes them). Written to a temporary file and renamed, so Prometheus never
  * reads half a file.
  */
 export async function writeScrapeTargets(file: string, targets: readonly ScrapeTarget[]): Promise<void> {

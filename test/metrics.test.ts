@@ -8,7 +8,10 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Registry } from "prom-client";
-import { createMetrics, serveMetrics, writeScrapeTargets, type CtrainMetrics, type MetricsServer } from "../core/metrics.js";
+import { readdirSync, readFileSync, statSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { SKIP_REASONS } from "../core/datasets/types.js";
+import { DROP_REASONS, createMetrics, serveMetrics, writeScrapeTargets, type CtrainMetrics, type MetricsServer } from "../core/metrics.js";
 import { parseExposition, seriesKey, type Exposition, type Sample } from "./helpers/prom_text.js";
 
 const EXPECTED_TYPES: Record<string, string> = {
@@ -294,4 +297,33 @@ test("metrics - writeScrapeTargets writes file_sd groups with job and worker lab
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+test("metrics - the error counters the dashboard and alerts query exist at 0 from process start", async () => {
+  await withServer({ job: "zero", worker: "w0" }, async (_m, _srv, scrape) => {
+    const exp = await scrape();
+    assert.equal(find(exp, "ctrain_decode_errors_total", { job: "zero", worker: "w0" })?.value, 0);
+    for (const reason of DROP_REASONS) assert.equal(find(exp, "ctrain_dropped_messages_total", { job: "zero", worker: "w0", reason })?.value, 0, `dropped ${reason}`);
+    for (const reason of Object.values(SKIP_REASONS)) assert.equal(find(exp, "ctrain_skipped_inputs_total", { job: "zero", reason })?.value, 0, `skipped ${reason}`);
+  });
+});
+
+test("metrics - every reason a message is dropped for in the source is one DROP_REASONS starts at 0", () => {
+  const root = fileURLToPath(new URL("../../", import.meta.url));
+  const found = new Set<string>();
+  const walk = (dir: string): void => {
+    for (const name of readdirSync(dir)) {
+      const p = join(dir, name);
+      if (statSync(p).isDirectory()) walk(p);
+      else if (name.endsWith(".ts")) {
+        const text = readFileSync(p, "utf8");
+        // droppedMessage("x"), drop("x"), DecodeError(type, "x", ...), ShardRejected("x", ...), and `: "x"` fallbacks of a reason.
+        for (const m of text.matchAll(/(?:droppedMessage|drop|ShardRejected)\("([a-z_]+)"|DecodeError\([^,()]+, "([a-z_]+)"|err\.reason : "([a-z_]+)"/g)) found.add(m[1] ?? m[2] ?? m[3]);
+      }
+    }
+  };
+  for (const d of ["proto", "core", "coordinator", "worker"]) walk(join(root, d));
+  assert.ok(found.size >= 10, `scan found only ${[...found].join(", ")}`);
+  const missing = [...found].filter((r) => !(DROP_REASONS as readonly string[]).includes(r));
+  assert.deepEqual(missing, [], "reasons dropped in the source but not zero-initialised in core/metrics.ts DROP_REASONS");
 });

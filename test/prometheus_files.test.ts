@@ -62,7 +62,7 @@ test("metrics - promtool accepts deploy/prometheus/alerts.yml", async () => {
   assert.match(stdout + stderr, /SUCCESS: 3 rules found/);
 });
 
-test("metrics - the scrape config keeps ctrain's job label and watches ctrain-targets.json", async () => {
+test("metrics - the scrape config keeps ctrain's job label and watches runs/ctrain-targets/*.json", async () => {
   const cfg = parseYaml(await readFile(join(PROM_DIR, "prometheus.yml"), "utf8")) as {
     rule_files: string[];
     scrape_configs: { job_name: string; honor_labels?: boolean; file_sd_configs?: { files: string[] }[] }[];
@@ -71,7 +71,7 @@ test("metrics - the scrape config keeps ctrain's job label and watches ctrain-ta
   const ctrain = cfg.scrape_configs.find((c) => c.job_name === "ctrain");
   assert.ok(ctrain, "a scrape job named ctrain");
   assert.equal(ctrain.honor_labels, true, "without honor_labels the job id would become exported_job");
-  assert.deepEqual(ctrain.file_sd_configs?.[0]?.files, ["ctrain-targets.json"]);
+  assert.deepEqual(ctrain.file_sd_configs?.[0]?.files, ["../../runs/ctrain-targets/*.json"]);
   for (const c of cfg.scrape_configs) assert.equal(c.honor_labels, true, `honor_labels in ${c.job_name}`);
   // The example targets file has the shape writeScrapeTargets writes.
   const example = JSON.parse(await readFile(join(PROM_DIR, "ctrain-targets.example.json"), "utf8")) as { targets: string[]; labels: Record<string, string> }[];
@@ -172,7 +172,7 @@ test("metrics - a real Prometheus on the shipped config scrapes ctrain, fires ru
     m.setEvaluation("fine_tune", "train", { loss: Number.NaN, accuracy: 0.1 });
 
     // The shipped config, faster, without the static example (its target does not exist here).
-    const configFile = await writeTestConfig(dir);
+    const configFile = await writeTestConfig(dir, join(dir, "ctrain-targets.json"));
     await writeScrapeTargets(join(dir, "ctrain-targets.json"), [{ address: `127.0.0.1:${srv.port}`, job: "ptest", worker: "w0" }]);
 
     prom = await startPrometheus(configFile, join(dir, "data"));
