@@ -466,3 +466,33 @@ test("datasets - stratified split keeps class proportions, is seeded, and limit 
   assert.deepEqual(stratifiedSplit(["x", "y", "z"], [0, 1, 1], { seed: 3, valFraction: 0.4, testFraction: 0.4 })[0], "train");
   assert.deepEqual(stratifiedSubset(ids, labels, [5, 3, 1], 10, 0), [1, 3, 5]);
 });
+
+test("datasets - IDX images are enlarged bilinearly in JS: centre-aligned (mirror-equivariant), close to sharp's linear resize", async () => {
+  const { enlargeGrayToRgb, grayToRgb } = await import("../core/datasets/image_decode.js");
+  const w = 28, h = 28;
+  const src = Uint8Array.from({ length: w * h }, (_, i) => Math.round(127 + 120 * Math.sin((i % w) / 4) * Math.cos(Math.floor(i / w) / 5)));
+  for (const size of [32, 96, 224]) {
+    const got = enlargeGrayToRgb(src, w, h, size);
+    const ref = await sharp(Buffer.from(src), { raw: { width: w, height: h, channels: 1 } }).resize(size, size, { fit: "fill", kernel: "linear" }).extractChannel(0).raw().toBuffer();
+    let sum = 0;
+    for (let i = 0; i < size * size; i++) {
+      assert.ok(got[3 * i] === got[3 * i + 1] && got[3 * i] === got[3 * i + 2], "gray repeated over R, G, B");
+      sum += Math.abs(got[3 * i] - ref[i]);
+    }
+    // sharp (libvips) places the upsampled grid slightly differently; the images agree to a few levels of 0..255.
+    assert.ok(sum / (size * size) < 8, `size ${size}: mean abs difference to sharp ${sum / (size * size)}`);
+    // Centre alignment: enlarging a mirrored image gives the mirrored enlargement (a shifted grid would not).
+    const mirrored = Uint8Array.from({ length: w * h }, (_, i) => src[Math.floor(i / w) * w + (w - 1 - (i % w))]);
+    const m = enlargeGrayToRgb(mirrored, w, h, size);
+    for (let y = 0; y < size; y++) for (let x = 0; x < size; x++)
+      assert.ok(Math.abs(m[3 * (y * size + x)] - got[3 * (y * size + size - 1 - x)]) <= 1, `size ${size}: not mirror-equivariant at ${x},${y}`);
+  }
+  // Same size: an exact copy; a constant image stays constant; corners keep the corner pixels.
+  assert.deepEqual(Array.from(enlargeGrayToRgb(src, w, h, w).filter((_, i) => i % 3 === 0)), Array.from(src));
+  assert.ok(enlargeGrayToRgb(new Uint8Array(w * h).fill(77), w, h, 96).every((v) => v === 77));
+  const big = await grayToRgb("corner", src, w, h, 96);
+  assert.equal(big[0], src[0]);
+  assert.equal(big[big.length - 1], src[src.length - 1]);
+  // Shrinking still goes through sharp (a filtering kernel): 28 -> 20.
+  assert.equal((await grayToRgb("small", src, w, h, 20)).length, 20 * 20 * 3);
+});

@@ -237,7 +237,7 @@ export async function openIdxDataset(o: IdxDatasetOptions): Promise<Dataset> {
   const samples: SampleRef[] = kept.map((i) => ({ id: ids[i], label: labels[i], split: splits[i] }));
 
   const fingerprint = createHash("sha256")
-    .update(JSON.stringify({ kind: "idx", v: 2, content: set.contentHash, idPrefix: o.idPrefix, classes: o.classes, seed: o.seed, valSplit: o.valSplit, limit: o.limit }))
+    .update(JSON.stringify({ kind: "idx", v: 3, content: set.contentHash, idPrefix: o.idPrefix, classes: o.classes, seed: o.seed, valSplit: o.valSplit, limit: o.limit }))
     .digest("hex");
 
   const prefix = `${o.idPrefix}/`;

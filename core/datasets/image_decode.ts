@@ -62,24 +62,57 @@ export async function decodeImage(id: string, bytes: Uint8Array, opts: DecodeOpt
   }
 }
 
-/** Resizes a single-channel image (an IDX item) to size x size and repeats it over 3 channels. */
+/**
+ * Resizes a single-channel image (an IDX item) to size x size and repeats it over 3 channels.
+ * Enlarging (28 px Fashion-MNIST to a 96..299 px input) is bilinear in plain JS: sharp costs about
+ * 1.5 ms a call for these tiny images, as much as onnxruntime's forward pass at 96 px, while the
+ * loop below takes a tenth of that. Shrinking goes through sharp, whose kernel filters aliasing.
+ */
 export async function grayToRgb(id: string, pixels: Uint8Array, width: number, height: number, size: number): Promise<Uint8Array> {
   checkSize(size);
-  let gray: Uint8Array = pixels;
-  if (width !== size || height !== size) {
-    try {
-      const buf = await sharp(pixels, { raw: { width, height, channels: 1 } })
-        .resize(size, size, { fit: "fill", kernel: "linear" })
-        .extractChannel(0)
-        .raw()
-        .toBuffer();
-      gray = plain(buf);
-    } catch (err) {
-      throw new BadInputError(id, SKIP_REASONS.corrupt, `${id}: cannot resize: ${(err as Error).message}`, { cause: err });
-    }
+  if (size >= width && size >= height) return enlargeGrayToRgb(pixels, width, height, size);
+  let gray: Uint8Array;
+  try {
+    const buf = await sharp(pixels, { raw: { width, height, channels: 1 } })
+      .resize(size, size, { fit: "fill", kernel: "linear" })
+      .extractChannel(0)
+      .raw()
+      .toBuffer();
+    gray = plain(buf);
+  } catch (err) {
+    throw new BadInputError(id, SKIP_REASONS.corrupt, `${id}: cannot resize: ${(err as Error).message}`, { cause: err });
   }
   const out = new Uint8Array(size * size * 3);
   for (let i = 0, o = 0; i < size * size; i++, o += 3) out[o] = out[o + 1] = out[o + 2] = gray[i];
+  return out;
+}
+
+/** Bilinear enlargement with pixel centres aligned (source x = (x + 0.5) * w / size - 0.5, edges clamped), gray repeated to RGB. */
+export function enlargeGrayToRgb(pixels: Uint8Array, width: number, height: number, size: number): Uint8Array {
+  const taps = (n: number): { i0: Int32Array; i1: Int32Array; f: Float32Array } => {
+    const i0 = new Int32Array(size), i1 = new Int32Array(size), f = new Float32Array(size);
+    for (let x = 0; x < size; x++) {
+      const s = Math.min(Math.max((x + 0.5) * (n / size) - 0.5, 0), n - 1);
+      i0[x] = Math.floor(s);
+      i1[x] = Math.min(i0[x] + 1, n - 1);
+      f[x] = s - i0[x];
+    }
+    return { i0, i1, f };
+  };
+  const xs = taps(width), ys = taps(height);
+  const out = new Uint8Array(size * size * 3);
+  let o = 0;
+  for (let y = 0; y < size; y++) {
+    const r0 = ys.i0[y] * width, r1 = ys.i1[y] * width, fy = ys.f[y];
+    for (let x = 0; x < size; x++) {
+      const a = pixels[r0 + xs.i0[x]], b = pixels[r0 + xs.i1[x]], c = pixels[r1 + xs.i0[x]], d = pixels[r1 + xs.i1[x]];
+      const fx = xs.f[x];
+      const top = a + (b - a) * fx, bottom = c + (d - c) * fx;
+      const v = (top + (bottom - top) * fy + 0.5) | 0;
+      out[o] = out[o + 1] = out[o + 2] = v;
+      o += 3;
+    }
+  }
   return out;
 }
 
