@@ -34,6 +34,8 @@ export interface QuantizeOptions {
   method?: "minmax" | "percentile";
   /** Percentile of `method: "percentile"`, in (50, 100]. Default 99.99. */
   percentile?: number;
+  /** Names of nodes to leave in float32 (a layer whose int8 error is too large). Default none. */
+  exclude?: string[];
 }
 
 /** What a quantization changed, for logs and tests. */
@@ -69,7 +71,7 @@ export async function quantizeGraph(bytes: Uint8Array, calibration: (Uint8Array 
   if (calibration.length === 0) throw new ConfigError("int8 quantization needs calibration images: give at least one batch of real training images.");
   const g = model.graph;
   foldPadsIntoConvs(g);
-  const plan = planQuantization(g);
+  const plan = planQuantization(g, new Set(opts.exclude ?? []));
   const method = opts.method ?? "minmax";
   const percentile = opts.percentile ?? 99.99;
   if (!(percentile > 50 && percentile <= 100)) throw new ConfigError(`int8 quantization: percentile must be in (50, 100], got ${percentile}.`);
@@ -103,12 +105,12 @@ function attr(n: NodeProto, name: string): number | undefined {
 }
 
 /** Which nodes and tensors to quantize; float32 weights only (checked here), float activations (checked at calibration). */
-function planQuantization(g: GraphProto): Plan {
+function planQuantization(g: GraphProto, exclude: Set<string>): Plan {
   const { inits, consumers, outputs } = indexGraph(g);
   const isFloatInit = (name: string | undefined): boolean => !!name && inits.get(name)?.dataType === DataType.FLOAT;
   const nodes: NodeProto[] = [];
   for (const n of g.node) {
-    if (n.domain) continue;
+    if (n.domain || exclude.has(n.name ?? "")) continue;
     if (n.opType === "Conv" && !inits.has(n.input[0]) && isFloatInit(n.input[1]) && (!n.input[2] || isFloatInit(n.input[2]))) nodes.push(n);
     else if (n.opType === "Gemm" && !inits.has(n.input[0]) && isFloatInit(n.input[1]) && (!n.input[2] || isFloatInit(n.input[2])) && (attr(n, "alpha") ?? 1) === 1 && (attr(n, "beta") ?? 1) === 1 && !attr(n, "transA")) nodes.push(n);
     else if (n.opType === "MatMul" && !inits.has(n.input[0]) && isFloatInit(n.input[1])) nodes.push(n);
@@ -259,14 +261,17 @@ export function activationParams(min: number, max: number): QParams {
   return { scale, zeroPoint: Math.min(255, Math.max(0, Math.round(-lo / scale))) };
 }
 
-/** Symmetric int8 weights: one scale per slice along `axis` (or one for all with axis -1). */
-export function quantizeWeights(w: Float32Array, dims: number[], axis: number): { q: Int8Array; scales: Float32Array } {
+/**
+ * Symmetric int8 weights: one scale per slice along `axis` (or one for all with axis -1), at least
+ * `minScales` (one per slice).
+ */
+export function quantizeWeights(w: Float32Array, dims: number[], axis: number, minScales?: Float32Array): { q: Int8Array; scales: Float32Array } {
   const channels = axis < 0 ? 1 : dims[axis];
   const inner = axis < 0 ? 1 : dims.slice(axis + 1).reduce((a, b) => a * b, 1);
   const channelOf = (i: number): number => (axis < 0 ? 0 : Math.floor(i / inner) % channels);
   const absMax = new Float32Array(channels);
   for (let i = 0; i < w.length; i++) absMax[channelOf(i)] = Math.max(absMax[channelOf(i)], Math.abs(w[i]));
-  const scales = absMax.map((m) => (m > 0 ? m / 127 : 1));
+  const scales = absMax.map((m, c) => Math.max(m > 0 ? m / 127 : 1, minScales?.[c] ?? 0));
   const q = new Int8Array(w.length);
   for (let i = 0; i < w.length; i++) q[i] = Math.max(-127, Math.min(127, Math.round(w[i] / scales[channelOf(i)])));
   return { q, scales };
@@ -358,7 +363,12 @@ function quantizeWeightInputs(n: NodeProto, g: GraphProto, sx: number, add: Addi
   // Per output channel for Conv; per tensor for Gemm/MatMul, which every integer kernel takes.
   const axis = n.opType === "Conv" ? 0 : -1;
   const w = inits.get(n.input[1])!;
-  const { q, scales } = quantizeWeights(tensorValues(w) as Float32Array, w.dims ?? [], axis);
+  const bias = n.input[2] ? (tensorValues(inits.get(n.input[2])!) as Float32Array) : undefined;
+  // A channel whose weights are nearly 0 but whose bias is not (a dead channel after BatchNorm
+  // folding: MobileNetV2 has them) would need a bias beyond int32 at input scale x weight scale; its
+  // weight scale is raised instead, to keep the bias within 2^30 (headroom for the accumulation).
+  const minScales = bias && Float32Array.from(axis < 0 ? [bias.reduce((a, v) => Math.max(a, Math.abs(v)), 0)] : bias, (v) => Math.abs(v) / (sx * 2 ** 30));
+  const { q, scales } = quantizeWeights(tensorValues(w) as Float32Array, w.dims ?? [], axis, minScales);
   const sdims = axis < 0 ? [] : [scales.length];
   const wScale = add.init(`${w.name}/scale`, DataType.FLOAT, sdims, scales);
   const wZero = add.init(`${w.name}/zero_point`, DataType.INT8, sdims, new Int8Array(scales.length));
@@ -367,7 +377,7 @@ function quantizeWeightInputs(n: NodeProto, g: GraphProto, sx: number, add: Addi
   if (n.input[2]) {
     const b = inits.get(n.input[2])!;
     const bScales = scales.map((s) => Math.fround(sx * s));
-    const bq = Int32Array.from(tensorValues(b) as Float32Array, (v, i) => Math.max(-(2 ** 31), Math.min(2 ** 31 - 1, Math.round(v / bScales[axis < 0 ? 0 : i]))));
+    const bq = Int32Array.from(bias!, (v, i) => Math.round(v / bScales[axis < 0 ? 0 : i]));
     const bScale = add.init(`${b.name}/scale`, DataType.FLOAT, sdims, bScales);
     replaced.add(n.input[2]);
     n.input[2] = dq([add.init(`${b.name}/int32`, DataType.INT32, b.dims ?? [], bq), bScale], b.name ?? "B", axis);
