@@ -3,7 +3,10 @@
  * output, is fused by onnxruntime into integer kernels (QLinearConv / QLinearAdd: the graph it
  * optimizes is read back), and its features stay close to the float features -- for a small
  * synthetic model (zero pad, strided conv, BatchNorm, ReLU6, depthwise, residual add, max pool, dense
- * layers) and for the built-in MobileNetV2 on real Fashion-MNIST images.
+ * layers) and for the built-in MobileNetV2 on real Fashion-MNIST images. `--engine-precision int8`:
+ * the feature extractor runs the int8 graph (calibrated on given images, or on its first batch), its
+ * fingerprint differs from fp32's, tfjs refuses it, and a whole `ctrain run` (coordinator and a NATS
+ * worker process, which must build the same int8 extractor) records it in summary.json.
  */
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
@@ -16,12 +19,14 @@ import ort from "onnxruntime-node";
 import { selectBackend } from "../core/backend.js";
 import { FASHION_MNIST_DIR, openDataset } from "../core/datasets/open.js";
 import { ConfigError } from "../core/errors.js";
-import { buildFeatureExtractor } from "../core/feature_model.js";
+import { resolveOptions } from "../core/config.js";
+import { buildFeatureExtractor, calibrationImages } from "../core/feature_model.js";
 import { loadPretrained } from "../core/model_zoo.js";
 import { layersModelToOnnx, type OnnxExport } from "../core/models/onnx/export.js";
 import { activationParams, quantizeGraph, quantizeWeights } from "../core/models/onnx/quantize.js";
 import { DataType, decodeModel, encodeModel } from "../core/models/onnx/schema.js";
 import { Rng } from "../core/rng.js";
+import { runCli } from "./helpers/cli.js";
 
 const L = tf.layers;
 const fmnistSkip = existsSync(FASHION_MNIST_DIR) ? false : `${FASHION_MNIST_DIR} missing (apt-get install dataset-fashion-mnist)`;
@@ -193,4 +198,48 @@ test("onnx quantize - mobilenet_v2 block_12_add/avg at 96 on Fashion-MNIST: 39 Q
   assert.equal(int8.length, 32 * 96);
   const cos = minRowCosine(fp32, int8, 32);
   assert.ok(cos > 0.98, `min row cosine int8 vs fp32 ${cos}`);
+});
+
+test("onnx quantize - --engine-precision int8: the extractor runs int8, features near fp32, its own fingerprint; tfjs refuses it", { skip: fmnistSkip }, async () => {
+  const source = await loadPretrained("mobilenet_v2");
+  const data = await openDataset("fashion-mnist", { seed: 5, valSplit: 0.1, testSplit: 0, limit: 200, maxPixels: 1e7 });
+  const common = { inputSize: 96, featureLayer: "block_12_add", pooling: "avg", engine: "onnx", threads: 1 } as const;
+  const fp32 = await buildFeatureExtractor(source, common);
+  const given = await buildFeatureExtractor(source, { ...common, precision: "int8", calibration: calibrationImages(data, 96) });
+  const firstBatch = await buildFeatureExtractor(source, { ...common, precision: "int8" });
+  assert.equal(fp32.engine.precision, "fp32");
+  assert.equal(given.engine.precision, "int8");
+  assert.equal(firstBatch.engine.precision, "int8");
+  assert.notEqual(given.fingerprint, fp32.fingerprint);
+  assert.equal(given.fingerprint, firstBatch.fingerprint);
+  const per = 96 * 96 * 3;
+  const px = new Uint8Array(32 * per);
+  (await Promise.all(data.samples.slice(100, 132).map((s) => data.readRgb(s, 96)))).forEach((img, i) => px.set(img, i * per));
+  const want = await fp32.extract(px, 32);
+  for (const [label, fx] of [["calibration given", given], ["first batch", firstBatch]] as const) {
+    const got = await fx.extract(px, 32);
+    assert.equal(got.length, want.length);
+    assert.notDeepEqual(got, want, `${label}: int8 features equal fp32's bit for bit: the int8 graph did not run`);
+    const cos = minRowCosine(want, got, 32);
+    assert.ok(cos > 0.98, `${label}: min row cosine ${cos}`);
+  }
+  [fp32, given, firstBatch].forEach((fx) => fx.dispose());
+  await assert.rejects(buildFeatureExtractor(source, { ...common, engine: "tfjs", precision: "int8" }), (e: unknown) => e instanceof ConfigError && /--engine-precision int8.*--engine is tfjs/.test(e.message));
+  assert.throws(() => resolveOptions({ engine: "tfjs", enginePrecision: "int8" }), (e: unknown) => e instanceof ConfigError && /--engine auto or onnx/.test(e.message));
+});
+
+test("onnx quantize - ctrain run --engine-precision int8: coordinator and worker agree, summary.json says int8", { skip: fmnistSkip }, async () => {
+  const dir = await mkdtemp(join(tmpdir(), "ctrain-int8-run-"));
+  try {
+    const out = join(dir, "out");
+    const r = await runCli(["run", "--data", "fashion-mnist", "--limit", "60", "--input-size", "48", "--feature-layer", "block_3_expand_relu", "--epochs", "1", "--workers", "1",
+      "--metrics-port", "-1", "--log-format", "json", "--engine", "onnx", "--engine-precision", "int8", "--threads", "1", "--out", out, "--cache-dir", join(dir, "cache")], { timeoutMs: 180_000 });
+    assert.equal(r.code, 0, r.stderr.slice(-3000));
+    const summary = JSON.parse(await readFile(join(out, "summary.json"), "utf8")) as { engine: { name: string; precision: string }; extraction: { images: number } };
+    assert.equal(summary.engine.name, "onnx");
+    assert.equal(summary.engine.precision, "int8");
+    assert.ok(summary.extraction.images >= 60);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });
