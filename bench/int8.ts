@@ -10,15 +10,17 @@
  * (b) Accuracy: features of --limit training images and limit/5 validation images (the split
  *     `ctrain run --limit` makes with the same seed) and of the whole Fashion-MNIST test set (10,000:
  *     with 2,000 the standard error of one accuracy is 0.8 point, far above the 0.3 asked about) at
- *     96 px, block_12_add + avg, from both graphs;
+ *     96 px, --accuracy-layer (default block_12_add) + avg, from both graphs;
  *     the same head (coordinator/head_training.ts trainHead, ctrain's defaults: 10 epochs, batch 32,
  *     Adam 1e-3, 256 units, dropout 0.5) trained on each, for --seeds seeds; test accuracies and the
  *     mean difference. Writes bench/results/int8.json.
  *
- *   node dist/bench/int8.js [--rounds 7] [--limit 10000] [--seeds 5] [--skip-speed] [--skip-accuracy]
+ *   node dist/bench/int8.js [--rounds 7] [--limit 10000] [--seeds 5] [--accuracy-layer block_12_add]
+ *                           [--skip-speed] [--skip-accuracy] [--out bench/results/int8.json]
  */
 import { mkdir, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg } from "node:os";
+import { dirname } from "node:path";
 import ort from "onnxruntime-node";
 import { trainHead } from "../coordinator/head_training.js";
 import { selectBackend } from "../core/backend.js";
@@ -147,8 +149,8 @@ async function extractBoth(ds: Dataset, samples: SampleRef[], ex: OnnxExport, q:
   return { ...feats, seconds };
 }
 
-async function accuracy(source: PretrainedSource, limit: number, seeds: number): Promise<Record<string, unknown>> {
-  const size = 96, layer = "block_12_add";
+async function accuracy(source: PretrainedSource, limit: number, seeds: number, layer: string): Promise<Record<string, unknown>> {
+  const size = 96;
   const open = (l: number): Promise<Dataset> => openDataset("fashion-mnist", { seed: 42, valSplit: 0.1, testSplit: 0.1, limit: l, maxPixels: 1e7 });
   const [ds, all] = [await open(limit), await open(0)];
   const samples = [...ds.samples.filter((s) => s.split !== "test"), ...all.samples.filter((s) => s.split === "test")];
@@ -199,7 +201,7 @@ async function main(): Promise<void> {
     for (const [size, layer] of [[96, "out_relu"], [224, "out_relu"], [96, "block_12_add"]] as const) speedRows.push(await speed(source, ds, size, layer, rounds));
   }
   load.push(loadavg()[0]);
-  const acc = process.argv.includes("--skip-accuracy") ? undefined : await accuracy(source, Number(arg("limit", "10000")), Number(arg("seeds", "5")));
+  const acc = process.argv.includes("--skip-accuracy") ? undefined : await accuracy(source, Number(arg("limit", "10000")), Number(arg("seeds", "5")), arg("accuracy-layer", "block_12_add"));
   load.push(loadavg()[0]);
   const minSpeedup = Math.min(...speedRows.map((r) => (r["speedup"] as { median: number }).median));
   const lost = (acc?.["mean"] as { points_lost: number } | undefined)?.points_lost;
@@ -210,9 +212,10 @@ async function main(): Promise<void> {
     machine: { cores: availableParallelism(), cpu: cpus()[0]?.model, load_average_1m: load.map((x) => round(x, 1)) },
     date: new Date().toISOString(), speed: speedRows, accuracy: acc,
   };
-  await mkdir("bench/results", { recursive: true });
-  await writeFile("bench/results/int8.json", `${JSON.stringify(out, null, 2)}\n`);
-  console.log("wrote bench/results/int8.json");
+  const file = arg("out", "bench/results/int8.json");
+  await mkdir(dirname(file), { recursive: true });
+  await writeFile(file, `${JSON.stringify(out, null, 2)}\n`);
+  console.log(`wrote ${file}`);
 }
 
 void main().catch((e: unknown) => {

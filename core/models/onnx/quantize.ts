@@ -34,8 +34,6 @@ export interface QuantizeOptions {
   method?: "minmax" | "percentile";
   /** Percentile of `method: "percentile"`, in (50, 100]. Default 99.99. */
   percentile?: number;
-  /** Names of nodes to leave in float32 (a layer whose int8 error is too large). Default none. */
-  exclude?: string[];
 }
 
 /** What a quantization changed, for logs and tests. */
@@ -71,7 +69,7 @@ export async function quantizeGraph(bytes: Uint8Array, calibration: (Uint8Array 
   if (calibration.length === 0) throw new ConfigError("int8 quantization needs calibration images: give at least one batch of real training images.");
   const g = model.graph;
   foldPadsIntoConvs(g);
-  const plan = planQuantization(g, new Set(opts.exclude ?? []));
+  const plan = planQuantization(g);
   const method = opts.method ?? "minmax";
   const percentile = opts.percentile ?? 99.99;
   if (!(percentile > 50 && percentile <= 100)) throw new ConfigError(`int8 quantization: percentile must be in (50, 100], got ${percentile}.`);
@@ -105,12 +103,12 @@ function attr(n: NodeProto, name: string): number | undefined {
 }
 
 /** Which nodes and tensors to quantize; float32 weights only (checked here), float activations (checked at calibration). */
-function planQuantization(g: GraphProto, exclude: Set<string>): Plan {
+function planQuantization(g: GraphProto): Plan {
   const { inits, consumers, outputs } = indexGraph(g);
   const isFloatInit = (name: string | undefined): boolean => !!name && inits.get(name)?.dataType === DataType.FLOAT;
   const nodes: NodeProto[] = [];
   for (const n of g.node) {
-    if (n.domain || exclude.has(n.name ?? "")) continue;
+    if (n.domain) continue;
     if (n.opType === "Conv" && !inits.has(n.input[0]) && isFloatInit(n.input[1]) && (!n.input[2] || isFloatInit(n.input[2]))) nodes.push(n);
     else if (n.opType === "Gemm" && !inits.has(n.input[0]) && isFloatInit(n.input[1]) && (!n.input[2] || isFloatInit(n.input[2])) && (attr(n, "alpha") ?? 1) === 1 && (attr(n, "beta") ?? 1) === 1 && !attr(n, "transA")) nodes.push(n);
     else if (n.opType === "MatMul" && !inits.has(n.input[0]) && isFloatInit(n.input[1])) nodes.push(n);
