@@ -11,6 +11,9 @@
  *   reader takes the dequantized value. Scales and zero points come from calibration: the float
  *   graph runs on real images with those tensors as extra outputs, and each range is min..max over
  *   all calibration images (widened to include 0, so that 0 -- padding, ReLU -- is exact).
+ * - Bias correction: each conv's bias absorbs the mean shift its weight rounding causes, from the
+ *   per-channel input means of calibration (MobileNetV2 out_relu at 96 px: smallest row cosine with
+ *   fp32 0.878 without, 0.980 with).
  * - A Relu, or a Clip from 0 (ReLU6), whose input only a quantized node reads is dropped: the output
  *   is quantized with the activation's own range, whose zero point is 0 and whose top is at most the
  *   clip's maximum, so QuantizeLinear's saturation applies the clip exactly.
@@ -29,7 +32,7 @@ export interface QuantizeOptions {
    * How an activation's range is taken from the calibration runs. `minmax` (default): the smallest and largest
    * value seen. `percentile`: per batch, the values at {@link percentile} % from either
    * end, averaged over batches -- a few outliers then cost a little clipping instead of the
-   * resolution of every other value.
+   * resolution of every other value (worse on MobileNetV2: row cosine 0.943 at 99.99 % vs 0.952 minmax, out_relu@224, before bias correction).
    */
   method?: "minmax" | "percentile";
   /** Percentile of `method: "percentile"`, in (50, 100]. Default 99.99. */
@@ -46,6 +49,15 @@ export interface QuantizedGraph {
   activations: number;
   /** Images the ranges were measured on. */
   calibrationImages: number;
+}
+
+/** What calibration measured of a tensor: its range, and for a 4-d (NCHW) one the sums per channel. */
+interface Range {
+  min: number;
+  max: number;
+  channelSums?: Float64Array;
+  /** Values per channel summed. */
+  count?: number;
 }
 
 /** A uint8 range: value = scale * (q - zeroPoint). */
@@ -187,7 +199,7 @@ function inputSize(g: GraphProto): number {
 }
 
 /** min..max of each tensor over all calibration batches, from runs of the float graph with the tensors as extra outputs. */
-async function calibrate(model: ModelProto, tensors: string[], batches: (Uint8Array | Float32Array)[], o: { threads: number; tail: number }): Promise<Map<string, { min: number; max: number }>> {
+async function calibrate(model: ModelProto, tensors: string[], batches: (Uint8Array | Float32Array)[], o: { threads: number; tail: number }): Promise<Map<string, Range>> {
   const { loadOnnxRuntime } = await import("../inference_engine.js");
   const ort = await loadOnnxRuntime();
   const g = model.graph;
@@ -202,13 +214,19 @@ async function calibrate(model: ModelProto, tensors: string[], batches: (Uint8Ar
   // Untyped extra outputs: onnxruntime takes the type its inference gives the value.
   const probe: ModelProto = { ...model, graph: { ...g, output: [...g.output, ...outputs.filter((t) => !g.output.some((o) => o.name === t)).map((name) => ({ name }))] } };
   const session = await ort.InferenceSession.create(encodeModel(probe), { intraOpNumThreads: o.threads, interOpNumThreads: 1, graphOptimizationLevel: "basic" });
-  const ranges = new Map<string, { min: number; max: number }>();
-  const widen = (name: string, data: ArrayLike<number>): void => {
+  const ranges = new Map<string, Range>();
+  const widen = (name: string, data: ArrayLike<number>, shape?: readonly number[]): void => {
     const r = ranges.get(name) ?? { min: 0, max: 0 };
     const [lo, hi] = o.tail > 0 ? tails(data, o.tail) : extremes(data);
     // minmax: the running extremes; percentile: a running sum, divided by the batch count below.
-    if (o.tail > 0) ranges.set(name, { min: r.min + lo, max: r.max + hi });
-    else ranges.set(name, { min: Math.min(r.min, lo), max: Math.max(r.max, hi) });
+    const next: Range = o.tail > 0 ? { min: r.min + lo, max: r.max + hi } : { min: Math.min(r.min, lo), max: Math.max(r.max, hi) };
+    if (shape?.length === 4) {
+      const [, c, h, w] = shape;
+      next.channelSums = r.channelSums ?? new Float64Array(c);
+      next.count = (r.count ?? 0) + data.length / c;
+      for (let i = 0; i < data.length; i++) next.channelSums[Math.floor(i / (h * w)) % c] += data[i];
+    }
+    ranges.set(name, next);
   };
   try {
     for (const px of batches) {
@@ -219,7 +237,7 @@ async function calibrate(model: ModelProto, tensors: string[], batches: (Uint8Ar
       for (const name of outputs) {
         const t = result[name];
         // A tensor that is not float (an integer shape computation) is left alone.
-        if (t.type === "float32") widen(name, t.data as Float32Array);
+        if (t.type === "float32") widen(name, t.data as Float32Array, t.dims);
         else ranges.delete(name);
         t.dispose();
       }
@@ -318,7 +336,7 @@ class Additions {
 }
 
 /** Builds the QDQ graph in place from the float graph, the plan and the measured ranges. */
-function rewrite(g: GraphProto, plan: Plan, ranges: Map<string, { min: number; max: number }>): { nodes: Record<string, number>; activations: number } {
+function rewrite(g: GraphProto, plan: Plan, ranges: Map<string, Range>): { nodes: Record<string, number>; activations: number } {
   const add = new Additions(g);
   const foldOf = new Map([...plan.folds].map(([act, n]) => [n, act]));
   const outOf = (n: NodeProto): string => foldOf.get(n)?.output[0] ?? n.output[0];
@@ -336,7 +354,7 @@ function rewrite(g: GraphProto, plan: Plan, ranges: Map<string, { min: number; m
     counts[n.opType] = (counts[n.opType] ?? 0) + 1;
     const act = foldOf.get(n);
     if (act) n.output[0] = act.output[0];
-    if (WEIGHT_OPS.has(n.opType)) front.push(...quantizeWeightInputs(n, g, params.get(n.input[0])!.scale, add, replaced));
+    if (WEIGHT_OPS.has(n.opType)) front.push(...quantizeWeightInputs(n, g, params.get(n.input[0])!.scale, ranges.get(n.input[0])!, add, replaced));
   }
   const folded = new Set([...plan.folds].filter(([, n]) => kept.includes(n)).map(([act]) => act));
   g.node = insertQdq(g, { tensors, params, pads: new Set(pads), folded, front }, add);
@@ -350,7 +368,7 @@ function rewrite(g: GraphProto, plan: Plan, ranges: Map<string, { min: number; m
  * Replaces the float weight (and bias) of a Conv/Gemm/MatMul by int8 (int32) initializers behind
  * DequantizeLinear nodes, which are returned; `sx` is the scale of the node's quantized input.
  */
-function quantizeWeightInputs(n: NodeProto, g: GraphProto, sx: number, add: Additions, replaced: Set<string>): NodeProto[] {
+function quantizeWeightInputs(n: NodeProto, g: GraphProto, sx: number, input: Range, add: Additions, replaced: Set<string>): NodeProto[] {
   const inits = new Map((g.initializer ?? []).map((t) => [t.name ?? "", t]));
   const nodes: NodeProto[] = [];
   const dq = (input: string[], hint: string, axis: number): string => {
@@ -375,12 +393,41 @@ function quantizeWeightInputs(n: NodeProto, g: GraphProto, sx: number, add: Addi
   if (n.input[2]) {
     const b = inits.get(n.input[2])!;
     const bScales = scales.map((s) => Math.fround(sx * s));
-    const bq = Int32Array.from(bias!, (v, i) => Math.round(v / bScales[axis < 0 ? 0 : i]));
+    const corrected = axis === 0 && input.channelSums ? correctBias(bias!, tensorValues(w) as Float32Array, q, scales, w.dims ?? [], input) : bias!;
+    const bq = Int32Array.from(corrected, (v, i) => Math.round(v / bScales[axis < 0 ? 0 : i]));
     const bScale = add.init(`${b.name}/scale`, DataType.FLOAT, sdims, bScales);
     replaced.add(n.input[2]);
     n.input[2] = dq([add.init(`${b.name}/int32`, DataType.INT32, b.dims ?? [], bq), bScale], b.name ?? "B", axis);
   }
   return nodes;
+}
+
+/**
+ * Bias correction (Nagel et al. 2019, "Data-free quantization"): the rounding of a channel's
+ * weights shifts its output by (Wq - W) . E[x] on average; that shift, with E[x] per input channel
+ * from calibration, is taken off the bias. It matters where a few large weights cancel (MobileNetV2's
+ * first depthwise conv).
+ */
+function correctBias(bias: Float32Array, w: Float32Array, q: Int8Array, scales: Float32Array, dims: number[], input: Range): Float32Array {
+  const [m, cg] = dims;
+  const k = dims.slice(2).reduce((a, b) => a * b, 1);
+  const c = input.channelSums!.length;
+  const groups = c / cg;
+  if (!Number.isInteger(groups) || m % groups !== 0) return bias;
+  const out = Float32Array.from(bias);
+  for (let o = 0; o < m; o++) {
+    const first = Math.floor(o / (m / groups)) * cg;
+    let shift = 0;
+    for (let ci = 0; ci < cg; ci++) {
+      const mean = input.channelSums![first + ci] / input.count!;
+      for (let j = 0; j < k; j++) {
+        const i = (o * cg + ci) * k + j;
+        shift += (q[i] * scales[o] - w[i]) * mean;
+      }
+    }
+    out[o] -= shift;
+  }
+  return out;
 }
 
 interface QdqPlan {
