@@ -12,7 +12,7 @@ import { type BackendInfo, selectBackend } from "../core/backend.js";
 import { jobFileText, type JobOptions, reproducibleOptions } from "../core/config.js";
 import { openDataset } from "../core/datasets/open.js";
 import type { Dataset, SkippedInput } from "../core/datasets/types.js";
-import { buildFeatureExtractor, type FeatureExtractor, isOnnxSource, loadModelSource, resolveSourceChoices } from "../core/feature_model.js";
+import { buildFeatureExtractor, calibrationImages, type FeatureExtractor, isOnnxSource, loadModelSource, resolveSourceChoices } from "../core/feature_model.js";
 import { ConfigError, storageError } from "../core/errors.js";
 import { cacheKey, FeatureCache } from "../core/feature_store.js";
 import { type ClassifierMetadata, composeClassifier } from "../core/head.js";
@@ -106,7 +106,7 @@ const EXTRACT_BATCH = 32;
 /** One line on the engine of the frozen forward passes; a warning when auto did not get onnx. */
 function logEngine(log: Logger, e: EngineInfo): void {
   if (e.fallback) log.warn("inference engine: onnx not used, frozen forward passes run on tfjs", { requested: e.requested, reason: e.fallback });
-  else log.info("inference engine", { engine: e.name, version: e.version, threads: e.threads, provider: e.provider });
+  else log.info("inference engine", { engine: e.name, version: e.version, threads: e.threads, provider: e.provider, precision: e.precision });
 }
 
 const CTRAIN_VERSION = (createRequire(import.meta.url)("../../package.json") as { version: string }).version;
@@ -133,7 +133,10 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   if (choices.overridden)
     log.warn(`--preprocessing ${choices.preprocessing} replaces ${loaded.name}'s own preprocessing (${choices.overridden.declared}, from its ${choices.overridden.origin === "builtin" ? "training recipe" : "metadata"}): features will not match what its weights were trained on`);
   const source = choices.source;
-  const engine = { engine: opts.engine, threads: threadsFor(opts.threads, 1), provider: opts.engineProvider };
+  const engine: EngineOptions = {
+    engine: opts.engine, threads: threadsFor(opts.threads, 1), provider: opts.engineProvider, precision: opts.enginePrecision,
+    ...(opts.enginePrecision === "int8" ? { calibration: calibrationImages(dataset, opts.inputSize) } : {}),
+  };
   const extractor = await buildFeatureExtractor(source, { inputSize: opts.inputSize, featureLayer: choices.featureLayer, pooling: opts.pooling, ...engine });
   // An ONNX model's `auto` feature tensor is known once its graph is probed.
   opts = { ...opts, featureLayer: extractor.featureLayer, preprocessing: extractor.preprocessing };

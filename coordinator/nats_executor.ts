@@ -131,7 +131,7 @@ export function jobSpecFor(opts: JobOptions, extractor: FeatureExtractor, datase
     shardSize: opts.shardSize, maxPixels: opts.maxPixels, fineTuneLayers: opts.fineTuneLayers, learningRate: opts.learningRate,
     fineTuneLearningRate: opts.fineTuneLearningRate, wireDtype: opts.wireDtype, headUnits: opts.headUnits, dropout: opts.dropout,
     numClasses: dataset.classes.length, bucketBytes: 0, engine: opts.engine, threads: opts.threads,
-    extra: { [SPEC_EXTRA.round]: round, [SPEC_EXTRA.extractorFingerprint]: extractor.fingerprint, [SPEC_EXTRA.datasetFingerprint]: dataset.fingerprint, [SPEC_EXTRA.preprocessing]: extractor.preprocessing },
+    extra: { [SPEC_EXTRA.round]: round, [SPEC_EXTRA.extractorFingerprint]: extractor.fingerprint, [SPEC_EXTRA.datasetFingerprint]: dataset.fingerprint, [SPEC_EXTRA.preprocessing]: extractor.preprocessing, [SPEC_EXTRA.precision]: extractor.engine.precision },
   };
 }
 

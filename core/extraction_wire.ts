@@ -30,6 +30,8 @@ export const SPEC_EXTRA = {
   datasetFingerprint: "dataset_fingerprint",
   /** The preprocessing the coordinator's extractor uses (absent: the model's own). */
   preprocessing: "preprocessing",
+  /** `--engine-precision` of the coordinator's extractor (absent: fp32). */
+  precision: "engine_precision",
 } as const;
 
 /** Round id from a feature-cache key: `r` + 16 hex digits. */

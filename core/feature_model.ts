@@ -8,7 +8,8 @@
 import { createHash } from "node:crypto";
 import * as tf from "@tensorflow/tfjs";
 import type { Pooling } from "./config.js";
-import { ConfigError } from "./errors.js";
+import type { Dataset } from "./datasets/types.js";
+import { BadInputError, ConfigError } from "./errors.js";
 import { type EngineInfo, type EngineOptions, type FrozenForward, frozenForward } from "./models/inference_engine.js";
 import { loadPretrained, type ModelChoices, type Preprocessing, type PretrainedSource, resolveModelChoices, withPreprocessing } from "./model_zoo.js";
 import { loadOnnxRuntime, onnxGraphForward } from "./models/inference_engine.js";
@@ -165,7 +166,7 @@ export interface FeatureExtractor {
   /**
    * sha256 over the model, input size, feature layer, pooling and preprocessing. Not the engine:
    * onnx and tfjs compute the same features (parity-tested, probed at build), so a cache filled by
-   * one serves the other.
+   * one serves the other. int8 precision is in it: its features differ from fp32's.
    */
   fingerprint: string;
   /** The engine that runs the frozen forward pass (`--engine`). */
@@ -204,9 +205,6 @@ export async function buildFeatureExtractor(source: ModelSource, opts: FeatureEx
   const model = tf.model({ inputs: base.inputs, outputs: pooled, name: "ctrain_feature_extractor" });
   const featureDim = pooled.shape[1] as number;
   const featureShape = (opts.pooling === "none" ? out.shape.slice(1) : pooled.shape.slice(1)) as number[];
-  const fingerprint = createHash("sha256")
-    .update(JSON.stringify({ model: source.fingerprint, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling, preprocessing: source.preprocessing }))
-    .digest("hex");
   const size = opts.inputSize;
   let forward: FrozenForward;
   try {
@@ -215,6 +213,7 @@ export async function buildFeatureExtractor(source: ModelSource, opts: FeatureEx
     model.dispose();
     throw err;
   }
+  const fingerprint = extractorFingerprint({ model: source.fingerprint, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling, preprocessing: source.preprocessing }, forward.info);
   return {
     model,
     featureLayer: opts.featureLayer,
@@ -233,6 +232,37 @@ export async function buildFeatureExtractor(source: ModelSource, opts: FeatureEx
       forward.dispose();
       model.dispose();
     },
+  };
+}
+
+/** The extractor fingerprint: `what` (model, input size, layer, pooling, preprocessing), plus the precision when not fp32 (fp32 fingerprints stay as they were). */
+function extractorFingerprint(what: Record<string, unknown>, engine: EngineInfo): string {
+  return createHash("sha256").update(JSON.stringify(engine.precision === "int8" ? { ...what, precision: "int8" } : what)).digest("hex");
+}
+
+/**
+ * int8 calibration images for a job: the first `count` training samples of `dataset` (the same in
+ * every process, so every worker quantizes to the same graph), decoded at `size`, in batches of 16.
+ * Samples that do not decode are passed over.
+ */
+export function calibrationImages(dataset: Dataset, size: number, count = 64): () => Promise<Uint8Array[]> {
+  return async () => {
+    const per = size * size * 3;
+    const images: Uint8Array[] = [];
+    for (const s of dataset.samples.filter((x) => x.split === "train").slice(0, count)) {
+      try {
+        images.push(await dataset.readRgb(s, size));
+      } catch (err) {
+        if (!(err instanceof BadInputError)) throw err;
+      }
+    }
+    const batches: Uint8Array[] = [];
+    for (let i = 0; i < images.length; i += 16) {
+      const b = new Uint8Array(Math.min(16, images.length - i) * per);
+      images.slice(i, i + 16).forEach((img, j) => b.set(img, j * per));
+      batches.push(b);
+    }
+    return batches;
   };
 }
 
@@ -271,9 +301,7 @@ async function buildOnnxFeatureExtractor(src: OnnxSource, opts: FeatureExtractor
   const first = cut("uint8");
   const forward = await onnxGraphForward((dtype) => (dtype === "uint8" ? first : cut(dtype)), opts.engine ?? "auto", opts);
   const featureDim = first.featureShape.reduce((a, b) => a * b, 1);
-  const fingerprint = createHash("sha256")
-    .update(JSON.stringify({ model: src.fingerprint, inputSize: size, featureLayer, pooling: opts.pooling, preprocessing }))
-    .digest("hex");
+  const fingerprint = extractorFingerprint({ model: src.fingerprint, inputSize: size, featureLayer, pooling: opts.pooling, preprocessing }, forward.info);
   return {
     featureLayer, pooling: opts.pooling, inputSize: size, featureDim, featureShape: first.featureShape, preprocessing, fingerprint, engine: forward.info,
     onnxGraph: first.bytes,

@@ -8,7 +8,7 @@ import { openDataset, type OpenOptions } from "../core/datasets/open.js";
 import type { Dataset } from "../core/datasets/types.js";
 import { buildFeatureExtractor, type FeatureExtractor, isOnnxSource, loadModelSource, type ModelSource } from "../core/feature_model.js";
 import { PREPROCESSINGS, type Preprocessing, withPreprocessing } from "../core/model_zoo.js";
-import type { EngineName, EngineProvider, Pooling } from "../core/config.js";
+import type { EngineName, EnginePrecision, EngineProvider, Pooling } from "../core/config.js";
 
 export interface ExtractorKey {
   model: string;
@@ -23,6 +23,10 @@ export interface ExtractorKey {
   provider?: EngineProvider;
   /** The job's preprocessing (a JobSpec extra); absent = the model's own. */
   preprocessing?: string;
+  /** `--engine-precision` (a JobSpec extra). Default fp32. */
+  precision?: EnginePrecision;
+  /** int8: the job's calibration images (core/feature_model.ts calibrationImages); one extractor per data set then. */
+  calibration?: { dataset: string; images: () => Promise<Uint8Array[]> };
 }
 
 export class ExtractorCache {
@@ -33,7 +37,7 @@ export class ExtractorCache {
   builds = 0;
 
   extractor(k: ExtractorKey): Promise<FeatureExtractor> {
-    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling, k.preprocessing ?? "", k.engine ?? "auto", k.threads ?? 1, k.provider ?? "auto"]);
+    const key = JSON.stringify([k.model, k.inputSize, k.featureLayer, k.pooling, k.preprocessing ?? "", k.engine ?? "auto", k.threads ?? 1, k.provider ?? "auto", k.precision ?? "fp32", k.calibration?.dataset ?? ""]);
     let p = this.extractors.get(key);
     if (!p) {
       let src = this.sources.get(k.model);
@@ -47,7 +51,7 @@ export class ExtractorCache {
         if (k.preprocessing !== undefined && !(PREPROCESSINGS as readonly string[]).includes(k.preprocessing))
           throw new Error(`the job asks for preprocessing ${JSON.stringify(k.preprocessing)}, which this worker does not know (${PREPROCESSINGS.join(", ")}): run the same ctrain version as the coordinator`);
         const source = !k.preprocessing ? s : isOnnxSource(s) ? { ...s, preprocessing: k.preprocessing as Preprocessing } : withPreprocessing(s, k.preprocessing as Preprocessing);
-        return buildFeatureExtractor(source, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling, engine: k.engine, threads: k.threads, provider: k.provider });
+        return buildFeatureExtractor(source, { inputSize: k.inputSize, featureLayer: k.featureLayer, pooling: k.pooling, engine: k.engine, threads: k.threads, provider: k.provider, precision: k.precision, calibration: k.calibration?.images });
       });
       this.extractors.set(key, p);
       p.catch(() => this.extractors.delete(key));

@@ -16,7 +16,8 @@
 import { hostname } from "node:os";
 import type { Consumer, JetStreamClient, JetStreamManager, JsMsg, KV, NatsConnection, ObjectStore } from "nats";
 import { encodeShardError, errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../core/extraction_wire.js";
-import type { BackendName, EngineName, EngineProvider } from "../core/config.js";
+import type { BackendName, EngineName, EnginePrecision, EngineProvider } from "../core/config.js";
+import { calibrationImages } from "../core/feature_model.js";
 import type { Split as DataSplit } from "../core/datasets/types.js";
 import type { Logger } from "../core/log.js";
 import type { CtrainMetrics } from "../core/metrics.js";
@@ -170,12 +171,12 @@ export class NatsWorker implements AsyncDisposable {
 
   /** Logs (once per change) and exports the engine that runs this worker's frozen forward passes. */
   private noteEngine(e: EngineInfo): void {
-    const key = `${e.name}/${e.threads}/${e.fallback ?? ""}`;
+    const key = `${e.name}/${e.threads}/${e.precision}/${e.fallback ?? ""}`;
     if (key === this.engineNoted) return;
     this.engineNoted = key;
     this.o.metrics?.setEngine(e.name);
     if (e.fallback) this.o.log.warn("inference engine: onnx not used, frozen forward passes run on tfjs", { requested: e.requested, reason: e.fallback });
-    else this.o.log.info("inference engine", { engine: e.name, version: e.version, threads: e.threads, provider: e.provider });
+    else this.o.log.info("inference engine", { engine: e.name, version: e.version, threads: e.threads, provider: e.provider, precision: e.precision });
   }
 
   private emit(e: WorkerStatus): void {
@@ -376,13 +377,16 @@ export class NatsWorker implements AsyncDisposable {
       claim(0);
       log.info("shard claimed", { shard: wire, delivery, samples: task.ids.length });
       this.emit({ type: "claimed", job, shard: wire, delivery, samples: task.ids.length });
+      const dataset = await this.cache.dataset(spec.data, { seed: spec.seed, valSplit: spec.valSplit, testSplit: spec.testSplit, limit: spec.limit, maxPixels: spec.maxPixels });
+      working();
+      // int8 calibrates on the job's first training images, as the coordinator does: the same graph everywhere.
+      const precision = (spec.extra[SPEC_EXTRA.precision] || "fp32") as EnginePrecision;
       const extractor = await this.cache.extractor({
         model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling, preprocessing: spec.extra[SPEC_EXTRA.preprocessing],
-        engine: (spec.engine || "auto") as EngineName, threads: spec.threads || this.o.threads || defaultThreads(1), provider: this.o.provider,
+        engine: (spec.engine || "auto") as EngineName, threads: spec.threads || this.o.threads || defaultThreads(1), provider: this.o.provider, precision,
+        ...(precision === "int8" ? { calibration: { dataset: dataset.fingerprint, images: calibrationImages(dataset, spec.inputSize) } } : {}),
       });
       this.noteEngine(extractor.engine);
-      working();
-      const dataset = await this.cache.dataset(spec.data, { seed: spec.seed, valSplit: spec.valSplit, testSplit: spec.testSplit, limit: spec.limit, maxPixels: spec.maxPixels });
       const wantFx = spec.extra[SPEC_EXTRA.extractorFingerprint];
       if (wantFx && wantFx !== extractor.fingerprint)
         throw new TerminalError(`this worker's model differs from the coordinator's (extractor fingerprint ${extractor.fingerprint.slice(0, 12)}, coordinator ${wantFx.slice(0, 12)}): run the same --model on both`);

@@ -13,19 +13,25 @@
  *
  * The probe costs one tfjs forward pass of two images per built graph (under a second at 224 px
  * on wasm) and turns any converter defect into a fallback instead of wrong features.
+ *
+ * `--engine-precision int8`: the onnx graph is quantized (core/models/onnx/quantize.ts) after the
+ * fp32 graph passed the probe, calibrated on `calibration` images when the caller gives them (the
+ * job's first training images: every process then builds the same graph), else on the first batch
+ * the engine is given.
  */
 import * as tf from "@tensorflow/tfjs";
 import { availableParallelism } from "node:os";
 import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
-import type { EngineName, EngineProvider } from "../config.js";
+import type { EngineName, EnginePrecision, EngineProvider } from "../config.js";
 import { ConfigError, EngineUnavailableError, UnsupportedLayerError } from "../errors.js";
 import { preprocess } from "../feature_model.js";
 import type { Preprocessing } from "../model_zoo.js";
 import { layersModelToOnnx } from "./onnx/export.js";
+import { quantizeGraph } from "./onnx/quantize.js";
 
-export { ENGINES, type EngineName } from "../config.js";
+export { ENGINE_PRECISIONS, ENGINES, type EngineName, type EnginePrecision } from "../config.js";
 
 /** The engine a frozen graph actually runs on. */
 export interface EngineInfo {
@@ -41,6 +47,8 @@ export interface EngineInfo {
   provider: string;
   /** Why `auto` did not take onnx (absent when it did, or when tfjs was asked for). */
   fallback?: string;
+  /** Arithmetic of the forward pass: `int8` only on onnx with `--engine-precision int8`. */
+  precision: EnginePrecision;
 }
 
 /** How to build the engine of a frozen graph. */
@@ -51,6 +59,13 @@ export interface EngineOptions {
   threads?: number;
   /** `--engine-provider`: `auto` (default: cuda when onnxruntime-node's CUDA provider is installed, else cpu), `cpu` or `cuda`. */
   provider?: EngineProvider;
+  /** `--engine-precision`. Default fp32. int8 needs the onnx engine (tfjs refuses it; auto falling back to tfjs runs fp32). */
+  precision?: EnginePrecision;
+  /**
+   * int8 only: calibration images, batches of NHWC [0, 255] pixels at the graph's input size (a few
+   * dozen to a few hundred training images). Absent: the first batch given to `run()` calibrates.
+   */
+  calibration?: () => Promise<Uint8Array[]>;
 }
 
 /** A frozen graph from NHWC [0, 255] pixels to one flat float32 row per image. */
@@ -123,13 +138,19 @@ export function threadsFor(threads: number, processes: number): number {
  */
 export async function frozenForward(model: tf.LayersModel, preprocessing: Preprocessing, o: EngineOptions = {}): Promise<FrozenForward> {
   const requested = o.engine ?? "auto";
-  if (requested === "tfjs") return tfjsForward(model, preprocessing, { requested });
+  if (requested === "tfjs") {
+    if (o.precision === "int8") throw new ConfigError("--engine-precision int8 runs on onnxruntime, but --engine is tfjs: use --engine auto or onnx, or --engine-precision fp32.");
+    return tfjsForward(model, preprocessing, { requested });
+  }
   // An explicit --engine-provider cuda that cannot be had is an error under auto too, not a silent fallback.
   if (o.provider === "cuda") resolveProvider("cuda");
   try {
-    const onnx = await onnxForward(model, preprocessing, requested, o);
+    // The probe holds the converted graph to fp32 accuracy; int8 is built from a graph that passed it.
+    const onnx = await onnxForward(model, preprocessing, requested, { ...o, precision: "fp32" });
     await checkAgainstTfjs(onnx, model, preprocessing);
-    return onnx;
+    if (o.precision !== "int8") return onnx;
+    onnx.dispose();
+    return await onnxForward(model, preprocessing, requested, o);
   } catch (err) {
     if (requested === "onnx") {
       if (err instanceof UnsupportedLayerError) throw new ConfigError(`--engine onnx: ${err.message} Use --engine auto (falls back to tfjs) or --engine tfjs.`, { cause: err });
@@ -144,7 +165,7 @@ export function tfjsForward(model: tf.LayersModel, preprocessing: Preprocessing,
   const shape = model.inputs[0].shape;
   const [h, w, c] = [shape[1] as number, shape[2] as number, shape[3] as number];
   return {
-    info: { ...info, name: "tfjs", version: tf.version.tfjs, threads: 1, provider: tf.getBackend() },
+    info: { ...info, name: "tfjs", version: tf.version.tfjs, threads: 1, provider: tf.getBackend(), precision: "fp32" },
     async run(pixels, n) {
       checkPixels(pixels, n, h * w * c);
       const y = tf.tidy(() => {
@@ -191,13 +212,21 @@ export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") =>
   const ort = await loadOnnxRuntime();
   const threads = o.threads ?? 1;
   const provider = resolveProvider(o.provider);
+  const precision = o.precision ?? "fp32";
+  let calibration: Promise<(Uint8Array | Float32Array)[]> | undefined;
   const sessions = new Map<"uint8" | "float32", Promise<{ session: Session; input: string; output: string; perImage: number; dims: number[] }>>();
-  const open = (dtype: "uint8" | "float32") => {
+  const open = (dtype: "uint8" | "float32", first?: Uint8Array | Float32Array) => {
     let s = sessions.get(dtype);
     if (!s) {
       s = (async () => {
         const g = graphFor(dtype);
-        const session = await ort.InferenceSession.create(g.bytes, {
+        const perImage = g.inputShape.reduce((a, b) => a * b, 1);
+        let bytes = g.bytes;
+        if (precision === "int8") {
+          calibration ??= o.calibration ? o.calibration() : Promise.resolve(first ? batchesOf(first, perImage, 16) : []);
+          bytes = (await quantizeGraph(g.bytes, await calibration, { threads })).bytes;
+        }
+        const session = await ort.InferenceSession.create(bytes, {
           // CUDA runs the graph; ops it lacks fall back to the CPU provider inside the same session.
           executionProviders: provider === "cuda" ? ["cuda", "cpu"] : ["cpu"],
           intraOpNumThreads: threads,
@@ -205,17 +234,21 @@ export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") =>
           executionMode: "sequential",
           graphOptimizationLevel: "all",
         });
-        return { session, input: g.inputName, output: g.outputName, perImage: g.inputShape.reduce((a, b) => a * b, 1), dims: g.inputShape };
+        return { session, input: g.inputName, output: g.outputName, perImage, dims: g.inputShape };
       })();
       sessions.set(dtype, s);
+      s.catch(() => sessions.delete(dtype));
     }
     return s;
   };
-  await open("uint8");
+  // Built now, so a graph that does not convert or load fails before any work (int8 without
+  // calibration images waits for its first batch).
+  if (precision === "fp32" || o.calibration) await open("uint8");
+  else graphFor("uint8");
   return {
-    info: { requested, name: "onnx", version: ort.env.versions?.node ?? "unknown", threads, provider },
+    info: { requested, name: "onnx", version: ort.env.versions?.node ?? "unknown", threads, provider, precision },
     async run(pixels, n) {
-      const s = await open(pixels instanceof Uint8Array ? "uint8" : "float32");
+      const s = await open(pixels instanceof Uint8Array ? "uint8" : "float32", pixels);
       checkPixels(pixels, n, s.perImage);
       const input = new ort.Tensor(pixels instanceof Uint8Array ? "uint8" : "float32", pixels, [n, ...s.dims]);
       const result = await s.session.run({ [s.input]: input });
@@ -226,6 +259,14 @@ export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") =>
       sessions.clear();
     },
   };
+}
+
+/** `pixels` cut into batches of at most `size` images (copies: calibration outlives the caller's buffer). */
+function batchesOf(pixels: Uint8Array | Float32Array, perImage: number, size: number): (Uint8Array | Float32Array)[] {
+  const out: (Uint8Array | Float32Array)[] = [];
+  const n = Math.floor(pixels.length / perImage);
+  for (let i = 0; i < n; i += size) out.push(pixels.slice(i * perImage, Math.min(n, i + size) * perImage));
+  return out;
 }
 
 /**
