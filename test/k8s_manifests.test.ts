@@ -13,7 +13,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { cpSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -144,7 +144,7 @@ function containers(o: Obj): any[] {
 /** `kustomize build dir`, for the features our kustomizations use; anything else fails the test. */
 function kustomize(dir: string): Obj[] {
   const k = parseYaml(readFileSync(join(dir, "kustomization.yaml"), "utf8"));
-  const known = new Set(["apiVersion", "kind", "namespace", "resources", "images", "patches", "configMapGenerator"]);
+  const known = new Set(["apiVersion", "kind", "namespace", "resources", "images", "patches", "configMapGenerator", "replacements"]);
   for (const key of Object.keys(k)) assert.ok(known.has(key), `${dir}: kustomization field ${key} is not emulated by this test`);
   let objs: Obj[] = [];
   for (const r of k.resources ?? []) {
@@ -172,8 +172,36 @@ function kustomize(dir: string): Obj[] {
         if (name === img.name) c.image = `${img.newName ?? name}:${img.newTag ?? tag}`;
       }
   }
+  for (const r of k.replacements ?? []) replace(objs, r, dir);
   if (k.namespace) objs = objs.map((o) => ({ ...o, metadata: { ...o.metadata, namespace: k.namespace } }));
   return objs;
+}
+
+/** A kustomize field path (`a.b.[name=x].c`) into `o`: the parent object and the last key, or undefined. */
+function fieldRef(o: any, path: string): { parent: any; key: string } | undefined {
+  const parts = path.split(".");
+  let cur = o;
+  for (const [i, p] of parts.entries()) {
+    const sel = /^\[(\w+)=(.+)\]$/.exec(p);
+    if (i === parts.length - 1) return sel || cur == null ? undefined : { parent: cur, key: p };
+    cur = sel ? (cur as any[] | undefined)?.find((x) => String(x?.[sel[1]]) === sel[2]) : cur?.[p];
+  }
+  return undefined;
+}
+
+/** kustomize `replacements`, for a source and targets selected by kind and name. */
+function replace(objs: Obj[], r: any, dir: string): void {
+  const pick = (sel: { kind: string; name: string }): Obj[] => objs.filter((o) => o.kind === sel.kind && o.metadata.name === sel.name);
+  const [src] = pick(r.source);
+  const from = src && fieldRef(src, r.source.fieldPath);
+  assert.ok(from && from.parent[from.key] !== undefined, `${dir}: replacement source ${r.source.kind}/${r.source.name} ${r.source.fieldPath} not found`);
+  for (const t of r.targets)
+    for (const o of pick(t.select))
+      for (const f of t.fieldPaths) {
+        const to = fieldRef(o, f);
+        assert.ok(to, `${dir}: replacement target ${f} not found`);
+        to.parent[to.key] = from.parent[from.key];
+      }
 }
 
 /** `kubectl kustomize dir` (the kustomize built into kubectl) when kubectl is installed; undefined otherwise. */
@@ -445,6 +473,26 @@ for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
     }
   });
 }
+
+test("k8s - renaming the image in an overlay (images: newName/newTag) renames CTRAIN_IMAGE too", () => {
+  const tmp = mkdtempSync(join(tmpdir(), "ctrain-kz-"));
+  try {
+    cpSync(join(ROOT, "deploy"), join(tmp, "deploy"), { recursive: true });
+    for (const overlay of ["gpu", "cpu", "dev"]) {
+      const dir = join(tmp, "deploy", "k8s", "overlays", overlay);
+      const file = join(dir, "kustomization.yaml");
+      writeFileSync(file, readFileSync(file, "utf8").replace(/newName: ctrain\n\s+newTag: \S+/, "newName: registry.example/ml/ctrain\n    newTag: \"7.1\""));
+      for (const [how, objs] of [["emulated", kustomize(dir)], ["kubectl kustomize", realKustomize(dir)]] as const) {
+        if (!objs) continue;
+        const c = objs.find((o) => o.kind === "Job")!.spec.template.spec.containers[0];
+        assert.equal(c.image, "registry.example/ml/ctrain:7.1", `${overlay} (${how})`);
+        assert.equal(c.env.find((e: { name: string }) => e.name === "CTRAIN_IMAGE").value, c.image, `${overlay} (${how}): the launcher starts workers from the renamed image`);
+      }
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
 
 test("k8s - the schema check rejects a malformed object", () => {
   const [sts] = renderOk([...JOB, "--image", "x", "--no-dashboard"]).filter((o) => o.kind === "StatefulSet" && o.metadata.name !== "nats");
