@@ -10,7 +10,7 @@
  * Prometheus operator models (@kubernetes-models/prometheus-operator is not installed); its shape is
  * checked by hand below.
  */
-import { test } from "node:test";
+import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { cpSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -35,6 +35,25 @@ import { LAUNCHER_RBAC_RULES, METRICS_PORT, dnsName } from "../coordinator/k8s_m
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const CLI = join(ROOT, "dist", "cli", "main.js");
 const K8S_DIR = join(ROOT, "deploy", "k8s");
+
+/**
+ * A copy of deploy/ with the nats-credentials.env a user creates (it is not shipped): the overlays
+ * are built from here. Returns deploy/k8s in the copy; `credentials: false` leaves the file out.
+ */
+function deployCopy(credentials = true): string {
+  const tmp = mkdtempSync(join(tmpdir(), "ctrain-kz-"));
+  copies.push(tmp);
+  cpSync(join(ROOT, "deploy"), join(tmp, "deploy"), { recursive: true });
+  const env = join(tmp, "deploy", "k8s", "base", "nats-credentials.env");
+  rmSync(env, { force: true });
+  if (credentials) writeFileSync(env, "NATS_USER=ctrain\nNATS_PASSWORD=test-only-password\n");
+  return join(tmp, "deploy", "k8s");
+}
+const copies: string[] = [];
+after(() => {
+  for (const d of copies) rmSync(d, { recursive: true, force: true });
+});
+const K8S_BUILD = deployCopy();
 
 type Obj = {
   apiVersion: string; kind: string;
@@ -144,7 +163,7 @@ function containers(o: Obj): any[] {
 /** `kustomize build dir`, for the features our kustomizations use; anything else fails the test. */
 function kustomize(dir: string): Obj[] {
   const k = parseYaml(readFileSync(join(dir, "kustomization.yaml"), "utf8"));
-  const known = new Set(["apiVersion", "kind", "namespace", "resources", "images", "patches", "configMapGenerator", "replacements"]);
+  const known = new Set(["apiVersion", "kind", "namespace", "resources", "images", "patches", "configMapGenerator", "secretGenerator", "replacements"]);
   for (const key of Object.keys(k)) assert.ok(known.has(key), `${dir}: kustomization field ${key} is not emulated by this test`);
   let objs: Obj[] = [];
   for (const r of k.resources ?? []) {
@@ -156,6 +175,16 @@ function kustomize(dir: string): Obj[] {
     for (const f of g.files ?? []) data[basename(f)] = readFileSync(resolve(dir, f), "utf8");
     assert.equal(g.options?.disableNameSuffixHash, true, `${dir}: generated ConfigMaps keep stable names`);
     objs.push({ apiVersion: "v1", kind: "ConfigMap", metadata: { name: g.name, labels: g.options?.labels }, data });
+  }
+  for (const g of k.secretGenerator ?? []) {
+    const data: Record<string, string> = {};
+    for (const f of g.envs ?? [])
+      for (const line of readFileSync(resolve(dir, f), "utf8").split("\n")) {
+        const eq = line.indexOf("=");
+        if (eq > 0 && !line.startsWith("#")) data[line.slice(0, eq)] = Buffer.from(line.slice(eq + 1)).toString("base64");
+      }
+    assert.equal(g.options?.disableNameSuffixHash, true, `${dir}: generated Secrets keep stable names`);
+    objs.push({ apiVersion: "v1", kind: "Secret", metadata: { name: g.name, labels: g.options?.labels }, type: g.type, data });
   }
   for (const p of k.patches ?? []) {
     assert.ok(p.path && !p.target, `${dir}: only strategic-merge patches by path are emulated`);
@@ -427,13 +456,13 @@ test("k8s - every shipped YAML document under deploy/k8s parses, and complete ob
     if (basename(f) === "kustomization.yaml" || f.includes(`${join("k8s", "overlays")}`)) continue; // patches are partial
     for (const d of docs) { validate(d, f); validated++; }
   }
-  assert.ok(validated >= 13, `validated ${validated} base objects`);
+  assert.ok(validated >= 12, `validated ${validated} base objects`); // the Secret is generated (secretGenerator), not a file
 });
 
 for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
   test(`k8s - overlay ${overlay} builds (kustomize emulated), validates and keeps every invariant`, () => {
     {
-      const objs = kustomize(join(K8S_DIR, "overlays", overlay));
+      const objs = kustomize(join(K8S_BUILD, "overlays", overlay));
       for (const o of objs) assert.equal(o.metadata.namespace, "ctrain");
       checkInvariants(objs, `overlay ${overlay}`, { gpus });
       const dash = objs.find((o) => o.kind === "ConfigMap" && o.metadata.name === "ctrain-grafana-dashboard");
@@ -452,7 +481,7 @@ for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
   });
 
   test(`k8s - overlay ${overlay} builds with the real kustomize (kubectl kustomize, default load restrictor) into what the emulation builds`, (t) => {
-    const dir = join(K8S_DIR, "overlays", overlay);
+    const dir = join(K8S_BUILD, "overlays", overlay);
     const real = realKustomize(dir);
     if (!real) return t.skip("kubectl is not installed: the emulated build above is the check");
     const key = (o: Obj): string => `${o.kind}/${o.metadata.namespace}/${o.metadata.name}`;
@@ -475,11 +504,10 @@ for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
 }
 
 test("k8s - renaming the image in an overlay (images: newName/newTag) renames CTRAIN_IMAGE too", () => {
-  const tmp = mkdtempSync(join(tmpdir(), "ctrain-kz-"));
-  try {
-    cpSync(join(ROOT, "deploy"), join(tmp, "deploy"), { recursive: true });
+  const k8s = deployCopy();
+  {
     for (const overlay of ["gpu", "cpu", "dev"]) {
-      const dir = join(tmp, "deploy", "k8s", "overlays", overlay);
+      const dir = join(k8s, "overlays", overlay);
       const file = join(dir, "kustomization.yaml");
       writeFileSync(file, readFileSync(file, "utf8").replace(/newName: ctrain\n\s+newTag: \S+/, "newName: registry.example/ml/ctrain\n    newTag: \"7.1\""));
       for (const [how, objs] of [["emulated", kustomize(dir)], ["kubectl kustomize", realKustomize(dir)]] as const) {
@@ -489,9 +517,21 @@ test("k8s - renaming the image in an overlay (images: newName/newTag) renames CT
         assert.equal(c.env.find((e: { name: string }) => e.name === "CTRAIN_IMAGE").value, c.image, `${overlay} (${how}): the launcher starts workers from the renamed image`);
       }
     }
-  } finally {
-    rmSync(tmp, { recursive: true, force: true });
   }
+});
+
+test("k8s - no password ships: the overlays refuse to build without nats-credentials.env", () => {
+  const k8s = deployCopy(false);
+  for (const overlay of ["gpu", "cpu", "dev"]) {
+    const dir = join(k8s, "overlays", overlay);
+    assert.throws(() => kustomize(dir), /nats-credentials\.env/, `${overlay} (emulated)`);
+    const r = spawnSync("kubectl", ["kustomize", dir], { encoding: "utf8" });
+    if (r.error) continue; // no kubectl: the emulation is the check
+    assert.notEqual(r.status, 0, `${overlay}: kubectl kustomize built without credentials`);
+    assert.match(r.stderr, /nats-credentials\.env/);
+  }
+  const shipped = readdirSync(join(K8S_DIR, "base")).flatMap((f) => (/\.ya?ml$/.test(f) ? parseDocs(readFileSync(join(K8S_DIR, "base", f), "utf8"), f) : []));
+  assert.deepEqual(shipped.filter((o) => o.kind === "Secret").map((o) => o.metadata.name), [], "no Secret with a password in the base");
 });
 
 test("k8s - the schema check rejects a malformed object", () => {
@@ -505,7 +545,8 @@ test("k8s - the schema check rejects a malformed object", () => {
 });
 
 test("k8s - the kustomize base holds the same objects as ctrain k8s render", () => {
-  const rendered = renderOk(["--job", "ctrain", "--workers", "2", "--nats", "nats://nats:4222", "--image", "ctrain", "--namespace", "ctrain", "--no-dashboard"]);
+  const all = renderOk(["--job", "ctrain", "--workers", "2", "--nats", "nats://nats:4222", "--image", "ctrain", "--namespace", "ctrain", "--no-dashboard"]);
+  const rendered = all.filter((o) => o.kind !== "Secret");
   const base = parseYaml(readFileSync(join(K8S_DIR, "base", "kustomization.yaml"), "utf8"));
   const files = (base.resources as string[]).filter((f) => f.endsWith(".yaml")); // ../../grafana: the dashboard kustomization
   const shipped = files.flatMap((f) => parseDocs(readFileSync(join(K8S_DIR, "base", f), "utf8"), f));
@@ -518,6 +559,12 @@ test("k8s - the kustomize base holds the same objects as ctrain k8s render", () 
   const key = (o: Obj): string => `${o.kind}/${o.metadata.name}`;
   assert.deepEqual(shipped.map(key).sort(), rendered.map(key).sort());
   for (const r of rendered) assert.deepEqual(strip(shipped.find((s) => key(s) === key(r))!), strip(r), `${key(r)} drifted from the renderer`);
-  const secret = shipped.find((o) => o.kind === "Secret")!;
-  assert.equal(secret.stringData.NATS_PASSWORD, "CHANGE-ME", "the shipped Secret is a template with a placeholder");
+  // The Secret comes from the base's secretGenerator: same name, labels, type and keys as rendered.
+  const secret = all.find((o) => o.kind === "Secret")!;
+  const [gen] = base.secretGenerator as { name: string; type: string; options: { labels: Record<string, string> } }[];
+  assert.equal(gen.name, secret.metadata.name);
+  assert.equal(gen.type, secret.type);
+  assert.deepEqual(gen.options.labels, secret.metadata.labels);
+  const built = kustomize(join(K8S_BUILD, "base")).find((o) => o.kind === "Secret")!;
+  assert.deepEqual(Object.keys(built.data).sort(), Object.keys(secret.stringData).sort());
 });
