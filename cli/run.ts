@@ -15,12 +15,14 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { threadsFor } from "../core/models/inference_engine.js";
 import { mkdir } from "node:fs/promises";
 import { createServer } from "node:net";
+import { createInterface } from "node:readline";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Registry } from "prom-client";
 import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
 import { ServiceLostError } from "../core/errors.js";
-import { createLogger, type Logger } from "../core/log.js";
+import { createLogger, parseLogLevel, redactSecrets, type Logger } from "../core/log.js";
+import { writeAbove } from "../core/progress.js";
 import { createMetrics, serveMetrics, writeScrapeTargets, type ScrapeTarget } from "../core/metrics.js";
 import { connectNats, NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, splitUrlCredentials, type NatsAuth } from "../core/nats_connect.js";
 import type { NatsConnection } from "nats";
@@ -40,6 +42,7 @@ Prometheus targets of every process are written to <parent of --out>/ctrain-targ
 
 options:
 ${optionsHelp()}
+  --verbose                    show the workers' info lines on the terminal too (default: their warnings and errors)
   --nats-user, --nats-pass, --nats-token, --nats-creds, --nats-nkey, --nats-tls-ca/cert/key: credentials for --nats`;
 
 /**
@@ -86,7 +89,29 @@ async function answers(port: number, proc: ChildProcess, timeoutMs: number): Pro
 }
 
 /** Starts the embedded NATS (unless opts.nats) and N worker processes. */
-async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void, onNatsLost: (e: Error) => void): Promise<LocalCluster & { url: string; auth: NatsAuth }> {
+/**
+ * One line a worker process wrote, printed by this process so that lines stay whole and above the
+ * progress bars. On a terminal only its warnings and errors are shown unless --verbose; in JSON mode
+ * every line passes as the worker wrote it (a line that is not a log event is wrapped in one).
+ */
+function routeWorkerLine(log: Logger, o: { human: boolean; verbose: boolean }, worker: string, line: string): void {
+  if (line.trim() === "") return;
+  let event: Record<string, unknown> | undefined;
+  try {
+    const v = JSON.parse(line) as unknown;
+    if (v && typeof v === "object" && typeof (v as { msg?: unknown }).msg === "string") event = v as Record<string, unknown>;
+  } catch {
+    // not a log event: a crash trace, a library's own print
+  }
+  if (!event) return log.warn("worker output", { worker, line });
+  if (!o.human) return writeAbove(process.stderr, `${redactSecrets(line)}\n`);
+  const level = parseLogLevel(String(event.level)) ?? "info";
+  if (!o.verbose && (level === "debug" || level === "info")) return;
+  const { ts: _ts, level: _level, msg, job: _job, ...fields } = event;
+  log[level](String(msg), fields);
+}
+
+async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void, onNatsLost: (e: Error) => void, verbose = false): Promise<LocalCluster & { url: string; auth: NatsAuth }> {
   let nats: EmbeddedNats | undefined;
   let url = opts.nats;
   const ids = Array.from({ length: opts.workers }, (_, i) => `${opts.job}-w${i}`.slice(-63).replace(/^[^a-zA-Z0-9]+/, ""));
@@ -108,14 +133,17 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, 
     url = split.servers;
     if (Object.keys(auth).length === 0) auth = split.auth;
   }
+  const human = opts.logFormat === "human" || (opts.logFormat === "auto" && process.stderr.isTTY === true);
+  const routing = { human, verbose };
   // Inherited CTRAIN_NATS_* must not mix with the credentials given below.
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("CTRAIN_NATS_")));
   const workers: LocalCluster["workers"] = [];
   for (const id of ids) {
     const metricsPort = opts.metricsPort >= 0 ? await freePort() : -1;
-    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--threads", String(threadsFor(opts.threads, opts.workers)), "--engine-provider", opts.engineProvider, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", opts.logFormat];
+    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--threads", String(threadsFor(opts.threads, opts.workers)), "--engine-provider", opts.engineProvider, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", "json"];
     // Credentials go through the environment: argv is visible to every user of the machine.
-    const proc = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"], env: { ...env, ...natsAuthEnv(nats?.credentials.workers.get(id) ?? auth) } });
+    const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...env, ...natsAuthEnv(nats?.credentials.workers.get(id) ?? auth) } });
+    for (const out of [proc.stdout, proc.stderr]) createInterface({ input: out!, crlfDelay: Infinity }).on("line", (line) => routeWorkerLine(log, routing, id, line));
     proc.on("exit", (code, signal) => {
       if (stopping) return;
       log.warn("worker process exited", { worker: id, code, signal });
@@ -145,7 +173,7 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, 
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const parsed = parseArgs(argv, [...NATS_AUTH_FLAGS], ["help"]);
+  const parsed = parseArgs(argv, [...NATS_AUTH_FLAGS], ["help", "verbose"]);
   if (parsed.extra["help"]) {
     console.log(RUN_HELP);
     return 0;
@@ -202,7 +230,7 @@ export async function main(argv: string[]): Promise<number> {
         lost.abort(e);
         // Fine-tuning waits on NATS and has no abort signal: end the job here, within seconds, with the message.
         setTimeout(() => void cleanup().finally(() => process.exit(1)), 5000).unref();
-      });
+      }, parsed.extra["verbose"] !== undefined);
       await mkdir(opts.out, { recursive: true });
       // A process enters the targets file once it answers, so Prometheus never scrapes a port that is
       // not open yet (a worker loads tfjs before it listens) and CtrainWorkerDown stays quiet.

@@ -57,7 +57,7 @@ export async function runExtraction(o: ExtractionOptions): Promise<ExtractionRes
   o.log.info("extracting features", { key: o.key, shards: shards.length, resumed: shards.length - todo.length, images });
   const counts = { pending: todo.length, running: 0, done: shards.length - todo.length, failed: 0 };
   o.metrics?.setShards(counts);
-  const progress = new Progress({ label: "extract", total: images, unit: "img" });
+  const progress = new Progress({ label: "extract", total: images, unit: "img", log: o.log });
   // What was extracted, not what was attempted: a bad file is a skipped input, not an image.
   let extracted = 0;
   if (todo.length > 0) {

@@ -21,7 +21,7 @@ import type { CtrainMetrics } from "../core/metrics.js";
 import { saveModel, saveOnnxClassifier } from "../core/model_io.js";
 import type { PretrainedSource } from "../core/model_zoo.js";
 import { type EngineInfo, type EngineOptions, threadsFor } from "../core/models/inference_engine.js";
-import { Progress } from "../core/progress.js";
+import { drawsBars, EpochBars } from "../core/progress.js";
 import { checkControlsForDataParallel, classWeightsFor, controlsOf, trainCounts } from "../core/training_controls.js";
 import type { EpochStats } from "../core/train_loop.js";
 import { LocalShardExecutor } from "../worker/local_executor.js";
@@ -161,7 +161,9 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
 
   const trainCount = features.splits.filter((s) => s === "train").length;
   const stepsPerEpoch = Math.ceil(trainCount / opts.batchSize);
-  const progress = new Progress({ label: "head", total: stepsPerEpoch * opts.epochs, unit: "step" });
+  const bars = new EpochBars({ label: "head", epochs: opts.epochs, stepsPerEpoch, log });
+  // On a terminal the epoch's bar shows its figures; the log event is for files and collectors.
+  const epochLevel = drawsBars() ? "debug" : "info";
   let stepInPhase = 0;
   const numClasses = dataset.classes.length;
   const controls = controlsOf(opts, classWeightsFor(opts.classWeight, dataset.classes, trainCounts(dataset.samples, numClasses)));
@@ -171,16 +173,18 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
     onBatchEnd: ({ epoch, batch, samples, loss }) => {
       headStep({ batch, samples });
       stepInPhase++;
-      progress.tick(1, `epoch ${epoch + 1}/${opts.epochs} loss ${loss.toFixed(4)}`);
+      bars.batch(epoch, loss);
       metrics?.setEpoch("head", epoch + 1, stepInPhase);
       metrics?.progress("head", stepInPhase, stepsPerEpoch * opts.epochs);
     },
     onEpochEnd: (s: EpochStats) => {
       metrics?.setEvaluation("head", "train", { loss: s.loss, accuracy: s.accuracy });
       if (s.val_loss !== undefined) metrics?.setEvaluation("head", "val", { loss: s.val_loss, accuracy: s.val_accuracy });
-      log.info("epoch", { phase: "head", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN), lr: s.lr });
+      bars.epochEnd(s);
+      log[epochLevel]("epoch", { phase: "head", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN), lr: s.lr });
     },
   };
+  bars.begin();
   let head: HeadTrainingResult;
   // The head phase trains here, in this process, even with workers: on cached features it is the cheap
   // part (bench/head: 54k rows of 96-d features in 50 s); with --method augment the frozen base runs here too.
@@ -200,7 +204,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
       test: { loss: r.test.loss, accuracy: r.test.accuracy, samples: testY.length, confusion: confusionMatrix(testY, r.test.predictions, numClasses) },
     };
   } else head = await trainHead(features, headOptions);
-  progress.finish();
+  bars.finish();
   metrics?.setEvaluation("head", "test", { loss: head.test.loss, accuracy: head.test.accuracy });
   log.info("head trained", { test_accuracy: round(head.test.accuracy), test_loss: round(head.test.loss), val_accuracy: round(head.val_accuracy), seconds: round(head.seconds, 2) });
 
@@ -326,28 +330,31 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
   }
   const trainCount = data.kind === "activations" ? data.train.y.length : data.train.labels.length;
   const steps = Math.ceil(trainCount / opts.batchSize) * epochs;
-  const progress = new Progress({ label: "fine_tune", total: steps, unit: "step" });
+  const bars = new EpochBars({ label: "fine-tune", epochs, stepsPerEpoch: Math.ceil(trainCount / opts.batchSize), log });
+  const epochLevel = drawsBars() ? "debug" : "info";
   let step = 0;
   const fineTuneStep = stepMetrics(metrics, "fine_tune");
   const onBatchEnd = ({ epoch, batch, samples, loss }: { epoch: number; batch: number; samples: number; loss: number }): void => {
     fineTuneStep({ batch, samples });
     step++;
-    progress.tick(1, `epoch ${epoch + 1}/${epochs} loss ${loss.toFixed(4)}`);
+    bars.batch(epoch, loss);
     metrics?.setEpoch("fine_tune", epoch + 1, step);
     metrics?.progress("fine_tune", step, steps);
   };
   const onEpochEnd = (s: EpochStats): void => {
     metrics?.setEvaluation("fine_tune", "train", { loss: s.loss, accuracy: s.accuracy });
     if (s.val_loss !== undefined) metrics?.setEvaluation("fine_tune", "val", { loss: s.val_loss, accuracy: s.val_accuracy });
-    log.info("epoch", { phase: "fine_tune", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN), lr: s.lr });
+    bars.epochEnd(s);
+    log[epochLevel]("epoch", { phase: "fine_tune", epoch: s.epoch, loss: round(s.loss), accuracy: round(s.accuracy), val_loss: round(s.val_loss ?? NaN), val_accuracy: round(s.val_accuracy ?? NaN), lr: s.lr });
   };
   const dp = c.dataParallel && data.kind === "activations" ? await c.dataParallel() : undefined;
+  bars.begin();
   if (dp && opts.restoreBestWeights) log.info("data-parallel fine-tuning keeps its last epoch's weights (--restore-best-weights applies to the head phase and to fine-tuning in one process)");
   const result = dp && data.kind === "activations" ? await runDataParallelFineTune(split, c.head, data, {
     nc: dp.nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
     fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs,
     numClasses: c.dataset.classes.length, wireDtype: opts.wireDtype, workers: dp.workers, out: opts.out,
-    onBatchProgress: (s, total, epoch) => { metrics?.setEpoch("fine_tune", epoch + 1, s); metrics?.progress("fine_tune", s, total); },
+    onBatchProgress: (s, total, epoch) => { bars.moveTo(epoch, s, total); metrics?.setEpoch("fine_tune", epoch + 1, s); metrics?.progress("fine_tune", s, total); },
     onEpochEnd,
   }) : await fineTune(split, c.head, data, {
     epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses: c.dataset.classes.length,
@@ -355,7 +362,7 @@ async function runFineTuning(opts: JobOptions, c: FineTuningContext): Promise<{ 
     controls: c.controls, onBatchEnd, onEpochEnd,
   });
   frozenBottom?.dispose();
-  progress.finish();
+  bars.finish();
   metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
   log.info("fine-tuned", { test_accuracy: round(result.test.accuracy), test_loss: round(result.test.loss), val_accuracy: round(result.val_accuracy), val_loss_before: round(result.val_loss_before), seconds: round(result.seconds, 2) });
   return { result, info, top: split.top, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };

@@ -1,6 +1,7 @@
 /**
- * report.html of a run: loss and accuracy curves per phase (train and validation) and the test
- * confusion matrix, as inline SVG in one self-contained file (no scripts, no network).
+ * report.html of a run: a headline (accuracy per phase, data, skipped inputs, wall time, options),
+ * loss and accuracy curves per phase (train and validation) and the test confusion matrix, as
+ * inline SVG in one self-contained file (no scripts, no network).
  */
 import type { EpochStats } from "../core/train_loop.js";
 
@@ -61,6 +62,49 @@ function computeLine(summary: Record<string, unknown>): string {
   return `<p class="compute">Frozen forward passes: <b>${esc(engine)}</b>${e.fallback ? ` (onnx not used: ${esc(e.fallback)})` : ""}; training: <b>${esc(String(summary["backend"] ?? "?"))}</b>.</p>`;
 }
 
+/** What the headline reads from summary.json (coordinator/job.ts JobSummary); every field may be missing. */
+interface HeadlineSummary {
+  seconds?: number;
+  workers?: number;
+  data?: string;
+  classes?: string[];
+  samples?: { train: number; val: number; test: number };
+  extraction?: { images: number; seconds: number; images_per_second: number; cache_hit: boolean };
+  fine_tune?: { activation_cache?: { cache_hit: boolean; images: number; seconds: number } };
+  phases?: Record<string, { epochs: number; epochs_asked: number; best_epoch?: number; val_accuracy: number; test_accuracy: number; test_loss: number; seconds: number }>;
+  skipped_inputs?: { reason: string }[];
+  options?: Record<string, string | number | boolean>;
+}
+
+const pct = (x: number | undefined): string => (x === undefined || !Number.isFinite(x) ? "-" : `${(x * 100).toFixed(1)}%`);
+const secs = (x: number | undefined): string => (x === undefined || !Number.isFinite(x) ? "-" : `${x.toFixed(1)} s`);
+
+/**
+ * The top of the report: final accuracies per phase and which model was saved, data set counts and
+ * skipped inputs by reason, wall time per phase, and the options that shaped the run.
+ */
+function headline(raw: Record<string, unknown>): string {
+  const s = raw as HeadlineSummary;
+  const phases = Object.entries(s.phases ?? {});
+  const rows = phases.map(([name, p]) => `<tr><th>${esc(name === "fine_tune" ? "fine-tune" : name)}</th><td class="big">${pct(p.test_accuracy)}</td><td>${pct(p.val_accuracy)}</td><td>${Number.isFinite(p.test_loss) ? p.test_loss.toFixed(4) : "-"}</td><td>${p.epochs}/${p.epochs_asked}${p.best_epoch !== undefined ? ` (best ${p.best_epoch})` : ""}</td><td>${secs(p.seconds)}</td></tr>`).join("");
+  const saved = phases.some(([n]) => n === "fine_tune") ? "model/ is the fine-tuned classifier; model-head/ the head-only one" : "model/ is the head's classifier";
+  const x = s.extraction;
+  const extraction = x ? (x.cache_hit ? "features from the cache" : `${x.images} images extracted at ${x.images_per_second} img/s`) : "";
+  const skipped = s.skipped_inputs ?? [];
+  const byReason = Object.entries(skipped.reduce<Record<string, number>>((a, k) => ({ ...a, [k.reason]: (a[k.reason] ?? 0) + 1 }), {})).map(([k, n]) => `${esc(k)} ${n}`).join(", ");
+  const times = [["extraction", x?.seconds], ["activation cache", s.fine_tune?.activation_cache?.seconds], ...phases.map(([n, p]) => [n === "fine_tune" ? "fine-tune" : n, p.seconds] as const), ["whole run", s.seconds]]
+    .filter(([, v]) => v !== undefined).map(([n, v]) => `${esc(String(n))} ${secs(v as number)}`).join(" &middot; ");
+  const options = Object.entries(s.options ?? {}).map(([k, v]) => `<code>--${esc(k)} ${esc(String(v))}</code>`).join(" ");
+  const n = s.samples;
+  return `<section class="headline">
+<table class="acc"><tr><th>phase</th><th>test accuracy</th><th>val accuracy</th><th>test loss</th><th>epochs</th><th>time</th></tr>${rows}</table>
+<p>${esc(saved)}.</p>
+<p><b>Data</b> ${esc(String(s.data ?? "?"))}: ${s.classes?.length ?? "?"} classes, ${n ? `${n.train} train / ${n.val} val / ${n.test} test samples` : "?"}; ${esc(extraction)}; <b>${skipped.length} inputs skipped</b>${byReason ? ` (${byReason})` : ""}.</p>
+<p><b>Wall time</b> ${times}${s.workers !== undefined ? ` &middot; ${s.workers === 0 ? "no worker started" : `${s.workers} worker(s)`}` : ""}.</p>
+<p class="options"><b>Options</b> ${options}</p>
+</section>`;
+}
+
 export function renderReport(r: ReportInput): string {
   const colors = { train: "#1f77b4", val: "#ff7f0e" };
   const charts = r.phases.filter((p) => p.history.length > 0).map((p) => {
@@ -70,8 +114,10 @@ export function renderReport(r: ReportInput): string {
   return `<!doctype html><html><head><meta charset="utf-8"><title>ctrain report: ${esc(r.job)}</title>
 <style>body{font-family:system-ui,sans-serif;margin:24px;color:#222}.row{display:flex;gap:24px;flex-wrap:wrap}
 table.cm{border-collapse:collapse;font-size:12px}table.cm td,table.cm th{border:1px solid #ccc;padding:4px 6px;text-align:right}
-pre{background:#f6f6f6;padding:12px;overflow:auto;font-size:12px}</style></head><body>
-<h1>ctrain report: ${esc(r.job)}</h1>${computeLine(r.summary)}${charts}
+pre{background:#f6f6f6;padding:12px;overflow:auto;font-size:12px}
+table.acc{border-collapse:collapse;margin-bottom:8px}table.acc td,table.acc th{border-bottom:1px solid #ddd;padding:4px 12px;text-align:right}
+td.big{font-size:20px;font-weight:bold}.options code{white-space:nowrap;background:#f2f2f2;padding:1px 4px;margin-right:4px;font-size:12px;line-height:1.9}</style></head><body>
+<h1>ctrain report: ${esc(r.job)}</h1>${headline(r.summary)}${computeLine(r.summary)}${charts}
 <h2>Confusion matrix (test split, final model)</h2>${confusionTable(r.classes, r.confusion)}
 <h2>Summary</h2><pre>${esc(JSON.stringify(r.summary, null, 2))}</pre></body></html>\n`;
 }

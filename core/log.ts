@@ -7,6 +7,7 @@
  * The level comes from `CTRAIN_LOG_LEVEL` (`debug|info|warn|error`, default `info`) unless given.
  * Every line goes through {@link redactSecrets}: URL userinfo and registered secrets are masked.
  */
+import { writeAbove } from "./progress.js";
 
 /** Log levels, lowest first. */
 export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
@@ -146,7 +147,7 @@ function toHumanLine(ts: Date, level: LogLevel, msg: string, base: LogFields, fi
   const lvl = level.toUpperCase().padEnd(5);
   const who = base.worker !== undefined ? `${String(base.job)}/${String(base.worker)}` : String(base.job);
   const rest = Object.entries({ ...base, ...fields })
-    .filter(([k]) => k !== "job" && k !== "worker")
+    .filter(([k, v]) => k !== "job" && k !== "worker" && v !== undefined)
     .map(([k, v]) => `${k}=${humanValue(v)}`)
     .join(" ");
   const head = color ? `${LEVEL_COLOR[level]}${lvl}\x1b[0m` : lvl;
@@ -187,7 +188,8 @@ export function createLogger(options: LoggerOptions): Logger {
         line = toJsonLine({ ts: ts.toISOString(), level: lvl, msg, ...bound, log_error: String(err) }) + "\n";
       }
       // Secrets never reach the output, whatever field or error message carried them.
-      stream.write(redactSecrets(line));
+      // Above a live progress bar on a terminal (core/progress.ts owns the last line).
+      writeAbove(stream, redactSecrets(line));
     };
     return {
       level,

@@ -26,14 +26,17 @@ stamp=node_modules/.ctrain-lock-stamp
 lock_hash=$(sha256sum package-lock.json | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$lock_hash" ]; then
   echo "setup: npm ci --omit=optional"
-  npm ci --omit=optional --no-audit --no-fund
+  # --loglevel=error: nsfwjs (its weights are all we use) and kubernetes-models (tests only) declare
+  # Node 22 in "engines" and npm warns EBADENGINE on Node 20, which ctrain supports and is tested on
+  # (test/node_version.test.ts checks that no runtime dependency needs more). Errors still show.
+  npm ci --omit=optional --no-audit --no-fund --loglevel=error
   echo "$lock_hash" > "$stamp"
 fi
 
 # sharp ships libvips as per-platform optional packages, which --omit=optional leaves out; install
 # the one for this platform explicitly (without touching package.json or the lockfile).
 if ! node -e "require('sharp')" >/dev/null 2>&1; then
-  node scripts/sharp_platform.cjs | xargs npm install --no-save --omit=optional --no-audit --no-fund
+  node scripts/sharp_platform.cjs | xargs npm install --no-save --omit=optional --no-audit --no-fund --loglevel=error
   node -e "require('sharp')"
 fi
 

@@ -10,10 +10,10 @@
  * Prometheus operator models (@kubernetes-models/prometheus-operator is not installed); its shape is
  * checked by hand below.
  */
-import { test } from "node:test";
+import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { cpSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -35,6 +35,25 @@ import { LAUNCHER_RBAC_RULES, METRICS_PORT, dnsName } from "../coordinator/k8s_m
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const CLI = join(ROOT, "dist", "cli", "main.js");
 const K8S_DIR = join(ROOT, "deploy", "k8s");
+
+/**
+ * A copy of deploy/ with the nats-credentials.env a user creates (it is not shipped): the overlays
+ * are built from here. Returns deploy/k8s in the copy; `credentials: false` leaves the file out.
+ */
+function deployCopy(credentials = true): string {
+  const tmp = mkdtempSync(join(tmpdir(), "ctrain-kz-"));
+  copies.push(tmp);
+  cpSync(join(ROOT, "deploy"), join(tmp, "deploy"), { recursive: true });
+  const env = join(tmp, "deploy", "k8s", "base", "nats-credentials.env");
+  rmSync(env, { force: true });
+  if (credentials) writeFileSync(env, "NATS_USER=ctrain\nNATS_PASSWORD=test-only-password\n");
+  return join(tmp, "deploy", "k8s");
+}
+const copies: string[] = [];
+after(() => {
+  for (const d of copies) rmSync(d, { recursive: true, force: true });
+});
+const K8S_BUILD = deployCopy();
 
 type Obj = {
   apiVersion: string; kind: string;
@@ -144,7 +163,7 @@ function containers(o: Obj): any[] {
 /** `kustomize build dir`, for the features our kustomizations use; anything else fails the test. */
 function kustomize(dir: string): Obj[] {
   const k = parseYaml(readFileSync(join(dir, "kustomization.yaml"), "utf8"));
-  const known = new Set(["apiVersion", "kind", "namespace", "resources", "images", "patches", "configMapGenerator"]);
+  const known = new Set(["apiVersion", "kind", "namespace", "resources", "images", "patches", "configMapGenerator", "secretGenerator", "replacements"]);
   for (const key of Object.keys(k)) assert.ok(known.has(key), `${dir}: kustomization field ${key} is not emulated by this test`);
   let objs: Obj[] = [];
   for (const r of k.resources ?? []) {
@@ -156,6 +175,16 @@ function kustomize(dir: string): Obj[] {
     for (const f of g.files ?? []) data[basename(f)] = readFileSync(resolve(dir, f), "utf8");
     assert.equal(g.options?.disableNameSuffixHash, true, `${dir}: generated ConfigMaps keep stable names`);
     objs.push({ apiVersion: "v1", kind: "ConfigMap", metadata: { name: g.name, labels: g.options?.labels }, data });
+  }
+  for (const g of k.secretGenerator ?? []) {
+    const data: Record<string, string> = {};
+    for (const f of g.envs ?? [])
+      for (const line of readFileSync(resolve(dir, f), "utf8").split("\n")) {
+        const eq = line.indexOf("=");
+        if (eq > 0 && !line.startsWith("#")) data[line.slice(0, eq)] = Buffer.from(line.slice(eq + 1)).toString("base64");
+      }
+    assert.equal(g.options?.disableNameSuffixHash, true, `${dir}: generated Secrets keep stable names`);
+    objs.push({ apiVersion: "v1", kind: "Secret", metadata: { name: g.name, labels: g.options?.labels }, type: g.type, data });
   }
   for (const p of k.patches ?? []) {
     assert.ok(p.path && !p.target, `${dir}: only strategic-merge patches by path are emulated`);
@@ -172,8 +201,36 @@ function kustomize(dir: string): Obj[] {
         if (name === img.name) c.image = `${img.newName ?? name}:${img.newTag ?? tag}`;
       }
   }
+  for (const r of k.replacements ?? []) replace(objs, r, dir);
   if (k.namespace) objs = objs.map((o) => ({ ...o, metadata: { ...o.metadata, namespace: k.namespace } }));
   return objs;
+}
+
+/** A kustomize field path (`a.b.[name=x].c`) into `o`: the parent object and the last key, or undefined. */
+function fieldRef(o: any, path: string): { parent: any; key: string } | undefined {
+  const parts = path.split(".");
+  let cur = o;
+  for (const [i, p] of parts.entries()) {
+    const sel = /^\[(\w+)=(.+)\]$/.exec(p);
+    if (i === parts.length - 1) return sel || cur == null ? undefined : { parent: cur, key: p };
+    cur = sel ? (cur as any[] | undefined)?.find((x) => String(x?.[sel[1]]) === sel[2]) : cur?.[p];
+  }
+  return undefined;
+}
+
+/** kustomize `replacements`, for a source and targets selected by kind and name. */
+function replace(objs: Obj[], r: any, dir: string): void {
+  const pick = (sel: { kind: string; name: string }): Obj[] => objs.filter((o) => o.kind === sel.kind && o.metadata.name === sel.name);
+  const [src] = pick(r.source);
+  const from = src && fieldRef(src, r.source.fieldPath);
+  assert.ok(from && from.parent[from.key] !== undefined, `${dir}: replacement source ${r.source.kind}/${r.source.name} ${r.source.fieldPath} not found`);
+  for (const t of r.targets)
+    for (const o of pick(t.select))
+      for (const f of t.fieldPaths) {
+        const to = fieldRef(o, f);
+        assert.ok(to, `${dir}: replacement target ${f} not found`);
+        to.parent[to.key] = from.parent[from.key];
+      }
 }
 
 /** `kubectl kustomize dir` (the kustomize built into kubectl) when kubectl is installed; undefined otherwise. */
@@ -399,13 +456,13 @@ test("k8s - every shipped YAML document under deploy/k8s parses, and complete ob
     if (basename(f) === "kustomization.yaml" || f.includes(`${join("k8s", "overlays")}`)) continue; // patches are partial
     for (const d of docs) { validate(d, f); validated++; }
   }
-  assert.ok(validated >= 13, `validated ${validated} base objects`);
+  assert.ok(validated >= 12, `validated ${validated} base objects`); // the Secret is generated (secretGenerator), not a file
 });
 
 for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
   test(`k8s - overlay ${overlay} builds (kustomize emulated), validates and keeps every invariant`, () => {
     {
-      const objs = kustomize(join(K8S_DIR, "overlays", overlay));
+      const objs = kustomize(join(K8S_BUILD, "overlays", overlay));
       for (const o of objs) assert.equal(o.metadata.namespace, "ctrain");
       checkInvariants(objs, `overlay ${overlay}`, { gpus });
       const dash = objs.find((o) => o.kind === "ConfigMap" && o.metadata.name === "ctrain-grafana-dashboard");
@@ -424,7 +481,7 @@ for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
   });
 
   test(`k8s - overlay ${overlay} builds with the real kustomize (kubectl kustomize, default load restrictor) into what the emulation builds`, (t) => {
-    const dir = join(K8S_DIR, "overlays", overlay);
+    const dir = join(K8S_BUILD, "overlays", overlay);
     const real = realKustomize(dir);
     if (!real) return t.skip("kubectl is not installed: the emulated build above is the check");
     const key = (o: Obj): string => `${o.kind}/${o.metadata.namespace}/${o.metadata.name}`;
@@ -446,6 +503,37 @@ for (const [overlay, gpus] of [["gpu", 1], ["cpu", 0], ["dev", 0]] as const) {
   });
 }
 
+test("k8s - renaming the image in an overlay (images: newName/newTag) renames CTRAIN_IMAGE too", () => {
+  const k8s = deployCopy();
+  {
+    for (const overlay of ["gpu", "cpu", "dev"]) {
+      const dir = join(k8s, "overlays", overlay);
+      const file = join(dir, "kustomization.yaml");
+      writeFileSync(file, readFileSync(file, "utf8").replace(/newName: ctrain\n\s+newTag: \S+/, "newName: registry.example/ml/ctrain\n    newTag: \"7.1\""));
+      for (const [how, objs] of [["emulated", kustomize(dir)], ["kubectl kustomize", realKustomize(dir)]] as const) {
+        if (!objs) continue;
+        const c = objs.find((o) => o.kind === "Job")!.spec.template.spec.containers[0];
+        assert.equal(c.image, "registry.example/ml/ctrain:7.1", `${overlay} (${how})`);
+        assert.equal(c.env.find((e: { name: string }) => e.name === "CTRAIN_IMAGE").value, c.image, `${overlay} (${how}): the launcher starts workers from the renamed image`);
+      }
+    }
+  }
+});
+
+test("k8s - no password ships: the overlays refuse to build without nats-credentials.env", () => {
+  const k8s = deployCopy(false);
+  for (const overlay of ["gpu", "cpu", "dev"]) {
+    const dir = join(k8s, "overlays", overlay);
+    assert.throws(() => kustomize(dir), /nats-credentials\.env/, `${overlay} (emulated)`);
+    const r = spawnSync("kubectl", ["kustomize", dir], { encoding: "utf8" });
+    if (r.error) continue; // no kubectl: the emulation is the check
+    assert.notEqual(r.status, 0, `${overlay}: kubectl kustomize built without credentials`);
+    assert.match(r.stderr, /nats-credentials\.env/);
+  }
+  const shipped = readdirSync(join(K8S_DIR, "base")).flatMap((f) => (/\.ya?ml$/.test(f) ? parseDocs(readFileSync(join(K8S_DIR, "base", f), "utf8"), f) : []));
+  assert.deepEqual(shipped.filter((o) => o.kind === "Secret").map((o) => o.metadata.name), [], "no Secret with a password in the base");
+});
+
 test("k8s - the schema check rejects a malformed object", () => {
   const [sts] = renderOk([...JOB, "--image", "x", "--no-dashboard"]).filter((o) => o.kind === "StatefulSet" && o.metadata.name !== "nats");
   const bad = structuredClone(sts);
@@ -457,7 +545,8 @@ test("k8s - the schema check rejects a malformed object", () => {
 });
 
 test("k8s - the kustomize base holds the same objects as ctrain k8s render", () => {
-  const rendered = renderOk(["--job", "ctrain", "--workers", "2", "--nats", "nats://nats:4222", "--image", "ctrain", "--namespace", "ctrain", "--no-dashboard"]);
+  const all = renderOk(["--job", "ctrain", "--workers", "2", "--nats", "nats://nats:4222", "--image", "ctrain", "--namespace", "ctrain", "--no-dashboard"]);
+  const rendered = all.filter((o) => o.kind !== "Secret");
   const base = parseYaml(readFileSync(join(K8S_DIR, "base", "kustomization.yaml"), "utf8"));
   const files = (base.resources as string[]).filter((f) => f.endsWith(".yaml")); // ../../grafana: the dashboard kustomization
   const shipped = files.flatMap((f) => parseDocs(readFileSync(join(K8S_DIR, "base", f), "utf8"), f));
@@ -470,6 +559,12 @@ test("k8s - the kustomize base holds the same objects as ctrain k8s render", () 
   const key = (o: Obj): string => `${o.kind}/${o.metadata.name}`;
   assert.deepEqual(shipped.map(key).sort(), rendered.map(key).sort());
   for (const r of rendered) assert.deepEqual(strip(shipped.find((s) => key(s) === key(r))!), strip(r), `${key(r)} drifted from the renderer`);
-  const secret = shipped.find((o) => o.kind === "Secret")!;
-  assert.equal(secret.stringData.NATS_PASSWORD, "CHANGE-ME", "the shipped Secret is a template with a placeholder");
+  // The Secret comes from the base's secretGenerator: same name, labels, type and keys as rendered.
+  const secret = all.find((o) => o.kind === "Secret")!;
+  const [gen] = base.secretGenerator as { name: string; type: string; options: { labels: Record<string, string> } }[];
+  assert.equal(gen.name, secret.metadata.name);
+  assert.equal(gen.type, secret.type);
+  assert.deepEqual(gen.options.labels, secret.metadata.labels);
+  const built = kustomize(join(K8S_BUILD, "base")).find((o) => o.kind === "Secret")!;
+  assert.deepEqual(Object.keys(built.data).sort(), Object.keys(secret.stringData).sort());
 });

@@ -3,6 +3,7 @@
  * overlaps with the forward pass of the previous batch. A sample that cannot be decoded is skipped
  * and reported; any other error fails the whole shard so that it is retried (possibly elsewhere).
  */
+import { totalmem } from "node:os";
 import type { Dataset, SampleRef, SkippedInput } from "../core/datasets/types.js";
 import { BadInputError } from "../core/errors.js";
 import type { FeatureExtractor } from "../core/feature_model.js";
@@ -87,8 +88,17 @@ export function shardMemoryBytes(samples: number, featureDim: number, inputSize:
 }
 
 /**
- * Memory a worker may spend on one shard: CTRAIN_WORKER_MEMORY_BYTES, else half of the machine's
- * memory. A shard above it is refused with a clear error instead of taking the machine down.
+ * The memory this process may use: the machine's, or less under a cgroup limit (a pod's
+ * `resources.limits.memory`, `docker run --memory`). Node reports "no limit" as undefined, 0 or 2^64.
+ */
+export function memoryLimit(total: number = totalmem(), constrained: number | undefined = process.constrainedMemory?.()): number {
+  return constrained !== undefined && constrained > 0 && constrained < total ? constrained : total;
+}
+
+/**
+ * Memory a worker may spend on one shard: CTRAIN_WORKER_MEMORY_BYTES, else half of
+ * {@link memoryLimit} (so a pod's limit, not its node's memory). A shard above it is refused with a
+ * clear error instead of the kernel killing the worker.
  */
 export function shardMemoryBudget(env: NodeJS.ProcessEnv, totalMemory: number): number {
   const v = env.CTRAIN_WORKER_MEMORY_BYTES;

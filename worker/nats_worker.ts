@@ -24,8 +24,7 @@ import type { CtrainMetrics } from "../core/metrics.js";
 import { float32ToBytes } from "../core/tensor_codec.js";
 import { decode, DecodeError, encode, makeHeader, type Backend, type JobSpec, type ShardTask, type Split as WireSplit, type WorkerState } from "../proto/codec.js";
 import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
-import { totalmem } from "node:os";
-import { extractShard, shardMemoryBudget, shardMemoryBytes } from "./extraction_executor.js";
+import { extractShard, memoryLimit, shardMemoryBudget, shardMemoryBytes } from "./extraction_executor.js";
 import { ExtractorCache } from "./extractor_cache.js";
 import { defaultThreads, type EngineInfo } from "../core/models/inference_engine.js";
 import { TRAINING_KEYS } from "../core/training_wire.js";
@@ -399,7 +398,7 @@ export class NatsWorker implements AsyncDisposable {
       }
       working();
       const need = shardMemoryBytes(task.ids.length, extractor.featureDim, extractor.inputSize, this.o.batchSize ?? 32);
-      const budget = shardMemoryBudget(process.env, totalmem());
+      const budget = shardMemoryBudget(process.env, memoryLimit());
       if (need > budget)
         throw new TerminalError(
           `shard ${wire} needs about ${Math.ceil(need / 2 ** 20)} MiB (${task.ids.length} samples x ${extractor.featureDim} features) but this worker may use ${Math.floor(budget / 2 ** 20)} MiB per shard: ` +
