@@ -7,6 +7,7 @@ import { createRequire } from "node:module";
 import { inspect } from "node:util";
 import { isUserError } from "../core/errors.js";
 import { redactSecrets } from "../core/log.js";
+import { endLiveLines } from "../core/progress.js";
 
 type Command = { summary: string; load: () => Promise<{ main(argv: string[]): Promise<number> }> };
 
@@ -51,6 +52,7 @@ async function main(argv: string[]): Promise<number> {
 main(process.argv.slice(2)).then(
   (code) => { process.exitCode = code; },
   (err: unknown) => {
+    endLiveLines();
     if (isUserError(err)) {
       console.error(redactSecrets(`ctrain: ${err.name}: ${err.message}`));
       process.exitCode = 2;

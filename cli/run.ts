@@ -21,8 +21,7 @@ import { fileURLToPath } from "node:url";
 import { Registry } from "prom-client";
 import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
 import { ServiceLostError } from "../core/errors.js";
-import { createLogger, parseLogLevel, redactSecrets, type Logger } from "../core/log.js";
-import { writeAbove } from "../core/progress.js";
+import { createLogger, parseLogLevel, type Logger } from "../core/log.js";
 import { createMetrics, serveMetrics, writeScrapeTargets, type ScrapeTarget } from "../core/metrics.js";
 import { connectNats, NATS_AUTH_FLAGS, natsAuthEnv, natsAuthFrom, splitUrlCredentials, type NatsAuth } from "../core/nats_connect.js";
 import type { NatsConnection } from "nats";
@@ -88,13 +87,11 @@ async function answers(port: number, proc: ChildProcess, timeoutMs: number): Pro
   return false;
 }
 
-/** Starts the embedded NATS (unless opts.nats) and N worker processes. */
 /**
- * One line a worker process wrote, printed by this process so that lines stay whole and above the
- * progress bars. On a terminal only its warnings and errors are shown unless --verbose; in JSON mode
- * every line passes as the worker wrote it (a line that is not a log event is wrapped in one).
+ * On a terminal, one line a worker process wrote (JSON), printed by this process as a log line above
+ * the progress bars; a line that is not a log event (a crash trace) is wrapped in a warning.
  */
-function routeWorkerLine(log: Logger, o: { human: boolean; verbose: boolean }, worker: string, line: string): void {
+function routeWorkerLine(log: Logger, worker: string, line: string): void {
   if (line.trim() === "") return;
   let event: Record<string, unknown> | undefined;
   try {
@@ -104,13 +101,12 @@ function routeWorkerLine(log: Logger, o: { human: boolean; verbose: boolean }, w
     // not a log event: a crash trace, a library's own print
   }
   if (!event) return log.warn("worker output", { worker, line });
-  if (!o.human) return writeAbove(process.stderr, `${redactSecrets(line)}\n`);
   const level = parseLogLevel(String(event.level)) ?? "info";
-  if (!o.verbose && (level === "debug" || level === "info")) return;
   const { ts: _ts, level: _level, msg, job: _job, ...fields } = event;
   log[level](String(msg), fields);
 }
 
+/** Starts the embedded NATS (unless opts.nats) and N worker processes (their output through routeWorkerLine on a terminal). */
 async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, onAllExited: () => void, onNatsLost: (e: Error) => void, verbose = false): Promise<LocalCluster & { url: string; auth: NatsAuth }> {
   let nats: EmbeddedNats | undefined;
   let url = opts.nats;
@@ -133,17 +129,20 @@ async function startLocalCluster(opts: JobOptions, auth: NatsAuth, log: Logger, 
     url = split.servers;
     if (Object.keys(auth).length === 0) auth = split.auth;
   }
-  const human = opts.logFormat === "human" || (opts.logFormat === "auto" && process.stderr.isTTY === true);
-  const routing = { human, verbose };
+  // On a terminal the workers' lines come through this process (whole, above the bars), warnings and
+  // errors only unless --verbose: few lines, so a busy coordinator never leaves a worker blocked on a
+  // full pipe. Otherwise each worker writes its JSON lines to the same stderr itself, every level.
+  const routed = opts.logFormat === "human" || (opts.logFormat === "auto" && process.stderr.isTTY === true);
   // Inherited CTRAIN_NATS_* must not mix with the credentials given below.
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("CTRAIN_NATS_")));
   const workers: LocalCluster["workers"] = [];
   for (const id of ids) {
     const metricsPort = opts.metricsPort >= 0 ? await freePort() : -1;
-    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--threads", String(threadsFor(opts.threads, opts.workers)), "--engine-provider", opts.engineProvider, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", "json"];
+    const args = [CLI, "worker", "--nats", url, "--job", opts.job, "--worker-id", id, "--backend", opts.backend, "--threads", String(threadsFor(opts.threads, opts.workers)), "--engine-provider", opts.engineProvider, "--metrics-port", String(metricsPort), "--metrics-host", "127.0.0.1", "--log-format", routed ? "json" : opts.logFormat];
     // Credentials go through the environment: argv is visible to every user of the machine.
-    const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...env, ...natsAuthEnv(nats?.credentials.workers.get(id) ?? auth) } });
-    for (const out of [proc.stdout, proc.stderr]) createInterface({ input: out!, crlfDelay: Infinity }).on("line", (line) => routeWorkerLine(log, routing, id, line));
+    const level = routed && !verbose ? { CTRAIN_LOG_LEVEL: "warn" } : {};
+    const proc = spawn(process.execPath, args, { stdio: ["ignore", routed ? "pipe" : "inherit", routed ? "pipe" : "inherit"], env: { ...env, ...level, ...natsAuthEnv(nats?.credentials.workers.get(id) ?? auth) } });
+    if (routed) for (const out of [proc.stdout, proc.stderr]) createInterface({ input: out!, crlfDelay: Infinity }).on("line", (line) => routeWorkerLine(log, id, line));
     proc.on("exit", (code, signal) => {
       if (stopping) return;
       log.warn("worker process exited", { worker: id, code, signal });

@@ -114,8 +114,9 @@ export interface JobOptions {
   engine: EngineName;
   /**
    * `int8`: the onnx engine runs the graph quantized to int8 (calibrated on the first 64 training
-   * images). bench/results/int8.json, on a VNNI CPU: 1.8-2.9x the fp32 forward rate, head test
-   * accuracy on Fashion-MNIST 0.03 point below fp32 (within the seed-to-seed spread). Default `fp32`.
+   * images). bench/results/int8*.json, on a VNNI CPU: 1.8-2.9x the fp32 forward rate; head test
+   * accuracy on Fashion-MNIST 0.03 point below fp32 with block_12_add features, 0.39 below with
+   * out_relu. Default `fp32`.
    */
   enginePrecision: EnginePrecision;
   /** onnxruntime intra-op threads per worker process; 0 = the cores divided by the local worker processes. Default 0. */

@@ -46,6 +46,12 @@ export function writeAbove(stream: TermStream, text: string): void {
   else stream.write(`\r\x1b[K${text}${bar}`);
 }
 
+/** Ends every live bar's line where it stands (before an error is printed): later output starts on a line of its own. */
+export function endLiveLines(): void {
+  for (const stream of live.keys()) stream.write("\n");
+  live.clear();
+}
+
 function clock(seconds: number): string {
   if (!Number.isFinite(seconds)) return "--:--";
   const s = Math.round(seconds);
