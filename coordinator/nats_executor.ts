@@ -377,6 +377,9 @@ export class NatsShardExecutor implements ShardExecutor {
     } finally {
       for (const t of timers) clearInterval(t);
       this.o.signal?.removeEventListener("abort", onAbort);
+      // A last look at the registry: a worker that joined and finished its shards between two polls
+      // (seconds, with onnxruntime) is still logged and counted as having taken part.
+      await registry.poll();
       registry.stop();
       for (const s of subs) s.unsubscribe();
     }

@@ -52,7 +52,8 @@ async function runWatching(job: string, args: string[]): Promise<{ r: CliResult;
 const JOB = ["--data", "fashion-mnist", "--limit", "300", "--input-size", "64", "--feature-layer", "block_12_add", "--workers", "2"];
 
 test("prometheus as shipped - the targets page lists every process of a run, then drops them", { timeout: 240_000 }, async () => {
-  const { r, seen, others } = await runWatching("shipped-1", [...JOB, "--epochs", "30"]);
+  // Enough head epochs that the run outlives file_sd's 5 s refresh even when extraction takes seconds (onnxruntime).
+  const { r, seen, others } = await runWatching("shipped-1", [...JOB, "--epochs", "400"]);
   assert.equal(r.code, 0, r.stderr.slice(-3000));
   assert.deepEqual([...seen].sort(), ["coordinator", "shipped-1-w0", "shipped-1-w1"], `targets seen: ${[...seen].join(", ")}`);
   assert.deepEqual([...others], [], "no target but the run's (the static example would be down forever)");
