@@ -19,31 +19,13 @@ import { layersModelToOnnx, type OnnxExport } from "../core/models/onnx/export.j
 import { DataType, decodeModel, encodeModel, tensorValues } from "../core/models/onnx/schema.js";
 import { Rng } from "../core/rng.js";
 
+import { randomizeWeights } from "./helpers/random_weights.js";
+
 const L = tf.layers;
 
 before(async () => {
   await selectBackend("wasm");
 });
-
-/** Seeded weights for every layer: kernels scaled by fan-in, BatchNorm statistics far from 0/1. */
-function randomize(model: tf.LayersModel, seed: number): void {
-  const rng = new Rng(seed);
-  const uniform = (n: number, lo: number, hi: number): Float32Array => Float32Array.from({ length: n }, () => lo + (hi - lo) * rng.next());
-  for (const layer of model.layers) {
-    const values = layer.weights.map((w) => {
-      const shape = w.shape as number[];
-      const n = shape.reduce((a, b) => a * b, 1);
-      const name = w.originalName;
-      if (/variance|gamma/.test(name)) return tf.tensor(uniform(n, 0.5, 1.5), shape);
-      if (/bias|beta|moving_mean|alpha/.test(name)) return tf.tensor(uniform(n, -0.5, 0.5), shape);
-      const fanIn = shape.length > 1 ? n / shape[shape.length - 1] : 1;
-      const a = Math.sqrt(3 / fanIn);
-      return tf.tensor(uniform(n, -a, a), shape);
-    });
-    if (values.length) layer.setWeights(values);
-    values.forEach((v) => v.dispose());
-  }
-}
 
 function pixels(n: number, shape: number[], seed: number, fractional = false): Float32Array {
   const rng = new Rng(seed);
@@ -179,7 +161,7 @@ function shapeNet(): tf.LayersModel {
 describe("onnx export - synthetic models", () => {
   test("onnx export - convs, BatchNorm, padding, pools, merges and Dense match tfjs", async () => {
     const model = convNet();
-    randomize(model, 1);
+    randomizeWeights(model, 1);
     const ex = await parity(model, "conv_net");
     assert.deepEqual(ex.inputShape, [17, 17, 3]);
     assert.deepEqual(ex.outputShape, [5]);
@@ -187,7 +169,7 @@ describe("onnx export - synthetic models", () => {
 
   test("onnx export - BatchNorm folds only into a linear conv or dense whose output nothing else reads", () => {
     const model = convNet();
-    randomize(model, 2);
+    randomizeWeights(model, 2);
     const graph = decodeModel(layersModelToOnnx(model, { preprocessing: "none" }).bytes).graph;
     const names = graph.node.map((n) => n.name ?? "");
     for (const folded of ["bn_folded", "bn_dw", "bn_after_dense"]) assert.ok(!names.some((n) => n.startsWith(folded)), `${folded} is folded away`);
@@ -199,21 +181,21 @@ describe("onnx export - synthetic models", () => {
 
   test("onnx export - every activation, activation layer and softmax axis matches tfjs", async () => {
     const model = activationNet();
-    randomize(model, 3);
+    randomizeWeights(model, 3);
     const ex = await parity(model, "activation_net");
     assert.deepEqual(ex.outputShape, [10, 10, 6 * ACTIVATIONS.length + 3 + 6 * 8]);
   });
 
   test("onnx export - Flatten, Reshape, Permute, Cropping and a 4-d output keep Keras' channels-last order", async () => {
     const model = shapeNet();
-    randomize(model, 4);
+    randomizeWeights(model, 4);
     const ex = await parity(model, "shape_net", { n: 2 });
     assert.deepEqual(ex.outputShape, [2, 3, 4]);
   });
 
   test("onnx export - every preprocessing mode, with uint8 and float32 input", async () => {
     const model = convNet();
-    randomize(model, 5);
+    randomizeWeights(model, 5);
     for (const preprocessing of ["tf", "caffe", "torch", "unit", "none"])
       for (const inputDtype of ["uint8", "float32"] as const) await parity(model, "conv_net", { preprocessing, inputDtype, n: 2, seed: 11 });
     assert.throws(() => layersModelToOnnx(model, { preprocessing: "imagenet" }), (e: unknown) => e instanceof ConfigError && /imagenet/.test(e.message));
@@ -230,7 +212,7 @@ describe("onnx export - synthetic models", () => {
         L.dense({ units: 6, activation: "sigmoid" }),
       ],
     });
-    randomize(seq, 6);
+    randomizeWeights(seq, 6);
     await parity(seq, "sequential");
 
     const baseIn = tf.input({ shape: [15, 15, 3] });
@@ -238,8 +220,8 @@ describe("onnx export - synthetic models", () => {
     const head = tf.sequential({ layers: [L.globalAveragePooling2d({ inputShape: [13, 13, 5] }), L.dense({ units: 4, activation: "softmax" })], name: "head" });
     const inp = tf.input({ shape: [15, 15, 3] });
     const full = tf.model({ inputs: inp, outputs: head.apply(base.apply(inp)) as tf.SymbolicTensor, name: "base_head" });
-    randomize(base, 7);
-    randomize(head, 8);
+    randomizeWeights(base, 7);
+    randomizeWeights(head, 8);
     assert.equal(full.layers.filter((l) => l instanceof tf.LayersModel).length, 2, "base and head are nested models");
     await parity(full, "base_head", { preprocessing: "unit" });
   });
@@ -268,7 +250,7 @@ describe("onnx export - refusals and the file format", () => {
 
   test("onnx export - the model reads back through decodeModel and runs again after re-encoding", async () => {
     const model = convNet();
-    randomize(model, 9);
+    randomizeWeights(model, 9);
     const ex = layersModelToOnnx(model, { preprocessing: "tf" });
     const m = decodeModel(ex.bytes);
     assert.equal(m.irVersion, 8);

@@ -28,6 +28,8 @@ import { DataType, decodeModel, encodeModel } from "../core/models/onnx/schema.j
 import { Rng } from "../core/rng.js";
 import { runCli } from "./helpers/cli.js";
 
+import { randomizeWeights } from "./helpers/random_weights.js";
+
 const L = tf.layers;
 const fmnistSkip = existsSync(FASHION_MNIST_DIR) ? false : `${FASHION_MNIST_DIR} missing (apt-get install dataset-fashion-mnist)`;
 
@@ -35,23 +37,6 @@ before(async () => {
   await selectBackend("wasm");
 });
 
-/** Seeded weights: kernels scaled by fan-in, BatchNorm statistics away from 0/1. */
-function randomize(model: tf.LayersModel, seed: number): void {
-  const rng = new Rng(seed);
-  const uniform = (n: number, lo: number, hi: number): Float32Array => Float32Array.from({ length: n }, () => lo + (hi - lo) * rng.next());
-  for (const layer of model.layers) {
-    const values = layer.weights.map((w) => {
-      const shape = w.shape as number[];
-      const n = shape.reduce((a, b) => a * b, 1);
-      if (/variance|gamma/.test(w.originalName)) return tf.tensor(uniform(n, 0.5, 1.5), shape);
-      if (/bias|beta|moving_mean/.test(w.originalName)) return tf.tensor(uniform(n, -0.3, 0.3), shape);
-      const a = Math.sqrt(6 / (shape.length > 1 ? n / shape[shape.length - 1] : 1));
-      return tf.tensor(uniform(n, -a, a), shape);
-    });
-    if (values.length) layer.setWeights(values);
-    values.forEach((v) => v.dispose());
-  }
-}
 
 function smallNet(): tf.LayersModel {
   const ap = (l: tf.layers.Layer, x: tf.SymbolicTensor | tf.SymbolicTensor[]): tf.SymbolicTensor => l.apply(x) as tf.SymbolicTensor;
@@ -65,7 +50,7 @@ function smallNet(): tf.LayersModel {
   const pooled = ap(L.globalAveragePooling2d({ name: "gap" }), ap(L.maxPooling2d({ poolSize: 2, name: "maxpool" }), conv));
   const out = ap(L.dense({ units: 6, name: "logits" }), ap(L.dense({ units: 12, activation: "relu", name: "hidden" }), pooled));
   const model = tf.model({ inputs: inp, outputs: out, name: "small_net" });
-  randomize(model, 11);
+  randomizeWeights(model, 11, { kernelGain: 6, biasRange: 0.3 });
   return model;
 }
 
