@@ -23,7 +23,7 @@ import { mkdir, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, freemem } from "node:os";
 import { fileURLToPath } from "node:url";
 import { connect } from "nats";
-import type { WireDtype } from "../core/tensor_codec.js";
+import type { WireDtype } from "../proto/tensor_codec.js";
 import { GradientAverager, type AllreduceStats } from "../worker/gradient_averaging.js";
 import { startNatsServer } from "../test/helpers/nats_server.js";
 

@@ -23,11 +23,11 @@ import { availableParallelism, cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { selectBackend } from "../core/backend.js";
-import type { BackendName, EngineName } from "../core/config.js";
+import { selectBackend } from "../core/models/backend.js";
+import type { BackendName, EngineName } from "../core/runtime/config.js";
 import { openDataset } from "../core/datasets/open.js";
-import { buildFeatureExtractor } from "../core/feature_model.js";
-import { loadPretrained } from "../core/model_zoo.js";
+import { buildFeatureExtractor } from "../core/models/feature_model.js";
+import { loadPretrained } from "../core/models/model_zoo.js";
 import { extractShard } from "../worker/extraction_executor.js";
 
 /** MobileNetV2 multiply-adds per image at 224 px (Sandler et al.: 300M); a conv's cost scales with the pixel count. */

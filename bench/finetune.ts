@@ -1,6 +1,6 @@
 /**
  * bench/finetune: why the trainable part of fine-tuning runs on wasm with ctrain's training kernels
- * (core/wasm_kernels.ts) rather than on the cpu backend, and what fine-tuning buys.
+ * (core/models/wasm_kernels.ts) rather than on the cpu backend, and what fine-tuning buys.
  *
  * 1. Throughput of one training step (forward + backward + Adam update) of "top + head" on cached
  *    activations, batch 32, input 96, for each backend available here: wasm + ctrain kernels, cpu.
@@ -19,11 +19,11 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as tf from "@tensorflow/tfjs";
 import "@tensorflow/tfjs-backend-wasm";
-import { buildHead } from "../core/head.js";
-import { buildSplit, fineTuneModel } from "../core/model_split.js";
-import { loadPretrained, type PretrainedSource } from "../core/model_zoo.js";
-import { computeGradients } from "../core/train_loop.js";
-import { registerWasmTrainingKernels } from "../core/wasm_kernels.js";
+import { buildHead } from "../core/models/head.js";
+import { buildSplit, fineTuneModel } from "../core/models/model_split.js";
+import { loadPretrained, type PretrainedSource } from "../core/models/model_zoo.js";
+import { computeGradients } from "../core/training/train_loop.js";
+import { registerWasmTrainingKernels } from "../core/models/wasm_kernels.js";
 
 function arg(name: string, def: string): string {
   const i = process.argv.indexOf(`--${name}`);

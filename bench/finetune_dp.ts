@@ -16,7 +16,7 @@ import { availableParallelism, cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { startEmbeddedNats } from "../coordinator/embedded_nats.js";
-import { natsAuthEnv } from "../core/nats_connect.js";
+import { natsAuthEnv } from "../core/runtime/nats_connect.js";
 
 const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 const arg = (name: string, def: string): string => {

@@ -23,11 +23,11 @@ import { availableParallelism, cpus, loadavg } from "node:os";
 import { dirname } from "node:path";
 import ort from "onnxruntime-node";
 import { trainHead } from "../coordinator/head_training.js";
-import { selectBackend } from "../core/backend.js";
+import { selectBackend } from "../core/models/backend.js";
 import { openDataset, type Dataset, type SampleRef } from "../core/datasets/open.js";
-import { buildFeatureExtractor } from "../core/feature_model.js";
-import type { FeatureSet } from "../core/feature_store.js";
-import { loadPretrained, type PretrainedSource } from "../core/model_zoo.js";
+import { buildFeatureExtractor } from "../core/models/feature_model.js";
+import type { FeatureSet } from "../core/datasets/feature_store.js";
+import { loadPretrained, type PretrainedSource } from "../core/models/model_zoo.js";
 import { layersModelToOnnx, type OnnxExport } from "../core/models/onnx/export.js";
 import { quantizeGraph, type QuantizedGraph } from "../core/models/onnx/quantize.js";
 

@@ -6,12 +6,12 @@
  */
 import { join } from "node:path";
 import { Registry } from "prom-client";
-import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/config.js";
-import { ConfigError } from "../core/errors.js";
-import { DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../core/extraction_wire.js";
-import { createLogger, type Logger } from "../core/log.js";
-import { createMetrics, serveMetrics, type CtrainMetrics } from "../core/metrics.js";
-import { connectNats, NATS_AUTH_FLAGS, natsAuthFrom, type NatsAuth } from "../core/nats_connect.js";
+import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/runtime/config.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import { DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../proto/extraction_wire.js";
+import { createLogger, type Logger } from "../core/runtime/log.js";
+import { createMetrics, serveMetrics, type CtrainMetrics } from "../core/runtime/metrics.js";
+import { connectNats, NATS_AUTH_FLAGS, natsAuthFrom, type NatsAuth } from "../core/runtime/nats_connect.js";
 import { runJob, type JobSummary } from "../coordinator/job.js";
 import { natsExecutorFactory } from "../coordinator/nats_executor.js";
 import { launchWorkers } from "../coordinator/launch_workers.js";

@@ -6,12 +6,12 @@
  */
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { selectBackend } from "../core/backend.js";
-import { optionsHelp, parseArgs, resolveOptions } from "../core/config.js";
-import { ConfigError } from "../core/errors.js";
-import { buildFeatureExtractor, loadModelSource, resolveSourceChoices } from "../core/feature_model.js";
-import type { ClassifierMetadata } from "../core/head.js";
-import { loadModel } from "../core/model_io.js";
+import { selectBackend } from "../core/models/backend.js";
+import { optionsHelp, parseArgs, resolveOptions } from "../core/runtime/config.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import { buildFeatureExtractor, loadModelSource, resolveSourceChoices } from "../core/models/feature_model.js";
+import type { ClassifierMetadata } from "../core/models/head.js";
+import { loadModel } from "../core/models/model_io.js";
 import { layersModelToOnnx } from "../core/models/onnx/export.js";
 import { existsSync } from "node:fs";
 

@@ -6,8 +6,8 @@
 import { existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { loadOptions, optionsHelp, parseArgs } from "../core/config.js";
-import { ConfigError } from "../core/errors.js";
+import { loadOptions, optionsHelp, parseArgs } from "../core/runtime/config.js";
+import { ConfigError } from "../core/runtime/errors.js";
 import { buildManifests, toYaml, type RenderOptions } from "../coordinator/k8s_manifests.js";
 
 const RENDER_FLAGS = ["image", "gpus-per-worker", "namespace", "data-claim", "nats-image", "nats-storage", "cache-size", "dashboard"] as const;

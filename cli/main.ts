@@ -5,9 +5,9 @@
  */
 import { createRequire } from "node:module";
 import { inspect } from "node:util";
-import { isUserError } from "../core/errors.js";
-import { redactSecrets } from "../core/log.js";
-import { endLiveLines } from "../core/progress.js";
+import { isUserError } from "../core/runtime/errors.js";
+import { redactSecrets } from "../core/runtime/log.js";
+import { endLiveLines } from "../core/runtime/progress.js";
 
 type Command = { summary: string; load: () => Promise<{ main(argv: string[]): Promise<number> }> };
 

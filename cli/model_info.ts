@@ -2,14 +2,14 @@
  * `ctrain model-info --model X [--input-size N] [--json]`: what a pretrained base looks like at an
  * input size, to choose `--feature-layer` and `--fine-tune-layers`: its preprocessing, parameters,
  * and the layers worth cutting at -- activation, add, concatenate and pooling outputs that the whole
- * graph passes through (core/model_split.ts cutPoints), each with its output shape.
+ * graph passes through (core/models/model_split.ts cutPoints), each with its output shape.
  */
-import { selectBackend } from "../core/backend.js";
-import { optionsHelp, parseArgs, resolveOptions } from "../core/config.js";
-import { cutTopology, loadCut } from "../core/feature_model.js";
-import { ConfigError } from "../core/errors.js";
-import { cutPoints } from "../core/model_split.js";
-import { loadPretrained, resolveModelChoices } from "../core/model_zoo.js";
+import { selectBackend } from "../core/models/backend.js";
+import { optionsHelp, parseArgs, resolveOptions } from "../core/runtime/config.js";
+import { cutTopology, loadCut } from "../core/models/feature_model.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import { cutPoints } from "../core/models/model_split.js";
+import { loadPretrained, resolveModelChoices } from "../core/models/model_zoo.js";
 import { loadOnnxRuntime } from "../core/models/inference_engine.js";
 import { channelsLast, defaultOnnxFeatureTensor, isOnnxModelSpec, loadOnnxSource, onnxTensorShapes } from "../core/models/onnx/user_model.js";
 

@@ -3,17 +3,17 @@
  * and class names stored in the model's metadata. An unreadable image is reported and skipped.
  */
 import * as tf from "@tensorflow/tfjs";
-import { selectBackend } from "../core/backend.js";
-import { optionsHelp, parseArgs } from "../core/config.js";
+import { selectBackend } from "../core/models/backend.js";
+import { optionsHelp, parseArgs } from "../core/runtime/config.js";
 import { readFile } from "node:fs/promises";
 import { decodeImage } from "../core/datasets/image_decode.js";
-import { BadInputError, ConfigError } from "../core/errors.js";
+import { BadInputError, ConfigError } from "../core/runtime/errors.js";
 import { type EngineOptions, type FrozenForward, frozenForward, onnxGraphForward, threadsFor } from "../core/models/inference_engine.js";
 import { decodeModel } from "../core/models/onnx/schema.js";
 import { join } from "node:path";
-import type { ClassifierMetadata } from "../core/head.js";
-import { loadModel } from "../core/model_io.js";
-import type { Preprocessing } from "../core/model_zoo.js";
+import type { ClassifierMetadata } from "../core/models/head.js";
+import { loadModel } from "../core/models/model_io.js";
+import type { Preprocessing } from "../core/models/model_zoo.js";
 
 const HELP = `usage: ctrain predict --model DIR [--top K] [--engine auto|onnx|tfjs] [--threads N] [--backend auto|wasm|cpu|...] [--json] IMAGE...
 

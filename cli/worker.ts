@@ -4,12 +4,12 @@
  * shard in hand is finished and acked, then the process exits 0.
  */
 import { Registry } from "prom-client";
-import { selectBackend } from "../core/backend.js";
-import { BACKENDS, type BackendName, ENGINE_PROVIDERS, type EngineProvider } from "../core/config.js";
-import { ConfigError } from "../core/errors.js";
-import { createLogger, type LogFormat } from "../core/log.js";
-import { createMetrics, serveMetrics } from "../core/metrics.js";
-import { connectNats, NATS_AUTH_FLAGS, natsAuthFrom } from "../core/nats_connect.js";
+import { selectBackend } from "../core/models/backend.js";
+import { BACKENDS, type BackendName, ENGINE_PROVIDERS, type EngineProvider } from "../core/runtime/config.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import { createLogger, type LogFormat } from "../core/runtime/log.js";
+import { createMetrics, serveMetrics } from "../core/runtime/metrics.js";
+import { connectNats, NATS_AUTH_FLAGS, natsAuthFrom } from "../core/runtime/nats_connect.js";
 import { validateJobId, validateWorkerId } from "../proto/subjects.js";
 import { defaultWorkerId, NatsWorker } from "../worker/nats_worker.js";
 

@@ -18,15 +18,15 @@
  * averaging); only the batch preparation (decode, augment, frozen forward) differs from fit().
  */
 import * as tf from "@tensorflow/tfjs";
-import { type AugmentOptions, augmentBatch, batchSeed } from "../core/augment.js";
+import { type AugmentOptions, augmentBatch, batchSeed } from "../core/datasets/augment.js";
 import type { Dataset, SampleRef } from "../core/datasets/types.js";
-import { preprocess } from "../core/feature_model.js";
-import { freezeAll } from "../core/model_split.js";
-import { buildHead } from "../core/head.js";
-import type { Preprocessing } from "../core/model_zoo.js";
-import { Rng } from "../core/rng.js";
+import { preprocess } from "../core/models/feature_model.js";
+import { freezeAll } from "../core/models/model_split.js";
+import { buildHead } from "../core/models/head.js";
+import type { Preprocessing } from "../core/models/model_zoo.js";
+import { Rng } from "../core/runtime/rng.js";
 import type { HeadTrainingOptions } from "./head_training.js";
-import { type ArrayData, type EpochStats, type Evaluation, evaluate, fitBatches, type FitOptions, type GradientHook, sparseCrossEntropy, type TrainingControls } from "../core/train_loop.js";
+import { type ArrayData, type EpochStats, type Evaluation, evaluate, fitBatches, type FitOptions, type GradientHook, sparseCrossEntropy, type TrainingControls } from "../core/training/train_loop.js";
 
 /** The frozen part of an image-fed model: [0, 255] NHWC pixels -> the rows the trainable part takes. */
 export interface FrozenStage {

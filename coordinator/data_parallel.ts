@@ -7,7 +7,7 @@
  *   `extra`: attempt id, epochs, checksum/checkpoint periods, step timeout, config fingerprint) under
  *   TRAINING_KEYS.spec in the job's state KV. Beside it, in the job's checkpoints object store: the
  *   trained head (topology + weights), the start state (every weight of top + head, the optimizer's
- *   state, the data cursor; core/checkpoints.ts) and the training rows.
+ *   state, the data cursor; core/training/checkpoints.ts) and the training rows.
  * - Data. The rows are the cached activations at the cut that the one-process path trains on; the
  *   coordinator already has them (runJob extracted them through the workers), so it puts the train
  *   and validation sets into the object store once and every worker fetches them whole. That is the
@@ -55,19 +55,19 @@
  */
 import type { JetStreamClient, KV, NatsConnection, ObjectStore } from "nats";
 import * as tf from "@tensorflow/tfjs";
-import type { Pooling, WireDtype } from "../core/config.js";
-import { ensureTaskQueue, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../core/extraction_wire.js";
-import type { Logger } from "../core/log.js";
-import type { CtrainMetrics } from "../core/metrics.js";
-import { fineTuneModel, type SplitBase } from "../core/model_split.js";
-import { sliceRanges } from "../core/tensor_codec.js";
-import { type ArrayData, type EpochStats, evaluate, epochBatches } from "../core/train_loop.js";
+import type { Pooling, WireDtype } from "../core/runtime/config.js";
+import { ensureTaskQueue, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../proto/extraction_wire.js";
+import type { Logger } from "../core/runtime/log.js";
+import type { CtrainMetrics } from "../core/runtime/metrics.js";
+import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
+import { sliceRanges } from "../proto/tensor_codec.js";
+import { type ArrayData, type EpochStats, evaluate, epochBatches } from "../core/training/train_loop.js";
 import { decode, DecodeError, encode, makeHeader, type JobSpec } from "../proto/codec.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
-import { captureState, CHECKPOINT_OBJECTS, decodeState, encodeState, getBytes, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/checkpoints.js";
+import { captureState, CHECKPOINT_OBJECTS, decodeState, encodeState, getBytes, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import type { FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix } from "./head_training.js";
-import { decodeReport, encodeDataObject, encodeHeadObject, TRAINING_KEYS, type TrainingReport } from "../core/training_wire.js";
+import { decodeReport, encodeDataObject, encodeHeadObject, TRAINING_KEYS, type TrainingReport } from "../proto/training_wire.js";
 
 export interface DataParallelOptions {
   nc: NatsConnection;

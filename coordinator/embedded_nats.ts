@@ -11,8 +11,8 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { accessSync, constants, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
-import { ConfigError } from "../core/errors.js";
-import type { NatsAuth } from "../core/nats_connect.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import type { NatsAuth } from "../core/runtime/nats_connect.js";
 import { authorizationBlock, jobUsers } from "./nats_permissions.js";
 
 export interface EmbeddedNatsOptions {

@@ -5,11 +5,11 @@
  */
 import { rm } from "node:fs/promises";
 import type { Dataset } from "../core/datasets/types.js";
-import type { FeatureCache, FeatureSet } from "../core/feature_store.js";
-import type { Logger } from "../core/log.js";
-import type { CtrainMetrics } from "../core/metrics.js";
-import { Progress } from "../core/progress.js";
-import type { ShardExecutor } from "../core/shards.js";
+import type { FeatureCache, FeatureSet } from "../core/datasets/feature_store.js";
+import type { Logger } from "../core/runtime/log.js";
+import type { CtrainMetrics } from "../core/runtime/metrics.js";
+import { Progress } from "../core/runtime/progress.js";
+import type { ShardExecutor } from "../core/datasets/shards.js";
 import { planShards } from "./shard_planner.js";
 
 export interface ExtractionResult {

@@ -1,5 +1,5 @@
 /**
- * Fine-tuning phase: the top layers of the base (core/model_split.ts decides which) train together
+ * Fine-tuning phase: the top layers of the base (core/models/model_split.ts decides which) train together
  * with the already trained head -- never a fresh one -- at a low learning rate; BatchNorm stays
  * frozen and in inference mode.
  *
@@ -15,14 +15,14 @@
  * the gradients there.
  */
 import * as tf from "@tensorflow/tfjs";
-import type { AugmentOptions } from "../core/augment.js";
-import type { Pooling } from "../core/config.js";
-import { buildFeatureExtractor, type FeatureExtractor } from "../core/feature_model.js";
-import type { FeatureSet } from "../core/feature_store.js";
-import { fineTuneModel, type SplitBase } from "../core/model_split.js";
-import type { Preprocessing, PretrainedSource } from "../core/model_zoo.js";
+import type { AugmentOptions } from "../core/datasets/augment.js";
+import type { Pooling } from "../core/runtime/config.js";
+import { buildFeatureExtractor, type FeatureExtractor } from "../core/models/feature_model.js";
+import type { FeatureSet } from "../core/datasets/feature_store.js";
+import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
+import type { Preprocessing, PretrainedSource } from "../core/models/model_zoo.js";
 import type { EngineOptions } from "../core/models/inference_engine.js";
-import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook, type TrainingControls } from "../core/train_loop.js";
+import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook, type TrainingControls } from "../core/training/train_loop.js";
 import { evaluateImages, fitImages, type FrozenStage, type ImageSource } from "./augment_training.js";
 import { confusionMatrix, resultEpoch, splitData } from "./head_training.js";
 

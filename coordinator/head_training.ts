@@ -4,9 +4,9 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import type { Split } from "../core/datasets/types.js";
-import type { FeatureSet } from "../core/feature_store.js";
-import { buildHead } from "../core/head.js";
-import { type ArrayData, type EpochStats, evaluate, fit, type FitOptions, type TrainingControls } from "../core/train_loop.js";
+import type { FeatureSet } from "../core/datasets/feature_store.js";
+import { buildHead } from "../core/models/head.js";
+import { type ArrayData, type EpochStats, evaluate, fit, type FitOptions, type TrainingControls } from "../core/training/train_loop.js";
 
 export interface HeadTrainingOptions {
   epochs: number;

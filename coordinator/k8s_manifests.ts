@@ -13,9 +13,9 @@ import type {
 } from "@kubernetes/client-node";
 import { randomBytes } from "node:crypto";
 import { stringify } from "yaml";
-import { ConfigError } from "../core/errors.js";
-import { redactSecrets } from "../core/log.js";
-import { OPTION_SPECS, flagName, type JobOptions } from "../core/config.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import { redactSecrets } from "../core/runtime/log.js";
+import { OPTION_SPECS, flagName, type JobOptions } from "../core/runtime/config.js";
 
 /** Port every ctrain process serves /metrics, /healthz and /readyz on inside a pod (container port `metrics`). */
 export const METRICS_PORT = 9400;
@@ -207,7 +207,7 @@ function credentialsEnv(): V1EnvVar[] {
 }
 
 function ctrainEnv(): V1EnvVar[] {
-  // ctrain reads its NATS credentials from these (core/nats_connect.ts), never from a URL in args.
+  // ctrain reads its NATS credentials from these (core/runtime/nats_connect.ts), never from a URL in args.
   const from = (name: string, key: string): V1EnvVar => ({ name, valueFrom: { secretKeyRef: { name: NAMES.natsSecret, key } } });
   return [from("CTRAIN_NATS_USER", "NATS_USER"), from("CTRAIN_NATS_PASS", "NATS_PASSWORD"), { name: "HOME", value: "/tmp" }];
 }

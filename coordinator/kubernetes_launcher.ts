@@ -15,8 +15,8 @@ import {
   type V1ContainerStatus, type V1Pod,
 } from "@kubernetes/client-node";
 import { readFileSync } from "node:fs";
-import { ConfigError } from "../core/errors.js";
-import type { JobOptions } from "../core/config.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import type { JobOptions } from "../core/runtime/config.js";
 import { workerSelector, workerStatefulSet, workerStatefulSetName, type RenderOptions } from "./k8s_manifests.js";
 
 /** What the launcher reports about the job's worker pods. One event per change of a pod's state. */

@@ -5,8 +5,8 @@
  * pods that cannot be scheduled (no GPU free) or crash-loop, and scales the workers to zero when the
  * job ends, whether it succeeded or not.
  */
-import type { JobOptions } from "../core/config.js";
-import type { Logger } from "../core/log.js";
+import type { JobOptions } from "../core/runtime/config.js";
+import type { Logger } from "../core/runtime/log.js";
 import { KubernetesLauncher, kubernetesLauncherOptionsFromEnv, type LauncherEvent } from "./kubernetes_launcher.js";
 
 export interface WorkerLaunch {

@@ -17,21 +17,21 @@
  * last error.
  */
 import { type JetStreamClient, type JetStreamManager, type KV, type NatsConnection, type ObjectStore, type Subscription } from "nats";
-import type { JobOptions } from "../core/config.js";
+import type { JobOptions } from "../core/runtime/config.js";
 import type { Dataset, SampleRef, Split as DataSplit } from "../core/datasets/types.js";
 import {
   decodeShardError, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER, ensureTaskQueue, errorKey, failedKey, parseWireShardId, roundId, SPEC_EXTRA, specKey, wireShardId,
   type ShardErrorRecord,
-} from "../core/extraction_wire.js";
-import { StorageError } from "../core/errors.js";
-import type { FeatureExtractor } from "../core/feature_model.js";
-import { cacheKey, type FeatureShardData } from "../core/feature_store.js";
-import type { Logger } from "../core/log.js";
-import type { CtrainMetrics } from "../core/metrics.js";
-import { bytesToFloat32 } from "../core/tensor_codec.js";
+} from "../proto/extraction_wire.js";
+import { StorageError } from "../core/runtime/errors.js";
+import type { FeatureExtractor } from "../core/models/feature_model.js";
+import { cacheKey, type FeatureShardData } from "../core/datasets/feature_store.js";
+import type { Logger } from "../core/runtime/log.js";
+import type { CtrainMetrics } from "../core/runtime/metrics.js";
+import { bytesToFloat32 } from "../proto/tensor_codec.js";
 import { decode, DecodeError, encode, makeHeader, type FeatureShard, type JobSpec, type Split as WireSplit } from "../proto/codec.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
-import type { Shard, ShardExecutor } from "../core/shards.js";
+import type { Shard, ShardExecutor } from "../core/datasets/shards.js";
 import { WorkerRegistryMonitor } from "./worker_registry.js";
 
 /** A shard gave up after the consumer's max deliveries. Fix the cause (the message says it) and run the job again. */

@@ -15,7 +15,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { jobNames } from "../proto/subjects.js";
-import { TRAINING_KEYS } from "../core/training_wire.js";
+import { TRAINING_KEYS } from "../proto/training_wire.js";
 
 /** A nats-server `permissions` block. */
 export interface NatsPermissions {

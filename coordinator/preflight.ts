@@ -11,15 +11,15 @@ import { mkdtemp, rm, stat, statfs } from "node:fs/promises";
 import { availableParallelism, totalmem } from "node:os";
 import { dirname, resolve } from "node:path";
 import * as tf from "@tensorflow/tfjs";
-import { selectBackend } from "../core/backend.js";
-import type { JobOptions } from "../core/config.js";
+import { selectBackend } from "../core/models/backend.js";
+import type { JobOptions } from "../core/runtime/config.js";
 import { openDataset } from "../core/datasets/open.js";
-import { ConfigError } from "../core/errors.js";
-import { buildFeatureExtractor, cutTopology, resolveSourceChoices } from "../core/feature_model.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import { buildFeatureExtractor, cutTopology, resolveSourceChoices } from "../core/models/feature_model.js";
 import { isOnnxModelSpec, loadOnnxSource } from "../core/models/onnx/user_model.js";
-import { planSplit } from "../core/model_split.js";
-import { loadPretrained, resolveModelChoices } from "../core/model_zoo.js";
-import { checkControlsForDataParallel, classWeightsFor, trainCounts } from "../core/training_controls.js";
+import { planSplit } from "../core/models/model_split.js";
+import { loadPretrained, resolveModelChoices } from "../core/models/model_zoo.js";
+import { checkControlsForDataParallel, classWeightsFor, trainCounts } from "../core/training/training_controls.js";
 
 export interface PreflightResult {
   classes: number;

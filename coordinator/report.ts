@@ -3,7 +3,7 @@
  * loss and accuracy curves per phase (train and validation) and the test confusion matrix, as
  * inline SVG in one self-contained file (no scripts, no network).
  */
-import type { EpochStats } from "../core/train_loop.js";
+import type { EpochStats } from "../core/training/train_loop.js";
 
 export interface ReportInput {
   job: string;

@@ -5,7 +5,7 @@
  * the shard size: a restarted coordinator plans the same shard ids and skips the finished ones.
  */
 import type { SampleRef } from "../core/datasets/types.js";
-import type { Shard } from "../core/shards.js";
+import type { Shard } from "../core/datasets/shards.js";
 
 export function planShards(samples: readonly SampleRef[], shardSize: number): Shard[] {
   if (!(shardSize >= 1)) throw new RangeError(`shard size must be >= 1, got ${shardSize}`);

@@ -7,8 +7,8 @@
 import type { KV } from "nats";
 import { decode, DecodeError, type Heartbeat } from "../proto/codec.js";
 import { WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
-import type { Logger } from "../core/log.js";
-import type { CtrainMetrics } from "../core/metrics.js";
+import type { Logger } from "../core/runtime/log.js";
+import type { CtrainMetrics } from "../core/runtime/metrics.js";
 
 export interface WorkerView {
   worker: string;

@@ -16,7 +16,7 @@ import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import protobuf from "protobufjs";
 import { crc32 } from "./checksum.js";
-import { bytesPerElement, hasNonFinite } from "../core/tensor_codec.js";
+import { bytesPerElement, hasNonFinite } from "./tensor_codec.js";
 
 /** Version of the wire contract. Peers with different versions refuse each other's messages. */
 export const PROTOCOL_VERSION = 2;

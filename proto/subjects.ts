@@ -18,7 +18,7 @@
  *
  * The stream name keeps the job id's case: uppercasing it would let jobs `a` and `A` share a stream.
  */
-import { ConfigError } from "../core/errors.js";
+import { ConfigError } from "../core/runtime/errors.js";
 
 /** A job or worker id: a NATS-safe token (no `.`, `*`, `>`, whitespace), also valid in stream and bucket names. */
 const TOKEN = /^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$/;

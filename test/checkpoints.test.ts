@@ -1,13 +1,13 @@
 /**
- * Training-state checkpoints (core/checkpoints.ts): a state captured mid-training and restored
+ * Training-state checkpoints (core/training/checkpoints.ts): a state captured mid-training and restored
  * into a fresh model and optimizer continues bit for bit like the original. That is what lets a joiner
  * take member 0's place among identical replicas, and a resumed run follow the uninterrupted one.
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
-import { captureState, decodeState, encodeState, restoreState } from "../core/checkpoints.js";
-import { Rng } from "../core/rng.js";
+import { captureState, decodeState, encodeState, restoreState } from "../core/training/checkpoints.js";
+import { Rng } from "../core/runtime/rng.js";
 
 function model(): tf.LayersModel {
   const m = tf.sequential();

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { crc32, deflateSync, gzipSync } from "node:zlib";
 import sharp, { type Sharp } from "sharp";
-import { BadInputError, ConfigError } from "../core/errors.js";
+import { BadInputError, ConfigError } from "../core/runtime/errors.js";
 import { FASHION_MNIST_DIR, openDataset, type OpenOptions } from "../core/datasets/open.js";
 import { applyLimit, stratifiedSplit, stratifiedSubset } from "../core/datasets/splits.js";
 import type { Dataset, SampleRef, Split } from "../core/datasets/types.js";

@@ -6,9 +6,9 @@
 import assert from "node:assert/strict";
 import { before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
-import { selectBackend } from "../core/backend.js";
-import { buildFeatureExtractor, cutTopology, preprocess } from "../core/feature_model.js";
-import { loadPretrained, type PretrainedSource } from "../core/model_zoo.js";
+import { selectBackend } from "../core/models/backend.js";
+import { buildFeatureExtractor, cutTopology, preprocess } from "../core/models/feature_model.js";
+import { loadPretrained, type PretrainedSource } from "../core/models/model_zoo.js";
 
 let source: PretrainedSource;
 before(async () => {

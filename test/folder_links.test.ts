@@ -13,7 +13,7 @@ import { after, test } from "node:test";
 import fc from "fast-check";
 import sharp from "sharp";
 import { openFolderDataset } from "../core/datasets/folder.js";
-import { BadInputError, ConfigError } from "../core/errors.js";
+import { BadInputError, ConfigError } from "../core/runtime/errors.js";
 
 const dirs: string[] = [];
 after(() => {

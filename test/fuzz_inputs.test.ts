@@ -15,12 +15,12 @@ import { crc32, gzipSync } from "node:zlib";
 import fc from "fast-check";
 import sharp from "sharp";
 import { stringify as toYaml } from "yaml";
-import { OPTION_SPECS, flagName, parseArgs, readConfigFile, resolveOptions, type JobOptions } from "../core/config.js";
+import { OPTION_SPECS, flagName, parseArgs, readConfigFile, resolveOptions, type JobOptions } from "../core/runtime/config.js";
 import { decodeImage } from "../core/datasets/image_decode.js";
 import { gunzipIdx, loadIdxSet, parseIdxImages, parseIdxLabels } from "../core/datasets/idx.js";
 import { SKIP_REASONS } from "../core/datasets/types.js";
-import { BadInputError, ConfigError } from "../core/errors.js";
-import { FeatureCache, decodeShard, encodeShard, type FeatureShardData } from "../core/feature_store.js";
+import { BadInputError, ConfigError } from "../core/runtime/errors.js";
+import { FeatureCache, decodeShard, encodeShard, type FeatureShardData } from "../core/datasets/feature_store.js";
 
 const SEED = 20240612;
 const tmp = mkdtempSync(join(tmpdir(), "ctrain-fuzz-inputs-"));

@@ -11,12 +11,12 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, before, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
-import { selectBackend } from "../core/backend.js";
+import { selectBackend } from "../core/models/backend.js";
 import { openDataset } from "../core/datasets/open.js";
-import { ConfigError, EngineUnavailableError } from "../core/errors.js";
-import { buildFeatureExtractor } from "../core/feature_model.js";
+import { ConfigError, EngineUnavailableError } from "../core/runtime/errors.js";
+import { buildFeatureExtractor } from "../core/models/feature_model.js";
 import { cudaProviderPath, frozenForward } from "../core/models/inference_engine.js";
-import { loadPretrained } from "../core/model_zoo.js";
+import { loadPretrained } from "../core/models/model_zoo.js";
 import { runCli } from "./helpers/cli.js";
 
 let dir: string;

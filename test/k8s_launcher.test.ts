@@ -13,7 +13,7 @@ import { KubeConfig } from "@kubernetes/client-node";
 import { Pod } from "kubernetes-models/v1/Pod";
 import { Scale } from "kubernetes-models/autoscaling/v1/Scale";
 import { StatefulSet } from "kubernetes-models/apps/v1/StatefulSet";
-import { resolveOptions } from "../core/config.js";
+import { resolveOptions } from "../core/runtime/config.js";
 import { LAUNCHER_RBAC_RULES, workerStatefulSet } from "../coordinator/k8s_manifests.js";
 import {
   KubernetesApiError, KubernetesLauncher, kubernetesLauncherOptionsFromEnv, podEvent, unschedulableCauses,
@@ -348,7 +348,7 @@ test("k8s - ctrain coordinator --launcher kubernetes starts workers, logs pod pr
   const { mkdtemp, writeFile, rm } = await import("node:fs/promises");
   const { tmpdir } = await import("node:os");
   const { join } = await import("node:path");
-  const { createLogger } = await import("../core/log.js");
+  const { createLogger } = await import("../core/runtime/log.js");
   const { launchWorkers } = await import("../coordinator/launch_workers.js");
   const dir = await mkdtemp(join(tmpdir(), "ctrain-kube-"));
   try {

@@ -13,10 +13,10 @@ import { fileURLToPath } from "node:url";
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 /** What each top-level folder may import (besides itself and npm packages). */
 const ALLOWED: Record<string, readonly string[]> = {
-  // proto/ and core/ are the shared base (the codec uses core's tensor codec and errors, core's wire
-  // helpers use the codec); neither may import a role.
+  // core/ is the base and knows nothing above it; proto/ (the wire contract) builds on core/ (errors,
+  // checkpoint blobs); neither may import a role.
   proto: ["core"],
-  core: ["proto"],
+  core: [],
   worker: ["core", "proto"],
   coordinator: ["core", "proto", "worker"],
   cli: ["core", "proto", "worker", "coordinator"],

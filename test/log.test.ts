@@ -1,8 +1,8 @@
-/** core/log.ts: JSON lines off a terminal, a human line on one, levels, child fields, errors with causes. */
+/** core/runtime/log.ts: JSON lines off a terminal, a human line on one, levels, child fields, errors with causes. */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { BadInputError, ConfigError } from "../core/errors.js";
-import { createLogger, levelFromEnv, parseLogLevel, type LogStream } from "../core/log.js";
+import { BadInputError, ConfigError } from "../core/runtime/errors.js";
+import { createLogger, levelFromEnv, parseLogLevel, type LogStream } from "../core/runtime/log.js";
 
 function capture(isTTY = false): LogStream & { lines: string[] } {
   const lines: string[] = [];

@@ -1,5 +1,5 @@
 /**
- * core/metrics.ts over real HTTP: names, types, labels, counters that only go up, derived gauges,
+ * core/runtime/metrics.ts over real HTTP: names, types, labels, counters that only go up, derived gauges,
  * health endpoints, file_sd targets. Every test uses its own Registry.
  */
 import { test } from "node:test";
@@ -11,7 +11,7 @@ import { Registry } from "prom-client";
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { SKIP_REASONS } from "../core/datasets/types.js";
-import { DROP_REASONS, createMetrics, serveMetrics, writeScrapeTargets, type CtrainMetrics, type MetricsServer } from "../core/metrics.js";
+import { DROP_REASONS, createMetrics, serveMetrics, writeScrapeTargets, type CtrainMetrics, type MetricsServer } from "../core/runtime/metrics.js";
 import { parseExposition, seriesKey, type Exposition, type Sample } from "./helpers/prom_text.js";
 
 const EXPECTED_TYPES: Record<string, string> = {
@@ -325,5 +325,5 @@ test("metrics - every reason a message is dropped for in the source is one DROP_
   for (const d of ["proto", "core", "coordinator", "worker"]) walk(join(root, d));
   assert.ok(found.size >= 10, `scan found only ${[...found].join(", ")}`);
   const missing = [...found].filter((r) => !(DROP_REASONS as readonly string[]).includes(r));
-  assert.deepEqual(missing, [], "reasons dropped in the source but not zero-initialised in core/metrics.ts DROP_REASONS");
+  assert.deepEqual(missing, [], "reasons dropped in the source but not zero-initialised in core/runtime/metrics.ts DROP_REASONS");
 });

@@ -11,11 +11,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
-import { selectBackend } from "../core/backend.js";
-import { parseArgs, PREPROCESSING_CHOICES } from "../core/config.js";
-import { buildFeatureExtractor } from "../core/feature_model.js";
-import { saveModel } from "../core/model_io.js";
-import { loadPretrained, PREPROCESSINGS, type Preprocessing, type PretrainedSource, resolveModelChoices, withPreprocessing } from "../core/model_zoo.js";
+import { selectBackend } from "../core/models/backend.js";
+import { parseArgs, PREPROCESSING_CHOICES } from "../core/runtime/config.js";
+import { buildFeatureExtractor } from "../core/models/feature_model.js";
+import { saveModel } from "../core/models/model_io.js";
+import { loadPretrained, PREPROCESSINGS, type Preprocessing, type PretrainedSource, resolveModelChoices, withPreprocessing } from "../core/models/model_zoo.js";
 
 const require = createRequire(import.meta.url);
 interface Nsfw { classify(img: tf.Tensor3D, topk?: number): Promise<{ className: string; probability: number }[]>; dispose?(): void }

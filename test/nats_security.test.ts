@@ -1,5 +1,5 @@
 /**
- * NATS security through ctrain's own connection code (core/nats_connect.ts, which every coordinator,
+ * NATS security through ctrain's own connection code (core/runtime/nats_connect.ts, which every coordinator,
  * worker and `ctrain run` process uses) against real nats-servers: mutual TLS with certificates made
  * here by openssl, nkey authentication with a key pair made by nats.js' nkeys, a .creds file in
  * operator (JWT) mode with JWTs signed here, and a token. Each
@@ -14,7 +14,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { nkeys, type NatsConnection } from "nats";
-import { connectNats, NatsConnectError, type NatsAuth } from "../core/nats_connect.js";
+import { connectNats, NatsConnectError, type NatsAuth } from "../core/runtime/nats_connect.js";
 import { Cluster } from "./helpers/cluster.js";
 import { startNatsServer } from "./helpers/nats_server.js";
 

@@ -10,14 +10,14 @@ import { existsSync } from "node:fs";
 import { before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
 import ort from "onnxruntime-node";
-import { selectBackend } from "../core/backend.js";
+import { selectBackend } from "../core/models/backend.js";
 import { openDataset, FASHION_MNIST_DIR } from "../core/datasets/open.js";
-import { ConfigError, UnsupportedLayerError } from "../core/errors.js";
-import { buildFeatureExtractor, preprocess } from "../core/feature_model.js";
-import { loadPretrained, type Preprocessing } from "../core/model_zoo.js";
+import { ConfigError, UnsupportedLayerError } from "../core/runtime/errors.js";
+import { buildFeatureExtractor, preprocess } from "../core/models/feature_model.js";
+import { loadPretrained, type Preprocessing } from "../core/models/model_zoo.js";
 import { layersModelToOnnx, type OnnxExport } from "../core/models/onnx/export.js";
 import { DataType, decodeModel, encodeModel, tensorValues } from "../core/models/onnx/schema.js";
-import { Rng } from "../core/rng.js";
+import { Rng } from "../core/runtime/rng.js";
 
 import { randomizeWeights } from "./helpers/random_weights.js";
 

@@ -11,11 +11,11 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
-import { selectBackend } from "../core/backend.js";
+import { selectBackend } from "../core/models/backend.js";
 import { openDataset } from "../core/datasets/open.js";
-import { preprocess } from "../core/feature_model.js";
-import { loadModel } from "../core/model_io.js";
-import type { Preprocessing } from "../core/model_zoo.js";
+import { preprocess } from "../core/models/feature_model.js";
+import { loadModel } from "../core/models/model_io.js";
+import type { Preprocessing } from "../core/models/model_zoo.js";
 import { runCli } from "./helpers/cli.js";
 
 // A few hundred real images at a small input size: the floor below is what this setting reaches

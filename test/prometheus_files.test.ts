@@ -1,5 +1,5 @@
 /**
- * The monitoring files under deploy/ against the metrics core/metrics.ts really exports:
+ * The monitoring files under deploy/ against the metrics core/runtime/metrics.ts really exports:
  * promtool accepts the scrape config and the rules, every PromQL expression of the Grafana dashboard
  * and the alert rules names only metrics that exist, and a real Prometheus started on the shipped
  * config (targets written the way `ctrain run` writes them) scrapes a ctrain process, evaluates the
@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { Registry } from "prom-client";
 import { parse as parseYaml } from "yaml";
-import { createMetrics, serveMetrics, writeScrapeTargets } from "../core/metrics.js";
+import { createMetrics, serveMetrics, writeScrapeTargets } from "../core/runtime/metrics.js";
 import { parseExposition, seriesNames } from "./helpers/prom_text.js";
 import {
   DASHBOARD_VARIABLES, INSTALL_HINT, PROM_DIR, ROOT, allPanels, alertRules, dashboardExpressions, eventually, loadDashboard, promQuery, startPrometheus, stopPrometheus,
@@ -125,7 +125,7 @@ test("metrics - every dashboard panel has queries naming only exported metrics",
       assert.ok(expr.trim() !== "", `panel "${p.title}" target ${t.refId} has an expression`);
       const used = metricNames(expr);
       assert.ok(used.length > 0 || /\bup\b/.test(expr), `panel "${p.title}": no metric in ${expr}`);
-      for (const n of used) assert.ok(names.has(n), `panel "${p.title}" uses ${n}, which core/metrics.ts does not export`);
+      for (const n of used) assert.ok(names.has(n), `panel "${p.title}" uses ${n}, which core/runtime/metrics.ts does not export`);
       for (const v of expr.match(/\$\{?[A-Za-z_]+\}?/g) ?? []) {
         assert.ok(v.replace(/[{}]/g, "") in VARIABLES, `panel "${p.title}" uses variable ${v}; only $job, $worker, $__rate_interval are allowed`);
       }
@@ -148,7 +148,7 @@ test("metrics - alert rules name only exported metrics", async () => {
   assert.deepEqual(rules.map((r) => r.alert).sort(), ["CtrainLossNaN", "CtrainNoProgress", "CtrainWorkerDown"]);
   for (const r of rules) {
     assert.doesNotMatch(r.expr, /\$/, `${r.alert} must not use dashboard variables`);
-    for (const n of metricNames(r.expr)) assert.ok(names.has(n), `${r.alert} uses ${n}, which core/metrics.ts does not export`);
+    for (const n of metricNames(r.expr)) assert.ok(names.has(n), `${r.alert} uses ${n}, which core/runtime/metrics.ts does not export`);
   }
   assert.match(rules.find((r) => r.alert === "CtrainLossNaN")!.expr, /ctrain_loss != ctrain_loss/);
   assert.match(rules.find((r) => r.alert === "CtrainNoProgress")!.expr, /ctrain_last_progress_timestamp_seconds/);

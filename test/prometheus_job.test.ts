@@ -17,7 +17,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { PHASES, SPLITS, SHARD_STATES, WORKER_STATES } from "../core/metrics.js";
+import { PHASES, SPLITS, SHARD_STATES, WORKER_STATES } from "../core/runtime/metrics.js";
 import { CTRAIN_BIN } from "./helpers/cli.js";
 import { parseExposition, seriesKey, seriesNames, type Exposition } from "./helpers/prom_text.js";
 import {
@@ -69,7 +69,7 @@ function longestRun(values: readonly [number, string][]): number {
   return best;
 }
 
-/** Type of every ctrain family core/metrics.ts exports. */
+/** Type of every ctrain family core/runtime/metrics.ts exports. */
 const FAMILY_TYPES: Record<string, string> = {
   ctrain_up: "gauge", ctrain_images_processed_total: "counter", ctrain_shards: "gauge", ctrain_extraction_images_per_second: "gauge",
   ctrain_step_duration_seconds: "histogram", ctrain_allreduce_duration_seconds: "histogram", ctrain_allreduce_bytes_total: "counter",

@@ -3,8 +3,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { DecodeError, EncodeError, MESSAGE_TYPES, PROTOCOL_VERSION, decode, encode } from "../proto/codec.js";
 import { jobNames, validateJobId, validateWorkerId } from "../proto/subjects.js";
-import { ConfigError } from "../core/errors.js";
-import { float32ToBytes } from "../core/tensor_codec.js";
+import { ConfigError } from "../core/runtime/errors.js";
+import { float32ToBytes } from "../proto/tensor_codec.js";
 import { crc32 } from "../proto/checksum.js";
 import { EPOCH, JOB, STEP, normalize, sampleMessages } from "./helpers/messages.js";
 

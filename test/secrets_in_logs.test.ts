@@ -10,7 +10,7 @@ import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { redactSecrets, registerSecret } from "../core/log.js";
+import { redactSecrets, registerSecret } from "../core/runtime/log.js";
 import { CTRAIN_BIN, runCli } from "./helpers/cli.js";
 import { Cluster } from "./helpers/cluster.js";
 import { freePort } from "./helpers/free_port.js";

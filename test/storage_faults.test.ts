@@ -14,8 +14,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
-import { StorageError } from "../core/errors.js";
-import { saveModel } from "../core/model_io.js";
+import { StorageError } from "../core/runtime/errors.js";
+import { saveModel } from "../core/models/model_io.js";
 import { CTRAIN_BIN, runCli } from "./helpers/cli.js";
 import { Proc } from "./helpers/cluster.js";
 

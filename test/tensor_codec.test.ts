@@ -5,7 +5,7 @@ import fc from "fast-check";
 import {
   DEFAULT_BUCKET_BYTES, Reassembler, accumulateChunk, bytesPerElement, decodeFloat16, decodeValues, encodeChunks, encodeFloat16,
   encodeValues, flatten, float16BitsToFloat32, float32ToFloat16Bits, hasNonFinite, planChunks, sliceRanges, unflatten, type WireDtype,
-} from "../core/tensor_codec.js";
+} from "../proto/tensor_codec.js";
 import { crc32, crc32Portable } from "../proto/checksum.js";
 
 const SEED = 424242;

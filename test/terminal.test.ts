@@ -12,8 +12,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
-import { createLogger } from "../core/log.js";
-import { EpochBars, Progress } from "../core/progress.js";
+import { createLogger } from "../core/runtime/log.js";
+import { EpochBars, Progress } from "../core/runtime/progress.js";
 import { CTRAIN_BIN, runCli } from "./helpers/cli.js";
 
 const run = promisify(execFile);

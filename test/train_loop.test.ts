@@ -8,11 +8,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
-import { selectBackend } from "../core/backend.js";
-import { FeatureCache, type FeatureShardData } from "../core/feature_store.js";
-import { buildHead } from "../core/head.js";
-import { Rng } from "../core/rng.js";
-import { type ArrayData, computeGradients, epochBatches, evaluate, fit } from "../core/train_loop.js";
+import { selectBackend } from "../core/models/backend.js";
+import { FeatureCache, type FeatureShardData } from "../core/datasets/feature_store.js";
+import { buildHead } from "../core/models/head.js";
+import { Rng } from "../core/runtime/rng.js";
+import { type ArrayData, computeGradients, epochBatches, evaluate, fit } from "../core/training/train_loop.js";
 import { planShards } from "../coordinator/shard_planner.js";
 
 before(async () => {

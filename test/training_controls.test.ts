@@ -8,12 +8,12 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
-import { selectBackend } from "../core/backend.js";
-import { type JobOptions, parseArgs, resolveOptions } from "../core/config.js";
-import { buildHead } from "../core/head.js";
-import { Rng } from "../core/rng.js";
-import { type ArrayData, evaluate, fit, type FitOptions, sparseCrossEntropy } from "../core/train_loop.js";
-import { checkControlsForDataParallel, classWeightsFor, controlsOf } from "../core/training_controls.js";
+import { selectBackend } from "../core/models/backend.js";
+import { type JobOptions, parseArgs, resolveOptions } from "../core/runtime/config.js";
+import { buildHead } from "../core/models/head.js";
+import { Rng } from "../core/runtime/rng.js";
+import { type ArrayData, evaluate, fit, type FitOptions, sparseCrossEntropy } from "../core/training/train_loop.js";
+import { checkControlsForDataParallel, classWeightsFor, controlsOf } from "../core/training/training_controls.js";
 import { runCli } from "./helpers/cli.js";
 
 before(async () => {

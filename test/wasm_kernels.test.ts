@@ -7,8 +7,8 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
 import "@tensorflow/tfjs-backend-wasm";
-import { registerWasmTrainingKernels, WASM_TRAINING_KERNELS } from "../core/wasm_kernels.js";
-import { Rng } from "../core/rng.js";
+import { registerWasmTrainingKernels, WASM_TRAINING_KERNELS } from "../core/models/wasm_kernels.js";
+import { Rng } from "../core/runtime/rng.js";
 
 interface Case {
   name: string;

@@ -5,9 +5,9 @@
  */
 import { totalmem } from "node:os";
 import type { Dataset, SampleRef, SkippedInput } from "../core/datasets/types.js";
-import { BadInputError } from "../core/errors.js";
-import type { FeatureExtractor } from "../core/feature_model.js";
-import type { FeatureShardData } from "../core/feature_store.js";
+import { BadInputError } from "../core/runtime/errors.js";
+import type { FeatureExtractor } from "../core/models/feature_model.js";
+import type { FeatureShardData } from "../core/datasets/feature_store.js";
 
 export interface ExtractShardOptions {
   /** Images per forward pass. Default 32. */

@@ -6,9 +6,9 @@
  */
 import { openDataset, type OpenOptions } from "../core/datasets/open.js";
 import type { Dataset } from "../core/datasets/types.js";
-import { buildFeatureExtractor, type FeatureExtractor, isOnnxSource, loadModelSource, type ModelSource } from "../core/feature_model.js";
-import { PREPROCESSINGS, type Preprocessing, withPreprocessing } from "../core/model_zoo.js";
-import type { EngineName, EnginePrecision, EngineProvider, Pooling } from "../core/config.js";
+import { buildFeatureExtractor, type FeatureExtractor, isOnnxSource, loadModelSource, type ModelSource } from "../core/models/feature_model.js";
+import { PREPROCESSINGS, type Preprocessing, withPreprocessing } from "../core/models/model_zoo.js";
+import type { EngineName, EnginePrecision, EngineProvider, Pooling } from "../core/runtime/config.js";
 
 export interface ExtractorKey {
   model: string;
@@ -25,7 +25,7 @@ export interface ExtractorKey {
   preprocessing?: string;
   /** `--engine-precision` (a JobSpec extra). Default fp32. */
   precision?: EnginePrecision;
-  /** int8: the job's calibration images (core/feature_model.ts calibrationImages); one extractor per data set then. */
+  /** int8: the job's calibration images (core/models/feature_model.ts calibrationImages); one extractor per data set then. */
   calibration?: { dataset: string; images: () => Promise<Uint8Array[]> };
 }
 

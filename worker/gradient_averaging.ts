@@ -44,8 +44,8 @@
  */
 import type { NatsConnection, Subscription, Msg } from "nats";
 import * as tf from "@tensorflow/tfjs";
-import { ConfigError, MembershipChanged, WorkerLostError } from "../core/errors.js";
-import type { CtrainMetrics } from "../core/metrics.js";
+import { ConfigError, MembershipChanged, WorkerLostError } from "../core/runtime/errors.js";
+import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import {
   DEFAULT_BUCKET_BYTES,
   accumulateChunk,
@@ -57,13 +57,13 @@ import {
   type ChunkSpec,
   type Range,
   type WireDtype,
-} from "../core/tensor_codec.js";
-import type { GradientHook } from "../core/train_loop.js";
+} from "../proto/tensor_codec.js";
+import type { GradientHook } from "../core/training/train_loop.js";
 import { crc32 } from "../proto/checksum.js";
 import { DecodeError, decode, encode, makeHeader, type TensorChunk } from "../proto/codec.js";
 import { jobNames, validateWorkerId, type JobNames } from "../proto/subjects.js";
 
-/** The part of the process metrics (core/metrics.ts) the averager reports to. */
+/** The part of the process metrics (core/runtime/metrics.ts) the averager reports to. */
 export type AveragerMetrics = Pick<CtrainMetrics, "observeAllreduce" | "droppedMessage">;
 
 /** Bytes a GradientChunk/AveragedChunk adds to its data (header, ids, CRC), rounded up generously. */

@@ -3,10 +3,10 @@
  * and the reference the distributed executor is checked against.
  */
 import type { Dataset } from "../core/datasets/types.js";
-import type { FeatureExtractor } from "../core/feature_model.js";
-import type { FeatureShardData } from "../core/feature_store.js";
-import type { CtrainMetrics } from "../core/metrics.js";
-import type { Shard, ShardExecutor } from "../core/shards.js";
+import type { FeatureExtractor } from "../core/models/feature_model.js";
+import type { FeatureShardData } from "../core/datasets/feature_store.js";
+import type { CtrainMetrics } from "../core/runtime/metrics.js";
+import type { Shard, ShardExecutor } from "../core/datasets/shards.js";
 import { extractShard } from "./extraction_executor.js";
 
 export class LocalShardExecutor implements ShardExecutor {

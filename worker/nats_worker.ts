@@ -15,19 +15,19 @@
  */
 import { hostname } from "node:os";
 import type { Consumer, JetStreamClient, JetStreamManager, JsMsg, KV, NatsConnection, ObjectStore } from "nats";
-import { encodeShardError, errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../core/extraction_wire.js";
-import type { BackendName, EngineName, EnginePrecision, EngineProvider } from "../core/config.js";
-import { calibrationImages } from "../core/feature_model.js";
+import { encodeShardError, errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../proto/extraction_wire.js";
+import type { BackendName, EngineName, EnginePrecision, EngineProvider } from "../core/runtime/config.js";
+import { calibrationImages } from "../core/models/feature_model.js";
 import type { Split as DataSplit } from "../core/datasets/types.js";
-import type { Logger } from "../core/log.js";
-import type { CtrainMetrics } from "../core/metrics.js";
-import { float32ToBytes } from "../core/tensor_codec.js";
+import type { Logger } from "../core/runtime/log.js";
+import type { CtrainMetrics } from "../core/runtime/metrics.js";
+import { float32ToBytes } from "../proto/tensor_codec.js";
 import { decode, DecodeError, encode, makeHeader, type Backend, type JobSpec, type ShardTask, type Split as WireSplit, type WorkerState } from "../proto/codec.js";
 import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
 import { extractShard, memoryLimit, shardMemoryBudget, shardMemoryBytes } from "./extraction_executor.js";
 import { ExtractorCache } from "./extractor_cache.js";
 import { defaultThreads, type EngineInfo } from "../core/models/inference_engine.js";
-import { TRAINING_KEYS } from "../core/training_wire.js";
+import { TRAINING_KEYS } from "../proto/training_wire.js";
 import { runTrainingWorker } from "./training_worker.js";
 
 /** Events of a worker's life. */

@@ -5,7 +5,7 @@
  *
  * A replica: fetches the head model, the start state and the training rows (cached activations at the
  * cut) from the job's checkpoints object store; builds top + pooling + head exactly as the one-process
- * path does (core/model_split.ts fineTuneModel); opens its GradientAverager as the only member (so its
+ * path does (core/models/model_split.ts fineTuneModel); opens its GradientAverager as the only member (so its
  * gradient subject exists before any peer can send to it) and reports `ready`; then waits for the
  * coordinator's membership (a StepPlan under TRAINING_KEYS.members) and runs train_loop's fit() with
  * `sliceOf` = its contiguous part of every global batch (by member index) and the averaging hook.
@@ -27,18 +27,18 @@
  */
 import type { KV, KvEntry, NatsConnection, ObjectStore, Subscription } from "nats";
 import * as tf from "@tensorflow/tfjs";
-import { activeBackend } from "../core/backend.js";
-import { MembershipChanged, WorkerLostError } from "../core/errors.js";
-import type { Logger } from "../core/log.js";
-import type { CtrainMetrics } from "../core/metrics.js";
-import { buildSplit, fineTuneModel } from "../core/model_split.js";
-import { loadPretrained } from "../core/model_zoo.js";
-import { computeGradients, type EpochStats, fit, takeRows } from "../core/train_loop.js";
-import { registerWasmTrainingKernels } from "../core/wasm_kernels.js";
+import { activeBackend } from "../core/models/backend.js";
+import { MembershipChanged, WorkerLostError } from "../core/runtime/errors.js";
+import type { Logger } from "../core/runtime/log.js";
+import type { CtrainMetrics } from "../core/runtime/metrics.js";
+import { buildSplit, fineTuneModel } from "../core/models/model_split.js";
+import { loadPretrained } from "../core/models/model_zoo.js";
+import { computeGradients, type EpochStats, fit, takeRows } from "../core/training/train_loop.js";
+import { registerWasmTrainingKernels } from "../core/models/wasm_kernels.js";
 import { decode, DecodeError, encode, makeHeader, type JobSpec } from "../proto/codec.js";
 import { jobNames } from "../proto/subjects.js";
-import { CHECKPOINT_OBJECTS, captureState, decodeState, encodeState, getBytes, putBytes, restoreState, type DataCursor } from "../core/checkpoints.js";
-import { decodeDataObject, decodeHeadObject, encodeReport, memberSlice, TRAINING_KEYS, type TrainingReport } from "../core/training_wire.js";
+import { CHECKPOINT_OBJECTS, captureState, decodeState, encodeState, getBytes, putBytes, restoreState, type DataCursor } from "../core/training/checkpoints.js";
+import { decodeDataObject, decodeHeadObject, encodeReport, memberSlice, TRAINING_KEYS, type TrainingReport } from "../proto/training_wire.js";
 import { GradientAverager, gradientHookFor, StepPeersLostError } from "./gradient_averaging.js";
 import { MembershipView } from "./membership_view.js";
 import { weightsChecksum } from "./weights_checksum.js";

@@ -9,7 +9,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { crc32 } from "../proto/checksum.js";
-import { float32ToBytes } from "../core/tensor_codec.js";
+import { float32ToBytes } from "../proto/tensor_codec.js";
 
 /** The WeightsChecksum fields computed from a model (without header and worker). */
 export interface WeightsDigest {

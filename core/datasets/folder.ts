@@ -13,7 +13,7 @@ import { createHash } from "node:crypto";
 import type { Dirent } from "node:fs";
 import { readdir, readFile, realpath, stat } from "node:fs/promises";
 import { extname, join, relative, resolve, sep } from "node:path";
-import { BadInputError, ConfigError } from "../errors.js";
+import { BadInputError, ConfigError } from "../runtime/errors.js";
 import { decodeImage, sniffFormat } from "./image_decode.js";
 import { applyLimit, stratifiedSplit } from "./splits.js";
 import { SKIP_REASONS, type Dataset, type SampleRef, type SkippedInput } from "./types.js";

@@ -11,7 +11,7 @@ import { createHash } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { createGunzip } from "node:zlib";
-import { BadInputError, ConfigError } from "../errors.js";
+import { BadInputError, ConfigError } from "../runtime/errors.js";
 import { grayToRgb } from "./image_decode.js";
 import { applyLimit, stratifiedSplit } from "./splits.js";
 import { SKIP_REASONS, type Dataset, type SampleRef, type Split } from "./types.js";

@@ -12,7 +12,7 @@
  * - EXIF orientation is not applied, also like Keras (tf.io.decode_image ignores it).
  */
 import sharp from "sharp";
-import { BadInputError } from "../errors.js";
+import { BadInputError } from "../runtime/errors.js";
 import { SKIP_REASONS } from "./types.js";
 
 export interface DecodeOptions {

@@ -11,7 +11,7 @@
 import { readFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { ConfigError } from "../errors.js";
+import { ConfigError } from "../runtime/errors.js";
 import { openFolderDataset } from "./folder.js";
 import { DIGIT_CLASSES, FASHION_MNIST_CLASSES, openIdxDataset } from "./idx.js";
 import type { Dataset } from "./types.js";

@@ -1,7 +1,7 @@
 /**
  * The inference-engine seam: every frozen forward pass (feature extraction, the frozen base under
  * `--method augment`, the lower part that builds the fine-tune activation cache, `ctrain predict`)
- * runs a {@link FrozenForward}. Training stays on the tfjs backend (core/backend.ts).
+ * runs a {@link FrozenForward}. Training stays on the tfjs backend (core/models/backend.ts).
  *
  * `--engine auto|onnx|tfjs`:
  * - `onnx`: onnxruntime-node (its CPU library ships inside the npm package). The tfjs layers model
@@ -24,14 +24,14 @@ import { availableParallelism } from "node:os";
 import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
-import type { EngineName, EnginePrecision, EngineProvider } from "../config.js";
-import { ConfigError, EngineUnavailableError, UnsupportedLayerError } from "../errors.js";
-import { preprocess } from "../feature_model.js";
-import type { Preprocessing } from "../model_zoo.js";
+import type { EngineName, EnginePrecision, EngineProvider } from "../runtime/config.js";
+import { ConfigError, EngineUnavailableError, UnsupportedLayerError } from "../runtime/errors.js";
+import { preprocess } from "./feature_model.js";
+import type { Preprocessing } from "./model_zoo.js";
 import { layersModelToOnnx } from "./onnx/export.js";
 import { quantizeGraph } from "./onnx/quantize.js";
 
-export { ENGINE_PRECISIONS, ENGINES, type EngineName, type EnginePrecision } from "../config.js";
+export { ENGINE_PRECISIONS, ENGINES, type EngineName, type EnginePrecision } from "../runtime/config.js";
 
 /** The engine a frozen graph actually runs on. */
 export interface EngineInfo {

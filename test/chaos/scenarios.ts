@@ -17,8 +17,8 @@ import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { planShards } from "../../coordinator/shard_planner.js";
 import { openDataset } from "../../core/datasets/open.js";
-import { FeatureCache, type FeatureSet } from "../../core/feature_store.js";
-import { Rng } from "../../core/rng.js";
+import { FeatureCache, type FeatureSet } from "../../core/datasets/feature_store.js";
+import { Rng } from "../../core/runtime/rng.js";
 import { Cluster, type Proc, shardsDone, stopAll, waitExit } from "../helpers/cluster.js";
 import { startNatsServer, type NatsServer } from "../helpers/nats_server.js";
 

@@ -8,7 +8,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { readdir } from "node:fs/promises";
 import { join } from "node:path";
-import { FeatureCache, type FeatureSet } from "../../core/feature_store.js";
+import { FeatureCache, type FeatureSet } from "../../core/datasets/feature_store.js";
 import { CTRAIN_BIN } from "./cli.js";
 import { freePort } from "./free_port.js";
 import { check } from "./nats_server.js";

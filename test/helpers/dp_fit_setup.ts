@@ -1,8 +1,8 @@
 /** The data, model and schedule shared by the data-parallel equivalence test and its worker processes. */
 import * as tf from "@tensorflow/tfjs";
-import { buildHead } from "../../core/head.js";
-import { Rng } from "../../core/rng.js";
-import type { ArrayData } from "../../core/train_loop.js";
+import { buildHead } from "../../core/models/head.js";
+import { Rng } from "../../core/runtime/rng.js";
+import type { ArrayData } from "../../core/training/train_loop.js";
 
 export interface DpFitArgs {
   url: string;

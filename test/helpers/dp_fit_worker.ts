@@ -8,12 +8,12 @@
  */
 import { connect } from "nats";
 import * as tf from "@tensorflow/tfjs";
-import { selectBackend } from "../../core/backend.js";
-import { sliceRanges } from "../../core/tensor_codec.js";
-import { fit } from "../../core/train_loop.js";
+import { selectBackend } from "../../core/models/backend.js";
+import { sliceRanges } from "../../proto/tensor_codec.js";
+import { fit } from "../../core/training/train_loop.js";
 import { GradientAverager, gradientHookFor } from "../../worker/gradient_averaging.js";
 import { weightsChecksum } from "../../worker/weights_checksum.js";
-import { registerWasmTrainingKernels } from "../../core/wasm_kernels.js";
+import { registerWasmTrainingKernels } from "../../core/models/wasm_kernels.js";
 import { DP_CONV, DP_SETUP, dpConvData, dpConvModel, dpData, dpModel, type DpFitArgs } from "./dp_fit_setup.js";
 
 const args = JSON.parse(process.argv[2]!) as DpFitArgs;

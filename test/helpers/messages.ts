@@ -3,7 +3,7 @@
  * `job-1`, membership epoch 3, step 7.
  */
 import { makeHeader, type MessageMap, type MessageType } from "../../proto/codec.js";
-import { encodeChunk, float32ToBytes, planChunks } from "../../core/tensor_codec.js";
+import { encodeChunk, float32ToBytes, planChunks } from "../../proto/tensor_codec.js";
 
 export const JOB = "job-1";
 export const EPOCH = 3;

@@ -1,6 +1,6 @@
 /** Seeded weights for every layer of a test model: kernels uniform with variance gain/fan-in, BatchNorm statistics away from 0/1. */
 import * as tf from "@tensorflow/tfjs";
-import { Rng } from "../../core/rng.js";
+import { Rng } from "../../core/runtime/rng.js";
 
 export function randomizeWeights(model: tf.LayersModel, seed: number, o: { kernelGain?: number; biasRange?: number } = {}): void {
   const rng = new Rng(seed);

@@ -14,7 +14,7 @@
  * caller runs the model on tfjs instead.
  */
 import * as tf from "@tensorflow/tfjs";
-import { ConfigError, UnsupportedLayerError } from "../../errors.js";
+import { ConfigError, UnsupportedLayerError } from "../../runtime/errors.js";
 import { GraphBuilder } from "./graph_builder.js";
 import { DataType } from "./schema.js";
 import { LAYER_CONVERTERS, type FoldTarget, type LayerCall, type Value } from "./layers.js";

@@ -7,7 +7,7 @@
  * NCHW in the graph; any other value is in Keras order.
  */
 import type * as tf from "@tensorflow/tfjs";
-import { UnsupportedLayerError } from "../../errors.js";
+import { UnsupportedLayerError } from "../../runtime/errors.js";
 import type { FloatInit } from "./graph_builder.js";
 import type { Converter } from "./export.js";
 

@@ -25,7 +25,7 @@
  * weights (u8s8) is onnxruntime's fast x86 path; CPUs without VNNI (or AVX512-VNNI) may saturate
  * int16 intermediates there, so the speed/accuracy figures of bench/int8.ts hold for VNNI machines.
  */
-import { ConfigError } from "../../errors.js";
+import { ConfigError } from "../../runtime/errors.js";
 import { DataType, decodeModel, encodeModel, tensorValues, type GraphProto, type ModelProto, type NodeProto, type TensorProto } from "./schema.js";
 
 export interface QuantizeOptions {

@@ -10,7 +10,7 @@
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import protobuf from "protobufjs";
-import { ConfigError } from "../../errors.js";
+import { ConfigError } from "../../runtime/errors.js";
 
 /** TensorProto.DataType values. */
 export const DataType = {

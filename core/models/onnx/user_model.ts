@@ -10,9 +10,9 @@
  */
 import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
-import { ConfigError } from "../../errors.js";
-import type { Pooling } from "../../config.js";
-import { PREPROCESSINGS, type Preprocessing } from "../../model_zoo.js";
+import { ConfigError } from "../../runtime/errors.js";
+import type { Pooling } from "../../runtime/config.js";
+import { PREPROCESSINGS, type Preprocessing } from "../model_zoo.js";
 import { preprocessGraph } from "./export.js";
 import { GraphBuilder } from "./graph_builder.js";
 import { DataType, decodeModel, encodeModel, type ModelProto, type NodeProto, type ValueInfoProto } from "./schema.js";

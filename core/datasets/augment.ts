@@ -9,9 +9,9 @@
  * the same augmentation in every process.
  */
 import * as tf from "@tensorflow/tfjs";
-import { FILL_MODES, type FillMode, type JobOptions } from "./config.js";
-import { ConfigError } from "./errors.js";
-import { Rng } from "./rng.js";
+import { FILL_MODES, type FillMode, type JobOptions } from "../runtime/config.js";
+import { ConfigError } from "../runtime/errors.js";
+import { Rng } from "../runtime/rng.js";
 
 export { FILL_MODES, type FillMode };
 

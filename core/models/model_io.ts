@@ -6,7 +6,7 @@
 import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
-import { storageError } from "./errors.js";
+import { storageError } from "../runtime/errors.js";
 
 function concatWeightData(d: tf.io.WeightData | undefined): Uint8Array {
   if (!d) return new Uint8Array(0);

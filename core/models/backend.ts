@@ -8,8 +8,8 @@
  * backend into that same (deduplicated) tfjs-core engine.
  */
 import * as tf from "@tensorflow/tfjs";
-import type { BackendName } from "./config.js";
-import { BackendUnavailableError } from "./errors.js";
+import type { BackendName } from "../runtime/config.js";
+import { BackendUnavailableError } from "../runtime/errors.js";
 
 /** The backend a process actually runs on. */
 export interface BackendInfo {

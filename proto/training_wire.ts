@@ -6,10 +6,10 @@
  * the trained head).
  */
 import * as tf from "@tensorflow/tfjs";
-import { decode, encode, makeHeader } from "../proto/codec.js";
-import { packArrays, unpackArrays } from "./checkpoints.js";
+import { decode, encode, makeHeader } from "./codec.js";
+import { packArrays, unpackArrays } from "../core/training/checkpoints.js";
 import { sliceRanges } from "./tensor_codec.js";
-import type { ArrayData, EpochStats } from "./train_loop.js";
+import type { ArrayData, EpochStats } from "../core/training/train_loop.js";
 
 /** Keys of the training role in the job's state KV. */
 export const TRAINING_KEYS = {

@@ -13,8 +13,8 @@ import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import type { SkippedInput, Split } from "./datasets/types.js";
-import { storageError } from "./errors.js";
+import type { SkippedInput, Split } from "./types.js";
+import { storageError } from "../runtime/errors.js";
 
 /** Features of one shard of samples. */
 export interface FeatureShardData {

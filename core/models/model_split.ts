@@ -19,8 +19,8 @@
  * by layer name -- the complement of cutTopology in feature_model.ts.
  */
 import * as tf from "@tensorflow/tfjs";
-import { ConfigError } from "./errors.js";
-import type { Pooling } from "./config.js";
+import { ConfigError } from "../runtime/errors.js";
+import type { Pooling } from "../runtime/config.js";
 import { cutTopology, inboundNames, type LayerJson, loadCut, poolingLayer } from "./feature_model.js";
 import type { PretrainedSource } from "./model_zoo.js";
 

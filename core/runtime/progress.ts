@@ -150,7 +150,7 @@ export class Progress {
   }
 }
 
-/** What a training epoch ends with (core/train_loop.ts EpochStats). */
+/** What a training epoch ends with (core/training/train_loop.ts EpochStats). */
 export interface EpochFigures {
   /** Epoch number, from 1. */
   epoch: number;

@@ -11,7 +11,7 @@ import { createRequire } from "node:module";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as tf from "@tensorflow/tfjs";
-import { ConfigError } from "./errors.js";
+import { ConfigError } from "../runtime/errors.js";
 import { inboundNames, type LayerJson } from "./feature_model.js";
 
 /** How pixels in [0, 255] become the model's input (the models' own modes; see {@link preprocess}). */

@@ -32,10 +32,10 @@ export const FILL_MODES = ["reflect", "nearest", "constant", "wrap"] as const;
 export type FillMode = (typeof FILL_MODES)[number];
 export const AUGMENT_FLIPS = ["horizontal", "none"] as const;
 export type AugmentFlip = (typeof AUGMENT_FLIPS)[number];
-/** `--preprocessing`: `auto` = the model's own (see core/model_zoo.ts PREPROCESSINGS, which this list repeats so options load without TensorFlow.js). */
+/** `--preprocessing`: `auto` = the model's own (see core/models/model_zoo.ts PREPROCESSINGS, which this list repeats so options load without TensorFlow.js). */
 export const PREPROCESSING_CHOICES = ["auto", "unit", "tf", "caffe", "torch", "none"] as const;
 export type PreprocessingChoice = (typeof PREPROCESSING_CHOICES)[number];
-/** Learning-rate schedules of the training loop (core/train_loop.ts). */
+/** Learning-rate schedules of the training loop (core/training/train_loop.ts). */
 export const LR_SCHEDULES = ["constant", "cosine", "plateau"] as const;
 export type LrSchedule = (typeof LR_SCHEDULES)[number];
 /** The validation figure early stopping, best weights and the plateau schedule watch. */

@@ -1,10 +1,10 @@
 /**
- * From job options to the training loop's controls (core/train_loop.ts TrainingControls): early
+ * From job options to the training loop's controls (core/training/train_loop.ts TrainingControls): early
  * stopping, best weights, learning-rate schedule, class weights, label smoothing. `--class-weight`
  * is checked against the data set's classes by preflight, before any work.
  */
-import { type JobOptions, OPTION_SPECS } from "./config.js";
-import { ConfigError } from "./errors.js";
+import { type JobOptions, OPTION_SPECS } from "../runtime/config.js";
+import { ConfigError } from "../runtime/errors.js";
 import type { TrainingControls } from "./train_loop.js";
 
 /** A parsed `--class-weight`. */

@@ -13,8 +13,8 @@
  * Failure records are ShardError messages (trainer.proto), checked on read like any message.
  */
 import { AckPolicy, DeliverPolicy, nanos, RetentionPolicy, StorageType, type JetStreamManager } from "nats";
-import { decode, encode, makeHeader } from "../proto/codec.js";
-import type { JobNames } from "../proto/subjects.js";
+import { decode, encode, makeHeader } from "./codec.js";
+import type { JobNames } from "./subjects.js";
 
 /** Time a worker may hold a task without an in-progress ack before it is redelivered, ms. */
 export const DEFAULT_ACK_WAIT_MS = 30_000;

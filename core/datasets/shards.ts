@@ -3,7 +3,7 @@
  * (coordinator/shard_planner.ts) and hands them to a ShardExecutor: the calling process
  * (worker/local_executor.ts) or workers over NATS (coordinator/nats_executor.ts).
  */
-import type { SampleRef } from "./datasets/types.js";
+import type { SampleRef } from "./types.js";
 import type { FeatureShardData } from "./feature_store.js";
 
 export interface Shard {

@@ -7,13 +7,13 @@
  */
 import { createHash } from "node:crypto";
 import * as tf from "@tensorflow/tfjs";
-import type { Pooling } from "./config.js";
-import type { Dataset } from "./datasets/types.js";
-import { BadInputError, ConfigError } from "./errors.js";
-import { type EngineInfo, type EngineOptions, type FrozenForward, frozenForward } from "./models/inference_engine.js";
+import type { Pooling } from "../runtime/config.js";
+import type { Dataset } from "../datasets/types.js";
+import { BadInputError, ConfigError } from "../runtime/errors.js";
+import { type EngineInfo, type EngineOptions, type FrozenForward, frozenForward } from "./inference_engine.js";
 import { loadPretrained, type ModelChoices, type Preprocessing, type PretrainedSource, resolveModelChoices, withPreprocessing } from "./model_zoo.js";
-import { loadOnnxRuntime, onnxGraphForward } from "./models/inference_engine.js";
-import { cutOnnxModel, defaultOnnxFeatureTensor, isOnnxModelSpec, loadOnnxSource, onnxInputSize, onnxTensorShapes, type OnnxSource } from "./models/onnx/user_model.js";
+import { loadOnnxRuntime, onnxGraphForward } from "./inference_engine.js";
+import { cutOnnxModel, defaultOnnxFeatureTensor, isOnnxModelSpec, loadOnnxSource, onnxInputSize, onnxTensorShapes, type OnnxSource } from "./onnx/user_model.js";
 
 /** One layer of a Keras topology JSON. */
 export interface LayerJson {

@@ -9,7 +9,7 @@
  * slices, so every member computes the same plan and knows which chunks to expect.
  */
 import { endianness } from "node:os";
-import { crc32 } from "../proto/checksum.js";
+import { crc32 } from "./checksum.js";
 
 /** Element type on the wire. Same names as the `--wire-dtype` option and the proto `Dtype` enum. */
 export type WireDtype = "fp32" | "fp16";

@@ -11,8 +11,8 @@
  * tf.memory().numTensors does not grow across steps.
  */
 import * as tf from "@tensorflow/tfjs";
-import type { LrSchedule, Monitor } from "./config.js";
-import { Rng } from "./rng.js";
+import type { LrSchedule, Monitor } from "../runtime/config.js";
+import { Rng } from "../runtime/rng.js";
 
 /** Rows of inputs (any per-sample shape) and integer labels held in memory. */
 export interface ArrayData {

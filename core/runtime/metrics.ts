@@ -11,7 +11,7 @@
  * counters, `_info` metrics valued 1. The `job` label is the ctrain job id; the scrape config uses
  * `honor_labels: true` so it is not renamed to `exported_job` (see deploy/prometheus/prometheus.yml).
  */
-import { SKIP_REASONS } from "./datasets/types.js";
+import { SKIP_REASONS } from "../datasets/types.js";
 import { ConfigError } from "./errors.js";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import { rename, writeFile } from "node:fs/promises";

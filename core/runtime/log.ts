@@ -188,7 +188,7 @@ export function createLogger(options: LoggerOptions): Logger {
         line = toJsonLine({ ts: ts.toISOString(), level: lvl, msg, ...bound, log_error: String(err) }) + "\n";
       }
       // Secrets never reach the output, whatever field or error message carried them.
-      // Above a live progress bar on a terminal (core/progress.ts owns the last line).
+      // Above a live progress bar on a terminal (core/runtime/progress.ts owns the last line).
       writeAbove(stream, redactSecrets(line));
     };
     return {
