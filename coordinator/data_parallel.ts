@@ -59,6 +59,7 @@ import type { Pooling, WireDtype } from "../core/runtime/config.js";
 import { ensureTaskQueue, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../proto/extraction_wire.js";
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
+import { WorkersUnavailableError } from "../core/runtime/errors.js";
 import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
 import { sliceRanges } from "../proto/tensor_codec.js";
 import { type ArrayData, type EpochStats, evaluate, epochBatches } from "../core/training/train_loop.js";
@@ -252,7 +253,7 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
       await tick(500);
     }
     let members = ready();
-    if (members.length === 0) throw new Error(`no worker became ready for fine-tuning within ${o.readyTimeoutMs ?? 120_000} ms`);
+    if (members.length === 0) throw new WorkersUnavailableError(`no worker became ready for fine-tuning within ${o.readyTimeoutMs ?? 120_000} ms`);
     if (members.length < o.workers) log.warn("starting fine-tuning with fewer workers than asked", { ready: members.length, asked: o.workers });
     // Membership epochs: `epoch` is the newest plan's; `activeEpoch` the one the replicas average under
     // (a proposal only becomes it when member 0 applies it at a boundary).

@@ -33,18 +33,9 @@ import { decode, DecodeError, encode, makeHeader, type FeatureShard, type JobSpe
 import { jobNames, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
 import type { Shard, ShardExecutor } from "../core/datasets/shards.js";
 import { WorkerRegistryMonitor } from "./worker_registry.js";
-
-/** A shard gave up after the consumer's max deliveries. Fix the cause (the message says it) and run the job again. */
-export class ShardFailedError extends Error {
-  override name = "ShardFailedError";
-  readonly shard: string;
-  readonly lastError: string;
-  constructor(shard: string, lastError: string, message: string) {
-    super(message);
-    this.shard = shard;
-    this.lastError = lastError;
-  }
-}
+import { ShardFailedError } from "../core/runtime/errors.js";
+/** Re-exported from core/runtime/errors.ts, where every error that decides recovery lives. */
+export { ShardFailedError };
 
 export interface NatsExecutorOptions {
   nc: NatsConnection;

@@ -44,7 +44,7 @@
  */
 import type { NatsConnection, Subscription, Msg } from "nats";
 import * as tf from "@tensorflow/tfjs";
-import { ConfigError, MembershipChanged, WorkerLostError } from "../core/runtime/errors.js";
+import { ConfigError, MembershipChanged } from "../core/runtime/errors.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import {
   DEFAULT_BUCKET_BYTES,
@@ -62,6 +62,9 @@ import type { GradientHook } from "../core/training/train_loop.js";
 import { crc32 } from "../proto/checksum.js";
 import { DecodeError, decode, encode, makeHeader, type TensorChunk } from "../proto/codec.js";
 import { jobNames, validateWorkerId, type JobNames } from "../proto/subjects.js";
+import { NonFiniteGradientError, StepPeersLostError } from "../core/runtime/errors.js";
+/** Re-exported from core/runtime/errors.ts, where every error that decides recovery lives. */
+export { NonFiniteGradientError, StepPeersLostError };
 
 /** The part of the process metrics (core/runtime/metrics.ts) the averager reports to. */
 export type AveragerMetrics = Pick<CtrainMetrics, "observeAllreduce" | "droppedMessage">;
@@ -91,44 +94,6 @@ export interface GradientAveragerOptions {
   timeoutMs?: number;
   /** Upper bound of the bytes of early messages (next step, newer epoch) held until their step starts. Default 512 MiB. */
   maxBufferedBytes?: number;
-}
-
-/** The local gradient holds NaN or an infinity: the step is stopped before anything is sent. */
-export class NonFiniteGradientError extends Error {
-  override name = "NonFiniteGradientError";
-  readonly step: number;
-  /** First offending element of the flat vector. */
-  readonly index: number;
-  constructor(step: number, index: number, value: number) {
-    super(`step ${step}: the local gradient holds ${value} at element ${index}; nothing was sent. Lower the learning rate or check the input batch, then redo the step`);
-    this.step = step;
-    this.index = index;
-  }
-}
-
-/**
- * Peers did not deliver their part of a step in time. A member whose gradient chunks did not reach us
- * is the likely culprit; an owner whose averaged slice is missing may only be waiting for someone else.
- * `worker` is the first of `missing`, culprits first.
- */
-export class StepPeersLostError extends WorkerLostError {
-  readonly step: number;
-  /** Members whose gradient chunks for our slice did not all arrive. */
-  readonly missingGradients: readonly string[];
-  /** Owners whose averaged slice did not all arrive. */
-  readonly missingAveraged: readonly string[];
-  /** Both lists, without repeats, `missingGradients` first. */
-  readonly missing: readonly string[];
-  constructor(step: number, missingGradients: readonly string[], missingAveraged: readonly string[], timeoutMs: number) {
-    const missing = [...new Set([...missingGradients, ...missingAveraged])];
-    const q = (l: readonly string[]): string => l.map((m) => JSON.stringify(m)).join(", ");
-    const parts = [missingGradients.length ? `no gradient from ${q(missingGradients)}` : "", missingAveraged.length ? `no averaged slice from ${q(missingAveraged)}` : ""];
-    super(missing[0] ?? "", `step ${step}: ${parts.filter(Boolean).join(", ")} within ${timeoutMs} ms; re-plan without the lost member (new membership epoch) and redo the step`);
-    this.step = step;
-    this.missingGradients = missingGradients;
-    this.missingAveraged = missingAveraged;
-    this.missing = missing;
-  }
 }
 
 /** What one `average()` moved, for benchmarks and logs. */

@@ -42,19 +42,9 @@ import { decodeDataObject, decodeHeadObject, encodeReport, memberSlice, TRAINING
 import { GradientAverager, gradientHookFor, StepPeersLostError } from "./gradient_averaging.js";
 import { MembershipView } from "./membership_view.js";
 import { weightsChecksum } from "./weights_checksum.js";
-
-/** Replicas disagree on their weights after the same step: a missed or double-applied update. */
-export class ReplicaMismatchError extends Error {
-  override name = "ReplicaMismatchError";
-  constructor(readonly step: number, detail: string) {
-    super(`step ${step}: replicas' weights differ (${detail}); the job stops. Rerun from the last checkpoint; if it repeats, check that every worker runs the same backend and version`);
-  }
-}
-
-/** This replica was left out of the membership (the others went on without it). */
-export class EvictedError extends Error {
-  override name = "EvictedError";
-}
+import { ReplicaMismatchError, EvictedError } from "../core/runtime/errors.js";
+/** Re-exported from core/runtime/errors.ts, where every error that decides recovery lives. */
+export { ReplicaMismatchError, EvictedError };
 
 export interface TrainingWorkerOptions {
   nc: NatsConnection;

@@ -98,8 +98,8 @@ export function storageError(err: unknown, path: string, need?: number): unknown
 }
 
 /** Errors whose message says all a user needs (what to fix, how to resume): printed as one line, without a stack trace. */
-export function isUserError(err: unknown): err is ConfigError | BadInputError | BackendUnavailableError | EngineUnavailableError | StorageError | ServiceLostError {
-  return err instanceof ConfigError || err instanceof BadInputError || err instanceof BackendUnavailableError || err instanceof EngineUnavailableError || err instanceof StorageError || err instanceof ServiceLostError;
+export function isUserError(err: unknown): err is Error {
+  return USER_ERRORS.some((C) => err instanceof C);
 }
 
 /**
@@ -118,3 +118,80 @@ export class UnsupportedLayerError extends ConfigError {
     this.className = className;
   }
 }
+
+/** A shard gave up after the consumer's max deliveries. Fix the cause (the message says it) and run the job again. */
+export class ShardFailedError extends Error {
+  override name = "ShardFailedError";
+  readonly shard: string;
+  readonly lastError: string;
+  constructor(shard: string, lastError: string, message: string) {
+    super(message);
+    this.shard = shard;
+    this.lastError = lastError;
+  }
+}
+
+/** Replicas disagree on their weights after the same step: a missed or double-applied update. */
+export class ReplicaMismatchError extends Error {
+  override name = "ReplicaMismatchError";
+  constructor(readonly step: number, detail: string) {
+    super(`step ${step}: replicas' weights differ (${detail}); the job stops. Rerun from the last checkpoint; if it repeats, check that every worker runs the same backend and version`);
+  }
+}
+
+/** This replica was left out of the membership (the others went on without it). */
+export class EvictedError extends Error {
+  override name = "EvictedError";
+}
+
+/** The local gradient holds NaN or an infinity: the step is stopped before anything is sent. */
+export class NonFiniteGradientError extends Error {
+  override name = "NonFiniteGradientError";
+  readonly step: number;
+  /** First offending element of the flat vector. */
+  readonly index: number;
+  constructor(step: number, index: number, value: number) {
+    super(`step ${step}: the local gradient holds ${value} at element ${index}; nothing was sent. Lower the learning rate or check the input batch, then redo the step`);
+    this.step = step;
+    this.index = index;
+  }
+}
+
+/**
+ * Peers did not deliver their part of a step in time. A member whose gradient chunks did not reach us
+ * is the likely culprit; an owner whose averaged slice is missing may only be waiting for someone else.
+ * `worker` is the first of `missing`, culprits first.
+ */
+export class StepPeersLostError extends WorkerLostError {
+  readonly step: number;
+  /** Members whose gradient chunks for our slice did not all arrive. */
+  readonly missingGradients: readonly string[];
+  /** Owners whose averaged slice did not all arrive. */
+  readonly missingAveraged: readonly string[];
+  /** Both lists, without repeats, `missingGradients` first. */
+  readonly missing: readonly string[];
+  constructor(step: number, missingGradients: readonly string[], missingAveraged: readonly string[], timeoutMs: number) {
+    const missing = [...new Set([...missingGradients, ...missingAveraged])];
+    const q = (l: readonly string[]): string => l.map((m) => JSON.stringify(m)).join(", ");
+    const parts = [missingGradients.length ? `no gradient from ${q(missingGradients)}` : "", missingAveraged.length ? `no averaged slice from ${q(missingAveraged)}` : ""];
+    super(missing[0] ?? "", `step ${step}: ${parts.filter(Boolean).join(", ")} within ${timeoutMs} ms; re-plan without the lost member (new membership epoch) and redo the step`);
+    this.step = step;
+    this.missingGradients = missingGradients;
+    this.missingAveraged = missingAveraged;
+    this.missing = missing;
+  }
+}
+
+/** No worker is (or stays) available for a phase that needs workers: none became ready, or every one was lost. */
+export class WorkersUnavailableError extends Error {
+  override name = "WorkersUnavailableError";
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
+/** Errors whose message tells the user what to fix or how to resume (see isUserError). */
+const USER_ERRORS: readonly (abstract new (...args: never[]) => Error)[] = [
+  ConfigError, BadInputError, BackendUnavailableError, EngineUnavailableError, StorageError, ServiceLostError,
+  ShardFailedError, ReplicaMismatchError, WorkersUnavailableError,
+];
