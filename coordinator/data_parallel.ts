@@ -3,9 +3,9 @@
  *
  * Design
  * - Spec. The coordinator publishes one training spec per attempt: a JobSpec (model, input size,
- *   feature layer, pooling, --fine-tune-layers, learning rate, seed, global batch, classes, wire dtype;
- *   `extra`: attempt id, epochs, checksum/checkpoint periods, step timeout, config fingerprint) under
- *   TRAINING_KEYS.spec in the job's state KV. Beside it, in the job's checkpoints object store: the
+ *   feature layer, pooling, --fine-tune-layers, learning rate, seed, global batch, classes, wire dtype,
+ *   attempt id, epochs, checksum/checkpoint periods, step timeout, config fingerprint: a typed
+ *   TrainingAttempt, proto/training_wire.ts) under TRAINING_KEYS.spec in the job's state KV. Beside it, in the job's checkpoints object store: the
  *   trained head (topology + weights), the start state (every weight of top + head, the optimizer's
  *   state, the data cursor; core/training/checkpoints.ts) and the training rows.
  * - Data. The rows are the cached activations at the cut that the one-process path trains on; the
@@ -22,7 +22,8 @@
  *   batch, by member index) and gradientHookFor(averager) (weighted by sample count, so N workers on
  *   global batch B give the mean gradient of B). The coordinator is not on the gradient path: it
  *   plans membership and watches.
- * - Membership. Workers report `ready` (their averager subscribed) in the state KV; the coordinator
+ * - Membership. The rules are coordinator/membership_planner.ts (pure, tested); the I/O around them is
+ *   coordinator/data_parallel_driver.ts. Workers report `ready` (their averager subscribed) in the state KV; the coordinator
  *   puts a StepPlan (header.epoch = membership epoch 1, members in order) under TRAINING_KEYS.members.
  *   A member lost mid-step (its heartbeat gone from the worker registry, or named by the survivors'
  *   `peers_lost` reports after StepPeersLostError) is removed: membership epoch + 1, new StepPlan; the
@@ -53,23 +54,29 @@
  *   ("Catch-up" in worker/gradient_averaging.ts), so both apply the same update and meet at the next
  *   step.
  */
-import type { JetStreamClient, KV, NatsConnection, ObjectStore } from "nats";
+import type { KV, NatsConnection, ObjectStore } from "nats";
 import * as tf from "@tensorflow/tfjs";
 import type { Pooling, WireDtype } from "../core/runtime/config.js";
 import { ensureTaskQueue, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../proto/extraction_wire.js";
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
-import { WorkersUnavailableError } from "../core/runtime/errors.js";
 import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
-import { sliceRanges } from "../proto/tensor_codec.js";
 import { type ArrayData, type EpochStats, evaluate, epochBatches } from "../core/training/train_loop.js";
-import { decode, DecodeError, encode, makeHeader, type JobSpec } from "../proto/codec.js";
+import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
 import { captureState, CHECKPOINT_OBJECTS, decodeState, encodeState, getBytes, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import type { FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix } from "./head_training.js";
-import { decodeReport, encodeDataObject, encodeHeadObject, TRAINING_KEYS, type TrainingReport } from "../proto/training_wire.js";
+import { completeAttempt, encodeDataObject, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, type TrainingAttempt } from "../proto/training_wire.js";
+import { DataParallelDriver, type DriveResult } from "./data_parallel_driver.js";
 
+export { DATA_PARALLEL_DEFAULTS };
+
+/**
+ * Everything data-parallel fine-tuning takes. Every setting is a field here (nothing is read from the
+ * environment); the tunables' defaults are DATA_PARALLEL_DEFAULTS (core/training/data_parallel_settings.ts),
+ * which the option table shows and validates.
+ */
 export interface DataParallelOptions {
   nc: NatsConnection;
   job: string;
@@ -82,20 +89,23 @@ export interface DataParallelOptions {
   fineTuneLayers: string;
   learningRate: number;
   seed: number;
-  /** Global batch (split across the members). */
+  /** Global batch (split across the members), samples per step. */
   batchSize: number;
   epochs: number;
   numClasses: number;
+  /** Gradient dtype on the wire. Default fp32. */
   wireDtype?: WireDtype;
+  /** Upper bound of one gradient bucket on the wire, bytes. Default 0 = the averager's own. */
+  bucketBytes?: number;
   /** Workers to wait for before the first step. */
   workers: number;
   /** How long to wait for `workers` replicas to be ready before starting with those that are, ms. Default 120000. */
   readyTimeoutMs?: number;
-  /** Steps between replica checksum exchanges. Default 10 (CTRAIN_DP_CHECKSUM_EVERY). */
+  /** Steps between replica checksum exchanges; 0 = never. Default 10. */
   checksumEvery?: number;
-  /** Steps between checkpoints. Default 20 (CTRAIN_DP_CHECKPOINT_EVERY); 0 = only the final state. */
+  /** Steps between checkpoints; 0 = only the final state. Default 20. */
   checkpointEvery?: number;
-  /** Step deadline before peers count as lost, ms. Default 30000 (CTRAIN_DP_STEP_TIMEOUT_MS). */
+  /** Step deadline before peers count as lost, ms. Default 30000. */
   stepTimeoutMs?: number;
   /** Run folder: checkpoints are copied to <out>/checkpoints/. */
   out?: string;
@@ -104,81 +114,103 @@ export interface DataParallelOptions {
   signal?: AbortSignal;
 }
 
+type Splits = { train: ArrayData; val: ArrayData; test: ArrayData };
+
+/** The job's stores the attempt uses (the task queue is ensured too: workers bind to the job through it). */
+interface Stores {
+  os: ObjectStore;
+  state: KV;
+  registry: KV;
+}
+
 /** Fingerprint of what a checkpoint is valid for. */
 function fingerprint(o: DataParallelOptions, trainRows: number): string {
   return JSON.stringify([o.model, o.inputSize, o.featureLayer, o.pooling, o.fineTuneLayers, o.learningRate, o.seed, o.batchSize, o.numClasses, trainRows]);
 }
 
-const envInt = (name: string, def: number): number => {
-  const v = process.env[name];
-  return v !== undefined && /^\d+$/.test(v) ? Number(v) : def;
-};
+/** A fresh attempt id (base 36 time + a random suffix). */
+function newAttemptId(): string {
+  return `${Date.now().toString(36)}${Math.floor(Math.random() * 1e4).toString(36)}`;
+}
+
+/** The training attempt the replicas run: every setting typed, the defaults applied once (completeAttempt). */
+export function attemptOf(o: DataParallelOptions, attempt: string, trainRows: number): TrainingAttempt {
+  return completeAttempt({
+    attempt, model: o.model, inputSize: o.inputSize, featureLayer: o.featureLayer, pooling: o.pooling, fineTuneLayers: o.fineTuneLayers,
+    learningRate: o.learningRate, seed: o.seed, globalBatch: o.batchSize, epochs: o.epochs, numClasses: o.numClasses, fingerprint: fingerprint(o, trainRows),
+    wireDtype: o.wireDtype, bucketBytes: o.bucketBytes, checksumEvery: o.checksumEvery, checkpointEvery: o.checkpointEvery, stepTimeoutMs: o.stepTimeoutMs,
+  });
+}
+
+async function openStores(nc: NatsConnection, job: string): Promise<Stores> {
+  const names = jobNames(job);
+  const js = nc.jetstream();
+  await ensureTaskQueue(await nc.jetstreamManager(), names, { ackWaitMs: DEFAULT_ACK_WAIT_MS, maxDeliver: DEFAULT_MAX_DELIVER });
+  return {
+    os: await js.views.os(names.checkpointsBucket),
+    state: await js.views.kv(names.stateBucket, { history: 1 }),
+    registry: await js.views.kv(names.workersBucket, { history: 1, ttl: WORKER_REGISTRY_TTL_MS }),
+  };
+}
+
+/** The attempt's start state: the job's latest checkpoint when it was made for this configuration, else the model as it is. */
+async function startState(o: DataParallelOptions, os: ObjectStore, model: tf.LayersModel, optimizer: tf.Optimizer, fp: string, totalSteps: number): Promise<TrainingState> {
+  const fresh = await captureState(model, optimizer, { epoch: 0, batch: 0, step: 0 }, { fingerprint: fp, history: [] });
+  const bytes = await getBytes(os, CHECKPOINT_OBJECTS.latest).catch(() => null);
+  if (!bytes) return fresh;
+  const latest = decodeState(bytes);
+  if (latest.meta["fingerprint"] !== fp) {
+    o.log.info("ignoring a checkpoint of another configuration", { step: latest.cursor.step });
+    return fresh;
+  }
+  o.log.info("resuming fine-tuning from checkpoint", { step: latest.cursor.step, epoch: latest.cursor.epoch, batch: latest.cursor.batch, of_steps: totalSteps });
+  return latest;
+}
+
+/** Puts what every replica fetches (head, start state, rows) and then the spec that starts them. */
+async function publishAttempt(o: DataParallelOptions, s: Stores, a: TrainingAttempt, head: tf.LayersModel, start: TrainingState, data: Splits, totalSteps: number): Promise<void> {
+  await putBytes(s.os, CHECKPOINT_OBJECTS.head(a.attempt), await encodeHeadObject(head));
+  await putBytes(s.os, CHECKPOINT_OBJECTS.start(a.attempt), encodeState(start));
+  await putBytes(s.os, CHECKPOINT_OBJECTS.data(a.attempt, "train"), encodeDataObject(data.train));
+  await putBytes(s.os, CHECKPOINT_OBJECTS.data(a.attempt, "val"), encodeDataObject(data.val));
+  await s.state.put(TRAINING_KEYS.spec, encodeTrainingSpec(o.job, a));
+  o.log.info("training spec published", { attempt: a.attempt, from_step: start.cursor.step, steps: totalSteps, workers: o.workers, checkpoint_every: a.checkpointEvery, checksum_every: a.checksumEvery });
+}
+
+/** Runs the attempt on the workers (or nothing when the checkpoint is already complete). */
+async function trainOnWorkers(o: DataParallelOptions, s: Stores, head: tf.LayersModel, start: TrainingState, data: Splits, totalSteps: number): Promise<DriveResult> {
+  const history = (start.meta["history"] as EpochStats[] | undefined) ?? [];
+  if (start.cursor.step >= totalSteps) {
+    o.log.info("fine-tuning already complete in the checkpoint", { step: start.cursor.step });
+    return { final: start, history, allreduce: { seconds: 0, bytes: 0, workers: 0 } };
+  }
+  const a = attemptOf(o, newAttemptId(), data.train.y.length);
+  await publishAttempt(o, s, a, head, start, data, totalSteps);
+  const r = await new DataParallelDriver({
+    job: o.job, log: o.log, metrics: o.metrics, state: s.state, registry: s.registry, os: s.os, attempt: a, start, totalSteps, workers: o.workers,
+    readyTimeoutMs: o.readyTimeoutMs ?? DATA_PARALLEL_DEFAULTS.readyTimeoutMs, out: o.out, onBatchProgress: o.onBatchProgress, onEpochEnd: o.onEpochEnd, signal: o.signal,
+  }).run();
+  await s.state.delete(TRAINING_KEYS.spec).catch(() => undefined);
+  return { ...r, history: r.history.length ? r.history : history };
+}
 
 /** Fine-tunes split.top + head data-parallel over the job's workers; the trained weights end up in them. */
-export async function runDataParallelFineTune(split: SplitBase, head: tf.LayersModel, data: { train: ArrayData; val: ArrayData; test: ArrayData }, o: DataParallelOptions): Promise<FineTuneResult> {
+export async function runDataParallelFineTune(split: SplitBase, head: tf.LayersModel, data: Splits, o: DataParallelOptions): Promise<FineTuneResult> {
   const t0 = performance.now();
-  const { nc, job, log } = o;
-  const names = jobNames(job);
-  const js: JetStreamClient = nc.jetstream();
-  await ensureTaskQueue(await nc.jetstreamManager(), names, { ackWaitMs: DEFAULT_ACK_WAIT_MS, maxDeliver: DEFAULT_MAX_DELIVER }); // workers bind to the job through it
-  const os: ObjectStore = await js.views.os(names.checkpointsBucket);
-  const state: KV = await js.views.kv(names.stateBucket, { history: 1 });
-  const registry: KV = await js.views.kv(names.workersBucket, { history: 1, ttl: WORKER_REGISTRY_TTL_MS });
-  const checksumEvery = o.checksumEvery ?? envInt("CTRAIN_DP_CHECKSUM_EVERY", 10);
-  const checkpointEvery = o.checkpointEvery ?? envInt("CTRAIN_DP_CHECKPOINT_EVERY", 20);
-  const stepTimeoutMs = o.stepTimeoutMs ?? envInt("CTRAIN_DP_STEP_TIMEOUT_MS", 30_000);
-  const attempt = `${Date.now().toString(36)}${Math.floor(Math.random() * 1e4).toString(36)}`;
-  const fp = fingerprint(o, data.train.y.length);
-  const sender = `coordinator-${attempt}`;
-  const stepsPerEpoch = epochBatches(data.train.y.length, o.batchSize, o.seed, 0).length;
-  const totalSteps = stepsPerEpoch * o.epochs;
-
+  const stores = await openStores(o.nc, o.job);
+  const totalSteps = epochBatches(data.train.y.length, o.batchSize, o.seed, 0).length * o.epochs;
   const model = fineTuneModel(split, head, o.pooling, false);
   const optimizer = tf.train.adam(o.learningRate);
   try {
     const valBefore = evaluate(model, data.val, o.numClasses);
-    // Resume: the job's latest checkpoint, when it was made for this configuration.
-    let start: TrainingState = await captureState(model, optimizer, { epoch: 0, batch: 0, step: 0 }, { fingerprint: fp, history: [] });
-    const latestBytes = await getBytes(os, CHECKPOINT_OBJECTS.latest).catch(() => null);
-    if (latestBytes) {
-      const latest = decodeState(latestBytes);
-      if (latest.meta["fingerprint"] === fp) {
-        start = latest;
-        log.info("resuming fine-tuning from checkpoint", { step: latest.cursor.step, epoch: latest.cursor.epoch, batch: latest.cursor.batch, of_steps: totalSteps });
-      } else log.info("ignoring a checkpoint of another configuration", { step: latest.cursor.step });
-    }
-    let final: TrainingState;
-    let history = (start.meta["history"] as EpochStats[] | undefined) ?? [];
-    let allreduce = { seconds: 0, bytes: 0, workers: 0 };
-    if (start.cursor.step >= totalSteps) {
-      log.info("fine-tuning already complete in the checkpoint", { step: start.cursor.step });
-      final = start;
-    } else {
-      await putBytes(os, CHECKPOINT_OBJECTS.head(attempt), await encodeHeadObject(head));
-      await putBytes(os, CHECKPOINT_OBJECTS.start(attempt), encodeState(start));
-      await putBytes(os, CHECKPOINT_OBJECTS.data(attempt, "train"), encodeDataObject(data.train));
-      await putBytes(os, CHECKPOINT_OBJECTS.data(attempt, "val"), encodeDataObject(data.val));
-      const spec: JobSpec = {
-        header: makeHeader(job, sender), data: `${names.checkpointsBucket}/${CHECKPOINT_OBJECTS.data(attempt, "train")}`, model: o.model, inputSize: o.inputSize, featureLayer: o.featureLayer, pooling: o.pooling,
-        method: "cached", batchSize: o.batchSize, seed: o.seed, backend: "auto", limit: 0, valSplit: 0, testSplit: 0, shardSize: 0, maxPixels: 0,
-        fineTuneLayers: o.fineTuneLayers, learningRate: o.learningRate, fineTuneLearningRate: o.learningRate, wireDtype: o.wireDtype ?? "fp32",
-        headUnits: 0, dropout: 0, numClasses: o.numClasses, bucketBytes: 0, engine: "", threads: 0,
-        extra: { role: "fine_tune", attempt, epochs: String(o.epochs), checksum_every: String(checksumEvery), checkpoint_every: String(checkpointEvery), timeout_ms: String(stepTimeoutMs), fingerprint: fp },
-      };
-      await state.put(TRAINING_KEYS.spec, encode("JobSpec", spec));
-      log.info("training spec published", { attempt, from_step: start.cursor.step, steps: totalSteps, workers: o.workers, checkpoint_every: checkpointEvery, checksum_every: checksumEvery });
-      const r = await drive(o, { state, registry, os, attempt, sender, start, totalSteps });
-      final = r.final;
-      history = r.history.length ? r.history : history;
-      allreduce = r.allreduce;
-      await state.delete(TRAINING_KEYS.spec).catch(() => undefined);
-    }
+    const start = await startState(o, stores.os, model, optimizer, fingerprint(o, data.train.y.length), totalSteps);
+    const { final, history, allreduce } = await trainOnWorkers(o, stores, head, start, data, totalSteps);
     await restoreState(model, optimizer, { ...final, optimizer: [] });
-    if (o.out) log.info("final checkpoint written", { file: await writeStateFile(o.out, "final", final) });
+    if (o.out) o.log.info("final checkpoint written", { file: await writeStateFile(o.out, "final", final) });
     const val = evaluate(model, data.val, o.numClasses);
     const test = evaluate(model, data.test, o.numClasses);
     if (history.length && history.at(-1)!.val_accuracy === undefined) Object.assign(history.at(-1)!, { val_loss: val.loss, val_accuracy: val.accuracy });
-    log.info("data-parallel fine-tuning done", { steps: final.cursor.step, val_accuracy: Number(val.accuracy.toFixed(4)), allreduce_seconds_per_worker: Number(allreduce.seconds.toFixed(3)), allreduce_bytes_per_worker: allreduce.bytes });
+    o.log.info("data-parallel fine-tuning done", { steps: final.cursor.step, val_accuracy: Number(val.accuracy.toFixed(4)), allreduce_seconds_per_worker: Number(allreduce.seconds.toFixed(3)), allreduce_bytes_per_worker: allreduce.bytes });
     return {
       model, history,
       test: { loss: test.loss, accuracy: test.accuracy, samples: data.test.y.length, confusion: confusionMatrix(data.test.y, test.predictions, o.numClasses) },
@@ -186,196 +218,5 @@ export async function runDataParallelFineTune(split: SplitBase, head: tf.LayersM
     };
   } finally {
     optimizer.dispose();
-  }
-}
-
-interface DriveContext {
-  state: KV;
-  registry: KV;
-  os: ObjectStore;
-  attempt: string;
-  sender: string;
-  start: TrainingState;
-  totalSteps: number;
-}
-
-/** Membership and supervision until member 0 reports done. */
-async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: TrainingState; history: EpochStats[]; allreduce: { seconds: number; bytes: number; workers: number } }> {
-  const { log, metrics } = o;
-  const reports = new Map<string, TrainingReport>();
-  const pending: TrainingReport[] = [];
-  let wake: (() => void) | undefined;
-  const watch = await c.state.watch({ key: TRAINING_KEYS.reports });
-  let boundaryWatch: Awaited<ReturnType<KV["watch"]>> | undefined;
-  void (async () => {
-    for await (const e of watch) {
-      if (e.operation !== "PUT") continue;
-      let r: TrainingReport;
-      try {
-        r = decodeReport(o.job, e.value);
-      } catch (err) {
-        const reason = err instanceof DecodeError ? err.reason : "malformed";
-        metrics?.droppedMessage(reason);
-        log.warn("dropped a training report that does not decode", { key: e.key, reason, error: err as Error });
-        continue;
-      }
-      if (r.attempt !== c.attempt) continue;
-      reports.set(r.worker, r);
-      if (r.state !== "loading" && r.state !== "ready") pending.push(r);
-      wake?.();
-    }
-  })();
-  const tick = (ms: number): Promise<void> => new Promise((r) => {
-    const t = setTimeout(r, ms);
-    wake = () => {
-      clearTimeout(t);
-      r();
-    };
-  });
-  const alive = async (w: string): Promise<boolean> => {
-    const e = await c.registry.get(w).catch(() => null);
-    if (!e || e.operation !== "PUT" || e.value.length === 0) return false;
-    try {
-      const hb = decode("Heartbeat", e.value, { job: o.job });
-      return hb.state !== "stopped" && Date.now() - e.created.getTime() < WORKER_REGISTRY_TTL_MS;
-    } catch {
-      return false;
-    }
-  };
-  try {
-    // 1. Wait for replicas.
-    const deadline = Date.now() + (o.readyTimeoutMs ?? 120_000);
-    const ready = (): string[] => [...reports.values()].filter((r) => r.state === "ready").map((r) => r.worker).sort();
-    while (ready().length < o.workers && Date.now() < deadline) {
-      if (o.signal?.aborted) throw o.signal.reason;
-      const failed = [...reports.values()].find((r) => r.state === "failed");
-      if (failed) throw new Error(`worker ${failed.worker} could not start fine-tuning: ${failed.error}`);
-      await tick(500);
-    }
-    let members = ready();
-    if (members.length === 0) throw new WorkersUnavailableError(`no worker became ready for fine-tuning within ${o.readyTimeoutMs ?? 120_000} ms`);
-    if (members.length < o.workers) log.warn("starting fine-tuning with fewer workers than asked", { ready: members.length, asked: o.workers });
-    // Membership epochs: `epoch` is the newest plan's; `activeEpoch` the one the replicas average under
-    // (a proposal only becomes it when member 0 applies it at a boundary).
-    let epoch = 1;
-    let activeEpoch = 1;
-    let proposal: { epoch: number; joiners: string[] } | undefined;
-    const publish = async (joining: string[] = []): Promise<void> => {
-      const all = [...members, ...joining];
-      await c.state.put(TRAINING_KEYS.members, encode("StepPlan", {
-        header: makeHeader(o.job, c.sender, epoch, c.start.cursor.step), trainEpoch: c.start.cursor.epoch, batchIndex: c.start.cursor.batch,
-        // Sample ranges of a full global batch (a short last batch is cut the same way by memberSlice).
-        members: all.map((w, i) => { const r = sliceRanges(o.batchSize, all.length)[i]!; return { worker: w, sampleOffset: r.offset, sampleCount: r.length, sliceOffset: 0, sliceLength: 0 }; }),
-        globalBatch: o.batchSize, learningRate: o.learningRate, totalLength: 0, dtype: o.wireDtype ?? "fp32", joining,
-      }));
-      if (joining.length === 0) {
-        activeEpoch = epoch;
-        metrics?.setWorkers({ alive: members.length });
-        log.info("membership", { epoch, members });
-      } else log.info("join proposed for the next training-epoch boundary", { epoch, members, joining });
-    };
-    await publish();
-    const drop = async (lost: string[], why: string): Promise<void> => {
-      const gone = lost.filter((w) => members.includes(w));
-      const goneJoiners = lost.filter((w) => proposal?.joiners.includes(w));
-      if (gone.length === 0 && goneJoiners.length === 0) return;
-      members = members.filter((w) => !gone.includes(w));
-      if (members.length === 0) throw new Error(`every fine-tuning worker was lost (last: ${gone.join(", ")})`);
-      // A pending proposal is withdrawn; its joiners that are still alive are proposed again.
-      proposal = undefined;
-      epoch++;
-      if (gone.length) log.warn("worker lost: new membership", { lost: gone, why, epoch, members });
-      else log.warn("joiner lost before its boundary: proposal withdrawn", { lost: goneJoiners, why, epoch });
-      await publish();
-    };
-    // Member 0's boundary decisions: a proposal becomes the membership when one applies it.
-    const decisions: { step: number; epoch: number }[] = [];
-    boundaryWatch = await c.state.watch({ key: TRAINING_KEYS.boundary });
-    void (async () => {
-      for await (const e of boundaryWatch) {
-        if (e.operation !== "PUT" || e.value.length === 0) continue;
-        try {
-          const d = decode("Control", e.value, { job: o.job, self: "coordinator", peer: "worker" });
-          if (d.kind !== "epoch_boundary" || d.reason !== c.attempt) continue;
-          decisions.push({ step: d.header.step, epoch: d.header.epoch });
-          wake?.();
-        } catch {
-          metrics?.droppedMessage("decode_error");
-        }
-      }
-    })();
-    // 2. Supervise.
-    let lastCheck = 0;
-    let epochsSeen = 0;
-    for (;;) {
-      if (o.signal?.aborted) throw o.signal.reason;
-      for (const d of decisions.splice(0)) {
-        if (proposal && d.epoch === proposal.epoch) {
-          members = [...members, ...proposal.joiners];
-          activeEpoch = proposal.epoch;
-          log.info("workers joined at a training-epoch boundary", { joined: proposal.joiners, step: d.step, epoch: activeEpoch, members });
-          metrics?.setWorkers({ alive: members.length });
-          proposal = undefined;
-        }
-      }
-      for (const r of pending.splice(0)) {
-        if (r.state === "failed") throw new Error(`fine-tuning failed on worker ${r.worker}: ${r.error}`);
-        if (r.state === "checkpoint") {
-          log.info("checkpoint saved", { step: r.step, cursor: r.cursor, by: r.worker });
-          o.onBatchProgress?.(r.step ?? 0, c.totalSteps, r.cursor?.epoch ?? 0);
-          if (o.out) {
-            const b = await getBytes(c.os, CHECKPOINT_OBJECTS.latest).catch(() => null);
-            if (b) await writeStateFile(o.out, "latest", decodeState(b)).catch((err: unknown) => log.warn("checkpoint copy to --out failed", { error: err as Error }));
-          }
-        }
-        if (r.state === "peers_lost" && r.epoch === activeEpoch) {
-          // Trust a survivor's report only for peers whose heartbeat is gone or stale.
-          const lost: string[] = [];
-          for (const w of r.lost ?? []) if (!(await alive(w))) lost.push(w);
-          await drop(lost.length ? lost : r.lost ?? [], "the survivors' step timed out");
-        }
-        if (r.state === "done" && r.worker === members[0]) {
-          const b = await getBytes(c.os, CHECKPOINT_OBJECTS.final(c.attempt));
-          if (!b) throw new Error(`member 0 (${r.worker}) reported done but ${CHECKPOINT_OBJECTS.final(c.attempt)} is not in the store`);
-          const done = [...reports.values()].filter((x) => x.state === "done");
-          const allreduce = {
-            seconds: done.reduce((a, x) => a + (x.allreduce_seconds ?? 0), 0) / Math.max(1, done.length),
-            bytes: done.reduce((a, x) => a + (x.allreduce_bytes ?? 0), 0) / Math.max(1, done.length),
-            workers: members.length,
-          };
-          return { final: decodeState(b), history: r.history ?? [], allreduce };
-        }
-        if (r.state === "training" && r.history?.length && r.worker === members[0] && r.history.length > epochsSeen) {
-          epochsSeen = r.history.length;
-          // Progress between checkpoints (ctrain_progress_ratio, ctrain_epoch/step of fine_tune): member 0's step at the epoch's end.
-          if (r.step !== undefined) o.onBatchProgress?.(r.step, c.totalSteps, epochsSeen - 1);
-          await o.onEpochEnd?.(r.history.at(-1)!);
-        }
-      }
-      // Heartbeat TTL: a member whose registry entry expired (or says stopped) is gone.
-      if (Date.now() - lastCheck > 2000) {
-        lastCheck = Date.now();
-        const gone: string[] = [];
-        for (const w of members) if (!(await alive(w))) gone.push(w);
-        for (const w of proposal?.joiners ?? []) if (!(await alive(w))) gone.push(w);
-        if (gone.length) await drop(gone, "no heartbeat");
-      }
-      // Elastic scale-up: replicas ready (or left out earlier and waiting) that are not members are proposed
-      // to come in at the next training-epoch boundary, from member 0's state there.
-      if (!proposal) {
-        const joiners: string[] = [];
-        for (const r of reports.values()) if ((r.state === "ready" || r.state === "waiting") && !members.includes(r.worker) && (await alive(r.worker))) joiners.push(r.worker);
-        if (joiners.length) {
-          joiners.sort();
-          epoch++;
-          proposal = { epoch, joiners };
-          await publish(joiners);
-        }
-      }
-      await tick(1000);
-    }
-  } finally {
-    watch.stop();
-    boundaryWatch?.stop();
   }
 }

@@ -120,6 +120,29 @@ export interface JobSpec {
   /** onnxruntime threads per worker process; 0 = the worker decides. */
   threads: number;
   extra: Record<string, string>;
+  /** Set on a training spec (then the flat fields above are unset); absent on an extraction spec. */
+  training?: TrainingAttempt;
+}
+
+/** JobSpec.training: one data-parallel fine-tuning attempt (field docs in trainer.proto; conversion in training_wire.ts). */
+export interface TrainingAttempt {
+  attempt: string;
+  model: string;
+  inputSize: number;
+  featureLayer: string;
+  pooling: Pooling;
+  fineTuneLayers: string;
+  learningRate: number;
+  seed: number;
+  globalBatch: number;
+  epochs: number;
+  numClasses: number;
+  wireDtype: Dtype;
+  bucketBytes: number;
+  checksumEvery: number;
+  checkpointEvery: number;
+  stepTimeoutMs: number;
+  fingerprint: string;
 }
 
 export interface ShardTask {
@@ -551,6 +574,8 @@ function validate(type: MessageType, o: Record<string, unknown>): void {
   switch (type) {
     case "JobSpec": {
       const m = o as unknown as JobSpec;
+      if (m.training) return validateTrainingAttempt(h, m.training);
+      for (const f of ["pooling", "method", "backend", "wireDtype"] as const) required(m[f] !== undefined, f);
       required(m.data !== "", "data");
       required(m.model !== "", "model");
       required(m.inputSize > 0, "input_size");
@@ -665,4 +690,17 @@ function validate(type: MessageType, o: Record<string, unknown>): void {
       return;
     }
   }
+}
+
+/** JobSpec.training: what a replica cannot start without; a zero step timeout would count every peer lost. */
+function validateTrainingAttempt(h: Header, t: TrainingAttempt): void {
+  required(t.attempt !== "", "training.attempt");
+  required(t.model !== "", "training.model");
+  required(t.inputSize > 0, "training.input_size");
+  required(t.globalBatch > 0, "training.global_batch");
+  required(t.epochs > 0, "training.epochs");
+  required(t.numClasses > 1, "training.num_classes");
+  required(t.stepTimeoutMs > 0, "training.step_timeout_ms");
+  if (!Number.isFinite(t.learningRate)) throw new DecodeError("JobSpec", "non_finite", `training.learning_rate ${t.learningRate}`, { header: h });
+  required(t.learningRate > 0, "training.learning_rate");
 }

@@ -1,15 +1,111 @@
 /**
  * The wire contract of data-parallel training between the coordinator and the replicas, beside
- * extraction_wire.ts: the keys of the job's state KV the training role uses, the TrainingReport a
- * replica puts there (a protobuf message, checked on read), how a global batch is cut among members,
- * and the two blobs every replica fetches from the checkpoints object store (the training rows and
- * the trained head).
+ * extraction_wire.ts: the keys of the job's state KV the training role uses, the training spec
+ * (JobSpec.training, a typed TrainingAttempt with one set of defaults), the membership plans and
+ * boundary decisions, the TrainingReport a replica puts there (protobuf messages, checked on read),
+ * how a global batch is cut among members, and the two blobs every replica fetches from the
+ * checkpoints object store (the training rows and the trained head).
  */
 import * as tf from "@tensorflow/tfjs";
-import { decode, encode, makeHeader } from "./codec.js";
+import { decode, encode, makeHeader, type JobSpec, type TrainingAttempt } from "./codec.js";
 import { packArrays, unpackArrays } from "../core/training/checkpoints.js";
+import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import { sliceRanges } from "./tensor_codec.js";
 import type { ArrayData, EpochStats } from "../core/training/train_loop.js";
+
+export type { TrainingAttempt };
+
+/** The settings of an attempt that may be left out; they take DATA_PARALLEL_DEFAULTS (and fp32 on the wire). */
+type Tunable = "wireDtype" | "bucketBytes" | "checksumEvery" | "checkpointEvery" | "stepTimeoutMs";
+export type TrainingAttemptInput = Omit<TrainingAttempt, Tunable> & Partial<Pick<TrainingAttempt, Tunable>>;
+
+/** `a` with every left-out setting at its default (the only place training defaults are applied). */
+export function completeAttempt(a: TrainingAttemptInput): TrainingAttempt {
+  const d = DATA_PARALLEL_DEFAULTS;
+  return {
+    ...a, wireDtype: a.wireDtype ?? "fp32", bucketBytes: a.bucketBytes ?? d.bucketBytes, checksumEvery: a.checksumEvery ?? d.checksumEvery,
+    checkpointEvery: a.checkpointEvery ?? d.checkpointEvery, stepTimeoutMs: a.stepTimeoutMs ?? d.stepTimeoutMs,
+  };
+}
+
+/** Sender id of the coordinator of attempt `attempt`: a replica takes plans only from its own attempt's coordinator. */
+export function coordinatorSender(attempt: string): string {
+  return `coordinator-${attempt}`;
+}
+
+/** The training spec put under TRAINING_KEYS.spec: a JobSpec with only `header` and `training` set. */
+export function encodeTrainingSpec(job: string, a: TrainingAttempt): Uint8Array {
+  // The flat extraction fields stay unset on the wire (they leave JobSpec at the lead's merge).
+  return encode("JobSpec", { header: makeHeader(job, coordinatorSender(a.attempt)), training: a } as JobSpec);
+}
+
+/** The attempt of a decoded JobSpec, or undefined when the spec is not a training spec. */
+export function trainingAttemptOf(spec: JobSpec): TrainingAttempt | undefined {
+  return spec.training ?? undefined;
+}
+
+/** A membership the coordinator plans: members in order; `joining` (a subset) come in at the next boundary. */
+export interface MembershipPlan {
+  epoch: number;
+  members: readonly string[];
+  joining: readonly string[];
+}
+
+/**
+ * StepPlan of `plan` (header.epoch = membership epoch, header.step / trainEpoch / batchIndex = the
+ * attempt's start cursor). Sample ranges are those of a full global batch; a short last batch is cut
+ * the same way by memberSlice.
+ */
+export function encodeMembershipPlan(job: string, a: TrainingAttempt, plan: MembershipPlan, start: { epoch: number; batch: number; step: number }): Uint8Array {
+  const ranges = sliceRanges(a.globalBatch, plan.members.length);
+  return encode("StepPlan", {
+    header: makeHeader(job, coordinatorSender(a.attempt), plan.epoch, start.step), trainEpoch: start.epoch, batchIndex: start.batch,
+    members: plan.members.map((w, i) => ({ worker: w, sampleOffset: ranges[i]!.offset, sampleCount: ranges[i]!.length, sliceOffset: 0, sliceLength: 0 })),
+    globalBatch: a.globalBatch, learningRate: a.learningRate, totalLength: 0, dtype: a.wireDtype, joining: [...plan.joining],
+  });
+}
+
+/** The plan in StepPlan bytes, or undefined for another attempt's plan. Throws DecodeError for bytes that do not decode. */
+export function decodeMembershipPlan(job: string, attempt: string, bytes: Uint8Array): MembershipPlan | undefined {
+  const p = decode("StepPlan", bytes, { job, self: "worker", peer: "coordinator" });
+  if (p.header.sender !== coordinatorSender(attempt)) return undefined;
+  return { epoch: p.header.epoch, members: p.members.map((m) => m.worker), joining: p.joining };
+}
+
+/** Member 0's decision at boundary `step`: membership epoch `epoch` from that step on (Control EPOCH_BOUNDARY). */
+export interface BoundaryDecision {
+  step: number;
+  epoch: number;
+}
+
+export function encodeBoundaryDecision(job: string, self: string, attempt: string, d: BoundaryDecision): Uint8Array {
+  return encode("Control", { header: makeHeader(job, self, d.epoch, d.step), kind: "epoch_boundary", reason: attempt, phase: "fine_tune" });
+}
+
+/** The decision in Control bytes, or undefined for another attempt's or another kind. Throws DecodeError for bytes that do not decode. */
+export function decodeBoundaryDecision(job: string, attempt: string, bytes: Uint8Array, self: "worker" | "coordinator"): BoundaryDecision | undefined {
+  const c = decode("Control", bytes, { job, self, peer: "worker" });
+  if (c.kind !== "epoch_boundary" || c.reason !== attempt) return undefined;
+  return { step: c.header.step, epoch: c.header.epoch };
+}
+
+/** A replica's weights digest at a step (WeightsChecksum on the job's weights subject). */
+export interface ReplicaDigest {
+  worker: string;
+  step: number;
+  checksum: number;
+  sum: number;
+}
+
+export function encodeWeightsChecksum(job: string, epoch: number, d: ReplicaDigest & { parameterCount: number }): Uint8Array {
+  return encode("WeightsChecksum", { header: makeHeader(job, d.worker, epoch, d.step), worker: d.worker, checksum: d.checksum, parameterCount: d.parameterCount, sum: d.sum });
+}
+
+/** Throws DecodeError for bytes that are not a WeightsChecksum of `job`. */
+export function decodeWeightsChecksum(job: string, bytes: Uint8Array): ReplicaDigest {
+  const w = decode("WeightsChecksum", bytes, { job, self: "worker", peer: "worker" });
+  return { worker: w.worker, step: w.header.step, checksum: w.checksum, sum: w.sum };
+}
 
 /** Keys of the training role in the job's state KV. */
 export const TRAINING_KEYS = {

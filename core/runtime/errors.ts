@@ -190,6 +190,16 @@ export class WorkersUnavailableError extends Error {
   }
 }
 
+/** A data-parallel replica reported that it failed (or broke the protocol); the attempt stops. `worker` is the replica. */
+export class ReplicaFailedError extends Error {
+  override name = "ReplicaFailedError";
+  readonly worker: string;
+  constructor(worker: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.worker = worker;
+  }
+}
+
 /** Errors whose message tells the user what to fix or how to resume (see isUserError). */
 const USER_ERRORS: readonly (abstract new (...args: never[]) => Error)[] = [
   ConfigError, BadInputError, BackendUnavailableError, EngineUnavailableError, StorageError, ServiceLostError,

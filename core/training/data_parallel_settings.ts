@@ -1,0 +1,29 @@
+/**
+ * The tunable settings of data-parallel fine-tuning and their defaults, in one place. The coordinator
+ * (coordinator/data_parallel.ts), the wire conversion (proto/training_wire.ts) and the option table
+ * (core/runtime/config.ts: flags, env, YAML) all take their defaults from here, so a replica and the
+ * coordinator can never disagree on one. Lives in core/ because the option table may not import a role.
+ */
+
+/** Settings of one data-parallel training attempt that a user may tune. */
+export interface DataParallelSettings {
+  /** Steps between replica weight-checksum exchanges; 0 = never. Steps. */
+  checksumEvery: number;
+  /** Steps between checkpoints of member 0; 0 = only the final state. Steps. */
+  checkpointEvery: number;
+  /** How long a step (or a boundary decision) may wait for peers before they count as lost, ms. */
+  stepTimeoutMs: number;
+  /** How long the coordinator waits for the asked number of replicas to be ready before starting with those that are, ms. */
+  readyTimeoutMs: number;
+  /** Upper bound of one gradient bucket on the wire, bytes; 0 = the averager's own default. */
+  bucketBytes: number;
+}
+
+/** Defaults of {@link DataParallelSettings}. */
+export const DATA_PARALLEL_DEFAULTS: Readonly<DataParallelSettings> = Object.freeze({
+  checksumEvery: 10,
+  checkpointEvery: 20,
+  stepTimeoutMs: 30_000,
+  readyTimeoutMs: 120_000,
+  bucketBytes: 0,
+});
