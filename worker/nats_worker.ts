@@ -27,7 +27,7 @@ import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } fro
 import { extractShard, memoryLimit, shardMemoryBudget, shardMemoryBytes } from "./extraction_executor.js";
 import { ExtractorCache } from "./extractor_cache.js";
 import { defaultThreads, type EngineInfo } from "../core/models/inference_engine.js";
-import { TRAINING_KEYS } from "../proto/training_wire.js";
+import { TRAINING_KEYS, trainingAttemptOf } from "../proto/training_wire.js";
 import { runTrainingWorker } from "./training_worker.js";
 
 /** Events of a worker's life. */
@@ -270,10 +270,11 @@ export class NatsWorker implements AsyncDisposable {
         this.o.log.warn("dropped a training spec that does not decode", { error: err as Error });
         continue;
       }
-      if (spec.extra["role"] !== "fine_tune") continue;
+      const attempt = trainingAttemptOf(spec);
+      if (!attempt) continue;
       const stop = new AbortController();
       this.stateNow = "training";
-      const done = runTrainingWorker({ nc: this.o.nc, job: ctx.names.job, self: this.id, spec, state: ctx.state, log: this.o.log, metrics: this.o.metrics, signal: stop.signal })
+      const done = runTrainingWorker({ nc: this.o.nc, job: ctx.names.job, self: this.id, attempt, state: ctx.state, log: this.o.log, metrics: this.o.metrics, signal: stop.signal })
         .catch((err: unknown) => this.o.log.error("training role failed", { error: err as Error }))
         .finally(() => { if (this.stateNow === "training") this.stateNow = "idle"; });
       current = { stop, done };
