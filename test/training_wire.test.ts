@@ -1,0 +1,82 @@
+/**
+ * The training wire contract (proto/training_wire.ts): the typed TrainingAttempt in JobSpec.training
+ * with one set of defaults, its validator, membership plans and boundary decisions, without NATS.
+ */
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+import { DecodeError, decode, encode, makeHeader, type JobSpec } from "../proto/codec.js";
+import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
+import {
+  completeAttempt, coordinatorSender, decodeBoundaryDecision, decodeMembershipPlan, encodeBoundaryDecision, encodeMembershipPlan, encodeTrainingSpec,
+  trainingAttemptOf, type TrainingAttempt, type TrainingAttemptInput,
+} from "../proto/training_wire.js";
+import { sampleMessages } from "./helpers/messages.js";
+
+const JOB = "job-1";
+const input: TrainingAttemptInput = {
+  attempt: "a1", model: "mobilenet_v2", inputSize: 64, featureLayer: "out_relu", pooling: "avg", fineTuneLayers: "3", learningRate: 1e-5,
+  seed: 42, globalBatch: 32, epochs: 3, numClasses: 10, fingerprint: "[fp]",
+};
+
+function rejects(fn: () => unknown, reason: DecodeError["reason"], message: RegExp): void {
+  assert.throws(fn, (err: unknown) => err instanceof DecodeError && err.reason === reason && message.test(err.message));
+}
+
+describe("training wire", () => {
+  test("training wire - the settings left out take DATA_PARALLEL_DEFAULTS, the ones given are kept", () => {
+    const a = completeAttempt(input);
+    assert.equal(a.checksumEvery, DATA_PARALLEL_DEFAULTS.checksumEvery);
+    assert.equal(a.checkpointEvery, DATA_PARALLEL_DEFAULTS.checkpointEvery);
+    assert.equal(a.stepTimeoutMs, DATA_PARALLEL_DEFAULTS.stepTimeoutMs);
+    assert.equal(a.bucketBytes, DATA_PARALLEL_DEFAULTS.bucketBytes);
+    assert.equal(a.wireDtype, "fp32");
+    const b = completeAttempt({ ...input, checkpointEvery: 0, checksumEvery: 5, stepTimeoutMs: 4000, wireDtype: "fp16" });
+    assert.deepEqual([b.checkpointEvery, b.checksumEvery, b.stepTimeoutMs, b.wireDtype], [0, 5, 4000, "fp16"], "0 (only the final state) is a value, not 'unset'");
+  });
+
+  test("training wire - a training spec round-trips typed, from the attempt's coordinator, without the flat extraction fields", () => {
+    const a = completeAttempt({ ...input, checkpointEvery: 5, wireDtype: "fp16", bucketBytes: 65536 });
+    const spec = decode("JobSpec", encodeTrainingSpec(JOB, a), { job: JOB, self: "worker", peer: "coordinator" });
+    assert.deepEqual(trainingAttemptOf(spec), a);
+    assert.equal(spec.header.sender, coordinatorSender("a1"));
+    assert.equal(spec.data, "", "flat fields are not written");
+    assert.deepEqual(spec.extra, {}, "nothing travels as strings");
+    const extraction = decode("JobSpec", encode("JobSpec", sampleMessages().JobSpec), { job: "job-1" });
+    assert.equal(trainingAttemptOf(extraction), undefined, "an extraction spec is not a training spec");
+  });
+
+  test("training wire - a training spec a replica cannot run is malformed, with the field named", () => {
+    const bad = (patch: Partial<TrainingAttempt>): Uint8Array => encodeTrainingSpec(JOB, { ...completeAttempt(input), ...patch });
+    const dec = (b: Uint8Array): JobSpec => decode("JobSpec", b, { job: JOB });
+    rejects(() => dec(bad({ epochs: 0 })), "malformed", /training\.epochs is missing/);
+    rejects(() => dec(bad({ stepTimeoutMs: 0 })), "malformed", /training\.step_timeout_ms/);
+    rejects(() => dec(bad({ attempt: "" })), "malformed", /training\.attempt/);
+    rejects(() => dec(bad({ globalBatch: 0 })), "malformed", /training\.global_batch/);
+    rejects(() => dec(bad({ learningRate: Number.NaN })), "non_finite", /training\.learning_rate NaN/);
+    rejects(() => dec(bad({ learningRate: 0 })), "malformed", /training\.learning_rate/);
+  });
+
+  test("training wire - an extraction spec without its enums is still malformed", () => {
+    const s = sampleMessages().JobSpec;
+    const { pooling: _p, ...rest } = s;
+    rejects(() => decode("JobSpec", encode("JobSpec", rest as JobSpec), { job: JOB }), "malformed", /pooling is missing/);
+  });
+
+  test("training wire - membership plans cut the global batch by member and are taken only from the attempt's coordinator", () => {
+    const a = completeAttempt(input);
+    const bytes = encodeMembershipPlan(JOB, a, { epoch: 2, members: ["w0", "w1", "w2"], joining: ["w2"] }, { epoch: 1, batch: 3, step: 8 });
+    const raw = decode("StepPlan", bytes, { job: JOB });
+    assert.deepEqual(raw.members.map((m) => [m.worker, m.sampleOffset, m.sampleCount]), [["w0", 0, 11], ["w1", 11, 11], ["w2", 22, 10]]);
+    assert.deepEqual([raw.header.step, raw.trainEpoch, raw.batchIndex, raw.globalBatch], [8, 1, 3, 32]);
+    assert.deepEqual(decodeMembershipPlan(JOB, "a1", bytes), { epoch: 2, members: ["w0", "w1", "w2"], joining: ["w2"] });
+    assert.equal(decodeMembershipPlan(JOB, "a0", bytes), undefined, "another attempt's plan");
+  });
+
+  test("training wire - boundary decisions are filtered by attempt", () => {
+    const b = encodeBoundaryDecision(JOB, "w0", "a1", { step: 10, epoch: 3 });
+    assert.deepEqual(decodeBoundaryDecision(JOB, "a1", b, "worker"), { step: 10, epoch: 3 });
+    assert.equal(decodeBoundaryDecision(JOB, "a2", b, "coordinator"), undefined);
+    const other = encode("Control", { header: makeHeader(JOB, "w0", 3, 10), kind: "drain", reason: "a1", phase: "" });
+    assert.equal(decodeBoundaryDecision(JOB, "a1", other, "worker"), undefined, "another kind of control");
+  });
+});
