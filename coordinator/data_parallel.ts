@@ -34,7 +34,7 @@
  *   current members unchanged plus the newcomers in `joining`, under a new epoch. The members go on
  *   as they are. At the first step S of every training epoch member 0 decides -- a Control
  *   EPOCH_BOUNDARY under TRAINING_KEYS.boundary naming the proposal's epoch (after putting its state
- *   at S, weights + Adam moments + cursor, as CHECKPOINT_OBJECTS.join) or the current one -- and
+ *   at S, weights + Adam moments + cursor, as TRAINING_OBJECTS.join) or the current one -- and
  *   every member waits for that decision before averaging step S. The joiners restore the join state
  *   and everyone runs step S under the new membership; a weights checksum of step S from every member
  *   proves the joiners start from the same replica. Plans and decisions live in one KV subject tree
@@ -64,10 +64,10 @@ import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
 import { type ArrayData, type EpochStats, evaluate, epochBatches } from "../core/training/train_loop.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
-import { captureState, CHECKPOINT_OBJECTS, decodeState, encodeState, getBytes, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
+import { captureState, decodeState, encodeState, getBytes, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import type { FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix } from "./head_training.js";
-import { completeAttempt, encodeDataObject, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, type TrainingAttempt } from "../proto/training_wire.js";
+import { completeAttempt, encodeDataObject, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt } from "../proto/training_wire.js";
 import { DataParallelDriver, type DriveResult } from "./data_parallel_driver.js";
 
 export { DATA_PARALLEL_DEFAULTS };
@@ -156,7 +156,7 @@ async function openStores(nc: NatsConnection, job: string): Promise<Stores> {
 /** The attempt's start state: the job's latest checkpoint when it was made for this configuration, else the model as it is. */
 async function startState(o: DataParallelOptions, os: ObjectStore, model: tf.LayersModel, optimizer: tf.Optimizer, fp: string, totalSteps: number): Promise<TrainingState> {
   const fresh = await captureState(model, optimizer, { epoch: 0, batch: 0, step: 0 }, { fingerprint: fp, history: [] });
-  const bytes = await getBytes(os, CHECKPOINT_OBJECTS.latest).catch(() => null);
+  const bytes = await getBytes(os, TRAINING_OBJECTS.latest).catch(() => null);
   if (!bytes) return fresh;
   const latest = decodeState(bytes);
   if (latest.meta["fingerprint"] !== fp) {
@@ -169,10 +169,10 @@ async function startState(o: DataParallelOptions, os: ObjectStore, model: tf.Lay
 
 /** Puts what every replica fetches (head, start state, rows) and then the spec that starts them. */
 async function publishAttempt(o: DataParallelOptions, s: Stores, a: TrainingAttempt, head: tf.LayersModel, start: TrainingState, data: Splits, totalSteps: number): Promise<void> {
-  await putBytes(s.os, CHECKPOINT_OBJECTS.head(a.attempt), await encodeHeadObject(head));
-  await putBytes(s.os, CHECKPOINT_OBJECTS.start(a.attempt), encodeState(start));
-  await putBytes(s.os, CHECKPOINT_OBJECTS.data(a.attempt, "train"), encodeDataObject(data.train));
-  await putBytes(s.os, CHECKPOINT_OBJECTS.data(a.attempt, "val"), encodeDataObject(data.val));
+  await putBytes(s.os, TRAINING_OBJECTS.head(a.attempt), await encodeHeadObject(head));
+  await putBytes(s.os, TRAINING_OBJECTS.start(a.attempt), encodeState(start));
+  await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "train"), encodeDataObject(data.train));
+  await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "val"), encodeDataObject(data.val));
   await s.state.put(TRAINING_KEYS.spec, encodeTrainingSpec(o.job, a));
   o.log.info("training spec published", { attempt: a.attempt, from_step: start.cursor.step, steps: totalSteps, workers: o.workers, checkpoint_every: a.checkpointEvery, checksum_every: a.checksumEvery });
 }

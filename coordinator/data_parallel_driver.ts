@@ -10,10 +10,10 @@ import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import { ReplicaFailedError } from "../core/runtime/errors.js";
 import type { EpochStats } from "../core/training/train_loop.js";
-import { CHECKPOINT_OBJECTS, decodeState, getBytes, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
+import { decodeState, getBytes, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import { decode, DecodeError } from "../proto/codec.js";
 import { WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
-import { decodeBoundaryDecision, decodeReport, encodeMembershipPlan, TRAINING_KEYS, type BoundaryDecision, type MembershipPlan, type TrainingAttempt, type TrainingReport } from "../proto/training_wire.js";
+import { decodeBoundaryDecision, decodeReport, encodeMembershipPlan, TRAINING_KEYS, TRAINING_OBJECTS, type BoundaryDecision, type MembershipPlan, type TrainingAttempt, type TrainingReport } from "../proto/training_wire.js";
 import { allreduceOf, keepWaiting, MembershipPlanner, reportAction } from "./membership_planner.js";
 
 /** What the driver needs: the job's stores, the attempt, and the run's hooks. */
@@ -243,13 +243,13 @@ export class DataParallelDriver {
     this.c.log.info("checkpoint saved", { step: r.step, cursor: r.cursor, by: r.worker });
     this.c.onBatchProgress?.(r.step ?? 0, this.c.totalSteps, r.cursor?.epoch ?? 0);
     if (!this.c.out) return;
-    const b = await getBytes(this.c.os, CHECKPOINT_OBJECTS.latest).catch(() => null);
+    const b = await getBytes(this.c.os, TRAINING_OBJECTS.latest).catch(() => null);
     if (b) await writeStateFile(this.c.out, "latest", decodeState(b)).catch((err: unknown) => this.c.log.warn("checkpoint copy to --out failed", { error: err as Error }));
   }
 
   /** Member 0 is done: its final state and history, and the replicas' averaging cost. */
   private async finish(r: TrainingReport): Promise<DriveResult> {
-    const name = CHECKPOINT_OBJECTS.final(this.c.attempt.attempt);
+    const name = TRAINING_OBJECTS.final(this.c.attempt.attempt);
     const b = await getBytes(this.c.os, name);
     if (!b) throw new ReplicaFailedError(r.worker, `member 0 (${r.worker}) reported done but ${name} is not in the store`);
     const done = [...this.reports.values()].filter((x) => x.state === "done");

@@ -120,6 +120,22 @@ export const TRAINING_KEYS = {
   reports: "ft.report.>",
 } as const;
 
+/** Object names of the training role in the job's checkpoints object store. */
+export const TRAINING_OBJECTS = {
+  /** The state the replicas start from (head weights, fresh optimizer, or a resumed checkpoint). */
+  start: (attempt: string) => `start-${attempt}`,
+  /** Training rows (cached activations) of the attempt. */
+  data: (attempt: string, split: "train" | "val") => `data-${attempt}-${split}`,
+  /** The trained head model (topology + weights). */
+  head: (attempt: string) => `head-${attempt}`,
+  /** The latest periodic checkpoint of the job, whatever the attempt (what a restarted coordinator resumes). */
+  latest: "latest",
+  /** The phase's end state. */
+  final: (attempt: string) => `final-${attempt}`,
+  /** Member 0's state at the boundary where the join of membership epoch `epoch` applies (what joiners start from). */
+  join: (attempt: string, epoch: number) => `join-${attempt}-${epoch}`,
+} as const;
+
 /** What a replica reports in the state KV (a TrainingReport message; the latest per worker). */
 export interface TrainingReport {
   attempt: string;

@@ -21,10 +21,10 @@ import { type ArrayData, computeGradients, type EpochStats, fit, takeRows } from
 import { registerWasmTrainingKernels } from "../core/models/wasm_kernels.js";
 import { DecodeError } from "../proto/codec.js";
 import { jobNames, type JobNames } from "../proto/subjects.js";
-import { CHECKPOINT_OBJECTS, captureState, decodeState, encodeState, getBytes, putBytes, restoreState, type DataCursor, type TrainingState } from "../core/training/checkpoints.js";
+import { captureState, decodeState, encodeState, getBytes, putBytes, restoreState, type DataCursor, type TrainingState } from "../core/training/checkpoints.js";
 import {
   decodeBoundaryDecision, decodeDataObject, decodeHeadObject, decodeMembershipPlan, decodeWeightsChecksum, encodeBoundaryDecision, encodeReport,
-  encodeWeightsChecksum, memberSlice, TRAINING_KEYS, type TrainingAttempt,
+  encodeWeightsChecksum, memberSlice, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt,
 } from "../proto/training_wire.js";
 import { GradientAverager, gradientHookFor } from "./gradient_averaging.js";
 import { MembershipView, type JoinSwitch } from "./membership_view.js";
@@ -127,6 +127,11 @@ export class ReplicaSession {
     return this.replica;
   }
 
+  private get store(): ObjectStore {
+    if (!this.os) throw new Error("object store used before load()");
+    return this.os;
+  }
+
   private get av(): GradientAverager {
     if (!this.averager) throw new Error("averager used before openAverager()");
     return this.averager;
@@ -138,7 +143,7 @@ export class ReplicaSession {
   }
 
   private async fetchObject(name: string): Promise<Uint8Array> {
-    const b = this.os ? await getBytes(this.os, name) : null;
+    const b = await getBytes(this.store, name);
     if (!b) throw new ReplicaFailedError(this.o.self, `object ${name} is missing from ${this.names.checkpointsBucket} (was the coordinator's store lost?)`);
     return b;
   }
@@ -150,15 +155,15 @@ export class ReplicaSession {
     const source = await loadPretrained(this.a.model);
     const split = await buildSplit(source, { inputSize: this.a.inputSize, featureLayer: this.a.featureLayer, unfreeze: this.a.fineTuneLayers });
     this.disposables.push(split.bottom, split.top);
-    const head = await decodeHeadObject(await this.fetchObject(CHECKPOINT_OBJECTS.head(this.a.attempt)));
+    const head = await decodeHeadObject(await this.fetchObject(TRAINING_OBJECTS.head(this.a.attempt)));
     this.disposables.push(head);
     const model = fineTuneModel(split, head, this.a.pooling, false);
     const optimizer = tf.train.adam(this.a.learningRate);
     this.optimizer = optimizer;
-    const start = decodeState(await this.fetchObject(CHECKPOINT_OBJECTS.start(this.a.attempt)));
+    const start = decodeState(await this.fetchObject(TRAINING_OBJECTS.start(this.a.attempt)));
     await restoreState(model, optimizer, start);
-    const train = decodeDataObject(await this.fetchObject(CHECKPOINT_OBJECTS.data(this.a.attempt, "train")));
-    const val = decodeDataObject(await this.fetchObject(CHECKPOINT_OBJECTS.data(this.a.attempt, "val")));
+    const train = decodeDataObject(await this.fetchObject(TRAINING_OBJECTS.data(this.a.attempt, "train")));
+    const val = decodeDataObject(await this.fetchObject(TRAINING_OBJECTS.data(this.a.attempt, "val")));
     this.replica = { model, optimizer, start, train, val };
   }
 
@@ -290,7 +295,7 @@ export class ReplicaSession {
   }
 
   private async restoreJoin(sw: JoinSwitch): Promise<void> {
-    const s = decodeState(await this.fetchObject(CHECKPOINT_OBJECTS.join(this.a.attempt, sw.epoch)));
+    const s = decodeState(await this.fetchObject(TRAINING_OBJECTS.join(this.a.attempt, sw.epoch)));
     if (s.cursor.step !== sw.step) throw new ReplicaFailedError(this.o.self, `join state of membership epoch ${sw.epoch} is at step ${s.cursor.step}, the boundary was step ${sw.step}`);
     await restoreState(this.r.model, this.r.optimizer, s);
     this.cursor = { ...s.cursor };
@@ -385,7 +390,7 @@ export class ReplicaSession {
     let epoch = this.av.epoch;
     if (p && this.view.current?.epoch === this.av.epoch) {
       const s = await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(p.members));
-      await putBytes(this.os!, CHECKPOINT_OBJECTS.join(this.a.attempt, p.epoch), encodeState(s));
+      await putBytes(this.store, TRAINING_OBJECTS.join(this.a.attempt, p.epoch), encodeState(s));
       epoch = p.epoch;
     }
     await this.o.state.put(TRAINING_KEYS.boundary, encodeBoundaryDecision(this.o.job, this.o.self, this.a.attempt, { step, epoch }));
@@ -406,7 +411,7 @@ export class ReplicaSession {
   private async maybeCheckpoint(step: number): Promise<void> {
     if (!isCheckpointStep(step, { attemptStartStep: this.r.start.cursor.step, every: this.a.checkpointEvery, member0: this.av.members[0] === this.o.self })) return;
     const s = await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members));
-    await putBytes(this.os!, CHECKPOINT_OBJECTS.latest, encodeState(s));
+    await putBytes(this.store, TRAINING_OBJECTS.latest, encodeState(s));
     await this.report({ state: "checkpoint", step, cursor: { ...this.cursor } });
     this.o.log.info("checkpoint saved", { step, epoch: this.cursor.epoch, batch: this.cursor.batch });
   }
@@ -451,8 +456,8 @@ export class ReplicaSession {
     if (this.stop.signal.aborted) throw this.stop.signal.reason;
     if (this.av.members[0] === this.o.self) {
       const s = encodeState(await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members)));
-      await putBytes(this.os!, CHECKPOINT_OBJECTS.final(this.a.attempt), s);
-      await putBytes(this.os!, CHECKPOINT_OBJECTS.latest, s);
+      await putBytes(this.store, TRAINING_OBJECTS.final(this.a.attempt), s);
+      await putBytes(this.store, TRAINING_OBJECTS.latest, s);
     }
     await this.report(doneReport(this.cursor, this.history, this.allreduce, this.av.members));
     const seconds = (performance.now() - this.fitStart) / 1000;

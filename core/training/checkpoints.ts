@@ -141,22 +141,6 @@ export function decodeState(bytes: Uint8Array): TrainingState {
   return { cursor: header["cursor"] as DataCursor, weights: arrays.slice(0, n), optimizer: arrays.slice(n), meta: (header["meta"] ?? {}) as Record<string, unknown>, ...(adamAccBeta ? { adamAccBeta } : {}) };
 }
 
-/** Object names in the checkpoints bucket. */
-export const CHECKPOINT_OBJECTS = {
-  /** The state the replicas start from (head weights, fresh optimizer, or a resumed checkpoint). */
-  start: (attempt: string) => `start-${attempt}`,
-  /** Training rows (cached activations) of the attempt. */
-  data: (attempt: string, split: "train" | "val") => `data-${attempt}-${split}`,
-  /** The trained head model (topology + weights). */
-  head: (attempt: string) => `head-${attempt}`,
-  /** The latest periodic checkpoint of the job, whatever the attempt (what a restarted coordinator resumes). */
-  latest: "latest",
-  /** The phase's end state. */
-  final: (attempt: string) => `final-${attempt}`,
-  /** Member 0's state at the boundary where the join of membership epoch `epoch` applies (what joiners start from). */
-  join: (attempt: string, epoch: number) => `join-${attempt}-${epoch}`,
-} as const;
-
 export async function putBytes(os: ObjectStore, name: string, bytes: Uint8Array): Promise<void> {
   await os.putBlob({ name }, bytes);
 }
