@@ -2,12 +2,13 @@
  * Data-parallel fine-tuning across ctrain workers: the coordinator's driver.
  *
  * Design
- * - Spec. The coordinator publishes one training spec per attempt: a JobSpec (model, input size,
- *   feature layer, pooling, --fine-tune-layers, learning rate, seed, global batch, classes, wire dtype,
- *   attempt id, epochs, checksum/checkpoint periods, step timeout, config fingerprint: a typed
- *   TrainingAttempt, proto/training_wire.ts) under TRAINING_KEYS.spec in the job's state KV. Beside it, in the job's checkpoints object store: the
- *   trained head (topology + weights), the start state (every weight of top + head, the optimizer's
- *   state, the data cursor; core/training/checkpoints.ts) and the training rows.
+ * - Spec. The coordinator publishes one training spec per attempt under TRAINING_KEYS.spec in the
+ *   job's state KV: a JobSpec whose `training` is a typed TrainingAttempt (model, input size, feature
+ *   layer, pooling, --fine-tune-layers, learning rate, seed, global batch, classes, wire dtype, attempt
+ *   id, epochs, checksum/checkpoint periods, step timeout, config fingerprint; proto/training_wire.ts,
+ *   defaults in core/training/data_parallel_settings.ts). Beside it, in the job's checkpoints object
+ *   store (TRAINING_OBJECTS): the trained head (topology + weights), the start state (every weight of
+ *   top + head, the optimizer's state, the data cursor; core/training/checkpoints.ts) and the rows.
  * - Data. The rows are the cached activations at the cut that the one-process path trains on; the
  *   coordinator already has them (runJob extracted them through the workers), so it puts the train
  *   and validation sets into the object store once and every worker fetches them whole. That is the
@@ -15,16 +16,16 @@
  *   epoch every worker touches every part of the data anyway; recomputing activations per worker
  *   would redo the frozen bottom N times. Cost: the activation set once per worker (at input 96 and
  *   3 fine-tuned layers, 3x3x320 floats = 11.5 KB per image).
- * - Replicas. Each worker (worker/training_worker.ts) builds the same trainable part (top from the
+ * - Replicas. Each worker (worker/replica_session.ts) builds the same trainable part (top from the
  *   pretrained weights + pooling + the head from the same weights) and restores the start state, so
  *   all replicas start bit-identical, then runs train_loop's fit() -- the one step implementation of
  *   the one-process path -- with `sliceOf` (member i takes the i-th contiguous part of each global
  *   batch, by member index) and gradientHookFor(averager) (weighted by sample count, so N workers on
  *   global batch B give the mean gradient of B). The coordinator is not on the gradient path: it
  *   plans membership and watches.
- * - Membership. The rules are coordinator/membership_planner.ts (pure, tested); the I/O around them is
- *   coordinator/data_parallel_driver.ts. Workers report `ready` (their averager subscribed) in the state KV; the coordinator
- *   puts a StepPlan (header.epoch = membership epoch 1, members in order) under TRAINING_KEYS.members.
+ * - Membership. The rules are coordinator/membership_planner.ts (pure, unit-tested); the I/O around
+ *   them is coordinator/data_parallel_driver.ts. Workers report `ready` (their averager subscribed) in
+ *   the state KV; the coordinator puts a StepPlan (header.epoch = membership epoch 1, members in order) under TRAINING_KEYS.members.
  *   A member lost mid-step (its heartbeat gone from the worker registry, or named by the survivors'
  *   `peers_lost` reports after StepPeersLostError) is removed: membership epoch + 1, new StepPlan; the
  *   survivors call setMembership, recompute their part of the same global batch and average again.
