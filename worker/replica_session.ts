@@ -106,7 +106,8 @@ export class ReplicaSession {
 
   /** Runs the attempt to its end; reports every outcome in the state KV and never throws. */
   async run(): Promise<void> {
-    this.o.signal?.addEventListener("abort", this.onOuterAbort, { once: true });
+    if (this.o.signal?.aborted) this.onOuterAbort();
+    else this.o.signal?.addEventListener("abort", this.onOuterAbort, { once: true });
     try {
       await this.report({ state: "loading" });
       await this.load();
