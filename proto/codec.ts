@@ -524,6 +524,9 @@ export function decode<K extends MessageType>(type: K, bytes: Uint8Array, expect
   }
   const h = obj.header as Header | null;
   if (!h) throw new DecodeError(type, "malformed", "no header");
+  // A training spec is its header and its attempt: the flat fields are not on the wire, and their
+  // enums' proto defaults would read as "unset".
+  if (type === "JobSpec" && obj.training) obj = { header: h, training: obj.training };
   // The header first: a peer of another version may use enum values we do not know.
   checkHeader(type, h, expect);
   try {
@@ -575,7 +578,6 @@ function validate(type: MessageType, o: Record<string, unknown>): void {
     case "JobSpec": {
       const m = o as unknown as JobSpec;
       if (m.training) return validateTrainingAttempt(h, m.training);
-      for (const f of ["pooling", "method", "backend", "wireDtype"] as const) required(m[f] !== undefined, f);
       required(m.data !== "", "data");
       required(m.model !== "", "model");
       required(m.inputSize > 0, "input_size");
