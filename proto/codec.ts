@@ -554,6 +554,9 @@ export function decode<K extends MessageType>(type: K, bytes: Uint8Array, expect
   }
   const h = obj.header as Header | null;
   if (!h) throw new DecodeError(type, "malformed", "no header");
+  // A JobSpec of a kind is its header and that kind: the flat fields (removed at merge, issue 13) are
+  // not on the wire, and their enums' proto defaults would read as "unset".
+  if (type === "JobSpec" && obj.extraction) obj = { header: h, extraction: obj.extraction };
   // The header first: a peer of another version may use enum values we do not know.
   checkHeader(type, h, expect);
   try {
