@@ -354,6 +354,7 @@ export class NatsWorker implements AsyncDisposable {
     if (spec.extraction?.round !== round) throw new Error(`the job spec under ${ROUND_KEYS.spec(round)} is not extraction round ${round}`);
     const s = fromExtractionRound(spec.extraction);
     ctx.rounds.set(round, s);
+    this.o.log.info("extraction round", { round, images_per_batch: s.imagesPerBatch, coordinator_backend: s.backend, backend: this.o.backend });
     return s;
   }
 
