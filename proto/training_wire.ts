@@ -35,8 +35,7 @@ export function coordinatorSender(attempt: string): string {
 
 /** The training spec put under TRAINING_KEYS.spec: a JobSpec with only `header` and `training` set. */
 export function encodeTrainingSpec(job: string, a: TrainingAttempt): Uint8Array {
-  // The flat extraction fields stay unset on the wire (they leave JobSpec at the lead's merge).
-  return encode("JobSpec", { header: makeHeader(job, coordinatorSender(a.attempt)), training: a } as JobSpec);
+  return encode("JobSpec", { header: makeHeader(job, coordinatorSender(a.attempt)), training: a });
 }
 
 /** The attempt of a decoded JobSpec, or undefined when the spec is not a training spec. */

@@ -100,6 +100,8 @@ export interface JobOptions {
   labelSmoothing: number;
   /** Global batch size (samples per step across all workers). Default 32. */
   batchSize: number;
+  /** Images per frozen forward pass of feature extraction, on every worker (carried in the round's ExtractionRound). Default 32. */
+  extractBatchSize: number;
   /** Learning rate of head training (Adam). Default 1e-3. */
   learningRate: number;
   /** Number of workers. Default: one per core for `run`. */
@@ -190,6 +192,7 @@ export const OPTION_SPECS = [
   spec({ key: "classWeight", kind: "string", help: "class weights of the loss: none | auto (balanced) | <class>=<weight>,...", default: () => "none" }),
   spec({ key: "labelSmoothing", kind: "number", help: "label smoothing of the training loss", default: () => 0, min: 0, max: 0.49 }),
   spec({ key: "batchSize", kind: "int", help: "global batch size", default: () => 32, min: 1, max: 65536 }),
+  spec({ key: "extractBatchSize", kind: "int", help: "images per forward pass of feature extraction, on every worker", default: () => 32, min: 1, max: 4096 }),
   spec({ key: "learningRate", kind: "number", help: "learning rate of head training", default: () => 1e-3, min: 1e-12, max: 10 }),
   spec({ key: "workers", kind: "int", help: "number of workers", default: () => Math.max(1, availableParallelism()), min: 1, max: 4096 }),
   spec({ key: "nats", kind: "string", help: "NATS URL(s), comma-separated; empty = embedded nats-server", default: () => "" }),
