@@ -144,6 +144,16 @@ export class EvictedError extends Error {
   override name = "EvictedError";
 }
 
+/** A data-parallel replica reported that it failed (or broke the protocol); the attempt stops. `worker` is the replica. */
+export class ReplicaFailedError extends Error {
+  override name = "ReplicaFailedError";
+  readonly worker: string;
+  constructor(worker: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.worker = worker;
+  }
+}
+
 /** The local gradient holds NaN or an infinity: the step is stopped before anything is sent. */
 export class NonFiniteGradientError extends Error {
   override name = "NonFiniteGradientError";
@@ -187,16 +197,6 @@ export class WorkersUnavailableError extends Error {
   override name = "WorkersUnavailableError";
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
-  }
-}
-
-/** A data-parallel replica reported that it failed (or broke the protocol); the attempt stops. `worker` is the replica. */
-export class ReplicaFailedError extends Error {
-  override name = "ReplicaFailedError";
-  readonly worker: string;
-  constructor(worker: string, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.worker = worker;
   }
 }
 
