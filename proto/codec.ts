@@ -125,11 +125,8 @@ export interface ExtractionRound {
   datasetFingerprint: string;
 }
 
-/**
- * What a worker is asked to run: one `kind` (an extraction round or a training attempt). The flat
- * fields are the older shape (issue 13: removed at merge); nothing reads or writes them any more.
- */
-export interface JobSpec extends LegacyJobFields {
+/** What a worker is asked to run: one `kind`, an extraction round or a training attempt. */
+export interface JobSpec {
   header: Header;
   /** Set when the spec is an extraction round. */
   extraction?: ExtractionRound;
@@ -147,37 +144,6 @@ export interface ExtractionJobSpec {
 export interface TrainingJobSpec {
   header: Header;
   training: TrainingAttempt;
-}
-
-/** The flat JobSpec fields 2-25 and `extra` (see {@link JobSpec}). */
-export interface LegacyJobFields {
-  data: string;
-  model: string;
-  inputSize: number;
-  featureLayer: string;
-  pooling: Pooling;
-  method: Method;
-  batchSize: number;
-  seed: number;
-  backend: Backend;
-  limit: number;
-  valSplit: number;
-  testSplit: number;
-  shardSize: number;
-  maxPixels: number;
-  fineTuneLayers: string;
-  learningRate: number;
-  fineTuneLearningRate: number;
-  wireDtype: Dtype;
-  headUnits: number;
-  dropout: number;
-  numClasses: number;
-  bucketBytes: number;
-  /** `auto`, `onnx` or `tfjs`; empty from an older coordinator = auto. */
-  engine: string;
-  /** onnxruntime threads per worker process; 0 = the worker decides. */
-  threads: number;
-  extra: Record<string, string>;
 }
 
 /** JobSpec.training: one data-parallel fine-tuning attempt (field docs in trainer.proto; conversion in training_wire.ts). */
@@ -582,10 +548,8 @@ export function decode<K extends MessageType>(type: K, bytes: Uint8Array, expect
   }
   const h = obj.header as Header | null;
   if (!h) throw new DecodeError(type, "malformed", "no header");
-  // A JobSpec of a kind is its header and that kind: the flat fields (removed at merge, issue 13) are
-  // not on the wire, and their enums' proto defaults would read as "unset".
-  if (type === "JobSpec" && obj.extraction) obj = { header: h, extraction: obj.extraction };
-  else if (type === "JobSpec" && obj.training) obj = { header: h, training: obj.training };
+  // `defaults: true` fills both kinds of the oneof with null: keep the one on the wire.
+  if (type === "JobSpec") obj = { header: h, ...(obj.extraction ? { extraction: obj.extraction } : {}), ...(obj.training ? { training: obj.training } : {}) };
   // The header first: a peer of another version may use enum values we do not know.
   checkHeader(type, h, expect);
   try {
@@ -656,12 +620,7 @@ const VALIDATORS: { [K in MessageType]: (type: K, h: Header, m: MessageMap[K]) =
 function validateJobSpec(type: MessageType, h: Header, m: JobSpec): void {
   if (m.extraction) return validateExtractionRound(type, h, m.extraction);
   if (m.training) return validateTrainingAttempt(h, m.training);
-  // The flat shape (fine-tuning, until its own kind lands).
-  required(m.data !== "", "data");
-  required(m.model !== "", "model");
-  required(m.inputSize > 0, "input_size");
-  required(m.batchSize > 0, "batch_size");
-  if (!["", "auto", "onnx", "tfjs"].includes(m.engine)) throw new DecodeError(type, "malformed", `unknown engine ${JSON.stringify(m.engine.slice(0, 20))}`, { header: h });
+  throw new DecodeError(type, "malformed", "the spec has no kind (extraction or training): a coordinator of protocol v2 or older sent it", { header: h });
 }
 
 /** Enums (pooling, preprocessing, engine, precision, backend) are checked by the conversion: unset is malformed. */

@@ -10,7 +10,7 @@ import {
   completeAttempt, coordinatorSender, decodeBoundaryDecision, decodeMembershipPlan, encodeBoundaryDecision, encodeMembershipPlan, encodeTrainingSpec,
   trainingAttemptOf, type TrainingAttempt, type TrainingAttemptInput,
 } from "../proto/training_wire.js";
-import { sampleMessages } from "./helpers/messages.js";
+import { sampleExtractionSpec, sampleMessages } from "./helpers/messages.js";
 
 const JOB = "job-1";
 const input: TrainingAttemptInput = {
@@ -56,9 +56,9 @@ describe("training wire", () => {
   });
 
   test("training wire - an extraction spec without its enums is still malformed", () => {
-    const s = sampleMessages().JobSpec;
-    const { pooling: _p, ...rest } = s;
-    rejects(() => decode("JobSpec", encode("JobSpec", rest as JobSpec), { job: JOB }), "malformed", /pooling.*unknown or unset/);
+    const s = sampleExtractionSpec();
+    const { pooling: _p, ...rest } = s.extraction;
+    rejects(() => decode("JobSpec", encode("JobSpec", { ...s, extraction: rest } as JobSpec), { job: JOB }), "malformed", /pooling.*unknown or unset/);
   });
 
   test("training wire - membership plans cut the global batch by member and are taken only from the attempt's coordinator", () => {

@@ -16,13 +16,7 @@ export function sampleMessages(): { [K in MessageType]: MessageMap[K] } {
   const chunk = encodeChunk(grad, planChunks([grad.length], { dtype: "fp16" })[0]!, "fp16");
   const chunk32 = encodeChunk(grad, planChunks([grad.length])[0]!, "fp32");
   return {
-    JobSpec: {
-      header: header(), data: "fashion-mnist", model: "mobilenet_v2", inputSize: 96, featureLayer: "out_relu",
-      pooling: "avg", method: "cached", batchSize: 32, seed: 42, backend: "wasm", limit: 1000, valSplit: 0.1,
-      testSplit: 0.1, shardSize: 256, maxPixels: 40_000_000, fineTuneLayers: "20", learningRate: 1e-3,
-      fineTuneLearningRate: 1e-5, wireDtype: "fp16", headUnits: 256, dropout: 0.5, numClasses: 10,
-      bucketBytes: 524288, engine: "onnx", threads: 2, extra: { note: "hello", empty: "" },
-    },
+    JobSpec: sampleExtractionSpec(),
     ShardTask: { header: header(), shardId: "shard-00001", ids: ["train/0", "train/1", "test/5"], labels: [3, 0, 9], splits: ["train", "validation", "test"], attempt: 1 },
     FeatureShard: {
       header: header(), shardId: "shard-00001", ids: ["a", "b"], labels: [1, 2], splits: ["train", "train"], featureDims: [3],
