@@ -401,6 +401,12 @@ export function natsObjects(r: RenderOptions): Manifest[] {
     };
     out.push(secret);
   }
+  out.push(...natsServices(r, labels, selector), natsStatefulSet(r, labels, selector));
+  return out;
+}
+
+/** The client Service and the headless one the StatefulSet names its pod under. */
+function natsServices(r: RenderOptions, labels: Record<string, string>, selector: Record<string, string>): V1Service[] {
   const client: V1Service = {
     apiVersion: "v1",
     kind: "Service",
@@ -421,7 +427,12 @@ export function natsObjects(r: RenderOptions): Manifest[] {
       ],
     },
   };
-  const sts: V1StatefulSet = {
+  return [client, headless];
+}
+
+/** One nats-server pod with a volume claim (JetStream clustering needs routes and three replicas). */
+function natsStatefulSet(r: RenderOptions, labels: Record<string, string>, selector: Record<string, string>): V1StatefulSet {
+  return {
     apiVersion: "apps/v1",
     kind: "StatefulSet",
     metadata: meta(NAMES.nats, r, labels),
@@ -437,29 +448,7 @@ export function natsObjects(r: RenderOptions): Manifest[] {
           terminationGracePeriodSeconds: 60,
           securityContext: podSecurity(1000),
           containers: [
-            {
-              name: "nats",
-              image: r.natsImage ?? "nats:2.10.22-alpine",
-              imagePullPolicy: "IfNotPresent",
-              command: ["nats-server", "--config", "/etc/nats/nats.conf"],
-              env: [...credentialsEnv(), { name: "POD_NAME", valueFrom: { fieldRef: { fieldPath: "metadata.name" } } }],
-              ports: [
-                { name: "client", containerPort: 4222, protocol: "TCP" },
-                { name: "monitor", containerPort: 8222, protocol: "TCP" },
-              ],
-              resources: {
-                requests: { cpu: "100m", memory: "256Mi" },
-                limits: { cpu: "1", memory: "1Gi" },
-              },
-              startupProbe: { httpGet: { path: "/healthz", port: "monitor" }, periodSeconds: 5, failureThreshold: 30 },
-              livenessProbe: { httpGet: { path: "/healthz?js-enabled-only=true", port: "monitor" }, periodSeconds: 10, timeoutSeconds: 5, failureThreshold: 3 },
-              readinessProbe: { httpGet: { path: "/healthz", port: "monitor" }, periodSeconds: 5, timeoutSeconds: 5, failureThreshold: 2 },
-              securityContext: RESTRICTED_CONTAINER,
-              volumeMounts: [
-                { name: "config", mountPath: "/etc/nats", readOnly: true },
-                { name: "data", mountPath: "/data" },
-              ],
-            },
+            natsContainer(r),
           ],
           volumes: [{ name: "config", configMap: { name: NAMES.natsConfig } }],
         },
@@ -474,8 +463,33 @@ export function natsObjects(r: RenderOptions): Manifest[] {
       ],
     },
   };
-  out.push(client, headless, sts);
-  return out;
+}
+
+/** The nats-server container: config from the ConfigMap, credentials from the Secret, JetStream on /data. */
+function natsContainer(r: RenderOptions): V1Container {
+  return {
+    name: "nats",
+    image: r.natsImage ?? "nats:2.10.22-alpine",
+    imagePullPolicy: "IfNotPresent",
+    command: ["nats-server", "--config", "/etc/nats/nats.conf"],
+    env: [...credentialsEnv(), { name: "POD_NAME", valueFrom: { fieldRef: { fieldPath: "metadata.name" } } }],
+    ports: [
+      { name: "client", containerPort: 4222, protocol: "TCP" },
+      { name: "monitor", containerPort: 8222, protocol: "TCP" },
+    ],
+    resources: {
+      requests: { cpu: "100m", memory: "256Mi" },
+      limits: { cpu: "1", memory: "1Gi" },
+    },
+    startupProbe: { httpGet: { path: "/healthz", port: "monitor" }, periodSeconds: 5, failureThreshold: 30 },
+    livenessProbe: { httpGet: { path: "/healthz?js-enabled-only=true", port: "monitor" }, periodSeconds: 10, timeoutSeconds: 5, failureThreshold: 3 },
+    readinessProbe: { httpGet: { path: "/healthz", port: "monitor" }, periodSeconds: 5, timeoutSeconds: 5, failureThreshold: 2 },
+    securityContext: RESTRICTED_CONTAINER,
+    volumeMounts: [
+      { name: "config", mountPath: "/etc/nats", readOnly: true },
+      { name: "data", mountPath: "/data" },
+    ],
+  };
 }
 
 /** ServiceAccount, Role and RoleBinding of the coordinator: exactly {@link LAUNCHER_RBAC_RULES}. */
