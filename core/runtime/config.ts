@@ -534,8 +534,23 @@ export function jobFileText(opts: JobOptions): string {
 ${stringifyYaml(reproducibleOptions(opts))}`;
 }
 
+/**
+ * A command's own table (flags that are not job options: `ctrain coordinator --ack-wait`): the values
+ * of `rows` from flags parsed as `extraFlags` (`given`, by flag name) or the rows' environment
+ * variables, validated like job options, defaults filled in.
+ */
+export function readRows(rows: readonly OptionRow[], given: Record<string, string | true>, env: NodeJS.ProcessEnv = process.env): Record<string, unknown> {
+  const fromEnv = fromEnvironment(rows, env);
+  const out: Record<string, unknown> = {};
+  for (const s of rows) {
+    const v = given[flagName(s.key)];
+    out[s.key] = v !== undefined ? coerce(s, v, "flag") : fromEnv[s.key] ?? s.default();
+  }
+  return out;
+}
+
 /** `--help` lines of a table's rows: flag, help, choices, default and environment variable. */
-function rowsHelp(rows: readonly OptionRow[], shownDefault: (s: OptionRow) => string = (s) => JSON.stringify(s.default())): string {
+export function rowsHelp(rows: readonly OptionRow[], shownDefault: (s: OptionRow) => string = (s) => JSON.stringify(s.default())): string {
   return rows.map((s) => `  --${flagName(s.key).padEnd(26)} ${s.help}${s.choices ? ` (${s.choices.join("|")})` : ""} [default ${shownDefault(s)}${s.env ? `; env ${s.env}` : ""}]`).join("\n");
 }
 
@@ -672,6 +687,12 @@ export function envSetting(name: string, env: NodeJS.ProcessEnv = process.env): 
   if (!e) throw new RangeError(`envSetting: ${name} is not in ENV_SETTINGS (add a row there so --help lists it)`);
   const raw = env[name];
   return raw === undefined || raw === "" ? undefined : envValue(e, raw);
+}
+
+/** A text setting of {@link ENV_SETTINGS} (a path, a name), validated; undefined when unset or empty. */
+export function envString(name: string, env: NodeJS.ProcessEnv = process.env): string | undefined {
+  const v = envSetting(name, env);
+  return v === undefined ? undefined : String(v);
 }
 
 /**
