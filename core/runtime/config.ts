@@ -269,15 +269,20 @@ export const COMMAND_OPTIONS: Readonly<Record<string, readonly (keyof JobOptions
   "export-onnx": ["model", "out", "inputSize", "featureLayer", "pooling", "preprocessing", "backend"],
 };
 
-/** The nearest of `candidates` (flag names) to a mistyped flag, within 3 edits. */
+/**
+ * The nearest of `candidates` (flag names) to a mistyped flag, within 3 edits; else one that ends with
+ * it (`--batch-size` -> `--extract-batch-size` on a command that has only the narrower one).
+ */
 function closest(name: string, candidates: Iterable<string> = [...SPEC_BY_KEY.keys()].map(flagName)): string | undefined {
   let best: string | undefined;
   let bestD = 4;
-  for (const c of candidates) {
-    const d = editDistance(c, flagName(keyOf(name)));
+  const typed = flagName(keyOf(name));
+  const list = [...candidates];
+  for (const c of list) {
+    const d = editDistance(c, typed);
     if (d < bestD) { bestD = d; best = c; }
   }
-  return best;
+  return best ?? (typed.length >= 4 ? list.find((c) => c.endsWith(`-${typed}`)) : undefined);
 }
 
 function editDistance(a: string, b: string): number {
