@@ -108,4 +108,14 @@ describe("bad input - settings from the environment and command flags", () => {
   test("bad input - --data-parallel takes auto, on or off, from a flag or the config file", async () => {
     await refused(["coordinator", "--nats", "nats://127.0.0.1:1", "--data-parallel", "maybe"], {}, /--data-parallel \(flag\) must be one of auto, on, off; got "maybe"/);
   });
+
+  test("bad input - a nats-server that does not start ends the run with one line naming it (NATS_SERVER_BIN)", async () => {
+    const out = join(dir, "out-bad-nats-bin");
+    const r = await runCli(["run", "--data", "fashion-mnist", "--limit", "20", "--input-size", "32", "--epochs", "1", "--workers", "2", "--metrics-port", "-1",
+      "--log-format", "json", "--out", out, "--cache-dir", join(dir, "cache-bad-nats-bin"), "--backend", "wasm"], { env: { NATS_SERVER_BIN: "/bin/false" }, timeoutMs: 120_000 });
+    assert.equal(r.code, 2, r.stderr);
+    const last = r.stderr.trimEnd().split("\n").at(-1)!;
+    assert.match(last, /^ctrain: ServiceStartError: nats-server \(\/bin\/false\) did not start: exit 1\. Fix NATS_SERVER_BIN/);
+    assert.doesNotMatch(r.stderr, /\bat .*\.js:\d+/, "no stack trace");
+  });
 });
