@@ -17,8 +17,8 @@ export const WORKER_HELP = `usage: ctrain worker --nats URL [--job ID|any] [opti
 
 Pulls feature-extraction shards of a job from NATS, extracts them, stores the features.
 When the coordinator publishes a fine-tuning spec, it also trains as a data-parallel replica.
-The job's settings (model, input size, batch sizes...) come from the coordinator with each task;
-these are the worker's own.
+The job's settings (model, input size, images per forward pass...) come from the coordinator
+with each task; these are the worker's own.
 
 options (flag, or the environment variable shown):
 ${workerOptionsHelp()}
@@ -68,8 +68,8 @@ export async function main(argv: string[]): Promise<number> {
         if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
       }
     })();
-    // batchSize is set only as the documented override; otherwise the job's --extract-batch-size applies.
-    worker = new NatsWorker({ nc, job, workerId, log, metrics, backend: backend.name, batchSize: o.extractBatchSize || undefined, threads: o.threads || undefined, provider: o.engineProvider });
+    // Images per forward pass come with each extraction round (the job's --extract-batch-size).
+    worker = new NatsWorker({ nc, job, workerId, log, metrics, backend: backend.name, threads: o.threads || undefined, provider: o.engineProvider });
     let signals = 0;
     const onSignal = (sig: NodeJS.Signals): void => {
       signals++;

@@ -16,6 +16,7 @@
 import { randomBytes } from "node:crypto";
 import { jobNames } from "../proto/subjects.js";
 import { TRAINING_KEYS } from "../proto/training_wire.js";
+import { ROUND_KEYS } from "../proto/extraction_wire.js";
 
 /** A nats-server `permissions` block. */
 export interface NatsPermissions {
@@ -58,7 +59,7 @@ export function workerPermissions(job: string, worker: string): NatsPermissions 
         `${api}.STREAM.PURGE.${obj(n.featuresBucket)}`, `${api}.STREAM.PURGE.${obj(n.checkpointsBucket)}`,
         `$O.${n.featuresBucket}.>`, `$O.${n.checkpointsBucket}.>`,
         `$KV.${n.workersBucket}.${worker}`,
-        `$KV.${n.stateBucket}.error.>`, `$KV.${n.stateBucket}.failed.>`,
+        `$KV.${n.stateBucket}.${ROUND_KEYS.errorAll}`, `$KV.${n.stateBucket}.${ROUND_KEYS.failedAll}`,
         `$KV.${n.stateBucket}.${TRAINING_KEYS.report(worker)}`, `$KV.${n.stateBucket}.${TRAINING_KEYS.boundary}`,
       ],
     },

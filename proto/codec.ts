@@ -19,7 +19,7 @@ import { crc32 } from "./checksum.js";
 import { bytesPerElement, hasNonFinite } from "./tensor_codec.js";
 
 /** Version of the wire contract. Peers with different versions refuse each other's messages. */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Enums: TS string unions <-> proto enum value names.
@@ -55,6 +55,9 @@ const ENUM_NAMES = {
     failed: "REPLICA_STATE_FAILED",
     evicted: "REPLICA_STATE_EVICTED",
   },
+  Engine: { auto: "ENGINE_AUTO", onnx: "ENGINE_ONNX", tfjs: "ENGINE_TFJS" },
+  Precision: { fp32: "PRECISION_FP32", int8: "PRECISION_INT8" },
+  Preprocessing: { unit: "PREPROCESSING_UNIT", tf: "PREPROCESSING_TF", caffe: "PREPROCESSING_CAFFE", torch: "PREPROCESSING_TORCH", none: "PREPROCESSING_NONE" },
   ControlKind: { drain: "CONTROL_KIND_DRAIN", stop: "CONTROL_KIND_STOP", abort_step: "CONTROL_KIND_ABORT_STEP", phase: "CONTROL_KIND_PHASE", epoch_boundary: "CONTROL_KIND_EPOCH_BOUNDARY" },
 } as const;
 
@@ -66,6 +69,9 @@ export type Dtype = keyof (typeof ENUM_NAMES)["Dtype"];
 export type WorkerState = keyof (typeof ENUM_NAMES)["WorkerState"];
 export type ControlKind = keyof (typeof ENUM_NAMES)["ControlKind"];
 export type ReplicaState = keyof (typeof ENUM_NAMES)["ReplicaState"];
+export type Engine = keyof (typeof ENUM_NAMES)["Engine"];
+export type Precision = keyof (typeof ENUM_NAMES)["Precision"];
+export type Preprocessing = keyof (typeof ENUM_NAMES)["Preprocessing"];
 
 /** The values of each enum, for option validation and tests. */
 export const ENUM_VALUES = {
@@ -77,6 +83,9 @@ export const ENUM_VALUES = {
   WorkerState: Object.keys(ENUM_NAMES.WorkerState) as WorkerState[],
   ControlKind: Object.keys(ENUM_NAMES.ControlKind) as ControlKind[],
   ReplicaState: Object.keys(ENUM_NAMES.ReplicaState) as ReplicaState[],
+  Engine: Object.keys(ENUM_NAMES.Engine) as Engine[],
+  Precision: Object.keys(ENUM_NAMES.Precision) as Precision[],
+  Preprocessing: Object.keys(ENUM_NAMES.Preprocessing) as Preprocessing[],
 } as const;
 
 // ---------------------------------------------------------------------------------------------
@@ -91,8 +100,50 @@ export interface Header {
   sender: string;
 }
 
-export interface JobSpec {
+/** One extraction round (JobSpec `kind`); field docs in trainer.proto. Built by proto/extraction_wire.ts. */
+export interface ExtractionRound {
+  round: string;
+  data: string;
+  seed: number;
+  valSplit: number;
+  testSplit: number;
+  /** 0 = all. */
+  limit: number;
+  maxPixels: number;
+  model: string;
+  inputSize: number;
+  featureLayer: string;
+  pooling: Pooling;
+  preprocessing: Preprocessing;
+  engine: Engine;
+  precision: Precision;
+  /** 0 = the worker decides. */
+  threads: number;
+  backend: Backend;
+  imagesPerBatch: number;
+  extractorFingerprint: string;
+  datasetFingerprint: string;
+}
+
+/**
+ * What a worker is asked to run: one `kind` (`extraction` today). The flat fields are the older shape
+ * fine-tuning still reads and writes until its own kind lands (issue 13: removed at merge); a decoded
+ * extraction spec holds them at their proto defaults, and nothing of extraction reads them.
+ */
+export interface JobSpec extends LegacyJobFields {
   header: Header;
+  /** Set when the spec is an extraction round. */
+  extraction?: ExtractionRound;
+}
+
+/** A JobSpec of kind `extraction`, as the coordinator sends it: only the header and the round. */
+export interface ExtractionJobSpec {
+  header: Header;
+  extraction: ExtractionRound;
+}
+
+/** The flat JobSpec fields 2-25 and `extra` (see {@link JobSpec}). */
+export interface LegacyJobFields {
   data: string;
   model: string;
   inputSize: number;
@@ -454,7 +505,9 @@ export function makeHeader(job: string, sender: string, epoch = 0, step = 0): He
 }
 
 /** Encodes a message. Throws {@link EncodeError} for an unknown enum value or a value of the wrong type. */
-export function encode<K extends MessageType>(type: K, msg: MessageMap[K]): Uint8Array {
+export function encode(type: "JobSpec", msg: JobSpec | ExtractionJobSpec): Uint8Array;
+export function encode<K extends MessageType>(type: K, msg: MessageMap[K]): Uint8Array;
+export function encode<K extends MessageType>(type: K, msg: MessageMap[K] | ExtractionJobSpec): Uint8Array {
   const t = types.get(type);
   if (!t) throw new EncodeError(type, "unknown message type");
   try {
@@ -501,6 +554,9 @@ export function decode<K extends MessageType>(type: K, bytes: Uint8Array, expect
   }
   const h = obj.header as Header | null;
   if (!h) throw new DecodeError(type, "malformed", "no header");
+  // A JobSpec of a kind is its header and that kind: the flat fields (removed at merge, issue 13) are
+  // not on the wire, and their enums' proto defaults would read as "unset".
+  if (type === "JobSpec" && obj.extraction) obj = { header: h, extraction: obj.extraction };
   // The header first: a peer of another version may use enum values we do not know.
   checkHeader(type, h, expect);
   try {
@@ -547,122 +603,141 @@ function shape(type: MessageType, h: Header, cond: boolean, what: string): void 
 }
 
 function validate(type: MessageType, o: Record<string, unknown>): void {
-  const h = o.header as Header;
-  switch (type) {
-    case "JobSpec": {
-      const m = o as unknown as JobSpec;
-      required(m.data !== "", "data");
-      required(m.model !== "", "model");
-      required(m.inputSize > 0, "input_size");
-      required(m.batchSize > 0, "batch_size");
-      if (!["", "auto", "onnx", "tfjs"].includes(m.engine)) throw new DecodeError(type, "malformed", `unknown engine ${JSON.stringify(m.engine.slice(0, 20))}`, { header: h });
-      return;
-    }
-    case "ShardTask": {
-      const m = o as unknown as ShardTask;
-      required(m.shardId !== "", "shard_id");
-      shape(type, h, m.ids.length > 0, "shard has no samples");
-      shape(type, h, m.labels.length === m.ids.length && m.splits.length === m.ids.length,
-        `${m.ids.length} ids, ${m.labels.length} labels, ${m.splits.length} splits`);
-      return;
-    }
-    case "FeatureShard": {
-      const m = o as unknown as FeatureShard;
-      required(m.shardId !== "", "shard_id");
-      required(m.worker !== "", "worker");
-      for (const s of m.skipped) required(s.id !== "" && s.reason !== "", "skipped input id or reason");
-      shape(type, h, m.labels.length === m.ids.length && m.splits.length === m.ids.length,
-        `${m.ids.length} ids, ${m.labels.length} labels, ${m.splits.length} splits`);
-      let dim = 1;
-      for (const d of m.featureDims) dim *= d;
-      shape(type, h, m.featureDims.length > 0 && dim > 0 && dim <= 2 ** 31, `feature dims [${m.featureDims.join(", ")}]`);
-      shape(type, h, m.features.length === m.ids.length * dim * 4,
-        `features hold ${m.features.length} bytes, ${m.ids.length} samples x ${dim} float32 need ${m.ids.length * dim * 4}`);
-      if (!Number.isFinite(m.seconds) || m.seconds < 0) throw new DecodeError(type, "non_finite", `seconds ${m.seconds}`, { header: h });
-      if (hasNonFinite(m.features, "fp32")) throw new DecodeError(type, "non_finite", "features hold NaN or infinity", { header: h });
-      return;
-    }
-    case "WorkerHello": {
-      const m = o as unknown as WorkerHello;
-      required(m.worker !== "", "worker");
-      return;
-    }
-    case "Heartbeat": {
-      const m = o as unknown as Heartbeat;
-      required(m.worker !== "", "worker");
-      if (!Number.isFinite(m.imagesPerSecond) || m.imagesPerSecond < 0)
-        throw new DecodeError(type, "non_finite", `images_per_second ${m.imagesPerSecond}`, { header: h });
-      return;
-    }
-    case "Progress": {
-      const m = o as unknown as Progress;
-      required(m.shardId !== "", "shard_id");
-      shape(type, h, m.done <= m.total, `done ${m.done} > total ${m.total}`);
-      return;
-    }
-    case "StepPlan": {
-      const m = o as unknown as StepPlan;
-      shape(type, h, m.members.length > 0, "no members");
-      const names = new Set<string>();
-      let samples = 0;
-      for (const mb of m.members) {
-        required(mb.worker !== "", "member worker");
-        shape(type, h, !names.has(mb.worker), `member ${JSON.stringify(mb.worker)} listed twice`);
-        names.add(mb.worker);
-        samples += mb.sampleCount;
-        shape(type, h, mb.sampleOffset + mb.sampleCount <= m.globalBatch, `member ${mb.worker} samples outside the global batch`);
-      }
-      shape(type, h, samples === m.globalBatch, `members' samples sum to ${samples}, global batch is ${m.globalBatch}`);
-      const joining = new Set(m.joining);
-      shape(type, h, joining.size === m.joining.length, "a joiner listed twice");
-      for (const w of joining) shape(type, h, names.has(w), `joiner ${JSON.stringify(w)} is not a member`);
-      shape(type, h, joining.size < m.members.length, "every member is a joiner");
-      const slices = m.members.map((mb) => [mb.sliceOffset, mb.sliceLength] as const).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
-      let at = 0;
-      for (const [off, len] of slices) {
-        shape(type, h, off === at, `slices do not tile the gradient vector (gap or overlap at ${at})`);
-        at += len;
-      }
-      shape(type, h, at === m.totalLength, `slices cover ${at} elements, the gradient vector has ${m.totalLength}`);
-      if (!Number.isFinite(m.learningRate)) throw new DecodeError(type, "non_finite", `learning_rate ${m.learningRate}`, { header: h });
-      return;
-    }
-    case "GradientChunk":
-    case "AveragedChunk": {
-      const m = o as unknown as TensorChunk;
-      shape(type, h, m.chunkCount > 0 && m.chunkIndex < m.chunkCount, `chunk ${m.chunkIndex} of ${m.chunkCount}`);
-      const need = m.length * bytesPerElement(m.dtype);
-      shape(type, h, m.data.length === need, `data holds ${m.data.length} bytes, ${m.length} ${m.dtype} elements need ${need}`);
-      if (crc32(m.data) !== m.checksum) throw new Error(`checksum mismatch (data corrupted)`);
-      if (hasNonFinite(m.data, m.dtype)) throw new DecodeError(type, "non_finite", "data holds NaN or infinity", { header: h });
-      return;
-    }
-    case "WeightsChecksum": {
-      const m = o as unknown as WeightsChecksum;
-      required(m.worker !== "", "worker");
-      return;
-    }
-    case "CheckpointMeta": {
-      const m = o as unknown as CheckpointMeta;
-      required(m.phase !== "", "phase");
-      required(m.weightsObject !== "", "weights_object");
-      return;
-    }
-    case "Control":
-      return; // kind is checked by the enum conversion
-    case "TrainingReport": {
-      const m = o as unknown as TrainingReport;
-      required(m.attempt !== "", "attempt");
-      required(m.worker !== "", "worker");
-      // Loss and accuracy figures may be NaN (a diverged run): they are reported, never applied.
-      return;
-    }
-    case "ShardError": {
-      const m = o as unknown as ShardError;
-      required(m.shardId !== "", "shard_id");
-      required(m.worker !== "", "worker");
-      required(m.error !== "", "error");
-      return;
-    }
+  (VALIDATORS[type] as (type: MessageType, h: Header, m: unknown) => void)(type, o.header as Header, o);
+}
+
+/** One validator per message type: what the header cannot say about the body. */
+const VALIDATORS: { [K in MessageType]: (type: K, h: Header, m: MessageMap[K]) => void } = {
+  JobSpec: validateJobSpec,
+  ShardTask: validateShardTask,
+  FeatureShard: validateFeatureShard,
+  WorkerHello: validateWorkerHello,
+  Heartbeat: validateHeartbeat,
+  Progress: validateProgress,
+  StepPlan: validateStepPlan,
+  GradientChunk: validateTensorChunk,
+  AveragedChunk: validateTensorChunk,
+  WeightsChecksum: validateWeightsChecksum,
+  CheckpointMeta: validateCheckpointMeta,
+  Control: () => undefined, // kind is checked by the enum conversion
+  TrainingReport: validateTrainingReport,
+  ShardError: validateShardError,
+};
+
+function validateJobSpec(type: MessageType, h: Header, m: JobSpec): void {
+  if (m.extraction) return validateExtractionRound(type, h, m.extraction);
+  // The flat shape (fine-tuning, until its own kind lands).
+  required(m.data !== "", "data");
+  required(m.model !== "", "model");
+  required(m.inputSize > 0, "input_size");
+  required(m.batchSize > 0, "batch_size");
+  if (!["", "auto", "onnx", "tfjs"].includes(m.engine)) throw new DecodeError(type, "malformed", `unknown engine ${JSON.stringify(m.engine.slice(0, 20))}`, { header: h });
+}
+
+/** Enums (pooling, preprocessing, engine, precision, backend) are checked by the conversion: unset is malformed. */
+function validateExtractionRound(type: MessageType, h: Header, r: ExtractionRound): void {
+  required(r.round !== "", "extraction.round");
+  required(r.data !== "", "extraction.data");
+  required(r.model !== "", "extraction.model");
+  required(r.featureLayer !== "", "extraction.feature_layer");
+  required(r.inputSize > 0, "extraction.input_size");
+  required(r.imagesPerBatch > 0, "extraction.images_per_batch");
+  required(r.maxPixels > 0, "extraction.max_pixels");
+  required(r.extractorFingerprint !== "" && r.datasetFingerprint !== "", "extraction fingerprints");
+  for (const [name, v] of [["val_split", r.valSplit], ["test_split", r.testSplit]] as const) {
+    if (!Number.isFinite(v)) throw new DecodeError(type, "non_finite", `extraction.${name} ${v}`, { header: h });
+    if (v < 0 || v >= 1) throw new Error(`extraction.${name} ${v} is outside [0, 1)`);
   }
+}
+
+function validateShardTask(type: MessageType, h: Header, m: ShardTask): void {
+  required(m.shardId !== "", "shard_id");
+  shape(type, h, m.ids.length > 0, "shard has no samples");
+  shape(type, h, m.labels.length === m.ids.length && m.splits.length === m.ids.length,
+    `${m.ids.length} ids, ${m.labels.length} labels, ${m.splits.length} splits`);
+}
+
+function validateFeatureShard(type: MessageType, h: Header, m: FeatureShard): void {
+  required(m.shardId !== "", "shard_id");
+  required(m.worker !== "", "worker");
+  for (const s of m.skipped) required(s.id !== "" && s.reason !== "", "skipped input id or reason");
+  shape(type, h, m.labels.length === m.ids.length && m.splits.length === m.ids.length,
+    `${m.ids.length} ids, ${m.labels.length} labels, ${m.splits.length} splits`);
+  let dim = 1;
+  for (const d of m.featureDims) dim *= d;
+  shape(type, h, m.featureDims.length > 0 && dim > 0 && dim <= 2 ** 31, `feature dims [${m.featureDims.join(", ")}]`);
+  shape(type, h, m.features.length === m.ids.length * dim * 4,
+    `features hold ${m.features.length} bytes, ${m.ids.length} samples x ${dim} float32 need ${m.ids.length * dim * 4}`);
+  if (!Number.isFinite(m.seconds) || m.seconds < 0) throw new DecodeError(type, "non_finite", `seconds ${m.seconds}`, { header: h });
+  if (hasNonFinite(m.features, "fp32")) throw new DecodeError(type, "non_finite", "features hold NaN or infinity", { header: h });
+}
+
+function validateWorkerHello(_type: MessageType, _h: Header, m: WorkerHello): void {
+  required(m.worker !== "", "worker");
+}
+
+function validateHeartbeat(type: MessageType, h: Header, m: Heartbeat): void {
+  required(m.worker !== "", "worker");
+  if (!Number.isFinite(m.imagesPerSecond) || m.imagesPerSecond < 0)
+    throw new DecodeError(type, "non_finite", `images_per_second ${m.imagesPerSecond}`, { header: h });
+}
+
+function validateProgress(type: MessageType, h: Header, m: Progress): void {
+  required(m.shardId !== "", "shard_id");
+  shape(type, h, m.done <= m.total, `done ${m.done} > total ${m.total}`);
+}
+
+function validateStepPlan(type: MessageType, h: Header, m: StepPlan): void {
+  shape(type, h, m.members.length > 0, "no members");
+  const names = new Set<string>();
+  let samples = 0;
+  for (const mb of m.members) {
+    required(mb.worker !== "", "member worker");
+    shape(type, h, !names.has(mb.worker), `member ${JSON.stringify(mb.worker)} listed twice`);
+    names.add(mb.worker);
+    samples += mb.sampleCount;
+    shape(type, h, mb.sampleOffset + mb.sampleCount <= m.globalBatch, `member ${mb.worker} samples outside the global batch`);
+  }
+  shape(type, h, samples === m.globalBatch, `members' samples sum to ${samples}, global batch is ${m.globalBatch}`);
+  const joining = new Set(m.joining);
+  shape(type, h, joining.size === m.joining.length, "a joiner listed twice");
+  for (const w of joining) shape(type, h, names.has(w), `joiner ${JSON.stringify(w)} is not a member`);
+  shape(type, h, joining.size < m.members.length, "every member is a joiner");
+  const slices = m.members.map((mb) => [mb.sliceOffset, mb.sliceLength] as const).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  let at = 0;
+  for (const [off, len] of slices) {
+    shape(type, h, off === at, `slices do not tile the gradient vector (gap or overlap at ${at})`);
+    at += len;
+  }
+  shape(type, h, at === m.totalLength, `slices cover ${at} elements, the gradient vector has ${m.totalLength}`);
+  if (!Number.isFinite(m.learningRate)) throw new DecodeError(type, "non_finite", `learning_rate ${m.learningRate}`, { header: h });
+}
+
+function validateTensorChunk(type: MessageType, h: Header, m: TensorChunk): void {
+  shape(type, h, m.chunkCount > 0 && m.chunkIndex < m.chunkCount, `chunk ${m.chunkIndex} of ${m.chunkCount}`);
+  const need = m.length * bytesPerElement(m.dtype);
+  shape(type, h, m.data.length === need, `data holds ${m.data.length} bytes, ${m.length} ${m.dtype} elements need ${need}`);
+  if (crc32(m.data) !== m.checksum) throw new Error(`checksum mismatch (data corrupted)`);
+  if (hasNonFinite(m.data, m.dtype)) throw new DecodeError(type, "non_finite", "data holds NaN or infinity", { header: h });
+}
+
+function validateWeightsChecksum(_type: MessageType, _h: Header, m: WeightsChecksum): void {
+  required(m.worker !== "", "worker");
+}
+
+function validateCheckpointMeta(_type: MessageType, _h: Header, m: CheckpointMeta): void {
+  required(m.phase !== "", "phase");
+  required(m.weightsObject !== "", "weights_object");
+}
+
+function validateTrainingReport(_type: MessageType, _h: Header, m: TrainingReport): void {
+  required(m.attempt !== "", "attempt");
+  required(m.worker !== "", "worker");
+  // Loss and accuracy figures may be NaN (a diverged run): they are reported, never applied.
+}
+
+function validateShardError(_type: MessageType, _h: Header, m: ShardError): void {
+  required(m.shardId !== "", "shard_id");
+  required(m.worker !== "", "worker");
+  required(m.error !== "", "error");
 }

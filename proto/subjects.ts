@@ -13,6 +13,8 @@
  *   ctrain.<job>.avg.<w>            AveragedChunk of the slice owned by <w> (core, fan-out)
  *   ctrain.<job>.weights            WeightsChecksum after a step (core)
  *   ctrain.<job>.control            Control (core, coordinator -> workers)
+ *   $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>   the server's advisory when a task
+ *                                   used up its deliveries (JSON, proto/extraction_wire.ts parses it)
  *   buckets ctrain-<job>-features (object store), ctrain-<job>-checkpoints (object store),
  *           ctrain-<job>-state (KV), ctrain-<job>-workers (KV with a TTL)
  *
@@ -43,6 +45,18 @@ export function validateWorkerId(worker: string): string {
   return worker;
 }
 
+const TASKS_CONSUMER = "extractors";
+const TASKS_STREAM = /^CTRAIN_([a-zA-Z0-9][a-zA-Z0-9_-]{0,62})_TASKS$/;
+
+function tasksStreamOf(job: string): string {
+  return `CTRAIN_${job}_TASKS`;
+}
+
+/** The job whose task stream `stream` is; undefined for any other stream (how `--job any` finds jobs). */
+export function jobOfTasksStream(stream: string): string | undefined {
+  return TASKS_STREAM.exec(stream)?.[1];
+}
+
 /** The NATS names of one job. */
 export interface JobNames {
   readonly job: string;
@@ -54,6 +68,8 @@ export interface JobNames {
   readonly tasksStream: string;
   /** Durable pull consumer shared by all extraction workers. */
   readonly tasksConsumer: string;
+  /** The server's advisory for a task that used up its deliveries on `tasksConsumer`. */
+  readonly tasksMaxDeliveries: string;
   readonly hello: string;
   readonly heartbeat: string;
   readonly progress: string;
@@ -87,8 +103,9 @@ export function jobNames(job: string): JobNames {
     job,
     all: `${s}.>`,
     tasks: `${s}.tasks`,
-    tasksStream: `CTRAIN_${job}_TASKS`,
-    tasksConsumer: "extractors",
+    tasksStream: tasksStreamOf(job),
+    tasksConsumer: TASKS_CONSUMER,
+    tasksMaxDeliveries: `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.${tasksStreamOf(job)}.${TASKS_CONSUMER}`,
     hello: `${s}.hello`,
     heartbeat: `${s}.heartbeat`,
     progress: `${s}.progress`,

@@ -6,7 +6,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { DECODE_REASONS, DecodeError, MESSAGE_TYPES, decode, encode, type MessageType } from "../proto/codec.js";
-import { EPOCH, JOB, STEP, sampleMessages } from "./helpers/messages.js";
+import { EPOCH, JOB, STEP, sampleExtractionSpec, sampleMessages } from "./helpers/messages.js";
 
 const SEED = 20240611;
 const expect = { job: JOB, epoch: EPOCH, step: STEP };
@@ -91,4 +91,21 @@ test("fuzz - a chunk's payload bit flip never decodes as valid (checksum)", () =
       { seed: SEED, numRuns: 500 },
     );
   }
+});
+
+test("fuzz - truncations and byte edits of an extraction JobSpec give DecodeError or a valid round", () => {
+  const base = encode("JobSpec", sampleExtractionSpec());
+  for (let n = 0; n < base.length; n++) tryDecode("JobSpec", base.subarray(0, n));
+  assert.equal(tryDecode("JobSpec", base), "ok");
+  fc.assert(
+    fc.property(fc.nat(), fc.integer({ min: 0, max: 255 }), (at, value) => {
+      const bytes = Uint8Array.from(base);
+      bytes[at % bytes.length] = value;
+      if (tryDecode("JobSpec", bytes) !== "ok") return;
+      // What decodes is a whole round or the flat shape, never a round with a setting missing.
+      const spec = decode("JobSpec", bytes, expect);
+      if (spec.extraction) assert.ok(spec.extraction.imagesPerBatch > 0 && spec.extraction.data !== "" && spec.extraction.inputSize > 0);
+    }),
+    { seed: SEED, numRuns: 2000 },
+  );
 });

@@ -37,13 +37,12 @@ test("options - one default batch size for training and extraction", () => {
   assert.equal(o.extractBatchSize, DEFAULT_BATCH_SIZE);
 });
 
-test("options - ctrain worker reads its table: CTRAIN_NATS_URL under --nats, the batch-size override off by default", () => {
+test("options - ctrain worker reads its table: CTRAIN_NATS_URL under --nats; no batch size of its own", () => {
   const a = parseWorkerArgs(["--job", "j1"], [], { CTRAIN_NATS_URL: "nats://a:4222" });
   assert.equal(a.options.nats, "nats://a:4222");
-  assert.equal(a.options.extractBatchSize, 0, "0 = the job's --extract-batch-size");
-  const b = parseWorkerArgs(["--nats", "nats://b:4222", "--extract-batch-size", "8"], [], { CTRAIN_NATS_URL: "nats://a:4222" });
+  const b = parseWorkerArgs(["--nats", "nats://b:4222"], [], { CTRAIN_NATS_URL: "nats://a:4222" });
   assert.equal(b.options.nats, "nats://b:4222");
-  assert.equal(b.options.extractBatchSize, 8);
+  assert.throws(() => parseWorkerArgs(["--batch-size", "8"]), /ctrain worker has no --batch-size: images per forward pass are the job's --extract-batch-size/);
   assert.throws(() => parseWorkerArgs(["--metrics-port", "70000"]), /--metrics-port \(flag\) must be between -1 and 65535/);
   assert.throws(() => parseWorkerArgs(["--worker-idd", "x"]), /Did you mean --worker-id\?/);
 });

@@ -218,8 +218,10 @@ describe("observability", { timeout: 420_000 }, () => {
     const workers = await labelValues(`up{job="${JOB}"} == 1`, "worker");
     assert.deepEqual([...workers].sort(), ["coordinator", `${JOB}-w0`, `${JOB}-w1`].sort());
     // The process's own labels and the target's agree: no exported_job/exported_worker.
+    // One process can show two series over the job: engine "none" until its frozen graph is built,
+    // then the engine in use (a slow machine gets scraped in between). Every process has one.
     const info = await range(`ctrain_backend_info{job="${JOB}"}`);
-    assert.equal(info.data!.result.length, 3);
+    assert.deepEqual([...new Set(info.data!.result.map((s) => s.metric.worker))].sort(), [...workers].sort());
     for (const s of info.data!.result) {
       assert.equal(s.metric.exported_job, undefined);
       assert.equal(s.metric.exported_worker, undefined);

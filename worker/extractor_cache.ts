@@ -21,9 +21,9 @@ export interface ExtractorKey {
   threads?: number;
   /** onnxruntime execution provider. Default auto. */
   provider?: EngineProvider;
-  /** The job's preprocessing (a JobSpec extra); absent = the model's own. */
+  /** The round's preprocessing (ExtractionRound.preprocessing); absent = the model's own. */
   preprocessing?: string;
-  /** `--engine-precision` (a JobSpec extra). Default fp32. */
+  /** `--engine-precision` (ExtractionRound.precision). Default fp32. */
   precision?: EnginePrecision;
   /** int8: the job's calibration images (core/models/feature_model.ts calibrationImages); one extractor per data set then. */
   calibration?: { dataset: string; images: () => Promise<Uint8Array[]> };

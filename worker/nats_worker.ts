@@ -15,17 +15,21 @@
  */
 import { hostname } from "node:os";
 import type { Consumer, JetStreamClient, JetStreamManager, JsMsg, KV, NatsConnection, ObjectStore } from "nats";
-import { encodeShardError, errorKey, failedKey, parseWireShardId, SPEC_EXTRA, specKey, type ShardErrorRecord } from "../proto/extraction_wire.js";
-import type { BackendName, EngineName, EnginePrecision, EngineProvider } from "../core/runtime/config.js";
-import { calibrationImages } from "../core/models/feature_model.js";
-import type { Split as DataSplit } from "../core/datasets/types.js";
+import { encodeShardError, fromExtractionRound, parseWireShardId, ROUND_KEYS, type RoundSettings, type ShardErrorRecord } from "../proto/extraction_wire.js";
+import type { BackendName, EngineProvider } from "../core/runtime/config.js";
+import { calibrationImages, type FeatureExtractor } from "../core/models/feature_model.js";
+import type { Dataset } from "../core/datasets/types.js";
+import type { FeatureShardData } from "../core/datasets/feature_store.js";
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import { float32ToBytes } from "../proto/tensor_codec.js";
-import { decode, DecodeError, encode, makeHeader, type Backend, type JobSpec, type ShardTask, type Split as WireSplit, type WorkerState } from "../proto/codec.js";
-import { jobNames, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
-import { extractShard, memoryLimit, shardMemoryBudget, shardMemoryBytes } from "./extraction_executor.js";
+import { decode, DecodeError, encode, makeHeader, type Backend, type JobSpec, type ShardTask, type WorkerState } from "../proto/codec.js";
+import { fromWireSplit, toWireSplit } from "../proto/splits.js";
+import { jobNames, jobOfTasksStream, validateWorkerId, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
+import { extractShard, memoryLimit, shardMemoryBudget, type ShardTiming } from "./extraction_executor.js";
 import { ExtractorCache } from "./extractor_cache.js";
+import { InProgressAcks } from "./in_progress_acks.js";
+import { checkSameInputs, checkShardMemory, isLastDelivery } from "./shard_checks.js";
 import { defaultThreads, type EngineInfo } from "../core/models/inference_engine.js";
 import { TRAINING_KEYS } from "../proto/training_wire.js";
 import { runTrainingWorker } from "./training_worker.js";
@@ -52,7 +56,10 @@ export interface NatsWorkerOptions {
   metrics?: CtrainMetrics;
   /** Compute backend in use, for the registry. */
   backend: BackendName;
-  /** Images per forward pass. Default 32. */
+  /**
+   * @deprecated Ignored: images per forward pass are the round's (ExtractionRound.images_per_batch,
+   * the coordinator's `--extract-batch-size`), the same on every worker.
+   */
   batchSize?: number;
   /** onnxruntime threads when the job spec leaves it to the worker (0). Default: this machine's cores. */
   threads?: number;
@@ -74,10 +81,22 @@ interface JobContext {
   os: ObjectStore;
   ackWaitMs: number;
   maxDeliver: number;
-  specs: Map<string, JobSpec>;
+  /** Settings of the extraction rounds seen, by round id. */
+  rounds: Map<string, RoundSettings>;
 }
 
-const FROM_WIRE_SPLIT: Record<WireSplit, DataSplit> = { train: "train", validation: "val", test: "test" };
+/** One delivery of a task being worked on. */
+interface TaskRun {
+  ctx: JobContext;
+  msg: JsMsg;
+  task: ShardTask;
+  /** The task's wire shard id (`<round>.<shard>`). */
+  wire: string;
+  delivery: number;
+  acks: InProgressAcks;
+  /** performance.now() when the delivery was taken. */
+  t0: number;
+}
 
 /** Default worker id: host name and pid, made NATS-safe. */
 export function defaultWorkerId(): string {
@@ -235,7 +254,7 @@ export class NatsWorker implements AsyncDisposable {
       os: await this.js.views.os(names.featuresBucket),
       ackWaitMs: Math.round((info.config.ack_wait ?? 30e9) / 1e6),
       maxDeliver: info.config.max_deliver ?? -1,
-      specs: new Map(),
+      rounds: new Map(),
     };
     this.jobs.set(job, ctx);
     this.stateNow = "idle";
@@ -284,8 +303,8 @@ export class NatsWorker implements AsyncDisposable {
   private async discover(): Promise<string[]> {
     const jobs: string[] = [];
     for await (const s of this.jsm.streams.list()) {
-      const m = /^CTRAIN_([a-zA-Z0-9][a-zA-Z0-9_-]{0,62})_TASKS$/.exec(s.config.name);
-      if (m && s.state.messages > 0) jobs.push(m[1]);
+      const job = jobOfTasksStream(s.config.name);
+      if (job && s.state.messages > 0) jobs.push(job);
     }
     return jobs;
   }
@@ -325,151 +344,162 @@ export class NatsWorker implements AsyncDisposable {
     }
   }
 
-  private async spec(ctx: JobContext, round: string): Promise<JobSpec | undefined> {
-    let s = ctx.specs.get(round);
-    if (s) return s;
-    const e = await ctx.state.get(specKey(round));
-    if (!e || e.operation !== "PUT" || e.value.length === 0) return undefined;
-    s = decode("JobSpec", e.value, { job: ctx.names.job, self: "worker", peer: "coordinator" });
-    ctx.specs.set(round, s);
+  /** The settings of an extraction round, from its JobSpec in the state KV (cached per job). */
+  private async roundSettings(ctx: JobContext, round: string): Promise<RoundSettings> {
+    const known = ctx.rounds.get(round);
+    if (known) return known;
+    const e = await ctx.state.get(ROUND_KEYS.spec(round));
+    if (!e || e.operation !== "PUT" || e.value.length === 0) throw new Error(`the job spec of round ${round} is not in ${ctx.names.stateBucket} (was the coordinator's state lost?)`);
+    const spec: JobSpec = decode("JobSpec", e.value, { job: ctx.names.job, self: "worker", peer: "coordinator" });
+    if (spec.extraction?.round !== round) throw new Error(`the job spec under ${ROUND_KEYS.spec(round)} is not extraction round ${round}`);
+    const s = fromExtractionRound(spec.extraction);
+    ctx.rounds.set(round, s);
+    this.o.log.info("extraction round", { round, images_per_batch: s.imagesPerBatch, coordinator_backend: s.backend, backend: this.o.backend });
     return s;
   }
 
+  /** Works on one delivered task: extracts, stores and acks it, or records why it failed. */
   private async handle(ctx: JobContext, msg: JsMsg): Promise<void> {
-    const job = ctx.names.job;
-    const { log, metrics } = this.o;
-    let task: ShardTask;
-    try {
-      task = decode("ShardTask", msg.data, { job, self: "worker", peer: "coordinator" });
-      if (!parseWireShardId(task.shardId)) throw new DecodeError("ShardTask", "bad_shape", `shard id ${JSON.stringify(task.shardId)} names no extraction round`);
-    } catch (err) {
-      const reason = err instanceof DecodeError ? err.reason : "malformed";
-      metrics?.droppedMessage(reason);
-      metrics?.decodeError();
-      log.warn("dropped a task that does not decode: terminated", { reason, error: err as Error, seq: msg.seq });
-      msg.term(`ctrain: ${reason}`);
-      this.emit({ type: "dropped", job, reason });
-      return;
-    }
-    const wire = task.shardId;
-    const round = parseWireShardId(wire)!.round;
-    const delivery = msg.info.deliveryCount;
-    const t0 = performance.now();
-    this.currentShard = wire;
+    const task = this.decodeTask(ctx, msg);
+    if (!task) return;
+    const run: TaskRun = { ctx, msg, task, wire: task.shardId, delivery: msg.info.deliveryCount, acks: new InProgressAcks(msg, ctx.ackWaitMs), t0: performance.now() };
+    this.currentShard = run.wire;
     this.stateNow = "extracting";
-    let lastWorking = Date.now();
-    const working = (): void => {
-      if (Date.now() - lastWorking >= ctx.ackWaitMs / 3) {
-        msg.working();
-        lastWorking = Date.now();
-      }
-    };
-    // In-progress acks on a timer too, not only between batches: loading the model or opening the data set
-    // for the first shard can take longer than the ack wait, and the shard must not be redelivered meanwhile.
-    const keepAlive = setInterval(working, Math.max(100, Math.floor(ctx.ackWaitMs / 6)));
     try {
-      const spec = await this.spec(ctx, round);
-      if (!spec) throw new Error(`the job spec of round ${round} is not in ${ctx.names.stateBucket} (was the coordinator's state lost?)`);
-      const claim = (done: number): void => {
-        this.o.nc.publish(ctx.names.progress, encode("Progress", { header: makeHeader(job, this.id), shardId: wire, done, total: task.ids.length, worker: this.id }));
-      };
-      claim(0);
-      log.info("shard claimed", { shard: wire, delivery, samples: task.ids.length });
-      this.emit({ type: "claimed", job, shard: wire, delivery, samples: task.ids.length });
-      const dataset = await this.cache.dataset(spec.data, { seed: spec.seed, valSplit: spec.valSplit, testSplit: spec.testSplit, limit: spec.limit, maxPixels: spec.maxPixels });
-      working();
-      // int8 calibrates on the job's first training images, as the coordinator does: the same graph everywhere.
-      const precision = (spec.extra[SPEC_EXTRA.precision] || "fp32") as EnginePrecision;
-      const extractor = await this.cache.extractor({
-        model: spec.model, inputSize: spec.inputSize, featureLayer: spec.featureLayer, pooling: spec.pooling, preprocessing: spec.extra[SPEC_EXTRA.preprocessing],
-        engine: (spec.engine || "auto") as EngineName, threads: spec.threads || this.o.threads || defaultThreads(1), provider: this.o.provider, precision,
-        ...(precision === "int8" ? { calibration: { dataset: dataset.fingerprint, images: calibrationImages(dataset, spec.inputSize) } } : {}),
-      });
-      this.noteEngine(extractor.engine);
-      const wantFx = spec.extra[SPEC_EXTRA.extractorFingerprint];
-      if (wantFx && wantFx !== extractor.fingerprint)
-        throw new TerminalError(`this worker's model differs from the coordinator's (extractor fingerprint ${extractor.fingerprint.slice(0, 12)}, coordinator ${wantFx.slice(0, 12)}): run the same --model on both`);
-      const wantDs = spec.extra[SPEC_EXTRA.datasetFingerprint];
-      if (wantDs && wantDs !== dataset.fingerprint)
-        throw new TerminalError(`this worker's copy of data set ${spec.data} differs from the coordinator's (fingerprint ${dataset.fingerprint.slice(0, 12)} vs ${wantDs.slice(0, 12)}): share the same files`);
-      if (!this.ready) {
-        this.ready = true;
-        this.emit({ type: "ready", job });
-      }
-      working();
-      const need = shardMemoryBytes(task.ids.length, extractor.featureDim, extractor.inputSize, this.o.batchSize ?? 32);
-      const budget = shardMemoryBudget(process.env, memoryLimit());
-      if (need > budget)
-        throw new TerminalError(
-          `shard ${wire} needs about ${Math.ceil(need / 2 ** 20)} MiB (${task.ids.length} samples x ${extractor.featureDim} features) but this worker may use ${Math.floor(budget / 2 ** 20)} MiB per shard: ` +
-            `lower --shard-size${extractor.featureShape.length > 1 ? " or use --pooling avg" : ""}, or raise CTRAIN_WORKER_MEMORY_BYTES on the workers`,
-        );
-      const samples = task.ids.map((id, i) => ({ id, label: task.labels[i], split: FROM_WIRE_SPLIT[task.splits[i]] }));
-      let done = 0;
-      let lastProgress = Date.now();
-      const timing = { decodeWaitSeconds: 0, forwardSeconds: 0 };
-      const tExtract = performance.now();
-      const data = await extractShard(dataset, extractor, wire, samples, {
-        batchSize: this.o.batchSize ?? 32, timing,
-        onBatch: (n, skipped) => {
-          done += n;
-          metrics?.countImages("extract", n - skipped);
-          working();
-          if (Date.now() - lastProgress > 500 || done === samples.length) {
-            lastProgress = Date.now();
-            claim(done);
-            this.emit({ type: "progress", job, shard: wire, done, total: samples.length });
-          }
-        },
-      });
-      const seconds = (performance.now() - t0) / 1000;
-      const tPublish = performance.now();
-      const header = makeHeader(job, this.id);
-      const featureDims = extractor.featureShape.length ? extractor.featureShape : [extractor.featureDim];
-      const full = encode("FeatureShard", {
-        header, shardId: wire, ids: data.ids, labels: data.labels, splits: data.splits.map((s) => (s === "val" ? "validation" : s)),
-        featureDims, features: float32ToBytes(data.features), skipped: data.skipped, worker: this.id, seconds,
-      });
-      working();
-      // Put first, ack after: a worker that dies in between leaves a stored shard the redelivery overwrites with the same content.
-      await ctx.os.putBlob({ name: wire }, full);
-      this.o.nc.publish(ctx.names.shardDone, encode("FeatureShard", {
-        header, shardId: wire, ids: [], labels: [], splits: [], featureDims, features: new Uint8Array(0), skipped: [], worker: this.id, seconds,
-      }));
-      await msg.ackAck();
-      this.shardsDone++;
-      this.rate = samples.length / seconds;
-      metrics?.setExtractionRate(this.rate);
-      // Where the shard's time went (bench/extract sums these over a run): the forward pass should dominate.
-      const split = { forward_s: timing.forwardSeconds, decode_wait_s: timing.decodeWaitSeconds, setup_s: (tExtract - t0) / 1000, publish_s: (performance.now() - tPublish) / 1000 };
-      log.info("shard done", {
-        shard: wire, samples: data.ids.length, skipped: data.skipped.length, seconds: Number(seconds.toFixed(3)), images_per_second: Number(this.rate.toFixed(1)),
-        ...Object.fromEntries(Object.entries(split).map(([k, v]) => [k, Number(v.toFixed(3))])),
-      });
-      this.emit({ type: "shard_done", job, shard: wire, samples: data.ids.length, skipped: data.skipped.length, seconds });
+      await this.extractTask(run);
     } catch (err) {
-      const error = err instanceof Error ? err : new Error(String(err));
-      const terminal = error instanceof TerminalError || (ctx.maxDeliver > 0 && delivery >= ctx.maxDeliver);
-      const rec: ShardErrorRecord = { shard: wire, worker: this.id, attempt: delivery, error: error.message, at: Date.now() };
-      const bytes = encodeShardError(job, rec);
-      await ctx.state.put(errorKey(wire), bytes).catch(() => undefined);
-      if (terminal) {
-        await ctx.state.put(failedKey(wire), bytes).catch(() => undefined);
-        msg.term(`ctrain: ${error.message}`.slice(0, 200));
-      } else msg.nak(1000);
-      log.error(terminal ? "shard failed for good" : "shard failed: it will be retried", { shard: wire, delivery, max_deliver: ctx.maxDeliver, error });
-      this.emit({ type: "shard_failed", job, shard: wire, delivery, terminal, error: error.message });
+      await this.failTask(run, err instanceof Error ? err : new Error(String(err)));
     } finally {
-      clearInterval(keepAlive);
+      run.acks.stop();
       this.currentShard = "";
       this.stateNow = "idle";
     }
   }
-}
 
-/** A failure no retry can fix (the worker's model or data differ from the coordinator's). */
-class TerminalError extends Error {
-  override name = "TerminalError";
+  /** The task of a delivery; undefined when it does not decode (terminated: a redelivery could never help). */
+  private decodeTask(ctx: JobContext, msg: JsMsg): ShardTask | undefined {
+    const job = ctx.names.job;
+    try {
+      const task = decode("ShardTask", msg.data, { job, self: "worker", peer: "coordinator" });
+      if (!parseWireShardId(task.shardId)) throw new DecodeError("ShardTask", "bad_shape", `shard id ${JSON.stringify(task.shardId)} names no extraction round`);
+      return task;
+    } catch (err) {
+      const reason = err instanceof DecodeError ? err.reason : "malformed";
+      this.o.metrics?.droppedMessage(reason);
+      this.o.metrics?.decodeError();
+      this.o.log.warn("dropped a task that does not decode: terminated", { reason, error: err as Error, seq: msg.seq });
+      msg.term(`ctrain: ${reason}`);
+      this.emit({ type: "dropped", job, reason });
+      return undefined;
+    }
+  }
+
+  private async extractTask(run: TaskRun): Promise<void> {
+    const settings = await this.roundSettings(run.ctx, parseWireShardId(run.wire)!.round);
+    this.publishProgress(run, 0);
+    this.o.log.info("shard claimed", { shard: run.wire, delivery: run.delivery, samples: run.task.ids.length });
+    this.emit({ type: "claimed", job: run.ctx.names.job, shard: run.wire, delivery: run.delivery, samples: run.task.ids.length });
+    const { dataset, extractor } = await this.prepare(run, settings);
+    checkShardMemory(run.wire, run.task.ids.length, extractor, settings.imagesPerBatch, shardMemoryBudget(process.env, memoryLimit()));
+    const timing: ShardTiming = { decodeWaitSeconds: 0, forwardSeconds: 0 };
+    const tExtract = performance.now();
+    const data = await this.extract(run, dataset, extractor, settings.imagesPerBatch, timing);
+    const seconds = (performance.now() - run.t0) / 1000;
+    const tPublish = performance.now();
+    await this.publishResult(run, data, extractor, seconds);
+    await run.msg.ackAck();
+    // Where the shard's time went (bench/extract sums these over a run): the forward pass should dominate.
+    const split = { forward_s: timing.forwardSeconds, decode_wait_s: timing.decodeWaitSeconds, setup_s: (tExtract - run.t0) / 1000, publish_s: (performance.now() - tPublish) / 1000 };
+    this.shardDone(run, data, seconds, split);
+  }
+
+  /** The round's data set and extractor (cached across tasks), checked to be the coordinator's. */
+  private async prepare(run: TaskRun, s: RoundSettings): Promise<{ dataset: Dataset; extractor: FeatureExtractor }> {
+    const dataset = await this.cache.dataset(s.data, s.open);
+    run.acks.working();
+    const x = s.extractor;
+    const extractor = await this.cache.extractor({
+      ...x, threads: s.threads || this.o.threads || defaultThreads(1), provider: this.o.provider,
+      // int8 calibrates on the job's first training images, as the coordinator does: the same graph everywhere.
+      ...(x.precision === "int8" ? { calibration: { dataset: dataset.fingerprint, images: calibrationImages(dataset, x.inputSize) } } : {}),
+    });
+    this.noteEngine(extractor.engine);
+    checkSameInputs(s, extractor.fingerprint, dataset.fingerprint);
+    if (!this.ready) {
+      this.ready = true;
+      this.emit({ type: "ready", job: run.ctx.names.job });
+    }
+    run.acks.working();
+    return { dataset, extractor };
+  }
+
+  /** Runs the frozen base over the task's samples, reporting progress at most every 500 ms. */
+  private extract(run: TaskRun, dataset: Dataset, extractor: FeatureExtractor, imagesPerBatch: number, timing: ShardTiming): Promise<FeatureShardData> {
+    const { task, wire } = run;
+    const samples = task.ids.map((id, i) => ({ id, label: task.labels[i], split: fromWireSplit(task.splits[i]) }));
+    let done = 0;
+    let lastProgress = Date.now();
+    return extractShard(dataset, extractor, wire, samples, {
+      batchSize: imagesPerBatch, timing,
+      onBatch: (n, skipped) => {
+        done += n;
+        this.o.metrics?.countImages("extract", n - skipped);
+        run.acks.working();
+        if (Date.now() - lastProgress <= 500 && done !== samples.length) return;
+        lastProgress = Date.now();
+        this.publishProgress(run, done);
+        this.emit({ type: "progress", job: run.ctx.names.job, shard: wire, done, total: samples.length });
+      },
+    });
+  }
+
+  private publishProgress(run: TaskRun, done: number): void {
+    const p = { header: makeHeader(run.ctx.names.job, this.id), shardId: run.wire, done, total: run.task.ids.length, worker: this.id };
+    this.o.nc.publish(run.ctx.names.progress, encode("Progress", p));
+  }
+
+  /** Stores the shard's features under its wire id, then announces them (a FeatureShard without samples). */
+  private async publishResult(run: TaskRun, data: FeatureShardData, extractor: FeatureExtractor, seconds: number): Promise<void> {
+    const { ctx, wire } = run;
+    const header = makeHeader(ctx.names.job, this.id);
+    const featureDims = extractor.featureShape.length ? extractor.featureShape : [extractor.featureDim];
+    const full = encode("FeatureShard", {
+      header, shardId: wire, ids: data.ids, labels: data.labels, splits: data.splits.map(toWireSplit),
+      featureDims, features: float32ToBytes(data.features), skipped: data.skipped, worker: this.id, seconds,
+    });
+    run.acks.working();
+    // Put first, ack after: a worker that dies in between leaves a stored shard the redelivery overwrites with the same content.
+    await ctx.os.putBlob({ name: wire }, full);
+    this.o.nc.publish(ctx.names.shardDone, encode("FeatureShard", {
+      header, shardId: wire, ids: [], labels: [], splits: [], featureDims, features: new Uint8Array(0), skipped: [], worker: this.id, seconds,
+    }));
+  }
+
+  private shardDone(run: TaskRun, data: FeatureShardData, seconds: number, split: Record<string, number>): void {
+    this.shardsDone++;
+    this.rate = run.task.ids.length / seconds;
+    this.o.metrics?.setExtractionRate(this.rate);
+    this.o.log.info("shard done", {
+      shard: run.wire, samples: data.ids.length, skipped: data.skipped.length, seconds: Number(seconds.toFixed(3)), images_per_second: Number(this.rate.toFixed(1)),
+      ...Object.fromEntries(Object.entries(split).map(([k, v]) => [k, Number(v.toFixed(3))])),
+    });
+    this.emit({ type: "shard_done", job: run.ctx.names.job, shard: run.wire, samples: data.ids.length, skipped: data.skipped.length, seconds });
+  }
+
+  /** Records the error (the coordinator reads it); the last delivery also records the shard as failed and terminates it, others are retried. */
+  private async failTask(run: TaskRun, error: Error): Promise<void> {
+    const { ctx, msg, wire, delivery } = run;
+    const terminal = isLastDelivery(error, delivery, ctx.maxDeliver);
+    const rec: ShardErrorRecord = { shard: wire, worker: this.id, attempt: delivery, error: error.message, at: Date.now() };
+    const bytes = encodeShardError(ctx.names.job, rec);
+    await ctx.state.put(ROUND_KEYS.error(wire), bytes).catch(() => undefined);
+    if (terminal) {
+      await ctx.state.put(ROUND_KEYS.failed(wire), bytes).catch(() => undefined);
+      msg.term(`ctrain: ${error.message}`.slice(0, 200));
+    } else msg.nak(1000);
+    this.o.log.error(terminal ? "shard failed for good" : "shard failed: it will be retried", { shard: wire, delivery, max_deliver: ctx.maxDeliver, error });
+    this.emit({ type: "shard_failed", job: ctx.names.job, shard: wire, delivery, terminal, error: error.message });
+  }
 }
 
 function sleep(ms: number): Promise<void> {

@@ -111,7 +111,7 @@ export interface JobOptions {
   labelSmoothing: number;
   /** Global batch size (samples per step across all workers). Default {@link DEFAULT_BATCH_SIZE}. */
   batchSize: number;
-  /** Images per forward pass of feature extraction, on every worker and in this process. Default {@link DEFAULT_BATCH_SIZE}. */
+  /** Images per frozen forward pass of feature extraction, on every worker (carried in the round's ExtractionRound) and in this process. Default {@link DEFAULT_BATCH_SIZE}. */
   extractBatchSize: number;
   /** Learning rate of head training (Adam). Default 1e-3. */
   learningRate: number;
@@ -577,8 +577,6 @@ export interface WorkerOptions {
   workerId: string;
   /** Compute backend. Default `auto`. */
   backend: BackendName;
-  /** Overrides the job's `--extract-batch-size` on this worker (a machine with less memory); 0 = the job's value. Default 0. */
-  extractBatchSize: number;
   /** onnxruntime threads when the job leaves it to the worker; 0 = cores. Default 0. */
   threads: number;
   /** onnxruntime execution provider. Default `auto`. */
@@ -601,7 +599,6 @@ export const WORKER_OPTION_SPECS: readonly OptionRow[] = [
   workerSpec({ key: "job", kind: "string", help: "job to serve; any = whichever job has tasks queued", default: () => "any" }),
   workerSpec({ key: "workerId", kind: "string", help: "name in the registry, logs and metrics (empty = <host>-<pid>)", default: () => "" }),
   workerSpec({ key: "backend", kind: "string", help: "compute backend", default: () => "auto" as BackendName, choices: BACKENDS }),
-  workerSpec({ key: "extractBatchSize", kind: "int", help: "override of the job's --extract-batch-size on this worker (0 = the job's)", default: () => 0, min: 0, max: 4096 }),
   workerSpec({ key: "threads", kind: "int", help: "onnxruntime threads when the job leaves it to the worker (0 = cores)", default: () => 0, min: 0, max: 1024 }),
   workerSpec({ key: "engineProvider", kind: "string", help: "onnxruntime execution provider (auto = cuda when installed)", default: () => "auto" as EngineProvider, choices: ENGINE_PROVIDERS }),
   workerSpec({ key: "metricsPort", kind: "int", help: "port of /metrics, /healthz, /readyz (0 = free port, -1 = off)", default: () => 0, min: -1, max: 65535 }),
@@ -616,6 +613,9 @@ const WORKER_SPEC_BY_KEY = new Map(WORKER_OPTION_SPECS.map((s) => [s.key, s]));
  * credentials) in `extra`, and whether `--help` was asked. Unknown flags get a "did you mean".
  */
 export function parseWorkerArgs(argv: readonly string[], extraFlags: readonly string[] = [], env: NodeJS.ProcessEnv = process.env): { options: WorkerOptions; extra: Record<string, string | true>; help: boolean } {
+  const retired = argv.find((a) => /^--(extract-)?batch-size(=|$)/.test(a));
+  if (retired)
+    throw new ConfigError(`ctrain worker has no ${retired.replace(/=.*$/, "")}: images per forward pass are the job's --extract-batch-size (given to the coordinator), the same on every worker.`);
   const p = parseFlags(argv, { rows: WORKER_SPEC_BY_KEY, extraFlags, booleanFlags: ["help"], config: false, command: "worker" });
   if (p.positionals.length > 0) throw new ConfigError(`ctrain worker: unexpected argument ${show(p.positionals[0])}; options start with --.`);
   const given = { ...fromEnvironment(WORKER_OPTION_SPECS, env), ...p.values };

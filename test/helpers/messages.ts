@@ -2,7 +2,7 @@
  * One valid sample of every wire message (for round-trip, rejection and fuzz tests). The job is
  * `job-1`, membership epoch 3, step 7.
  */
-import { makeHeader, type MessageMap, type MessageType } from "../../proto/codec.js";
+import { makeHeader, type ExtractionJobSpec, type MessageMap, type MessageType } from "../../proto/codec.js";
 import { encodeChunk, float32ToBytes, planChunks } from "../../proto/tensor_codec.js";
 
 export const JOB = "job-1";
@@ -63,6 +63,18 @@ export function sampleMessages(): { [K in MessageType]: MessageMap[K] } {
       error: "", members: ["worker-0", "worker-1"], allreduceSeconds: 0.5, allreduceBytes: 123_456,
     },
     ShardError: { header: header(), shardId: "r1.shard-00001", worker: "worker-0", attempt: 2, error: "ENOENT: no such file", atUnixMs: 1_700_000_000_000 },
+  };
+}
+
+/** A valid JobSpec of kind extraction (every field of ExtractionRound set). */
+export function sampleExtractionSpec(): ExtractionJobSpec {
+  return {
+    header: makeHeader(JOB, "coordinator", EPOCH, STEP),
+    extraction: {
+      round: "r0123456789abcdef", data: "fashion-mnist", seed: 42, valSplit: 0.1, testSplit: 0.1, limit: 1000, maxPixels: 40_000_000,
+      model: "mobilenet_v2", inputSize: 96, featureLayer: "block_12_add", pooling: "avg", preprocessing: "unit", engine: "onnx",
+      precision: "int8", threads: 2, backend: "wasm", imagesPerBatch: 48, extractorFingerprint: "a".repeat(64), datasetFingerprint: "b".repeat(64),
+    },
   };
 }
 
