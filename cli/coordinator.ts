@@ -6,18 +6,35 @@
  */
 import { join } from "node:path";
 import { Registry } from "prom-client";
-import { loadOptions, optionsHelp, parseArgs, type JobOptions } from "../core/runtime/config.js";
+import { checkEnvironment, envHelp, fineTunesDataParallel, loadOptions, type OptionRow, optionsHelp, parseArgs, readRows, rowsHelp, type JobOptions } from "../core/runtime/config.js";
 import { ConfigError } from "../core/runtime/errors.js";
 import { DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../proto/extraction_wire.js";
-import { createLogger, type Logger } from "../core/runtime/log.js";
-import { createMetrics, serveMetrics, type CtrainMetrics } from "../core/runtime/metrics.js";
-import { connectNats, NATS_AUTH_FLAGS, natsAuthFrom, type NatsAuth } from "../core/runtime/nats_connect.js";
+import { createLogger } from "../core/runtime/log.js";
+import { createMetrics, serveMetrics } from "../core/runtime/metrics.js";
+import { connectNats, NATS_AUTH_FLAGS, natsAuthFrom } from "../core/runtime/nats_connect.js";
 import { runJob, type JobSummary } from "../coordinator/job.js";
-import { natsExecutorFactory } from "../coordinator/nats_executor.js";
 import { launchWorkers } from "../coordinator/launch_workers.js";
 import { preflight } from "../coordinator/preflight.js";
+import { natsCluster } from "./cluster.js";
 
-export const COORDINATOR_FLAGS = [...NATS_AUTH_FLAGS, "ack-wait", "max-deliver", "metrics-host", "data-parallel"] as const;
+/** `ctrain coordinator`'s own settings (the job's are the job table's). */
+interface CoordinatorSettings {
+  /** Seconds a task may go unacked before it is redelivered. */
+  ackWait: number;
+  /** Deliveries of a task before the job fails naming the shard. */
+  maxDeliver: number;
+  /** Address /metrics binds to. */
+  metricsHost: string;
+}
+
+/** The table of `ctrain coordinator`'s own flags, in `--help` order. */
+export const COORDINATOR_OPTION_SPECS: readonly OptionRow[] = [
+  { key: "ackWait", kind: "number", help: "seconds a task may go unacked (or in-progress acked) before it is redelivered", default: () => DEFAULT_ACK_WAIT_MS / 1000, min: 0.001, max: 86_400 },
+  { key: "maxDeliver", kind: "int", help: "deliveries of a task before the job fails naming the shard", default: () => DEFAULT_MAX_DELIVER, min: 1, max: 10_000 },
+  { key: "metricsHost", kind: "string", help: "address of /metrics (0.0.0.0 to be scraped from other hosts)", default: () => "127.0.0.1" },
+];
+
+export const COORDINATOR_FLAGS = [...NATS_AUTH_FLAGS, "ack-wait", "max-deliver", "metrics-host"] as const;
 
 export const COORDINATOR_HELP = `usage: ctrain coordinator --nats URL [options] [--config job.yaml]
 
@@ -25,53 +42,15 @@ Runs the job against an existing NATS server; start \`ctrain worker --nats URL -
 anywhere that sees the same NATS and data set. Same --job again resumes an interrupted job.
 
 coordinator options:
-  --ack-wait SECONDS         a task not acked (or in-progress acked) for this long is redelivered [default ${DEFAULT_ACK_WAIT_MS / 1000}]
-  --max-deliver N            deliveries of a task before the job fails naming the shard [default ${DEFAULT_MAX_DELIVER}]
-  --metrics-host HOST        address of /metrics [default 127.0.0.1]
-  --data-parallel on|off|auto  fine-tune data-parallel on the workers (auto: when --workers > 1) [default auto]
+${rowsHelp(COORDINATOR_OPTION_SPECS)}
   --nats-user U              with CTRAIN_NATS_PASS (or --nats-pass); or --nats-token, --nats-creds FILE,
                              --nats-nkey SEEDFILE; TLS: --nats-tls-ca, --nats-tls-cert, --nats-tls-key
 
-job options:
-${optionsHelp()}`;
+job options (flag, YAML key, or the environment variable shown):
+${optionsHelp()}
 
-export interface DistributedJobOptions {
-  log: Logger;
-  metrics?: CtrainMetrics;
-  auth: NatsAuth;
-  ackWaitMs?: number;
-  maxDeliver?: number;
-  /** Workers to report in the summary. */
-  workers?: number;
-  /** Fine-tune data-parallel on the workers. Default: when opts.workers > 1. */
-  dataParallel?: boolean;
-}
-
-/** runJob with the NATS executor: connects, runs, drains. */
-export async function runDistributedJob(opts: JobOptions, d: DistributedJobOptions): Promise<JobSummary> {
-  if (!opts.nats) throw new ConfigError(`the distributed job needs --nats URL.`);
-  const { log } = d;
-  const nc = await connectNats(opts.nats, d.auth, { name: `ctrain-coordinator-${opts.job}`, onRetry: (e) => log.warn("NATS not reachable yet, retrying", { error: e.message }) });
-  log.info("connected to NATS", { server: nc.getServer() });
-  void (async () => {
-    for await (const s of nc.status()) if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
-  })();
-  try {
-    const executor = natsExecutorFactory({ nc, opts, log, metrics: d.metrics, ackWaitMs: d.ackWaitMs, maxDeliver: d.maxDeliver, workers: d.workers });
-    const workers = d.workers ?? opts.workers;
-    const dataParallel = (d.dataParallel ?? workers > 1) ? async () => ({ nc, workers }) : undefined;
-    return await runJob(opts, { log, metrics: d.metrics, executor, workers, dataParallel });
-  } finally {
-    await nc.drain().catch(() => undefined);
-  }
-}
-
-function positiveNumber(v: string | true | undefined, name: string): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0) throw new ConfigError(`--${name} must be a positive number, got ${JSON.stringify(v)}.`);
-  return n;
-}
+environment:
+${envHelp("coordinator")}`;
 
 export async function main(argv: string[]): Promise<number> {
   const parsed = parseArgs(argv, COORDINATOR_FLAGS, ["help"]);
@@ -80,24 +59,31 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (parsed.positionals.length > 0) throw new ConfigError(`ctrain coordinator: unexpected argument ${JSON.stringify(parsed.positionals[0])}; options start with --.`);
+  checkEnvironment("coordinator");
   const opts = loadOptions(parsed);
   if (!opts.nats) throw new ConfigError(`ctrain coordinator needs --nats URL (use ctrain run for a job on this machine alone).`);
   const auth = natsAuthFrom(parsed.extra);
-  const ackWait = positiveNumber(parsed.extra["ack-wait"], "ack-wait");
-  const maxDeliver = positiveNumber(parsed.extra["max-deliver"], "max-deliver");
-  const dpFlag = parsed.extra["data-parallel"] ?? "auto";
-  if (dpFlag !== "on" && dpFlag !== "off" && dpFlag !== "auto") throw new ConfigError(`--data-parallel must be on, off or auto, got ${JSON.stringify(dpFlag)}.`);
-  const dataParallel = dpFlag === "auto" ? undefined : dpFlag === "on";
-  await preflight(opts, { dataParallelWorkers: dataParallel ?? opts.workers > 1 ? opts.workers : 0 });
+  const own = readRows(COORDINATOR_OPTION_SPECS, parsed.extra) as unknown as CoordinatorSettings;
+  await preflight(opts, { dataParallelWorkers: fineTunesDataParallel(opts) ? opts.workers : 0 });
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });
-  const host = typeof parsed.extra["metrics-host"] === "string" ? parsed.extra["metrics-host"] : "127.0.0.1";
-  const server = opts.metricsPort >= 0 ? await serveMetrics(registry, opts.metricsPort, host) : undefined;
+  const server = opts.metricsPort >= 0 ? await serveMetrics(registry, opts.metricsPort, own.metricsHost) : undefined;
   if (server) log.info("serving metrics", { url: server.url, port: server.port, listen: server.listen });
   const workers = await launchWorkers(opts, log);
   try {
-    const summary = await runDistributedJob(opts, { log, metrics, auth, ackWaitMs: ackWait !== undefined ? ackWait * 1000 : undefined, maxDeliver: maxDeliver !== undefined ? Math.round(maxDeliver) : undefined, dataParallel });
+    const nc = await connectNats(opts.nats, auth, { name: `ctrain-coordinator-${opts.job}`, onRetry: (e) => log.warn("NATS not reachable yet, retrying", { error: e.message }) });
+    log.info("connected to NATS", { server: nc.getServer() });
+    void (async () => {
+      for await (const s of nc.status()) if (s.type === "disconnect" || s.type === "reconnect") log.info(`NATS ${s.type}`, { server: String(s.data) });
+    })();
+    let summary: JobSummary;
+    try {
+      const cluster = natsCluster(opts, { connect: async () => nc, log, metrics, ackWaitMs: own.ackWait * 1000, maxDeliver: own.maxDeliver });
+      summary = await runJob(opts, { log, metrics, cluster });
+    } finally {
+      await nc.drain().catch(() => undefined);
+    }
     printSummary(summary, opts);
     return 0;
   } finally {

@@ -7,7 +7,7 @@
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { selectBackend } from "../core/models/backend.js";
-import { optionsHelp, parseArgs, resolveOptions } from "../core/runtime/config.js";
+import { optionsHelp, parseArgs, resolveOptions, checkEnvironment, envHelp } from "../core/runtime/config.js";
 import { ConfigError } from "../core/runtime/errors.js";
 import { buildFeatureExtractor, loadModelSource, resolveSourceChoices } from "../core/models/feature_model.js";
 import type { ClassifierMetadata } from "../core/models/head.js";
@@ -21,7 +21,10 @@ const HELP = `usage: ctrain export-onnx --model mobilenet_v2|inception_v3|DIR|UR
 Writes the frozen base as an ONNX graph (uint8 NHWC pixels in, features out, preprocessing folded in),
 or, for a ctrain run's model/ folder, the whole classifier (pixels in, class probabilities out).
 
-${optionsHelp("export-onnx")}`;
+${optionsHelp("export-onnx")}
+
+environment:
+${envHelp("export-onnx")}`;
 
 export async function main(argv: string[]): Promise<number> {
   const parsed = parseArgs(argv, [], ["help"], "export-onnx");
@@ -29,6 +32,7 @@ export async function main(argv: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
+  checkEnvironment("export-onnx");
   if (parsed.positionals.length > 0) throw new ConfigError(`ctrain export-onnx: unexpected argument ${JSON.stringify(parsed.positionals[0])}; options start with --.`);
   const out = parsed.options.out;
   if (!out || !out.toLowerCase().endsWith(".onnx")) throw new ConfigError("ctrain export-onnx needs --out FILE.onnx.");

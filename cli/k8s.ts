@@ -6,7 +6,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { loadOptions, optionsHelp, parseArgs } from "../core/runtime/config.js";
+import { loadOptions, optionsHelp, parseArgs, checkEnvironment, envHelp } from "../core/runtime/config.js";
 import { ConfigError } from "../core/runtime/errors.js";
 import { buildManifests, toYaml, type RenderOptions } from "../coordinator/k8s_manifests.js";
 
@@ -35,7 +35,10 @@ Inside pods --metrics-port is 9400, --cache-dir /cache, --out /out/<job> and --l
 whatever is given; --nats is required (e.g. nats://nats:4222) and gets the Secret's credentials.
 
 job options:
-${optionsHelp()}`;
+${optionsHelp()}
+
+environment:
+${envHelp("k8s")}`;
 }
 
 function defaultDashboard(): string | undefined {
@@ -70,6 +73,7 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (parsed.positionals.length > 0) throw new ConfigError(`Unexpected argument ${JSON.stringify(parsed.positionals[0])}; options start with --.`);
+  checkEnvironment("k8s");
   const opts = loadOptions(parsed);
   const image = strFlag(parsed.extra, "image");
   if (!image) throw new ConfigError("--image is required (a container image built from deploy/docker/Dockerfile.gpu or Dockerfile.cpu).");

@@ -5,7 +5,7 @@
  */
 import { createRequire } from "node:module";
 import { inspect } from "node:util";
-import { isUserError } from "../core/runtime/errors.js";
+import { isUserError, userErrorLine } from "../core/runtime/errors.js";
 import { redactSecrets } from "../core/runtime/log.js";
 import { endLiveLines } from "../core/runtime/progress.js";
 
@@ -54,7 +54,7 @@ main(process.argv.slice(2)).then(
   (err: unknown) => {
     endLiveLines();
     if (isUserError(err)) {
-      console.error(redactSecrets(`ctrain: ${err.name}: ${err.message}`));
+      console.error(redactSecrets(userErrorLine(err)));
       process.exitCode = 2;
     } else {
       console.error(redactSecrets(inspect(err)));

@@ -5,7 +5,7 @@
  * graph passes through (core/models/model_split.ts cutPoints), each with its output shape.
  */
 import { selectBackend } from "../core/models/backend.js";
-import { optionsHelp, parseArgs, resolveOptions } from "../core/runtime/config.js";
+import { optionsHelp, parseArgs, resolveOptions, checkEnvironment, envHelp } from "../core/runtime/config.js";
 import { cutTopology, loadCut } from "../core/models/feature_model.js";
 import { ConfigError } from "../core/runtime/errors.js";
 import { cutPoints } from "../core/models/model_split.js";
@@ -21,7 +21,10 @@ graph passes) with their output shapes at that input size. The default feature l
 
 options:
   --json                       the description as JSON
-${optionsHelp("model-info")}`;
+${optionsHelp("model-info")}
+
+environment:
+${envHelp("model-info")}`;
 
 /** Layer classes whose outputs make useful features. */
 const CUTTABLE = /^(Activation|ReLU|LeakyReLU|ELU|PReLU|Softmax|Add|Concatenate|(Global)?(Average|Max)Pooling2D)$/;
@@ -97,6 +100,7 @@ export async function main(argv: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
+  checkEnvironment("model-info");
   if (parsed.positionals.length > 0) throw new ConfigError(`ctrain model-info: unexpected argument ${JSON.stringify(parsed.positionals[0])}; options start with --.`);
   const opts = resolveOptions(parsed.options);
   await selectBackend(opts.backend);

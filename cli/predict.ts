@@ -4,7 +4,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { selectBackend } from "../core/models/backend.js";
-import { optionsHelp, parseArgs } from "../core/runtime/config.js";
+import { optionsHelp, parseArgs, checkEnvironment, envHelp } from "../core/runtime/config.js";
 import { readFile } from "node:fs/promises";
 import { decodeImage } from "../core/datasets/image_decode.js";
 import { BadInputError, ConfigError } from "../core/runtime/errors.js";
@@ -22,7 +22,10 @@ Prints the top classes and probabilities of each image (JPEG, PNG or WebP).
 options:
   --top K                      classes printed per image [default 1]
   --json                       one JSON object per image
-${optionsHelp("predict")}`;
+${optionsHelp("predict")}
+
+environment:
+${envHelp("predict")}`;
 
 /** A classifier saved from an ONNX base: base.onnx on onnxruntime (pixels -> features), then the tfjs head. */
 async function onnxBaseThenHead(basePath: string, head: tf.LayersModel, size: number, o: EngineOptions): Promise<FrozenForward> {
@@ -60,6 +63,7 @@ export async function main(argv: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
+  checkEnvironment("predict");
   const dir = parsed.options.model;
   if (!dir) throw new ConfigError("ctrain predict needs --model DIR (the model/ folder of a run).");
   if (parsed.positionals.length === 0) throw new ConfigError("ctrain predict needs at least one image path.");

@@ -11,7 +11,8 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { accessSync, constants, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
-import { ConfigError } from "../core/runtime/errors.js";
+import { envString } from "../core/runtime/config.js";
+import { ConfigError, ServiceStartError } from "../core/runtime/errors.js";
 import type { NatsAuth } from "../core/runtime/nats_connect.js";
 import { authorizationBlock, jobUsers } from "./nats_permissions.js";
 
@@ -52,7 +53,7 @@ export interface EmbeddedNats extends AsyncDisposable {
 
 /** Finds nats-server or throws a ConfigError saying how to get it. */
 export function findNatsServerBinary(binary?: string): string {
-  const candidates = binary ? [binary] : [process.env.NATS_SERVER_BIN, "/usr/sbin/nats-server", ...(process.env.PATH ?? "").split(delimiter).filter(Boolean).map((d) => join(d, "nats-server"))];
+  const candidates = binary ? [binary] : [envString("NATS_SERVER_BIN"), "/usr/sbin/nats-server", ...(process.env.PATH ?? "").split(delimiter).filter(Boolean).map((d) => join(d, "nats-server"))];
   for (const c of candidates) {
     if (!c) continue;
     try {
@@ -101,7 +102,7 @@ async function launch(bin: string, dir: string, conf: string, port: number, user
   let bound = 0;
   while (bound === 0) {
     if (spawnError || proc.exitCode !== null || proc.signalCode !== null)
-      throw new Error(`nats-server did not start: ${spawnError?.message ?? `exit ${proc.exitCode ?? proc.signalCode}`}\n${stderr.trim()}`);
+      throw new ServiceStartError(`nats-server (${bin}) did not start: ${spawnError?.message ?? `exit ${proc.exitCode ?? proc.signalCode}`}${lastLine(stderr)}. Fix NATS_SERVER_BIN or the nats-server install, or pass --nats URL of a running server.`, { cause: spawnError });
     const name = proc.pid !== undefined ? readdirSync(dir).find((f) => f.endsWith(`_${proc.pid}.ports`)) : undefined;
     if (name) {
       try {
@@ -114,12 +115,18 @@ async function launch(bin: string, dir: string, conf: string, port: number, user
     if (bound === 0) {
       if (Date.now() > deadline) {
         proc.kill("SIGKILL");
-        throw new Error(`nats-server did not listen within ${opts.startTimeoutMs ?? 10_000} ms:\n${stderr.trim()}`);
+        throw new ServiceStartError(`nats-server (${bin}) did not listen within ${opts.startTimeoutMs ?? 10_000} ms${lastLine(stderr)}. The machine may be overloaded: run again, or pass --nats URL of a running server.`);
       }
       await new Promise((r) => setTimeout(r, 20));
     }
   }
   return { proc, port: bound, exited, stderr: () => stderr };
+}
+
+/** The last line nats-server wrote, as `: <line>` for a one-line message; empty when it wrote nothing. */
+function lastLine(stderr: string): string {
+  const line = stderr.trim().split("\n").at(-1)?.trim();
+  return line ? `: ${line}` : "";
 }
 
 function configText(dir: string, port: number, users: ReturnType<typeof jobUsers>): string {

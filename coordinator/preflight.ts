@@ -33,7 +33,7 @@ export interface PreflightResult {
 export interface PreflightOptions {
   /** Worker processes the job starts on this machine (`ctrain run`). Default 0 (workers elsewhere). */
   localWorkers?: number;
-  /** Workers that will fine-tune data-parallel (0 = fine-tuning, if any, runs in one process). */
+  /** Workers that will fine-tune data-parallel (0 = fine-tuning, if any, runs in one process); see fineTunesDataParallel. */
   dataParallelWorkers?: number;
 }
 
@@ -48,7 +48,7 @@ const mib = (b: number): string => `${(b / 2 ** 20).toFixed(b < 2 ** 20 ? 2 : 0)
 
 export async function preflight(opts: JobOptions, o: PreflightOptions = {}): Promise<PreflightResult> {
   if (o.localWorkers) checkLocalWorkers(o.localWorkers);
-  if ((o.dataParallelWorkers ?? 0) > 1 && opts.fineTuneLayers.trim() !== "0" && opts.method !== "augment") checkControlsForDataParallel(opts, o.dataParallelWorkers!);
+  if ((o.dataParallelWorkers ?? 0) > 0 && opts.fineTuneLayers.trim() !== "0" && opts.method !== "augment") checkControlsForDataParallel(opts, o.dataParallelWorkers!);
   const dataset = await openDataset(opts.data, { seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit, maxPixels: opts.maxPixels });
   if (!dataset.samples.some((s) => s.split === "train")) throw new ConfigError(`--data ${opts.data}: no training samples after splitting; add images or lower --val-split/--test-split.`);
   classWeightsFor(opts.classWeight, dataset.classes, trainCounts(dataset.samples, dataset.classes.length));

@@ -78,3 +78,44 @@ describe("bad input - refused by the CLI before any work", () => {
     });
   }
 });
+
+describe("bad input - settings from the environment and command flags", () => {
+  const refused = async (args: string[], env: NodeJS.ProcessEnv, pattern: RegExp): Promise<void> => {
+    const out = join(dir, `out-env-${Object.keys(env).join("-") || args[0]}`);
+    const r = await runCli([...args, ...(args[0] === "worker" ? [] : ["--out", out, "--cache-dir", join(out, "cache"), "--metrics-port", "-1"])], { env, timeoutMs: 60_000 });
+    assert.equal(r.code, 2, r.stderr);
+    const lines = r.stderr.trimEnd().split("\n");
+    assert.equal(lines.length, 1, `one line: ${r.stderr}`);
+    assert.match(lines[0], pattern);
+    assert.doesNotMatch(r.stderr, /\bat .*\.js:\d+/, "no stack trace");
+    assert.ok(!existsSync(out), "no output folder");
+  };
+
+  test("bad input - a bad CTRAIN_DP_* value is refused before any work, naming the variable", async () => {
+    await refused(["run", "--workers", "1"], { CTRAIN_DP_STEP_TIMEOUT_MS: "soon" }, /^ctrain: ConfigError: --step-timeout-ms \(environment CTRAIN_DP_STEP_TIMEOUT_MS\) must be a number, got "soon"/);
+    await refused(["coordinator", "--nats", "nats://127.0.0.1:1"], { CTRAIN_DP_CHECKPOINT_EVERY: "-3" }, /CTRAIN_DP_CHECKPOINT_EVERY\) must be between 0 and 1000000, got -3/);
+  });
+
+  test("bad input - a bad environment-only setting is refused before any work, naming it", async () => {
+    await refused(["run", "--workers", "1"], { CTRAIN_LOG_LEVEL: "loud" }, /^ctrain: ConfigError: environment CTRAIN_LOG_LEVEL must be one of debug, info, warn, error; got "loud"/);
+  });
+
+  test("bad input - ctrain worker has no batch size of its own: --batch-size says where it is set", async () => {
+    await refused(["worker", "--nats", "nats://127.0.0.1:1", "--batch-size", "8"], {}, /^ctrain: ConfigError: ctrain worker has no --batch-size: images per forward pass are the job's --extract-batch-size \(given to the coordinator\)/);
+    await refused(["worker", "--nats", "nats://127.0.0.1:1", "--extract-batch-size=8"], {}, /ctrain worker has no --extract-batch-size:/);
+  });
+
+  test("bad input - --data-parallel takes auto, on or off, from a flag or the config file", async () => {
+    await refused(["coordinator", "--nats", "nats://127.0.0.1:1", "--data-parallel", "maybe"], {}, /--data-parallel \(flag\) must be one of auto, on, off; got "maybe"/);
+  });
+
+  test("bad input - a nats-server that does not start ends the run with one line naming it (NATS_SERVER_BIN)", async () => {
+    const out = join(dir, "out-bad-nats-bin");
+    const r = await runCli(["run", "--data", "fashion-mnist", "--limit", "20", "--input-size", "32", "--epochs", "1", "--workers", "2", "--metrics-port", "-1",
+      "--log-format", "json", "--out", out, "--cache-dir", join(dir, "cache-bad-nats-bin"), "--backend", "wasm"], { env: { NATS_SERVER_BIN: "/bin/false" }, timeoutMs: 120_000 });
+    assert.equal(r.code, 2, r.stderr);
+    const last = r.stderr.trimEnd().split("\n").at(-1)!;
+    assert.match(last, /^ctrain: ServiceStartError: nats-server \(\/bin\/false\) did not start: exit 1\. Fix NATS_SERVER_BIN/);
+    assert.doesNotMatch(r.stderr, /\bat .*\.js:\d+/, "no stack trace");
+  });
+});

@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import sharp from "sharp";
 import { openDataset } from "../core/datasets/open.js";
+import { ENV_SETTINGS, OPTION_SPECS, WORKER_OPTION_SPECS } from "../core/runtime/config.js";
 import { runCli } from "./helpers/cli.js";
 
 const VERSION = (createRequire(import.meta.url)("../../package.json") as { version: string }).version;
@@ -65,9 +66,27 @@ describe("cli - flags per sub-command", () => {
     assert.ok(info.includes("--feature-layer") && !info.includes("--epochs"), info);
     const run = (await runCli(["run", "--help"])).stdout;
     for (const f of ["--epochs", "--fine-tune-layers", "--data", "--workers"]) assert.ok(run.includes(f), `run --help lacks ${f}`);
+    for (const f of ["--extract-batch-size", "--data-parallel", "--checksum-every", "--checkpoint-every", "--step-timeout-ms"]) assert.ok(run.includes(f), `run --help lacks ${f}`);
+    const worker = (await runCli(["worker", "--help"])).stdout;
+    assert.ok(!/--(extract-)?batch-size/.test(worker), `worker --help offers no batch size of its own: ${worker}`);
     const refused = await runCli(["model-info", "--pooling", "max"]);
     assert.equal(refused.code, 2);
     assert.match(refused.stderr, /model-info does not read --pooling/);
+  });
+});
+
+describe("cli - environment settings in --help", () => {
+  test("cli - every environment setting a command reads is listed in its --help", async () => {
+    const rows = [...OPTION_SPECS, ...WORKER_OPTION_SPECS] as readonly { env?: string }[];
+    const optionEnv = rows.flatMap((r) => (r.env ? [r.env] : []));
+    for (const cmd of ["run", "coordinator", "worker"]) {
+      const help = (await runCli([cmd, "--help"])).stdout;
+      const expected = [...ENV_SETTINGS.filter((e) => e.commands.includes(cmd)).map((e) => e.name), ...(cmd === "worker" ? ["CTRAIN_NATS_URL"] : optionEnv.filter((n) => n !== "CTRAIN_NATS_URL"))];
+      for (const name of expected) assert.ok(help.includes(name), `ctrain ${cmd} --help lacks ${name}`);
+    }
+    const run = (await runCli(["run", "--help"])).stdout;
+    for (const name of ["CTRAIN_DP_CHECKSUM_EVERY", "CTRAIN_DP_CHECKPOINT_EVERY", "CTRAIN_DP_STEP_TIMEOUT_MS", "CTRAIN_FASHION_MNIST_DIR", "NATS_SERVER_BIN", "CTRAIN_NATS_PASS", "CTRAIN_LOG_LEVEL"])
+      assert.ok(run.includes(name), `run --help lacks ${name}`);
   });
 });
 

@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
 import { selectBackend } from "../core/models/backend.js";
-import { resolveOptions } from "../core/runtime/config.js";
+import { type JobOptions, resolveOptions } from "../core/runtime/config.js";
 import { FASHION_MNIST_DIR } from "../core/datasets/open.js";
 import { cutTopology, preprocess } from "../core/models/feature_model.js";
 import { createLogger } from "../core/runtime/log.js";
@@ -23,6 +23,7 @@ import { buildHead } from "../core/models/head.js";
 import { registerWasmTrainingKernels } from "../core/models/wasm_kernels.js";
 import { fineTune } from "../coordinator/fine_tuning.js";
 import { runJob, type JobSummary } from "../coordinator/job.js";
+import { inProcessCluster } from "../cli/cluster.js";
 import { computeGradients } from "../core/training/train_loop.js";
 import { ConfigError } from "../core/runtime/errors.js";
 
@@ -127,8 +128,9 @@ describe("fine-tuning - a whole job with the activation cache", { skip }, () => 
 
   before(async () => {
     out1 = join(dir, "run1");
-    first = await runJob(opts(out1), { log: quiet });
-    second = await runJob(opts(join(dir, "run2")), { log: quiet });
+    const inProcess = (o: JobOptions) => ({ log: quiet, cluster: inProcessCluster(o) });
+    first = await runJob(opts(out1), inProcess(opts(out1)));
+    second = await runJob(opts(join(dir, "run2")), inProcess(opts(join(dir, "run2"))));
   });
 
   test("fine-tuning - lowers validation loss relative to the end of the head phase", async () => {

@@ -12,6 +12,7 @@ import { readFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError } from "../runtime/errors.js";
+import { envString } from "../runtime/config.js";
 import { openFolderDataset } from "./folder.js";
 import { DIGIT_CLASSES, FASHION_MNIST_CLASSES, openIdxDataset } from "./idx.js";
 import type { Dataset } from "./types.js";
@@ -59,7 +60,7 @@ export async function openDataset(spec: string, opts: OpenOptions): Promise<Data
   checkOptions(opts);
   const common = { seed: opts.seed, valSplit: opts.valSplit, limit: opts.limit };
   if (spec === "fashion-mnist") {
-    const dir = process.env.CTRAIN_FASHION_MNIST_DIR || FASHION_MNIST_DIR;
+    const dir = envString("CTRAIN_FASHION_MNIST_DIR") ?? FASHION_MNIST_DIR;
     if (!existsSync(dir))
       throw new ConfigError(
         `--data fashion-mnist: ${dir} does not exist. Install it with \`apt-get install dataset-fashion-mnist\`, or point CTRAIN_FASHION_MNIST_DIR at a folder with the four IDX files.`,

@@ -1,7 +1,13 @@
 /**
- * Job options: one schema shared by every sub-command (`run`, `coordinator`, `worker`, `k8s render`),
- * read from flags and/or `--config job.yaml` and validated once, before any work starts. Flags win
- * over the file. YAML keys are the flag names without dashes (`input-size: 96`); camelCase works too.
+ * Options: one table per kind of process, every setting a row, read from flags, `--config job.yaml`
+ * and the environment and validated once, before any work starts. Flags win over the environment,
+ * which wins over the file. YAML keys are the flag names without dashes (`input-size: 96`); camelCase
+ * works too. A row with `env` also reads that variable (`CTRAIN_DP_STEP_TIMEOUT_MS`).
+ *
+ * - {@link OPTION_SPECS}: the job (`run`, `coordinator`, `k8s render`, and subsets for the others).
+ * - {@link WORKER_OPTION_SPECS}: `ctrain worker` (its job options come from the coordinator's spec).
+ * - {@link ENV_SETTINGS}: settings that are environment variables only (paths, credentials, the log
+ *   level); listed in every `--help` that reads them and checked by {@link checkEnvironment} at start.
  */
 import { readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
@@ -41,6 +47,11 @@ export type LrSchedule = (typeof LR_SCHEDULES)[number];
 /** The validation figure early stopping, best weights and the plateau schedule watch. */
 export const MONITORS = ["val_loss", "val_accuracy"] as const;
 export type Monitor = (typeof MONITORS)[number];
+/** `--data-parallel`: whether fine-tuning runs data-parallel on the workers. */
+export const DATA_PARALLEL_MODES = ["auto", "on", "off"] as const;
+export type DataParallelMode = (typeof DATA_PARALLEL_MODES)[number];
+/** The default of `--batch-size` and `--extract-batch-size`, in samples: the one place the number is written. */
+export const DEFAULT_BATCH_SIZE = 32;
 /** Options that only mean something with `--method augment`. */
 export const AUGMENT_KEYS = ["augmentFlip", "augmentRotation", "augmentZoom", "augmentTranslation", "augmentFillMode"] as const;
 
@@ -98,9 +109,9 @@ export interface JobOptions {
   classWeight: string;
   /** Label smoothing of the training loss, in [0, 0.5). Default 0. */
   labelSmoothing: number;
-  /** Global batch size (samples per step across all workers). Default 32. */
+  /** Global batch size (samples per step across all workers). Default {@link DEFAULT_BATCH_SIZE}. */
   batchSize: number;
-  /** Images per frozen forward pass of feature extraction, on every worker (carried in the round's ExtractionRound). Default 32. */
+  /** Images per frozen forward pass of feature extraction, on every worker (carried in the round's ExtractionRound) and in this process. Default {@link DEFAULT_BATCH_SIZE}. */
   extractBatchSize: number;
   /** Learning rate of head training (Adam). Default 1e-3. */
   learningRate: number;
@@ -143,6 +154,14 @@ export interface JobOptions {
   metricsPort: number;
   /** Bytes per element of gradients on the wire. Default fp32. */
   wireDtype: WireDtype;
+  /** Fine-tune data-parallel on the workers: `auto` = when `workers` > 1 (see {@link fineTunesDataParallel}), `on`, `off`. Default `auto`. */
+  dataParallel: DataParallelMode;
+  /** Data-parallel fine-tuning: steps between replica weight-checksum comparisons; 0 = never. Default 10 (env CTRAIN_DP_CHECKSUM_EVERY). */
+  checksumEvery: number;
+  /** Data-parallel fine-tuning: steps between checkpoints; 0 = only the final state. Default 20 (env CTRAIN_DP_CHECKPOINT_EVERY). */
+  checkpointEvery: number;
+  /** Data-parallel fine-tuning: a step's deadline before missing peers count as lost, in ms. Default 30000 (env CTRAIN_DP_STEP_TIMEOUT_MS). */
+  stepTimeoutMs: number;
   /** How workers are started by the coordinator. Default `local`. */
   launcher: Launcher;
   /** Log format: `auto` (human on a terminal, JSON otherwise), `json` or `human`. */
@@ -150,14 +169,21 @@ export interface JobOptions {
 }
 
 type Kind = "string" | "int" | "number" | "bool";
-interface OptionSpec<K extends keyof JobOptions> {
-  key: K;
+/** One row of an option table: flag `--<kebab key>`, YAML key, and the environment variable `env` when given. */
+export interface OptionRow {
+  key: string;
   kind: Kind;
   help: string;
-  default: () => JobOptions[K];
+  default: () => unknown;
   choices?: readonly string[];
   min?: number;
   max?: number;
+  /** Environment variable that sets this option (below a flag, above the config file). */
+  env?: string;
+}
+interface OptionSpec<K extends keyof JobOptions> extends OptionRow {
+  key: K;
+  default: () => JobOptions[K];
 }
 
 function spec<K extends keyof JobOptions>(s: OptionSpec<K>): OptionSpec<K> {
@@ -191,8 +217,8 @@ export const OPTION_SPECS = [
   spec({ key: "lrPatience", kind: "int", help: "plateau schedule: epochs without improvement before the rate is x0.2", default: () => 2, min: 1, max: 100000 }),
   spec({ key: "classWeight", kind: "string", help: "class weights of the loss: none | auto (balanced) | <class>=<weight>,...", default: () => "none" }),
   spec({ key: "labelSmoothing", kind: "number", help: "label smoothing of the training loss", default: () => 0, min: 0, max: 0.49 }),
-  spec({ key: "batchSize", kind: "int", help: "global batch size", default: () => 32, min: 1, max: 65536 }),
-  spec({ key: "extractBatchSize", kind: "int", help: "images per forward pass of feature extraction, on every worker", default: () => 32, min: 1, max: 4096 }),
+  spec({ key: "batchSize", kind: "int", help: "global batch size (samples per training step across all workers)", default: () => DEFAULT_BATCH_SIZE, min: 1, max: 65536 }),
+  spec({ key: "extractBatchSize", kind: "int", help: "images per forward pass of feature extraction (each worker, or this process)", default: () => DEFAULT_BATCH_SIZE, min: 1, max: 4096 }),
   spec({ key: "learningRate", kind: "number", help: "learning rate of head training", default: () => 1e-3, min: 1e-12, max: 10 }),
   spec({ key: "workers", kind: "int", help: "number of workers", default: () => Math.max(1, availableParallelism()), min: 1, max: 4096 }),
   spec({ key: "nats", kind: "string", help: "NATS URL(s), comma-separated; empty = embedded nats-server", default: () => "" }),
@@ -211,6 +237,10 @@ export const OPTION_SPECS = [
   spec({ key: "maxPixels", kind: "int", help: "refuse images with more pixels than this", default: () => 40_000_000, min: 1, max: 2 ** 32 }),
   spec({ key: "metricsPort", kind: "int", help: "port of /metrics (0 = free port, -1 = off)", default: () => 0, min: -1, max: 65535 }),
   spec({ key: "wireDtype", kind: "string", help: "gradient dtype on the wire", default: () => "fp32" as WireDtype, choices: WIRE_DTYPES }),
+  spec({ key: "dataParallel", kind: "string", help: "fine-tune data-parallel on the workers (auto = when --workers > 1)", default: () => "auto" as DataParallelMode, choices: DATA_PARALLEL_MODES }),
+  spec({ key: "checksumEvery", kind: "int", help: "data-parallel: steps between replica weight checksums (0 = never)", default: () => 10, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKSUM_EVERY" }),
+  spec({ key: "checkpointEvery", kind: "int", help: "data-parallel: steps between checkpoints (0 = only the final state)", default: () => 20, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKPOINT_EVERY" }),
+  spec({ key: "stepTimeoutMs", kind: "int", help: "data-parallel: ms a step waits for its peers before they count as lost", default: () => 30_000, min: 100, max: 3_600_000, env: "CTRAIN_DP_STEP_TIMEOUT_MS" }),
   spec({ key: "launcher", kind: "string", help: "how workers are started", default: () => "local" as Launcher, choices: LAUNCHERS }),
   spec({ key: "logFormat", kind: "string", help: "log format", default: () => "auto" as JobOptions["logFormat"], choices: ["auto", "json", "human"] }),
   spec({ key: "job", kind: "string", help: "job id", default: () => "" }),
@@ -239,15 +269,20 @@ export const COMMAND_OPTIONS: Readonly<Record<string, readonly (keyof JobOptions
   "export-onnx": ["model", "out", "inputSize", "featureLayer", "pooling", "preprocessing", "backend"],
 };
 
-/** The nearest of `candidates` (flag names) to a mistyped flag, within 3 edits. */
+/**
+ * The nearest of `candidates` (flag names) to a mistyped flag, within 3 edits; else one that ends with
+ * it (`--batch-size` -> `--extract-batch-size` on a command that has only the narrower one).
+ */
 function closest(name: string, candidates: Iterable<string> = [...SPEC_BY_KEY.keys()].map(flagName)): string | undefined {
   let best: string | undefined;
   let bestD = 4;
-  for (const c of candidates) {
-    const d = editDistance(c, flagName(keyOf(name)));
+  const typed = flagName(keyOf(name));
+  const list = [...candidates];
+  for (const c of list) {
+    const d = editDistance(c, typed);
     if (d < bestD) { bestD = d; best = c; }
   }
-  return best;
+  return best ?? (typed.length >= 4 ? list.find((c) => c.endsWith(`-${typed}`)) : undefined);
 }
 
 function editDistance(a: string, b: string): number {
@@ -277,7 +312,7 @@ function oneLine(name: string): string {
   return t.length > 80 ? `${t.slice(0, 77)}...` : t;
 }
 
-function coerce(s: OptionSpec<keyof JobOptions>, raw: unknown, where: string): unknown {
+function coerce(s: OptionRow, raw: unknown, where: string): unknown {
   const flag = `--${flagName(s.key)}`;
   if (s.kind === "bool") {
     if (typeof raw === "boolean") return raw;
@@ -309,25 +344,34 @@ export interface ParsedArgs {
   configFile?: string;
 }
 
-/**
- * Splits argv into job options, other flags and positionals. `extraFlags` lists the sub-command's
- * own flags (without dashes); `command` names it in {@link COMMAND_OPTIONS} to accept only the job
- * options it reads. Any other flag is an error with a suggestion among the flags it accepts. `-h`
- * is `--help` where `help` is one of `booleanFlags`.
- */
-export function parseArgs(argv: readonly string[], extraFlags: readonly string[] = [], booleanFlags: readonly string[] = [], command?: string): ParsedArgs {
-  const out: ParsedArgs = { options: {}, extra: {}, positionals: [] };
-  const only = command !== undefined ? COMMAND_OPTIONS[command] : undefined;
-  const accepted = (): string[] => [...(only ?? [...SPEC_BY_KEY.keys()]).map(flagName), ...extraFlags, ...booleanFlags, ...(only ? [] : ["config"])];
+/** What {@link parseFlags} accepts besides the table's rows. */
+interface FlagGrammar {
+  /** Rows by key. */
+  rows: ReadonlyMap<string, OptionRow>;
+  /** Keys of `rows` this command reads; others are refused with "<command> does not read". */
+  only?: readonly string[];
+  /** Other flags that take a value (without dashes), returned in `extra`. */
+  extraFlags: readonly string[];
+  /** Flags without a value; `-h` is `--help` when `help` is one of them. */
+  booleanFlags: readonly string[];
+  /** Whether `--config FILE` is read. */
+  config: boolean;
+  command?: string;
+}
+
+/** Splits argv by a table: its rows' values (validated), other flags, positionals and `--config`. */
+function parseFlags(argv: readonly string[], g: FlagGrammar): { values: Record<string, unknown>; extra: Record<string, string | true>; positionals: string[]; configFile?: string } {
+  const out = { values: {} as Record<string, unknown>, extra: {} as Record<string, string | true>, positionals: [] as string[], configFile: undefined as string | undefined };
+  const accepted = (): string[] => [...(g.only ?? [...g.rows.keys()]).map(flagName), ...g.extraFlags, ...g.booleanFlags, ...(g.config ? ["config"] : [])];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (a === "-h" && booleanFlags.includes("help")) { out.extra["help"] = true; continue; }
+    if (a === "-h" && g.booleanFlags.includes("help")) { out.extra["help"] = true; continue; }
     if (!a.startsWith("--")) { out.positionals.push(a); continue; }
     let name = a.slice(2);
     let value: string | undefined;
     const eq = name.indexOf("=");
     if (eq >= 0) { value = name.slice(eq + 1); name = name.slice(0, eq); }
-    if (booleanFlags.includes(name)) { out.extra[name] = value ?? true; continue; }
+    if (g.booleanFlags.includes(name)) { out.extra[name] = value ?? true; continue; }
     const takeValue = (): string => {
       if (value !== undefined) return value;
       const next = argv[i + 1];
@@ -335,17 +379,45 @@ export function parseArgs(argv: readonly string[], extraFlags: readonly string[]
       i++;
       return next;
     };
-    if (name === "config" && !only) { out.configFile = takeValue(); continue; }
-    if (extraFlags.includes(name)) { out.extra[name] = takeValue(); continue; }
-    const s = SPEC_BY_KEY.get(keyOf(name));
-    if (!s || (only && !only.includes(s.key))) {
+    if (name === "config" && g.config) { out.configFile = takeValue(); continue; }
+    if (g.extraFlags.includes(name)) { out.extra[name] = takeValue(); continue; }
+    const s = g.rows.get(keyOf(name));
+    if (!s || (g.only && !g.only.includes(s.key))) {
       const hint = closest(name, accepted());
-      const what = s || name === "config" ? `${command} does not read --${oneLine(name)}` : `Unknown option --${oneLine(name)}`;
+      const what = (s || name === "config") && g.command ? `${g.command} does not read --${oneLine(name)}` : `Unknown option --${oneLine(name)}`;
       throw new ConfigError(`${what}.${hint ? ` Did you mean --${hint}?` : ""} Run with --help to list the options.`);
     }
-    (out.options as Record<string, unknown>)[s.key] = coerce(s, takeValue(), "flag");
+    out.values[s.key] = coerce(s, takeValue(), "flag");
   }
   return out;
+}
+
+/**
+ * Splits argv into job options, other flags and positionals. `extraFlags` lists the sub-command's
+ * own flags (without dashes); `command` names it in {@link COMMAND_OPTIONS} to accept only the job
+ * options it reads. Any other flag is an error with a suggestion among the flags it accepts. `-h`
+ * is `--help` where `help` is one of `booleanFlags`.
+ */
+export function parseArgs(argv: readonly string[], extraFlags: readonly string[] = [], booleanFlags: readonly string[] = [], command?: string): ParsedArgs {
+  const only = command !== undefined ? COMMAND_OPTIONS[command] : undefined;
+  const p = parseFlags(argv, { rows: SPEC_BY_KEY, only, extraFlags, booleanFlags, config: !only, command });
+  return { options: p.values as Partial<JobOptions>, extra: p.extra, positionals: p.positionals, ...(p.configFile !== undefined ? { configFile: p.configFile } : {}) };
+}
+
+/** Values of a table's rows set in the environment (`env` of a row), validated; `only` limits the rows. */
+function fromEnvironment(rows: Iterable<OptionRow>, env: NodeJS.ProcessEnv, only?: readonly string[]): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const s of rows) {
+    if (!s.env || (only && !only.includes(s.key))) continue;
+    const v = env[s.env];
+    if (v !== undefined && v !== "") out[s.key] = coerce(s, v, `environment ${s.env}`);
+  }
+  return out;
+}
+
+/** Job options set in the environment (rows with `env`), validated: a bad value is a ConfigError naming the variable. */
+export function envOptions(env: NodeJS.ProcessEnv = process.env, command?: string): Partial<JobOptions> {
+  return fromEnvironment(OPTION_SPECS, env, command !== undefined ? COMMAND_OPTIONS[command] : undefined) as Partial<JobOptions>;
 }
 
 /** Reads a YAML/JSON job file into options, refusing unknown keys and wrong types. */
@@ -433,14 +505,22 @@ function checkControls(opts: JobOptions, partial: Partial<JobOptions>): void {
     throw new ConfigError(`--lr-patience applies only to --lr-schedule plateau (got --lr-schedule ${opts.lrSchedule}): add --lr-schedule plateau or drop it.`);
 }
 
-/** Flags + optional config file -> validated options. */
-export function loadOptions(parsed: ParsedArgs): JobOptions {
+/** Flags + environment + optional config file -> validated options (flags win, then the environment). */
+export function loadOptions(parsed: ParsedArgs, env: NodeJS.ProcessEnv = process.env): JobOptions {
   const fromFile = parsed.configFile ? readConfigFile(parsed.configFile) : {};
-  return resolveOptions({ ...fromFile, ...parsed.options });
+  return resolveOptions({ ...fromFile, ...envOptions(env), ...parsed.options });
+}
+
+/**
+ * Whether fine-tuning runs data-parallel on the workers: `--data-parallel auto` means when there are
+ * several workers. The one place that rule is written.
+ */
+export function fineTunesDataParallel(opts: Pick<JobOptions, "workers" | "dataParallel">): boolean {
+  return opts.dataParallel === "auto" ? opts.workers > 1 : opts.dataParallel === "on";
 }
 
 /** Options that say where and how a job runs, not what it computes: left out of a run's job.yaml. */
-export const PLACEMENT_KEYS = ["job", "out", "nats", "cacheDir", "metricsPort", "launcher", "logFormat"] as const;
+export const PLACEMENT_KEYS = ["job", "out", "nats", "cacheDir", "metricsPort", "launcher", "logFormat", "extractBatchSize", "dataParallel", "checksumEvery", "checkpointEvery", "stepTimeoutMs"] as const;
 
 /**
  * The options that shape a job's result, keyed by flag name in option-table order: summary.json's
@@ -459,12 +539,180 @@ export function jobFileText(opts: JobOptions): string {
 ${stringifyYaml(reproducibleOptions(opts))}`;
 }
 
+/**
+ * A command's own table (flags that are not job options: `ctrain coordinator --ack-wait`): the values
+ * of `rows` from flags parsed as `extraFlags` (`given`, by flag name) or the rows' environment
+ * variables, validated like job options, defaults filled in.
+ */
+export function readRows(rows: readonly OptionRow[], given: Record<string, string | true>, env: NodeJS.ProcessEnv = process.env): Record<string, unknown> {
+  const fromEnv = fromEnvironment(rows, env);
+  const out: Record<string, unknown> = {};
+  for (const s of rows) {
+    const v = given[flagName(s.key)];
+    out[s.key] = v !== undefined ? coerce(s, v, "flag") : fromEnv[s.key] ?? s.default();
+  }
+  return out;
+}
+
+/** `--help` lines of a table's rows: flag, help, choices, default and environment variable. */
+export function rowsHelp(rows: readonly OptionRow[], shownDefault: (s: OptionRow) => string = (s) => JSON.stringify(s.default())): string {
+  return rows.map((s) => `  --${flagName(s.key).padEnd(26)} ${s.help}${s.choices ? ` (${s.choices.join("|")})` : ""} [default ${shownDefault(s)}${s.env ? `; env ${s.env}` : ""}]`).join("\n");
+}
+
 /** Help text for the job options; `command` keeps those it reads ({@link COMMAND_OPTIONS}). */
 export function optionsHelp(command?: string): string {
   const only = command !== undefined ? COMMAND_OPTIONS[command] : undefined;
-  return OPTION_SPECS.filter((s) => !only || only.includes(s.key)).map((s) => {
-    const d = s.default();
-    const dv = s.key === "workers" ? "cores" : JSON.stringify(d);
-    return `  --${flagName(s.key).padEnd(26)} ${s.help}${s.choices ? ` (${s.choices.join("|")})` : ""} [default ${dv}]`;
-  }).join("\n");
+  return rowsHelp(OPTION_SPECS.filter((s) => !only || only.includes(s.key)), (s) => (s.key === "workers" ? "cores" : JSON.stringify(s.default())));
+}
+
+// ---------------------------------------------------------------- `ctrain worker`
+
+/** Settings of `ctrain worker`. The job's own options reach a worker in the coordinator's spec, not here. */
+export interface WorkerOptions {
+  /** NATS server URL(s), comma-separated. Required (flag or CTRAIN_NATS_URL). */
+  nats: string;
+  /** Job to serve; `any` = whichever job has tasks queued. Default `any`. */
+  job: string;
+  /** Name in the registry, logs and metrics; empty = `<host>-<pid>`. Default empty. */
+  workerId: string;
+  /** Compute backend. Default `auto`. */
+  backend: BackendName;
+  /** onnxruntime threads when the job leaves it to the worker; 0 = cores. Default 0. */
+  threads: number;
+  /** onnxruntime execution provider. Default `auto`. */
+  engineProvider: EngineProvider;
+  /** Port of /metrics, /healthz, /readyz; 0 = a free port, -1 = none. Default 0. */
+  metricsPort: number;
+  /** Address /metrics binds to; 0.0.0.0 to be scraped from other hosts. Default 127.0.0.1. */
+  metricsHost: string;
+  /** Log format. Default `auto`. */
+  logFormat: JobOptions["logFormat"];
+}
+
+function workerSpec<K extends keyof WorkerOptions>(s: OptionRow & { key: K; default: () => WorkerOptions[K] }): OptionRow {
+  return s;
+}
+
+/** The table of `ctrain worker`, in `--help` order. */
+export const WORKER_OPTION_SPECS: readonly OptionRow[] = [
+  workerSpec({ key: "nats", kind: "string", help: "NATS server(s), comma-separated (required)", default: () => "", env: "CTRAIN_NATS_URL" }),
+  workerSpec({ key: "job", kind: "string", help: "job to serve; any = whichever job has tasks queued", default: () => "any" }),
+  workerSpec({ key: "workerId", kind: "string", help: "name in the registry, logs and metrics (empty = <host>-<pid>)", default: () => "" }),
+  workerSpec({ key: "backend", kind: "string", help: "compute backend", default: () => "auto" as BackendName, choices: BACKENDS }),
+  workerSpec({ key: "threads", kind: "int", help: "onnxruntime threads when the job leaves it to the worker (0 = cores)", default: () => 0, min: 0, max: 1024 }),
+  workerSpec({ key: "engineProvider", kind: "string", help: "onnxruntime execution provider (auto = cuda when installed)", default: () => "auto" as EngineProvider, choices: ENGINE_PROVIDERS }),
+  workerSpec({ key: "metricsPort", kind: "int", help: "port of /metrics, /healthz, /readyz (0 = free port, -1 = off)", default: () => 0, min: -1, max: 65535 }),
+  workerSpec({ key: "metricsHost", kind: "string", help: "address to bind; 0.0.0.0 to be scraped from other hosts", default: () => "127.0.0.1" }),
+  workerSpec({ key: "logFormat", kind: "string", help: "log format", default: () => "auto" as JobOptions["logFormat"], choices: ["auto", "json", "human"] }),
+];
+
+const WORKER_SPEC_BY_KEY = new Map(WORKER_OPTION_SPECS.map((s) => [s.key, s]));
+
+/**
+ * `ctrain worker`'s argv and environment -> validated options, other flags (`extraFlags`, e.g. NATS
+ * credentials) in `extra`, and whether `--help` was asked. Unknown flags get a "did you mean".
+ */
+export function parseWorkerArgs(argv: readonly string[], extraFlags: readonly string[] = [], env: NodeJS.ProcessEnv = process.env): { options: WorkerOptions; extra: Record<string, string | true>; help: boolean } {
+  const retired = argv.find((a) => /^--(extract-)?batch-size(=|$)/.test(a));
+  if (retired)
+    throw new ConfigError(`ctrain worker has no ${retired.replace(/=.*$/, "")}: images per forward pass are the job's --extract-batch-size (given to the coordinator), the same on every worker.`);
+  const p = parseFlags(argv, { rows: WORKER_SPEC_BY_KEY, extraFlags, booleanFlags: ["help"], config: false, command: "worker" });
+  if (p.positionals.length > 0) throw new ConfigError(`ctrain worker: unexpected argument ${show(p.positionals[0])}; options start with --.`);
+  const given = { ...fromEnvironment(WORKER_OPTION_SPECS, env), ...p.values };
+  const options = Object.fromEntries(WORKER_OPTION_SPECS.map((s) => [s.key, given[s.key] ?? s.default()])) as unknown as WorkerOptions;
+  return { options, extra: p.extra, help: p.extra["help"] !== undefined };
+}
+
+/** Help text of `ctrain worker`'s own options. */
+export function workerOptionsHelp(): string {
+  return rowsHelp(WORKER_OPTION_SPECS);
+}
+
+// ---------------------------------------------------------------- environment-only settings
+
+/** A setting that is an environment variable only (no flag): where a file lives, a credential, the log level. */
+export interface EnvSetting {
+  name: string;
+  kind: "string" | "int";
+  help: string;
+  /** The value when unset, as shown in `--help`; absent = none. */
+  default?: string;
+  choices?: readonly string[];
+  min?: number;
+  max?: number;
+  /** Sub-commands that read it. */
+  commands: readonly string[];
+}
+
+const NATS_COMMANDS = ["run", "coordinator", "worker"] as const;
+const DATA_COMMANDS = ["run", "coordinator", "worker"] as const;
+
+/** Every environment-only setting ctrain reads, in `--help` order. A test checks the source reads no other. */
+export const ENV_SETTINGS: readonly EnvSetting[] = [
+  { name: "CTRAIN_LOG_LEVEL", kind: "string", help: "lowest log level written", default: "info", choices: ["debug", "info", "warn", "error"], commands: ["run", "coordinator", "worker", "predict", "model-info", "export-onnx", "k8s"] },
+  { name: "NO_COLOR", kind: "string", help: "any value: no colours in human log lines", commands: ["run", "coordinator", "worker", "predict", "model-info", "export-onnx", "k8s"] },
+  { name: "CTRAIN_FASHION_MNIST_DIR", kind: "string", help: "folder of the four Fashion-MNIST IDX files (--data fashion-mnist)", default: "/usr/share/datasets/fashion-mnist", commands: DATA_COMMANDS },
+  { name: "NATS_SERVER_BIN", kind: "string", help: "nats-server binary of the embedded server (else /usr/sbin/nats-server, then PATH)", commands: ["run"] },
+  { name: "CTRAIN_NATS_USER", kind: "string", help: "NATS user (with CTRAIN_NATS_PASS); same as --nats-user", commands: NATS_COMMANDS },
+  { name: "CTRAIN_NATS_PASS", kind: "string", help: "NATS password; prefer it to --nats-pass (flags show in ps)", commands: NATS_COMMANDS },
+  { name: "CTRAIN_NATS_TOKEN", kind: "string", help: "NATS token; same as --nats-token", commands: NATS_COMMANDS },
+  { name: "CTRAIN_NATS_CREDS", kind: "string", help: "NATS .creds file; same as --nats-creds", commands: NATS_COMMANDS },
+  { name: "CTRAIN_NATS_NKEY", kind: "string", help: "file holding an nkey seed; same as --nats-nkey", commands: NATS_COMMANDS },
+  { name: "CTRAIN_NATS_TLS_CA", kind: "string", help: "CA bundle to verify the NATS server (turns TLS on); same as --nats-tls-ca", commands: NATS_COMMANDS },
+  { name: "CTRAIN_NATS_TLS_CERT", kind: "string", help: "client certificate (with CTRAIN_NATS_TLS_KEY); same as --nats-tls-cert", commands: NATS_COMMANDS },
+  { name: "CTRAIN_NATS_TLS_KEY", kind: "string", help: "client key; same as --nats-tls-key", commands: NATS_COMMANDS },
+  { name: "CTRAIN_WORKER_MEMORY_BYTES", kind: "int", help: "memory a worker may spend on one shard, bytes (default: half the container's or machine's)", min: 1, max: Number.MAX_SAFE_INTEGER, commands: ["worker"] },
+  { name: "CTRAIN_IMAGE", kind: "string", help: "--launcher kubernetes: container image of the worker StatefulSet it creates", commands: ["coordinator"] },
+  { name: "CTRAIN_GPUS_PER_WORKER", kind: "int", help: "--launcher kubernetes: GPUs each worker pod asks for", default: "0", min: 0, max: 1024, commands: ["coordinator"] },
+  { name: "CTRAIN_DATA_CLAIM", kind: "string", help: "--launcher kubernetes: PersistentVolumeClaim of the data set", commands: ["coordinator"] },
+  { name: "POD_NAMESPACE", kind: "string", help: "--launcher kubernetes: namespace of the workers (default: the pod's, or the kubeconfig's)", commands: ["coordinator"] },
+  { name: "KUBECONFIG", kind: "string", help: "--launcher kubernetes outside a cluster: kubeconfig file (default ~/.kube/config)", commands: ["coordinator"] },
+];
+
+const ENV_BY_NAME = new Map(ENV_SETTINGS.map((e) => [e.name, e]));
+
+function envValue(e: EnvSetting, raw: string): string | number {
+  const what = `environment ${e.name}`;
+  if (e.kind === "int") {
+    const n = raw.trim() !== "" ? Number(raw) : NaN;
+    if (!Number.isInteger(n) || (e.min !== undefined && n < e.min) || (e.max !== undefined && n > e.max))
+      throw new ConfigError(`${what} must be a whole number between ${e.min} and ${e.max}, got ${show(raw)}.`);
+    return n;
+  }
+  if (e.choices && !e.choices.includes(raw.trim().toLowerCase())) throw new ConfigError(`${what} must be one of ${e.choices.join(", ")}; got ${show(raw)}.`);
+  return raw;
+}
+
+/**
+ * The value of an environment-only setting of {@link ENV_SETTINGS}, validated; undefined when unset
+ * or empty. Throws ConfigError naming the variable for a bad value.
+ */
+export function envSetting(name: string, env: NodeJS.ProcessEnv = process.env): string | number | undefined {
+  const e = ENV_BY_NAME.get(name);
+  if (!e) throw new RangeError(`envSetting: ${name} is not in ENV_SETTINGS (add a row there so --help lists it)`);
+  const raw = env[name];
+  return raw === undefined || raw === "" ? undefined : envValue(e, raw);
+}
+
+/** A text setting of {@link ENV_SETTINGS} (a path, a name), validated; undefined when unset or empty. */
+export function envString(name: string, env: NodeJS.ProcessEnv = process.env): string | undefined {
+  const v = envSetting(name, env);
+  return v === undefined ? undefined : String(v);
+}
+
+/**
+ * Checks, before any work, every environment setting `command` reads: its job options with `env`
+ * (or the worker table's) and its environment-only settings. A bad value is a ConfigError naming it.
+ */
+export function checkEnvironment(command: string, env: NodeJS.ProcessEnv = process.env): void {
+  if (command === "worker") fromEnvironment(WORKER_OPTION_SPECS, env);
+  else envOptions(env, command);
+  for (const e of ENV_SETTINGS) if (e.commands.includes(command)) envSetting(e.name, env);
+}
+
+/** `--help` lines of the environment-only settings `command` reads. */
+export function envHelp(command: string): string {
+  return ENV_SETTINGS.filter((e) => e.commands.includes(command))
+    .map((e) => `  ${e.name.padEnd(28)} ${e.help}${e.choices ? ` (${e.choices.join("|")})` : ""}${e.default !== undefined ? ` [default ${e.default}]` : ""}`)
+    .join("\n");
 }

@@ -200,8 +200,21 @@ export class WorkersUnavailableError extends Error {
   }
 }
 
+/** A service the job starts for itself (its embedded nats-server) did not come up. The message says why and what to do instead. */
+export class ServiceStartError extends Error {
+  override name = "ServiceStartError";
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
 /** Errors whose message tells the user what to fix or how to resume (see isUserError). */
 const USER_ERRORS: readonly (abstract new (...args: never[]) => Error)[] = [
   ConfigError, BadInputError, BackendUnavailableError, EngineUnavailableError, StorageError, ServiceLostError,
-  ShardFailedError, ReplicaMismatchError, WorkersUnavailableError,
+  ShardFailedError, ReplicaMismatchError, WorkersUnavailableError, ServiceStartError,
 ];
+
+/** A user error as the CLI prints it: `ctrain: <name>: <message>` on one line (no stack; a multi-line message joined). */
+export function userErrorLine(err: Error): string {
+  return `ctrain: ${err.name}: ${err.message.split(/\s*\n\s*/).filter(Boolean).join(" | ")}`;
+}

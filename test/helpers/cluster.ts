@@ -102,7 +102,7 @@ export class Cluster {
 
   async worker(url: string, job: string, id: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> {
     const port = await freePort();
-    return this.ctrain(id, ["worker", "--nats", url, "--job", job, "--worker-id", id, "--backend", "wasm", "--batch-size", "8", "--metrics-port", String(port), "--metrics-host", "127.0.0.1", "--log-format", "json", ...extra], env, port);
+    return this.ctrain(id, ["worker", "--nats", url, "--job", job, "--worker-id", id, "--backend", "wasm", "--metrics-port", String(port), "--metrics-host", "127.0.0.1", "--log-format", "json", ...extra], env, port);
   }
 
   async coordinator(url: string, job: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> {

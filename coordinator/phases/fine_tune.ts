@@ -1,0 +1,114 @@
+/**
+ * The fine-tuning phase: split the base, get the data (cached activations at the cut, extracted by
+ * the cluster like the features; or images when augmenting), train top + head -- data-parallel on
+ * the workers when the cluster offers it and the data is activations, else in this process.
+ * Returns the trained top for the export.
+ */
+import type * as tf from "@tensorflow/tfjs";
+import type { JobOptions } from "../../core/runtime/config.js";
+import type { FeatureSet } from "../../core/datasets/feature_store.js";
+import { type FeatureExtractor, isOnnxSource } from "../../core/models/feature_model.js";
+import type { PretrainedSource } from "../../core/models/model_zoo.js";
+import { ConfigError } from "../../core/runtime/errors.js";
+import { augmentOf } from "../../core/datasets/augment.js";
+import { buildSplit, type SplitBase } from "../../core/models/model_split.js";
+import { registerWasmTrainingKernels } from "../../core/models/wasm_kernels.js";
+import { openImages, samplesOf } from "../augment_training.js";
+import { activationData, activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "../fine_tuning.js";
+import { runDataParallelFineTune } from "../data_parallel.js";
+import type { JobCluster, JobSummary } from "../job.js";
+import { extractPhase } from "./extract.js";
+import { phaseProgress, round } from "./progress.js";
+import type { JobContext } from "./setup.js";
+
+export interface FineTuned {
+  result: FineTuneResult;
+  info: NonNullable<JobSummary["fine_tune"]>;
+  /** The trained top: its weights go back into the full base for the export. */
+  top: tf.LayersModel;
+  dispose(): void;
+}
+
+/** Epochs of fine-tuning asked for (`--fine-tune-epochs`, else half the head's). */
+export function fineTuneEpochsOf(opts: JobOptions): number {
+  return opts.fineTuneEpochs > 0 ? opts.fineTuneEpochs : Math.max(1, Math.ceil(opts.epochs / 2));
+}
+
+/** The job's base when it can be fine-tuned: a TF.js layers model whose head-only classifier was built. */
+export function trainableBase(ctx: JobContext, classifier: tf.LayersModel | undefined): PretrainedSource {
+  if (!classifier || isOnnxSource(ctx.source)) throw new ConfigError(`fine-tuning needs a TF.js layers model; ${ctx.source.name} is an ONNX graph (inference only).`);
+  return ctx.source;
+}
+
+/** Fine-tunes the top of `base` (see {@link trainableBase}) with the trained `head` (in place). */
+export async function fineTunePhase(ctx: JobContext, cluster: JobCluster, base: PretrainedSource, features: FeatureSet, head: tf.LayersModel): Promise<FineTuned> {
+  const { opts, log } = ctx;
+  if (ctx.backend.tfBackend === "wasm") {
+    const added = registerWasmTrainingKernels();
+    if (added.length) log.info("wasm training kernels registered", { kernels: added });
+  }
+  const split = await buildSplit(base, { inputSize: opts.inputSize, featureLayer: opts.featureLayer, unfreeze: opts.fineTuneLayers });
+  const augment = opts.method === "augment";
+  log.info("fine-tuning", { unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers.length, cut_shape: split.cutShape, augmentation: augment, epochs: fineTuneEpochsOf(opts), learning_rate: opts.fineTuneLearningRate });
+  const info: FineTuned["info"] = { unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers, augmentation: augment };
+  const d = augment ? await imageData(ctx, base, features, split) : await activationSet(ctx, cluster, base, split, info);
+  try {
+    const result = await train(ctx, cluster, split, head, d);
+    ctx.metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
+    log.info("fine-tuned", { test_accuracy: round(result.test.accuracy), test_loss: round(result.test.loss), val_accuracy: round(result.val_accuracy), val_loss_before: round(result.val_loss_before), seconds: round(result.seconds, 2) });
+    return { result, info, top: split.top, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };
+  } finally {
+    d.frozen?.dispose();
+  }
+}
+
+/** The data of fine-tuning and, with images, the frozen bottom that runs on the inference engine every step. */
+interface FineTuneInput {
+  data: FineTuneData;
+  frozen?: FeatureExtractor;
+}
+
+/** Cached activations at the cut, extracted through the cluster like the features. */
+async function activationSet(ctx: JobContext, cluster: JobCluster, base: PretrainedSource, split: SplitBase, info: FineTuned["info"]): Promise<FineTuneInput> {
+  const cut = await activationExtractor(base, ctx.opts.inputSize, split.plan.cutLayer, ctx.engine);
+  const ex = await extractPhase(ctx, cluster, cut).finally(() => cut.dispose());
+  info.activation_cache = { key: ex.key, cache_hit: ex.cacheHit, images: ex.images, seconds: round(ex.seconds, 3) };
+  return { data: { kind: "activations", train: activationData(ex.features, "train"), val: activationData(ex.features, "val"), test: activationData(ex.features, "test") } };
+}
+
+/** Images of every split; only top + head train in tfjs, the frozen bottom runs on the inference engine. */
+async function imageData(ctx: JobContext, base: PretrainedSource, features: FeatureSet, split: SplitBase): Promise<FineTuneInput> {
+  const open = (s: "train" | "val" | "test") => openImages(ctx.dataset, samplesOf(ctx.dataset, features.ids, features.splits, s), ctx.opts.inputSize);
+  const data: FineTuneData = { kind: "images", train: await open("train"), val: await open("val"), test: await open("test") };
+  return { data, frozen: await activationExtractor(base, ctx.opts.inputSize, split.plan.cutLayer, ctx.engine) };
+}
+
+/** Data-parallel on the workers when the cluster has a trainer and the data is activations; else here. */
+async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, head: tf.LayersModel, { data, frozen }: FineTuneInput): Promise<FineTuneResult> {
+  const { opts, log, metrics } = ctx;
+  const epochs = fineTuneEpochsOf(opts);
+  const trainCount = data.kind === "activations" ? data.train.y.length : data.train.labels.length;
+  const progress = phaseProgress("fine_tune", epochs, Math.ceil(trainCount / opts.batchSize), log, metrics);
+  const numClasses = ctx.dataset.classes.length;
+  const nc = cluster.trainer && data.kind === "activations" ? await cluster.trainer() : undefined;
+  progress.begin();
+  try {
+    if (nc && data.kind === "activations") {
+      if (opts.restoreBestWeights) log.info("data-parallel fine-tuning keeps its last epoch's weights (--restore-best-weights applies to the head phase and to fine-tuning in one process)");
+      return await runDataParallelFineTune(split, head, data, {
+        nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
+        fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs,
+        numClasses, wireDtype: opts.wireDtype, workers: cluster.workers, out: opts.out,
+        checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs,
+        onBatchProgress: progress.moveTo, onEpochEnd: progress.onEpochEnd,
+      });
+    }
+    return await fineTune(split, head, data, {
+      epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses,
+      pooling: opts.pooling, preprocessing: ctx.extractor.preprocessing, augment: data.kind === "images" ? augmentOf(opts) : null, frozen,
+      controls: ctx.controls, onBatchEnd: progress.onBatchEnd, onEpochEnd: progress.onEpochEnd,
+    });
+  } finally {
+    progress.finish();
+  }
+}
