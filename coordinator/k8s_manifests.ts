@@ -15,7 +15,7 @@ import { randomBytes } from "node:crypto";
 import { stringify } from "yaml";
 import { ConfigError } from "../core/runtime/errors.js";
 import { redactSecrets } from "../core/runtime/log.js";
-import { OPTION_SPECS, flagName, type JobOptions } from "../core/runtime/config.js";
+import { OPTION_SPECS, WORKER_OPTION_SPECS, flagName, type JobOptions } from "../core/runtime/config.js";
 
 /** Port every ctrain process serves /metrics, /healthz and /readyz on inside a pod (container port `metrics`). */
 export const METRICS_PORT = 9400;
@@ -161,7 +161,7 @@ function natsUrls(nats: string): string {
 
 const ALWAYS: Record<"coordinator" | "worker", readonly (keyof JobOptions)[]> = {
   coordinator: ["job", "data", "nats", "workers", "launcher", "metricsPort", "cacheDir", "out", "logFormat"],
-  worker: ["job", "nats", "metricsPort", "cacheDir", "logFormat"],
+  worker: ["job", "nats", "metricsPort", "logFormat"],
 };
 const NEVER: Record<"coordinator" | "worker", readonly (keyof JobOptions)[]> = {
   coordinator: [],
@@ -174,7 +174,8 @@ const NEVER: Record<"coordinator" | "worker", readonly (keyof JobOptions)[]> = {
  */
 export function containerArgs(opts: JobOptions, role: "coordinator" | "worker"): string[] {
   const o = podOptions(opts);
-  if (role === "coordinator") o.launcher = "kubernetes";
+  if (role === "worker") return workerArgs(o);
+  o.launcher = "kubernetes";
   const args: string[] = [role];
   for (const s of OPTION_SPECS) {
     if (NEVER[role].includes(s.key)) continue;
@@ -184,6 +185,23 @@ export function containerArgs(opts: JobOptions, role: "coordinator" | "worker"):
     args.push(`--${flagName(s.key)}`, value);
   }
   // Said explicitly: Prometheus and the kubelet's probes reach /metrics on the pod IP.
+  args.push("--metrics-host", "0.0.0.0");
+  return args;
+}
+
+/**
+ * A worker pod's args: only `ctrain worker`'s own table (WORKER_OPTION_SPECS). Job options reach a
+ * worker in the coordinator's spec over NATS, and `ctrain worker` refuses job flags.
+ */
+function workerArgs(o: JobOptions): string[] {
+  const args = ["worker"];
+  const fromJob = o as unknown as Record<string, unknown>;
+  for (const s of WORKER_OPTION_SPECS) {
+    if (s.key === "metricsHost" || !(s.key in fromJob)) continue;
+    const v = fromJob[s.key];
+    if (!ALWAYS.worker.includes(s.key as keyof JobOptions) && v === s.default()) continue;
+    args.push(`--${flagName(s.key)}`, s.key === "nats" ? natsUrls(String(v)) : String(v));
+  }
   args.push("--metrics-host", "0.0.0.0");
   return args;
 }

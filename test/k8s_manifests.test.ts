@@ -30,6 +30,8 @@ import { Job } from "kubernetes-models/batch/v1/Job";
 import { Role } from "kubernetes-models/rbac.authorization.k8s.io/v1/Role";
 import { RoleBinding } from "kubernetes-models/rbac.authorization.k8s.io/v1/RoleBinding";
 import { LAUNCHER_RBAC_RULES, METRICS_PORT, dnsName } from "../coordinator/k8s_manifests.js";
+import { parseWorkerArgs } from "../core/runtime/config.js";
+import { NATS_AUTH_FLAGS } from "../core/runtime/nats_connect.js";
 
 // dist/test/k8s_manifests.test.js -> repository root
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -329,7 +331,8 @@ function checkInvariants(objs: Obj[], where: string, expect: { gpus: number }): 
   const wargs: string[] = wc.args;
   assert.equal(wargs[0], "worker");
   assert.equal(wargs[wargs.indexOf("--metrics-port") + 1], String(METRICS_PORT));
-  assert.equal(wargs[wargs.indexOf("--cache-dir") + 1], "/cache");
+  // Only flags ctrain worker accepts: job options reach workers in the coordinator's spec.
+  assert.doesNotThrow(() => parseWorkerArgs(wargs.slice(1), NATS_AUTH_FLAGS, {}), `${where}: ctrain worker accepts its pod's args ${wargs.join(" ")}`);
   assert.equal(wargs[wargs.indexOf("--nats") + 1], "nats://nats:4222", `${where}: no credentials in args`);
   assert.equal(wargs[wargs.indexOf("--metrics-host") + 1], "0.0.0.0", `${where}: metrics reachable on the pod IP, said explicitly`);
   const wenv = new Map<string, { secretKeyRef?: { key: string } }>(wc.env.map((e: { name: string; valueFrom?: { secretKeyRef?: { key: string } } }) => [e.name, e.valueFrom ?? {}]));

@@ -6,6 +6,7 @@
 import { totalmem } from "node:os";
 import type { Dataset, SampleRef, SkippedInput } from "../core/datasets/types.js";
 import { BadInputError } from "../core/runtime/errors.js";
+import { DEFAULT_BATCH_SIZE } from "../core/runtime/config.js";
 import type { FeatureExtractor } from "../core/models/feature_model.js";
 import type { FeatureShardData } from "../core/datasets/feature_store.js";
 
@@ -41,7 +42,7 @@ async function decode(dataset: Dataset, sample: SampleRef, size: number): Promis
 
 /** Features of every usable sample of the shard, in shard order. */
 export async function extractShard(dataset: Dataset, extractor: FeatureExtractor, shardId: string, samples: SampleRef[], opts: ExtractShardOptions = {}): Promise<FeatureShardData> {
-  const batchSize = opts.batchSize ?? 32;
+  const batchSize = opts.batchSize ?? DEFAULT_BATCH_SIZE;
   const size = extractor.inputSize;
   const pixels = size * size * 3;
   const out: FeatureShardData = { shardId, ids: [], labels: [], splits: [], features: new Float32Array(samples.length * extractor.featureDim), skipped: [] };

@@ -9,6 +9,7 @@
  * - {@link ENV_SETTINGS}: settings that are environment variables only (paths, credentials, the log
  *   level); listed in every `--help` that reads them and checked by {@link checkEnvironment} at start.
  */
+import { DATA_PARALLEL_DEFAULTS } from "../training/data_parallel_settings.js";
 import { readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
@@ -238,9 +239,9 @@ export const OPTION_SPECS = [
   spec({ key: "metricsPort", kind: "int", help: "port of /metrics (0 = free port, -1 = off)", default: () => 0, min: -1, max: 65535 }),
   spec({ key: "wireDtype", kind: "string", help: "gradient dtype on the wire", default: () => "fp32" as WireDtype, choices: WIRE_DTYPES }),
   spec({ key: "dataParallel", kind: "string", help: "fine-tune data-parallel on the workers (auto = when --workers > 1)", default: () => "auto" as DataParallelMode, choices: DATA_PARALLEL_MODES }),
-  spec({ key: "checksumEvery", kind: "int", help: "data-parallel: steps between replica weight checksums (0 = never)", default: () => 10, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKSUM_EVERY" }),
-  spec({ key: "checkpointEvery", kind: "int", help: "data-parallel: steps between checkpoints (0 = only the final state)", default: () => 20, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKPOINT_EVERY" }),
-  spec({ key: "stepTimeoutMs", kind: "int", help: "data-parallel: ms a step waits for its peers before they count as lost", default: () => 30_000, min: 100, max: 3_600_000, env: "CTRAIN_DP_STEP_TIMEOUT_MS" }),
+  spec({ key: "checksumEvery", kind: "int", help: "data-parallel: steps between replica weight checksums (0 = never)", default: () => DATA_PARALLEL_DEFAULTS.checksumEvery, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKSUM_EVERY" }),
+  spec({ key: "checkpointEvery", kind: "int", help: "data-parallel: steps between checkpoints (0 = only the final state)", default: () => DATA_PARALLEL_DEFAULTS.checkpointEvery, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKPOINT_EVERY" }),
+  spec({ key: "stepTimeoutMs", kind: "int", help: "data-parallel: ms a step waits for its peers before they count as lost", default: () => DATA_PARALLEL_DEFAULTS.stepTimeoutMs, min: 100, max: 3_600_000, env: "CTRAIN_DP_STEP_TIMEOUT_MS" }),
   spec({ key: "launcher", kind: "string", help: "how workers are started", default: () => "local" as Launcher, choices: LAUNCHERS }),
   spec({ key: "logFormat", kind: "string", help: "log format", default: () => "auto" as JobOptions["logFormat"], choices: ["auto", "json", "human"] }),
   spec({ key: "job", kind: "string", help: "job id", default: () => "" }),
