@@ -16,15 +16,21 @@
  * 10) not to fit, or that would not fit in memory, is recorded as skipped with the reason.
  * Writes bench/results/allreduce.json.
  *
- *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3]
+ * With --profile every member runs under `node --cpu-prof` and each result carries the breakdown of
+ * the members' CPU time (encode, decode, fp16, copies, checks, reduction, NATS, GC, waiting: see
+ * bench/cpu_profile.ts).
+ *
+ *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--profile] [--out FILE]
  */
 import { fork, type ChildProcess } from "node:child_process";
-import { mkdir, writeFile } from "node:fs/promises";
-import { availableParallelism, cpus, freemem } from "node:os";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { availableParallelism, cpus, freemem, loadavg, tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { connect } from "nats";
 import type { WireDtype } from "../proto/tensor_codec.js";
 import { GradientAverager, type AllreduceStats } from "../worker/gradient_averaging.js";
+import { profileBreakdown, type ProfileBreakdown } from "./cpu_profile.js";
 import { startNatsServer } from "../test/helpers/nats_server.js";
 
 const MB = 1024 * 1024;
@@ -87,8 +93,10 @@ class Kid {
   private stderr = "";
   private waiters: Array<{ resolve: (m: FromChild) => void; reject: (e: Error) => void }> = [];
   private queue: FromChild[] = [];
-  constructor(args: ChildArgs) {
-    this.proc = fork(fileURLToPath(import.meta.url), ["--child", JSON.stringify(args)], { stdio: ["ignore", "inherit", "pipe", "ipc"] });
+  /** @param profileDir when set, the child runs under `--cpu-prof` and writes its profile there on exit. */
+  constructor(args: ChildArgs, profileDir?: string) {
+    const execArgv = profileDir ? ["--cpu-prof", "--cpu-prof-dir", profileDir] : [];
+    this.proc = fork(fileURLToPath(import.meta.url), ["--child", JSON.stringify(args)], { stdio: ["ignore", "inherit", "pipe", "ipc"], execArgv });
     this.proc.stderr!.on("data", (d: Buffer) => (this.stderr = (this.stderr + d.toString()).slice(-2000)));
     this.proc.on("message", (m: FromChild) => {
       const w = this.waiters.shift();
@@ -107,6 +115,17 @@ class Kid {
   }
   send(m: ToChild): void {
     this.proc.send(m);
+  }
+  /** Resolves when the child has exited (its profile is written by then), or after `ms`. */
+  exited(ms: number): Promise<void> {
+    if (this.proc.exitCode !== null) return Promise.resolve();
+    return new Promise((resolve) => {
+      const t = setTimeout(resolve, ms);
+      this.proc.once("exit", () => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
   }
   kill(): void {
     if (this.proc.exitCode === null) this.proc.kill("SIGKILL");
@@ -168,16 +187,19 @@ interface ComboResult {
   per_worker_fraction_of_raw?: number;
   /** All workers' received bytes per second (what the server delivered) / raw NATS throughput. */
   server_fraction_of_raw?: number;
+  /** With --profile: where the members' CPU went (bench/cpu_profile.ts), all rounds and warm-up included. */
+  profile?: ProfileBreakdown;
   note?: string;
 }
 
-async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, budgetS: number, maxRounds: number, raw: number): Promise<ComboResult> {
+async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, budgetS: number, maxRounds: number, raw: number, profile: boolean): Promise<ComboResult> {
   const base: ComboResult = { size_mb: sizeMb, workers: n, dtype };
   const elements = Math.floor((sizeMb * MB) / 4);
   const members = Array.from({ length: n }, (_, i) => `w${i}`);
   const job = `bench-${sizeMb}-${n}-${dtype}`;
   const t0 = performance.now();
-  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype }));
+  const profileDir = profile ? await mkdtemp(join(tmpdir(), "ctrain-allreduce-prof-")) : undefined;
+  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype }, profileDir));
   const left = (): number => budgetS * 1000 - (performance.now() - t0);
   try {
     for (const m of await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), "start-up")) if (m.type !== "ready") throw new Error(JSON.stringify(m));
@@ -200,6 +222,7 @@ async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, b
       rounds.push({ seconds, stats });
     }
     kids.forEach((k) => k.send({ type: "exit" }));
+    const prof = profileDir ? (await Promise.all(kids.map((k) => k.exited(30_000))), await profileBreakdown(profileDir)) : undefined;
     const secs = rounds.map((r) => r.seconds).sort((a, b) => a - b);
     const median = secs[Math.floor(secs.length / 2)]!;
     const all = rounds.flatMap((r) => r.stats);
@@ -220,11 +243,13 @@ async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, b
       algorithmic_mb_per_second: r3(sizeMb / median),
       per_worker_fraction_of_raw: r3(received / median / raw),
       server_fraction_of_raw: r3((received * n) / median / raw),
+      ...(prof ? { profile: prof } : {}),
     };
   } catch (err) {
     return { ...base, skipped: (err as Error).message };
   } finally {
     for (const k of kids) k.kill();
+    if (profileDir) await rm(profileDir, { recursive: true, force: true });
   }
 }
 
@@ -240,6 +265,8 @@ async function main(): Promise<void> {
   const budget = Number(arg("budget", "60"));
   const maxRounds = Number(arg("rounds", "5"));
   const rawSeconds = Number(arg("raw-seconds", "3"));
+  const profile = process.argv.includes("--profile");
+  const out_ = arg("out", "bench/results/allreduce.json");
   // A burst of G(N-1)/N bytes lands on each owner at once: let the server buffer it rather than cut
   // the "slow consumer" off (the default max_pending is 64 MB).
   const server = await startNatsServer({ jetstream: false, config: "max_pending: 1073741824\nwrite_deadline: \"120s\"" });
@@ -258,7 +285,7 @@ async function main(): Promise<void> {
           let r: ComboResult;
           if (predicted * 2 > budget) r = { size_mb: sizeMb, workers: n, dtype, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${budget} s budget` };
           else if (memory > freemem() * 0.7) r = { size_mb: sizeMb, workers: n, dtype, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
-          else r = await combo(server.url, sizeMb, n, dtype, budget, maxRounds, raw.bytes_per_second);
+          else r = await combo(server.url, sizeMb, n, dtype, budget, maxRounds, raw.bytes_per_second, profile);
           if (r.round_seconds_median !== undefined) perRound.set(`${dtype}/${n}`, { sizeMb, seconds: r.round_seconds_median });
           else perRound.set(`${dtype}/${n}`, { sizeMb, seconds: Infinity });
           results.push(r);
@@ -271,6 +298,8 @@ async function main(): Promise<void> {
       method: "reduce-scatter to slice owners + NATS fan-out of averaged slices (worker/gradient_averaging.ts), 512 KiB chunks",
       machine: { cores: availableParallelism(), cpu: cpus()[0]?.model },
       note: "All N worker processes, the parent and one nats-server share this machine's cores; rounds per combination are bounded by the budget.",
+      load_average: loadavg().map((x) => Number(x.toFixed(2))),
+      profiled: profile,
       budget_seconds_per_combination: budget,
       max_timed_rounds: maxRounds,
       raw_nats_loopback: { ...raw, message_bytes: RAW_MESSAGE_BYTES, mb_per_second: Number((raw.bytes_per_second / MB).toFixed(1)) },
@@ -279,8 +308,8 @@ async function main(): Promise<void> {
       results,
     };
     await mkdir("bench/results", { recursive: true });
-    await writeFile("bench/results/allreduce.json", `${JSON.stringify(out, null, 2)}\n`);
-    console.log("wrote bench/results/allreduce.json");
+    await writeFile(out_, `${JSON.stringify(out, null, 2)}\n`);
+    console.log(`wrote ${out_}`);
   } finally {
     await server.stop();
   }
