@@ -40,7 +40,7 @@ interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; m
 interface RawArgs { mode: "raw"; url: string; subject: string; seconds: number }
 type ChildArgs = WorkerArgs | RawArgs;
 type ToChild = { type: "round"; step: number } | { type: "exit" };
-type FromChild = { type: "ready" } | { type: "done"; stats: AllreduceStats } | { type: "error"; message: string };
+type FromChild = { type: "ready" } | { type: "done"; stats: AllreduceStats; cpuSeconds: number } | { type: "error"; message: string };
 
 // ---------------------------------------------------------------------------------------------
 // Child processes
@@ -60,8 +60,12 @@ async function workerMain(a: WorkerArgs): Promise<void> {
       void averager.close().then(() => nc.close()).then(() => process.exit(0));
       return;
     }
+    const cpu0 = process.cpuUsage();
     averager.average(m.step, flat, samples).then(
-      () => process.send!({ type: "done", stats: averager.lastStats! } satisfies FromChild),
+      () => {
+        const cpu = process.cpuUsage(cpu0);
+        process.send!({ type: "done", stats: averager.lastStats!, cpuSeconds: (cpu.user + cpu.system) / 1e6 } satisfies FromChild);
+      },
       (e: unknown) => process.send!({ type: "error", message: `${(e as Error).name}: ${(e as Error).message}` } satisfies FromChild),
     );
   });
@@ -187,6 +191,12 @@ interface ComboResult {
   per_worker_fraction_of_raw?: number;
   /** All workers' received bytes per second (what the server delivered) / raw NATS throughput. */
   server_fraction_of_raw?: number;
+  /**
+   * CPU seconds (user + system) one member's process used per round, median over members and rounds.
+   * Unlike the round's wall time it barely moves with the machine's load, so it compares data paths
+   * fairly on a shared machine.
+   */
+  cpu_seconds_per_round_per_worker?: number;
   /** With --profile: where the members' CPU went (bench/cpu_profile.ts), all rounds and warm-up included. */
   profile?: ProfileBreakdown;
   note?: string;
@@ -203,29 +213,31 @@ async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, b
   const left = (): number => budgetS * 1000 - (performance.now() - t0);
   try {
     for (const m of await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), "start-up")) if (m.type !== "ready") throw new Error(JSON.stringify(m));
-    const rounds: Array<{ seconds: number; stats: AllreduceStats[] }> = [];
+    const rounds: Array<{ seconds: number; stats: AllreduceStats[]; cpu: number[] }> = [];
     // Round 0 warms up (JIT, buffers) and is not counted.
     for (let step = 0; step <= maxRounds; step++) {
       const last = rounds.at(-1)?.seconds ?? 0;
       if (step > 1 && left() < last * 1000 * 1.5) break;
       kids.forEach((k) => k.send({ type: "round", step }));
       const replies = await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), `round ${step}`);
-      const stats = replies.map((r) => {
+      const done = replies.map((r) => {
         if (r.type !== "done") throw new Error(r.type === "error" ? r.message : JSON.stringify(r));
-        return r.stats;
+        return r;
       });
+      const stats = done.map((r) => r.stats);
       const seconds = Math.max(...stats.map((s) => s.seconds));
       if (step === 0) {
         if (left() < seconds * 1000) return { ...base, skipped: `warm-up round took ${seconds.toFixed(1)} s: no timed round fits the ${budgetS} s budget` };
         continue;
       }
-      rounds.push({ seconds, stats });
+      rounds.push({ seconds, stats, cpu: done.map((r) => r.cpuSeconds) });
     }
     kids.forEach((k) => k.send({ type: "exit" }));
     const prof = profileDir ? (await Promise.all(kids.map((k) => k.exited(30_000))), await profileBreakdown(profileDir)) : undefined;
     const secs = rounds.map((r) => r.seconds).sort((a, b) => a - b);
     const median = secs[Math.floor(secs.length / 2)]!;
     const all = rounds.flatMap((r) => r.stats);
+    const cpus = rounds.flatMap((r) => r.cpu).sort((a, b) => a - b);
     const sent = all.reduce((a, s) => a + s.bytesSent, 0) / all.length;
     const received = all.reduce((a, s) => a + s.bytesReceived, 0) / all.length;
     const gWire = elements * (dtype === "fp16" ? 2 : 4);
@@ -243,6 +255,7 @@ async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, b
       algorithmic_mb_per_second: r3(sizeMb / median),
       per_worker_fraction_of_raw: r3(received / median / raw),
       server_fraction_of_raw: r3((received * n) / median / raw),
+      cpu_seconds_per_round_per_worker: r3(cpus[Math.floor(cpus.length / 2)]!),
       ...(prof ? { profile: prof } : {}),
     };
   } catch (err) {

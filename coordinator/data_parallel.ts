@@ -69,6 +69,7 @@ import { captureState, CHECKPOINT_OBJECTS, decodeState, encodeState, getBytes, p
 import type { FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix } from "./head_training.js";
 import { decodeReport, encodeDataObject, encodeHeadObject, TRAINING_KEYS, type TrainingReport } from "../proto/training_wire.js";
+import { StragglerMonitor } from "./straggler_monitor.js";
 
 export interface DataParallelOptions {
   nc: NatsConnection;
@@ -204,6 +205,7 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
   const { log, metrics } = o;
   const reports = new Map<string, TrainingReport>();
   const pending: TrainingReport[] = [];
+  const stragglers = new StragglerMonitor({ log, ...(metrics ? { metrics } : {}) });
   let wake: (() => void) | undefined;
   const watch = await c.state.watch({ key: TRAINING_KEYS.reports });
   let boundaryWatch: Awaited<ReturnType<KV["watch"]>> | undefined;
@@ -220,6 +222,7 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
         continue;
       }
       if (r.attempt !== c.attempt) continue;
+      stragglers.onReport(r);
       reports.set(r.worker, r);
       if (r.state !== "loading" && r.state !== "ready") pending.push(r);
       wake?.();
@@ -280,6 +283,7 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
       const goneJoiners = lost.filter((w) => proposal?.joiners.includes(w));
       if (gone.length === 0 && goneJoiners.length === 0) return;
       members = members.filter((w) => !gone.includes(w));
+      for (const w of gone) stragglers.forget(w);
       if (members.length === 0) throw new Error(`every fine-tuning worker was lost (last: ${gone.join(", ")})`);
       // A pending proposal is withdrawn; its joiners that are still alive are proposed again.
       proposal = undefined;

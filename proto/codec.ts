@@ -288,6 +288,14 @@ export interface TrainingReport {
   members: string[];
   allreduceSeconds: number;
   allreduceBytes: number;
+  /** Steps since the replica's previous report (trainer.proto StepTiming). */
+  stepTimings: StepTimingMessage[];
+}
+
+export interface StepTimingMessage {
+  step: number;
+  computeSeconds: number;
+  waitSeconds: number;
 }
 
 export interface ShardError {

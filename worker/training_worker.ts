@@ -42,6 +42,7 @@ import { decodeDataObject, decodeHeadObject, encodeReport, memberSlice, TRAINING
 import { GradientAverager, gradientHookFor, StepPeersLostError } from "./gradient_averaging.js";
 import { MembershipView } from "./membership_view.js";
 import { weightsChecksum } from "./weights_checksum.js";
+import { StepTimer } from "./step_timing.js";
 import { ReplicaMismatchError, EvictedError } from "../core/runtime/errors.js";
 /** Re-exported from core/runtime/errors.ts, where every error that decides recovery lives. */
 export { ReplicaMismatchError, EvictedError };
@@ -192,6 +193,7 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
     let history: EpochStats[] = [];
     let stepTimer: (() => number) | undefined;
     const allreduce = { seconds: 0, bytes: 0 };
+    const timing = new StepTimer(); // per-step compute/wait split for the coordinator's straggler detection
     const decided = new Set<number>();
     /** Takes on the membership in force when it is newer than the averager's; true when it changed. */
     const adopt = async (): Promise<boolean> => {
@@ -294,6 +296,7 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
             allreduce.bytes += st.bytesSent + st.bytesReceived;
           },
         });
+        timing.averaging();
         for (;;) {
           try {
             // A membership that changed while the gradients were computed: redo them under it first.
@@ -302,6 +305,9 @@ export async function runTrainingWorker(o: TrainingWorkerOptions): Promise<void>
             const out = await average(g, m);
             if (av.replaysApplied > caughtUp) log.info("caught up: applied the step as a member that had completed it did", { step, membership_epoch: av.epoch });
             if (own) tf.dispose(g);
+            timing.averaged(step);
+            const due = timing.takeDue();
+            if (due) void report({ state: "training", step, step_timings: due });
             return out;
           } catch (err) {
             if (!(err instanceof WorkerLostError || err instanceof MembershipChanged)) {
