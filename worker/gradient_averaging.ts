@@ -180,6 +180,8 @@ export class GradientAverager implements AsyncDisposable {
   private closed = false;
   /** The last completed step and a copy of the vector it returned, for a member that must catch up. */
   private completed: { epoch: number; step: number; result: Float32Array } | undefined;
+  /** The accumulator of my slice, reused across steps (a fresh array per step costs page faults and GC). */
+  private accBuffer = new Float32Array(0);
   /** Membership epochs the completed step was already resent under (one resend reaches every member). */
   private readonly replayedUnder = new Set<number>();
   /** Completed steps resent to members that were redoing them (see "Catch-up" above). */
@@ -256,7 +258,8 @@ export class GradientAverager implements AsyncDisposable {
    * Averages `flat` (this member's gradient of the mean loss over its `sampleCount` samples) with every
    * member's: returns sum_i(n_i * g_i) / sum_i(n_i) over the whole vector. A member with no samples
    * contributes nothing (its values are ignored). Every member must call it with the same `step` and the
-   * same vector length.
+   * same vector length. Do not modify the returned vector: the averager keeps it (without a copy) to
+   * resend to a member that must catch up on this step.
    */
   async average(step: number, flat: Float32Array, sampleCount: number): Promise<Float32Array> {
     if (this.closed) throw new Error("GradientAverager: average() after close()");
@@ -271,8 +274,10 @@ export class GradientAverager implements AsyncDisposable {
     const slices = sliceRanges(flat.length, n);
     const chunks = planChunks([flat.length], { dtype, bucketBytes: this.bucketBytes, slices });
     const mySlice = slices[me]!;
-    const acc = new Float32Array(mySlice.length);
+    if (this.accBuffer.length !== mySlice.length) this.accBuffer = new Float32Array(mySlice.length);
+    const acc = this.accBuffer;
     if (sampleCount > 0) for (let i = 0; i < acc.length; i++) acc[i] = flat[mySlice.offset + i]! * sampleCount;
+    else acc.fill(0);
 
     let resolve!: (v: Float32Array) => void;
     let reject!: (e: Error) => void;
