@@ -42,9 +42,10 @@ export class StragglerMonitor {
     if (recent) this.metrics?.setStepTiming(r.worker, recent.computeSeconds, recent.waitSeconds);
     for (const e of this.detector.evaluate()) {
       const fields = { worker: e.worker, compute_seconds: round(e.computeSeconds), median_compute_seconds: round(e.medianSeconds) };
+      // Fixed messages, the worker in a field: log processors and tests match on them.
       if (e.type === "straggler")
-        this.log.warn(`straggler: worker ${e.worker} computes ${e.ratio.toFixed(1)}x the median step time; every step waits for it`, { ...fields, ratio: round(e.ratio) });
-      else this.log.info(`straggler recovered: worker ${e.worker}`, fields);
+        this.log.warn("straggler", { ...fields, ratio: round(e.ratio), hint: `every step waits for ${e.worker}: check its node (CPU throttling, noisy neighbours, a stopped process)` });
+      else this.log.info("straggler recovered", fields);
     }
   }
 
