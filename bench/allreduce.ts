@@ -20,7 +20,7 @@
  * the members' CPU time (encode, decode, fp16, copies, checks, reduction, NATS, GC, waiting: see
  * bench/cpu_profile.ts).
  *
- *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--profile] [--out FILE]
+ *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--bucket-kib 512] [--profile] [--out FILE]
  */
 import { fork, type ChildProcess } from "node:child_process";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -36,7 +36,7 @@ import { startNatsServer } from "../test/helpers/nats_server.js";
 const MB = 1024 * 1024;
 const RAW_MESSAGE_BYTES = 512 * 1024;
 
-interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype }
+interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype; bucketBytes: number }
 interface RawArgs { mode: "raw"; url: string; subject: string; seconds: number }
 type ChildArgs = WorkerArgs | RawArgs;
 type ToChild = { type: "round"; step: number } | { type: "exit" };
@@ -47,7 +47,7 @@ type FromChild = { type: "ready" } | { type: "done"; stats: AllreduceStats; cpuS
 
 async function workerMain(a: WorkerArgs): Promise<void> {
   const nc = await connect({ servers: a.url });
-  const averager = await GradientAverager.open({ nc, job: a.job, self: a.self, members: a.members, epoch: 1, wireDtype: a.dtype, timeoutMs: 600_000 });
+  const averager = await GradientAverager.open({ nc, job: a.job, self: a.self, members: a.members, epoch: 1, wireDtype: a.dtype, bucketBytes: a.bucketBytes, timeoutMs: 600_000 });
   const flat = new Float32Array(a.elements);
   let s = (a.members.indexOf(a.self) + 1) * 2654435761;
   for (let i = 0; i < flat.length; i++) {
@@ -174,6 +174,8 @@ interface ComboResult {
   size_mb: number;
   workers: number;
   dtype: WireDtype;
+  /** Chunk (message) data budget, KiB. */
+  bucket_kib: number;
   skipped?: string;
   rounds?: number;
   /** Slowest member's average() seconds per round, median over the timed rounds. */
@@ -202,14 +204,14 @@ interface ComboResult {
   note?: string;
 }
 
-async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, budgetS: number, maxRounds: number, raw: number, profile: boolean): Promise<ComboResult> {
-  const base: ComboResult = { size_mb: sizeMb, workers: n, dtype };
+async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, bucketKib: number, budgetS: number, maxRounds: number, raw: number, profile: boolean): Promise<ComboResult> {
+  const base: ComboResult = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
   const elements = Math.floor((sizeMb * MB) / 4);
   const members = Array.from({ length: n }, (_, i) => `w${i}`);
-  const job = `bench-${sizeMb}-${n}-${dtype}`;
+  const job = `bench-${sizeMb}-${n}-${dtype}-${bucketKib}`;
   const t0 = performance.now();
   const profileDir = profile ? await mkdtemp(join(tmpdir(), "ctrain-allreduce-prof-")) : undefined;
-  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype }, profileDir));
+  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype, bucketBytes: bucketKib * 1024 }, profileDir));
   const left = (): number => budgetS * 1000 - (performance.now() - t0);
   try {
     for (const m of await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), "start-up")) if (m.type !== "ready") throw new Error(JSON.stringify(m));
@@ -275,6 +277,7 @@ async function main(): Promise<void> {
   const sizes = arg("sizes", "1,10,100").split(",").map(Number);
   const workers = arg("workers", "2,4,8").split(",").map(Number);
   const dtypes = arg("dtypes", "fp32,fp16").split(",") as WireDtype[];
+  const buckets = arg("bucket-kib", "512").split(",").map(Number);
   const budget = Number(arg("budget", "60"));
   const maxRounds = Number(arg("rounds", "5"));
   const rawSeconds = Number(arg("raw-seconds", "3"));
@@ -289,26 +292,29 @@ async function main(): Promise<void> {
     console.log(`raw NATS loopback: ${(raw.bytes_per_second / MB).toFixed(0)} MB/s (512 KiB messages, ${raw.seconds} s)`);
     const results: ComboResult[] = [];
     const perRound = new Map<string, { sizeMb: number; seconds: number }>();
-    for (const dtype of dtypes) {
-      for (const n of workers) {
-        for (const sizeMb of sizes) {
-          const prev = perRound.get(`${dtype}/${n}`);
-          const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
-          const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
-          let r: ComboResult;
-          if (predicted * 2 > budget) r = { size_mb: sizeMb, workers: n, dtype, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${budget} s budget` };
-          else if (memory > freemem() * 0.7) r = { size_mb: sizeMb, workers: n, dtype, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
-          else r = await combo(server.url, sizeMb, n, dtype, budget, maxRounds, raw.bytes_per_second, profile);
-          if (r.round_seconds_median !== undefined) perRound.set(`${dtype}/${n}`, { sizeMb, seconds: r.round_seconds_median });
-          else perRound.set(`${dtype}/${n}`, { sizeMb, seconds: Infinity });
-          results.push(r);
-          console.log(JSON.stringify(r));
+    for (const bucketKib of buckets) {
+      for (const dtype of dtypes) {
+        for (const n of workers) {
+          for (const sizeMb of sizes) {
+            const k = `${dtype}/${n}/${bucketKib}`;
+            const prev = perRound.get(k);
+            const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
+            const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
+            const base = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
+            let r: ComboResult;
+            if (predicted * 2 > budget) r = { ...base, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${budget} s budget` };
+            else if (memory > freemem() * 0.7) r = { ...base, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
+            else r = await combo(server.url, sizeMb, n, dtype, bucketKib, budget, maxRounds, raw.bytes_per_second, profile);
+            perRound.set(k, { sizeMb, seconds: r.round_seconds_median ?? Infinity });
+            results.push(r);
+            console.log(JSON.stringify(r));
+          }
         }
       }
     }
     const out = {
       bench: "allreduce",
-      method: "reduce-scatter to slice owners + NATS fan-out of averaged slices (worker/gradient_averaging.ts), 512 KiB chunks",
+      method: "reduce-scatter to slice owners + NATS fan-out of averaged slices (worker/gradient_averaging.ts), chunk frames of bucket_kib",
       machine: { cores: availableParallelism(), cpu: cpus()[0]?.model },
       note: "All N worker processes, the parent and one nats-server share this machine's cores; rounds per combination are bounded by the budget.",
       load_average: loadavg().map((x) => Number(x.toFixed(2))),

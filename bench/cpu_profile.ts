@@ -1,7 +1,7 @@
 /**
  * Breakdown of a V8 CPU profile (`node --cpu-prof`) into the costs of the gradient-averaging data path:
  * encode, decode, fp16 conversion, copies, checks (CRC-32, NaN/Inf), reduction, averager bookkeeping,
- * NATS client, GC, waiting (idle), and what is left. Benchmarks put it in their JSON output so a reader
+ * NATS client, GC, waiting (idle), training compute (tfjs, wasm kernels), and what is left. Benchmarks put it in their JSON output so a reader
  * sees where a round's CPU goes without opening the profile.
  *
  * Each sample is charged to the innermost frame of its stack that matches a category (leaf first), so
@@ -17,7 +17,7 @@ interface ProfileNode { id: number; callFrame: CallFrame; children?: number[] }
 interface CpuProfile { nodes: ProfileNode[]; samples: number[]; timeDeltas: number[]; startTime: number; endTime: number }
 
 /** Category names, in the order they are reported. */
-export const CATEGORIES = ["encode", "decode", "fp16", "copies", "checks", "reduction", "bookkeeping", "nats", "gc", "waiting", "other", "setup"] as const;
+export const CATEGORIES = ["compute", "encode", "decode", "fp16", "copies", "checks", "reduction", "bookkeeping", "nats", "gc", "waiting", "other", "setup"] as const;
 export type Category = (typeof CATEGORIES)[number];
 
 const BY_NAME: Record<string, Category> = {
@@ -39,6 +39,8 @@ function categorise(frame: CallFrame): Category | undefined {
   // Builtins (empty url) with common names such as `encode` are charged to their caller instead.
   if (byName && url !== "" && !url.includes("node_modules")) return byName;
   if (url.includes("/worker/gradient_averaging")) return "bookkeeping";
+  // Training itself (finetune_dp): tfjs and its wasm kernels, onnxruntime.
+  if (url.includes("@tensorflow") || url.startsWith("wasm://") || url.includes("onnxruntime")) return "compute";
   if (url.includes("node_modules/nats/")) return "nats";
   return undefined;
 }

@@ -120,13 +120,13 @@ export interface ParsedFrame extends Omit<FrameFields, "dtype"> {
  */
 export function parseFrame(bytes: Uint8Array, protocolVersion: number): ParsedFrame {
   if (!(bytes instanceof Uint8Array)) throw new FrameError("malformed", "payload is not bytes");
-  if (bytes.length < FRAME_FIXED_BYTES) throw new FrameError("malformed", `${bytes.length} bytes: shorter than a frame header (${FRAME_FIXED_BYTES})`);
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  if (dv.getUint32(0, true) !== MAGIC) {
+  if (bytes.length < 4 || dv.getUint32(0, true) !== MAGIC) {
     // Protocol v2 sent these messages as protobuf (field 1, the header, comes first: byte 0x0a).
     if (bytes[0] === 0x0a) throw new FrameError("bad_version", "a protobuf-encoded chunk (protocol v2): upgrade the sender");
     throw new FrameError("malformed", "not a chunk frame (bad magic)");
   }
+  if (bytes.length < FRAME_FIXED_BYTES) throw new FrameError("malformed", `${bytes.length} bytes: shorter than a frame header (${FRAME_FIXED_BYTES})`);
   const jobLen = dv.getUint8(44);
   const senderLen = dv.getUint8(45);
   const dataAt = dv.getUint16(46, true);
