@@ -49,6 +49,7 @@ import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import {
   DEFAULT_BUCKET_BYTES,
   accumulateChunk,
+  bytesPerElement,
   encodeChunkFrame,
   planChunks,
   roundThroughFloat16,
@@ -534,9 +535,12 @@ export class GradientAverager implements AsyncDisposable {
       this.nc.publish(this.names.averaged(this.self), bytes);
       st.bytesSent += bytes.length;
       st.messagesSent++;
+      // Keep what the peers decode: the frame's data region (the fp16 rounding is done once, there).
+      writeChunk(st.result, c.offset, bytes.subarray(bytes.length - c.length * bytesPerElement(st.dtype)), st.dtype);
+    } else {
+      if (st.dtype === "fp16") roundThroughFloat16(part);
+      st.result.set(part, c.offset);
     }
-    if (st.dtype === "fp16") roundThroughFloat16(part);
-    st.result.set(part, c.offset);
     if (--st.ownLeft === 0) {
       st.ownDone = true;
       this.maybeComplete(st);
