@@ -55,6 +55,7 @@ function collect(p: ChildProcess): Promise<{ code: number | null; lines: Record<
         const l = buf.slice(0, i);
         buf = buf.slice(i + 1);
         if (l.startsWith("{")) try { lines.push(JSON.parse(l) as Record<string, unknown>); } catch { /* progress */ }
+        else if (l.trim()) lines.push({ text: l.slice(0, 300) });
       }
     };
     p.stdout!.on("data", on);
