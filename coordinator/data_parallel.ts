@@ -328,7 +328,9 @@ async function drive(o: DataParallelOptions, c: DriveContext): Promise<{ final: 
           log.info("checkpoint saved", { step: r.step, cursor: r.cursor, by: r.worker });
           o.onBatchProgress?.(r.step ?? 0, c.totalSteps, r.cursor?.epoch ?? 0);
           if (o.out) {
-            const b = await getBytes(c.os, CHECKPOINT_OBJECTS.latest).catch(() => null);
+            // Best effort, bounded: member 0 may overwrite `latest` while we read it, and a read whose
+            // chunks were purged never ends (it stalled the whole supervision loop).
+            const b = await Promise.race([getBytes(c.os, CHECKPOINT_OBJECTS.latest), new Promise<null>((r) => setTimeout(() => r(null), 5000).unref())]).catch(() => null);
             if (b) await writeStateFile(o.out, "latest", decodeState(b)).catch((err: unknown) => log.warn("checkpoint copy to --out failed", { error: err as Error }));
           }
         }

@@ -12,7 +12,8 @@
  *
  * The test: a worker's recent compute time (the median of its last `window` steps, so one slow step,
  * a GC pause, does not count, but a worker slow on most recent steps does) is above `ratio` times the
- * median of every worker's recent compute time. With 2 workers the median is their mean, so the slow
+ * median of every worker's recent compute time; it is reported recovered once it is back under half-way
+ * (1.25x at ratio 1.5). With 2 workers the median is their mean, so the slow
  * one is flagged when it is over 3x the other at ratio 1.5; with 3 or more, the median is a typical
  * worker's.
  */
@@ -118,11 +119,15 @@ export class StragglerDetector {
     for (const w of workers) {
       const c = this.recent(w)!.computeSeconds;
       // Fewer than 2 workers: nobody to compare with. A zero median: nothing measurable yet.
-      const slow = workers.length >= 2 && med > 0 && c > this.ratio * med;
+      const comparable = workers.length >= 2 && med > 0;
+      const slow = comparable && c > this.ratio * med;
+      // Hysteresis: a flagged worker recovers only below half-way between the median and the ratio, so
+      // one borderline step does not make the log flap.
+      const recovered = !comparable || c <= (1 + (this.ratio - 1) / 2) * med;
       if (slow && !this.flagged.has(w)) {
         this.flagged.add(w);
         events.push({ type: "straggler", worker: w, computeSeconds: c, medianSeconds: med, ratio: c / med });
-      } else if (!slow && this.flagged.has(w)) {
+      } else if (recovered && this.flagged.has(w)) {
         this.flagged.delete(w);
         events.push({ type: "recovered", worker: w, computeSeconds: c, medianSeconds: med });
       }

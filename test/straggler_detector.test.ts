@@ -38,7 +38,9 @@ test("straggler - a flagged worker that speeds up is reported recovered", () => 
   d.observe("b", steps(0, [1, 1, 1]));
   d.observe("c", steps(0, [4, 4, 4]));
   assert.deepEqual(d.evaluate().map((e) => e.type), ["straggler"]);
-  d.observe("c", steps(3, [1, 1, 1]));
+  d.observe("c", steps(3, [1.4, 1.4, 1.4]));
+  assert.deepEqual(d.evaluate(), [], "1.4x the median: no longer slow, not yet recovered (no flapping)");
+  d.observe("c", steps(6, [1, 1, 1]));
   const ev = d.evaluate();
   assert.deepEqual(ev.map((e) => [e.type, e.worker]), [["recovered", "c"]]);
   assert.deepEqual(d.stragglers(), []);
