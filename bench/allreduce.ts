@@ -16,32 +16,38 @@
  * 10) not to fit, or that would not fit in memory, is recorded as skipped with the reason.
  * Writes bench/results/allreduce.json.
  *
- *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3]
+ * With --profile every member runs under `node --cpu-prof` and each result carries the breakdown of
+ * the members' CPU time (encode, decode, fp16, copies, checks, reduction, NATS, GC, waiting: see
+ * bench/cpu_profile.ts).
+ *
+ *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--bucket-kib 512] [--profile] [--out FILE]
  */
 import { fork, type ChildProcess } from "node:child_process";
-import { mkdir, writeFile } from "node:fs/promises";
-import { availableParallelism, cpus, freemem } from "node:os";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { availableParallelism, cpus, freemem, loadavg, tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { connect } from "nats";
 import type { WireDtype } from "../proto/tensor_codec.js";
 import { GradientAverager, type AllreduceStats } from "../worker/gradient_averaging.js";
+import { profileBreakdown, type ProfileBreakdown } from "./cpu_profile.js";
 import { startNatsServer } from "../test/helpers/nats_server.js";
 
 const MB = 1024 * 1024;
 const RAW_MESSAGE_BYTES = 512 * 1024;
 
-interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype }
+interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype; bucketBytes: number }
 interface RawArgs { mode: "raw"; url: string; subject: string; seconds: number }
 type ChildArgs = WorkerArgs | RawArgs;
 type ToChild = { type: "round"; step: number } | { type: "exit" };
-type FromChild = { type: "ready" } | { type: "done"; stats: AllreduceStats } | { type: "error"; message: string };
+type FromChild = { type: "ready" } | { type: "done"; stats: AllreduceStats; cpuSeconds: number } | { type: "error"; message: string };
 
 // ---------------------------------------------------------------------------------------------
 // Child processes
 
 async function workerMain(a: WorkerArgs): Promise<void> {
   const nc = await connect({ servers: a.url });
-  const averager = await GradientAverager.open({ nc, job: a.job, self: a.self, members: a.members, epoch: 1, wireDtype: a.dtype, timeoutMs: 600_000 });
+  const averager = await GradientAverager.open({ nc, job: a.job, self: a.self, members: a.members, epoch: 1, wireDtype: a.dtype, bucketBytes: a.bucketBytes, timeoutMs: 600_000 });
   const flat = new Float32Array(a.elements);
   let s = (a.members.indexOf(a.self) + 1) * 2654435761;
   for (let i = 0; i < flat.length; i++) {
@@ -54,8 +60,12 @@ async function workerMain(a: WorkerArgs): Promise<void> {
       void averager.close().then(() => nc.close()).then(() => process.exit(0));
       return;
     }
+    const cpu0 = process.cpuUsage();
     averager.average(m.step, flat, samples).then(
-      () => process.send!({ type: "done", stats: averager.lastStats! } satisfies FromChild),
+      () => {
+        const cpu = process.cpuUsage(cpu0);
+        process.send!({ type: "done", stats: averager.lastStats!, cpuSeconds: (cpu.user + cpu.system) / 1e6 } satisfies FromChild);
+      },
       (e: unknown) => process.send!({ type: "error", message: `${(e as Error).name}: ${(e as Error).message}` } satisfies FromChild),
     );
   });
@@ -87,8 +97,10 @@ class Kid {
   private stderr = "";
   private waiters: Array<{ resolve: (m: FromChild) => void; reject: (e: Error) => void }> = [];
   private queue: FromChild[] = [];
-  constructor(args: ChildArgs) {
-    this.proc = fork(fileURLToPath(import.meta.url), ["--child", JSON.stringify(args)], { stdio: ["ignore", "inherit", "pipe", "ipc"] });
+  /** @param profileDir when set, the child runs under `--cpu-prof` and writes its profile there on exit. */
+  constructor(args: ChildArgs, profileDir?: string) {
+    const execArgv = profileDir ? ["--cpu-prof", "--cpu-prof-dir", profileDir] : [];
+    this.proc = fork(fileURLToPath(import.meta.url), ["--child", JSON.stringify(args)], { stdio: ["ignore", "inherit", "pipe", "ipc"], execArgv });
     this.proc.stderr!.on("data", (d: Buffer) => (this.stderr = (this.stderr + d.toString()).slice(-2000)));
     this.proc.on("message", (m: FromChild) => {
       const w = this.waiters.shift();
@@ -107,6 +119,17 @@ class Kid {
   }
   send(m: ToChild): void {
     this.proc.send(m);
+  }
+  /** Resolves when the child has exited (its profile is written by then), or after `ms`. */
+  exited(ms: number): Promise<void> {
+    if (this.proc.exitCode !== null) return Promise.resolve();
+    return new Promise((resolve) => {
+      const t = setTimeout(resolve, ms);
+      this.proc.once("exit", () => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
   }
   kill(): void {
     if (this.proc.exitCode === null) this.proc.kill("SIGKILL");
@@ -151,6 +174,8 @@ interface ComboResult {
   size_mb: number;
   workers: number;
   dtype: WireDtype;
+  /** Chunk (message) data budget, KiB. */
+  bucket_kib: number;
   skipped?: string;
   rounds?: number;
   /** Slowest member's average() seconds per round, median over the timed rounds. */
@@ -168,41 +193,53 @@ interface ComboResult {
   per_worker_fraction_of_raw?: number;
   /** All workers' received bytes per second (what the server delivered) / raw NATS throughput. */
   server_fraction_of_raw?: number;
+  /**
+   * CPU seconds (user + system) one member's process used per round, median over members and rounds.
+   * Unlike the round's wall time it barely moves with the machine's load, so it compares data paths
+   * fairly on a shared machine.
+   */
+  cpu_seconds_per_round_per_worker?: number;
+  /** With --profile: where the members' CPU went (bench/cpu_profile.ts), all rounds and warm-up included. */
+  profile?: ProfileBreakdown;
   note?: string;
 }
 
-async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, budgetS: number, maxRounds: number, raw: number): Promise<ComboResult> {
-  const base: ComboResult = { size_mb: sizeMb, workers: n, dtype };
+async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, bucketKib: number, budgetS: number, maxRounds: number, raw: number, profile: boolean): Promise<ComboResult> {
+  const base: ComboResult = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
   const elements = Math.floor((sizeMb * MB) / 4);
   const members = Array.from({ length: n }, (_, i) => `w${i}`);
-  const job = `bench-${sizeMb}-${n}-${dtype}`;
+  const job = `bench-${sizeMb}-${n}-${dtype}-${bucketKib}`;
   const t0 = performance.now();
-  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype }));
+  const profileDir = profile ? await mkdtemp(join(tmpdir(), "ctrain-allreduce-prof-")) : undefined;
+  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype, bucketBytes: bucketKib * 1024 }, profileDir));
   const left = (): number => budgetS * 1000 - (performance.now() - t0);
   try {
     for (const m of await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), "start-up")) if (m.type !== "ready") throw new Error(JSON.stringify(m));
-    const rounds: Array<{ seconds: number; stats: AllreduceStats[] }> = [];
+    const rounds: Array<{ seconds: number; stats: AllreduceStats[]; cpu: number[] }> = [];
     // Round 0 warms up (JIT, buffers) and is not counted.
     for (let step = 0; step <= maxRounds; step++) {
       const last = rounds.at(-1)?.seconds ?? 0;
       if (step > 1 && left() < last * 1000 * 1.5) break;
       kids.forEach((k) => k.send({ type: "round", step }));
       const replies = await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), `round ${step}`);
-      const stats = replies.map((r) => {
+      const done = replies.map((r) => {
         if (r.type !== "done") throw new Error(r.type === "error" ? r.message : JSON.stringify(r));
-        return r.stats;
+        return r;
       });
+      const stats = done.map((r) => r.stats);
       const seconds = Math.max(...stats.map((s) => s.seconds));
       if (step === 0) {
         if (left() < seconds * 1000) return { ...base, skipped: `warm-up round took ${seconds.toFixed(1)} s: no timed round fits the ${budgetS} s budget` };
         continue;
       }
-      rounds.push({ seconds, stats });
+      rounds.push({ seconds, stats, cpu: done.map((r) => r.cpuSeconds) });
     }
     kids.forEach((k) => k.send({ type: "exit" }));
+    const prof = profileDir ? (await Promise.all(kids.map((k) => k.exited(30_000))), await profileBreakdown(profileDir)) : undefined;
     const secs = rounds.map((r) => r.seconds).sort((a, b) => a - b);
     const median = secs[Math.floor(secs.length / 2)]!;
     const all = rounds.flatMap((r) => r.stats);
+    const cpus = rounds.flatMap((r) => r.cpu).sort((a, b) => a - b);
     const sent = all.reduce((a, s) => a + s.bytesSent, 0) / all.length;
     const received = all.reduce((a, s) => a + s.bytesReceived, 0) / all.length;
     const gWire = elements * (dtype === "fp16" ? 2 : 4);
@@ -220,11 +257,14 @@ async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, b
       algorithmic_mb_per_second: r3(sizeMb / median),
       per_worker_fraction_of_raw: r3(received / median / raw),
       server_fraction_of_raw: r3((received * n) / median / raw),
+      cpu_seconds_per_round_per_worker: r3(cpus[Math.floor(cpus.length / 2)]!),
+      ...(prof ? { profile: prof } : {}),
     };
   } catch (err) {
     return { ...base, skipped: (err as Error).message };
   } finally {
     for (const k of kids) k.kill();
+    if (profileDir) await rm(profileDir, { recursive: true, force: true });
   }
 }
 
@@ -237,9 +277,12 @@ async function main(): Promise<void> {
   const sizes = arg("sizes", "1,10,100").split(",").map(Number);
   const workers = arg("workers", "2,4,8").split(",").map(Number);
   const dtypes = arg("dtypes", "fp32,fp16").split(",") as WireDtype[];
+  const buckets = arg("bucket-kib", "512").split(",").map(Number);
   const budget = Number(arg("budget", "60"));
   const maxRounds = Number(arg("rounds", "5"));
   const rawSeconds = Number(arg("raw-seconds", "3"));
+  const profile = process.argv.includes("--profile");
+  const out_ = arg("out", "bench/results/allreduce.json");
   // A burst of G(N-1)/N bytes lands on each owner at once: let the server buffer it rather than cut
   // the "slow consumer" off (the default max_pending is 64 MB).
   const server = await startNatsServer({ jetstream: false, config: "max_pending: 1073741824\nwrite_deadline: \"120s\"" });
@@ -249,28 +292,33 @@ async function main(): Promise<void> {
     console.log(`raw NATS loopback: ${(raw.bytes_per_second / MB).toFixed(0)} MB/s (512 KiB messages, ${raw.seconds} s)`);
     const results: ComboResult[] = [];
     const perRound = new Map<string, { sizeMb: number; seconds: number }>();
-    for (const dtype of dtypes) {
-      for (const n of workers) {
-        for (const sizeMb of sizes) {
-          const prev = perRound.get(`${dtype}/${n}`);
-          const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
-          const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
-          let r: ComboResult;
-          if (predicted * 2 > budget) r = { size_mb: sizeMb, workers: n, dtype, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${budget} s budget` };
-          else if (memory > freemem() * 0.7) r = { size_mb: sizeMb, workers: n, dtype, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
-          else r = await combo(server.url, sizeMb, n, dtype, budget, maxRounds, raw.bytes_per_second);
-          if (r.round_seconds_median !== undefined) perRound.set(`${dtype}/${n}`, { sizeMb, seconds: r.round_seconds_median });
-          else perRound.set(`${dtype}/${n}`, { sizeMb, seconds: Infinity });
-          results.push(r);
-          console.log(JSON.stringify(r));
+    for (const bucketKib of buckets) {
+      for (const dtype of dtypes) {
+        for (const n of workers) {
+          for (const sizeMb of sizes) {
+            const k = `${dtype}/${n}/${bucketKib}`;
+            const prev = perRound.get(k);
+            const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
+            const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
+            const base = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
+            let r: ComboResult;
+            if (predicted * 2 > budget) r = { ...base, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${budget} s budget` };
+            else if (memory > freemem() * 0.7) r = { ...base, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
+            else r = await combo(server.url, sizeMb, n, dtype, bucketKib, budget, maxRounds, raw.bytes_per_second, profile);
+            perRound.set(k, { sizeMb, seconds: r.round_seconds_median ?? Infinity });
+            results.push(r);
+            console.log(JSON.stringify(r));
+          }
         }
       }
     }
     const out = {
       bench: "allreduce",
-      method: "reduce-scatter to slice owners + NATS fan-out of averaged slices (worker/gradient_averaging.ts), 512 KiB chunks",
+      method: "reduce-scatter to slice owners + NATS fan-out of averaged slices (worker/gradient_averaging.ts), chunk frames of bucket_kib",
       machine: { cores: availableParallelism(), cpu: cpus()[0]?.model },
       note: "All N worker processes, the parent and one nats-server share this machine's cores; rounds per combination are bounded by the budget.",
+      load_average: loadavg().map((x) => Number(x.toFixed(2))),
+      profiled: profile,
       budget_seconds_per_combination: budget,
       max_timed_rounds: maxRounds,
       raw_nats_loopback: { ...raw, message_bytes: RAW_MESSAGE_BYTES, mb_per_second: Number((raw.bytes_per_second / MB).toFixed(1)) },
@@ -279,8 +327,8 @@ async function main(): Promise<void> {
       results,
     };
     await mkdir("bench/results", { recursive: true });
-    await writeFile("bench/results/allreduce.json", `${JSON.stringify(out, null, 2)}\n`);
-    console.log("wrote bench/results/allreduce.json");
+    await writeFile(out_, `${JSON.stringify(out, null, 2)}\n`);
+    console.log(`wrote ${out_}`);
   } finally {
     await server.stop();
   }

@@ -8,14 +8,18 @@
  * fan-out, including waiting for the slowest peer), bytes sent + received per step. Compute is the
  * difference (forward, backward, optimizer update, slicing). Writes bench/results/finetune_dp.json.
  *
- *   node dist/bench/finetune_dp.js [--limit 600] [--input-size 96] [--fine-tune-layers 3] [--batch-size 32] [--epochs 2] [--workers 1,2]
+ * With --profile every worker runs under `node --cpu-prof` and each result carries the breakdown of
+ * the workers' CPU (bench/cpu_profile.ts: compute, averaging costs, NATS, GC, waiting).
+ *
+ *   node dist/bench/finetune_dp.js [--limit 600] [--input-size 96] [--fine-tune-layers 3] [--batch-size 32] [--epochs 2] [--workers 1,2] [--wire-dtype fp32|fp16] [--profile] [--out FILE]
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
-import { availableParallelism, cpus, tmpdir } from "node:os";
+import { availableParallelism, cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { startEmbeddedNats } from "../coordinator/embedded_nats.js";
+import { profileBreakdown } from "./cpu_profile.js";
 import { natsAuthEnv } from "../core/runtime/nats_connect.js";
 
 const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
@@ -34,8 +38,9 @@ interface Done {
   allreduce_bytes_per_step: number;
 }
 
-function run(args: string[], env: Record<string, string> = {}): { proc: ChildProcess; done: Promise<{ code: number | null; lines: Record<string, unknown>[] }> } {
-  const p = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+function run(args: string[], env: Record<string, string> = {}, profileDir?: string): { proc: ChildProcess; done: Promise<{ code: number | null; lines: Record<string, unknown>[] }> } {
+  const prof = profileDir ? ["--cpu-prof", "--cpu-prof-dir", profileDir] : [];
+  const p = spawn(process.execPath, [...prof, CLI, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
   return { proc: p, done: collect(p) };
 }
 
@@ -50,6 +55,7 @@ function collect(p: ChildProcess): Promise<{ code: number | null; lines: Record<
         const l = buf.slice(0, i);
         buf = buf.slice(i + 1);
         if (l.startsWith("{")) try { lines.push(JSON.parse(l) as Record<string, unknown>); } catch { /* progress */ }
+        else if (l.trim()) lines.push({ text: l.slice(0, 300) });
       }
     };
     p.stdout!.on("data", on);
@@ -65,6 +71,8 @@ async function main(): Promise<void> {
   const batch = arg("batch-size", "32");
   const epochs = arg("epochs", "2");
   const ns = arg("workers", "1,2").split(",").map(Number);
+  const profile = process.argv.includes("--profile");
+  const wire = arg("wire-dtype", "fp32");
   const dir = await mkdtemp(join(tmpdir(), "ctrain-bench-dp-"));
   const nats = await startEmbeddedNats();
   // One server for every job of the bench: each process gets the coordinator's (unrestricted) user.
@@ -73,11 +81,14 @@ async function main(): Promise<void> {
   try {
     for (const n of ns) {
       const job = `benchdp${n}`;
-      const workers = Array.from({ length: n }, (_, i) => run(["worker", "--nats", nats.url, "--job", job, "--worker-id", `${job}-w${i}`, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"], auth));
+      const profileDir = profile ? join(dir, `prof-${n}`) : undefined;
+      if (profileDir) await mkdir(profileDir, { recursive: true });
+      const load = loadavg()[0]!;
+      const workers = Array.from({ length: n }, (_, i) => run(["worker", "--nats", nats.url, "--job", job, "--worker-id", `${job}-w${i}`, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"], auth, profileDir));
       const coord = await run([
         "coordinator", "--nats", nats.url, "--job", job, "--data", "fashion-mnist", "--limit", limit, "--input-size", inputSize, "--epochs", "1",
         "--fine-tune-layers", layers, "--fine-tune-epochs", epochs, "--batch-size", batch, "--dropout", "0", "--backend", "wasm", "--workers", String(n),
-        "--data-parallel", "on", "--cache-dir", join(dir, "cache"), "--out", join(dir, job), "--metrics-port", "-1", "--log-format", "json", "--seed", "42",
+        "--data-parallel", "on", "--wire-dtype", wire, "--cache-dir", join(dir, "cache"), "--out", join(dir, job), "--metrics-port", "-1", "--log-format", "json", "--seed", "42",
       ], auth).done;
       if (coord.code !== 0) throw new Error(`coordinator N=${n} exited ${coord.code}: ${JSON.stringify(coord.lines.slice(-3))}`);
       // Workers stay up after a job: stop them (SIGTERM drains).
@@ -92,6 +103,9 @@ async function main(): Promise<void> {
         workers: n, steps, step_seconds: r(step), compute_seconds_per_step: r(step - comm), allreduce_seconds_per_step: r(comm),
         communication_share: r(comm / step, 3), bytes_per_step_per_worker: Math.round(mean((d) => d.allreduce_bytes_per_step)),
         images_per_second: r((steps * Number(batch)) / mean((d) => d.train_seconds), 2),
+        load_average_at_start: r(load, 2),
+        // With --profile: where the workers' CPU went over the whole worker life (extraction of a cold cache included).
+        ...(profileDir ? { profile: await profileBreakdown(profileDir) } : {}),
       };
       console.log(JSON.stringify(res));
       results.push(res);
@@ -103,11 +117,11 @@ async function main(): Promise<void> {
   await mkdir(new URL("./results/", import.meta.url), { recursive: true }).catch(() => undefined);
   const out = {
     bench: "finetune_dp", when: new Date().toISOString(), machine: { cpus: cpus().length, parallelism: availableParallelism(), model: cpus()[0]?.model ?? "" },
-    setup: { data: "fashion-mnist", limit: Number(limit), input_size: Number(inputSize), fine_tune_layers: layers, global_batch: Number(batch), epochs: Number(epochs), backend: "wasm", wire: "fp32" },
+    setup: { data: "fashion-mnist", limit: Number(limit), input_size: Number(inputSize), fine_tune_layers: layers, global_batch: Number(batch), epochs: Number(epochs), backend: "wasm", wire },
     note: "compute = fit wall time per step minus time in averaging (which includes waiting for the slowest peer); bytes = sent + received per worker per step. On 2 shared cores N=2 workers also compete for CPU.",
     results,
   };
-  const file = join(fileURLToPath(new URL("../../bench/results/", import.meta.url)), "finetune_dp.json");
+  const file = arg("out", join(fileURLToPath(new URL("../../bench/results/", import.meta.url)), "finetune_dp.json"));
   await writeFile(file, JSON.stringify(out, null, 2) + "\n");
   console.log(`wrote ${file}`);
 }

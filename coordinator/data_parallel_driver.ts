@@ -15,6 +15,7 @@ import { decode, DecodeError } from "../proto/codec.js";
 import { WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
 import { decodeBoundaryDecision, decodeReport, encodeMembershipPlan, TRAINING_KEYS, TRAINING_OBJECTS, type BoundaryDecision, type MembershipPlan, type TrainingAttempt, type TrainingReport } from "../proto/training_wire.js";
 import { allreduceOf, keepWaiting, MembershipPlanner, reportAction } from "./membership_planner.js";
+import { StragglerMonitor } from "./straggler_monitor.js";
 
 /** What the driver needs: the job's stores, the attempt, and the run's hooks. */
 export interface DriverContext {
@@ -57,8 +58,12 @@ export class DataParallelDriver {
   private wake: (() => void) | undefined;
   private lastHeartbeatCheck = 0;
   private epochsSeen = 0;
+  /** Per-step compute/wait of every replica: metrics, and a log line naming a straggler. */
+  private readonly stragglers: StragglerMonitor;
 
-  constructor(private readonly c: DriverContext) {}
+  constructor(private readonly c: DriverContext) {
+    this.stragglers = new StragglerMonitor({ log: c.log, ...(c.metrics ? { metrics: c.metrics } : {}) });
+  }
 
   /** Membership and supervision until member 0 reports done. */
   async run(): Promise<DriveResult> {
@@ -83,6 +88,7 @@ export class DataParallelDriver {
         if (e.operation !== "PUT") continue;
         const r = this.decodeReport(e.key, e.value);
         if (!r || r.attempt !== this.c.attempt.attempt) continue;
+        this.stragglers.onReport(r);
         this.reports.set(r.worker, r);
         if (r.state !== "loading" && r.state !== "ready") this.pending.push(r);
         this.wake?.();
@@ -181,6 +187,7 @@ export class DataParallelDriver {
   private async drop(lost: readonly string[], why: string): Promise<void> {
     const d = this.planner.lose(lost);
     if (!d) return;
+    for (const w of lost) this.stragglers.forget(w);
     const { epoch, members } = d.plan;
     if (d.lostMembers.length) this.c.log.warn("worker lost: new membership", { lost: d.lostMembers, why, epoch, members });
     else this.c.log.warn("joiner lost before its boundary: proposal withdrawn", { lost: d.lostJoiners, why, epoch });
@@ -243,7 +250,10 @@ export class DataParallelDriver {
     this.c.log.info("checkpoint saved", { step: r.step, cursor: r.cursor, by: r.worker });
     this.c.onBatchProgress?.(r.step ?? 0, this.c.totalSteps, r.cursor?.epoch ?? 0);
     if (!this.c.out) return;
-    const b = await getBytes(this.c.os, TRAINING_OBJECTS.latest).catch(() => null);
+    // Best effort, bounded: member 0 may overwrite `latest` while we read it, and a read whose chunks
+    // were purged never ends (it stalled the whole supervision loop).
+    const timeout = new Promise<null>((r) => setTimeout(() => r(null), 5000).unref());
+    const b = await Promise.race([getBytes(this.c.os, TRAINING_OBJECTS.latest), timeout]).catch(() => null);
     if (b) await writeStateFile(this.c.out, "latest", decodeState(b)).catch((err: unknown) => this.c.log.warn("checkpoint copy to --out failed", { error: err as Error }));
   }
 

@@ -17,8 +17,13 @@ import { fileURLToPath } from "node:url";
 import protobuf from "protobufjs";
 import { crc32 } from "./checksum.js";
 import { bytesPerElement, hasNonFinite } from "./tensor_codec.js";
+import { FrameError, allocFrame, frameDtype, parseFrame } from "./chunk_frame.js";
 
-/** Version of the wire contract. Peers with different versions refuse each other's messages. */
+/**
+ * Version of the wire contract. Peers with different versions refuse each other's messages.
+ * 3: GradientChunk/AveragedChunk travel as chunk frames (proto/chunk_frame.ts) instead of protobuf.
+ *    JobSpec is a oneof of an ExtractionRound and a TrainingAttempt (typed fields, no string map).
+ */
 export const PROTOCOL_VERSION = 3;
 
 // ---------------------------------------------------------------------------------------------
@@ -329,6 +334,14 @@ export interface TrainingReport {
   members: string[];
   allreduceSeconds: number;
   allreduceBytes: number;
+  /** Steps since the replica's previous report (trainer.proto StepTiming). */
+  stepTimings: StepTimingMessage[];
+}
+
+export interface StepTimingMessage {
+  step: number;
+  computeSeconds: number;
+  waitSeconds: number;
 }
 
 export interface ShardError {
@@ -502,6 +515,7 @@ export function makeHeader(job: string, sender: string, epoch = 0, step = 0): He
 export function encode(type: "JobSpec", msg: JobSpec | ExtractionJobSpec | TrainingJobSpec): Uint8Array;
 export function encode<K extends MessageType>(type: K, msg: MessageMap[K]): Uint8Array;
 export function encode<K extends MessageType>(type: K, msg: MessageMap[K] | ExtractionJobSpec | TrainingJobSpec): Uint8Array {
+  if (type === "GradientChunk" || type === "AveragedChunk") return encodeChunk(type, msg as TensorChunk);
   const t = types.get(type);
   if (!t) throw new EncodeError(type, "unknown message type");
   try {
@@ -537,6 +551,7 @@ const DECODE_OPTIONS: protobuf.IConversionOptions = { longs: Number, defaults: t
  * counts `err.reason`.
  */
 export function decode<K extends MessageType>(type: K, bytes: Uint8Array, expect: DecodeExpectation): MessageMap[K] {
+  if (type === "GradientChunk" || type === "AveragedChunk") return decodeChunk(type, bytes, expect) as MessageMap[K];
   const t = types.get(type);
   if (!t) throw new DecodeError(type, "malformed", "unknown message type");
   let obj: Record<string, unknown>;
@@ -560,6 +575,42 @@ export function decode<K extends MessageType>(type: K, bytes: Uint8Array, expect
     throw new DecodeError(type, "malformed", err instanceof Error ? err.message : String(err), { cause: err, header: h });
   }
   return obj as unknown as MessageMap[K];
+}
+
+// GradientChunk / AveragedChunk travel as chunk frames (chunk_frame.ts), not protobuf: same fields, same checks.
+
+function encodeChunk(type: MessageType, m: TensorChunk): Uint8Array {
+  try {
+    if (!(m.data instanceof Uint8Array)) throw new Error("data is not bytes");
+    const { frame, data } = allocFrame(m, m.data.length);
+    data.set(m.data);
+    return frame;
+  } catch (cause) {
+    throw new EncodeError(type, cause instanceof Error ? cause.message : String(cause), { cause });
+  }
+}
+
+function decodeChunk(type: MessageType, bytes: Uint8Array, expect: DecodeExpectation): TensorChunk {
+  let f: ReturnType<typeof parseFrame>;
+  try {
+    f = parseFrame(bytes, PROTOCOL_VERSION);
+  } catch (err) {
+    const e = err instanceof FrameError ? err : new FrameError("malformed", String(err));
+    throw new DecodeError(type, e.reason, e.message, { cause: err, ...(e.header ? { header: e.header } : {}) });
+  }
+  checkHeader(type, f.header, expect);
+  const dtype = frameDtype(f.dtypeCode);
+  if (!dtype) throw new DecodeError(type, "malformed", `dtype code ${f.dtypeCode} is unknown`, { header: f.header });
+  const { dtypeCode: _, replay, ...rest } = f;
+  // Only AveragedChunk has `replay` (as the protobuf messages had).
+  const m: TensorChunk = { ...rest, dtype, ...(type === "AveragedChunk" ? { replay: replay ?? false } : {}) };
+  try {
+    validate(type, m as unknown as Record<string, unknown>);
+  } catch (err) {
+    if (err instanceof DecodeError) throw err;
+    throw new DecodeError(type, "malformed", err instanceof Error ? err.message : String(err), { cause: err, header: f.header });
+  }
+  return m;
 }
 
 function checkHeader(type: MessageType, h: Header, expect: DecodeExpectation): void {

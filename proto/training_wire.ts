@@ -150,6 +150,8 @@ export interface TrainingReport {
   members?: string[];
   allreduce_seconds?: number;
   allreduce_bytes?: number;
+  /** Steps since the previous report: compute and averaging (wait) seconds each (coordinator/straggler_detector.ts). */
+  step_timings?: { step: number; compute_seconds: number; wait_seconds: number }[];
 }
 
 export function encodeReport(job: string, r: TrainingReport): Uint8Array {
@@ -161,6 +163,7 @@ export function encodeReport(job: string, r: TrainingReport): Uint8Array {
       seconds: e.seconds, samplesPerSecond: e.samples_per_second,
     })),
     error: r.error ?? "", members: r.members ?? [], allreduceSeconds: r.allreduce_seconds ?? 0, allreduceBytes: r.allreduce_bytes ?? 0,
+    stepTimings: (r.step_timings ?? []).map((t) => ({ step: t.step, computeSeconds: t.compute_seconds, waitSeconds: t.wait_seconds })),
   });
 }
 
@@ -180,6 +183,7 @@ export function decodeReport(job: string, bytes: Uint8Array): TrainingReport {
     ...(m.error ? { error: m.error } : {}),
     ...(m.members.length ? { members: m.members } : {}),
     allreduce_seconds: m.allreduceSeconds, allreduce_bytes: m.allreduceBytes,
+    ...(m.stepTimings?.length ? { step_timings: m.stepTimings.map((t) => ({ step: t.step, compute_seconds: t.computeSeconds, wait_seconds: t.waitSeconds })) } : {}),
   };
 }
 

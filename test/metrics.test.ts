@@ -34,6 +34,8 @@ const EXPECTED_TYPES: Record<string, string> = {
   ctrain_decode_errors_total: "counter",
   ctrain_dropped_messages_total: "counter",
   ctrain_backend_info: "gauge",
+  ctrain_step_compute_seconds: "gauge",
+  ctrain_step_wait_seconds: "gauge",
 };
 
 async function withServer(
@@ -326,4 +328,23 @@ test("metrics - every reason a message is dropped for in the source is one DROP_
   assert.ok(found.size >= 10, `scan found only ${[...found].join(", ")}`);
   const missing = [...found].filter((r) => !(DROP_REASONS as readonly string[]).includes(r));
   assert.deepEqual(missing, [], "reasons dropped in the source but not zero-initialised in core/runtime/metrics.ts DROP_REASONS");
+});
+
+test("metrics - step compute and wait seconds are per replica, start at 0 and go when the replica leaves", async () => {
+  await withServer({ job: "strag" }, async (m, _srv, scrape) => {
+    m.setStepTiming("w0", 0, 0);
+    m.setStepTiming("w1", 0, 0);
+    let exp = await scrape();
+    assert.equal(find(exp, "ctrain_step_compute_seconds", { job: "strag", worker: "w1" })?.value, 0);
+    m.setStepTiming("w1", 0.75, 0.125);
+    exp = await scrape();
+    assert.equal(find(exp, "ctrain_step_compute_seconds", { job: "strag", worker: "w1" })?.value, 0.75);
+    assert.equal(find(exp, "ctrain_step_wait_seconds", { job: "strag", worker: "w1" })?.value, 0.125);
+    assert.equal(find(exp, "ctrain_step_compute_seconds", { job: "strag", worker: "coordinator" }), undefined, "labelled by replica, not by the process");
+    m.removeStepTiming("w1");
+    exp = await scrape();
+    assert.equal(find(exp, "ctrain_step_compute_seconds", { job: "strag", worker: "w1" }), undefined);
+    assert.equal(find(exp, "ctrain_step_compute_seconds", { job: "strag", worker: "w0" })?.value, 0);
+    assert.throws(() => m.setStepTiming("w0", -1, 0), RangeError);
+  });
 });

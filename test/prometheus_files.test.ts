@@ -59,7 +59,7 @@ test("metrics - promtool accepts deploy/prometheus/prometheus.yml", async () => 
 
 test("metrics - promtool accepts deploy/prometheus/alerts.yml", async () => {
   const { stdout, stderr } = await promtool(["check", "rules", join(PROM_DIR, "alerts.yml")]);
-  assert.match(stdout + stderr, /SUCCESS: 3 rules found/);
+  assert.match(stdout + stderr, /SUCCESS: 4 rules found/);
 });
 
 test("metrics - the scrape config keeps ctrain's job label and watches runs/ctrain-targets/*.json", async () => {
@@ -136,7 +136,7 @@ test("metrics - every dashboard panel has queries naming only exported metrics",
   for (const n of [
     "ctrain_progress_ratio", "ctrain_eta_seconds", "ctrain_extraction_images_per_second", "ctrain_step_duration_seconds_bucket",
     "ctrain_allreduce_duration_seconds_sum", "ctrain_loss", "ctrain_accuracy", "ctrain_workers", "ctrain_skipped_inputs_total",
-    "ctrain_decode_errors_total", "ctrain_dropped_messages_total", "ctrain_backend_info",
+    "ctrain_decode_errors_total", "ctrain_dropped_messages_total", "ctrain_backend_info", "ctrain_step_compute_seconds", "ctrain_step_wait_seconds",
   ]) {
     assert.ok(all.includes(n), `no panel shows ${n}`);
   }
@@ -145,13 +145,30 @@ test("metrics - every dashboard panel has queries naming only exported metrics",
 test("metrics - alert rules name only exported metrics", async () => {
   const rules = await alertRules();
   const names = await exportedNames();
-  assert.deepEqual(rules.map((r) => r.alert).sort(), ["CtrainLossNaN", "CtrainNoProgress", "CtrainWorkerDown"]);
+  assert.deepEqual(rules.map((r) => r.alert).sort(), ["CtrainLossNaN", "CtrainNoProgress", "CtrainStraggler", "CtrainWorkerDown"]);
   for (const r of rules) {
     assert.doesNotMatch(r.expr, /\$/, `${r.alert} must not use dashboard variables`);
     for (const n of metricNames(r.expr)) assert.ok(names.has(n), `${r.alert} uses ${n}, which core/runtime/metrics.ts does not export`);
   }
   assert.match(rules.find((r) => r.alert === "CtrainLossNaN")!.expr, /ctrain_loss != ctrain_loss/);
   assert.match(rules.find((r) => r.alert === "CtrainNoProgress")!.expr, /ctrain_last_progress_timestamp_seconds/);
+  assert.match(rules.find((r) => r.alert === "CtrainStraggler")!.expr, /ctrain_step_compute_seconds[\s\S]*1\.5 \* quantile by \(job\) \(0\.5/);
+});
+
+test("metrics - promtool's unit tests of the alert rules pass (deploy/prometheus/alerts_test.yml: the straggler fires for the slow worker only)", async () => {
+  const { stdout, stderr } = await promtool(["test", "rules", join(PROM_DIR, "alerts_test.yml")]);
+  assert.match(stdout + stderr, /SUCCESS/);
+});
+
+test("metrics - the dashboard shows the slowest worker and compute/wait per worker", async () => {
+  const d = await loadDashboard();
+  const panels = allPanels(d.panels);
+  const slowest = panels.find((p) => p.title === "Slowest worker (compute per step)");
+  assert.ok(slowest, "a panel names the slowest worker");
+  assert.match(slowest.targets![0]!.expr!, /topk\(1, .*ctrain_step_compute_seconds/);
+  const split = panels.find((p) => p.title === "Compute and wait per step, per worker");
+  assert.deepEqual(split?.targets?.map((t) => metricNames(t.expr ?? "")[0]), ["ctrain_step_compute_seconds", "ctrain_step_wait_seconds"]);
+  assert.ok(panels.some((p) => p.title === "Extraction images/s per worker"), "extraction throughput per worker");
 });
 
 // ---- a real Prometheus ----
@@ -170,6 +187,7 @@ test("metrics - a real Prometheus on the shipped config scrapes ctrain, fires ru
     m.observeAllreduce(0.05, 1000, 1000);
     m.setWorkers({ alive: 1, lost: 1 });
     m.setEvaluation("fine_tune", "train", { loss: Number.NaN, accuracy: 0.1 });
+    m.setStepTiming("w0", 0.25, 0.05);
 
     // The shipped config, faster, without the static example (its target does not exist here).
     const configFile = await writeTestConfig(dir, join(dir, "ctrain-targets.json"));
@@ -213,7 +231,7 @@ test("metrics - a real Prometheus on the shipped config scrapes ctrain, fires ru
       if (!r.data?.result.length) empty.push(panel);
     }
     // Queries over series this test set must return data.
-    for (const p of ["Backend in use", "Loss per phase and split", "Workers by state", "Images processed/s per worker and phase", "Step time p50 / p95"]) {
+    for (const p of ["Backend in use", "Loss per phase and split", "Workers by state", "Images processed/s per worker and phase", "Step time p50 / p95", "Slowest worker (compute per step)", "Compute and wait per step, per worker"]) {
       assert.ok(!empty.includes(p), `"${p}" returned no data; empty: ${empty.join(", ")}`);
     }
   } finally {

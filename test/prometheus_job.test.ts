@@ -38,6 +38,7 @@ const EXPECTED_EMPTY: ReadonlyMap<string, string> = new Map([
   ["alert CtrainWorkerDown", "every worker stays up and none is declared lost"],
   ["alert CtrainNoProgress", "the job progresses every second; the alert needs 10 minutes without progress"],
   ["alert CtrainLossNaN", "the loss stays finite"],
+  ["alert CtrainStraggler", "both replicas compute at about the same speed (test/stragglers.test.ts makes one slow)"],
 ]);
 
 /** The parts of the alert expressions that must have data while the job runs (the alert's inputs). */
@@ -46,6 +47,7 @@ const ALERT_INPUTS: readonly string[] = [
   `ctrain_workers{job="${JOB}",state="lost"}`,
   `time() - max by (job) (ctrain_last_progress_timestamp_seconds{job="${JOB}"})`,
   `ctrain_loss{job="${JOB}"} == ctrain_loss{job="${JOB}"}`,
+  `ctrain_step_compute_seconds{job="${JOB}"} > 0`,
 ];
 
 /** deploy/prometheus/prometheus.yml's scrape interval, s. */
@@ -76,7 +78,10 @@ const FAMILY_TYPES: Record<string, string> = {
   ctrain_loss: "gauge", ctrain_accuracy: "gauge", ctrain_workers: "gauge", ctrain_epoch: "gauge", ctrain_step: "gauge",
   ctrain_progress_ratio: "gauge", ctrain_eta_seconds: "gauge", ctrain_last_progress_timestamp_seconds: "gauge",
   ctrain_skipped_inputs_total: "counter", ctrain_decode_errors_total: "counter", ctrain_dropped_messages_total: "counter", ctrain_backend_info: "gauge",
+  ctrain_step_compute_seconds: "gauge", ctrain_step_wait_seconds: "gauge",
 };
+/** Families the coordinator sets per fine-tuning replica: their `worker` label names a replica, not the process. */
+const PER_REPLICA = new Set(["ctrain_step_compute_seconds", "ctrain_step_wait_seconds"]);
 /** Families whose series carry the process's `worker` label. */
 const PER_PROCESS = new Set([
   "ctrain_up", "ctrain_images_processed_total", "ctrain_extraction_images_per_second", "ctrain_step_duration_seconds", "ctrain_allreduce_duration_seconds",
@@ -302,6 +307,7 @@ describe("observability", { timeout: 420_000 }, () => {
           assert.ok(family in FAMILY_TYPES, `${who}: unknown family ${family}`);
           assert.equal(s.labels.job, JOB, `${who}: ${seriesKey(s)} carries the job id`);
           if (PER_PROCESS.has(family)) assert.equal(s.labels.worker, who, `${who}: ${seriesKey(s)} carries its worker label`);
+          else if (PER_REPLICA.has(family)) assert.ok(who === "coordinator" && s.labels.worker?.startsWith(`${JOB}-w`), `${who}: ${seriesKey(s)} names a replica, set by the coordinator`);
           else assert.equal(s.labels.worker, undefined, `${who}: ${seriesKey(s)} is job-wide, without a worker label`);
           if ("phase" in s.labels) assert.ok((PHASES as readonly string[]).includes(s.labels.phase), `${who}: phase of ${seriesKey(s)}`);
           if ("split" in s.labels) assert.ok((SPLITS as readonly string[]).includes(s.labels.split), `${who}: split of ${seriesKey(s)}`);

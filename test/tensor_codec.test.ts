@@ -215,3 +215,18 @@ test("checksum - the portable CRC-32 matches the native one and the standard che
   assert.equal(crc32(new TextEncoder().encode("123456789")), 0xcbf43926);
   fc.assert(fc.property(fc.uint8Array({ maxLength: 500 }), (d) => crc32(d) === crc32Portable(d)), { seed: SEED, numRuns: 200 });
 });
+
+test("fp16 - the fast bulk encoder matches the scalar reference over a sweep of every float32 class", () => {
+  // Every 4099th bit pattern of the whole float32 range, plus every pattern near the subnormal/normal
+  // and overflow boundaries of float16, both signs. NaN payloads: the bulk encoder keeps NaN a NaN.
+  const bits: number[] = [];
+  for (let x = 0; x < 2 ** 32; x += 4099) bits.push(x >>> 0);
+  for (const edge of [0x33000000, 0x387fc000, 0x38800000, 0x477fe000, 0x47800000, 0x7f800000]) for (let d = -2048; d <= 2048; d++) bits.push((edge + d) >>> 0, ((edge + d) | 0x80000000) >>> 0);
+  const u = Uint32Array.from(bits);
+  const f = new Float32Array(u.buffer);
+  const h = encodeFloat16(f);
+  for (let i = 0; i < f.length; i++) {
+    if (Number.isNaN(f[i]!)) assert.ok(Number.isNaN(float16BitsToFloat32(h[i]!)), `NaN 0x${u[i]!.toString(16)}`);
+    else assert.equal(h[i], float32ToFloat16Bits(f[i]!), `0x${u[i]!.toString(16)} (${f[i]})`);
+  }
+});

@@ -49,9 +49,10 @@ import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import {
   DEFAULT_BUCKET_BYTES,
   accumulateChunk,
-  decodeValues,
-  encodeValues,
+  bytesPerElement,
+  encodeChunkFrame,
   planChunks,
+  roundThroughFloat16,
   sliceRanges,
   writeChunk,
   type ChunkSpec,
@@ -59,8 +60,7 @@ import {
   type WireDtype,
 } from "../proto/tensor_codec.js";
 import type { GradientHook } from "../core/training/train_loop.js";
-import { crc32 } from "../proto/checksum.js";
-import { DecodeError, decode, encode, makeHeader, type TensorChunk } from "../proto/codec.js";
+import { DecodeError, decode, makeHeader, type TensorChunk } from "../proto/codec.js";
 import { jobNames, validateWorkerId, type JobNames } from "../proto/subjects.js";
 import { NonFiniteGradientError, StepPeersLostError } from "../core/runtime/errors.js";
 /** Re-exported from core/runtime/errors.ts, where every error that decides recovery lives. */
@@ -68,6 +68,9 @@ export { NonFiniteGradientError, StepPeersLostError };
 
 /** The part of the process metrics (core/runtime/metrics.ts) the averager reports to. */
 export type AveragerMetrics = Pick<CtrainMetrics, "observeAllreduce" | "droppedMessage">;
+
+/** Bytes the averager publishes before it yields to the event loop once (see `sendGradients`). */
+const SEND_YIELD_BYTES = 1024 * 1024;
 
 /** Bytes a GradientChunk/AveragedChunk adds to its data (header, ids, CRC), rounded up generously. */
 const MESSAGE_OVERHEAD_BYTES = 1024;
@@ -131,6 +134,10 @@ interface StepState {
   result: Float32Array;
   /** Chunks of my slice still expected per peer. */
   gradMissing: Map<string, Set<string>>;
+  /** Per chunk of my slice (by key): peers whose part of it is still missing. At 0 the chunk is averaged and sent. */
+  chunkWaiting: Map<string, number>;
+  /** Chunks of my slice not yet averaged; my slice is done at 0. */
+  ownLeft: number;
   gradSamples: Map<string, number>;
   /** Averaged chunks still expected per owner (peers only). */
   avgMissing: Map<string, Set<string>>;
@@ -174,6 +181,8 @@ export class GradientAverager implements AsyncDisposable {
   private closed = false;
   /** The last completed step and a copy of the vector it returned, for a member that must catch up. */
   private completed: { epoch: number; step: number; result: Float32Array } | undefined;
+  /** The accumulator of my slice, reused across steps (a fresh array per step costs page faults and GC). */
+  private accBuffer = new Float32Array(0);
   /** Membership epochs the completed step was already resent under (one resend reaches every member). */
   private readonly replayedUnder = new Set<number>();
   /** Completed steps resent to members that were redoing them (see "Catch-up" above). */
@@ -250,16 +259,15 @@ export class GradientAverager implements AsyncDisposable {
    * Averages `flat` (this member's gradient of the mean loss over its `sampleCount` samples) with every
    * member's: returns sum_i(n_i * g_i) / sum_i(n_i) over the whole vector. A member with no samples
    * contributes nothing (its values are ignored). Every member must call it with the same `step` and the
-   * same vector length.
+   * same vector length. Do not modify the returned vector: the averager keeps it (without a copy) to
+   * resend to a member that must catch up on this step.
    */
   async average(step: number, flat: Float32Array, sampleCount: number): Promise<Float32Array> {
     if (this.closed) throw new Error("GradientAverager: average() after close()");
     if (this.active) throw new Error(`GradientAverager: average(${step}) while step ${this.active.step} is running`);
     if (!Number.isSafeInteger(step) || step < 0) throw new RangeError(`step must be a non-negative integer, got ${step}`);
     if (!Number.isSafeInteger(sampleCount) || sampleCount < 0 || sampleCount > 0xffffffff) throw new RangeError(`sampleCount must be an integer in [0, 2^32), got ${sampleCount}`);
-    if (sampleCount > 0) {
-      for (let i = 0; i < flat.length; i++) if (!Number.isFinite(flat[i]!)) throw new NonFiniteGradientError(step, i, flat[i]!);
-    }
+    if (sampleCount > 0) checkFinite(step, flat);
     const t0 = performance.now();
     const n = this._members.length;
     const me = this._members.indexOf(this.self);
@@ -267,8 +275,10 @@ export class GradientAverager implements AsyncDisposable {
     const slices = sliceRanges(flat.length, n);
     const chunks = planChunks([flat.length], { dtype, bucketBytes: this.bucketBytes, slices });
     const mySlice = slices[me]!;
-    const acc = new Float32Array(mySlice.length);
+    if (this.accBuffer.length !== mySlice.length) this.accBuffer = new Float32Array(mySlice.length);
+    const acc = this.accBuffer;
     if (sampleCount > 0) for (let i = 0; i < acc.length; i++) acc[i] = flat[mySlice.offset + i]! * sampleCount;
+    else acc.fill(0);
 
     let resolve!: (v: Float32Array) => void;
     let reject!: (e: Error) => void;
@@ -276,12 +286,20 @@ export class GradientAverager implements AsyncDisposable {
       resolve = res;
       reject = rej;
     });
+    // The step may fail while the gradients are still being sent (before `await done`): not unhandled.
+    done.catch(() => undefined);
     const st: StepState = {
       step, epoch: this._epoch, dtype, length: flat.length, slices, plan: new Map(), mySlice, acc, samples: sampleCount,
-      result: new Float32Array(flat.length), gradMissing: new Map(), gradSamples: new Map(), avgMissing: new Map(), ownDone: false,
+      result: new Float32Array(flat.length), gradMissing: new Map(), chunkWaiting: new Map(), ownLeft: 0, gradSamples: new Map(), avgMissing: new Map(), ownDone: false,
       replay: undefined, bytesReceived: 0, messagesReceived: 0, bytesSent: 0, messagesSent: 0, resolve, reject, settled: false,
     };
-    for (const c of chunks) st.plan.set(key(c.bucketId, c.chunkIndex), c);
+    for (const c of chunks) {
+      st.plan.set(key(c.bucketId, c.chunkIndex), c);
+      if (c.slice === me) {
+        st.chunkWaiting.set(key(c.bucketId, c.chunkIndex), n - 1);
+        st.ownLeft++;
+      }
+    }
     for (const m of this._members) {
       if (m === this.self) continue;
       st.gradMissing.set(m, new Set(chunks.filter((c) => c.slice === me).map((c) => key(c.bucketId, c.chunkIndex))));
@@ -291,22 +309,14 @@ export class GradientAverager implements AsyncDisposable {
     this.active = st;
     this.last = { epoch: st.epoch, step };
 
-    // Reduce-scatter: my gradient for every slice I do not own, to its owner. Zeros when I have no samples.
-    const send = sampleCount > 0 ? flat : new Float32Array(flat.length);
-    for (const c of chunks) {
-      if (c.slice === me) continue;
-      const bytes = this.chunkMessage("GradientChunk", st, c, send, 0, sampleCount);
-      this.nc.publish(this.names.gradients(this._members[c.slice]!), bytes);
-      st.bytesSent += bytes.length;
-      st.messagesSent++;
-    }
-    // Early arrivals of this step (and drop what is now too old).
+    // Early arrivals of this step (and drop what is now too old), then my own slice's chunks that need
+    // no peer (a single member).
     const held = this.early;
     this.early = [];
     this.earlyBytes = 0;
     for (const m of held) this.route(m);
-
-    this.maybeFinishOwnSlice(st);
+    if (n === 1) for (const [k, c] of st.plan) this.finishChunk(st, k, c);
+    if (st.ownLeft === 0) st.ownDone = true; // an empty slice (fewer elements than members) or a single member
     this.maybeComplete(st);
     const timer = setTimeout(() => {
       const grads = [...st.gradMissing].filter(([, s]) => s.size > 0).map(([m]) => m);
@@ -314,8 +324,10 @@ export class GradientAverager implements AsyncDisposable {
       this.fail(st, new StepPeersLostError(step, grads, avgs, this.timeoutMs));
     }, this.timeoutMs);
     try {
+      await this.sendGradients(st, chunks, sampleCount > 0 ? flat : new Float32Array(flat.length), sampleCount);
       const out = await done;
-      this.completed = { epoch: st.epoch, step, result: out.slice() };
+      // Kept without a copy: callers must not modify the returned vector (gradientHookFor only reads it).
+      this.completed = { epoch: st.epoch, step, result: out };
       this.replayedUnder.clear();
       const seconds = (performance.now() - t0) / 1000;
       this.lastStats = { step, seconds, bytesSent: st.bytesSent, bytesReceived: st.bytesReceived, messagesSent: st.messagesSent, messagesReceived: st.messagesReceived };
@@ -359,14 +371,41 @@ export class GradientAverager implements AsyncDisposable {
     }
   }
 
-  /** Encodes chunk `c` (global offsets) of `values`, whose element 0 is global element `base`. */
-  private chunkMessage(type: "GradientChunk" | "AveragedChunk", st: StepState, c: ChunkSpec, values: Float32Array, base: number, sampleCount: number): Uint8Array {
-    const data = encodeValues(values.subarray(c.offset - base, c.offset - base + c.length), st.dtype);
-    return encode(type, {
-      header: makeHeader(this.job, this.self, st.epoch, st.step),
-      bucketId: c.bucketId, chunkIndex: c.chunkIndex, chunkCount: c.chunkCount, offset: c.offset, length: c.length,
-      dtype: st.dtype, data, sampleCount, checksum: crc32(data),
-    });
+  /**
+   * Reduce-scatter: my gradient for every slice I do not own, to its owner, starting with the next
+   * member's slice (so members do not all hit owner 0 first). The loop yields to the event loop every
+   * {@link SEND_YIELD_BYTES}: the client writes what is encoded so far while I encode the rest, and
+   * peers' chunks that arrive meanwhile are reduced (and their averaged chunks sent) at once.
+   */
+  private async sendGradients(st: StepState, chunks: readonly ChunkSpec[], values: Float32Array, sampleCount: number): Promise<void> {
+    const n = this._members.length;
+    const me = this._members.indexOf(this.self);
+    let since = 0;
+    for (let d = 1; d < n; d++) {
+      const owner = (me + d) % n;
+      const subject = this.names.gradients(this._members[owner]!);
+      for (const c of chunks) {
+        if (c.slice !== owner) continue;
+        if (st.settled) return;
+        const bytes = this.chunkMessage(st, c, values, 0, sampleCount, false);
+        this.nc.publish(subject, bytes);
+        st.bytesSent += bytes.length;
+        st.messagesSent++;
+        since += bytes.length;
+        if (since >= SEND_YIELD_BYTES) {
+          since = 0;
+          await new Promise<void>((r) => setImmediate(r));
+        }
+      }
+    }
+  }
+
+  /** Frames chunk `c` (global offsets) of `values`, whose element 0 is global element `base`. */
+  private chunkMessage(st: StepState, c: ChunkSpec, values: Float32Array, base: number, sampleCount: number, replay: boolean, epoch = st.epoch, step = st.step, dtype = st.dtype): Uint8Array {
+    return encodeChunkFrame({
+      header: makeHeader(this.job, this.self, epoch, step),
+      bucketId: c.bucketId, chunkIndex: c.chunkIndex, chunkCount: c.chunkCount, offset: c.offset, sampleCount, replay,
+    }, values.subarray(c.offset - base, c.offset - base + c.length), dtype);
   }
 
   private drop(reason: string): void {
@@ -426,7 +465,9 @@ export class GradientAverager implements AsyncDisposable {
       if (m.msg.sampleCount > 0) accumulateChunk(st.acc, spec.offset - st.mySlice.offset, m.msg.data, st.dtype, m.msg.sampleCount);
       st.bytesReceived += m.bytes;
       st.messagesReceived++;
-      this.maybeFinishOwnSlice(st);
+      const waiting = st.chunkWaiting.get(k)! - 1;
+      st.chunkWaiting.set(k, waiting);
+      if (waiting === 0) this.finishChunk(st, k, spec);
     } else {
       if (sender !== m.owner || this._members[spec.slice] !== m.owner) return this.drop("unknown_sender");
       const missing = st.avgMissing.get(m.owner);
@@ -446,12 +487,10 @@ export class GradientAverager implements AsyncDisposable {
     this.replayedUnder.add(epoch);
     this.replaysSent++;
     for (const ch of planChunks([c.result.length], { dtype: "fp32", bucketBytes: this.bucketBytes })) {
-      const data = encodeValues(c.result.subarray(ch.offset, ch.offset + ch.length), "fp32");
-      this.nc.publish(this.names.averaged(this.self), encode("AveragedChunk", {
+      this.nc.publish(this.names.averaged(this.self), encodeChunkFrame({
         header: makeHeader(this.job, this.self, epoch, c.step),
-        bucketId: ch.bucketId, chunkIndex: ch.chunkIndex, chunkCount: ch.chunkCount, offset: ch.offset, length: ch.length,
-        dtype: "fp32", data, sampleCount: 0, checksum: crc32(data), replay: true,
-      }));
+        bucketId: ch.bucketId, chunkIndex: ch.chunkIndex, chunkCount: ch.chunkCount, offset: ch.offset, sampleCount: 0, replay: true,
+      }, c.result.subarray(ch.offset, ch.offset + ch.length), "fp32"));
     }
   }
 
@@ -476,30 +515,36 @@ export class GradientAverager implements AsyncDisposable {
     st.resolve(st.replay.result);
   }
 
-  /** Once every peer's chunks of my slice are in: divide, publish the averaged slice once, keep it. */
-  private maybeFinishOwnSlice(st: StepState): void {
-    if (st.ownDone || st.settled) return;
-    for (const s of st.gradMissing.values()) if (s.size > 0) return;
-    st.ownDone = true;
+  /**
+   * Chunk `k` of my slice has every member's part: divide it by the step's sample total, publish it
+   * once on my averaged subject, and keep it (through the wire dtype, so every member holds identical
+   * values). Chunk by chunk, so the fan-out of early chunks overlaps the arrival of later ones.
+   */
+  private finishChunk(st: StepState, k: string, c: ChunkSpec): void {
+    if (st.settled || !st.chunkWaiting.has(k)) return;
+    st.chunkWaiting.delete(k);
+    // Every peer sent this chunk, and each of its chunks carries its sample count: the total is known.
     let total = st.samples;
     for (const n of st.gradSamples.values()) total += n;
-    const { acc, mySlice } = st;
-    if (total > 0) for (let i = 0; i < acc.length; i++) acc[i] = acc[i]! / total;
-    else acc.fill(0);
-    const me = this._members.indexOf(this.self);
-    const subject = this.names.averaged(this.self);
-    for (const c of st.plan.values()) {
-      if (c.slice !== me) continue;
-      const bytes = this.chunkMessage("AveragedChunk", st, c, acc, mySlice.offset, total);
-      if (this._members.length > 1) {
-        this.nc.publish(subject, bytes);
-        st.bytesSent += bytes.length;
-        st.messagesSent++;
-      }
+    const from = c.offset - st.mySlice.offset;
+    const part = st.acc.subarray(from, from + c.length);
+    if (total > 0) for (let i = 0; i < part.length; i++) part[i] = part[i]! / total;
+    else part.fill(0);
+    if (this._members.length > 1) {
+      const bytes = this.chunkMessage(st, c, st.acc, st.mySlice.offset, total, false);
+      this.nc.publish(this.names.averaged(this.self), bytes);
+      st.bytesSent += bytes.length;
+      st.messagesSent++;
+      // Keep what the peers decode: the frame's data region (the fp16 rounding is done once, there).
+      writeChunk(st.result, c.offset, bytes.subarray(bytes.length - c.length * bytesPerElement(st.dtype)), st.dtype);
+    } else {
+      if (st.dtype === "fp16") roundThroughFloat16(part);
+      st.result.set(part, c.offset);
     }
-    // What peers decode: my slice through the wire dtype, so every member holds identical values.
-    const own = st.dtype === "fp32" ? acc : decodeValues(encodeValues(acc, st.dtype), st.dtype);
-    st.result.set(own, mySlice.offset);
+    if (--st.ownLeft === 0) {
+      st.ownDone = true;
+      this.maybeComplete(st);
+    }
   }
 
   private maybeComplete(st: StepState): void {
@@ -514,6 +559,14 @@ export class GradientAverager implements AsyncDisposable {
     st.settled = true;
     st.reject(err);
   }
+}
+
+/** Throws NonFiniteGradientError naming the first NaN/Inf; one branch-free pass when there is none. */
+function checkFinite(step: number, flat: Float32Array): void {
+  let probe = 0;
+  for (let i = 0; i < flat.length; i++) probe += flat[i]! * 0;
+  if (probe === 0) return;
+  for (let i = 0; i < flat.length; i++) if (!Number.isFinite(flat[i]!)) throw new NonFiniteGradientError(step, i, flat[i]!);
 }
 
 function checkMembers(members: readonly string[], self: string): string[] {

@@ -26,6 +26,7 @@ import {
   decodeBoundaryDecision, decodeDataObject, decodeHeadObject, decodeMembershipPlan, decodeWeightsChecksum, encodeBoundaryDecision, encodeReport,
   encodeWeightsChecksum, memberSlice, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt,
 } from "../proto/training_wire.js";
+import { StepTimer } from "./step_timing.js";
 import { GradientAverager, gradientHookFor } from "./gradient_averaging.js";
 import { MembershipView, type JoinSwitch } from "./membership_view.js";
 import { weightsChecksum } from "./weights_checksum.js";
@@ -137,6 +138,9 @@ export class ReplicaSession {
     if (!this.averager) throw new Error("averager used before openAverager()");
     return this.averager;
   }
+
+  /** Per-step compute/wait split for the coordinator's straggler detection. */
+  private readonly timing = new StepTimer();
 
   private async report(body: ReportBody): Promise<void> {
     const r = buildReport(this.a.attempt, this.o.self, body);
@@ -427,6 +431,7 @@ export class ReplicaSession {
         this.allreduce.bytes += st.bytesSent + st.bytesReceived;
       },
     });
+    this.timing.averaging();
     for (;;) {
       try {
         // A membership that changed while the gradients were computed: redo them under it first.
@@ -434,12 +439,20 @@ export class ReplicaSession {
         const caughtUp = av.replaysApplied;
         const out = await average(g.grads, g.samples);
         if (av.replaysApplied > caughtUp) this.o.log.info("caught up: applied the step as a member that had completed it did", { step, membership_epoch: av.epoch });
+        this.reportTimings(step);
         return out;
       } catch (err) {
         if (!(err instanceof WorkerLostError || err instanceof MembershipChanged)) throw err;
         await this.awaitNewMembership(step, err);
       }
     }
+  }
+
+  /** Hands the coordinator this replica's compute/wait split of recent steps (at most once a second; fire and forget). */
+  private reportTimings(step: number): void {
+    this.timing.averaged(step);
+    const due = this.timing.takeDue();
+    if (due) void this.report({ state: "training", step, step_timings: due });
   }
 
   private async awaitNewMembership(step: number, err: Error): Promise<void> {

@@ -112,6 +112,10 @@ export interface CtrainMetrics {
   readonly droppedMessages: Counter<JobWorker | "reason">;
   /** `ctrain_backend_info{job,worker,backend,engine}`: 1 for the compute backend and inference engine in use (engine `none` until a frozen graph is built). */
   readonly backendInfo: Gauge<JobWorker | "backend" | "engine">;
+  /** `ctrain_step_compute_seconds{job,worker}`: a fine-tuning replica's recent compute time per step (set by the coordinator from the replicas' reports). */
+  readonly stepComputeSeconds: Gauge<JobWorker>;
+  /** `ctrain_step_wait_seconds{job,worker}`: a replica's recent time per step in gradient averaging, mostly waiting for peers (coordinator). */
+  readonly stepWaitSeconds: Gauge<JobWorker>;
 
   /** Count `n` (default 1) images processed in `phase`; also marks progress. */
   countImages(phase: Phase, n?: number): void;
@@ -150,6 +154,13 @@ export interface CtrainMetrics {
   setEngine(engine: string): void;
   /** Mark progress now (refreshes `ctrain_last_progress_timestamp_seconds`). */
   markProgress(): void;
+  /**
+   * Set replica `worker`'s recent compute and wait seconds per step (the coordinator, from reports;
+   * call with zeros when a replica first reports so its series exist from then on).
+   */
+  setStepTiming(worker: string, computeSeconds: number, waitSeconds: number): void;
+  /** Remove replica `worker`'s step-timing series (it left the membership). */
+  removeStepTiming(worker: string): void;
 }
 
 interface PhaseProgress {
@@ -276,6 +287,19 @@ export function createMetrics(registry: Registry, labels: { job: string; worker?
     registers,
   });
 
+  const stepComputeSeconds = new Gauge({
+    name: "ctrain_step_compute_seconds",
+    help: "Recent compute time per fine-tuning step of a replica (median of its last steps; forward, backward, update), seconds. Set by the coordinator from the replicas' reports.",
+    labelNames: ["job", "worker"] as const,
+    registers,
+  });
+  const stepWaitSeconds = new Gauge({
+    name: "ctrain_step_wait_seconds",
+    help: "Recent time per fine-tuning step a replica spent in gradient averaging, mostly waiting for its peers (median of its last steps), seconds. Set by the coordinator.",
+    labelNames: ["job", "worker"] as const,
+    registers,
+  });
+
   const info = { backend: "none", engine: "none" };
   const markProgress = (): void => lastProgressTimestamp.set({ job }, Date.now() / 1000);
   up.set({ job, worker }, 1);
@@ -309,6 +333,8 @@ export function createMetrics(registry: Registry, labels: { job: string; worker?
     decodeErrors,
     droppedMessages,
     backendInfo,
+    stepComputeSeconds,
+    stepWaitSeconds,
 
     countImages(phase, n = 1) {
       checkCount("images", n);
@@ -395,6 +421,16 @@ export function createMetrics(registry: Registry, labels: { job: string; worker?
       backendInfo.set({ job, worker, ...info }, 1);
     },
     markProgress,
+    setStepTiming(w, computeSeconds, waitSeconds) {
+      checkCount("compute seconds", computeSeconds);
+      checkCount("wait seconds", waitSeconds);
+      stepComputeSeconds.set({ job, worker: w }, computeSeconds);
+      stepWaitSeconds.set({ job, worker: w }, waitSeconds);
+    },
+    removeStepTiming(w) {
+      stepComputeSeconds.remove({ job, worker: w });
+      stepWaitSeconds.remove({ job, worker: w });
+    },
   };
 }
 

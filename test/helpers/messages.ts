@@ -54,7 +54,7 @@ export function sampleMessages(): { [K in MessageType]: MessageMap[K] } {
         { epoch: 0, loss: 1.25, accuracy: 0.5, hasValidation: true, valLoss: 1.5, valAccuracy: 0.25, seconds: 3.5, samplesPerSecond: 91.5 },
         { epoch: 1, loss: 0.75, accuracy: 0.75, hasValidation: false, valLoss: 0, valAccuracy: 0, seconds: 3.25, samplesPerSecond: 98 },
       ],
-      error: "", members: ["worker-0", "worker-1"], allreduceSeconds: 0.5, allreduceBytes: 123_456,
+      error: "", members: ["worker-0", "worker-1"], allreduceSeconds: 0.5, allreduceBytes: 123_456, stepTimings: [{ step: 41, computeSeconds: 0.25, waitSeconds: 0.0625 }],
     },
     ShardError: { header: header(), shardId: "r1.shard-00001", worker: "worker-0", attempt: 2, error: "ENOENT: no such file", atUnixMs: 1_700_000_000_000 },
   };

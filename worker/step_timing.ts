@@ -1,0 +1,73 @@
+/**
+ * A replica's per-step split of wall time into compute and averaging (wait), batched for its
+ * TrainingReports: the coordinator's straggler detection (coordinator/straggler_detector.ts) and the
+ * ctrain_step_compute_seconds / ctrain_step_wait_seconds metrics are fed from them.
+ *
+ * Compute is the time from the end of the previous averaging to the start of this one (forward,
+ * backward, the previous update, batch slicing); wait is the averaging itself, which on a healthy
+ * loopback is mostly waiting for the slowest peer's chunks. A process that is stopped (SIGSTOP, a
+ * long GC, a descheduled VM) while computing shows it as compute time, and its peers as wait time.
+ */
+
+/** One step's split, as reported (TrainingReport.step_timings). */
+export interface StepSplit {
+  step: number;
+  compute_seconds: number;
+  wait_seconds: number;
+}
+
+/** Options of {@link StepTimer}. */
+export interface StepTimerOptions {
+  /** Least time between two reports of timings, milliseconds. Default 1000. */
+  reportEveryMs?: number;
+  /** Steps kept at most between reports (older ones are dropped). Default 256. */
+  maxPending?: number;
+  /** Clock in milliseconds. Default `performance.now`. */
+  now?: () => number;
+}
+
+/** Times steps around the averaging call and hands out the splits in batches. */
+export class StepTimer {
+  private readonly reportEveryMs: number;
+  private readonly maxPending: number;
+  private readonly now: () => number;
+  private lastEnd: number;
+  private started: number | undefined;
+  private lastReport: number;
+  private pending: StepSplit[] = [];
+
+  constructor(opts: StepTimerOptions = {}) {
+    this.reportEveryMs = opts.reportEveryMs ?? 1000;
+    this.maxPending = opts.maxPending ?? 256;
+    this.now = opts.now ?? (() => performance.now());
+    this.lastEnd = this.now();
+    this.lastReport = this.lastEnd;
+  }
+
+  /** The step's gradients are computed; averaging starts (call once per step, before the first attempt). */
+  averaging(): void {
+    this.started = this.now();
+  }
+
+  /** Averaging of `step` ended; records its split. */
+  averaged(step: number): StepSplit {
+    const end = this.now();
+    const start = this.started ?? end;
+    const split = { step, compute_seconds: Math.max(0, start - this.lastEnd) / 1000, wait_seconds: Math.max(0, end - start) / 1000 };
+    this.lastEnd = end;
+    this.started = undefined;
+    this.pending.push(split);
+    if (this.pending.length > this.maxPending) this.pending.shift();
+    return split;
+  }
+
+  /** The splits since the last take, when a report is due (`reportEveryMs` since the last); else undefined. */
+  takeDue(): StepSplit[] | undefined {
+    const t = this.now();
+    if (this.pending.length === 0 || t - this.lastReport < this.reportEveryMs) return undefined;
+    this.lastReport = t;
+    const out = this.pending;
+    this.pending = [];
+    return out;
+  }
+}
