@@ -496,3 +496,48 @@ test("datasets - IDX images are enlarged bilinearly in JS: centre-aligned (mirro
   // Shrinking still goes through sharp (a filtering kernel): 28 -> 20.
   assert.equal((await grayToRgb("small", src, w, h, 20)).length, 20 * 20 * 3);
 });
+
+test("datasets - synthetic:N[:classes] is made from (seed, index): same pixels in any process, balanced labels, splits in proportion", async () => {
+  const a = await openDataset("synthetic:3000:4", OPTS);
+  const b = await openDataset("synthetic:3000:4", OPTS);
+  assert.equal(a.samples.length, 3000);
+  assert.deepEqual(a.classes.length, 4);
+  assert.equal(a.fingerprint, b.fingerprint);
+  assert.notEqual((await openDataset("synthetic:3000:4", { ...OPTS, seed: 43 })).fingerprint, a.fingerprint);
+  const count = (s: Split) => a.samples.filter((x) => x.split === s).length;
+  assert.ok(Math.abs(count("test") / 3000 - 0.1) < 0.04 && Math.abs(count("val") / 3000 - 0.1) < 0.04, `val ${count("val")} test ${count("test")}`);
+  for (let c = 0; c < 4; c++) assert.equal(a.samples.filter((s) => s.label === c).length, 750);
+  const s = a.samples[17];
+  const px = await a.readRgb(s, 32);
+  assert.equal(px.length, 32 * 32 * 3);
+  assert.deepEqual(await b.readRgb(s, 32), px, "the same image from a second open (a worker)");
+  assert.notDeepEqual(await a.readRgb(a.samples[18], 32), px);
+  await assert.rejects(a.readRgb({ id: "synthetic/3000", label: 0, split: "train" }, 32), BadInputError);
+  const limited = await openDataset("synthetic:3000:4", { ...OPTS, limit: 100 });
+  assert.equal(limited.samples.filter((x) => x.split === "train").length, 100);
+});
+
+test("datasets - synthetic images carry a class signal a linear probe separates", async () => {
+  const ds = await openDataset("synthetic:400:2", OPTS);
+  // The two classes' gratings are orthogonal: the mean horizontal vs vertical gradient energy tells them apart.
+  const energy = async (s: SampleRef): Promise<number> => {
+    const px = await ds.readRgb(s, 24);
+    let h = 0, v = 0;
+    for (let y = 0; y < 23; y++) for (let x = 0; x < 23; x++) {
+      const p = (y * 24 + x) * 3;
+      h += Math.abs(px[p] - px[p + 3]);
+      v += Math.abs(px[p] - px[p + 72]);
+    }
+    return h - v;
+  };
+  let right = 0;
+  for (const s of ds.samples.slice(0, 100)) if ((await energy(s) > 0) === (s.label === 0)) right++;
+  assert.ok(right >= 90, `${right}/100 told apart by gradient direction`);
+});
+
+test("datasets - synthetic with N <= 0, classes < 2 or a malformed spec is a ConfigError naming --data, before any work", async () => {
+  for (const spec of ["synthetic:0", "synthetic:-5", "synthetic:100:1", "synthetic:100:0", "synthetic:abc", "synthetic:10:2:3", "synthetic:", "synthetic:1:5"])
+    await assert.rejects(openDataset(spec, OPTS), (e: unknown) => e instanceof ConfigError && e.message.includes(`--data ${spec}`), spec);
+  // The spec is refused even when the other options are bad too: it is checked first.
+  await assert.rejects(openDataset("synthetic:0", { ...OPTS, valSplit: 2 }), /N must be at least 1/);
+});

@@ -34,6 +34,7 @@ const EXPECTED_TYPES: Record<string, string> = {
   ctrain_decode_errors_total: "counter",
   ctrain_dropped_messages_total: "counter",
   ctrain_backend_info: "gauge",
+  ctrain_memory_bytes: "gauge",
 };
 
 async function withServer(
