@@ -11,6 +11,7 @@ import { after, before, test } from "node:test";
 import { crc32, deflateSync, gzipSync } from "node:zlib";
 import sharp, { type Sharp } from "sharp";
 import { BadInputError, ConfigError } from "../core/runtime/errors.js";
+import { loadIdxSet } from "../core/datasets/idx.js";
 import { FASHION_MNIST_DIR, openDataset, type OpenOptions } from "../core/datasets/open.js";
 import { applyLimit, stratifiedSplit, stratifiedSubset } from "../core/datasets/splits.js";
 import type { Dataset, SampleRef, Split } from "../core/datasets/types.js";
@@ -282,7 +283,20 @@ test("datasets - mnist:<dir> reads plain and gzipped IDX files", async () => {
     const px = await d.readRgb(sample(d, "mnist/train/0"), 28);
     assert.deepEqual([...px.subarray(0, 9)], [0, 0, 0, 1, 1, 1, 2, 2, 2]);
     assert.equal((await d.readRgb(sample(d, "mnist/train/0"), 64)).length, 64 * 64 * 3);
+    // Uncompressed images stay on disk and are read by offset; gzipped ones have no offsets and are inflated.
+    const set = await loadIdxSet(dir);
+    assert.equal(set.train.images.pixels === undefined, !gz);
+    const last = await d.readRgb(sample(d, "mnist/test/19"), 28);
+    assert.deepEqual([...last.subarray(0, 3)], [(19 * 784) % 13, (19 * 784) % 13, (19 * 784) % 13]);
   }
+  // The cache key's content hash does not depend on how the files are read.
+  const plain = await loadIdxSet(join(tmp, "idx-ok-false"));
+  const gzipped = await loadIdxSet(join(tmp, "idx-ok-true"));
+  assert.notEqual(plain.contentHash, gzipped.contentHash, "stored bytes differ");
+  const { createHash } = await import("node:crypto");
+  const h = createHash("sha256");
+  for (const n of ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]) h.update(await readFile(join(tmp, "idx-ok-false", n)));
+  assert.equal(plain.contentHash, h.digest("hex"), "sha256 of the four files back to back, as before images were streamed");
 });
 
 test("datasets - IDX with wrong magic, bad length, bad labels or broken gzip is a ConfigError naming the file", async () => {
