@@ -12,7 +12,8 @@
  *   written shard by shard (seeded rows with a class signal, as workers would store them), committed,
  *   loaded and the head trained on it, streamed, in a child process whose VmHWM is recorded.
  *
- *   node dist/bench/scale.js [--run 10000,30000] [--head 100000,300000,1000000] [--workers 2] [--epochs 1]
+ *   node dist/bench/scale.js [--run 10000,30000] [--head 100000,300000,1000000] [--workers 2] [--epochs 1] [--append]
+ *   (--append adds the points to an existing bench/results/scale.json instead of starting it afresh)
  *   (the issue's points: --run 100000,300000[,1000000]; about 15-20 min per 10^6 images with onnxruntime
  *   on an idle 2-core machine)
  */
@@ -153,6 +154,12 @@ async function main(): Promise<void> {
     machine: { cores: availableParallelism(), cpu: cpus()[0]?.model, memory_mib: Math.round(totalmem() / MiB), uptime_seconds: uptime(), loadavg_at_start: loadavg() },
     date: new Date().toISOString(), run: [] as unknown[], head: [] as unknown[],
   };
+  if (process.argv.includes("--append")) {
+    const old = JSON.parse(await readFile("bench/results/scale.json", "utf8")) as Record<string, unknown>;
+    result.run = old.run;
+    result.head = old.head;
+    result.earlier = { date: old.date, machine: old.machine };
+  }
   const save = async (): Promise<void> => {
     await mkdir("bench/results", { recursive: true });
     await writeFile("bench/results/scale.json", `${JSON.stringify(result, null, 2)}\n`);
