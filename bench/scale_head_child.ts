@@ -22,7 +22,8 @@ const SHARD = 256;
 async function main(): Promise<void> {
   await selectBackend("wasm");
   const cache = new FeatureCache(join(dir, "cache"));
-  const splitOf = (i: number): Split => (i % 10 === 8 ? "val" : i % 10 === 9 ? "test" : "train");
+  // Split by the index within its class (label = i % CLASSES), so every split holds every class.
+  const splitOf = (i: number): Split => { const q = Math.floor(i / CLASSES) % 10; return q === 8 ? "val" : q === 9 ? "test" : "train"; };
   const t0 = performance.now();
   const rng = new Rng(1);
   for (let s = 0; s < n; s += SHARD) {
@@ -47,7 +48,7 @@ async function main(): Promise<void> {
   const r = await trainHead(set, { epochs, batchSize: 32, learningRate: 1e-3, units: 256, dropout: 0.5, seed: 42 });
   const t3 = performance.now();
   const train = set.splits.filter((s) => s === "train").length;
-  const rows = train * epochs + (n - train) ;
+  const rows = train * epochs + (n - train);
   await writeFile(join(dir, "phases.json"), JSON.stringify({
     phases: {
       store_shards: { seconds: Number(((t1 - t0) / 1000).toFixed(1)), rows_per_second: Math.round(n / ((t1 - t0) / 1000)) },
