@@ -8,8 +8,9 @@
  * A window's blocks are read once and kept until the loop moves past them (an LRU of two windows:
  * a batch can straddle two), so memory is `windowBytes` whatever the entry's size, and the same seed
  * gives the same batches in any process. The trade-off against a uniform shuffle: rows of one block
- * share a window, so a batch mixes at most `window / blockRows` blocks' worth of neighbours;
- * with the defaults (64 MiB, 256-row blocks) a 1280-d feature window holds ~6,500 rows.
+ * share a window, so a batch mixes at most `window / blockRows` blocks' worth of neighbours; with the
+ * defaults (64 MiB) a 1280-d window holds ~6,500 rows in 64 blocks of 100, a 3456-d one (block_12_add,
+ * pooling none) ~2,400 rows in 64 blocks of 37.
  */
 import type * as tf from "@tensorflow/tfjs";
 import type { FeatureRows } from "../datasets/feature_rows.js";
@@ -23,7 +24,7 @@ import { type ArrayData, type BatchSource, type Evaluation, evaluateBatches } fr
 export interface StreamOptions {
   /** Seed of the block order and the in-window shuffle (the job's seed). */
   seed: number;
-  /** Rows per block, the unit of reading and of the block shuffle. Default 256. */
+  /** Rows per block, the unit of reading and of the block shuffle. Default 256, fewer (down to 16) when rows are so wide that a window would hold under 64 blocks. */
   blockRows?: number;
   /** Bytes of rows held at once (two shuffle windows). Default 64 MiB. */
   windowBytes?: number;
@@ -31,6 +32,8 @@ export interface StreamOptions {
 
 export const DEFAULT_BLOCK_ROWS = 256;
 export const DEFAULT_WINDOW_BYTES = 64 * 2 ** 20;
+/** Blocks a window mixes at the least (by default): wide rows get shorter blocks. */
+const MIN_WINDOW_BLOCKS = 64;
 
 /** Row numbers (in the entry) of one split's samples, in entry order. */
 export function splitRows(set: FeatureSet, split: Split): Int32Array {
@@ -129,8 +132,11 @@ export function featureBatches(set: FeatureSet, split: Split, numClasses: number
   const reader = rowsOf(set);
   const dim = reader.dim;
   const sampleShape = o.sampleShape ?? [dim];
-  const blockRows = Math.max(1, o.blockRows ?? DEFAULT_BLOCK_ROWS);
-  const windowBlocks = Math.max(1, Math.floor((o.windowBytes ?? DEFAULT_WINDOW_BYTES) / 2 / (blockRows * dim * 4)));
+  const windowHalf = (o.windowBytes ?? DEFAULT_WINDOW_BYTES) / 2;
+  // Wide rows get shorter blocks so a window still mixes at least MIN_WINDOW_BLOCKS of them: a folder
+  // data set lists its samples class by class, and a window of a few long blocks would be a few classes.
+  const blockRows = Math.max(1, o.blockRows ?? Math.min(DEFAULT_BLOCK_ROWS, Math.max(16, Math.floor(windowHalf / (MIN_WINDOW_BLOCKS * dim * 4)))));
+  const windowBlocks = Math.max(1, Math.floor(windowHalf / (blockRows * dim * 4)));
   const cache = new BlockCache(2 * windowBlocks, async (k) => {
     const block = await gatherRows(reader, rows.subarray(k * blockRows, Math.min(rows.length, (k + 1) * blockRows)));
     heldBytes("features", block.byteLength, block);
