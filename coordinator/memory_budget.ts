@@ -11,8 +11,12 @@ import { ConfigError } from "../core/runtime/errors.js";
 import { DEFAULT_IMAGE_MEMORY_BYTES } from "../core/training/image_batches.js";
 import { DEFAULT_WINDOW_BYTES } from "../core/training/feature_batches.js";
 
-/** Index bytes per sample held by the coordinator: the listing, the cache index (id, label, split), order arrays. Measured ~250 at 10^5 synthetic samples. */
-export const INDEX_BYTES_PER_SAMPLE = 400;
+/**
+ * Index bytes per sample held by the coordinator: the listing, the cache index (id, label, split),
+ * order arrays, JSON while the index is written. Measured (bench/scale, synthetic, block_12_add):
+ * coordinator peak RSS 414 MiB at 10^4 samples, 509 MiB at 10^5, about 1.1 KB per sample.
+ */
+export const INDEX_BYTES_PER_SAMPLE = 1200;
 /** A coordinator process with tfjs, the model and onnxruntime loaded (measured 350-450 MB with MobileNetV2). */
 export const COORDINATOR_BASE_BYTES = 512 * 2 ** 20;
 /** Share of physical memory the coordinator may plan to use: the rest is the OS, page cache and local workers. */
