@@ -84,7 +84,9 @@ export function gatherRowsSync(rows: FeatureRows, wanted: Int32Array): Float32Ar
 /** One split as ArrayData in memory (what the in-memory path and small splits use). */
 export function splitInMemory(set: FeatureSet, split: Split, sampleShape = [set.meta.featureDim]): ArrayData {
   const rows = splitRows(set, split);
-  return { x: gatherRowsSync(rowsOf(set), rows), sampleShape, y: Int32Array.from(rows, (r) => set.labels[r]) };
+  const x = gatherRowsSync(rowsOf(set), rows);
+  heldBytes("features", x.byteLength, x);
+  return { x, sampleShape, y: Int32Array.from(rows, (r) => set.labels[r]) };
 }
 
 /** A split in entry order, `chunkRows` rows at a time. */
