@@ -1,11 +1,14 @@
 /**
  * Method 1 of the recipe: a dense head trained on cached features (no augmentation), validated
- * every epoch, tested once at the end.
+ * every epoch, tested once at the end. The features are streamed from the cache entry
+ * (core/training/feature_batches.ts): training, validation and test hold a bounded window of rows,
+ * not the split, so the head phase's memory does not grow with the data set.
  */
 import * as tf from "@tensorflow/tfjs";
 import type { Split } from "../core/datasets/types.js";
 import type { FeatureSet } from "../core/datasets/feature_store.js";
 import { buildHead } from "../core/models/head.js";
+import { evaluateSplit, featureBatches, splitInMemory, splitLabels, type StreamOptions } from "../core/training/feature_batches.js";
 import { type ArrayData, type EpochStats, evaluate, fit, type FitOptions, type TrainingControls } from "../core/training/train_loop.js";
 
 export interface HeadTrainingOptions {
@@ -19,6 +22,14 @@ export interface HeadTrainingOptions {
   controls?: TrainingControls;
   onBatchEnd?: FitOptions["onBatchEnd"];
   onEpochEnd?: FitOptions["onEpochEnd"];
+  /**
+   * Read the features from the cache by block, shuffled by block and within a window (default
+   * true); false copies each split into memory and shuffles uniformly (the path before streaming,
+   * kept for comparison: bench/head.ts).
+   */
+  stream?: boolean;
+  /** Block and window sizes of the stream. Default: core/training/feature_batches.ts's. */
+  streamOptions?: Omit<StreamOptions, "seed">;
 }
 
 export interface HeadTrainingResult {
@@ -29,18 +40,9 @@ export interface HeadTrainingResult {
   seconds: number;
 }
 
-/** The rows of one split as training data. */
+/** The rows of one split as training data, in memory (read by position: only that split's rows). */
 export function splitData(set: FeatureSet, split: Split): ArrayData {
-  const dim = set.meta.featureDim;
-  const rows: number[] = [];
-  set.splits.forEach((s, i) => { if (s === split) rows.push(i); });
-  const x = new Float32Array(rows.length * dim);
-  const y = new Int32Array(rows.length);
-  rows.forEach((r, i) => {
-    x.set(set.features.subarray(r * dim, (r + 1) * dim), i * dim);
-    y[i] = set.labels[r];
-  });
-  return { x, sampleShape: [dim], y };
+  return splitInMemory(set, split);
 }
 
 /** The epoch whose weights a phase ended with: the best one when best weights were restored, else the last. */
@@ -55,31 +57,27 @@ export function confusionMatrix(labels: Int32Array, predictions: Int32Array, num
   return m;
 }
 
+/** Trains a fresh head on the entry's train split; validation each epoch, test at the end (all streamed unless `stream: false`). */
 export async function trainHead(set: FeatureSet, o: HeadTrainingOptions): Promise<HeadTrainingResult> {
   const t0 = performance.now();
   const numClasses = set.meta.classes.length;
-  const train = splitData(set, "train");
-  const val = splitData(set, "val");
-  const test = splitData(set, "test");
   const head = buildHead({ featureDim: set.meta.featureDim, numClasses, units: o.units, dropout: o.dropout, seed: o.seed });
   const optimizer = tf.train.adam(o.learningRate);
-  const history = await fit(head, train, {
-    epochs: o.epochs,
-    batchSize: o.batchSize,
-    seed: o.seed,
-    numClasses,
-    optimizer,
-    validation: val,
-    controls: o.controls,
-    onBatchEnd: o.onBatchEnd,
-    onEpochEnd: o.onEpochEnd,
-  });
-  optimizer.dispose();
-  const ev = evaluate(head, test, numClasses);
+  const fitOptions: FitOptions = { epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses, optimizer, controls: o.controls, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd };
+  let history: EpochStats[];
+  try {
+    history = o.stream === false
+      ? await fit(head, splitData(set, "train"), { ...fitOptions, validation: splitData(set, "val") })
+      : await fit(head, featureBatches(set, "train", numClasses, { seed: o.seed, validation: "val", ...o.streamOptions }), fitOptions);
+  } finally {
+    optimizer.dispose();
+  }
+  const testLabels = splitLabels(set, "test");
+  const ev = o.stream === false ? evaluate(head, splitData(set, "test"), numClasses) : await evaluateSplit(head, set, "test", numClasses);
   return {
     head,
     history,
-    test: { loss: ev.loss, accuracy: ev.accuracy, samples: test.y.length, confusion: confusionMatrix(test.y, ev.predictions, numClasses) },
+    test: { loss: ev.loss, accuracy: ev.accuracy, samples: testLabels.length, confusion: confusionMatrix(testLabels, ev.predictions, numClasses) },
     val_accuracy: resultEpoch(history)?.val_accuracy ?? NaN,
     seconds: (performance.now() - t0) / 1000,
   };

@@ -19,6 +19,7 @@ import { buildFeatureExtractor, cutTopology, resolveSourceChoices } from "../cor
 import { isOnnxModelSpec, loadOnnxSource } from "../core/models/onnx/user_model.js";
 import { planSplit } from "../core/models/model_split.js";
 import { loadPretrained, resolveModelChoices } from "../core/models/model_zoo.js";
+import { checkMemoryBudget } from "./memory_budget.js";
 import { checkControlsForDataParallel, classWeightsFor, trainCounts } from "../core/training/training_controls.js";
 
 export interface PreflightResult {
@@ -106,11 +107,8 @@ function checkLocalWorkers(workers: number): void {
 }
 
 function checkMemory(opts: JobOptions, samples: number, featureDim: number, tfBackend: string): void {
-  const features = samples * featureDim * 4;
-  const budget = totalmem() / 2;
   const what = `--pooling ${opts.pooling} at --feature-layer ${opts.featureLayer} gives ${featureDim} floats (${mib(featureDim * 4)}) per sample`;
-  if (features > budget)
-    throw new ConfigError(`${what}; ${samples} samples need ${mib(features)} of features in memory, more than half of this machine's ${mib(totalmem())}. Use --pooling avg or max, a higher --feature-layer, a smaller --input-size, or --limit.`);
+  checkMemoryBudget(opts, samples, featureDim); // features stream from the cache: the bounded working set, not N x featureDim, must fit
   // Head kernel, its gradient and two Adam moments, plus a batch in and out of the heap.
   const heap = 4 * featureDim * opts.headUnits * 4 + 3 * opts.batchSize * featureDim * 4;
   if (tfBackend === "wasm" && heap > WASM_HEAP_BUDGET)

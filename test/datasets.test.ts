@@ -11,6 +11,7 @@ import { after, before, test } from "node:test";
 import { crc32, deflateSync, gzipSync } from "node:zlib";
 import sharp, { type Sharp } from "sharp";
 import { BadInputError, ConfigError } from "../core/runtime/errors.js";
+import { loadIdxSet } from "../core/datasets/idx.js";
 import { FASHION_MNIST_DIR, openDataset, type OpenOptions } from "../core/datasets/open.js";
 import { applyLimit, stratifiedSplit, stratifiedSubset } from "../core/datasets/splits.js";
 import type { Dataset, SampleRef, Split } from "../core/datasets/types.js";
@@ -282,7 +283,20 @@ test("datasets - mnist:<dir> reads plain and gzipped IDX files", async () => {
     const px = await d.readRgb(sample(d, "mnist/train/0"), 28);
     assert.deepEqual([...px.subarray(0, 9)], [0, 0, 0, 1, 1, 1, 2, 2, 2]);
     assert.equal((await d.readRgb(sample(d, "mnist/train/0"), 64)).length, 64 * 64 * 3);
+    // Uncompressed images stay on disk and are read by offset; gzipped ones have no offsets and are inflated.
+    const set = await loadIdxSet(dir);
+    assert.equal(set.train.images.pixels === undefined, !gz);
+    const last = await d.readRgb(sample(d, "mnist/test/19"), 28);
+    assert.deepEqual([...last.subarray(0, 3)], [(19 * 784) % 13, (19 * 784) % 13, (19 * 784) % 13]);
   }
+  // The cache key's content hash does not depend on how the files are read.
+  const plain = await loadIdxSet(join(tmp, "idx-ok-false"));
+  const gzipped = await loadIdxSet(join(tmp, "idx-ok-true"));
+  assert.notEqual(plain.contentHash, gzipped.contentHash, "stored bytes differ");
+  const { createHash } = await import("node:crypto");
+  const h = createHash("sha256");
+  for (const n of ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]) h.update(await readFile(join(tmp, "idx-ok-false", n)));
+  assert.equal(plain.contentHash, h.digest("hex"), "sha256 of the four files back to back, as before images were streamed");
 });
 
 test("datasets - IDX with wrong magic, bad length, bad labels or broken gzip is a ConfigError naming the file", async () => {
@@ -495,4 +509,49 @@ test("datasets - IDX images are enlarged bilinearly in JS: centre-aligned (mirro
   assert.equal(big[big.length - 1], src[src.length - 1]);
   // Shrinking still goes through sharp (a filtering kernel): 28 -> 20.
   assert.equal((await grayToRgb("small", src, w, h, 20)).length, 20 * 20 * 3);
+});
+
+test("datasets - synthetic:N[:classes] is made from (seed, index): same pixels in any process, balanced labels, splits in proportion", async () => {
+  const a = await openDataset("synthetic:3000:4", OPTS);
+  const b = await openDataset("synthetic:3000:4", OPTS);
+  assert.equal(a.samples.length, 3000);
+  assert.deepEqual(a.classes.length, 4);
+  assert.equal(a.fingerprint, b.fingerprint);
+  assert.notEqual((await openDataset("synthetic:3000:4", { ...OPTS, seed: 43 })).fingerprint, a.fingerprint);
+  const count = (s: Split) => a.samples.filter((x) => x.split === s).length;
+  assert.ok(Math.abs(count("test") / 3000 - 0.1) < 0.04 && Math.abs(count("val") / 3000 - 0.1) < 0.04, `val ${count("val")} test ${count("test")}`);
+  for (let c = 0; c < 4; c++) assert.equal(a.samples.filter((s) => s.label === c).length, 750);
+  const s = a.samples[17];
+  const px = await a.readRgb(s, 32);
+  assert.equal(px.length, 32 * 32 * 3);
+  assert.deepEqual(await b.readRgb(s, 32), px, "the same image from a second open (a worker)");
+  assert.notDeepEqual(await a.readRgb(a.samples[18], 32), px);
+  await assert.rejects(a.readRgb({ id: "synthetic/3000", label: 0, split: "train" }, 32), BadInputError);
+  const limited = await openDataset("synthetic:3000:4", { ...OPTS, limit: 100 });
+  assert.equal(limited.samples.filter((x) => x.split === "train").length, 100);
+});
+
+test("datasets - synthetic images carry a class signal a linear probe separates", async () => {
+  const ds = await openDataset("synthetic:400:2", OPTS);
+  // The two classes' gratings are orthogonal: the mean horizontal vs vertical gradient energy tells them apart.
+  const energy = async (s: SampleRef): Promise<number> => {
+    const px = await ds.readRgb(s, 24);
+    let h = 0, v = 0;
+    for (let y = 0; y < 23; y++) for (let x = 0; x < 23; x++) {
+      const p = (y * 24 + x) * 3;
+      h += Math.abs(px[p] - px[p + 3]);
+      v += Math.abs(px[p] - px[p + 72]);
+    }
+    return h - v;
+  };
+  let right = 0;
+  for (const s of ds.samples.slice(0, 100)) if ((await energy(s) > 0) === (s.label === 0)) right++;
+  assert.ok(right >= 90, `${right}/100 told apart by gradient direction`);
+});
+
+test("datasets - synthetic with N <= 0, classes < 2 or a malformed spec is a ConfigError naming --data, before any work", async () => {
+  for (const spec of ["synthetic:0", "synthetic:-5", "synthetic:100:1", "synthetic:100:0", "synthetic:abc", "synthetic:10:2:3", "synthetic:", "synthetic:1:5"])
+    await assert.rejects(openDataset(spec, OPTS), (e: unknown) => e instanceof ConfigError && e.message.includes(`--data ${spec}`), spec);
+  // The spec is refused even when the other options are bad too: it is checked first.
+  await assert.rejects(openDataset("synthetic:0", { ...OPTS, valSplit: 2 }), /N must be at least 1/);
 });

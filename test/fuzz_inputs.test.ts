@@ -93,7 +93,7 @@ async function parseIdx(raw: Uint8Array, kind: "images" | "labels"): Promise<"ok
   const data = raw.length >= 2 && raw[0] === 0x1f && raw[1] === 0x8b ? await gunzipIdx(raw, file) : raw;
   if (kind === "images") {
     const r = parseIdxImages(data, file);
-    assert.equal(r.pixels.length, r.count * r.rows * r.cols, "pixels match the header");
+    assert.equal(r.pixels!.length, r.count * r.rows * r.cols, "pixels match the header");
   } else parseIdxLabels(data, file);
   return "ok";
 }

@@ -36,6 +36,7 @@ const EXPECTED_TYPES: Record<string, string> = {
   ctrain_backend_info: "gauge",
   ctrain_step_compute_seconds: "gauge",
   ctrain_step_wait_seconds: "gauge",
+  ctrain_memory_bytes: "gauge",
 };
 
 async function withServer(

@@ -79,13 +79,14 @@ const FAMILY_TYPES: Record<string, string> = {
   ctrain_progress_ratio: "gauge", ctrain_eta_seconds: "gauge", ctrain_last_progress_timestamp_seconds: "gauge",
   ctrain_skipped_inputs_total: "counter", ctrain_decode_errors_total: "counter", ctrain_dropped_messages_total: "counter", ctrain_backend_info: "gauge",
   ctrain_step_compute_seconds: "gauge", ctrain_step_wait_seconds: "gauge",
+  ctrain_memory_bytes: "gauge",
 };
 /** Families the coordinator sets per fine-tuning replica: their `worker` label names a replica, not the process. */
 const PER_REPLICA = new Set(["ctrain_step_compute_seconds", "ctrain_step_wait_seconds"]);
 /** Families whose series carry the process's `worker` label. */
 const PER_PROCESS = new Set([
   "ctrain_up", "ctrain_images_processed_total", "ctrain_extraction_images_per_second", "ctrain_step_duration_seconds", "ctrain_allreduce_duration_seconds",
-  "ctrain_allreduce_bytes_total", "ctrain_decode_errors_total", "ctrain_dropped_messages_total", "ctrain_backend_info",
+  "ctrain_allreduce_bytes_total", "ctrain_decode_errors_total", "ctrain_dropped_messages_total", "ctrain_backend_info", "ctrain_memory_bytes",
 ]);
 
 interface LogLine {

@@ -8,11 +8,18 @@
  * While extraction runs, shards land in `<key>.partial/shards/<shard>.bin` -- written once per shard
  * id and renamed into place, so a redelivered or re-run shard never duplicates a sample and a killed
  * run resumes where it stopped. `commit()` joins them in sample order and renames the entry into place.
+ *
+ * Memory stays bounded by a shard, not by the data set: `commit()` reads the shards one at a time
+ * and writes their rows where they belong in features.f32 (positioned writes), and `load()` reads
+ * the index only -- the rows are read by position when a batch needs them ({@link FeatureRows};
+ * core/training/feature_batches.ts streams them to training). Only ids, labels and splits are kept
+ * per sample (tens of bytes each).
  */
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { FileRows, type FeatureRows, MemoryRows } from "./feature_rows.js";
 import type { SkippedInput, Split } from "./types.js";
 import { storageError } from "../runtime/errors.js";
 
@@ -40,15 +47,40 @@ export interface FeatureCacheMeta {
   createdAt: string;
 }
 
-/** A committed cache entry, loaded in memory. */
+/** A committed cache entry: its index in memory, its rows on disk. */
 export interface FeatureSet {
   meta: FeatureCacheMeta;
   ids: string[];
   labels: Int32Array;
   splits: Split[];
-  features: Float32Array;
+  /** The rows, read by position (absent in a set built by hand: {@link features} is then the rows). */
+  rows?: FeatureRows;
+  /**
+   * Every row in one array. On a loaded entry this reads the whole file on first use: for small sets
+   * and tests only; training and evaluation read through {@link rows} (see {@link rowsOf}).
+   */
+  readonly features: Float32Array;
   skipped: SkippedInput[];
 }
+
+/** The rows of a set: its file reader, or its in-memory features. */
+export function rowsOf(set: FeatureSet): FeatureRows {
+  return set.rows ?? new MemoryRows(set.features, set.meta.featureDim);
+}
+
+/** A FeatureSet over `rows`, whose `features` are read (once) only when someone asks for all of them. */
+function entrySet(meta: FeatureCacheMeta, ids: string[], labels: Int32Array, splits: Split[], skipped: SkippedInput[], rows: FeatureRows): FeatureSet {
+  let all: Float32Array | undefined;
+  return {
+    meta, ids, labels, splits, skipped, rows,
+    get features() {
+      all ??= rows.readSync(0, rows.count);
+      return all;
+    },
+  };
+}
+
+export { type FeatureRows, FileRows, MemoryRows } from "./feature_rows.js";
 
 /** The cache key: sha256 over the feature extractor's and the data set's fingerprints. */
 export function cacheKey(extractorFingerprint: string, datasetFingerprint: string): string {
@@ -148,54 +180,59 @@ export class FeatureCache {
     return Promise.all(names.map(async (n) => decodeShard(await readFile(join(dir, n)), join(dir, n))));
   }
 
+  /** Shard files of an unfinished entry, sorted by name. */
+  private async shardFiles(key: string): Promise<string[]> {
+    const dir = join(this.partialDir(key), "shards");
+    if (!existsSync(dir)) return [];
+    return (await readdir(dir)).filter((n) => n.endsWith(".bin")).sort().map((n) => join(dir, n));
+  }
+
   /**
    * Joins the stored shards into the final entry, rows in `order` (sample ids; samples missing from
    * the shards must be listed as skipped). A sample id seen twice is an error: it means two shards
-   * overlapped, which the planner never does.
+   * overlapped, which the planner never does. Reads one shard at a time (headers first, then rows,
+   * each written at its final position), so memory is one shard whatever the entry's size.
    */
   async commit(key: string, meta: Omit<FeatureCacheMeta, "key" | "count" | "createdAt">, order: string[], extraSkipped: SkippedInput[] = []): Promise<FeatureSet> {
-    const shards = await this.readShards(key);
-    const rows = new Map<string, { shard: FeatureShardData; row: number }>();
+    const files = await this.shardFiles(key);
+    const rows = new Map<string, { shard: string; label: number; split: Split }>();
     const skipped: SkippedInput[] = [...extraSkipped];
-    for (const shard of shards) {
-      shard.ids.forEach((id, row) => {
-        if (rows.has(id)) throw new Error(`feature cache ${key}: sample ${id} is in two shards (${rows.get(id)!.shard.shardId}, ${shard.shardId})`);
-        rows.set(id, { shard, row });
+    for (const file of files) {
+      const h = await readShardHeader(file);
+      h.ids.forEach((id, row) => {
+        if (rows.has(id)) throw new Error(`feature cache ${key}: sample ${id} is in two shards (${rows.get(id)!.shard}, ${h.shardId})`);
+        rows.set(id, { shard: h.shardId, label: h.labels[row], split: h.splits[row] });
       });
-      skipped.push(...shard.skipped);
+      skipped.push(...h.skipped);
     }
     const dim = meta.featureDim;
     const kept = order.filter((id) => rows.has(id));
     const skippedIds = new Set(skipped.map((s) => s.id));
     const missing = order.filter((id) => !rows.has(id) && !skippedIds.has(id));
     if (missing.length > 0) throw new Error(`feature cache ${key}: ${missing.length} samples have no features and were not reported skipped (first: ${missing[0]})`);
-    const features = new Float32Array(kept.length * dim);
-    const labels = new Int32Array(kept.length);
-    const splits: Split[] = [];
-    kept.forEach((id, i) => {
-      const { shard, row } = rows.get(id)!;
-      features.set(shard.features.subarray(row * dim, (row + 1) * dim), i * dim);
-      labels[i] = shard.labels[row];
-      splits.push(shard.splits[row]);
-    });
+    const destination = new Map<string, number>();
+    kept.forEach((id, i) => destination.set(id, i));
+    const labels = Int32Array.from(kept, (id) => rows.get(id)!.label);
+    const splits = kept.map((id) => rows.get(id)!.split);
+    rows.clear();
     const full: FeatureCacheMeta = { ...meta, key, count: kept.length, createdAt: new Date().toISOString() };
     const tmp = join(this.root, `${key}.tmp-${process.pid}`);
     await rm(tmp, { recursive: true, force: true });
     try {
       await mkdir(tmp, { recursive: true });
-      await writeFile(join(tmp, "features.f32"), new Uint8Array(features.buffer));
-      await writeFile(join(tmp, "index.json"), JSON.stringify(kept.map((id, i) => ({ id, label: labels[i], split: splits[i] }))));
+      await writeRows(join(tmp, "features.f32"), files, destination, dim, kept.length);
+      await writeFile(join(tmp, "index.json"), indexJson(kept, labels, splits));
       await writeFile(join(tmp, "skipped.json"), JSON.stringify(skipped, null, 1));
       await writeFile(join(tmp, "meta.json"), JSON.stringify(full, null, 2));
     } catch (err) {
       // Half an entry is never left where a later run would look (meta.json is what marks an entry).
       await rm(tmp, { recursive: true, force: true });
-      throw storageError(err, this.root, features.byteLength);
+      throw storageError(err, this.root, kept.length * dim * 4);
     }
     await rm(this.entryDir(key), { recursive: true, force: true });
     await rename(tmp, this.entryDir(key));
     await rm(this.partialDir(key), { recursive: true, force: true });
-    return { meta: full, ids: kept, labels, splits, features, skipped };
+    return entrySet(full, kept, labels, splits, skipped, new FileRows(join(this.entryDir(key), "features.f32"), dim, kept.length));
   }
 
   /**
@@ -230,16 +267,69 @@ export class FeatureCache {
     if (Number.isInteger(meta.count) && meta.count !== index.length) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${index.length}`);
     const skipped = (await json("skipped.json")) as SkippedInput[];
     if (!Array.isArray(skipped)) throw damaged("skipped.json is not a list");
-    let bytes: Buffer;
+    const file = join(dir, "features.f32");
+    let size: number;
     try {
-      bytes = await readFile(join(dir, "features.f32"));
+      size = (await stat(file)).size;
     } catch (cause) {
       throw Object.assign(damaged(`cannot read features.f32 (${(cause as Error).message})`), { cause });
     }
-    if (bytes.length !== index.length * meta.featureDim * 4)
-      throw damaged(`${bytes.length} bytes of features for ${index.length} samples x ${meta.featureDim}`);
-    const features = new Float32Array(index.length * meta.featureDim);
-    new Uint8Array(features.buffer).set(bytes);
-    return { meta, ids: index.map((r) => r.id), labels: Int32Array.from(index.map((r) => r.label)), splits: index.map((r) => r.split), features, skipped };
+    if (size !== index.length * meta.featureDim * 4)
+      throw damaged(`${size} bytes of features for ${index.length} samples x ${meta.featureDim}`);
+    const rows = new FileRows(file, meta.featureDim, index.length);
+    return entrySet(meta, index.map((r) => r.id), Int32Array.from(index.map((r) => r.label)), index.map((r) => r.split), skipped, rows);
   }
+}
+
+/** A shard file's header only (ids, labels, splits, skipped): what commit needs before it places rows. */
+async function readShardHeader(file: string): Promise<Omit<FeatureShardData, "features">> {
+  const fh = await open(file, "r");
+  try {
+    const len = Buffer.alloc(4);
+    const { bytesRead } = await fh.read(len, 0, 4, 0);
+    const hl = bytesRead === 4 ? len.readUInt32LE(0) : 0;
+    const size = (await fh.stat()).size;
+    // A header that cannot be read whole goes through decodeShard, which says what is wrong with it.
+    if (bytesRead < 4 || hl > size - 4) return decodeShard(await readFile(file), file);
+    const buf = Buffer.alloc(4 + hl);
+    await fh.read(buf, 0, 4 + hl, 0);
+    const h = JSON.parse(buf.subarray(4).toString("utf8")) as { shardId: string; ids: string[]; labels: number[]; splits: number[]; skipped: SkippedInput[] };
+    if (!Array.isArray(h.ids) || !Array.isArray(h.splits) || !Array.isArray(h.labels) || !Array.isArray(h.skipped)) return decodeShard(await readFile(file), file);
+    return { shardId: h.shardId, ids: h.ids, labels: h.labels, splits: h.splits.map((c) => SPLIT_NAMES[c]), skipped: h.skipped };
+  } catch (err) {
+    if (err instanceof SyntaxError) return decodeShard(await readFile(file), file);
+    throw err;
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Writes every shard's rows at their row in the entry (runs of consecutive rows in one write); one shard in memory at a time. */
+async function writeRows(path: string, files: string[], destination: Map<string, number>, dim: number, count: number): Promise<void> {
+  const fh = await open(path, "w");
+  try {
+    await fh.truncate(count * dim * 4);
+    for (const file of files) {
+      const shard = decodeShard(await readFile(file), file);
+      const bytes = new Uint8Array(shard.features.buffer, shard.features.byteOffset, shard.features.byteLength);
+      const rowBytes = dim * 4;
+      for (let r = 0; r < shard.ids.length;) {
+        const at = destination.get(shard.ids[r]);
+        if (at === undefined) { r++; continue; }
+        let end = r + 1;
+        while (end < shard.ids.length && destination.get(shard.ids[end]) === at + (end - r)) end++;
+        await fh.write(bytes, r * rowBytes, (end - r) * rowBytes, at * rowBytes);
+        r = end;
+      }
+    }
+  } finally {
+    await fh.close();
+  }
+}
+
+/** index.json without one big intermediate array of records. */
+function indexJson(ids: string[], labels: Int32Array, splits: Split[]): string {
+  const parts: string[] = [];
+  for (let i = 0; i < ids.length; i++) parts.push(JSON.stringify({ id: ids[i], label: labels[i], split: splits[i] }));
+  return `[${parts.join(",")}]`;
 }

@@ -5,10 +5,13 @@
  * A whole IDX file that is wrong (bad magic, dimensions that do not match its length, labels out of
  * range, a broken gzip stream) is a ConfigError: it is fatal and reported before any work starts.
  * Parsed files are kept in memory per process (keyed by path, size and mtime), so a second open,
- * e.g. by a worker that already listed the data set, costs no gunzip.
+ * e.g. by a worker that already listed the data set, costs no gunzip. An uncompressed images file is
+ * not read whole: its header is checked against its size, its bytes are hashed as a stream, and each
+ * image is read by offset when it is decoded (a gzipped one has no offsets and is inflated in memory).
  */
 import { createHash } from "node:crypto";
-import { readFile, stat } from "node:fs/promises";
+import { createReadStream } from "node:fs";
+import { type FileHandle, open, readFile, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { createGunzip } from "node:zlib";
 import { BadInputError, ConfigError } from "../runtime/errors.js";
@@ -36,20 +39,47 @@ export interface IdxImages {
   count: number;
   rows: number;
   cols: number;
-  pixels: Uint8Array;
+  /** The images in memory (a gzipped file); absent when they are read by offset from {@link file}. */
+  pixels?: Uint8Array;
+  /** The uncompressed file images are read from by offset (when {@link pixels} is absent). */
+  file?: string;
 }
 
-/** Parses an uncompressed IDX3 ubyte images file; `file` names it in errors. */
-export function parseIdxImages(data: Uint8Array, file: string): IdxImages {
-  const dv = header(data, file, IDX_IMAGES_MAGIC, 16, "images (idx3-ubyte)");
+/** Checks an IDX3 header (first 16 bytes) against the file's length in bytes; `file` names it in errors. */
+function parseIdxImagesHeader(head: Uint8Array, length: number, file: string): Omit<IdxImages, "pixels"> {
+  const dv = header(head, file, IDX_IMAGES_MAGIC, 16, "images (idx3-ubyte)");
   const count = dv.getUint32(4);
   const rows = dv.getUint32(8);
   const cols = dv.getUint32(12);
   if (rows < 1 || cols < 1) throw new ConfigError(`IDX file ${file}: image size ${rows}x${cols} is empty.`);
   const expected = 16 + count * rows * cols;
-  if (data.length !== expected)
-    throw new ConfigError(`IDX file ${file} is ${data.length} bytes but its header (${count} images of ${rows}x${cols}) says ${expected}: the file is ${data.length < expected ? "truncated" : "too long"}.`);
-  return { count, rows, cols, pixels: data.subarray(16) };
+  if (length !== expected)
+    throw new ConfigError(`IDX file ${file} is ${length} bytes but its header (${count} images of ${rows}x${cols}) says ${expected}: the file is ${length < expected ? "truncated" : "too long"}.`);
+  return { count, rows, cols };
+}
+
+/** Parses an uncompressed IDX3 ubyte images file held in memory; `file` names it in errors. */
+export function parseIdxImages(data: Uint8Array, file: string): IdxImages {
+  return { ...parseIdxImagesHeader(data.subarray(0, 16), data.length, file), pixels: data.subarray(16) };
+}
+
+const handles = new Map<string, Promise<FileHandle>>();
+
+/** Image `index` of `images`, rows x cols bytes: from memory, or one positioned read (the file stays open for the process). */
+export async function idxImage(images: IdxImages, index: number): Promise<Uint8Array> {
+  const px = images.rows * images.cols;
+  if (images.pixels) return images.pixels.subarray(index * px, (index + 1) * px);
+  const file = images.file!;
+  let h = handles.get(file);
+  if (!h) {
+    h = open(file, "r");
+    handles.set(file, h);
+    h.catch(() => handles.delete(file));
+  }
+  const out = new Uint8Array(px);
+  const { bytesRead } = await (await h).read(out, 0, px, 16 + index * px);
+  if (bytesRead !== px) throw new BadInputError(`${file}#${index}`, SKIP_REASONS.truncated, `IDX file ${file} ended inside image ${index}: it changed after it was opened.`);
+  return out;
 }
 
 /** Parses an uncompressed IDX1 ubyte labels file; `file` names it in errors. */
@@ -106,8 +136,44 @@ async function readIdxFile(path: string): Promise<{ data: Uint8Array; raw: Uint8
   } catch (cause) {
     throw new ConfigError(`Cannot read IDX file ${path}: ${(cause as Error).message}`, { cause });
   }
-  if (raw.length >= 2 && raw[0] === 0x1f && raw[1] === 0x8b) return { data: await gunzipIdx(raw, path), raw };
+  if (isGzip(raw)) return { data: await gunzipIdx(raw, path), raw };
   return { data: raw, raw };
+}
+
+const isGzip = (b: Uint8Array): boolean => b.length >= 2 && b[0] === 0x1f && b[1] === 0x8b;
+
+type Hash = ReturnType<typeof createHash>;
+
+/**
+ * An images file: a gzipped one inflated in memory; an uncompressed one checked by its header and
+ * size, its images left on disk (read by offset). `hashInto` feeds the stored bytes to a hash (as a stream).
+ */
+async function readIdxImagesFile(path: string): Promise<{ images: IdxImages; hashInto: (h: Hash) => Promise<void> }> {
+  let head: Buffer, size: number;
+  try {
+    const fh = await open(path, "r");
+    try {
+      head = Buffer.alloc(16);
+      const { bytesRead } = await fh.read(head, 0, 16, 0);
+      head = head.subarray(0, bytesRead);
+      size = (await fh.stat()).size;
+    } finally {
+      await fh.close();
+    }
+  } catch (cause) {
+    throw new ConfigError(`Cannot read IDX file ${path}: ${(cause as Error).message}`, { cause });
+  }
+  if (isGzip(head)) {
+    const f = await readIdxFile(path);
+    return { images: parseIdxImages(f.data, path), hashInto: async (h) => void h.update(f.raw) };
+  }
+  const images = { ...parseIdxImagesHeader(head, size, path), file: path };
+  return {
+    images,
+    hashInto: async (h) => {
+      for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) h.update(chunk as Buffer);
+    },
+  };
 }
 
 /** Deflate expands data by at most about 1032:1, so no gzip file can hold more than this many times its size. */
@@ -184,18 +250,22 @@ export async function loadIdxSet(dir: string): Promise<IdxSet> {
 }
 
 async function readIdxSet(paths: [string, string, string, string]): Promise<IdxSet> {
-  const [ti, tl, si, sl] = await Promise.all(paths.map(readIdxFile));
+  const [ti, tl, si, sl] = await Promise.all([readIdxImagesFile(paths[0]), readIdxFile(paths[1]), readIdxImagesFile(paths[2]), readIdxFile(paths[3])]);
+  // The same digest as hashing the four files' bytes back to back (cache keys stay valid), with images streamed.
   const h = createHash("sha256");
-  for (const f of [ti, tl, si, sl]) h.update(f.raw);
-  const pair = (img: Uint8Array, lab: Uint8Array, imgFile: string, labFile: string): IdxPair => {
-    const images = parseIdxImages(img, imgFile);
+  await ti.hashInto(h);
+  h.update(tl.raw);
+  await si.hashInto(h);
+  h.update(sl.raw);
+  const [tiImages, siImages] = [ti.images, si.images];
+  const pair = (images: IdxImages, lab: Uint8Array, imgFile: string, labFile: string): IdxPair => {
     const labels = parseIdxLabels(lab, labFile);
     if (labels.length !== images.count)
       throw new ConfigError(`IDX files ${imgFile} (${images.count} images) and ${labFile} (${labels.length} labels) do not match.`);
     return { images, labels, files: [imgFile, labFile] };
   };
-  const train = pair(ti.data, tl.data, paths[0], paths[1]);
-  const test = pair(si.data, sl.data, paths[2], paths[3]);
+  const train = pair(tiImages, tl.data, paths[0], paths[1]);
+  const test = pair(siImages, sl.data, paths[2], paths[3]);
   if (train.images.rows !== test.images.rows || train.images.cols !== test.images.cols)
     throw new ConfigError(`IDX files ${paths[0]} (${train.images.rows}x${train.images.cols}) and ${paths[2]} (${test.images.rows}x${test.images.cols}) have different image sizes.`);
   return { train, test, contentHash: h.digest("hex") };
@@ -255,8 +325,7 @@ export async function openIdxDataset(o: IdxDatasetOptions): Promise<Dataset> {
       const index = m ? Number(m[2]) : -1;
       if (!pair || index >= pair.images.count)
         throw new BadInputError(id, SKIP_REASONS.unknownSample, `${id} is not a sample of ${o.name}.`);
-      const px = rows * cols;
-      return grayToRgb(id, pair.images.pixels.subarray(index * px, (index + 1) * px), cols, rows, size);
+      return grayToRgb(id, await idxImage(pair.images, index), cols, rows, size);
     },
   };
 }

@@ -6,6 +6,8 @@
  *   mnist:<dir>         the four MNIST IDX files in <dir> (gz or not), classes "0".."9"
  *   idx:<dir>           the same, for any IDX set; class names from <dir>/classes.txt (one a line)
  *                       when present, else "0".."9"
+ *   synthetic:N[:classes]  N procedural images made from (seed, index) on the fly (default 10 classes):
+ *                       for scale benches and tests, no files (core/datasets/synthetic.ts)
  *   <folder>            one sub-folder per class (a folder literally named "fashion-mnist" is ./fashion-mnist)
  */
 import { readFile } from "node:fs/promises";
@@ -15,6 +17,7 @@ import { ConfigError } from "../runtime/errors.js";
 import { envString } from "../runtime/config.js";
 import { openFolderDataset } from "./folder.js";
 import { DIGIT_CLASSES, FASHION_MNIST_CLASSES, openIdxDataset } from "./idx.js";
+import { openSyntheticDataset, parseSyntheticSpec, SYNTHETIC_PREFIX } from "./synthetic.js";
 import type { Dataset } from "./types.js";
 
 export type { Dataset, SampleRef, SkippedInput, Split } from "./types.js";
@@ -57,7 +60,10 @@ async function idxClasses(dir: string): Promise<string[]> {
 
 /** Opens the data set named by `spec` (the `--data` value). Throws ConfigError for anything fatal. */
 export async function openDataset(spec: string, opts: OpenOptions): Promise<Dataset> {
+  // A bad synthetic spec is refused before the options are even looked at: it is the first thing to fix.
+  if (spec.startsWith(SYNTHETIC_PREFIX)) parseSyntheticSpec(spec);
   checkOptions(opts);
+  if (spec.startsWith(SYNTHETIC_PREFIX)) return openSyntheticDataset({ spec, seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit });
   const common = { seed: opts.seed, valSplit: opts.valSplit, limit: opts.limit };
   if (spec === "fashion-mnist") {
     const dir = envString("CTRAIN_FASHION_MNIST_DIR") ?? FASHION_MNIST_DIR;

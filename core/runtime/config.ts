@@ -193,7 +193,7 @@ function spec<K extends keyof JobOptions>(s: OptionSpec<K>): OptionSpec<K> {
 
 /** The schema: flag name = key in kebab-case. Order is the order of `--help`. */
 export const OPTION_SPECS = [
-  spec({ key: "data", kind: "string", help: "fashion-mnist | mnist:<dir of IDX files> | <folder with one sub-folder per class>", default: () => "fashion-mnist" }),
+  spec({ key: "data", kind: "string", help: "fashion-mnist | mnist:<dir of IDX files> | synthetic:N[:classes] (procedural images, for scale benches) | <folder with one sub-folder per class>", default: () => "fashion-mnist" }),
   spec({ key: "model", kind: "string", help: "mobilenet_v2 | <folder with model.json> | <http(s) URL of model.json>", default: () => "mobilenet_v2" }),
   spec({ key: "inputSize", kind: "int", help: "input size in pixels (square)", default: () => 96, min: 32, max: 1024 }),
   spec({ key: "featureLayer", kind: "string", help: "layer whose output is the feature (auto = the model's base output)", default: () => "auto" }),

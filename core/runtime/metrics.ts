@@ -13,6 +13,7 @@
  */
 import { SKIP_REASONS } from "../datasets/types.js";
 import { ConfigError } from "./errors.js";
+import { MEMORY_KINDS, memoryHeld } from "./memory_accounting.js";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import { rename, writeFile } from "node:fs/promises";
 import type { AddressInfo } from "node:net";
@@ -285,6 +286,18 @@ export function createMetrics(registry: Registry, labels: { job: string; worker?
     help: "Compute backend (training) and inference engine (frozen forward passes) in use (value 1).",
     labelNames: ["job", "worker", "backend", "engine"] as const,
     registers,
+  });
+  // Read at scrape time: the process RSS and what core/runtime/memory_accounting.ts counts as held for data.
+  new Gauge({
+    name: "ctrain_memory_bytes",
+    help: "Memory of this process in bytes: kind=rss (resident set), features (feature rows held: cache blocks, splits in memory), images (decoded images held).",
+    labelNames: ["job", "worker", "kind"] as const,
+    registers,
+    collect() {
+      this.set({ job, worker, kind: "rss" }, process.memoryUsage.rss());
+      const held = memoryHeld();
+      for (const kind of MEMORY_KINDS) this.set({ job, worker, kind }, held[kind]);
+    },
   });
 
   const stepComputeSeconds = new Gauge({

@@ -3,7 +3,7 @@
  * share: gradients of the mean loss over a batch, an optional hook that may replace them (the
  * data-parallel path averages them across workers there), then the optimizer update. Epochs walk a
  * seeded permutation so every process that knows the seed knows every batch. The one epoch loop
- * ({@link fitBatches}; {@link fit} for rows in memory, augment_training's fitImages for images)
+ * ({@link fit}, over any {@link BatchSource}: rows in memory, augmented images, activations, a streamed feature cache)
  * carries Keras' training controls: early stopping, best weights restored, a learning-rate
  * schedule, class weights and label smoothing ({@link TrainingControls}).
  *
@@ -189,45 +189,93 @@ export function evaluate(model: tf.LayersModel, data: ArrayData, numClasses: num
 
 /** Batches of one epoch: a seeded permutation cut into `batchSize` pieces (the last may be short). */
 export function epochBatches(n: number, batchSize: number, seed: number, epoch: number): Int32Array[] {
-  const perm = new Rng(seed * 1000003 + epoch).permutation(n);
+  return cutBatches(new Rng(seed * 1000003 + epoch).permutation(n), batchSize);
+}
+
+/** `order` cut into `batchSize` pieces (the last may be short). */
+export function cutBatches(order: Int32Array, batchSize: number): Int32Array[] {
   const out: Int32Array[] = [];
-  for (let i = 0; i < n; i += batchSize) out.push(perm.subarray(i, Math.min(n, i + batchSize)));
+  for (let i = 0; i < order.length; i += batchSize) out.push(order.subarray(i, Math.min(order.length, i + batchSize)));
   return out;
 }
 
 let running = false;
 
-/** Trains `model`'s trainable weights on `train`. One fit at a time per process. */
-export async function fit(model: tf.LayersModel, train: ArrayData, opts: FitOptions): Promise<EpochStats[]> {
+/**
+ * Trains `model`'s trainable weights: the one training loop of ctrain. `data` is rows in memory
+ * ({@link ArrayData}, with `opts.validation` and `opts.sliceOf`) or any {@link BatchSource}: augmented
+ * images (core/training/image_batches.ts), activations, or a feature cache streamed from disk
+ * (core/training/feature_batches.ts). One fit at a time per process.
+ */
+export async function fit(model: tf.LayersModel, data: ArrayData | BatchSource, opts: FitOptions): Promise<EpochStats[]> {
+  if (!isArrayData(data)) {
+    if (opts.validation || opts.sliceOf) throw new RangeError("fit: validation and sliceOf belong to rows in memory; a BatchSource validates and slices itself");
+    return fitBatches(model, data, opts);
+  }
   const { validation, sliceOf, ...rest } = opts;
-  const hasValidation = validation !== undefined && numSamples(validation) > 0;
-  return fitBatches(model, {
-    samples: numSamples(train),
-    batch: (indices, b) => takeRows(train, sliceOf ? sliceOf(indices, b) : indices),
-    validate: hasValidation ? async () => evaluate(model, validation, opts.numClasses) : undefined,
-  }, rest);
+  return fitBatches(model, arrayBatches(data, opts.numClasses, { validation, sliceOf }), rest);
 }
 
-/** Where {@link fitBatches} gets its data. */
+function isArrayData(d: ArrayData | BatchSource): d is ArrayData {
+  return (d as ArrayData).x instanceof Float32Array && Array.isArray((d as ArrayData).sampleShape);
+}
+
+/** Rows in memory as a {@link BatchSource}: seeded batches gathered by row, validation on `validation` when it has rows. */
+export function arrayBatches(train: ArrayData, numClasses: number, o: { validation?: ArrayData; sliceOf?: FitOptions["sliceOf"] } = {}): BatchSource {
+  const { validation, sliceOf } = o;
+  return {
+    samples: numSamples(train),
+    batch: (indices, b) => takeRows(train, sliceOf ? sliceOf(indices, b) : indices),
+    validate: validation !== undefined && numSamples(validation) > 0 ? async (m) => evaluate(m, validation, numClasses) : undefined,
+  };
+}
+
+/**
+ * Loss, accuracy and predictions over batches that arrive one after another (a split streamed from
+ * a feature cache, images decoded per batch): only one batch is held at a time.
+ */
+export async function evaluateBatches(model: tf.LayersModel, batches: AsyncIterable<ArrayData>, numClasses: number, samples: number): Promise<Evaluation> {
+  const predictions = new Int32Array(samples);
+  let lossSum = 0, correct = 0, at = 0;
+  for await (const b of batches) {
+    const m = numSamples(b);
+    if (m === 0) continue;
+    const ev = evaluate(model, b, numClasses, 256);
+    lossSum += ev.loss * m;
+    for (let i = 0; i < m; i++) if (ev.predictions[i] === b.y[i]) correct++;
+    predictions.set(ev.predictions, at);
+    at += m;
+  }
+  if (at !== samples) throw new RangeError(`evaluateBatches: ${at} samples arrived, ${samples} expected`);
+  return { loss: at ? lossSum / at : NaN, accuracy: at ? correct / at : NaN, predictions };
+}
+
+/** Where {@link fit} gets its data. */
 export interface BatchSource {
-  /** Training samples; batches are a seeded permutation of 0..samples-1. */
+  /** Training samples; batches are a seeded permutation of 0..samples-1 unless {@link order} says otherwise. */
   samples: number;
   /** The training rows of global batch `b` (sample indices in order). */
   batch(indices: Int32Array, b: number, epoch: number): ArrayData | Promise<ArrayData>;
   /**
-   * Prepare batch b + 1 while batch b trains (decoding images). Default false: `batch` is then called
-   * right before its step, which data-parallel `sliceOf` callers rely on (they note the current batch).
+   * The epoch's sample order (a permutation of 0..samples-1, cut into batches by the loop). Default:
+   * a seeded uniform permutation ({@link epochBatches}). A source streamed from disk gives an order
+   * that stays local (shuffled blocks, rows shuffled within a window of blocks) so reads stay sequential.
+   */
+  order?(epoch: number): Int32Array;
+  /**
+   * Prepare batch b + 1 while batch b trains (decoding images, reading the cache). Default false: `batch` is then
+   * called right before its step, which data-parallel `sliceOf` callers rely on (they note the current batch).
    */
   prefetch?: boolean;
-  /** Validation loss and accuracy of the model as it is now (undefined: no validation). */
-  validate?: () => Promise<{ loss: number; accuracy: number }>;
+  /** Validation loss and accuracy of `model` as it is now (undefined: no validation). */
+  validate?: (model: tf.LayersModel) => Promise<{ loss: number; accuracy: number }>;
 }
 
 /**
- * The epoch loop every trainer shares: seeded batches, the shared step, the training controls.
+ * The epoch loop behind {@link fit}: seeded batches, the shared step, the training controls.
  * Argument checks come first; the learning rate the optimizer started with is put back at the end.
  */
-export async function fitBatches(model: tf.LayersModel, data: BatchSource, opts: Omit<FitOptions, "validation" | "sliceOf">): Promise<EpochStats[]> {
+async function fitBatches(model: tf.LayersModel, data: BatchSource, opts: Omit<FitOptions, "validation" | "sliceOf">): Promise<EpochStats[]> {
   if (!(opts.epochs >= 1)) throw new RangeError(`fit: epochs must be >= 1, got ${opts.epochs}`);
   if (!(opts.batchSize >= 1)) throw new RangeError(`fit: batchSize must be >= 1, got ${opts.batchSize}`);
   if (data.samples === 0) throw new RangeError("fit: no training samples");
@@ -246,7 +294,7 @@ export async function fitBatches(model: tf.LayersModel, data: BatchSource, opts:
       const stats = await trainEpoch(model, data, opts, epoch);
       if (lr !== undefined) stats.lr = lr;
       if (data.validate) {
-        const v = await data.validate();
+        const v = await data.validate(model);
         stats.val_loss = v.loss;
         stats.val_accuracy = v.accuracy;
       }
@@ -268,7 +316,9 @@ export async function fitBatches(model: tf.LayersModel, data: BatchSource, opts:
 /** One pass over the epoch's batches (with `prefetch`, the next batch is prepared while the current one trains). */
 async function trainEpoch(model: tf.LayersModel, data: BatchSource, opts: Omit<FitOptions, "validation" | "sliceOf">, epoch: number): Promise<EpochStats> {
   const t0 = performance.now();
-  const batches = epochBatches(data.samples, opts.batchSize, opts.seed, epoch);
+  const order = data.order?.(epoch);
+  if (order && order.length !== data.samples) throw new RangeError(`fit: the batch source's epoch order has ${order.length} samples, it says ${data.samples}`);
+  const batches = order ? cutBatches(order, opts.batchSize) : epochBatches(data.samples, opts.batchSize, opts.seed, epoch);
   let lossSum = 0;
   let correct = 0;
   let seen = 0;

@@ -1,0 +1,150 @@
+/**
+ * Images as a {@link BatchSource} for the one training loop (train_loop's fit): decoded, optionally
+ * augmented, and optionally passed through a frozen stage per batch.
+ *
+ * Images: decoded once with Dataset.readRgb into one in-memory uint8 array when they fit in
+ * `memoryBudgetBytes` (default 1 GiB: 36k images at 96x96 -- decoding and resizing through sharp
+ * costs about as much as a forward pass of the top of the base, so re-decoding every epoch would
+ * double the cost of small runs); above the budget they are decoded again per batch (every epoch).
+ * Augmentation runs as tf ops on each step's batch, so no augmented copy is ever stored.
+ *
+ * The frozen part of an image-fed model (the whole base for method 2, the bottom below the cut for
+ * fine-tuning) is a {@link FrozenStage}: it runs on the inference engine (onnxruntime when the model
+ * converts, core/models/inference_engine.ts) and only the trainable part runs in tfjs. Gradients
+ * stop at the frozen part anyway, so splitting there changes no result and moves the most expensive
+ * forward pass to the fastest engine.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { type AugmentOptions, augmentBatch, batchSeed } from "../datasets/augment.js";
+import type { Dataset, SampleRef } from "../datasets/types.js";
+import { preprocess } from "../models/feature_model.js";
+import type { Preprocessing } from "../models/model_zoo.js";
+import { heldBytes } from "../runtime/memory_accounting.js";
+import { Rng } from "../runtime/rng.js";
+import { type ArrayData, type BatchSource, type Evaluation, evaluate } from "./train_loop.js";
+
+/** The frozen part of an image-fed model: [0, 255] NHWC pixels -> the rows the trainable part takes. */
+export interface FrozenStage {
+  /** Shape of one output row (before flattening). */
+  readonly featureShape: number[];
+  extract(pixels: Uint8Array | Float32Array, n: number): Promise<Float32Array>;
+}
+
+/** Labelled images of one split, fetched by row. */
+export interface ImageSource {
+  readonly size: number;
+  readonly labels: Int32Array;
+  /** size*size*3 bytes per requested row, HWC, in `rows` order. */
+  batch(rows: ArrayLike<number>): Promise<Uint8Array>;
+  /** Whether rows come from memory (true) or are decoded on every call (false). */
+  readonly inMemory: boolean;
+}
+
+/** Default memory for decoded images of one job (all splits). */
+export const DEFAULT_IMAGE_MEMORY_BYTES = 1 << 30;
+
+/**
+ * The images of `samples` (known-good ids, e.g. a feature cache's rows) as an ImageSource: decoded
+ * once into memory if `samples.length * size^2 * 3 <= memoryBudgetBytes`, else decoded per batch.
+ */
+export async function openImages(dataset: Dataset, samples: SampleRef[], size: number, memoryBudgetBytes = DEFAULT_IMAGE_MEMORY_BYTES): Promise<ImageSource> {
+  const pixels = size * size * 3;
+  const labels = Int32Array.from(samples.map((s) => s.label));
+  if (samples.length * pixels <= memoryBudgetBytes) {
+    const all = new Uint8Array(samples.length * pixels);
+    heldBytes("images", all.byteLength, all);
+    const chunk = 64;
+    for (let i = 0; i < samples.length; i += chunk) {
+      const part = await Promise.all(samples.slice(i, i + chunk).map((s) => dataset.readRgb(s, size)));
+      part.forEach((rgb, j) => all.set(rgb, (i + j) * pixels));
+    }
+    return {
+      size, labels, inMemory: true,
+      async batch(rows) {
+        const out = new Uint8Array(rows.length * pixels);
+        for (let i = 0; i < rows.length; i++) out.set(all.subarray(rows[i] * pixels, (rows[i] + 1) * pixels), i * pixels);
+        return out;
+      },
+    };
+  }
+  return {
+    size, labels, inMemory: false,
+    async batch(rows) {
+      const out = new Uint8Array(rows.length * pixels);
+      const decoded = await Promise.all(Array.from(rows, (r) => dataset.readRgb(samples[r], size)));
+      decoded.forEach((rgb, i) => out.set(rgb, i * pixels));
+      return out;
+    },
+  };
+}
+
+/** Samples of a split in the row order of `ids` (a feature cache's rows: skipped inputs excluded). */
+export function samplesOf(dataset: Dataset, ids: string[], splits: string[], split: string): SampleRef[] {
+  const byId = new Map(dataset.samples.map((s) => [s.id, s]));
+  const out: SampleRef[] = [];
+  ids.forEach((id, i) => { if (splits[i] === split) out.push(byId.get(id)!); });
+  return out;
+}
+
+/**
+ * One (optionally augmented) batch as the ArrayData computeGradients takes: through `frozen` when
+ * given (rows of its output), else preprocessed pixels for a model that starts at the image.
+ */
+export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, rng: Rng, frozen?: FrozenStage): Promise<ArrayData> {
+  const rgb = await source.batch(rows);
+  const s = source.size;
+  const y = new Int32Array(rows.length);
+  for (let i = 0; i < rows.length; i++) y[i] = source.labels[rows[i]];
+  if (frozen && !augment) return { x: await frozen.extract(rgb, rows.length), sampleShape: frozen.featureShape, y };
+  const x = tf.tidy(() => {
+    const raw = tf.tensor4d(rgb, [rows.length, s, s, 3], "int32");
+    const img = augment ? augmentBatch(raw, augment, rng) : raw;
+    return frozen ? img.toFloat() : preprocess(img, preprocessing);
+  });
+  const data = x.dataSync() as Float32Array;
+  x.dispose();
+  if (frozen) return { x: await frozen.extract(data, rows.length), sampleShape: frozen.featureShape, y };
+  return { x: data, sampleShape: [s, s, 3], y };
+}
+
+/** Loss, accuracy and predictions of an image -> probabilities model on a whole split, in batches. */
+export async function evaluateImages(model: tf.LayersModel, source: ImageSource, preprocessing: Preprocessing, numClasses: number, batchSize = 64, frozen?: FrozenStage): Promise<Evaluation> {
+  const n = source.labels.length;
+  const predictions = new Int32Array(n);
+  let lossSum = 0, correct = 0;
+  for (let start = 0; start < n; start += batchSize) {
+    const rows = Int32Array.from({ length: Math.min(batchSize, n - start) }, (_, i) => start + i);
+    const b = await imageBatch(source, rows, preprocessing, null, new Rng(0), frozen);
+    const ev = evaluate(model, b, numClasses, batchSize);
+    lossSum += ev.loss * rows.length;
+    correct += Math.round(ev.accuracy * rows.length);
+    predictions.set(ev.predictions, start);
+  }
+  return { loss: n ? lossSum / n : NaN, accuracy: n ? correct / n : NaN, predictions };
+}
+
+/** How {@link imageBatches} turns images into training rows. */
+export interface ImageBatchOptions {
+  /** Seed of the per-batch augmentation (the job's seed: the same as fit's). */
+  seed: number;
+  preprocessing: Preprocessing;
+  /** null = no augmentation. */
+  augment: AugmentOptions | null;
+  /** The frozen part in front of the trained model (it then takes its output rows); absent: the model takes preprocessed images. */
+  frozen?: FrozenStage;
+  /** Validation loss/accuracy after each epoch (the caller picks the cheapest equivalent model). */
+  validate?: BatchSource["validate"];
+}
+
+/**
+ * Images as a BatchSource: fit's seeded batches, each decoded, augmented with a generator seeded by
+ * (seed, epoch, batch) and passed through the frozen stage; the next batch is prepared while the current one trains.
+ */
+export function imageBatches(train: ImageSource, o: ImageBatchOptions): BatchSource {
+  return {
+    samples: train.labels.length,
+    batch: (indices, b, epoch) => imageBatch(train, indices, o.preprocessing, o.augment, new Rng(batchSeed(o.seed, epoch, b)), o.frozen),
+    prefetch: true,
+    validate: o.validate,
+  };
+}
