@@ -282,6 +282,9 @@ export class ExtractionRoundRun {
   /** Hands a verified shard to runExtraction; it counts as done only once stored. */
   private async store(wire: string, data: FeatureShardData, fs: FeatureShard, worker?: string): Promise<void> {
     await this.sink.onShard(data);
+    // The shard is on the coordinator's disk now (a restarted run resumes from there): drop it from
+    // the object store, so nats-server holds only shards in flight, not the whole data set's features.
+    await this.stores.os.delete(wire).catch((err: unknown) => this.o.log.debug("feature object not deleted", { shard: wire, error: err as Error }));
     // Only once stored: completed before, a faster shard fetched alongside could finish the round
     // while this one was still being written, and the commit then missed its samples.
     const done = this.ledger.complete(wire);
