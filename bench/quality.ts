@@ -156,11 +156,13 @@ async function main(): Promise<void> {
   if (methods.includes("baseline")) for (const l of limits.size ? limits : [limit]) todo.unshift(() => baselineRows(data, dataArg, l, ["--log-format", "json", ...train]));
   if (process.argv.includes("--dry-run")) return console.log(`${todo.length} commands`);
 
-  const previous = existsSync(RESULTS) ? (await readJson<{ rows: Row[] }>(RESULTS)).rows : [];
-  const byKey = new Map(previous.map((r) => [keyOf(r), r]));
+  let byKey = new Map<string, Row>();
   for (const step of todo) {
     for (const row of await step()) {
       console.log(JSON.stringify({ data: row.data, limit: row.limit, model: row.model, method: row.method, test_accuracy: row.test_accuracy }));
+      // Read again before each write: two benches (say baselines and method 1) may fill the file side by side.
+      const previous = existsSync(RESULTS) ? (await readJson<{ rows: Row[] }>(RESULTS)).rows : [];
+      byKey = new Map(previous.map((r) => [keyOf(r), r]));
       byKey.set(keyOf(row), row);
       // Written after every command: a bench stopped half-way keeps what it measured.
       const result = { bench: "quality", input_size: 96, machine: { cores: availableParallelism(), cpu: cpus()[0]?.model }, rows: [...byKey.values()] };
