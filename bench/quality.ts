@@ -12,7 +12,8 @@
  *   node dist/bench/quality.js [--data fashion-mnist|tinted] [--methods baseline,cached,augment,fine-tune]
  *     [--models mobilenet_v2,inception_v3] [--limit 0] [--augment-limit 3000] [--fine-tune-limit 3000]
  *     [--fine-tune-layers 18] [--fine-tune-epochs 5] [--fine-tune-learning-rate 1e-4] [--per-class 1500]
- *     [--epochs 20] [--lr-schedule cosine] [--feature-layer mobilenet_v2=block_12_add,inception_v3=auto] [--workers 1] [--cache-dir .ctrain-cache] [--dry-run]
+ *     [--epochs 20] [--lr-schedule cosine] [--feature-layer mobilenet_v2=block_12_add,inception_v3=auto]
+ *     [--baseline-models logistic,mlp] [--tag NAME (fine-tune variants: method "fine-tune NAME")] [--workers 1] [--cache-dir .ctrain-cache] [--dry-run] [--table (print the table of quality.json, run nothing)]
  *
  * --epochs and --lr-schedule go to every command, baselines included, so the pixels and the features
  * are trained alike; --feature-layer goes to the runs (block_12_add, as npm start).
@@ -82,9 +83,9 @@ interface BaselineSummary {
 
 const epochsOf = (p: { epochs: number; epochs_asked: number }): string => `${p.epochs}/${p.epochs_asked}`;
 
-async function baselineRows(data: string, dataArg: string, limit: number, common: string[]): Promise<Row[]> {
-  const out = join("runs", `bench-quality-baseline-${data}-${limit}`);
-  const args = ["baseline", "--data", dataArg, "--limit", String(limit), "--out", out, ...common];
+async function baselineRows(data: string, dataArg: string, limit: number, models: string, common: string[]): Promise<Row[]> {
+  const out = join("runs", `bench-quality-baseline-${data}-${limit}-${models.replace(/,/g, "-")}`);
+  const args = ["baseline", "--data", dataArg, "--limit", String(limit), "--models", models, "--out", out, ...common];
   const r = await ctrain(args);
   if (r.code !== 0) throw new Error(`ctrain baseline exited ${r.code}`);
   const s = await readJson<BaselineSummary>(join(out, "summary.json"));
@@ -95,10 +96,10 @@ async function baselineRows(data: string, dataArg: string, limit: number, common
   }));
 }
 
-async function runRows(data: string, dataArg: string, model: string, method: string, limit: number, extra: string[], common: string[]): Promise<Row[]> {
-  const tag = `${data}-${model}-${method}-${limit}`.replace(/[^a-zA-Z0-9-]/g, "-");
-  const out = join("runs", `bench-quality-${tag}`);
-  const args = ["run", "--data", dataArg, "--model", model, "--limit", String(limit), ...extra, "--out", out, "--job", `bq-${tag}`.slice(0, 63), "--metrics-port", "-1", ...common];
+async function runRows(data: string, dataArg: string, model: string, method: string, limit: number, extra: string[], common: string[], tag = ""): Promise<Row[]> {
+  const slug = `${data}-${model}-${method}-${limit}${tag ? `-${tag}` : ""}`.replace(/[^a-zA-Z0-9-]/g, "-");
+  const out = join("runs", `bench-quality-${slug}`);
+  const args = ["run", "--data", dataArg, "--model", model, "--limit", String(limit), ...extra, "--out", out, "--job", `bq-${slug}`.slice(0, 63), "--metrics-port", "-1", ...common];
   const r = await ctrain(args);
   if (r.code !== 0) throw new Error(`ctrain run exited ${r.code} (${tag})`);
   const s = await readJson<RunSummary>(join(out, "summary.json"));
@@ -108,10 +109,10 @@ async function runRows(data: string, dataArg: string, model: string, method: str
   const rows: Row[] = [{ ...base, method: method === "augment" ? "augment" : "cached", test_accuracy: head.test_accuracy, val_accuracy: head.val_accuracy, epochs: epochsOf(head), seconds: head.seconds, detail: layer }];
   const ft = s.phases.fine_tune;
   if (ft && s.fine_tune)
-    rows.push({ ...base, method: "fine-tune", test_accuracy: ft.test_accuracy, val_accuracy: ft.val_accuracy, epochs: epochsOf(ft), seconds: ft.seconds,
+    rows.push({ ...base, method: `fine-tune${tag ? ` ${tag}` : ""}`, test_accuracy: ft.test_accuracy, val_accuracy: ft.val_accuracy, epochs: epochsOf(ft), seconds: ft.seconds,
       detail: `${layer}; ${s.fine_tune.unfreeze} layers from ${s.fine_tune.first_unfrozen}, lr ${s.options["fine-tune-learning-rate"]}, ${s.options["lr-schedule"]} schedule` });
   // A fine-tuning run's head row is a method-1 row at this limit; keep it only when asked for method 1 here.
-  return method === "fine-tune" ? rows.filter((x) => x.method === "fine-tune") : rows;
+  return method === "fine-tune" ? rows.filter((x) => x.method.startsWith("fine-tune")) : rows;
 }
 
 function keyOf(r: Pick<Row, "data" | "limit" | "model" | "method">): string {
@@ -151,10 +152,11 @@ async function main(): Promise<void> {
   for (const model of models) {
     if (methods.includes("cached")) { limits.add(limit); todo.push(() => runRows(data, dataArg, model, "cached", limit, runArgs(model), common)); }
     if (methods.includes("augment")) { limits.add(augmentLimit); todo.push(() => runRows(data, dataArg, model, "augment", augmentLimit, ["--method", "augment", ...runArgs(model)], common)); }
-    if (methods.includes("fine-tune")) { limits.add(ftLimit); todo.push(() => runRows(data, dataArg, model, "fine-tune", ftLimit, [...ft, ...runArgs(model)], common)); }
+    if (methods.includes("fine-tune")) { limits.add(ftLimit); todo.push(() => runRows(data, dataArg, model, "fine-tune", ftLimit, [...ft, ...runArgs(model)], common, arg("tag", ""))); }
   }
-  if (methods.includes("baseline")) for (const l of limits.size ? limits : [limit]) todo.unshift(() => baselineRows(data, dataArg, l, ["--log-format", "json", ...train]));
+  if (methods.includes("baseline")) for (const l of limits.size ? limits : [limit]) todo.unshift(() => baselineRows(data, dataArg, l, arg("baseline-models", "logistic,mlp"), ["--log-format", "json", ...train]));
   if (process.argv.includes("--dry-run")) return console.log(`${todo.length} commands`);
+  if (process.argv.includes("--table")) return console.log(table((await readJson<{ rows: Row[] }>(RESULTS)).rows));
 
   let byKey = new Map<string, Row>();
   for (const step of todo) {
