@@ -110,7 +110,7 @@ async function runRows(data: string, dataArg: string, model: string, method: str
   const ft = s.phases.fine_tune;
   if (ft && s.fine_tune)
     rows.push({ ...base, method: `fine-tune${tag ? ` ${tag}` : ""}`, test_accuracy: ft.test_accuracy, val_accuracy: ft.val_accuracy, epochs: epochsOf(ft), seconds: ft.seconds,
-      detail: `${layer}; ${s.fine_tune.unfreeze} layers from ${s.fine_tune.first_unfrozen}, lr ${s.options["fine-tune-learning-rate"]}, ${s.options["lr-schedule"]} schedule` });
+      detail: `${layer}; unfrozen ${/^\d+$/.test(s.fine_tune.unfreeze) ? `${s.fine_tune.unfreeze} layers ` : ""}from ${s.fine_tune.first_unfrozen}, lr ${s.options["fine-tune-learning-rate"]}, ${s.options["lr-schedule"]} schedule` });
   // A fine-tuning run's head row is a method-1 row at this limit; keep it only when asked for method 1 here.
   return method === "fine-tune" ? rows.filter((x) => x.method.startsWith("fine-tune")) : rows;
 }
