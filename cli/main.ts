@@ -15,6 +15,7 @@ const COMMANDS: Record<string, Command> = {
   run: { summary: "whole job on this machine: embedded nats-server and N local workers", load: () => import("./run.js") },
   coordinator: { summary: "the job against an existing NATS (--nats URL); workers elsewhere", load: () => import("./coordinator.js") },
   worker: { summary: "a feature-extraction worker (--nats URL); serves /metrics", load: () => import("./worker.js") },
+  baseline: { summary: "logistic regression and an MLP on raw pixels, on the splits `run` uses", load: () => import("./baseline.js") },
   predict: { summary: "classify images with a trained model", load: () => import("./predict.js") },
   "model-info": { summary: "a pretrained base: preprocessing, parameters, layers worth cutting at", load: () => import("./model_info.js") },
   "export-onnx": { summary: "the frozen base (or a trained classifier) as an ONNX graph", load: () => import("./export_onnx.js") },

@@ -268,6 +268,8 @@ export const COMMAND_OPTIONS: Readonly<Record<string, readonly (keyof JobOptions
   predict: ["model", "backend", "engine", "engineProvider", "threads"],
   "model-info": ["model", "inputSize", "featureLayer", "preprocessing", "backend"],
   "export-onnx": ["model", "out", "inputSize", "featureLayer", "pooling", "preprocessing", "backend"],
+  baseline: ["data", "limit", "valSplit", "testSplit", "seed", "maxPixels", "epochs", "batchSize", "learningRate", "headUnits", "dropout",
+    "earlyStoppingPatience", "restoreBestWeights", "monitor", "lrSchedule", "lrPatience", "backend", "out", "job", "logFormat"],
 };
 
 /**
