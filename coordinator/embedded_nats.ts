@@ -2,7 +2,7 @@
  * The nats-server `ctrain run` starts for itself: on a free port of 127.0.0.1 (`port: -1`, read back
  * from the ports file the server writes), JetStream in a temp store dir, gone after `stop()`.
  * It always requires authentication: one user for the coordinator and one per local worker, each with
- * a fresh random password and its role's permissions (coordinator/nats_permissions.ts). The passwords
+ * a fresh random password and its role's permissions (proto/nats_permissions.ts). The passwords
  * live only in the 0600 config in a 0700 temp dir and in memory; callers hand them to workers through
  * the environment, never argv, and nothing logs them.
  * Adapted from the test harness (test/helpers/nats_server.ts), which production code must not import.
@@ -14,7 +14,7 @@ import { delimiter, join } from "node:path";
 import { envString } from "../core/runtime/config.js";
 import { ConfigError, ServiceStartError } from "../core/runtime/errors.js";
 import type { NatsAuth } from "../core/runtime/nats_connect.js";
-import { authorizationBlock, jobUsers } from "./nats_permissions.js";
+import { authorizationBlock, jobUsers } from "../proto/nats_permissions.js";
 
 export interface EmbeddedNatsOptions {
   /** nats-server binary. Default: $NATS_SERVER_BIN, /usr/sbin/nats-server, then PATH. */

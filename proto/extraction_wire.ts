@@ -52,7 +52,7 @@ export const ROUND_KEYS = {
   failed: (wire: string): string => `failed.${wire}`,
   /** Every `failed` key of a round (a KV key filter). */
   failedOfRound: (round: string): string => `failed.${round}.>`,
-  /** Every `error` key of the job (what a worker may write: coordinator/nats_permissions.ts). */
+  /** Every `error` key of the job (what a worker may write: proto/nats_permissions.ts). */
   errorAll: "error.>",
   /** Every `failed` key of the job (what a worker may write). */
   failedAll: "failed.>",

@@ -57,3 +57,21 @@ test("layout - core/ and proto/ know no role; no role imports another role", () 
   assert.ok(edges > 100, `only ${edges} imports found: the scan is broken`);
   assert.deepEqual(bad, []);
 });
+
+test("layout - only proto/ names NATS subjects, streams, KV keys and objects", () => {
+  // A string or template literal that starts like a subject, a JetStream/KV/object-store name, or a
+  // key of the job's state KV. (`ctrain.dev/` is a Kubernetes label prefix, not a subject.)
+  const inline = /[`"'](\$JS\.|\$KV\.|\$O\.|KV_|OBJ_|ctrain\.(?!dev\/)|ft\.|spec\.|error\.|failed\.|retry\.)/;
+  const bad: string[] = [];
+  let files = 0;
+  for (const folder of ["core", "coordinator", "worker", "cli"]) {
+    for (const file of sources(join(ROOT, folder))) {
+      files++;
+      readFileSync(file, "utf8").split("\n").forEach((line, i) => {
+        if (inline.test(line.replace(/^\s*(\*|\/\/).*$/, "").replace(/\/\/.*$/, ""))) bad.push(`${relative(ROOT, file)}:${i + 1}: ${line.trim().slice(0, 100)}`);
+      });
+    }
+  }
+  assert.ok(files > 50, `only ${files} files scanned`);
+  assert.deepEqual(bad, [], "build NATS names with proto/subjects.ts, extraction_wire.ts or training_wire.ts");
+});

@@ -14,9 +14,9 @@
  * its plan (coordinator/nats_executor.ts).
  */
 import { randomBytes } from "node:crypto";
-import { jobNames } from "../proto/subjects.js";
-import { TRAINING_KEYS } from "../proto/training_wire.js";
-import { ROUND_KEYS } from "../proto/extraction_wire.js";
+import { jobNames } from "./subjects.js";
+import { TRAINING_KEYS } from "./training_wire.js";
+import { ROUND_KEYS } from "./extraction_wire.js";
 
 /** A nats-server `permissions` block. */
 export interface NatsPermissions {
