@@ -35,6 +35,19 @@ export interface ExtractionOptions {
 
 export async function runExtraction(o: ExtractionOptions): Promise<ExtractionResult> {
   const t0 = performance.now();
+  const hit = await cacheHit(o, t0);
+  if (hit) return hit;
+  // One run at a time fills an entry; a run that waited here usually finds it committed.
+  const release = await o.cache.lock(o.key, (holder) => o.log.info("waiting for another run extracting the same features", { key: o.key, holder }));
+  try {
+    return (await cacheHit(o, t0)) ?? (await extract(o, t0));
+  } finally {
+    await release();
+  }
+}
+
+/** The cached entry of `o.key`, when there is a sound one. */
+async function cacheHit(o: ExtractionOptions, t0: number): Promise<ExtractionResult | undefined> {
   let cached: FeatureSet | undefined;
   if (o.cache.has(o.key)) {
     try {
@@ -50,6 +63,11 @@ export async function runExtraction(o: ExtractionOptions): Promise<ExtractionRes
     o.log.info("feature cache hit: nothing to extract", { key: o.key, samples: features.ids.length });
     return { features, cacheHit: true, images: 0, seconds: (performance.now() - t0) / 1000, shards: 0, shardsResumed: 0 };
   }
+  return undefined;
+}
+
+/** Extracts the shards the partial entry lacks and commits the entry. */
+async function extract(o: ExtractionOptions, t0: number): Promise<ExtractionResult> {
   const shards = planShards(o.dataset.samples, o.shardSize);
   const done = await o.cache.doneShards(o.key);
   const todo = shards.filter((s) => !done.has(s.id));

@@ -18,6 +18,7 @@
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { hostname } from "node:os";
 import { join } from "node:path";
 import { FileRows, type FeatureRows, MemoryRows } from "./feature_rows.js";
 import type { SkippedInput, Split } from "./types.js";
@@ -145,6 +146,38 @@ export class FeatureCache {
 
   has(key: string): boolean {
     return existsSync(join(this.entryDir(key), "meta.json"));
+  }
+
+  /**
+   * Takes the extraction lock of `key` (`<key>.lock`, holding `pid@host`), so two runs that share a
+   * cache folder never fill and commit the same entry at once (the second then found its shards gone
+   * under it). A lock held by a live process is waited for, polling every `pollMs` (`onWait` is called
+   * once, to say whom we wait for); one left by a dead process on this host is taken over. Returns the
+   * release function. A lock of another host is waited for: its process cannot be checked from here.
+   */
+  async lock(key: string, onWait?: (holder: string) => void, pollMs = 1000): Promise<() => Promise<void>> {
+    await mkdir(this.root, { recursive: true }).catch((err: unknown) => Promise.reject(storageError(err, this.root)));
+    const file = join(this.root, `${key}.lock`);
+    const me = `${process.pid}@${hostname()}`;
+    let told = false;
+    for (;;) {
+      try {
+        await writeFile(file, me, { flag: "wx" });
+        return async () => {
+          if ((await readFile(file, "utf8").catch(() => "")) === me) await rm(file, { force: true });
+        };
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw storageError(err, file);
+      }
+      const holder = (await readFile(file, "utf8").catch(() => "")).trim();
+      if (holder !== "" && !lockHolderAlive(holder)) {
+        await rm(file, { force: true });
+        continue;
+      }
+      if (!told) onWait?.(holder || "another process");
+      told = true;
+      await new Promise((r) => setTimeout(r, pollMs));
+    }
   }
 
   /** Shard ids already stored for an unfinished entry (a resumed run skips them). */
@@ -332,4 +365,16 @@ function indexJson(ids: string[], labels: Int32Array, splits: Split[]): string {
   const parts: string[] = [];
   for (let i = 0; i < ids.length; i++) parts.push(JSON.stringify({ id: ids[i], label: labels[i], split: splits[i] }));
   return `[${parts.join(",")}]`;
+}
+
+/** Whether the `pid@host` holding a cache lock still runs (always true for another host's process). */
+function lockHolderAlive(holder: string): boolean {
+  const [pid, host] = holder.split("@");
+  if (host !== hostname()) return true;
+  try {
+    process.kill(Number(pid), 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
 }
