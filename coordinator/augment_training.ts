@@ -12,8 +12,6 @@ import type { HeadTrainingOptions } from "./head_training.js";
 import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook, sparseCrossEntropy, type TrainingControls } from "../core/training/train_loop.js";
 import { type FrozenStage, imageBatches, type ImageSource } from "../core/training/image_batches.js";
 
-export { DEFAULT_IMAGE_MEMORY_BYTES, evaluateImages, type FrozenStage, imageBatch, type ImageSource, openImages, samplesOf } from "../core/training/image_batches.js";
-
 export interface ImageFitOptions {
   epochs: number;
   batchSize: number;

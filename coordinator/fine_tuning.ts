@@ -22,9 +22,11 @@ import type { FeatureSet } from "../core/datasets/feature_store.js";
 import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
 import type { Preprocessing, PretrainedSource } from "../core/models/model_zoo.js";
 import type { EngineOptions } from "../core/models/inference_engine.js";
-import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook, type TrainingControls } from "../core/training/train_loop.js";
-import { evaluateImages, fitImages, type FrozenStage, type ImageSource } from "./augment_training.js";
-import { confusionMatrix, resultEpoch, splitData } from "./head_training.js";
+import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook, resultEpoch, type TrainingControls } from "../core/training/train_loop.js";
+import { splitInMemory } from "../core/training/feature_batches.js";
+import { fitImages } from "./augment_training.js";
+import { evaluateImages, type FrozenStage, type ImageSource } from "../core/training/image_batches.js";
+import { confusionMatrix } from "./head_training.js";
 
 /** Data of the fine-tuning phase: cached activations at the cut, or images (augmentation on). */
 export type FineTuneData =
@@ -74,7 +76,7 @@ export function activationExtractor(source: PretrainedSource, inputSize: number,
 
 /** One split of a cached activation set, rows shaped [h, w, c]. */
 export function activationData(set: FeatureSet, split: "train" | "val" | "test"): ArrayData {
-  return { ...splitData(set, split), sampleShape: set.meta.featureShape };
+  return { ...splitInMemory(set, split), sampleShape: set.meta.featureShape };
 }
 
 /** Fine-tunes `split.top` and `head` in place. */

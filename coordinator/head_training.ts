@@ -5,11 +5,10 @@
  * not the split, so the head phase's memory does not grow with the data set.
  */
 import * as tf from "@tensorflow/tfjs";
-import type { Split } from "../core/datasets/types.js";
 import type { FeatureSet } from "../core/datasets/feature_store.js";
 import { buildHead } from "../core/models/head.js";
 import { evaluateSplit, featureBatches, splitInMemory, splitLabels, type StreamOptions } from "../core/training/feature_batches.js";
-import { type ArrayData, type EpochStats, evaluate, fit, type FitOptions, type TrainingControls } from "../core/training/train_loop.js";
+import { type EpochStats, evaluate, fit, type FitOptions, resultEpoch, type TrainingControls } from "../core/training/train_loop.js";
 
 export interface HeadTrainingOptions {
   epochs: number;
@@ -40,16 +39,6 @@ export interface HeadTrainingResult {
   seconds: number;
 }
 
-/** The rows of one split as training data, in memory (read by position: only that split's rows). */
-export function splitData(set: FeatureSet, split: Split): ArrayData {
-  return splitInMemory(set, split);
-}
-
-/** The epoch whose weights a phase ended with: the best one when best weights were restored, else the last. */
-export function resultEpoch(history: EpochStats[]): EpochStats | undefined {
-  return history.find((h) => h.best) ?? history.at(-1);
-}
-
 /** confusion[true][predicted] counts. */
 export function confusionMatrix(labels: Int32Array, predictions: Int32Array, numClasses: number): number[][] {
   const m = Array.from({ length: numClasses }, () => new Array<number>(numClasses).fill(0));
@@ -67,13 +56,13 @@ export async function trainHead(set: FeatureSet, o: HeadTrainingOptions): Promis
   let history: EpochStats[];
   try {
     history = o.stream === false
-      ? await fit(head, splitData(set, "train"), { ...fitOptions, validation: splitData(set, "val") })
+      ? await fit(head, splitInMemory(set, "train"), { ...fitOptions, validation: splitInMemory(set, "val") })
       : await fit(head, featureBatches(set, "train", numClasses, { seed: o.seed, validation: "val", ...o.streamOptions }), fitOptions);
   } finally {
     optimizer.dispose();
   }
   const testLabels = splitLabels(set, "test");
-  const ev = o.stream === false ? evaluate(head, splitData(set, "test"), numClasses) : await evaluateSplit(head, set, "test", numClasses);
+  const ev = o.stream === false ? evaluate(head, splitInMemory(set, "test"), numClasses) : await evaluateSplit(head, set, "test", numClasses);
   return {
     head,
     history,

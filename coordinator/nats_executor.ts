@@ -29,9 +29,6 @@ import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import { DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../proto/extraction_wire.js";
 import type { Shard, ShardExecutor } from "../core/datasets/shards.js";
 import { ExtractionRoundRun, type ExecutorStats } from "./extraction_round.js";
-import { ShardFailedError } from "../core/runtime/errors.js";
-/** Re-exported from core/runtime/errors.ts, where every error that decides recovery lives. */
-export { ShardFailedError };
 export { checkAgainstPlan, ShardRejected } from "./extraction_plan_check.js";
 export type { ExecutorStats } from "./extraction_round.js";
 
@@ -49,8 +46,6 @@ export interface NatsExecutorOptions {
    * shard-done notice came for a whole period, and every 10th sweep regardless. Default 2000.
    */
   sweepMs?: number;
-  /** Workers to report in describe(). Default opts.workers. */
-  workers?: number;
   /** Aborting fails the extraction with the signal's reason (e.g. every local worker process died). */
   signal?: AbortSignal;
 }
@@ -71,7 +66,7 @@ export class NatsShardExecutor implements ShardExecutor {
   ) {}
 
   describe(): { workers: number } {
-    return { workers: this.o.workers ?? this.o.opts.workers };
+    return { workers: this.o.opts.workers };
   }
 
   /** Extracts `shards` on the job's workers as one round; rejects with ShardFailedError when a shard gives up. */

@@ -15,7 +15,8 @@ import { ConfigError } from "../core/runtime/errors.js";
 import { buildFeatureExtractor } from "../core/models/feature_model.js";
 import { loadPretrained } from "../core/models/model_zoo.js";
 import { Rng } from "../core/runtime/rng.js";
-import { fitImages, openImages, trainHeadWithAugmentation } from "../coordinator/augment_training.js";
+import { fitImages, trainHeadWithAugmentation } from "../coordinator/augment_training.js";
+import { openImages } from "../core/training/image_batches.js";
 
 const skip = existsSync(FASHION_MNIST_DIR) ? false : `${FASHION_MNIST_DIR} missing (apt-get install dataset-fashion-mnist)`;
 const NONE: AugmentOptions = resolveAugment({ flip: false, rotation: 0, zoom: 0, translation: 0 });

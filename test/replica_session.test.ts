@@ -5,8 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
-import { EvictedError, MembershipChanged, ReplicaMismatchError } from "../core/runtime/errors.js";
-import { StepPeersLostError } from "../worker/gradient_averaging.js";
+import { EvictedError, MembershipChanged, ReplicaMismatchError, StepPeersLostError } from "../core/runtime/errors.js";
 import { ChecksumBook } from "../worker/replica_checksums.js";
 import { advanceCursor, buildReport, doneReport, endReport, isBoundaryStep, isCheckpointStep, isChecksumStep, lostPeersOf, trainingSummary } from "../worker/replica_steps.js";
 

@@ -63,8 +63,6 @@ import type { GradientHook } from "../core/training/train_loop.js";
 import { DecodeError, decode, makeHeader, type TensorChunk } from "../proto/codec.js";
 import { jobNames, validateWorkerId, type JobNames } from "../proto/subjects.js";
 import { NonFiniteGradientError, StepPeersLostError } from "../core/runtime/errors.js";
-/** Re-exported from core/runtime/errors.ts, where every error that decides recovery lives. */
-export { NonFiniteGradientError, StepPeersLostError };
 
 /** The part of the process metrics (core/runtime/metrics.ts) the averager reports to. */
 export type AveragerMetrics = Pick<CtrainMetrics, "observeAllreduce" | "droppedMessage">;

@@ -56,11 +56,6 @@ export interface NatsWorkerOptions {
   metrics?: CtrainMetrics;
   /** Compute backend in use, for the registry. */
   backend: BackendName;
-  /**
-   * @deprecated Ignored: images per forward pass are the round's (ExtractionRound.images_per_batch,
-   * the coordinator's `--extract-batch-size`), the same on every worker.
-   */
-  batchSize?: number;
   /** onnxruntime threads when the job spec leaves it to the worker (0). Default: this machine's cores. */
   threads?: number;
   /** onnxruntime execution provider of this machine. Default auto (cuda when installed). */

@@ -5,9 +5,8 @@
  * (worker/replica_session.ts) calls these; test/replica_session.test.ts checks them without NATS.
  */
 import type { DataCursor } from "../core/training/checkpoints.js";
-import { EvictedError } from "../core/runtime/errors.js";
+import { EvictedError, StepPeersLostError } from "../core/runtime/errors.js";
 import type { TrainingReport } from "../proto/training_wire.js";
-import { StepPeersLostError } from "./gradient_averaging.js";
 
 /** The cursor after batch `batch` of `batches` in training epoch `epoch` ran: the next batch to run, one step further. */
 export function advanceCursor(cursor: DataCursor, done: { epoch: number; batch: number; batches: number }): DataCursor {

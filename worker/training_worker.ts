@@ -26,11 +26,8 @@
  * difference. Member 0 writes a checkpoint every `checkpointEvery` steps (before the step runs, so
  * its cursor is exact) and the final state.
  */
-import { ReplicaMismatchError, EvictedError } from "../core/runtime/errors.js";
 import { ReplicaSession, type TrainingWorkerOptions } from "./replica_session.js";
 
-/** Re-exported from core/runtime/errors.ts, where every error that decides recovery lives. */
-export { ReplicaMismatchError, EvictedError };
 export type { TrainingWorkerOptions };
 
 /** Runs one training attempt to its end. Reports every outcome in the state KV; never throws. */

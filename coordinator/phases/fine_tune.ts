@@ -13,7 +13,7 @@ import { ConfigError } from "../../core/runtime/errors.js";
 import { augmentOf } from "../../core/datasets/augment.js";
 import { buildSplit, type SplitBase } from "../../core/models/model_split.js";
 import { registerWasmTrainingKernels } from "../../core/models/wasm_kernels.js";
-import { openImages, samplesOf } from "../augment_training.js";
+import { openImages, samplesOf } from "../../core/training/image_batches.js";
 import { activationData, activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "../fine_tuning.js";
 import { runDataParallelFineTune } from "../data_parallel.js";
 import type { JobCluster, JobSummary } from "../job.js";

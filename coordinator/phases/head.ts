@@ -6,8 +6,11 @@
  */
 import type { FeatureSet } from "../../core/datasets/feature_store.js";
 import { augmentOf } from "../../core/datasets/augment.js";
-import { openImages, samplesOf, trainHeadWithAugmentation } from "../augment_training.js";
-import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, resultEpoch, splitData, trainHead } from "../head_training.js";
+import { trainHeadWithAugmentation } from "../augment_training.js";
+import { openImages, samplesOf } from "../../core/training/image_batches.js";
+import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, trainHead } from "../head_training.js";
+import { resultEpoch } from "../../core/training/train_loop.js";
+import { splitInMemory } from "../../core/training/feature_batches.js";
 import { phaseProgress, round } from "./progress.js";
 import type { JobContext } from "./setup.js";
 
@@ -37,10 +40,10 @@ async function trainAugmented(ctx: JobContext, features: FeatureSet, options: He
   const train = await openImages(dataset, samplesOf(dataset, features.ids, features.splits, "train"), opts.inputSize);
   ctx.log.info("augmentation", { images: train.labels.length, in_memory: train.inMemory, ...augmentOf(opts) });
   const r = await trainHeadWithAugmentation(
-    { base: extractor, train, val: splitData(features, "val"), test: splitData(features, "test") },
+    { base: extractor, train, val: splitInMemory(features, "val"), test: splitInMemory(features, "test") },
     { ...options, numClasses, augment: augmentOf(opts), preprocessing: extractor.preprocessing },
   );
-  const testY = splitData(features, "test").y;
+  const testY = splitInMemory(features, "test").y;
   return {
     head: r.head, history: r.history, seconds: r.seconds, val_accuracy: resultEpoch(r.history)?.val_accuracy ?? NaN,
     test: { loss: r.test.loss, accuracy: r.test.accuracy, samples: testY.length, confusion: confusionMatrix(testY, r.test.predictions, numClasses) },

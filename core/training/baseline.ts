@@ -14,7 +14,7 @@ import * as tf from "@tensorflow/tfjs";
 import type { Dataset, SampleRef, Split } from "../datasets/types.js";
 import { BadInputError } from "../runtime/errors.js";
 import { buildHead } from "../models/head.js";
-import { type ArrayData, type EpochStats, evaluate, fit, type TrainingControls } from "./train_loop.js";
+import { type ArrayData, type EpochStats, evaluate, fit, resultEpoch, type TrainingControls } from "./train_loop.js";
 
 export const BASELINE_KINDS = ["logistic", "mlp"] as const;
 export type BaselineKind = (typeof BASELINE_KINDS)[number];
@@ -135,7 +135,7 @@ export async function trainBaseline(data: PixelData, o: BaselineOptions): Promis
       validation: data.val.y.length > 0 ? data.val : undefined, controls: o.controls, onEpochEnd: o.onEpochEnd,
     });
     const ev = evaluate(model, data.test, o.numClasses);
-    const ended = history.find((h) => h.best) ?? history.at(-1);
+    const ended = resultEpoch(history);
     return {
       kind: o.kind, params: model.countParams(), history, val_accuracy: ended?.val_accuracy ?? NaN,
       test: { loss: ev.loss, accuracy: ev.accuracy, samples: data.test.y.length }, seconds: (performance.now() - t0) / 1000,

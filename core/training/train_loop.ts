@@ -201,6 +201,11 @@ export function cutBatches(order: Int32Array, batchSize: number): Int32Array[] {
 
 let running = false;
 
+/** The epoch whose weights a phase ended with: the best one when best weights were restored, else the last. */
+export function resultEpoch(history: readonly EpochStats[]): EpochStats | undefined {
+  return history.find((h) => h.best) ?? history.at(-1);
+}
+
 /**
  * Trains `model`'s trainable weights: the one training loop of ctrain. `data` is rows in memory
  * ({@link ArrayData}, with `opts.validation` and `opts.sliceOf`) or any {@link BatchSource}: augmented
