@@ -117,7 +117,13 @@ describe("data-parallel", () => {
     const lost = c.logged("worker lost: new membership");
     assert.ok(lost.length >= 1, `the coordinator re-planned without the lost worker\n${c.tail()}`);
     assert.deepEqual(lost.at(-1)!["members"], members.slice(1));
-    assert.ok(survivors.some((w) => w.logged("redoing the step with the new membership").length > 0), "a survivor redid the step");
+    // Where the kill lands decides which recovery a survivor takes: a failed averaging round is redone,
+    // gradients computed under the old membership are recomputed, or member 0's missing boundary
+    // decision is reported. Each of them ends under the re-planned membership.
+    const recoveries = ["redoing the step with the new membership", "membership changed during the step: recomputing my part", "no boundary decision from member 0", "membership changed at the training-epoch boundary"];
+    for (const w of survivors) {
+      assert.ok(recoveries.some((m) => w.logged(m).length > 0), `${w.name} recovered from the loss\n${w.tail()}`);
+    }
     const history = JSON.parse(await readFile(join(dir, job, "history.json"), "utf8")) as { fine_tune: { epoch: number; val_accuracy?: number }[] };
     assert.equal(history.fine_tune.length, 3);
     for (const e of history.fine_tune) assert.ok(Number.isFinite(e.val_accuracy), `fine-tune epoch ${e.epoch} has a validation accuracy: ${JSON.stringify(e)}`);

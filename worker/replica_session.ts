@@ -435,7 +435,10 @@ export class ReplicaSession {
     for (;;) {
       try {
         // A membership that changed while the gradients were computed: redo them under it first.
-        if (await this.adopt()) g.replace(this.recompute());
+        if (await this.adopt()) {
+          this.o.log.info("membership changed during the step: recomputing my part", { step, membership_epoch: this.av.epoch, members: this.av.members });
+          g.replace(this.recompute());
+        }
         const caughtUp = av.replaysApplied;
         const out = await average(g.grads, g.samples);
         if (av.replaysApplied > caughtUp) this.o.log.info("caught up: applied the step as a member that had completed it did", { step, membership_epoch: av.epoch });
