@@ -8,13 +8,12 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { before, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
-import { type AugmentOptions, augmentBatch, batchSeed, FILL_MODES, resolveAugment, transformMatrices } from "../core/datasets/augment.js";
+import { type AugmentOptions, augmentBatch, FILL_MODES, resolveAugment, transformMatrices } from "../core/datasets/augment.js";
 import { selectBackend } from "../core/models/backend.js";
 import { FASHION_MNIST_DIR, openDataset } from "../core/datasets/open.js";
 import { ConfigError } from "../core/runtime/errors.js";
 import { buildFeatureExtractor } from "../core/models/feature_model.js";
 import { loadPretrained } from "../core/models/model_zoo.js";
-import { Rng } from "../core/runtime/rng.js";
 import { fitImages, trainHeadWithAugmentation } from "../coordinator/augment_training.js";
 import { openImages } from "../core/training/image_batches.js";
 
@@ -41,23 +40,31 @@ test("augment - options are validated and defaulted", () => {
   assert.throws(() => resolveAugment({ fillMode: "mirror" as never }), ConfigError);
 });
 
-test("augment - the same seed, epoch and batch give the same transforms; another batch does not", () => {
+const iota = (from: number, n: number): Int32Array => Int32Array.from({ length: n }, (_, i) => from + i);
+
+test("augment - an image's transform depends on (seed, epoch, sample) only, not on its batch or row", () => {
   const o = resolveAugment();
-  const a = transformMatrices(16, 64, 64, o, new Rng(batchSeed(42, 3, 5)));
-  const b = transformMatrices(16, 64, 64, o, new Rng(batchSeed(42, 3, 5)));
-  const c = transformMatrices(16, 64, 64, o, new Rng(batchSeed(42, 3, 6)));
-  assert.deepEqual(a, b);
-  assert.notDeepEqual(a, c);
+  const a = transformMatrices({ seed: 42, epoch: 3, index: iota(100, 16) }, 64, 64, o);
+  assert.deepEqual(a, transformMatrices({ seed: 42, epoch: 3, index: iota(100, 16) }, 64, 64, o));
+  // The second half of the batch on its own (a data-parallel worker's part), and the batch reversed.
+  assert.deepEqual(transformMatrices({ seed: 42, epoch: 3, index: iota(108, 8) }, 64, 64, o), a.subarray(8 * 8));
+  const reversed = transformMatrices({ seed: 42, epoch: 3, index: iota(100, 16).reverse() }, 64, 64, o);
+  for (let i = 0; i < 16; i++) assert.deepEqual(reversed.subarray(i * 8, i * 8 + 8), a.subarray((15 - i) * 8, (16 - i) * 8));
+  // Another epoch, seed or sample draws anew.
+  const rows = (m: Float32Array): string[] => Array.from({ length: m.length / 8 }, (_, i) => m.subarray(i * 8, i * 8 + 8).join());
+  const distinct = new Set([...rows(a), ...rows(transformMatrices({ seed: 42, epoch: 4, index: iota(100, 16) }, 64, 64, o)), ...rows(transformMatrices({ seed: 43, epoch: 3, index: iota(100, 16) }, 64, 64, o))]);
+  assert.equal(distinct.size, 48, "48 different transforms");
 });
 
 test("augment - no-op options leave pixels unchanged and a flip mirrors them exactly", () => {
   const x = ramp();
-  const same = augmentBatch(x, NONE, new Rng(1));
+  const keys = { seed: 2, epoch: 0, index: iota(0, 2) };
+  const same = augmentBatch(x, NONE, keys);
   assert.deepEqual(Array.from(same.dataSync()), Array.from(x.dataSync()));
   // Flip only: every image is either itself or its mirror image, and a fixed seed flips some.
-  const flipped = augmentBatch(x, { ...NONE, flip: true }, new Rng(2));
+  const flipped = augmentBatch(x, { ...NONE, flip: true }, keys);
   const mirror = tf.image.flipLeftRight(x);
-  const ref = transformMatrices(2, 8, 8, { ...NONE, flip: true }, new Rng(2));
+  const ref = transformMatrices(keys, 8, 8, { ...NONE, flip: true });
   for (let i = 0; i < 2; i++) {
     const got = Array.from(flipped.slice([i], [1]).dataSync());
     const want = Array.from((ref[i * 8] < 0 ? mirror : x).slice([i], [1]).dataSync());
@@ -71,7 +78,7 @@ test("augment - rotation, zoom and translation run on wasm with every fill mode"
   const x = ramp();
   for (const fillMode of FILL_MODES) {
     const before = tf.memory().numTensors;
-    const y = augmentBatch(x, resolveAugment({ rotation: 0.1, zoom: 0.2, translation: 0.2, fillMode }), new Rng(9));
+    const y = augmentBatch(x, resolveAugment({ rotation: 0.1, zoom: 0.2, translation: 0.2, fillMode }), { seed: 9, epoch: 0, index: iota(0, 2) });
     assert.deepEqual(y.shape, x.shape);
     assert.equal(y.dtype, "float32");
     const v = y.dataSync();

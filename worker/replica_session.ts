@@ -362,7 +362,8 @@ export class ReplicaSession {
   /** My part of the same global batch under the current membership; weights and optimizer are untouched. */
   private recompute(): { grads: tf.NamedTensorMap; samples: number } {
     const part = this.myPart(this.current.indices);
-    return { grads: computeGradients(this.r.model, takeRows(this.r.train, part), this.a.numClasses).grads, samples: part.length };
+    const keys = { seed: this.a.seed, epoch: this.cursor.epoch }; // the step's epoch: the cursor advances after the step
+    return { grads: computeGradients(this.r.model, takeRows(this.r.train, part), this.a.numClasses, {}, keys).grads, samples: part.length };
   }
 
   /** Training-epoch boundary: member 0 says whether a proposed join applies from this step; everyone waits for it. True when the membership changed. */

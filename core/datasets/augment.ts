@@ -5,13 +5,15 @@
  *
  * All four are folded into one projective transform per image and applied with a single
  * tf.image.transform (the `Transform` kernel, which the wasm backend has), so a batch costs one
- * pass over its pixels. Parameters come from the seeded Rng, so the same seed, epoch and batch give
- * the same augmentation in every process.
+ * pass over its pixels. Each image's parameters come from an Rng seeded by (seed, epoch, global
+ * sample index) alone (core/runtime/sample_keys.ts): a sample gets the same augmentation whichever
+ * batch, process or data-parallel worker's part of a batch it is in, and a resumed run repeats it.
  */
 import * as tf from "@tensorflow/tfjs";
 import { FILL_MODES, type FillMode, type JobOptions } from "../runtime/config.js";
 import { ConfigError } from "../runtime/errors.js";
 import { Rng } from "../runtime/rng.js";
+import { type SampleKeys, sampleSeed } from "../runtime/sample_keys.js";
 
 export { FILL_MODES, type FillMode };
 
@@ -57,22 +59,17 @@ export function isIdentity(o: AugmentOptions): boolean {
 }
 
 /**
- * The seed of one batch's augmentation: a function of the run seed, epoch and batch index only, so
- * a resumed run or another worker draws the same parameters.
+ * tf.image.transform rows [a0 a1 a2 b0 b1 b2 c0 c1] for the images of samples `keys.index` (of
+ * `height` x `width`), mapping each output pixel to the input pixel it samples: the inverse of
+ * "flip, rotate, zoom, shift" about the image centre. Row i's parameters are drawn from
+ * Rng(sampleSeed(keys.seed, keys.epoch, keys.index[i])).
  */
-export function batchSeed(seed: number, epoch: number, batch: number): number {
-  return (Math.imul(seed + 1, 0x9e3779b1) ^ Math.imul(epoch + 1, 0x85ebca6b) ^ Math.imul(batch + 1, 0xc2b2ae35)) >>> 0;
-}
-
-/**
- * tf.image.transform rows [a0 a1 a2 b0 b1 b2 c0 c1] for `n` images of `height` x `width`, mapping
- * each output pixel to the input pixel it samples: the inverse of "flip, rotate, zoom, shift"
- * about the image centre.
- */
-export function transformMatrices(n: number, height: number, width: number, o: AugmentOptions, rng: Rng): Float32Array {
+export function transformMatrices(keys: SampleKeys, height: number, width: number, o: AugmentOptions): Float32Array {
+  const n = keys.index.length;
   const out = new Float32Array(n * 8);
   const cx = (width - 1) / 2, cy = (height - 1) / 2;
   for (let i = 0; i < n; i++) {
+    const rng = new Rng(sampleSeed(keys.seed, keys.epoch, keys.index[i]));
     const f = o.flip && rng.next() < 0.5 ? -1 : 1;
     const theta = (rng.next() * 2 - 1) * o.rotation * 2 * Math.PI;
     const z = 1 + (rng.next() * 2 - 1) * o.zoom;
@@ -88,14 +85,15 @@ export function transformMatrices(n: number, height: number, width: number, o: A
 
 /**
  * A randomly augmented copy of a batch of images ([n, h, w, c], any dtype, pixel units kept), as
- * float32. The caller owns the result; nothing else is left allocated.
+ * float32; image i is sample `keys.index[i]`. The caller owns the result; nothing else is left allocated.
  */
-export function augmentBatch(images: tf.Tensor4D, o: AugmentOptions, rng: Rng): tf.Tensor4D {
+export function augmentBatch(images: tf.Tensor4D, o: AugmentOptions, keys: SampleKeys): tf.Tensor4D {
   const [n, h, w] = images.shape;
+  if (keys.index.length !== n) throw new RangeError(`augmentBatch: ${n} images but ${keys.index.length} sample indices`);
   return tf.tidy(() => {
     const x = images.dtype === "float32" ? images.clone() : images.toFloat();
     if (isIdentity(o)) return x;
-    const m = tf.tensor2d(transformMatrices(n, h, w, o, rng), [n, 8]);
+    const m = tf.tensor2d(transformMatrices(keys, h, w, o), [n, 8]);
     return tf.image.transform(x, m, "bilinear", o.fillMode, o.fillValue);
   });
 }

@@ -1,8 +1,12 @@
 /**
  * The dense classifier trained on top of the frozen base (Keras' recipe: Dense 256 relu,
  * Dropout 0.5, Dense softmax), and the composition of base + head into the one model a run exports.
+ *
+ * The dropout is SampleDropout (sample_dropout.ts): its training mask is a function of (seed, epoch, global
+ * sample index), so data-parallel workers drop what one process drops; it is saved as Keras' Dropout.
  */
 import * as tf from "@tensorflow/tfjs";
+import { sampleDropout } from "./sample_dropout.js";
 
 export interface HeadOptions {
   /** Length of the input feature vector (ignored when `inputShape` is given). */
@@ -14,7 +18,7 @@ export interface HeadOptions {
   units?: number;
   /** Dropout rate. Default 0.5. */
   dropout?: number;
-  /** Seed of the initializers and dropout. */
+  /** Seed of the initializers (and part of the dropout layer's mask stream; the masks' run seed is fit's). */
   seed: number;
 }
 
@@ -26,7 +30,7 @@ export function buildHead(o: HeadOptions): tf.LayersModel {
   if (inputShape.length === 3) x = tf.layers.globalAveragePooling2d({ name: "head_pool" }).apply(x) as tf.SymbolicTensor;
   else if (inputShape.length !== 1) x = tf.layers.flatten({ name: "head_flatten" }).apply(x) as tf.SymbolicTensor;
   x = tf.layers.dense({ units: o.units ?? 256, activation: "relu", name: "head_dense", kernelInitializer: tf.initializers.glorotUniform({ seed: o.seed }) }).apply(x) as tf.SymbolicTensor;
-  x = tf.layers.dropout({ rate: o.dropout ?? 0.5, seed: o.seed + 1, name: "head_dropout" }).apply(x) as tf.SymbolicTensor;
+  x = sampleDropout({ rate: o.dropout ?? 0.5, seed: o.seed + 1, name: "head_dropout" }).apply(x) as tf.SymbolicTensor;
   const out = tf.layers.dense({ units: o.numClasses, activation: "softmax", name: "head_out", kernelInitializer: tf.initializers.glorotUniform({ seed: o.seed + 2 }) }).apply(x) as tf.SymbolicTensor;
   return tf.model({ inputs: input, outputs: out, name: "ctrain_head" });
 }

@@ -15,12 +15,11 @@
  * forward pass to the fastest engine.
  */
 import * as tf from "@tensorflow/tfjs";
-import { type AugmentOptions, augmentBatch, batchSeed } from "../datasets/augment.js";
+import { type AugmentOptions, augmentBatch } from "../datasets/augment.js";
 import type { Dataset, SampleRef } from "../datasets/types.js";
 import { preprocess } from "../models/feature_model.js";
 import type { Preprocessing } from "../models/model_zoo.js";
 import { heldBytes } from "../runtime/memory_accounting.js";
-import { Rng } from "../runtime/rng.js";
 import { type ArrayData, type BatchSource, type Evaluation, evaluate } from "./train_loop.js";
 
 /** The frozen part of an image-fed model: [0, 255] NHWC pixels -> the rows the trainable part takes. */
@@ -86,25 +85,34 @@ export function samplesOf(dataset: Dataset, ids: string[], splits: string[], spl
   return out;
 }
 
+/** Which training epoch a batch is drawn for (with the run seed): keys its images' augmentation. */
+export interface EpochKeys {
+  seed: number;
+  epoch: number;
+}
+
 /**
  * One (optionally augmented) batch as the ArrayData computeGradients takes: through `frozen` when
- * given (rows of its output), else preprocessed pixels for a model that starts at the image.
+ * given (rows of its output), else preprocessed pixels for a model that starts at the image. Row i
+ * is sample `rows[i]` of `source` (its ArrayData index), augmented with the draws of
+ * (keys.seed, keys.epoch, rows[i]) -- the same in whichever batch or worker's part it is.
  */
-export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, rng: Rng, frozen?: FrozenStage): Promise<ArrayData> {
+export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, keys: EpochKeys, frozen?: FrozenStage): Promise<ArrayData> {
   const rgb = await source.batch(rows);
   const s = source.size;
+  const index = Int32Array.from(rows);
   const y = new Int32Array(rows.length);
   for (let i = 0; i < rows.length; i++) y[i] = source.labels[rows[i]];
-  if (frozen && !augment) return { x: await frozen.extract(rgb, rows.length), sampleShape: frozen.featureShape, y };
+  if (frozen && !augment) return { x: await frozen.extract(rgb, rows.length), sampleShape: frozen.featureShape, y, index };
   const x = tf.tidy(() => {
     const raw = tf.tensor4d(rgb, [rows.length, s, s, 3], "int32");
-    const img = augment ? augmentBatch(raw, augment, rng) : raw;
+    const img = augment ? augmentBatch(raw, augment, { ...keys, index }) : raw;
     return frozen ? img.toFloat() : preprocess(img, preprocessing);
   });
   const data = x.dataSync() as Float32Array;
   x.dispose();
-  if (frozen) return { x: await frozen.extract(data, rows.length), sampleShape: frozen.featureShape, y };
-  return { x: data, sampleShape: [s, s, 3], y };
+  if (frozen) return { x: await frozen.extract(data, rows.length), sampleShape: frozen.featureShape, y, index };
+  return { x: data, sampleShape: [s, s, 3], y, index };
 }
 
 /** Loss, accuracy and predictions of an image -> probabilities model on a whole split, in batches. */
@@ -114,7 +122,7 @@ export async function evaluateImages(model: tf.LayersModel, source: ImageSource,
   let lossSum = 0, correct = 0;
   for (let start = 0; start < n; start += batchSize) {
     const rows = Int32Array.from({ length: Math.min(batchSize, n - start) }, (_, i) => start + i);
-    const b = await imageBatch(source, rows, preprocessing, null, new Rng(0), frozen);
+    const b = await imageBatch(source, rows, preprocessing, null, { seed: 0, epoch: 0 }, frozen);
     const ev = evaluate(model, b, numClasses, batchSize);
     lossSum += ev.loss * rows.length;
     correct += Math.round(ev.accuracy * rows.length);
@@ -125,7 +133,7 @@ export async function evaluateImages(model: tf.LayersModel, source: ImageSource,
 
 /** How {@link imageBatches} turns images into training rows. */
 export interface ImageBatchOptions {
-  /** Seed of the per-batch augmentation (the job's seed: the same as fit's). */
+  /** Seed of the per-sample augmentation (the job's seed: the same as fit's). */
   seed: number;
   preprocessing: Preprocessing;
   /** null = no augmentation. */
@@ -137,13 +145,14 @@ export interface ImageBatchOptions {
 }
 
 /**
- * Images as a BatchSource: fit's seeded batches, each decoded, augmented with a generator seeded by
- * (seed, epoch, batch) and passed through the frozen stage; the next batch is prepared while the current one trains.
+ * Images as a BatchSource: fit's seeded batches, each decoded, every image augmented with a generator
+ * seeded by (seed, epoch, its sample index) and passed through the frozen stage; the next batch is
+ * prepared while the current one trains.
  */
 export function imageBatches(train: ImageSource, o: ImageBatchOptions): BatchSource {
   return {
     samples: train.labels.length,
-    batch: (indices, b, epoch) => imageBatch(train, indices, o.preprocessing, o.augment, new Rng(batchSeed(o.seed, epoch, b)), o.frozen),
+    batch: (indices, _b, epoch) => imageBatch(train, indices, o.preprocessing, o.augment, { seed: o.seed, epoch }, o.frozen),
     prefetch: true,
     validate: o.validate,
   };

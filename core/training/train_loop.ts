@@ -7,10 +7,17 @@
  * carries Keras' training controls: early stopping, best weights restored, a learning-rate
  * schedule, class weights and label smoothing ({@link TrainingControls}).
  *
+ * Every random draw of a step is a function of (seed, epoch, global sample index) only
+ * (core/runtime/sample_keys.ts): batches carry the global index of each row ({@link ArrayData.index})
+ * and the step runs the model under {@link withSampleKeys}, so the head's dropout masks (and the
+ * augmentation, drawn per image by image_batches.ts) do not depend on which process computes which
+ * part of a batch. A batch computed whole and its parts computed apart give the same gradients.
+ *
  * Tensor lifetimes are explicit: each step runs in tf.tidy and the loop's tests check that
  * tf.memory().numTensors does not grow across steps.
  */
 import * as tf from "@tensorflow/tfjs";
+import { withSampleKeys } from "../models/sample_dropout.js";
 import type { LrSchedule, Monitor } from "../runtime/config.js";
 import { Rng } from "../runtime/rng.js";
 
@@ -20,6 +27,11 @@ export interface ArrayData {
   /** Shape of one sample (e.g. [1280] for features, [h, w, c] for activations). */
   sampleShape: number[];
   y: Int32Array;
+  /**
+   * Global sample index of each row (its row in the training split), which keys the step's per-sample
+   * random draws. Absent: the rows are samples 0..n-1 ({@link takeRows} fills it in).
+   */
+  index?: Int32Array;
 }
 
 export function sampleSize(d: ArrayData): number {
@@ -30,17 +42,19 @@ export function numSamples(d: ArrayData): number {
   return d.y.length;
 }
 
-/** Gathers rows `idx` into a new ArrayData. */
+/** Gathers rows `idx` into a new ArrayData; each keeps its global sample index (`d.index[r]`, or `r` when `d` has none). */
 export function takeRows(d: ArrayData, idx: ArrayLike<number>): ArrayData {
   const s = sampleSize(d);
   const x = new Float32Array(idx.length * s);
   const y = new Int32Array(idx.length);
+  const index = new Int32Array(idx.length);
   for (let i = 0; i < idx.length; i++) {
     const r = idx[i];
     x.set(d.x.subarray(r * s, (r + 1) * s), i * s);
     y[i] = d.y[r];
+    index[i] = d.index ? d.index[r] : r;
   }
-  return { x, sampleShape: d.sampleShape, y };
+  return { x, sampleShape: d.sampleShape, y, index };
 }
 
 export interface EpochStats {
@@ -88,18 +102,30 @@ export function sparseCrossEntropy(probs: tf.Tensor, labels: tf.Tensor1D, numCla
   });
 }
 
+/** Which training step a batch belongs to, for its per-sample random draws (dropout masks). */
+export interface StepKeys {
+  /** The run seed (fit's `seed`). */
+  seed: number;
+  /** Training epoch, from 0. */
+  epoch: number;
+}
+
 /**
  * Gradients of the mean loss of `model` on one batch, for its trainable weights. Returns the loss,
  * the number of correct predictions and the gradients (owned by the caller).
+ *
+ * With `keys`, dropout masks are those of (keys.seed, keys.epoch, batch.index) -- rows 0..n-1 when the
+ * batch has no index -- so any split of a batch into parts gives the same summed gradients. Without
+ * `keys`, dropout draws fresh random masks as tf.layers.dropout does.
  */
-export function computeGradients(model: tf.LayersModel, batch: ArrayData, numClasses: number, lossOptions: LossOptions = {}): { loss: number; correct: number; grads: tf.NamedTensorMap } {
+export function computeGradients(model: tf.LayersModel, batch: ArrayData, numClasses: number, lossOptions: LossOptions = {}, keys?: StepKeys): { loss: number; correct: number; grads: tf.NamedTensorMap } {
   const n = numSamples(batch);
   // A data-parallel member's empty share of a short batch contributes nothing: zero gradients without a
   // forward pass, as wasm's conv kernels trap ("divide by zero") on a batch of 0.
   if (n === 0) return { loss: NaN, correct: 0, grads: Object.fromEntries(model.trainableWeights.map((w) => [(w.read() as tf.Variable).name, tf.zerosLike(w.read())])) };
   let correct = 0;
   let lossValue = 0;
-  const grads = tf.tidy(() => {
+  const forward = (): tf.NamedTensorMap => tf.tidy(() => {
     const x = tf.tensor(batch.x, [n, ...batch.sampleShape]);
     const y = tf.tensor1d(batch.y, "int32");
     const vars = model.trainableWeights.map((w) => w.read() as tf.Variable);
@@ -111,6 +137,7 @@ export function computeGradients(model: tf.LayersModel, batch: ArrayData, numCla
     lossValue = value.dataSync()[0];
     return grads;
   });
+  const grads = keys ? withSampleKeys({ ...keys, index: batch.index ?? Int32Array.from({ length: n }, (_, i) => i) }, forward) : forward();
   return { loss: lossValue, correct, grads };
 }
 
@@ -259,7 +286,11 @@ export async function evaluateBatches(model: tf.LayersModel, batches: AsyncItera
 export interface BatchSource {
   /** Training samples; batches are a seeded permutation of 0..samples-1 unless {@link order} says otherwise. */
   samples: number;
-  /** The training rows of global batch `b` (sample indices in order). */
+  /**
+   * The training rows of global batch `b` (sample indices in order). Rows without
+   * {@link ArrayData.index} are taken to be `indices` in order; a source that returns only a part of
+   * the batch (data-parallel slicing) sets the index of its rows.
+   */
   batch(indices: Int32Array, b: number, epoch: number): ArrayData | Promise<ArrayData>;
   /**
    * The epoch's sample order (a permutation of 0..samples-1, cut into batches by the loop). Default:
@@ -332,10 +363,10 @@ async function trainEpoch(model: tf.LayersModel, data: BatchSource, opts: Omit<F
   let next = data.prefetch && firstBatch < batches.length ? prepare(firstBatch) : undefined;
   for (let b = firstBatch; b < batches.length; b++) {
     if (opts.signal?.aborted) throw opts.signal.reason ?? new Error("training stopped");
-    const batch = await (next ?? prepare(b));
+    const batch = withIndex(await (next ?? prepare(b)), batches[b]);
     next = data.prefetch && b + 1 < batches.length ? prepare(b + 1) : undefined;
     const m = numSamples(batch);
-    const step = computeGradients(model, batch, opts.numClasses, opts.controls?.loss);
+    const step = computeGradients(model, batch, opts.numClasses, opts.controls?.loss, { seed: opts.seed, epoch });
     let grads = step.grads;
     if (opts.gradientHook) {
       const replaced = await opts.gradientHook(grads, m);
@@ -354,6 +385,19 @@ async function trainEpoch(model: tf.LayersModel, data: BatchSource, opts: Omit<F
   }
   const seconds = (performance.now() - t0) / 1000;
   return { epoch: epoch + 1, loss: seen ? lossSum / seen : NaN, accuracy: seen ? correct / seen : NaN, seconds, samples_per_second: seen / seconds };
+}
+
+/**
+ * `batch` with its rows' global sample indices: a source that returns the whole global batch
+ * `indices` without an index holds those samples in order; one that returns only a part must say which.
+ */
+function withIndex(batch: ArrayData, indices: Int32Array): ArrayData {
+  if (batch.index) {
+    if (batch.index.length !== numSamples(batch)) throw new RangeError(`fit: the batch source gave ${numSamples(batch)} rows with ${batch.index.length} sample indices`);
+    return batch;
+  }
+  if (numSamples(batch) !== indices.length) throw new RangeError(`fit: the batch source gave ${numSamples(batch)} rows for a batch of ${indices.length} samples without saying which (set ArrayData.index)`);
+  return { ...batch, index: indices };
 }
 
 /** The optimizer's learning rate under a schedule (Adam reads its `learningRate` field every step; SGD has a setter). */
