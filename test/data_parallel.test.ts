@@ -3,7 +3,9 @@
  * worker` processes, real Fashion-MNIST (a few hundred images, input 64) and the real MobileNetV2 top
  * block (--fine-tune-layers 3). The reference is the one-process path (`ctrain run --workers 1`) with
  * the same seed and global batch; every run shares one feature/activation cache so only the first
- * extracts. Dropout is 0 so that the head's forward pass is deterministic in every process.
+ * extracts. Dropout is on (the default 0.5): its masks, like every random draw of a step, are a
+ * function of (seed, epoch, global sample index), so a worker's part of a batch drops what the one
+ * process drops for those samples.
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -16,7 +18,7 @@ import { Proc } from "./helpers/cluster.js";
 import { startNatsServer, type NatsServer } from "./helpers/nats_server.js";
 
 const JOB_ARGS = [
-  "--data", "fashion-mnist", "--limit", "200", "--input-size", "64", "--epochs", "1", "--head-units", "16", "--dropout", "0",
+  "--data", "fashion-mnist", "--limit", "200", "--input-size", "64", "--epochs", "1", "--head-units", "16",
   "--fine-tune-layers", "3", "--fine-tune-epochs", "3", "--batch-size", "32", "--backend", "wasm", "--log-format", "json", "--seed", "42", "--metrics-port", "-1",
 ];
 
