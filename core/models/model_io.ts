@@ -2,11 +2,14 @@
  * Saving and loading TF.js layers models in a folder (model.json + weights.bin) without
  * @tensorflow/tfjs-node, whose `file://` handler is not available on the wasm and cpu backends.
  * The files are the standard format: tf.loadLayersModel('file://...') under tfjs-node reads them too.
+ * The head's per-sample dropout is written as Keras' `Dropout` (it has no weights and is the identity
+ * at inference); importing sample_dropout.ts makes ctrain's own loads build it back as that class.
  */
 import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import { storageError } from "../runtime/errors.js";
+import "./sample_dropout.js";
 
 function concatWeightData(d: tf.io.WeightData | undefined): Uint8Array {
   if (!d) return new Uint8Array(0);
