@@ -81,7 +81,7 @@ describe("sample randomness - data-parallel equivalence", () => {
     train = await openImages(dataset, dataset.samples.filter((s) => s.split === "train"), 32);
   });
 
-  test("sample randomness - a batch's gradient equals the weighted sum of its parts', with dropout 0.5 and augmentation", { skip }, async () => {
+  test("sample randomness - a batch's gradient equals the weighted sum of its parts', with dropout 0.5 and augmentation", { skip }, async (t) => {
     const model = imageModel(0.5);
     const augment = resolveAugment();
     const seed = 42, epoch = 2;
@@ -94,6 +94,7 @@ describe("sample randomness - data-parallel equivalence", () => {
     const g = gradsOf(model, whole, { seed, epoch });
     const parts = weighted(gradsOf(model, first, { seed, epoch }), 10, gradsOf(model, second, { seed, epoch }), 6);
     const d = relDiff(g, parts);
+    t.diagnostic(`whole vs parts: relative max diff ${d.toExponential(2)}`);
     assert.ok(d < 1e-5, `whole vs parts: relative max diff ${d}`);
     // The check has teeth: another epoch's masks, or a part keyed by its rows instead of its samples, change the gradient.
     assert.ok(relDiff(g, gradsOf(model, whole, { seed, epoch: epoch + 1 })) > 1e-3, "another epoch drops other units");
@@ -130,6 +131,9 @@ function agreement(a: Float32Array, b: Float32Array): number {
 
 const iota = (from: number, n: number): Int32Array => Int32Array.from({ length: n }, (_, i) => from + i);
 
+/** Agreement of two independent rate-0.5 masks is 1/2: within `tol` (over 7 sigma for the sizes compared here). */
+const nearHalf = (x: number, tol = 0.03): boolean => Math.abs(x - 0.5) < tol;
+
 describe("sample randomness - dropout masks", () => {
   test("sample randomness - masks keep 1 - rate of the units, scaled by 1 / (1 - rate)", () => {
     for (const rate of [0.2, 0.5, 0.8]) {
@@ -152,11 +156,10 @@ describe("sample randomness - dropout masks", () => {
     const layer = new SampleDropout({ rate: 0.5, name: "d" });
     const keys = { seed: 7, epoch: 0, index: iota(100, 32) };
     const m = maskOf(layer, keys, 512);
-    const half = (x: number): boolean => Math.abs(x - 0.5) < 0.03;
-    assert.ok(half(agreement(m, maskOf(layer, { ...keys, epoch: 1 }, 512))), "another epoch: independent masks");
-    assert.ok(half(agreement(m, maskOf(layer, { ...keys, seed: 8 }, 512))), "another seed: independent masks");
-    assert.ok(half(agreement(m, maskOf(layer, { ...keys, index: iota(101, 32) }, 512))), "the next sample: an independent mask");
-    assert.ok(half(agreement(m, maskOf(new SampleDropout({ rate: 0.5, name: "d2" }), keys, 512))), "another layer: independent masks");
+    assert.ok(nearHalf(agreement(m, maskOf(layer, { ...keys, epoch: 1 }, 512))), "another epoch: independent masks");
+    assert.ok(nearHalf(agreement(m, maskOf(layer, { ...keys, seed: 8 }, 512))), "another seed: independent masks");
+    assert.ok(nearHalf(agreement(m, maskOf(layer, { ...keys, index: iota(101, 32) }, 512))), "the next sample: an independent mask");
+    assert.ok(nearHalf(agreement(m, maskOf(new SampleDropout({ rate: 0.5, name: "d2" }), keys, 512))), "another layer: independent masks");
     // Sample 110 as row 10 of one batch and row 0 of another.
     const other = maskOf(layer, { ...keys, index: Int32Array.from([110, 3, 4]) }, 512);
     assert.deepEqual(other.subarray(0, 512), m.subarray(10 * 512, 11 * 512));
@@ -166,18 +169,14 @@ describe("sample randomness - dropout masks", () => {
   test("sample randomness - identity at inference; random without sample keys; a wrong index is refused", () => {
     const layer = new SampleDropout({ rate: 0.5, name: "d" });
     assert.ok(maskOf(layer, { seed: 1, epoch: 0, index: iota(0, 4) }, 64, false).every((v) => v === 1), "inference: identity");
-    const a = maskOf(layer, undefined, 256), b = maskOf(layer, undefined, 256);
-    assert.ok(half2(agreement(a, b)), "without keys each call draws a fresh mask, as tf.layers.dropout");
+    const a = maskOf(layer, undefined, 1024), b = maskOf(layer, undefined, 1024);
+    assert.ok(nearHalf(agreement(a, b), 0.06), "without keys each call draws a fresh mask, as tf.layers.dropout");
     assert.throws(() => withSampleKeys({ seed: 1, epoch: 0, index: iota(0, 3) }, () => tf.tidy(() => layer.apply(tf.ones([4, 8]), { training: true }) as tf.Tensor)), /3 samples, the batch has 4/);
     const before = tf.memory().numTensors;
     maskOf(layer, { seed: 1, epoch: 0, index: iota(0, 4) }, 64);
     assert.equal(tf.memory().numTensors, before, "no tensor leaks");
   });
 });
-
-function half2(x: number): boolean {
-  return Math.abs(x - 0.5) < 0.06;
-}
 
 const execFileP = promisify(execFile);
 
