@@ -12,7 +12,7 @@ import { selectBackend } from "../core/models/backend.js";
 import { FeatureCache, type FeatureShardData } from "../core/datasets/feature_store.js";
 import { buildHead } from "../core/models/head.js";
 import { Rng } from "../core/runtime/rng.js";
-import { type ArrayData, computeGradients, epochBatches, evaluate, fit } from "../core/training/train_loop.js";
+import { type ArrayData, computeGradients, epochBatches, evaluate, fit, takeRows } from "../core/training/train_loop.js";
 import { planShards } from "../coordinator/shard_planner.js";
 
 before(async () => {
@@ -89,6 +89,20 @@ describe("training - loop", () => {
     });
     assert.equal(calls, 3);
     assert.deepEqual(head.getWeights().map((t) => Array.from(t.dataSync())), before, "zero gradients leave weights unchanged");
+    head.dispose();
+    opt.dispose();
+  });
+
+  test("training - a batch source that returns part of a batch must say which samples it holds", async () => {
+    const data = blobs(40, 3, 1);
+    const head = buildHead({ featureDim: 8, numClasses: 3, units: 4, dropout: 0.5, seed: 2 });
+    const opt = tf.train.sgd(0.1);
+    const part = (indices: Int32Array): ArrayData => ({ ...takeRows(data, indices.subarray(0, 5)), index: undefined });
+    await assert.rejects(fit(head, { samples: 40, batch: part }, { epochs: 1, batchSize: 10, seed: 1, numClasses: 3, optimizer: opt }), /gave 5 rows for a batch of 10 samples without saying which \(set ArrayData.index\)/);
+    // takeRows keeps the global sample indices, through a second take too.
+    const twice = takeRows(takeRows(data, [7, 3, 9]), [2, 0]);
+    assert.deepEqual(Array.from(twice.index!), [9, 7]);
+    await fit(head, { samples: 40, batch: (indices) => takeRows(data, indices.subarray(0, 5)) }, { epochs: 1, batchSize: 10, seed: 1, numClasses: 3, optimizer: opt });
     head.dispose();
     opt.dispose();
   });

@@ -2,8 +2,9 @@
  * The dense classifier trained on top of the frozen base (Keras' recipe: Dense 256 relu,
  * Dropout 0.5, Dense softmax), and the composition of base + head into the one model a run exports.
  *
- * The dropout is SampleDropout (sample_dropout.ts): its training mask is a function of (seed, epoch, global
- * sample index), so data-parallel workers drop what one process drops; it is saved as Keras' Dropout.
+ * The dropout is SampleDropout (sample_dropout.ts): its training mask is a function of (seed,
+ * epoch, global sample index), so data-parallel workers drop what one process drops; it is saved
+ * as Keras' Dropout.
  */
 import * as tf from "@tensorflow/tfjs";
 import { sampleDropout } from "./sample_dropout.js";
