@@ -26,6 +26,8 @@ export interface FineTuned {
   info: NonNullable<JobSummary["fine_tune"]>;
   /** The trained top: its weights go back into the full base for the export. */
   top: tf.LayersModel;
+  /** Processes that trained it: 1 = this process, else the workers that were members data-parallel. */
+  workers: number;
   dispose(): void;
 }
 
@@ -53,10 +55,10 @@ export async function fineTunePhase(ctx: JobContext, cluster: JobCluster, base: 
   const info: FineTuned["info"] = { unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers, augmentation: augment };
   const d = augment ? await imageData(ctx, base, features, split) : await activationSet(ctx, cluster, base, split, info);
   try {
-    const result = await train(ctx, cluster, split, head, d);
+    const { workers, ...result } = await train(ctx, cluster, split, head, d);
     ctx.metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
     log.info("fine-tuned", { test_accuracy: round(result.test.accuracy), test_loss: round(result.test.loss), val_accuracy: round(result.val_accuracy), val_loss_before: round(result.val_loss_before), seconds: round(result.seconds, 2) });
-    return { result, info, top: split.top, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };
+    return { result, info, top: split.top, workers, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };
   } finally {
     d.frozen?.dispose();
   }
@@ -84,7 +86,7 @@ async function imageData(ctx: JobContext, base: PretrainedSource, features: Feat
 }
 
 /** Data-parallel on the workers when the cluster has a trainer and the data is activations; else here. */
-async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, head: tf.LayersModel, { data, frozen }: FineTuneInput): Promise<FineTuneResult> {
+async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, head: tf.LayersModel, { data, frozen }: FineTuneInput): Promise<FineTuneResult & { workers: number }> {
   const { opts, log, metrics } = ctx;
   const epochs = fineTuneEpochsOf(opts);
   const trainCount = data.kind === "activations" ? data.train.y.length : data.train.labels.length;
@@ -103,11 +105,12 @@ async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, hea
         onBatchProgress: progress.moveTo, onEpochEnd: progress.onEpochEnd,
       });
     }
-    return await fineTune(split, head, data, {
+    const local = await fineTune(split, head, data, {
       epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses,
       pooling: opts.pooling, preprocessing: ctx.extractor.preprocessing, augment: data.kind === "images" ? augmentOf(opts) : null, frozen,
       controls: ctx.controls, onBatchEnd: progress.onBatchEnd, onEpochEnd: progress.onEpochEnd,
     });
+    return { ...local, workers: 1 };
   } finally {
     progress.finish();
   }
