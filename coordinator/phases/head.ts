@@ -13,7 +13,7 @@ import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, tra
 import { resultEpoch } from "../../core/training/train_loop.js";
 import { splitInMemory } from "../../core/training/feature_batches.js";
 import { controlsGiven } from "../../core/training/training_controls.js";
-import { trainHeadOnWorkers } from "../head_data_parallel.js";
+import { trainHeadOnWorkers } from "../augment_data_parallel.js";
 import type { JobCluster } from "../job.js";
 import { type PhaseProgress, phaseProgress, round } from "./progress.js";
 import type { JobContext } from "./setup.js";
