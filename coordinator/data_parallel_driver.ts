@@ -59,6 +59,7 @@ export class DataParallelDriver {
   private readonly watches: Watch[] = [];
   private wake: (() => void) | undefined;
   private lastHeartbeatCheck = 0;
+  private lastLiveCheck = 0;
   private epochsSeen = 0;
   /** Workers that were members under some active membership. */
   private readonly trainedBy = new Set<string>();
@@ -148,15 +149,24 @@ export class DataParallelDriver {
   }
 
   /**
-   * Waits for `workers` ready replicas (or the ready timeout); returns the ready ones. A replica that
+   * Waits for `workers` ready replicas (or the ready timeout, or every live worker of the registry
+   * ready: a worker lost in an earlier phase is not waited for); returns the ready ones. A replica that
    * could not open the attempt's data is left out (the others go on; none left is WorkersUnavailableError);
    * any other failure to load stops the attempt.
    */
   private async waitReady(): Promise<string[]> {
     const deadline = Date.now() + this.c.readyTimeoutMs;
     const ready = (): string[] => [...this.reports.values()].filter((r) => r.state === "ready").map((r) => r.worker).sort();
+    let settled = 0;
     while (keepWaiting(ready().length, this.c.workers - this.leftOut.size, Date.now(), deadline)) {
       this.checkAbort();
+      const live = await this.everyLiveWorkerReady(ready());
+      if (live !== undefined) settled = live ? settled + 1 : 0;
+      // Twice in a row (a second apart at least): a worker that registers a moment late is still waited for.
+      if (settled >= 2) {
+        this.c.log.info("every live worker is ready: starting without waiting for the rest", { ready: ready(), asked: this.c.workers });
+        break;
+      }
       const failed = [...this.reports.values()].filter((r) => r.state === "failed");
       for (const r of failed.filter(cannotJoin)) this.leaveOut(r);
       const other = failed.find((r) => !cannotJoin(r));
@@ -165,6 +175,17 @@ export class DataParallelDriver {
       await this.tick(500);
     }
     return ready();
+  }
+
+  /** Whether some replica is ready and every live worker in the registry is ready or left out; undefined between checks (every 2 s). */
+  private async everyLiveWorkerReady(ready: readonly string[]): Promise<boolean | undefined> {
+    if (ready.length === 0) return false;
+    if (Date.now() - this.lastLiveCheck < HEARTBEAT_CHECK_MS) return undefined;
+    this.lastLiveCheck = Date.now();
+    const keys: string[] = [];
+    for await (const k of await this.c.registry.keys()) keys.push(k);
+    for (const w of keys) if (!ready.includes(w) && !this.leftOut.has(w) && (await this.alive(w))) return false;
+    return true;
   }
 
   /** A replica that cannot open the attempt's data: logged once, never a member. */

@@ -1,7 +1,8 @@
 /**
- * Method 2 (`--method augment`) data-parallel end to end: a real nats-server, real `ctrain coordinator`
- * and `ctrain worker` processes, real Fashion-MNIST (200 training images at input 32) and the real
- * MobileNetV2 base on each worker's inference engine. The reference is the one-process path (`ctrain
+ * Method 2 (`--method augment`) data-parallel end to end, the head phase and fine-tuning with
+ * augmentation (3 top layers): a real nats-server, real `ctrain coordinator` and `ctrain worker`
+ * processes, real Fashion-MNIST (200 training images at input 32) and the real MobileNetV2 base (the
+ * frozen part on each worker's inference engine). The reference is the one-process path (`ctrain
  * run --workers 1`) with the same seed and global batch; every run shares one feature cache so only
  * the reference extracts. Dropout 0 and identity augmentation (flip none, rotation/zoom/translation 0):
  * until augmentation is drawn per sample, a worker's slice of a batch would get other parameters than
@@ -21,17 +22,18 @@ import { startNatsServer, type NatsServer } from "./helpers/nats_server.js";
 const JOB_ARGS = [
   "--data", "fashion-mnist", "--limit", "200", "--input-size", "32", "--epochs", "4", "--head-units", "16", "--dropout", "0",
   "--method", "augment", "--augment-flip", "none", "--augment-rotation", "0", "--augment-zoom", "0", "--augment-translation", "0",
-  "--fine-tune-layers", "0", "--restore-best-weights", "false", "--batch-size", "24", "--backend", "wasm", "--log-format", "json", "--seed", "7", "--metrics-port", "-1",
+  "--fine-tune-layers", "3", "--fine-tune-epochs", "1", "--fine-tune-learning-rate", "0.001", "--restore-best-weights", "false", "--batch-size", "24", "--backend", "wasm", "--log-format", "json", "--seed", "7", "--metrics-port", "-1",
 ];
 
 let dir: string;
 let nats: NatsServer;
 const procs: Proc[] = [];
 let reference: Float32Array;
+let referenceFineTuned: Float32Array;
 
 interface Summary {
   samples: { train: number };
-  phases: { head: { workers: number; epochs: number; val_accuracy: number } };
+  phases: { head: { workers: number; epochs: number; val_accuracy: number }; fine_tune: { workers: number; epochs: number; val_accuracy: number } };
 }
 
 function ctrain(name: string, args: string[], env: NodeJS.ProcessEnv = {}, metricsPort?: number): Proc {
@@ -46,8 +48,10 @@ function worker(job: string, id: string, o: { env?: NodeJS.ProcessEnv; metricsPo
   return ctrain(id, ["worker", "--nats", nats.url, "--job", job, "--worker-id", id, "--backend", "wasm", "--metrics-port", String(port), "--log-format", "json"], o.env, o.metricsPort);
 }
 
-function coordinator(job: string, workers: number, env: NodeJS.ProcessEnv = {}): Proc {
-  return ctrain(`coordinator-${job}`, ["coordinator", "--nats", nats.url, "--job", job, ...JOB_ARGS, "--workers", String(workers), "--data-parallel", "on", "--cache-dir", join(dir, "cache"), "--out", join(dir, job)], env);
+/** A coordinator of the job on `workers` workers; `fineTune: false` stops after the head phase. */
+function coordinator(job: string, workers: number, env: NodeJS.ProcessEnv = {}, o: { fineTune?: boolean } = {}): Proc {
+  const args = o.fineTune === false ? JOB_ARGS.map((a, i) => (JOB_ARGS[i - 1] === "--fine-tune-layers" ? "0" : a)) : JOB_ARGS;
+  return ctrain(`coordinator-${job}`, ["coordinator", "--nats", nats.url, "--job", job, ...args, "--workers", String(workers), "--data-parallel", "on", "--cache-dir", join(dir, "cache"), "--out", join(dir, job)], env);
 }
 
 async function exitCode(c: Proc, timeoutMs = 120_000): Promise<number | null | "timeout"> {
@@ -67,8 +71,9 @@ async function stop(ps: Proc[]): Promise<void> {
   await Promise.all(ps.map((p) => p.exited));
 }
 
-async function weights(out: string): Promise<Float32Array> {
-  const bin = await readFile(join(out, "model", "weights.bin"));
+/** The head-only classifier (model-head/, saved before fine-tuning) or the fine-tuned one (model/). */
+async function weights(out: string, model: "model-head" | "model" = "model-head"): Promise<Float32Array> {
+  const bin = await readFile(join(out, model, "weights.bin"));
   return new Float32Array(bin.buffer.slice(bin.byteOffset, bin.byteOffset + bin.byteLength));
 }
 
@@ -91,6 +96,9 @@ before(async () => {
   await succeeds(ref, []);
   assert.equal((await summary(join(dir, "reference"))).phases.head.workers, 1, "the reference trained in one process");
   reference = await weights(join(dir, "reference"));
+  referenceFineTuned = await weights(join(dir, "reference"), "model");
+  // Fine-tuning moves the weights well beyond the tolerance, so the fine-tuned comparison below can fail.
+  assert.ok(maxAbsDiff(reference, referenceFineTuned) > 1e-3, "fine-tuning changed the weights");
 });
 
 after(async () => {
@@ -100,7 +108,7 @@ after(async () => {
 });
 
 describe("augment data-parallel", () => {
-  test("augment data-parallel - 1, 2 and 3 workers train the head to the one-process weights; images/s per worker in its metrics", async (t) => {
+  test("augment data-parallel - 1, 2 and 3 workers train head and fine-tuned top to the one-process weights; images per worker in its metrics", async (t) => {
     for (const n of [1, 2, 3]) {
       const job = `aug${n}`;
       const port = await freePort();
@@ -109,11 +117,16 @@ describe("augment data-parallel", () => {
       await succeeds(c, ws);
       assert.equal(c.logged("--method augment trains in the coordinator process, not on the workers (data-parallel training covers fine-tuning on cached activations): drop --method augment to train across the workers").length, 0);
       assert.equal(c.logged("head phase on the workers").length, 1, `the head trained on the workers\n${c.tail()}`);
+      assert.equal(c.logged("fine-tuning with augmentation on the workers").length, 1, `fine-tuning ran on the workers\n${c.tail()}`);
       const s = await summary(join(dir, job));
       assert.equal(s.phases.head.workers, n, `summary phases.head.workers`);
       const d = maxAbsDiff(await weights(join(dir, job)), reference);
       t.diagnostic(`N=${n}: max |w - w_ref| = ${d.toExponential(2)}`);
       assert.ok(d < 1e-4, `N=${n}: max |w - w_ref| = ${d}`);
+      assert.equal(s.phases.fine_tune.workers, n, `summary phases.fine_tune.workers`);
+      const f = maxAbsDiff(await weights(join(dir, job), "model"), referenceFineTuned);
+      t.diagnostic(`N=${n}: fine-tuned max |w - w_ref| = ${f.toExponential(2)}`);
+      assert.ok(f < 1e-4, `N=${n}: fine-tuned max |w - w_ref| = ${f}`);
       const m = await ws[0]!.metrics();
       const images = m.samples.filter((x) => x.name === "ctrain_images_processed_total" && x.labels["phase"] === "head").reduce((a, x) => a + x.value, 0);
       // Four epochs of this worker's part of each global batch: within one image per batch of train/n.
@@ -123,7 +136,7 @@ describe("augment data-parallel", () => {
     }
   });
 
-  test("augment data-parallel - a worker SIGKILLed mid-head-phase: the survivors finish with the undisturbed weights", async () => {
+  test("augment data-parallel - a worker SIGKILLed mid-head-phase: the survivors finish both phases with the undisturbed weights", async () => {
     const job = "augkill";
     const ws = [0, 1, 2].map((i) => worker(job, `${job}-w${i}`));
     const c = coordinator(job, 3, { CTRAIN_DP_STEP_TIMEOUT_MS: "4000" });
@@ -142,6 +155,8 @@ describe("augment data-parallel", () => {
     assert.equal(s.phases.head.epochs, 4);
     const d = maxAbsDiff(await weights(join(dir, job)), reference);
     assert.ok(d < 1e-4, `max |w - w_ref| = ${d}`);
+    const f = maxAbsDiff(await weights(join(dir, job), "model"), referenceFineTuned);
+    assert.ok(f < 1e-4, `fine-tuned: max |w - w_ref| = ${f}`);
     await stop(ws);
   });
 
@@ -150,7 +165,7 @@ describe("augment data-parallel", () => {
     const job = "augbad";
     const good = worker(job, `${job}-good`);
     const bad = worker(job, `${job}-bad`, { env: { CTRAIN_FASHION_MNIST_DIR: missing } });
-    const c = coordinator(job, 2);
+    const c = coordinator(job, 2, {}, { fineTune: false });
     await succeeds(c, [good, bad]);
     const left = c.logged("worker left out: it cannot open the data set");
     assert.equal(left.length, 1, c.tail());
@@ -161,7 +176,7 @@ describe("augment data-parallel", () => {
 
     const none = "augnone";
     const alone = worker(none, `${none}-bad`, { env: { CTRAIN_FASHION_MNIST_DIR: missing } });
-    const c2 = coordinator(none, 1);
+    const c2 = coordinator(none, 1, {}, { fineTune: false });
     const code = await exitCode(c2);
     assert.notEqual(code, 0);
     assert.match(c2.stderr, /no worker can open the data set/);
