@@ -9,6 +9,12 @@
  *   defaults in core/training/data_parallel_settings.ts). Beside it, in the job's checkpoints object
  *   store (TRAINING_OBJECTS): the trained head (topology + weights), the start state (every weight of
  *   top + head, the optimizer's state, the data cursor; core/training/checkpoints.ts) and the rows.
+ * - Images (--method augment). An attempt may instead carry `images` (the data set and the frozen stage
+ *   as an extraction round names them, and the augmentation) and `phase` (head or fine_tune): the
+ *   train object is then the sample ids in the coordinator's row order, and each worker opens the
+ *   images and runs the frozen stage on its own part of every global batch (coordinator/augment_data_parallel.ts,
+ *   worker/replica_data.ts). A worker that cannot open the data set reports DataUnavailableError and
+ *   is left out; the others train (none left: WorkersUnavailableError).
  * - Data. The rows are the cached activations at the cut that the one-process path trains on; the
  *   coordinator already has them (runJob extracted them through the workers), so it puts the train
  *   and validation sets into the object store once and every worker fetches them whole. That is the

@@ -5,6 +5,12 @@
  * boundary from member 0's state) -> run fit() with the step hook (boundary decision, checkpoint,
  * averaging with redo on a lost peer) -> finish (final state, `done`) -> close.
  *
+ * What it trains and on what (head or top + head; cached activation rows or images through a frozen
+ * stage) is worker/replica_data.ts. fit() runs over that BatchSource, whose `sliceOf` cuts this
+ * replica's part of each global batch; an image source cuts the next batch while the current one
+ * trains (prefetch), so the batch in flight is looked up by the data cursor, and a part cut under a
+ * membership that changed since is cut again before it is averaged.
+ *
  * The decisions that need no broker (cursor accounting, which steps checksum / checkpoint / decide,
  * whom a failed step names, the reports) are in worker/replica_steps.ts and the checksum comparison in
  * worker/replica_checksums.ts, both unit-tested without NATS.
@@ -370,7 +376,10 @@ export class ReplicaSession {
     const g = new StepGradients(grads, samples);
     try {
       // A part cut ahead (prefetch) under a membership that has changed since: cut it again under this one.
-      if (this.inFlight().membershipEpoch !== this.av.epoch) g.replace(await this.recompute());
+      if (this.inFlight().membershipEpoch !== this.av.epoch) {
+        this.o.log.info("part cut ahead under an older membership: cutting it again", { step, membership_epoch: this.av.epoch });
+        g.replace(await this.recompute());
+      }
       if (isBoundaryStep(step, this.cursor.batch, this.stintFrom) && (await this.atBoundary(step))) g.replace(await this.recompute());
       await this.maybeCheckpoint(step);
       return await this.averageStep(step, g);
