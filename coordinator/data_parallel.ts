@@ -170,7 +170,7 @@ async function openStores(nc: NatsConnection, job: string): Promise<Stores> {
 /** The attempt's start state: the job's latest checkpoint when it was made for this configuration, else the model as it is. */
 async function startState(o: DataParallelOptions, os: ObjectStore, model: tf.LayersModel, optimizer: tf.Optimizer, fp: string, totalSteps: number): Promise<TrainingState> {
   const fresh = await captureState(model, optimizer, { epoch: 0, batch: 0, step: 0 }, { fingerprint: fp, history: [] });
-  const bytes = await getBytes(os, TRAINING_OBJECTS.latest).catch(() => null);
+  const bytes = await getBytes(os, TRAINING_OBJECTS.latestOf(o.phase ?? "fine_tune")).catch(() => null);
   if (!bytes) return fresh;
   const latest = decodeState(bytes);
   if (latest.meta["fingerprint"] !== fp) {
@@ -241,7 +241,7 @@ export async function trainDataParallel(model: tf.LayersModel, head: tf.LayersMo
     const start = await startState(o, stores.os, model, optimizer, fingerprint(o, data.trainSamples), totalSteps);
     const { final, history, allreduce, trainedBy } = await trainOnWorkers(o, stores, head, start, data, totalSteps);
     await restoreState(model, optimizer, { ...final, optimizer: [] });
-    if (o.out) o.log.info("final checkpoint written", { file: await writeStateFile(o.out, "final", final) });
+    if (o.out) o.log.info("final checkpoint written", { file: await writeStateFile(o.out, TRAINING_OBJECTS.fileOf(o.phase ?? "fine_tune", "final"), final) });
     o.log.info("data-parallel training done", { phase: o.phase ?? "fine_tune", steps: final.cursor.step, workers: trainedBy.length, allreduce_seconds_per_worker: Number(allreduce.seconds.toFixed(3)), allreduce_bytes_per_worker: allreduce.bytes });
     return { history, steps: final.cursor.step, workers: trainedBy.length };
   } finally {

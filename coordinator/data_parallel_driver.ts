@@ -13,7 +13,7 @@ import type { EpochStats } from "../core/training/train_loop.js";
 import { decodeState, getBytes, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import { decode, DecodeError } from "../proto/codec.js";
 import { WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
-import { cannotJoin, decodeBoundaryDecision, decodeReport, encodeMembershipPlan, TRAINING_KEYS, TRAINING_OBJECTS, type BoundaryDecision, type MembershipPlan, type TrainingAttempt, type TrainingReport } from "../proto/training_wire.js";
+import { attemptPhase, cannotJoin, decodeBoundaryDecision, decodeReport, encodeMembershipPlan, TRAINING_KEYS, TRAINING_OBJECTS, type BoundaryDecision, type MembershipPlan, type TrainingAttempt, type TrainingReport } from "../proto/training_wire.js";
 import { allreduceOf, keepWaiting, MembershipPlanner, reportAction } from "./membership_planner.js";
 import { StragglerMonitor } from "./straggler_monitor.js";
 
@@ -300,8 +300,9 @@ export class DataParallelDriver {
     // Best effort, bounded: member 0 may overwrite `latest` while we read it, and a read whose chunks
     // were purged never ends (it stalled the whole supervision loop).
     const timeout = new Promise<null>((r) => setTimeout(() => r(null), 5000).unref());
-    const b = await Promise.race([getBytes(this.c.os, TRAINING_OBJECTS.latest), timeout]).catch(() => null);
-    if (b) await writeStateFile(this.c.out, "latest", decodeState(b)).catch((err: unknown) => this.c.log.warn("checkpoint copy to --out failed", { error: err as Error }));
+    const phase = attemptPhase(this.c.attempt);
+    const b = await Promise.race([getBytes(this.c.os, TRAINING_OBJECTS.latestOf(phase)), timeout]).catch(() => null);
+    if (b) await writeStateFile(this.c.out, TRAINING_OBJECTS.fileOf(phase, "latest"), decodeState(b)).catch((err: unknown) => this.c.log.warn("checkpoint copy to --out failed", { error: err as Error }));
   }
 
   /** Member 0 is done: its final state and history, and the replicas' averaging cost. */

@@ -161,8 +161,16 @@ export const TRAINING_OBJECTS = {
   data: (attempt: string, split: "train" | "val") => `data-${attempt}-${split}`,
   /** The trained head model (topology + weights). */
   head: (attempt: string) => `head-${attempt}`,
-  /** The latest periodic checkpoint of the job, whatever the attempt (what a restarted coordinator resumes). */
+  /** The latest periodic checkpoint of the job's fine-tuning, whatever the attempt (what a restarted coordinator resumes). */
   latest: "latest",
+  /**
+   * The latest checkpoint of a phase, whatever the attempt: {@link latest} for fine-tuning, `latest-head`
+   * for the head phase, so that a restarted coordinator that redoes the (complete) head phase does not
+   * overwrite fine-tuning's progress.
+   */
+  latestOf: (phase: "head" | "fine_tune") => (phase === "head" ? "latest-head" : "latest"),
+  /** The file name (under <out>/checkpoints/) of a phase's `latest` or `final` checkpoint: `head-` before the head phase's. */
+  fileOf: (phase: "head" | "fine_tune", which: "latest" | "final") => (phase === "head" ? `head-${which}` : which),
   /** The phase's end state. */
   final: (attempt: string) => `final-${attempt}`,
   /** Member 0's state at the boundary where the join of membership epoch `epoch` applies (what joiners start from). */

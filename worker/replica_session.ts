@@ -122,6 +122,8 @@ export class ReplicaSession {
   private readonly sliced = new Map<number, SlicedBatch>();
   private readonly phase: TrainingPhase;
   private stepTimer: (() => number) | undefined;
+  /** Samples (images, for an image attempt) this replica trained on in this attempt: its images/s in the done log. */
+  private samplesRun = 0;
   private fitStart = 0;
 
   constructor(private readonly o: TrainingWorkerOptions) {
@@ -365,6 +367,7 @@ export class ReplicaSession {
     this.stepTimer?.();
     this.stepTimer = this.o.metrics?.startStep(this.phase);
     this.o.metrics?.countImages(this.phase, done.samples);
+    this.samplesRun += done.samples;
     this.cursor = advanceCursor(this.cursor, done);
     this.o.metrics?.setEpoch(this.phase, done.epoch + 1, this.cursor.step);
     if (isChecksumStep(this.cursor.step, this.a.checksumEvery)) this.publishChecksum(this.cursor.step);
@@ -453,7 +456,7 @@ export class ReplicaSession {
   private async maybeCheckpoint(step: number): Promise<void> {
     if (!isCheckpointStep(step, { attemptStartStep: this.r.start.cursor.step, every: this.a.checkpointEvery, member0: this.av.members[0] === this.o.self })) return;
     const s = await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members));
-    await putBytes(this.store, TRAINING_OBJECTS.latest, encodeState(s));
+    await putBytes(this.store, TRAINING_OBJECTS.latestOf(this.phase), encodeState(s));
     await this.report({ state: "checkpoint", step, cursor: { ...this.cursor } });
     this.o.log.info("checkpoint saved", { step, epoch: this.cursor.epoch, batch: this.cursor.batch });
   }
@@ -511,11 +514,14 @@ export class ReplicaSession {
     if (this.av.members[0] === this.o.self) {
       const s = encodeState(await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members)));
       await putBytes(this.store, TRAINING_OBJECTS.final(this.a.attempt), s);
-      await putBytes(this.store, TRAINING_OBJECTS.latest, s);
+      await putBytes(this.store, TRAINING_OBJECTS.latestOf(this.phase), s);
     }
     await this.report(doneReport(this.cursor, this.history, this.allreduce, this.av.members));
     const seconds = (performance.now() - this.fitStart) / 1000;
-    this.o.log.info("training done", { attempt: this.a.attempt, ...trainingSummary(this.cursor.step, this.cursor.step - this.stintFrom, seconds, this.allreduce) });
+    this.o.log.info("training done", {
+      attempt: this.a.attempt, phase: this.phase, ...trainingSummary(this.cursor.step, this.cursor.step - this.stintFrom, seconds, this.allreduce),
+      samples: this.samplesRun, samples_per_second: seconds > 0 ? Number((this.samplesRun / seconds).toFixed(1)) : 0,
+    });
   }
 
   private async onEnd(err: unknown): Promise<void> {
