@@ -167,14 +167,21 @@ export class DataParallelDriver {
         this.c.log.info("every live worker is ready: starting without waiting for the rest", { ready: ready(), asked: this.c.workers });
         break;
       }
-      const failed = [...this.reports.values()].filter((r) => r.state === "failed");
-      for (const r of failed.filter(cannotJoin)) this.leaveOut(r);
-      const other = failed.find((r) => !cannotJoin(r));
-      if (other) throw new ReplicaFailedError(other.worker, `worker ${other.worker} could not start fine-tuning: ${other.error}`);
-      if (this.leftOut.size >= this.c.workers) throw new WorkersUnavailableError(`no worker can open the data set of the ${this.c.attempt.phase} phase: ${failed.map((r) => r.error).join(" | ")}`);
+      this.checkFailures();
       await this.tick(500);
     }
+    this.checkFailures();
     return ready();
+  }
+
+  /** Leaves out the replicas that cannot open the data; throws for any other failure, or when every worker asked for is left out. */
+  private checkFailures(): void {
+    const failed = [...this.reports.values()].filter((r) => r.state === "failed");
+    for (const r of failed.filter(cannotJoin)) this.leaveOut(r);
+    const other = failed.find((r) => !cannotJoin(r));
+    if (other) throw new ReplicaFailedError(other.worker, `worker ${other.worker} could not start fine-tuning: ${other.error}`);
+    const ready = [...this.reports.values()].some((r) => r.state === "ready");
+    if (!ready && this.leftOut.size >= this.c.workers) throw new WorkersUnavailableError(`no worker can open the data set of the ${this.c.attempt.phase} phase: ${failed.map((r) => r.error).join(" | ")}`);
   }
 
   /** Whether some replica is ready and every live worker in the registry is ready or left out; undefined between checks (every 2 s). */
