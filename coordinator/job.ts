@@ -86,8 +86,8 @@ export interface JobCluster {
   workers: number;
   /**
    * Data-parallel training on the workers (coordinator/data_parallel.ts): the job's connection.
-   * Absent: train in this process. Used for fine-tuning on cached activations and for the head phase
-   * of --method augment; fine-tuning with augmentation runs here.
+   * Absent: train in this process. Used for fine-tuning (on cached activations, or on images with
+   * --method augment) and for the head phase of --method augment; method 1's head trains here.
    */
   trainer?: () => Promise<NatsConnection>;
 }

@@ -3,7 +3,7 @@
  * head on augmented images (method 2, `--method augment`). Method 1 trains in this process even with
  * workers: on cached features it is the cheap part (bench/head: 54k rows of 96-d features in 50 s).
  * Method 2 runs the frozen base every step: with a cluster that trains (cluster.trainer) it trains
- * data-parallel on the workers (coordinator/head_data_parallel.ts), else here.
+ * data-parallel on the workers (coordinator/augment_data_parallel.ts), else here.
  */
 import type { FeatureSet } from "../../core/datasets/feature_store.js";
 import { augmentOf } from "../../core/datasets/augment.js";
