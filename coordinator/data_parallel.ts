@@ -9,6 +9,12 @@
  *   defaults in core/training/data_parallel_settings.ts). Beside it, in the job's checkpoints object
  *   store (TRAINING_OBJECTS): the trained head (topology + weights), the start state (every weight of
  *   top + head, the optimizer's state, the data cursor; core/training/checkpoints.ts) and the rows.
+ * - Images (--method augment). An attempt may instead carry `images` (the data set and the frozen stage
+ *   as an extraction round names them, and the augmentation) and `phase` (head or fine_tune): the
+ *   train object is then the sample ids in the coordinator's row order, and each worker opens the
+ *   images and runs the frozen stage on its own part of every global batch (coordinator/augment_data_parallel.ts,
+ *   worker/replica_data.ts). A worker that cannot open the data set reports DataUnavailableError and
+ *   is left out; the others train (none left: WorkersUnavailableError).
  * - Data. The rows are the cached activations at the cut that the one-process path trains on; the
  *   coordinator already has them (runJob extracted them through the workers), so it puts the train
  *   and validation sets into the object store once and every worker fetches them whole. That is the
@@ -68,7 +74,8 @@ import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
 import { captureState, decodeState, encodeState, getBytes, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import type { FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix } from "./head_training.js";
-import { completeAttempt, encodeDataObject, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt } from "../proto/training_wire.js";
+import { completeAttempt, encodeDataObject, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt, type TrainingPhase } from "../proto/training_wire.js";
+import type { ImageInput } from "../proto/codec.js";
 import { DataParallelDriver, type DriveResult } from "./data_parallel_driver.js";
 
 export { DATA_PARALLEL_DEFAULTS };
@@ -110,6 +117,10 @@ export interface DataParallelOptions {
   stepTimeoutMs?: number;
   /** Run folder: checkpoints are copied to <out>/checkpoints/. */
   out?: string;
+  /** What the attempt trains: `fine_tune` (top + head, the default) or `head` (the head alone). */
+  phase?: TrainingPhase;
+  /** Image-fed attempts (--method augment): the data set, frozen stage and augmentation the replicas use. Absent: rows (cached activations). */
+  images?: ImageInput;
   onBatchProgress?: (step: number, totalSteps: number, epoch: number) => void;
   onEpochEnd?: (s: EpochStats) => void | Promise<void>;
   signal?: AbortSignal;
@@ -124,9 +135,10 @@ interface Stores {
   registry: KV;
 }
 
-/** Fingerprint of what a checkpoint is valid for. */
+/** Fingerprint of what a checkpoint is valid for (a fine-tuning attempt on activations keeps the fingerprint it always had). */
 function fingerprint(o: DataParallelOptions, trainRows: number): string {
-  return JSON.stringify([o.model, o.inputSize, o.featureLayer, o.pooling, o.fineTuneLayers, o.learningRate, o.seed, o.batchSize, o.numClasses, trainRows]);
+  const kind = (o.phase ?? "fine_tune") === "fine_tune" && !o.images ? [] : [o.phase ?? "fine_tune", o.images ? [o.images.frozen.extractorFingerprint, o.images.frozen.datasetFingerprint, o.images.augment ?? null] : null];
+  return JSON.stringify([o.model, o.inputSize, o.featureLayer, o.pooling, o.fineTuneLayers, o.learningRate, o.seed, o.batchSize, o.numClasses, trainRows, ...kind]);
 }
 
 /** A fresh attempt id (base 36 time + a random suffix). */
@@ -140,6 +152,7 @@ export function attemptOf(o: DataParallelOptions, attempt: string, trainRows: nu
     attempt, model: o.model, inputSize: o.inputSize, featureLayer: o.featureLayer, pooling: o.pooling, fineTuneLayers: o.fineTuneLayers,
     learningRate: o.learningRate, seed: o.seed, globalBatch: o.batchSize, epochs: o.epochs, numClasses: o.numClasses, fingerprint: fingerprint(o, trainRows),
     wireDtype: o.wireDtype, bucketBytes: o.bucketBytes, checksumEvery: o.checksumEvery, checkpointEvery: o.checkpointEvery, stepTimeoutMs: o.stepTimeoutMs,
+    phase: o.phase ?? "fine_tune", images: o.images ?? null,
   });
 }
 
@@ -157,35 +170,46 @@ async function openStores(nc: NatsConnection, job: string): Promise<Stores> {
 /** The attempt's start state: the job's latest checkpoint when it was made for this configuration, else the model as it is. */
 async function startState(o: DataParallelOptions, os: ObjectStore, model: tf.LayersModel, optimizer: tf.Optimizer, fp: string, totalSteps: number): Promise<TrainingState> {
   const fresh = await captureState(model, optimizer, { epoch: 0, batch: 0, step: 0 }, { fingerprint: fp, history: [] });
-  const bytes = await getBytes(os, TRAINING_OBJECTS.latest).catch(() => null);
+  const bytes = await getBytes(os, TRAINING_OBJECTS.latestOf(o.phase ?? "fine_tune")).catch(() => null);
   if (!bytes) return fresh;
   const latest = decodeState(bytes);
   if (latest.meta["fingerprint"] !== fp) {
     o.log.info("ignoring a checkpoint of another configuration", { step: latest.cursor.step });
     return fresh;
   }
-  o.log.info("resuming fine-tuning from checkpoint", { step: latest.cursor.step, epoch: latest.cursor.epoch, batch: latest.cursor.batch, of_steps: totalSteps });
+  o.log.info(`resuming ${(o.phase ?? "fine_tune") === "head" ? "the head phase" : "fine-tuning"} from checkpoint`, { step: latest.cursor.step, epoch: latest.cursor.epoch, batch: latest.cursor.batch, of_steps: totalSteps });
   return latest;
 }
 
-/** Puts what every replica fetches (head, start state, rows) and then the spec that starts them. */
-async function publishAttempt(o: DataParallelOptions, s: Stores, a: TrainingAttempt, head: tf.LayersModel, start: TrainingState, data: Splits, totalSteps: number): Promise<void> {
+/**
+ * What the replicas of an attempt fetch besides the head and the start state: the train object (rows
+ * of cached activations, or the sample list of an image attempt: encodeSampleList) and the val rows.
+ */
+export interface AttemptData {
+  train: Uint8Array;
+  val: ArrayData;
+  /** Training samples (rows or images). */
+  trainSamples: number;
+}
+
+/** Puts what every replica fetches (head, start state, data) and then the spec that starts them. */
+async function publishAttempt(o: DataParallelOptions, s: Stores, a: TrainingAttempt, head: tf.LayersModel, start: TrainingState, data: AttemptData, totalSteps: number): Promise<void> {
   await putBytes(s.os, TRAINING_OBJECTS.head(a.attempt), await encodeHeadObject(head));
   await putBytes(s.os, TRAINING_OBJECTS.start(a.attempt), encodeState(start));
-  await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "train"), encodeDataObject(data.train));
+  await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "train"), data.train);
   await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "val"), encodeDataObject(data.val));
   await s.state.put(TRAINING_KEYS.spec, encodeTrainingSpec(o.job, a));
-  o.log.info("training spec published", { attempt: a.attempt, from_step: start.cursor.step, steps: totalSteps, workers: o.workers, checkpoint_every: a.checkpointEvery, checksum_every: a.checksumEvery });
+  o.log.info("training spec published", { attempt: a.attempt, phase: a.phase, images: a.images ? true : false, from_step: start.cursor.step, steps: totalSteps, workers: o.workers, checkpoint_every: a.checkpointEvery, checksum_every: a.checksumEvery });
 }
 
 /** Runs the attempt on the workers (or nothing when the checkpoint is already complete). */
-async function trainOnWorkers(o: DataParallelOptions, s: Stores, head: tf.LayersModel, start: TrainingState, data: Splits, totalSteps: number): Promise<DriveResult> {
+async function trainOnWorkers(o: DataParallelOptions, s: Stores, head: tf.LayersModel, start: TrainingState, data: AttemptData, totalSteps: number): Promise<DriveResult> {
   const history = (start.meta["history"] as EpochStats[] | undefined) ?? [];
   if (start.cursor.step >= totalSteps) {
-    o.log.info("fine-tuning already complete in the checkpoint", { step: start.cursor.step });
-    return { final: start, history, allreduce: { seconds: 0, bytes: 0, workers: 0 } };
+    o.log.info("data-parallel training already complete in the checkpoint", { phase: o.phase ?? "fine_tune", step: start.cursor.step });
+    return { final: start, history, allreduce: { seconds: 0, bytes: 0, workers: 0 }, trainedBy: [] };
   }
-  const a = attemptOf(o, newAttemptId(), data.train.y.length);
+  const a = attemptOf(o, newAttemptId(), data.trainSamples);
   await publishAttempt(o, s, a, head, start, data, totalSteps);
   const r = await new DataParallelDriver({
     job: o.job, log: o.log, metrics: o.metrics, state: s.state, registry: s.registry, os: s.os, attempt: a, start, totalSteps, workers: o.workers,
@@ -195,29 +219,49 @@ async function trainOnWorkers(o: DataParallelOptions, s: Stores, head: tf.Layers
   return { ...r, history: r.history.length ? r.history : history };
 }
 
-/** Fine-tunes split.top + head data-parallel over the job's workers; the trained weights end up in them. */
-export async function runDataParallelFineTune(split: SplitBase, head: tf.LayersModel, data: Splits, o: DataParallelOptions): Promise<FineTuneResult> {
-  const t0 = performance.now();
+/** What {@link trainDataParallel} leaves besides the trained weights (in the model it was given). */
+export interface DataParallelRun {
+  history: EpochStats[];
+  /** Steps of the attempt (the final state's cursor). */
+  steps: number;
+  /** Distinct workers that were members of the attempt at some step (0 when a checkpoint was already complete). */
+  workers: number;
+}
+
+/**
+ * Trains `model` (the coordinator's copy of the trainable part; `head` is the part of it the replicas
+ * receive as a model) data-parallel on the job's workers: start state (a matching checkpoint, or
+ * the model as it is), attempt, supervision; the final weights are restored into `model`.
+ */
+export async function trainDataParallel(model: tf.LayersModel, head: tf.LayersModel, data: AttemptData, o: DataParallelOptions): Promise<DataParallelRun> {
   const stores = await openStores(o.nc, o.job);
-  const totalSteps = epochBatches(data.train.y.length, o.batchSize, o.seed, 0).length * o.epochs;
-  const model = fineTuneModel(split, head, o.pooling, false);
+  const totalSteps = epochBatches(data.trainSamples, o.batchSize, o.seed, 0).length * o.epochs;
   const optimizer = tf.train.adam(o.learningRate);
   try {
-    const valBefore = evaluate(model, data.val, o.numClasses);
-    const start = await startState(o, stores.os, model, optimizer, fingerprint(o, data.train.y.length), totalSteps);
-    const { final, history, allreduce } = await trainOnWorkers(o, stores, head, start, data, totalSteps);
+    const start = await startState(o, stores.os, model, optimizer, fingerprint(o, data.trainSamples), totalSteps);
+    const { final, history, allreduce, trainedBy } = await trainOnWorkers(o, stores, head, start, data, totalSteps);
     await restoreState(model, optimizer, { ...final, optimizer: [] });
-    if (o.out) o.log.info("final checkpoint written", { file: await writeStateFile(o.out, "final", final) });
-    const val = evaluate(model, data.val, o.numClasses);
-    const test = evaluate(model, data.test, o.numClasses);
-    if (history.length && history.at(-1)!.val_accuracy === undefined) Object.assign(history.at(-1)!, { val_loss: val.loss, val_accuracy: val.accuracy });
-    o.log.info("data-parallel fine-tuning done", { steps: final.cursor.step, val_accuracy: Number(val.accuracy.toFixed(4)), allreduce_seconds_per_worker: Number(allreduce.seconds.toFixed(3)), allreduce_bytes_per_worker: allreduce.bytes });
-    return {
-      model, history,
-      test: { loss: test.loss, accuracy: test.accuracy, samples: data.test.y.length, confusion: confusionMatrix(data.test.y, test.predictions, o.numClasses) },
-      val_loss_before: valBefore.loss, val_accuracy: val.accuracy, seconds: (performance.now() - t0) / 1000,
-    };
+    if (o.out) o.log.info("final checkpoint written", { file: await writeStateFile(o.out, TRAINING_OBJECTS.fileOf(o.phase ?? "fine_tune", "final"), final) });
+    o.log.info("data-parallel training done", { phase: o.phase ?? "fine_tune", steps: final.cursor.step, workers: trainedBy.length, allreduce_seconds_per_worker: Number(allreduce.seconds.toFixed(3)), allreduce_bytes_per_worker: allreduce.bytes });
+    return { history, steps: final.cursor.step, workers: trainedBy.length };
   } finally {
     optimizer.dispose();
   }
+}
+
+/** Fine-tunes split.top + head data-parallel over the job's workers; the trained weights end up in them. */
+export async function runDataParallelFineTune(split: SplitBase, head: tf.LayersModel, data: Splits, o: DataParallelOptions): Promise<FineTuneResult & { workers: number }> {
+  const t0 = performance.now();
+  const model = fineTuneModel(split, head, o.pooling, false);
+  const valBefore = evaluate(model, data.val, o.numClasses);
+  const { history, steps, workers } = await trainDataParallel(model, head, { train: encodeDataObject(data.train), val: data.val, trainSamples: data.train.y.length }, o);
+  const val = evaluate(model, data.val, o.numClasses);
+  const test = evaluate(model, data.test, o.numClasses);
+  if (history.length && history.at(-1)!.val_accuracy === undefined) Object.assign(history.at(-1)!, { val_loss: val.loss, val_accuracy: val.accuracy });
+  o.log.info("data-parallel fine-tuning done", { steps, val_accuracy: Number(val.accuracy.toFixed(4)) });
+  return {
+    model, history, workers,
+    test: { loss: test.loss, accuracy: test.accuracy, samples: data.test.y.length, confusion: confusionMatrix(data.test.y, test.predictions, o.numClasses) },
+    val_loss_before: valBefore.loss, val_accuracy: val.accuracy, seconds: (performance.now() - t0) / 1000,
+  };
 }

@@ -8,12 +8,12 @@
 import type { KV, ObjectStore } from "nats";
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
-import { ReplicaFailedError } from "../core/runtime/errors.js";
+import { ReplicaFailedError, WorkersUnavailableError } from "../core/runtime/errors.js";
 import type { EpochStats } from "../core/training/train_loop.js";
 import { decodeState, getBytes, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import { decode, DecodeError } from "../proto/codec.js";
 import { WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
-import { decodeBoundaryDecision, decodeReport, encodeMembershipPlan, TRAINING_KEYS, TRAINING_OBJECTS, type BoundaryDecision, type MembershipPlan, type TrainingAttempt, type TrainingReport } from "../proto/training_wire.js";
+import { attemptPhase, cannotJoin, decodeBoundaryDecision, decodeReport, encodeMembershipPlan, TRAINING_KEYS, TRAINING_OBJECTS, type BoundaryDecision, type MembershipPlan, type TrainingAttempt, type TrainingReport } from "../proto/training_wire.js";
 import { allreduceOf, keepWaiting, MembershipPlanner, reportAction } from "./membership_planner.js";
 import { StragglerMonitor } from "./straggler_monitor.js";
 
@@ -42,6 +42,8 @@ export interface DriveResult {
   final: TrainingState;
   history: EpochStats[];
   allreduce: { seconds: number; bytes: number; workers: number };
+  /** Every worker that was a member at some step of the attempt (summary.json's phases.<phase>.workers). */
+  trainedBy: string[];
 }
 
 type Watch = Awaited<ReturnType<KV["watch"]>>;
@@ -57,7 +59,12 @@ export class DataParallelDriver {
   private readonly watches: Watch[] = [];
   private wake: (() => void) | undefined;
   private lastHeartbeatCheck = 0;
+  private lastLiveCheck = 0;
   private epochsSeen = 0;
+  /** Workers that were members under some active membership. */
+  private readonly trainedBy = new Set<string>();
+  /** Workers that could not open the attempt's data (cannotJoin), already logged. */
+  private readonly leftOut = new Set<string>();
   /** Per-step compute/wait of every replica: metrics, and a log line naming a straggler. */
   private readonly stragglers: StragglerMonitor;
 
@@ -141,17 +148,58 @@ export class DataParallelDriver {
     if (this.c.signal?.aborted) throw this.c.signal.reason;
   }
 
-  /** Waits for `workers` ready replicas (or the ready timeout); returns the ready ones. A replica that failed to load stops the attempt. */
+  /**
+   * Waits for `workers` ready replicas (or the ready timeout, or every live worker of the registry
+   * ready: a worker lost in an earlier phase is not waited for); returns the ready ones. A replica that
+   * could not open the attempt's data is left out (the others go on; none left is WorkersUnavailableError);
+   * any other failure to load stops the attempt.
+   */
   private async waitReady(): Promise<string[]> {
     const deadline = Date.now() + this.c.readyTimeoutMs;
     const ready = (): string[] => [...this.reports.values()].filter((r) => r.state === "ready").map((r) => r.worker).sort();
-    while (keepWaiting(ready().length, this.c.workers, Date.now(), deadline)) {
+    let settled = 0;
+    while (keepWaiting(ready().length, this.c.workers - this.leftOut.size, Date.now(), deadline)) {
       this.checkAbort();
-      const failed = [...this.reports.values()].find((r) => r.state === "failed");
-      if (failed) throw new ReplicaFailedError(failed.worker, `worker ${failed.worker} could not start fine-tuning: ${failed.error}`);
+      const live = await this.everyLiveWorkerReady(ready());
+      if (live !== undefined) settled = live ? settled + 1 : 0;
+      // Twice in a row (a second apart at least): a worker that registers a moment late is still waited for.
+      if (settled >= 2) {
+        this.c.log.info("every live worker is ready: starting without waiting for the rest", { ready: ready(), asked: this.c.workers });
+        break;
+      }
+      this.checkFailures();
       await this.tick(500);
     }
+    this.checkFailures();
     return ready();
+  }
+
+  /** Leaves out the replicas that cannot open the data; throws for any other failure, or when every worker asked for is left out. */
+  private checkFailures(): void {
+    const failed = [...this.reports.values()].filter((r) => r.state === "failed");
+    for (const r of failed.filter(cannotJoin)) this.leaveOut(r);
+    const other = failed.find((r) => !cannotJoin(r));
+    if (other) throw new ReplicaFailedError(other.worker, `worker ${other.worker} could not start fine-tuning: ${other.error}`);
+    const ready = [...this.reports.values()].some((r) => r.state === "ready");
+    if (!ready && this.leftOut.size >= this.c.workers) throw new WorkersUnavailableError(`no worker can open the data set of the ${this.c.attempt.phase} phase: ${failed.map((r) => r.error).join(" | ")}`);
+  }
+
+  /** Whether some replica is ready and every live worker in the registry is ready or left out; undefined between checks (every 2 s). */
+  private async everyLiveWorkerReady(ready: readonly string[]): Promise<boolean | undefined> {
+    if (ready.length === 0) return false;
+    if (Date.now() - this.lastLiveCheck < HEARTBEAT_CHECK_MS) return undefined;
+    this.lastLiveCheck = Date.now();
+    const keys: string[] = [];
+    for await (const k of await this.c.registry.keys()) keys.push(k);
+    for (const w of keys) if (!ready.includes(w) && !this.leftOut.has(w) && (await this.alive(w))) return false;
+    return true;
+  }
+
+  /** A replica that cannot open the attempt's data: logged once, never a member. */
+  private leaveOut(r: TrainingReport): void {
+    if (this.leftOut.has(r.worker)) return;
+    this.leftOut.add(r.worker);
+    this.c.log.error("worker left out: it cannot open the data set", { worker: r.worker, error: r.error });
   }
 
   /** Is `w`'s registry entry there, fresh and not `stopped`? */
@@ -175,6 +223,7 @@ export class DataParallelDriver {
   private async publish(plan: MembershipPlan): Promise<void> {
     await this.c.state.put(TRAINING_KEYS.members, encodeMembershipPlan(this.c.job, this.c.attempt, plan, this.c.start.cursor));
     if (plan.joining.length === 0) {
+      for (const w of plan.members) this.trainedBy.add(w);
       this.c.metrics?.setWorkers({ alive: plan.members.length });
       this.c.log.info("membership", { epoch: plan.epoch, members: plan.members });
     } else {
@@ -214,12 +263,17 @@ export class DataParallelDriver {
       const j = this.planner.decide(d.step, d.epoch);
       if (!j) continue;
       this.c.log.info("workers joined at a training-epoch boundary", { joined: j.joined, step: j.step, epoch: j.epoch, members: j.members });
+      for (const w of j.members) this.trainedBy.add(w);
       this.c.metrics?.setWorkers({ alive: j.members.length });
     }
   }
 
   /** Acts on one report; the attempt's result when it is member 0's `done`. */
   private async handle(r: TrainingReport): Promise<DriveResult | undefined> {
+    if (cannotJoin(r) && !this.planner.watched().includes(r.worker)) {
+      this.leaveOut(r);
+      return undefined;
+    }
     const a = reportAction(r, this.planner.current.members[0], this.epochsSeen);
     switch (a.type) {
       case "fail":
@@ -253,8 +307,9 @@ export class DataParallelDriver {
     // Best effort, bounded: member 0 may overwrite `latest` while we read it, and a read whose chunks
     // were purged never ends (it stalled the whole supervision loop).
     const timeout = new Promise<null>((r) => setTimeout(() => r(null), 5000).unref());
-    const b = await Promise.race([getBytes(this.c.os, TRAINING_OBJECTS.latest), timeout]).catch(() => null);
-    if (b) await writeStateFile(this.c.out, "latest", decodeState(b)).catch((err: unknown) => this.c.log.warn("checkpoint copy to --out failed", { error: err as Error }));
+    const phase = attemptPhase(this.c.attempt);
+    const b = await Promise.race([getBytes(this.c.os, TRAINING_OBJECTS.latestOf(phase)), timeout]).catch(() => null);
+    if (b) await writeStateFile(this.c.out, TRAINING_OBJECTS.fileOf(phase, "latest"), decodeState(b)).catch((err: unknown) => this.c.log.warn("checkpoint copy to --out failed", { error: err as Error }));
   }
 
   /** Member 0 is done: its final state and history, and the replicas' averaging cost. */
@@ -263,7 +318,7 @@ export class DataParallelDriver {
     const b = await getBytes(this.c.os, name);
     if (!b) throw new ReplicaFailedError(r.worker, `member 0 (${r.worker}) reported done but ${name} is not in the store`);
     const done = [...this.reports.values()].filter((x) => x.state === "done");
-    return { final: decodeState(b), history: r.history ?? [], allreduce: allreduceOf(done, this.planner.current.members.length) };
+    return { final: decodeState(b), history: r.history ?? [], allreduce: allreduceOf(done, this.planner.current.members.length), trainedBy: [...this.trainedBy].sort() };
   }
 
   /** Heartbeat TTL: a member or joiner whose registry entry expired (or says stopped) is gone. */

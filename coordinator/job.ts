@@ -26,6 +26,8 @@ import { exportFineTuned, exportHead } from "./phases/export.js";
 import { reportPhase } from "./phases/report.js";
 
 export interface PhaseSummary {
+  /** Processes that trained the phase: 1 = the coordinator process; N = N workers data-parallel (every one that was a member at some step). */
+  workers: number;
   /** Epochs run (fewer than asked when early stopping ended the phase). */
   epochs: number;
   epochs_asked: number;
@@ -83,8 +85,9 @@ export interface JobCluster {
   /** Worker processes behind `executor` and `trainer`; 0 = everything runs in this process. */
   workers: number;
   /**
-   * Data-parallel fine-tuning on the workers (coordinator/data_parallel.ts): the job's connection.
-   * Absent: fine-tune in this process. Used for cached activations; augmentation fine-tunes here.
+   * Data-parallel training on the workers (coordinator/data_parallel.ts): the job's connection.
+   * Absent: train in this process. Used for fine-tuning (on cached activations, or on images with
+   * --method augment) and for the head phase of --method augment; method 1's head trains here.
    */
   trainer?: () => Promise<NatsConnection>;
 }
@@ -104,7 +107,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   const ctx = await setUpJob(opts, deps.log, deps.metrics);
   try {
     const extracted = await extractPhase(ctx, cluster);
-    const head = await headPhase(ctx, extracted.features, cluster.trainer !== undefined);
+    const head = await headPhase(ctx, extracted.features, cluster);
     try {
       const classifier = await exportHead(ctx, head.head, fineTuning);
       const fineTuned = fineTuning ? await fineTunePhase(ctx, cluster, trainableBase(ctx, classifier), extracted.features, head.head) : undefined;

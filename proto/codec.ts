@@ -170,6 +170,27 @@ export interface TrainingAttempt {
   checkpointEvery: number;
   stepTimeoutMs: number;
   fingerprint: string;
+  /** `head` or `fine_tune`; empty (an older coordinator) = `fine_tune`. */
+  phase: string;
+  /** Set for an image-fed attempt (--method augment); null or absent: cached activations. */
+  images?: ImageInput | null;
+}
+
+/** TrainingAttempt.images: the data set and frozen stage (as an extraction round names them) and the augmentation. */
+export interface ImageInput {
+  frozen: ExtractionRound;
+  /** null or absent = no augmentation. */
+  augment?: Augmentation | null;
+}
+
+/** core/datasets/augment.ts AugmentOptions on the wire. */
+export interface Augmentation {
+  flip: boolean;
+  rotation: number;
+  zoom: number;
+  translation: number;
+  fillMode: string;
+  fillValue: number;
 }
 
 export interface ShardTask {
@@ -793,4 +814,9 @@ function validateTrainingAttempt(h: Header, t: TrainingAttempt): void {
   required(t.stepTimeoutMs > 0, "training.step_timeout_ms");
   if (!Number.isFinite(t.learningRate)) throw new DecodeError("JobSpec", "non_finite", `training.learning_rate ${t.learningRate}`, { header: h });
   required(t.learningRate > 0, "training.learning_rate");
+  required(["", "head", "fine_tune"].includes(t.phase), `training.phase ${JSON.stringify(t.phase)} (head or fine_tune)`);
+  if (t.images) {
+    required(t.images.frozen !== null && t.images.frozen !== undefined, "training.images.frozen");
+    validateExtractionRound("JobSpec", h, t.images.frozen);
+  }
 }

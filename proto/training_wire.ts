@@ -7,7 +7,8 @@
  * checkpoints object store (the training rows and the trained head).
  */
 import * as tf from "@tensorflow/tfjs";
-import { decode, encode, makeHeader, type JobSpec, type TrainingAttempt } from "./codec.js";
+import { type Augmentation, decode, encode, makeHeader, type JobSpec, type TrainingAttempt } from "./codec.js";
+import type { AugmentOptions, FillMode } from "../core/datasets/augment.js";
 import { packArrays, unpackArrays } from "../core/training/checkpoints.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import { sliceRanges } from "./tensor_codec.js";
@@ -15,8 +16,11 @@ import type { ArrayData, EpochStats } from "../core/training/train_loop.js";
 
 export type { TrainingAttempt };
 
-/** The settings of an attempt that may be left out; they take DATA_PARALLEL_DEFAULTS (and fp32 on the wire). */
-type Tunable = "wireDtype" | "bucketBytes" | "checksumEvery" | "checkpointEvery" | "stepTimeoutMs";
+/**
+ * The settings of an attempt that may be left out; they take DATA_PARALLEL_DEFAULTS (and fp32 on the
+ * wire), phase `fine_tune` and no images (cached activations).
+ */
+type Tunable = "wireDtype" | "bucketBytes" | "checksumEvery" | "checkpointEvery" | "stepTimeoutMs" | "phase" | "images";
 export type TrainingAttemptInput = Omit<TrainingAttempt, Tunable> & Partial<Pick<TrainingAttempt, Tunable>>;
 
 /** `a` with every left-out setting at its default (the only place training defaults are applied). */
@@ -24,8 +28,38 @@ export function completeAttempt(a: TrainingAttemptInput): TrainingAttempt {
   const d = DATA_PARALLEL_DEFAULTS;
   return {
     ...a, wireDtype: a.wireDtype ?? "fp32", bucketBytes: a.bucketBytes ?? d.bucketBytes, checksumEvery: a.checksumEvery ?? d.checksumEvery,
-    checkpointEvery: a.checkpointEvery ?? d.checkpointEvery, stepTimeoutMs: a.stepTimeoutMs ?? d.stepTimeoutMs,
+    checkpointEvery: a.checkpointEvery ?? d.checkpointEvery, stepTimeoutMs: a.stepTimeoutMs ?? d.stepTimeoutMs, phase: a.phase || "fine_tune", images: a.images ?? null,
   };
+}
+
+/** The phases an attempt trains. */
+export const TRAINING_PHASES = ["head", "fine_tune"] as const;
+export type TrainingPhase = (typeof TRAINING_PHASES)[number];
+
+/** The phase of an attempt (an older coordinator's attempt, without one, is fine-tuning). */
+export function attemptPhase(a: Pick<TrainingAttempt, "phase">): TrainingPhase {
+  return a.phase === "head" ? "head" : "fine_tune";
+}
+
+/** Augmentation on the wire (null = none). */
+export function toAugmentation(o: AugmentOptions | null): Augmentation | null {
+  return o ? { flip: o.flip, rotation: o.rotation, zoom: o.zoom, translation: o.translation, fillMode: o.fillMode, fillValue: o.fillValue } : null;
+}
+
+/** An attempt's augmentation as the image batches take it (null = none). */
+export function fromAugmentation(a: Augmentation | null | undefined): AugmentOptions | null {
+  return a ? { flip: a.flip, rotation: a.rotation, zoom: a.zoom, translation: a.translation, fillMode: a.fillMode as FillMode, fillValue: a.fillValue } : null;
+}
+
+/**
+ * Name of the error a replica fails with when it cannot open the attempt's images (a data set path
+ * missing on its machine): the coordinator leaves that worker out and goes on with the others.
+ */
+export const DATA_UNAVAILABLE = "DataUnavailableError";
+
+/** Whether `r` is a replica that could not open the attempt's data (it never joins; the others go on). */
+export function cannotJoin(r: Pick<TrainingReport, "state" | "error">): boolean {
+  return r.state === "failed" && (r.error ?? "").startsWith(`${DATA_UNAVAILABLE}:`);
 }
 
 /** Sender id of the coordinator of attempt `attempt`: a replica takes plans only from its own attempt's coordinator. */
@@ -127,8 +161,16 @@ export const TRAINING_OBJECTS = {
   data: (attempt: string, split: "train" | "val") => `data-${attempt}-${split}`,
   /** The trained head model (topology + weights). */
   head: (attempt: string) => `head-${attempt}`,
-  /** The latest periodic checkpoint of the job, whatever the attempt (what a restarted coordinator resumes). */
+  /** The latest periodic checkpoint of the job's fine-tuning, whatever the attempt (what a restarted coordinator resumes). */
   latest: "latest",
+  /**
+   * The latest checkpoint of a phase, whatever the attempt: {@link latest} for fine-tuning, `latest-head`
+   * for the head phase, so that a restarted coordinator that redoes the (complete) head phase does not
+   * overwrite fine-tuning's progress.
+   */
+  latestOf: (phase: "head" | "fine_tune") => (phase === "head" ? "latest-head" : "latest"),
+  /** The file name (under <out>/checkpoints/) of a phase's `latest` or `final` checkpoint: `head-` before the head phase's. */
+  fileOf: (phase: "head" | "fine_tune", which: "latest" | "final") => (phase === "head" ? `head-${which}` : which),
   /** The phase's end state. */
   final: (attempt: string) => `final-${attempt}`,
   /** Member 0's state at the boundary where the join of membership epoch `epoch` applies (what joiners start from). */
@@ -191,6 +233,23 @@ export function decodeReport(job: string, bytes: Uint8Array): TrainingReport {
 export function memberSlice(indices: Int32Array, members: readonly string[], self: string): Int32Array {
   const r = sliceRanges(indices.length, members.length)[members.indexOf(self)]!;
   return indices.subarray(r.offset, r.offset + r.length);
+}
+
+/** The train samples of an image-fed attempt: ids (the data set's stable ids) and labels, in the coordinator's row order. */
+export interface SampleList {
+  ids: string[];
+  labels: Int32Array;
+}
+
+export function encodeSampleList(s: SampleList): Uint8Array {
+  return packArrays({ ids: s.ids, labels: Array.from(s.labels) }, []);
+}
+
+export function decodeSampleList(bytes: Uint8Array): SampleList {
+  const { header } = unpackArrays(bytes);
+  const ids = header["ids"] as string[], labels = header["labels"] as number[];
+  if (!Array.isArray(ids) || !Array.isArray(labels) || ids.length !== labels.length) throw new Error("the attempt's sample list is malformed (ids and labels differ in length)");
+  return { ids, labels: Int32Array.from(labels) };
 }
 
 export function encodeDataObject(d: ArrayData): Uint8Array {

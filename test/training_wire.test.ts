@@ -1,15 +1,19 @@
 /**
  * The training wire contract (proto/training_wire.ts): the typed TrainingAttempt in JobSpec.training
- * with one set of defaults, its validator, membership plans and boundary decisions, without NATS.
+ * with one set of defaults, its validator, image attempts (--method augment: the data set and frozen
+ * stage as an extraction round, augmentation, the sample list), membership plans and boundary
+ * decisions, without NATS.
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { DecodeError, decode, encode, makeHeader, type JobSpec } from "../proto/codec.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import {
-  completeAttempt, coordinatorSender, decodeBoundaryDecision, decodeMembershipPlan, encodeBoundaryDecision, encodeMembershipPlan, encodeTrainingSpec,
-  trainingAttemptOf, type TrainingAttempt, type TrainingAttemptInput,
+  attemptPhase, cannotJoin, completeAttempt, coordinatorSender, decodeBoundaryDecision, decodeMembershipPlan, decodeSampleList, encodeBoundaryDecision, encodeMembershipPlan,
+  encodeSampleList, encodeTrainingSpec, fromAugmentation, toAugmentation, trainingAttemptOf, type TrainingAttempt, type TrainingAttemptInput,
 } from "../proto/training_wire.js";
+import { DEFAULT_AUGMENT } from "../core/datasets/augment.js";
+import { packArrays } from "../core/training/checkpoints.js";
 import { sampleExtractionSpec, sampleMessages } from "./helpers/messages.js";
 
 const JOB = "job-1";
@@ -77,5 +81,46 @@ describe("training wire", () => {
     assert.equal(decodeBoundaryDecision(JOB, "a2", b, "coordinator"), undefined);
     const other = encode("Control", { header: makeHeader(JOB, "w0", 3, 10), kind: "drain", reason: "a1", phase: "" });
     assert.equal(decodeBoundaryDecision(JOB, "a1", other, "worker"), undefined, "another kind of control");
+  });
+
+  test("training wire - an image attempt (head phase, --method augment) round-trips with its data set, frozen stage and augmentation", () => {
+    const frozen = sampleExtractionSpec().extraction;
+    const a = completeAttempt({ ...input, fineTuneLayers: "0", phase: "head", images: { frozen, augment: toAugmentation({ ...DEFAULT_AUGMENT, fillMode: "nearest" }) } });
+    const back = trainingAttemptOf(decode("JobSpec", encodeTrainingSpec(JOB, a), { job: JOB, self: "worker", peer: "coordinator" }))!;
+    assert.deepEqual(back, a);
+    assert.equal(attemptPhase(back), "head");
+    assert.deepEqual(fromAugmentation(back.images!.augment), { ...DEFAULT_AUGMENT, fillMode: "nearest" });
+    const none = completeAttempt({ ...input, phase: "fine_tune", images: { frozen, augment: toAugmentation(null) } });
+    const noAug = trainingAttemptOf(decode("JobSpec", encodeTrainingSpec(JOB, none), { job: JOB }))!;
+    assert.equal(fromAugmentation(noAug.images!.augment), null, "no augmentation stays none");
+  });
+
+  test("training wire - an attempt of an older coordinator (no phase, no images) is fine-tuning on cached activations", () => {
+    const { phase: _p, images: _i, ...old } = completeAttempt(input);
+    const spec = decode("JobSpec", encode("JobSpec", { header: makeHeader(JOB, coordinatorSender("a1")), training: old as TrainingAttempt }), { job: JOB });
+    const a = trainingAttemptOf(spec)!;
+    assert.equal(a.phase, "");
+    assert.equal(attemptPhase(a), "fine_tune");
+    assert.equal(a.images, null);
+  });
+
+  test("training wire - an image attempt a replica cannot open is malformed, with the field named", () => {
+    const frozen = sampleExtractionSpec().extraction;
+    const dec = (patch: Partial<TrainingAttempt>): JobSpec => decode("JobSpec", encodeTrainingSpec(JOB, { ...completeAttempt(input), ...patch }), { job: JOB });
+    rejects(() => dec({ images: { frozen: { ...frozen, data: "" }, augment: null } }), "malformed", /extraction\.data is missing/);
+    rejects(() => dec({ images: { frozen: { ...frozen, datasetFingerprint: "" }, augment: null } }), "malformed", /extraction fingerprints/);
+    rejects(() => dec({ phase: "predict" }), "malformed", /training\.phase "predict"/);
+  });
+
+  test("training wire - the sample list of an image attempt keeps ids and labels in order; a broken one is refused", () => {
+    const list = { ids: ["fashion-mnist:train:7", "fashion-mnist:train:3", "fashion-mnist:train:11"], labels: Int32Array.from([4, 0, 9]) };
+    assert.deepEqual(decodeSampleList(encodeSampleList(list)), list);
+    assert.throws(() => decodeSampleList(packArrays({ ids: ["a", "b"], labels: [1] }, [])), /ids and labels differ in length/);
+  });
+
+  test("training wire - only a replica that could not open the data set is one that cannot join", () => {
+    assert.equal(cannotJoin({ state: "failed", error: "DataUnavailableError: worker w1 cannot open the data set \"/data/x\"" }), true);
+    assert.equal(cannotJoin({ state: "failed", error: "Error: no such model" }), false);
+    assert.equal(cannotJoin({ state: "evicted", error: "DataUnavailableError: x" }), false);
   });
 });

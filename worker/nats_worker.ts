@@ -288,7 +288,7 @@ export class NatsWorker implements AsyncDisposable {
       if (!attempt) continue;
       const stop = new AbortController();
       this.stateNow = "training";
-      const done = runTrainingWorker({ nc: this.o.nc, job: ctx.names.job, self: this.id, attempt, state: ctx.state, log: this.o.log, metrics: this.o.metrics, signal: stop.signal })
+      const done = runTrainingWorker({ nc: this.o.nc, job: ctx.names.job, self: this.id, attempt, state: ctx.state, log: this.o.log, metrics: this.o.metrics, signal: stop.signal, cache: this.cache, threads: this.o.threads, provider: this.o.provider })
         .catch((err: unknown) => this.o.log.error("training role failed", { error: err as Error }))
         .finally(() => { if (this.stateNow === "training") this.stateNow = "idle"; });
       current = { stop, done };

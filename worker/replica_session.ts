@@ -5,6 +5,12 @@
  * boundary from member 0's state) -> run fit() with the step hook (boundary decision, checkpoint,
  * averaging with redo on a lost peer) -> finish (final state, `done`) -> close.
  *
+ * What it trains and on what (head or top + head; cached activation rows or images through a frozen
+ * stage) is worker/replica_data.ts. fit() runs over that BatchSource, whose `sliceOf` cuts this
+ * replica's part of each global batch; an image source cuts the next batch while the current one
+ * trains (prefetch), so the batch in flight is looked up by the data cursor, and a part cut under a
+ * membership that changed since is cut again before it is averaged.
+ *
  * The decisions that need no broker (cursor accounting, which steps checksum / checkpoint / decide,
  * whom a failed step names, the reports) are in worker/replica_steps.ts and the checksum comparison in
  * worker/replica_checksums.ts, both unit-tested without NATS.
@@ -13,19 +19,20 @@ import type { KV, KvEntry, NatsConnection, ObjectStore, Subscription } from "nat
 import * as tf from "@tensorflow/tfjs";
 import { activeBackend } from "../core/models/backend.js";
 import { EvictedError, MembershipChanged, ReplicaFailedError, WorkerLostError } from "../core/runtime/errors.js";
+import type { EngineProvider } from "../core/runtime/config.js";
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
-import { buildSplit, fineTuneModel } from "../core/models/model_split.js";
-import { loadPretrained } from "../core/models/model_zoo.js";
-import { type ArrayData, computeGradients, type EpochStats, fit, takeRows } from "../core/training/train_loop.js";
+import { type BatchSource, computeGradients, type EpochStats, fit } from "../core/training/train_loop.js";
 import { registerWasmTrainingKernels } from "../core/models/wasm_kernels.js";
 import { DecodeError } from "../proto/codec.js";
 import { jobNames, type JobNames } from "../proto/subjects.js";
 import { captureState, decodeState, encodeState, getBytes, putBytes, restoreState, type DataCursor, type TrainingState } from "../core/training/checkpoints.js";
 import {
-  decodeBoundaryDecision, decodeDataObject, decodeHeadObject, decodeMembershipPlan, decodeWeightsChecksum, encodeBoundaryDecision, encodeReport,
-  encodeWeightsChecksum, memberSlice, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt,
+  attemptPhase, decodeBoundaryDecision, decodeMembershipPlan, decodeWeightsChecksum, encodeBoundaryDecision, encodeReport,
+  encodeWeightsChecksum, memberSlice, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt, type TrainingPhase,
 } from "../proto/training_wire.js";
+import { ExtractorCache } from "./extractor_cache.js";
+import { loadReplicaData, type ReplicaData } from "./replica_data.js";
 import { StepTimer } from "./step_timing.js";
 import { GradientAverager, gradientHookFor } from "./gradient_averaging.js";
 import { MembershipView, type JoinSwitch } from "./membership_view.js";
@@ -45,15 +52,29 @@ export interface TrainingWorkerOptions {
   metrics?: CtrainMetrics;
   /** Aborted when the coordinator replaces the spec (a new attempt) or the worker drains. */
   signal?: AbortSignal;
+  /** The worker's models and data sets (an image attempt opens its data set and frozen stage there). Default: a new cache. */
+  cache?: ExtractorCache;
+  /** onnxruntime threads of the frozen stage when the attempt leaves it to the worker. Default: this machine's cores. */
+  threads?: number;
+  /** onnxruntime execution provider of this machine. Default auto. */
+  provider?: EngineProvider;
 }
 
-/** What load() builds: the trainable part, its optimizer, the attempt's start state and rows. */
+/** What load() builds: the trainable part and its data, its optimizer, the attempt's start state. */
 interface Replica {
   model: tf.LayersModel;
   optimizer: tf.Optimizer;
   start: TrainingState;
-  train: ArrayData;
-  val: ArrayData;
+  data: ReplicaData;
+  /** The training rows, cut to this replica's part of each global batch (see {@link ReplicaSession.sliceOf}). */
+  source: BatchSource;
+}
+
+/** A global batch whose part this replica took: its indices, and the membership epoch the part was cut under. */
+interface SlicedBatch {
+  indices: Int32Array;
+  epoch: number;
+  membershipEpoch: number;
 }
 
 /** A step's local gradients; owned (and disposed here) once recomputed under a new membership. */
@@ -80,7 +101,7 @@ export class ReplicaSession {
   private readonly view = new MembershipView();
   private readonly notify: (() => void)[] = [];
   private readonly checksums: ChecksumBook;
-  private readonly disposables: tf.LayersModel[] = [];
+  private data: ReplicaData | undefined;
   private readonly decided = new Set<number>();
   private readonly allreduce = { seconds: 0, bytes: 0 };
   private os: ObjectStore | undefined;
@@ -94,13 +115,20 @@ export class ReplicaSession {
   private history: EpochStats[] = [];
   /** Step at which the current stint (first membership, or a join) started. */
   private stintFrom = 0;
-  /** The global batch of the step in flight (what sliceOf saw). */
-  private current: { indices: Int32Array; batch: number } = { indices: new Int32Array(0), batch: 0 };
+  /**
+   * The global batches whose part was taken, by batch index. With an image source the next batch is
+   * cut while the current one trains, so the step in flight is found by the cursor, not by the last cut.
+   */
+  private readonly sliced = new Map<number, SlicedBatch>();
+  private readonly phase: TrainingPhase;
   private stepTimer: (() => number) | undefined;
+  /** Samples (images, for an image attempt) this replica trained on in this attempt: its images/s in the done log. */
+  private samplesRun = 0;
   private fitStart = 0;
 
   constructor(private readonly o: TrainingWorkerOptions) {
     this.a = o.attempt;
+    this.phase = attemptPhase(o.attempt);
     this.names = jobNames(o.job);
     this.checksums = new ChecksumBook(o.self);
   }
@@ -153,23 +181,25 @@ export class ReplicaSession {
     return b;
   }
 
-  /** Builds top + pooling + head as the one-process path does and restores the attempt's start state. */
+  /** Builds the trainable part as the one-process path does (worker/replica_data.ts) and restores the attempt's start state. */
   private async load(): Promise<void> {
     if (activeBackend()?.tfBackend === "wasm") registerWasmTrainingKernels();
     this.os = await this.o.nc.jetstream().views.os(this.names.checkpointsBucket);
-    const source = await loadPretrained(this.a.model);
-    const split = await buildSplit(source, { inputSize: this.a.inputSize, featureLayer: this.a.featureLayer, unfreeze: this.a.fineTuneLayers });
-    this.disposables.push(split.bottom, split.top);
-    const head = await decodeHeadObject(await this.fetchObject(TRAINING_OBJECTS.head(this.a.attempt)));
-    this.disposables.push(head);
-    const model = fineTuneModel(split, head, this.a.pooling, false);
+    const data = await loadReplicaData(this.a, {
+      self: this.o.self, fetch: (name) => this.fetchObject(name), cache: this.o.cache ?? new ExtractorCache(), threads: this.o.threads, provider: this.o.provider,
+    });
+    this.data = data;
     const optimizer = tf.train.adam(this.a.learningRate);
     this.optimizer = optimizer;
     const start = decodeState(await this.fetchObject(TRAINING_OBJECTS.start(this.a.attempt)));
-    await restoreState(model, optimizer, start);
-    const train = decodeDataObject(await this.fetchObject(TRAINING_OBJECTS.data(this.a.attempt, "train")));
-    const val = decodeDataObject(await this.fetchObject(TRAINING_OBJECTS.data(this.a.attempt, "val")));
-    this.replica = { model, optimizer, start, train, val };
+    await restoreState(data.model, optimizer, start);
+    this.replica = { model: data.model, optimizer, start, data, source: data.source((indices, b, epoch) => this.sliceOf(indices, b, epoch)) };
+  }
+
+  /** Takes this replica's part of global batch `batch` under the current membership and notes it (the step hook may need to cut it again). */
+  private sliceOf(indices: Int32Array, batch: number, epoch: number): Int32Array {
+    this.sliced.set(batch, { indices, epoch, membershipEpoch: this.av.epoch });
+    return this.myPart(indices);
   }
 
   /** One ordered watch over the coordinator's plans and member 0's boundary decisions. */
@@ -229,7 +259,7 @@ export class ReplicaSession {
     const { nc, job, self, metrics } = this.o;
     this.averager = await GradientAverager.open({ nc, job, self, members: [self], epoch: 0, wireDtype: this.a.wireDtype, bucketBytes: this.a.bucketBytes || undefined, metrics, timeoutMs: this.a.stepTimeoutMs });
     await this.report({ state: "ready", step: this.r.start.cursor.step });
-    this.o.log.info("training replica ready", { attempt: this.a.attempt, parameters: this.r.model.countParams(), train_rows: this.r.train.y.length, cursor: this.r.start.cursor });
+    this.o.log.info("training replica ready", { attempt: this.a.attempt, phase: this.phase, images: this.a.images ? true : false, parameters: this.r.model.countParams(), train_rows: this.r.data.trainSamples, cursor: this.r.start.cursor });
   }
 
   private async subscribeChecksums(): Promise<void> {
@@ -312,18 +342,13 @@ export class ReplicaSession {
   private async runStint(): Promise<void> {
     await this.report({ state: "training", step: this.cursor.step });
     this.o.log.info("training", { attempt: this.a.attempt, members: this.av.members, membership_epoch: this.av.epoch, from: this.cursor });
-    const { model, optimizer, train, val } = this.r;
-    await fit(model, train, {
+    const { model, optimizer, source } = this.r;
+    this.stepTimer = this.o.metrics?.startStep(this.phase);
+    // Every replica validates (the source's val rows: identical weights give identical figures), so whichever is
+    // member 0 when an epoch ends has them, also after the first member 0 was lost. No wall time: the others would wait for it anyway.
+    await fit(model, source, {
       epochs: this.a.epochs, batchSize: this.a.globalBatch, seed: this.a.seed, numClasses: this.a.numClasses, optimizer,
-      // Every replica validates (identical weights give identical figures), so whichever is member 0 when an epoch
-      // ends has them, also after the first member 0 was lost. No wall time: the others would wait for it anyway.
-      validation: val,
       initialEpoch: this.cursor.epoch, initialBatch: this.cursor.batch, signal: this.stop.signal,
-      sliceOf: (indices, batch) => {
-        this.stepTimer = this.o.metrics?.startStep("fine_tune");
-        this.current = { indices, batch };
-        return this.myPart(indices);
-      },
       gradientHook: (grads, samples) => this.stepHook(grads, samples),
       onBatchEnd: (info) => this.onBatchEnd(info),
       onEpochEnd: async (s) => {
@@ -340,9 +365,11 @@ export class ReplicaSession {
 
   private onBatchEnd(done: { epoch: number; batch: number; batches: number; samples: number }): void {
     this.stepTimer?.();
-    this.o.metrics?.countImages("fine_tune", done.samples);
+    this.stepTimer = this.o.metrics?.startStep(this.phase);
+    this.o.metrics?.countImages(this.phase, done.samples);
+    this.samplesRun += done.samples;
     this.cursor = advanceCursor(this.cursor, done);
-    this.o.metrics?.setEpoch("fine_tune", done.epoch + 1, this.cursor.step);
+    this.o.metrics?.setEpoch(this.phase, done.epoch + 1, this.cursor.step);
     if (isChecksumStep(this.cursor.step, this.a.checksumEvery)) this.publishChecksum(this.cursor.step);
   }
 
@@ -351,7 +378,12 @@ export class ReplicaSession {
     const step = this.cursor.step;
     const g = new StepGradients(grads, samples);
     try {
-      if (isBoundaryStep(step, this.current.batch, this.stintFrom) && (await this.atBoundary(step))) g.replace(this.recompute());
+      // A part cut ahead (prefetch) under a membership that has changed since: cut it again under this one.
+      if (this.inFlight().membershipEpoch !== this.av.epoch) {
+        this.o.log.info("part cut ahead under an older membership: cutting it again", { step, membership_epoch: this.av.epoch });
+        g.replace(await this.recompute());
+      }
+      if (isBoundaryStep(step, this.cursor.batch, this.stintFrom) && (await this.atBoundary(step))) g.replace(await this.recompute());
       await this.maybeCheckpoint(step);
       return await this.averageStep(step, g);
     } finally {
@@ -359,11 +391,18 @@ export class ReplicaSession {
     }
   }
 
-  /** My part of the same global batch under the current membership; weights and optimizer are untouched. */
-  private recompute(): { grads: tf.NamedTensorMap; samples: number } {
-    const part = this.myPart(this.current.indices);
-    const keys = { seed: this.a.seed, epoch: this.cursor.epoch }; // the step's epoch: the cursor advances after the step
-    return { grads: computeGradients(this.r.model, takeRows(this.r.train, part), this.a.numClasses, {}, keys).grads, samples: part.length };
+  /** The global batch of the step in flight (the cursor's batch; cut by sliceOf in this epoch). */
+  private inFlight(): SlicedBatch {
+    const b = this.sliced.get(this.cursor.batch);
+    if (!b || b.epoch !== this.cursor.epoch) throw new Error(`replica: batch ${this.cursor.batch} of epoch ${this.cursor.epoch} runs but was never cut`);
+    return b;
+  }
+
+  /** My part of the same global batch under the current membership (through the same source); weights and optimizer are untouched. */
+  private async recompute(): Promise<{ grads: tf.NamedTensorMap; samples: number }> {
+    const b = this.inFlight();
+    const rows = await this.r.source.batch(b.indices, this.cursor.batch, b.epoch);
+    return { grads: computeGradients(this.r.model, rows, this.a.numClasses, {}, { seed: this.a.seed, epoch: b.epoch }).grads, samples: rows.y.length };
   }
 
   /** Training-epoch boundary: member 0 says whether a proposed join applies from this step; everyone waits for it. True when the membership changed. */
@@ -417,7 +456,7 @@ export class ReplicaSession {
   private async maybeCheckpoint(step: number): Promise<void> {
     if (!isCheckpointStep(step, { attemptStartStep: this.r.start.cursor.step, every: this.a.checkpointEvery, member0: this.av.members[0] === this.o.self })) return;
     const s = await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members));
-    await putBytes(this.store, TRAINING_OBJECTS.latest, encodeState(s));
+    await putBytes(this.store, TRAINING_OBJECTS.latestOf(this.phase), encodeState(s));
     await this.report({ state: "checkpoint", step, cursor: { ...this.cursor } });
     this.o.log.info("checkpoint saved", { step, epoch: this.cursor.epoch, batch: this.cursor.batch });
   }
@@ -438,7 +477,7 @@ export class ReplicaSession {
         // A membership that changed while the gradients were computed: redo them under it first.
         if (await this.adopt()) {
           this.o.log.info("membership changed during the step: recomputing my part", { step, membership_epoch: this.av.epoch, members: this.av.members });
-          g.replace(this.recompute());
+          g.replace(await this.recompute());
         }
         const caughtUp = av.replaysApplied;
         const out = await average(g.grads, g.samples);
@@ -475,11 +514,14 @@ export class ReplicaSession {
     if (this.av.members[0] === this.o.self) {
       const s = encodeState(await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members)));
       await putBytes(this.store, TRAINING_OBJECTS.final(this.a.attempt), s);
-      await putBytes(this.store, TRAINING_OBJECTS.latest, s);
+      await putBytes(this.store, TRAINING_OBJECTS.latestOf(this.phase), s);
     }
     await this.report(doneReport(this.cursor, this.history, this.allreduce, this.av.members));
     const seconds = (performance.now() - this.fitStart) / 1000;
-    this.o.log.info("training done", { attempt: this.a.attempt, ...trainingSummary(this.cursor.step, this.cursor.step - this.stintFrom, seconds, this.allreduce) });
+    this.o.log.info("training done", {
+      attempt: this.a.attempt, phase: this.phase, ...trainingSummary(this.cursor.step, this.cursor.step - this.stintFrom, seconds, this.allreduce),
+      samples: this.samplesRun, samples_per_second: seconds > 0 ? Number((this.samplesRun / seconds).toFixed(1)) : 0,
+    });
   }
 
   private async onEnd(err: unknown): Promise<void> {
@@ -498,6 +540,6 @@ export class ReplicaSession {
     this.watch?.stop();
     await this.averager?.close();
     this.optimizer?.dispose();
-    for (const m of this.disposables) m.dispose();
+    this.data?.dispose();
   }
 }

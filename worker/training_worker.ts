@@ -4,9 +4,11 @@
  * (a JobSpec whose `training` is a TrainingAttempt, proto/training_wire.ts) under TRAINING_KEYS.spec
  * in the job's state KV. The replica itself is worker/replica_session.ts.
  *
- * A replica: fetches the head model, the start state and the training rows (cached activations at the
- * cut) from the job's checkpoints object store; builds top + pooling + head exactly as the one-process
- * path does (core/models/model_split.ts fineTuneModel); opens its GradientAverager as the only member (so its
+ * A replica: fetches the head model, the start state and the training data from the job's checkpoints
+ * object store -- cached activation rows, or for an image attempt (`--method augment`, head phase or
+ * fine-tuning) the train sample ids, the images then opened and run through the frozen stage on this
+ * worker (worker/replica_data.ts); builds the trainable part exactly as the one-process path does (the
+ * head alone, or top + pooling + head: core/models/model_split.ts fineTuneModel); opens its GradientAverager as the only member (so its
  * gradient subject exists before any peer can send to it) and reports `ready`; then waits for the
  * coordinator's membership (a StepPlan under TRAINING_KEYS.members) and runs train_loop's fit() with
  * `sliceOf` = its contiguous part of every global batch (by member index) and the averaging hook.

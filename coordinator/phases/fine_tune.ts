@@ -1,7 +1,8 @@
 /**
  * The fine-tuning phase: split the base, get the data (cached activations at the cut, extracted by
  * the cluster like the features; or images when augmenting), train top + head -- data-parallel on
- * the workers when the cluster offers it and the data is activations, else in this process.
+ * the workers when the cluster offers it (activations, or images through the frozen bottom on each
+ * worker), else in this process.
  * Returns the trained top for the export.
  */
 import type * as tf from "@tensorflow/tfjs";
@@ -16,9 +17,13 @@ import { registerWasmTrainingKernels } from "../../core/models/wasm_kernels.js";
 import { openImages, samplesOf } from "../../core/training/image_batches.js";
 import { activationData, activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "../fine_tuning.js";
 import { runDataParallelFineTune } from "../data_parallel.js";
+import { type FineTuneAttemptOptions, fineTuneImagesOnWorkers } from "../augment_data_parallel.js";
+import { controlsGiven } from "../../core/training/training_controls.js";
+import type { SampleRef } from "../../core/datasets/types.js";
+import type { NatsConnection } from "nats";
 import type { JobCluster, JobSummary } from "../job.js";
 import { extractPhase } from "./extract.js";
-import { phaseProgress, round } from "./progress.js";
+import { type PhaseProgress, phaseProgress, round } from "./progress.js";
 import type { JobContext } from "./setup.js";
 
 export interface FineTuned {
@@ -26,6 +31,8 @@ export interface FineTuned {
   info: NonNullable<JobSummary["fine_tune"]>;
   /** The trained top: its weights go back into the full base for the export. */
   top: tf.LayersModel;
+  /** Processes that trained it: 1 = this process, else the workers that were members data-parallel. */
+  workers: number;
   dispose(): void;
 }
 
@@ -53,10 +60,10 @@ export async function fineTunePhase(ctx: JobContext, cluster: JobCluster, base: 
   const info: FineTuned["info"] = { unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers, augmentation: augment };
   const d = augment ? await imageData(ctx, base, features, split) : await activationSet(ctx, cluster, base, split, info);
   try {
-    const result = await train(ctx, cluster, split, head, d);
+    const { workers, ...result } = await train(ctx, cluster, split, head, d);
     ctx.metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
     log.info("fine-tuned", { test_accuracy: round(result.test.accuracy), test_loss: round(result.test.loss), val_accuracy: round(result.val_accuracy), val_loss_before: round(result.val_loss_before), seconds: round(result.seconds, 2) });
-    return { result, info, top: split.top, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };
+    return { result, info, top: split.top, workers, dispose: () => { split.bottom.dispose(); split.top.dispose(); } };
   } finally {
     d.frozen?.dispose();
   }
@@ -66,6 +73,8 @@ export async function fineTunePhase(ctx: JobContext, cluster: JobCluster, base: 
 interface FineTuneInput {
   data: FineTuneData;
   frozen?: FeatureExtractor;
+  /** With images: the train samples in row order (what data-parallel replicas open). */
+  trainSamples?: SampleRef[];
 }
 
 /** Cached activations at the cut, extracted through the cluster like the features. */
@@ -78,37 +87,59 @@ async function activationSet(ctx: JobContext, cluster: JobCluster, base: Pretrai
 
 /** Images of every split; only top + head train in tfjs, the frozen bottom runs on the inference engine. */
 async function imageData(ctx: JobContext, base: PretrainedSource, features: FeatureSet, split: SplitBase): Promise<FineTuneInput> {
-  const open = (s: "train" | "val" | "test") => openImages(ctx.dataset, samplesOf(ctx.dataset, features.ids, features.splits, s), ctx.opts.inputSize);
+  const samples = (s: "train" | "val" | "test") => samplesOf(ctx.dataset, features.ids, features.splits, s);
+  const open = (s: "train" | "val" | "test") => openImages(ctx.dataset, samples(s), ctx.opts.inputSize);
   const data: FineTuneData = { kind: "images", train: await open("train"), val: await open("val"), test: await open("test") };
-  return { data, frozen: await activationExtractor(base, ctx.opts.inputSize, split.plan.cutLayer, ctx.engine) };
+  return { data, frozen: await activationExtractor(base, ctx.opts.inputSize, split.plan.cutLayer, ctx.engine), trainSamples: samples("train") };
 }
 
-/** Data-parallel on the workers when the cluster has a trainer and the data is activations; else here. */
-async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, head: tf.LayersModel, { data, frozen }: FineTuneInput): Promise<FineTuneResult> {
+/** Data-parallel on the workers when the cluster has a trainer (see {@link onWorkers}); else here. */
+async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, head: tf.LayersModel, input: FineTuneInput): Promise<FineTuneResult & { workers: number }> {
   const { opts, log, metrics } = ctx;
+  const { data, frozen } = input;
   const epochs = fineTuneEpochsOf(opts);
   const trainCount = data.kind === "activations" ? data.train.y.length : data.train.labels.length;
   const progress = phaseProgress("fine_tune", epochs, Math.ceil(trainCount / opts.batchSize), log, metrics);
   const numClasses = ctx.dataset.classes.length;
-  const nc = cluster.trainer && data.kind === "activations" ? await cluster.trainer() : undefined;
+  const nc = onWorkers(ctx, cluster, data) ? await cluster.trainer!() : undefined;
   progress.begin();
   try {
-    if (nc && data.kind === "activations") {
-      if (opts.restoreBestWeights) log.info("data-parallel fine-tuning keeps its last epoch's weights (--restore-best-weights applies to the head phase and to fine-tuning in one process)");
-      return await runDataParallelFineTune(split, head, data, {
-        nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
-        fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs,
-        numClasses, wireDtype: opts.wireDtype, workers: cluster.workers, out: opts.out,
-        checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs,
-        onBatchProgress: progress.moveTo, onEpochEnd: progress.onEpochEnd,
-      });
-    }
-    return await fineTune(split, head, data, {
+    if (nc) return await trainOnWorkers(ctx, { nc, workers: cluster.workers, epochs, progress }, split, head, input);
+    const local = await fineTune(split, head, data, {
       epochs, batchSize: opts.batchSize, learningRate: opts.fineTuneLearningRate, seed: opts.seed, numClasses,
       pooling: opts.pooling, preprocessing: ctx.extractor.preprocessing, augment: data.kind === "images" ? augmentOf(opts) : null, frozen,
       controls: ctx.controls, onBatchEnd: progress.onBatchEnd, onEpochEnd: progress.onEpochEnd,
     });
+    return { ...local, workers: 1 };
   } finally {
     progress.finish();
   }
+}
+
+/**
+ * Whether fine-tuning runs on the workers: with a trainer, on activations always (runJob refused the
+ * training controls beforehand); on images unless a training control is given (then here, with a warning).
+ */
+function onWorkers(ctx: JobContext, cluster: JobCluster, data: FineTuneData): boolean {
+  if (!cluster.trainer) return false;
+  if (data.kind === "activations") return true;
+  const given = controlsGiven(ctx.opts);
+  if (given.length) ctx.log.warn("fine-tuning with augmentation runs in the coordinator process: the data-parallel loop does not apply these options", { options: given });
+  return given.length === 0;
+}
+
+/** Fine-tuning on the workers: cached activations (coordinator/data_parallel.ts) or images (coordinator/augment_data_parallel.ts). */
+async function trainOnWorkers(ctx: JobContext, w: { nc: NatsConnection; workers: number; epochs: number; progress: PhaseProgress }, split: SplitBase, head: tf.LayersModel, input: FineTuneInput): Promise<FineTuneResult & { workers: number }> {
+  const { opts, log, metrics } = ctx;
+  if (opts.restoreBestWeights) log.info("data-parallel fine-tuning keeps its last epoch's weights (--restore-best-weights applies to the head phase and to fine-tuning in one process)");
+  const o: FineTuneAttemptOptions = {
+    nc: w.nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
+    fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs: w.epochs,
+    numClasses: ctx.dataset.classes.length, wireDtype: opts.wireDtype, workers: w.workers, out: opts.out,
+    checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs,
+    onBatchProgress: w.progress.moveTo, onEpochEnd: w.progress.onEpochEnd,
+  };
+  const { data, frozen, trainSamples } = input;
+  if (data.kind === "activations") return runDataParallelFineTune(split, head, data, o);
+  return fineTuneImagesOnWorkers(ctx, split, head, { ...data, trainSamples: trainSamples!, frozen: frozen! }, o);
 }

@@ -1,8 +1,9 @@
 /**
  * The head phase: a dense classifier trained on the cached features (method 1), or frozen base +
- * head on augmented images (method 2, `--method augment`). It trains in this process even with
- * workers: on cached features it is the cheap part (bench/head: 54k rows of 96-d features in 50 s);
- * with augmentation the frozen base runs here too.
+ * head on augmented images (method 2, `--method augment`). Method 1 trains in this process even with
+ * workers: on cached features it is the cheap part (bench/head: 54k rows of 96-d features in 50 s).
+ * Method 2 runs the frozen base every step: with a cluster that trains (cluster.trainer) it trains
+ * data-parallel on the workers (coordinator/augment_data_parallel.ts), else here.
  */
 import type { FeatureSet } from "../../core/datasets/feature_store.js";
 import { augmentOf } from "../../core/datasets/augment.js";
@@ -11,11 +12,17 @@ import { openImages, samplesOf } from "../../core/training/image_batches.js";
 import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, trainHead } from "../head_training.js";
 import { resultEpoch } from "../../core/training/train_loop.js";
 import { splitInMemory } from "../../core/training/feature_batches.js";
-import { phaseProgress, round } from "./progress.js";
+import { controlsGiven } from "../../core/training/training_controls.js";
+import { trainHeadOnWorkers } from "../augment_data_parallel.js";
+import type { JobCluster } from "../job.js";
+import { type PhaseProgress, phaseProgress, round } from "./progress.js";
 import type { JobContext } from "./setup.js";
 
-/** Trains the head on `features` (the job's extraction); `dataParallel` only decides a warning. */
-export async function headPhase(ctx: JobContext, features: FeatureSet, dataParallel: boolean): Promise<HeadTrainingResult> {
+/** The trained head, and how many workers trained it (1 = this process). */
+export type HeadPhaseResult = HeadTrainingResult & { workers: number };
+
+/** Trains the head on `features` (the job's extraction); method 2 on the cluster's workers when it trains data-parallel. */
+export async function headPhase(ctx: JobContext, features: FeatureSet, cluster: Pick<JobCluster, "trainer" | "workers">): Promise<HeadPhaseResult> {
   const { opts, log, metrics } = ctx;
   const trainCount = features.splits.filter((s) => s === "train").length;
   const progress = phaseProgress("head", opts.epochs, Math.ceil(trainCount / opts.batchSize), log, metrics);
@@ -23,14 +30,24 @@ export async function headPhase(ctx: JobContext, features: FeatureSet, dataParal
     epochs: opts.epochs, batchSize: opts.batchSize, learningRate: opts.learningRate, units: opts.headUnits, dropout: opts.dropout, seed: opts.seed,
     controls: ctx.controls, onBatchEnd: progress.onBatchEnd, onEpochEnd: progress.onEpochEnd,
   };
-  if (dataParallel && opts.method === "augment")
-    log.warn("--method augment trains in the coordinator process, not on the workers (data-parallel training covers fine-tuning on cached activations): drop --method augment to train across the workers");
   progress.begin();
-  const head = opts.method === "augment" ? await trainAugmented(ctx, features, options) : await trainHead(features, options);
+  const head = opts.method !== "augment" ? { ...(await trainHead(features, options)), workers: 1 } : await augmented(ctx, features, options, cluster, progress);
   progress.finish();
   metrics?.setEvaluation("head", "test", { loss: head.test.loss, accuracy: head.test.accuracy });
   log.info("head trained", { test_accuracy: round(head.test.accuracy), test_loss: round(head.test.loss), val_accuracy: round(head.val_accuracy), seconds: round(head.seconds, 2) });
   return head;
+}
+
+/** Method 2 on the workers when the cluster trains data-parallel and no option asks for what its loop does not apply; else here. */
+async function augmented(ctx: JobContext, features: FeatureSet, options: HeadTrainingOptions, cluster: Pick<JobCluster, "trainer" | "workers">, progress: PhaseProgress): Promise<HeadPhaseResult> {
+  if (!cluster.trainer) return { ...(await trainAugmented(ctx, features, options)), workers: 1 };
+  const given = controlsGiven(ctx.opts);
+  if (given.length) {
+    ctx.log.warn("--method augment trains the head in the coordinator process: the data-parallel loop does not apply these options", { options: given });
+    return { ...(await trainAugmented(ctx, features, options)), workers: 1 };
+  }
+  if (ctx.opts.restoreBestWeights) ctx.log.info("the head phase on the workers keeps its last epoch's weights (--restore-best-weights applies to training in one process)");
+  return trainHeadOnWorkers(ctx, await cluster.trainer(), features, options, cluster.workers, progress);
 }
 
 /** Method 2: training images through the frozen base every step; validation and test on the cached features. */

@@ -10,7 +10,7 @@ import { jobFileText, reproducibleOptions } from "../../core/runtime/config.js";
 import { augmentOf } from "../../core/datasets/augment.js";
 import { storageError } from "../../core/runtime/errors.js";
 import type { EpochStats } from "../../core/training/train_loop.js";
-import type { HeadTrainingResult } from "../head_training.js";
+import type { HeadPhaseResult } from "./head.js";
 import type { JobSummary, PhaseSummary } from "../job.js";
 import { renderReport } from "../report.js";
 import type { Extracted } from "./extract.js";
@@ -23,7 +23,7 @@ const CTRAIN_VERSION = (createRequire(import.meta.url)("../../../package.json") 
 /** What the job did, for the report: `workers` as the summary counts them. */
 export interface JobOutcome {
   extracted: Extracted;
-  head: HeadTrainingResult;
+  head: HeadPhaseResult;
   fineTuned?: FineTuned;
   workers: number;
   /** performance.now() when the job started. */
@@ -44,7 +44,7 @@ export function summarize(ctx: JobContext, o: JobOutcome): JobSummary {
       images: x.images, seconds: round(x.seconds, 3), images_per_second: x.images > 0 ? round(x.images / x.seconds, 2) : 0,
       cache_hit: x.cacheHit, cache_key: x.key, shards: x.shards, shards_resumed: x.shardsResumed,
     },
-    phases: { head: phaseSummary(head.history, opts.epochs, head), ...(ft ? { fine_tune: phaseSummary(ft.result.history, fineTuneEpochsOf(opts), ft.result) } : {}) },
+    phases: { head: phaseSummary(head.history, opts.epochs, head), ...(ft ? { fine_tune: phaseSummary(ft.result.history, fineTuneEpochsOf(opts), { ...ft.result, workers: ft.workers }) } : {}) },
     ...(ft ? { fine_tune: ft.info } : {}),
     skipped_inputs: x.features.skipped,
     options: reproducibleOptions(opts),
@@ -77,10 +77,10 @@ async function writeOut(path: string, data: string): Promise<void> {
   await writeFile(path, data).catch((err: unknown) => Promise.reject(storageError(err, path, Buffer.byteLength(data))));
 }
 
-function phaseSummary(history: EpochStats[], asked: number, r: { val_accuracy: number; test: { accuracy: number; loss: number }; seconds: number }): PhaseSummary {
+function phaseSummary(history: EpochStats[], asked: number, r: { val_accuracy: number; test: { accuracy: number; loss: number }; seconds: number; workers: number }): PhaseSummary {
   const best = history.find((h) => h.best);
   return {
-    epochs: history.length, epochs_asked: asked, ...(best && best !== history.at(-1) ? { best_epoch: best.epoch } : {}),
+    workers: r.workers, epochs: history.length, epochs_asked: asked, ...(best && best !== history.at(-1) ? { best_epoch: best.epoch } : {}),
     val_accuracy: round(r.val_accuracy), test_accuracy: round(r.test.accuracy), test_loss: round(r.test.loss), seconds: round(r.seconds, 3),
   };
 }

@@ -142,6 +142,11 @@ export interface ImageBatchOptions {
   frozen?: FrozenStage;
   /** Validation loss/accuracy after each epoch (the caller picks the cheapest equivalent model). */
   validate?: BatchSource["validate"];
+  /**
+   * Data-parallel: this worker's part of global batch `batch` of `epoch` (its sample indices, in
+   * order), taken before decoding so that a worker decodes and augments only its part. Default: the whole batch.
+   */
+  sliceOf?: (indices: Int32Array, batch: number, epoch: number) => Int32Array;
 }
 
 /**
@@ -152,7 +157,7 @@ export interface ImageBatchOptions {
 export function imageBatches(train: ImageSource, o: ImageBatchOptions): BatchSource {
   return {
     samples: train.labels.length,
-    batch: (indices, _b, epoch) => imageBatch(train, indices, o.preprocessing, o.augment, { seed: o.seed, epoch }, o.frozen),
+    batch: (indices, b, epoch) => imageBatch(train, o.sliceOf ? o.sliceOf(indices, b, epoch) : indices, o.preprocessing, o.augment, { seed: o.seed, epoch }, o.frozen),
     prefetch: true,
     validate: o.validate,
   };
