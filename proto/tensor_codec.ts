@@ -11,15 +11,17 @@
 import { endianness } from "node:os";
 import { crc32 } from "./checksum.js";
 import { allocFrame, sealFrame, type FrameFields } from "./chunk_frame.js";
+import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 
 /** Element type on the wire. Same names as the `--wire-dtype` option and the proto `Dtype` enum. */
 export type WireDtype = "fp32" | "fp16";
 
 /**
- * Default byte budget of one bucket and one chunk: 512 KiB, so that a chunk plus its header stays well
- * under NATS's default max_payload of 1 MiB.
+ * Default byte budget of one bucket and one chunk: `--bucket-bytes`'s default (512 KiB, chosen by
+ * bench/allreduce's bucket sweep), so that a chunk plus its header stays under NATS's default
+ * max_payload of 1 MiB.
  */
-export const DEFAULT_BUCKET_BYTES = 512 * 1024;
+export const DEFAULT_BUCKET_BYTES = DATA_PARALLEL_DEFAULTS.bucketBytes;
 
 const LITTLE_ENDIAN = endianness() === "LE";
 

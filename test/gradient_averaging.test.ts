@@ -19,7 +19,7 @@ import { crc32 } from "../proto/checksum.js";
 import { encode, makeHeader, type TensorChunk } from "../proto/codec.js";
 import { jobNames } from "../proto/subjects.js";
 import { GradientAverager, gradientHookFor, type AveragerMetrics } from "../worker/gradient_averaging.js";
-import { NonFiniteGradientError, StepPeersLostError } from "../core/runtime/errors.js";
+import { ConfigError, NonFiniteGradientError, StepPeersLostError } from "../core/runtime/errors.js";
 import { weightsChecksum } from "../worker/weights_checksum.js";
 import { DP_CONV, DP_SETUP, dpConvData, dpConvModel, dpData, dpModel, type DpFitArgs } from "./helpers/dp_fit_setup.js";
 import { startNatsServer, check, type NatsServer } from "./helpers/nats_server.js";
@@ -142,6 +142,15 @@ describe("allreduce - averaging", () => {
       });
     }
   }
+
+  test("allreduce - a bucket that cannot fit the server's max_payload is refused naming --bucket-bytes", async () => {
+    const nc = await conn();
+    const max = nc.info!.max_payload;
+    await assert.rejects(
+      GradientAverager.open({ nc, job: `job${++jobSeq}`, self: "w0", members: ["w0"], epoch: 1, bucketBytes: max }),
+      (e: unknown) => e instanceof ConfigError && /--bucket-bytes/.test((e as Error).message) && new RegExp(`max_payload of ${max}`).test((e as Error).message),
+    );
+  });
 
   test("allreduce - one member alone returns its own gradient without the network", async () => {
     const g = await group(1);

@@ -208,7 +208,7 @@ export class GradientAverager implements AsyncDisposable {
     this.bucketBytes = opts.bucketBytes ?? DEFAULT_BUCKET_BYTES;
     const maxPayload = this.nc.info?.max_payload ?? 1024 * 1024;
     if (!Number.isSafeInteger(this.bucketBytes) || this.bucketBytes < 4 || this.bucketBytes + MESSAGE_OVERHEAD_BYTES > maxPayload)
-      throw new ConfigError(`bucketBytes ${opts.bucketBytes} must be an integer >= 4 and leave ${MESSAGE_OVERHEAD_BYTES} bytes under the server's max_payload of ${maxPayload}`);
+      throw new ConfigError(`bucketBytes (--bucket-bytes) ${opts.bucketBytes} must be an integer >= 4 and leave ${MESSAGE_OVERHEAD_BYTES} bytes under the NATS server's max_payload of ${maxPayload}: lower it, or raise the server's max_payload`);
     this.timeoutMs = opts.timeoutMs ?? 30_000;
     if (!(this.timeoutMs > 0)) throw new ConfigError(`timeoutMs must be > 0, got ${opts.timeoutMs}`);
     this.maxBufferedBytes = opts.maxBufferedBytes ?? 512 * 1024 * 1024;

@@ -99,7 +99,7 @@ async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, hea
         nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
         fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs,
         numClasses, wireDtype: opts.wireDtype, workers: cluster.workers, out: opts.out,
-        checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs,
+        checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs, bucketBytes: opts.bucketBytes,
         onBatchProgress: progress.moveTo, onEpochEnd: progress.onEpochEnd,
       });
     }
