@@ -20,15 +20,25 @@
  * the members' CPU time (encode, decode, fp16, copies, checks, reduction, NATS, GC, waiting: see
  * bench/cpu_profile.ts).
  *
+ * Raw NATS throughput is measured before and after the combinations and their mean is the reference:
+ * on a shared machine the load drifts during a run.
+ *
+ * --bucket-sweep KIB,KIB,... runs every size and dtype at each chunk size (`--bucket-bytes` of a job)
+ * and writes the table under `bucket_sweep` of the output file, keeping its other keys; a plain run
+ * keeps the file's `bucket_sweep`. --baseline FILE embeds that file's results (a run of the code before
+ * a change, same conditions) under `before`.
+ *
  *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--bucket-kib 512] [--profile] [--out FILE]
+ *   node dist/bench/allreduce.js --bucket-sweep 64,128,256,512,1023 [--sizes 10,100] [--workers 2] [--dtypes fp32,fp16]
+ *   node dist/bench/allreduce.js --baseline before.json ...
  */
 import { fork, type ChildProcess } from "node:child_process";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, freemem, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { connect } from "nats";
-import type { WireDtype } from "../proto/tensor_codec.js";
+import { DEFAULT_BUCKET_BYTES, type WireDtype } from "../proto/tensor_codec.js";
 import { GradientAverager, type AllreduceStats } from "../worker/gradient_averaging.js";
 import { profileBreakdown, type ProfileBreakdown } from "./cpu_profile.js";
 import { startNatsServer } from "../test/helpers/nats_server.js";
@@ -61,7 +71,8 @@ async function workerMain(a: WorkerArgs): Promise<void> {
       return;
     }
     const cpu0 = process.cpuUsage();
-    averager.average(m.step, flat, samples).then(
+    // reuseResult as gradientHookFor: the result is not kept, so no fresh vector per round.
+    averager.average(m.step, flat, samples, { reuseResult: true }).then(
       () => {
         const cpu = process.cpuUsage(cpu0);
         process.send!({ type: "done", stats: averager.lastStats!, cpuSeconds: (cpu.user + cpu.system) / 1e6 } satisfies FromChild);
@@ -273,65 +284,125 @@ function arg(name: string, def: string): string {
   return i >= 0 ? process.argv[i + 1]! : def;
 }
 
+interface RunPlan {
+  sizes: number[];
+  workers: number[];
+  dtypes: WireDtype[];
+  buckets: number[];
+  budget: number;
+  maxRounds: number;
+  profile: boolean;
+}
+
+/** Every combination of the plan, bucket-major; a size predicted not to fit the budget or memory is skipped with the reason. */
+async function runCombos(url: string, p: RunPlan, raw: number): Promise<ComboResult[]> {
+  const results: ComboResult[] = [];
+  const perRound = new Map<string, { sizeMb: number; seconds: number }>();
+  for (const bucketKib of p.buckets) {
+    for (const dtype of p.dtypes) {
+      for (const n of p.workers) {
+        for (const sizeMb of p.sizes) {
+          const k = `${dtype}/${n}/${bucketKib}`;
+          const prev = perRound.get(k);
+          const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
+          const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
+          const base = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
+          let r: ComboResult;
+          if (predicted * 2 > p.budget) r = { ...base, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${p.budget} s budget` };
+          else if (memory > freemem() * 0.7) r = { ...base, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
+          else r = await combo(url, sizeMb, n, dtype, bucketKib, p.budget, p.maxRounds, raw, p.profile);
+          perRound.set(k, { sizeMb, seconds: r.round_seconds_median ?? Infinity });
+          results.push(r);
+          console.log(JSON.stringify(r));
+        }
+      }
+    }
+  }
+  return results;
+}
+
+/**
+ * The sweep's table: per chunk size, each combination's round time and CPU per worker, and the chunk
+ * size with the least CPU summed over the combinations (CPU, unlike wall time, barely moves with the
+ * machine's load).
+ */
+function sweepSummary(results: ComboResult[]): Record<string, unknown> {
+  const byBucket = new Map<number, ComboResult[]>();
+  for (const r of results) byBucket.set(r.bucket_kib, [...(byBucket.get(r.bucket_kib) ?? []), r]);
+  const rows = [...byBucket].map(([kib, rs]) => ({
+    bucket_kib: kib,
+    cpu_seconds_sum: rs.some((r) => r.skipped) ? null : Number(rs.reduce((a, r) => a + r.cpu_seconds_per_round_per_worker!, 0).toPrecision(3)),
+    combos: rs.map((r) => ({ size_mb: r.size_mb, workers: r.workers, dtype: r.dtype, round_seconds_median: r.round_seconds_median, per_worker_fraction_of_raw: r.per_worker_fraction_of_raw, cpu_seconds_per_round_per_worker: r.cpu_seconds_per_round_per_worker, ...(r.skipped ? { skipped: r.skipped } : {}) })),
+  }));
+  const ok = rows.filter((r) => r.cpu_seconds_sum !== null);
+  const best = ok.sort((a, b) => a.cpu_seconds_sum! - b.cpu_seconds_sum!)[0];
+  return { least_cpu_bucket_kib: best?.bucket_kib ?? null, default_bucket_kib: DEFAULT_BUCKET_BYTES / 1024, rows: rows.sort((a, b) => a.bucket_kib - b.bucket_kib) };
+}
+
+async function readJson(file: string): Promise<Record<string, unknown> | undefined> {
+  try {
+    return JSON.parse(await readFile(file, "utf8")) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
+}
+
 async function main(): Promise<void> {
-  const sizes = arg("sizes", "1,10,100").split(",").map(Number);
-  const workers = arg("workers", "2,4,8").split(",").map(Number);
-  const dtypes = arg("dtypes", "fp32,fp16").split(",") as WireDtype[];
-  const buckets = arg("bucket-kib", "512").split(",").map(Number);
-  const budget = Number(arg("budget", "60"));
-  const maxRounds = Number(arg("rounds", "5"));
+  const sweep = process.argv.includes("--bucket-sweep");
+  const plan: RunPlan = {
+    sizes: arg("sizes", sweep ? "10,100" : "1,10,100").split(",").map(Number),
+    workers: arg("workers", sweep ? "2" : "2,4,8").split(",").map(Number),
+    dtypes: arg("dtypes", "fp32,fp16").split(",") as WireDtype[],
+    buckets: (sweep ? arg("bucket-sweep", "") : arg("bucket-kib", String(DEFAULT_BUCKET_BYTES / 1024))).split(",").map(Number),
+    budget: Number(arg("budget", "60")),
+    maxRounds: Number(arg("rounds", "5")),
+    profile: process.argv.includes("--profile"),
+  };
+  for (const b of plan.buckets) if (!Number.isInteger(b) || b < 4 || b > 1023) throw new Error(`bucket sizes are KiB in 4..1023 (a chunk must fit NATS's 1 MiB max_payload), got ${b}`);
   const rawSeconds = Number(arg("raw-seconds", "3"));
-  const profile = process.argv.includes("--profile");
-  const out_ = arg("out", "bench/results/allreduce.json");
+  const outFile = arg("out", "bench/results/allreduce.json");
+  const baseline = process.argv.includes("--baseline") ? await readJson(arg("baseline", "")) : undefined;
   // A burst of G(N-1)/N bytes lands on each owner at once: let the server buffer it rather than cut
   // the "slow consumer" off (the default max_pending is 64 MB).
   const server = await startNatsServer({ jetstream: false, config: "max_pending: 1073741824\nwrite_deadline: \"120s\"" });
   const t0 = performance.now();
   try {
-    const raw = await rawThroughput(server.url, rawSeconds);
-    console.log(`raw NATS loopback: ${(raw.bytes_per_second / MB).toFixed(0)} MB/s (512 KiB messages, ${raw.seconds} s)`);
-    const results: ComboResult[] = [];
-    const perRound = new Map<string, { sizeMb: number; seconds: number }>();
-    for (const bucketKib of buckets) {
-      for (const dtype of dtypes) {
-        for (const n of workers) {
-          for (const sizeMb of sizes) {
-            const k = `${dtype}/${n}/${bucketKib}`;
-            const prev = perRound.get(k);
-            const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
-            const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
-            const base = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
-            let r: ComboResult;
-            if (predicted * 2 > budget) r = { ...base, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${budget} s budget` };
-            else if (memory > freemem() * 0.7) r = { ...base, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
-            else r = await combo(server.url, sizeMb, n, dtype, bucketKib, budget, maxRounds, raw.bytes_per_second, profile);
-            perRound.set(k, { sizeMb, seconds: r.round_seconds_median ?? Infinity });
-            results.push(r);
-            console.log(JSON.stringify(r));
-          }
-        }
-      }
-    }
-    const out = {
+    const rawBefore = await rawThroughput(server.url, rawSeconds);
+    console.log(`raw NATS loopback: ${(rawBefore.bytes_per_second / MB).toFixed(0)} MB/s (512 KiB messages, ${rawBefore.seconds} s)`);
+    const results = await runCombos(server.url, plan, rawBefore.bytes_per_second);
+    const rawAfter = await rawThroughput(server.url, rawSeconds);
+    console.log(`raw NATS loopback after: ${(rawAfter.bytes_per_second / MB).toFixed(0)} MB/s`);
+    const raw = (rawBefore.bytes_per_second + rawAfter.bytes_per_second) / 2;
+    for (const r of results) rescaleToRaw(r, rawBefore.bytes_per_second, raw);
+    const run = {
       bench: "allreduce",
       method: "reduce-scatter to slice owners + NATS fan-out of averaged slices (worker/gradient_averaging.ts), chunk frames of bucket_kib",
       machine: { cores: availableParallelism(), cpu: cpus()[0]?.model },
-      note: "All N worker processes, the parent and one nats-server share this machine's cores; rounds per combination are bounded by the budget.",
+      note: "All N worker processes, the parent and one nats-server share this machine's cores (and other jobs: see load_average); rounds per combination are bounded by the budget. Fractions of raw use the mean of the raw throughput measured before and after the combinations.",
       load_average: loadavg().map((x) => Number(x.toFixed(2))),
-      profiled: profile,
-      budget_seconds_per_combination: budget,
-      max_timed_rounds: maxRounds,
-      raw_nats_loopback: { ...raw, message_bytes: RAW_MESSAGE_BYTES, mb_per_second: Number((raw.bytes_per_second / MB).toFixed(1)) },
+      profiled: plan.profile,
+      budget_seconds_per_combination: plan.budget,
+      max_timed_rounds: plan.maxRounds,
+      raw_nats_loopback: { before: rawBefore, after: rawAfter, message_bytes: RAW_MESSAGE_BYTES, mb_per_second: Number((raw / MB).toFixed(1)) },
       total_seconds: Number(((performance.now() - t0) / 1000).toFixed(1)),
       date: new Date().toISOString(),
       results,
     };
+    const prev = (await readJson(outFile)) ?? {};
+    const out = sweep ? { ...prev, bucket_sweep: { ...run, summary: sweepSummary(results) } } : { ...run, ...(baseline ? { before: baseline } : prev["before"] ? { before: prev["before"] } : {}), ...(prev["bucket_sweep"] ? { bucket_sweep: prev["bucket_sweep"] } : {}) };
     await mkdir("bench/results", { recursive: true });
-    await writeFile(out_, `${JSON.stringify(out, null, 2)}\n`);
-    console.log(`wrote ${out_}`);
+    await writeFile(outFile, `${JSON.stringify(out, null, 2)}\n`);
+    console.log(`wrote ${outFile}`);
   } finally {
     await server.stop();
   }
+}
+
+/** Re-expresses a result's fractions of raw against `raw` instead of the `measured` figure it was computed with. */
+function rescaleToRaw(r: ComboResult, measured: number, raw: number): void {
+  const f = (x: number | undefined): number | undefined => (x === undefined ? undefined : Number(((x * measured) / raw).toPrecision(3)));
+  r.per_worker_fraction_of_raw = f(r.per_worker_fraction_of_raw);
+  r.server_fraction_of_raw = f(r.server_fraction_of_raw);
 }
 
 if (process.argv[2] === "--child") {

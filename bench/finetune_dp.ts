@@ -90,7 +90,11 @@ async function main(): Promise<void> {
         "--fine-tune-layers", layers, "--fine-tune-epochs", epochs, "--batch-size", batch, "--dropout", "0", "--backend", "wasm", "--workers", String(n),
         "--data-parallel", "on", "--wire-dtype", wire, "--cache-dir", join(dir, "cache"), "--out", join(dir, job), "--metrics-port", "-1", "--log-format", "json", "--seed", "42",
       ], auth).done;
-      if (coord.code !== 0) throw new Error(`coordinator N=${n} exited ${coord.code}: ${JSON.stringify(coord.lines.slice(-3))}`);
+      if (coord.code !== 0) {
+        for (const w of workers) w.proc.kill("SIGTERM");
+        const logs = (await Promise.all(workers.map((w) => w.done))).map((w) => w.lines.filter((l) => l["level"] !== "info").slice(-3));
+        throw new Error(`coordinator N=${n} exited ${coord.code}: ${JSON.stringify(coord.lines.slice(-3))}; workers' last warnings: ${JSON.stringify(logs)}`);
+      }
       // Workers stay up after a job: stop them (SIGTERM drains).
       for (const w of workers) w.proc.kill("SIGTERM");
       const done = (await Promise.all(workers.map((w) => w.done))).flatMap((w) => w.lines.filter((l) => l["msg"] === "training done")) as unknown as Done[];
