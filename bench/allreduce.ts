@@ -23,12 +23,15 @@
  * Raw NATS throughput is measured before and after the combinations and their mean is the reference:
  * on a shared machine the load drifts during a run.
  *
+ * --floor runs, after each combination, the same messages with NATS alone (no encoding, checks or
+ * reduction: class Exchange), as `kind: "exchange_floor"`: what the averager could reach at best here.
+ *
  * --bucket-sweep KIB,KIB,... runs every size and dtype at each chunk size (`--bucket-bytes` of a job)
  * and writes the table under `bucket_sweep` of the output file, keeping its other keys; a plain run
  * keeps the file's `bucket_sweep`. --baseline FILE embeds that file's results (a run of the code before
  * a change, same conditions) under `before`.
  *
- *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--bucket-kib 512] [--profile] [--out FILE]
+ *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--bucket-kib 512] [--profile] [--floor] [--out FILE]
  *   node dist/bench/allreduce.js --bucket-sweep 64,128,256,512,1023 [--sizes 10,100] [--workers 2] [--dtypes fp32,fp16]
  *   node dist/bench/allreduce.js --baseline before.json ...
  */
@@ -37,7 +40,7 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, freemem, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { connect } from "nats";
+import { connect, type NatsConnection } from "nats";
 import { DEFAULT_BUCKET_BYTES, type WireDtype } from "../proto/tensor_codec.js";
 import { GradientAverager, type AllreduceStats } from "../worker/gradient_averaging.js";
 import { profileBreakdown, type ProfileBreakdown } from "./cpu_profile.js";
@@ -46,7 +49,7 @@ import { startNatsServer } from "../test/helpers/nats_server.js";
 const MB = 1024 * 1024;
 const RAW_MESSAGE_BYTES = 512 * 1024;
 
-interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype; bucketBytes: number }
+interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype; bucketBytes: number; exchange?: boolean }
 interface RawArgs { mode: "raw"; url: string; subject: string; seconds: number }
 type ChildArgs = WorkerArgs | RawArgs;
 type ToChild = { type: "round"; step: number } | { type: "exit" };
@@ -55,7 +58,84 @@ type FromChild = { type: "ready" } | { type: "done"; stats: AllreduceStats; cpuS
 // ---------------------------------------------------------------------------------------------
 // Child processes
 
+/**
+ * The floor under the averager: the same messages (sizes, counts, subjects' fan-out, the owner
+ * publishing chunk k once every peer's chunk k is in) with no encoding, checks or reduction: one
+ * preallocated payload, NATS alone. What the averager costs is its time above this.
+ */
+class Exchange {
+  private readonly peers: string[];
+  private readonly payload: Uint8Array;
+  private readonly chunks: number;
+  private got = new Map<string, number>();
+  private fanned = 0;
+  private fanIn = 0;
+  private done: (() => void) | undefined;
+  constructor(private readonly nc: NatsConnection, private readonly a: WorkerArgs) {
+    this.peers = a.members.filter((m) => m !== a.self);
+    const sliceBytes = Math.ceil((a.elements * (a.dtype === "fp16" ? 2 : 4)) / a.members.length);
+    this.chunks = Math.ceil(sliceBytes / a.bucketBytes);
+    this.payload = new Uint8Array(Math.min(a.bucketBytes, sliceBytes));
+    nc.subscribe(`x.${a.self}.*`, { callback: (_e, m) => this.onGrad(m.subject.slice(m.subject.lastIndexOf(".") + 1)) });
+    for (const p of this.peers) nc.subscribe(`f.${p}`, { callback: () => this.onFan() });
+  }
+  async round(): Promise<AllreduceStats> {
+    const t0 = performance.now();
+    const finished = new Promise<void>((r) => (this.done = r));
+    this.check();
+    let since = 0;
+    for (const p of this.peers) {
+      for (let k = 0; k < this.chunks; k++) {
+        this.nc.publish(`x.${p}.${this.a.self}`, this.payload);
+        if ((since += this.payload.length) >= 1024 * 1024) {
+          since = 0;
+          await new Promise<void>((r) => setImmediate(r));
+        }
+      }
+    }
+    await finished;
+    const bytes = this.chunks * this.payload.length;
+    const stats = { step: 0, seconds: (performance.now() - t0) / 1000, bytesSent: bytes * (this.peers.length + 1), bytesReceived: bytes * 2 * this.peers.length, messagesSent: 0, messagesReceived: 0 };
+    this.got.clear();
+    this.fanned = 0;
+    this.fanIn = 0;
+    return stats;
+  }
+  private onGrad(sender: string): void {
+    this.got.set(sender, (this.got.get(sender) ?? 0) + 1);
+    const all = Math.min(...this.peers.map((p) => this.got.get(p) ?? 0));
+    while (this.fanned < all) {
+      this.nc.publish(`f.${this.a.self}`, this.payload);
+      this.fanned++;
+    }
+    this.check();
+  }
+  private onFan(): void {
+    this.fanIn++;
+    this.check();
+  }
+  private check(): void {
+    if (this.fanned === this.chunks && this.fanIn === this.chunks * this.peers.length) this.done?.();
+  }
+}
+
+async function exchangeMain(a: WorkerArgs): Promise<void> {
+  const nc = await connect({ servers: a.url });
+  const x = new Exchange(nc, a);
+  await nc.flush();
+  process.on("message", (m: ToChild) => {
+    if (m.type === "exit") return void nc.close().then(() => process.exit(0));
+    const cpu0 = process.cpuUsage();
+    void x.round().then((stats) => {
+      const cpu = process.cpuUsage(cpu0);
+      process.send!({ type: "done", stats, cpuSeconds: (cpu.user + cpu.system) / 1e6 } satisfies FromChild);
+    });
+  });
+  process.send!({ type: "ready" } satisfies FromChild);
+}
+
 async function workerMain(a: WorkerArgs): Promise<void> {
+  if (a.exchange) return exchangeMain(a);
   const nc = await connect({ servers: a.url });
   const averager = await GradientAverager.open({ nc, job: a.job, self: a.self, members: a.members, epoch: 1, wireDtype: a.dtype, bucketBytes: a.bucketBytes, timeoutMs: 600_000 });
   const flat = new Float32Array(a.elements);
@@ -182,6 +262,8 @@ async function rawThroughput(url: string, seconds: number): Promise<{ bytes_per_
 }
 
 interface ComboResult {
+  /** `averager`: worker/gradient_averaging.ts; `exchange_floor`: the same messages with NATS alone (class Exchange). */
+  kind?: "averager" | "exchange_floor";
   size_mb: number;
   workers: number;
   dtype: WireDtype;
@@ -215,14 +297,14 @@ interface ComboResult {
   note?: string;
 }
 
-async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, bucketKib: number, budgetS: number, maxRounds: number, raw: number, profile: boolean): Promise<ComboResult> {
-  const base: ComboResult = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
+async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, bucketKib: number, budgetS: number, maxRounds: number, raw: number, profile: boolean, exchange = false): Promise<ComboResult> {
+  const base: ComboResult = { kind: exchange ? "exchange_floor" : "averager", size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
   const elements = Math.floor((sizeMb * MB) / 4);
   const members = Array.from({ length: n }, (_, i) => `w${i}`);
   const job = `bench-${sizeMb}-${n}-${dtype}-${bucketKib}`;
   const t0 = performance.now();
   const profileDir = profile ? await mkdtemp(join(tmpdir(), "ctrain-allreduce-prof-")) : undefined;
-  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype, bucketBytes: bucketKib * 1024 }, profileDir));
+  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype, bucketBytes: bucketKib * 1024, exchange }, profileDir));
   const left = (): number => budgetS * 1000 - (performance.now() - t0);
   try {
     for (const m of await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), "start-up")) if (m.type !== "ready") throw new Error(JSON.stringify(m));
@@ -292,6 +374,8 @@ interface RunPlan {
   budget: number;
   maxRounds: number;
   profile: boolean;
+  /** After each combination, the same messages with NATS alone (--floor). */
+  floor: boolean;
 }
 
 /** Every combination of the plan, bucket-major; a size predicted not to fit the budget or memory is skipped with the reason. */
@@ -314,6 +398,10 @@ async function runCombos(url: string, p: RunPlan, raw: number): Promise<ComboRes
           perRound.set(k, { sizeMb, seconds: r.round_seconds_median ?? Infinity });
           results.push(r);
           console.log(JSON.stringify(r));
+          if (p.floor && !r.skipped) {
+            results.push(await combo(url, sizeMb, n, dtype, bucketKib, p.budget, p.maxRounds, raw, false, true));
+            console.log(JSON.stringify(results.at(-1)));
+          }
         }
       }
     }
@@ -328,7 +416,7 @@ async function runCombos(url: string, p: RunPlan, raw: number): Promise<ComboRes
  */
 function sweepSummary(results: ComboResult[]): Record<string, unknown> {
   const byBucket = new Map<number, ComboResult[]>();
-  for (const r of results) byBucket.set(r.bucket_kib, [...(byBucket.get(r.bucket_kib) ?? []), r]);
+  for (const r of results.filter((x) => x.kind !== "exchange_floor")) byBucket.set(r.bucket_kib, [...(byBucket.get(r.bucket_kib) ?? []), r]);
   const rows = [...byBucket].map(([kib, rs]) => ({
     bucket_kib: kib,
     cpu_seconds_sum: rs.some((r) => r.skipped) ? null : Number(rs.reduce((a, r) => a + r.cpu_seconds_per_round_per_worker!, 0).toPrecision(3)),
@@ -357,6 +445,7 @@ async function main(): Promise<void> {
     budget: Number(arg("budget", "60")),
     maxRounds: Number(arg("rounds", "5")),
     profile: process.argv.includes("--profile"),
+    floor: process.argv.includes("--floor"),
   };
   for (const b of plan.buckets) if (!Number.isInteger(b) || b < 4 || b > 1023) throw new Error(`bucket sizes are KiB in 4..1023 (a chunk must fit NATS's 1 MiB max_payload), got ${b}`);
   const rawSeconds = Number(arg("raw-seconds", "3"));

@@ -49,6 +49,7 @@ import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import {
   DEFAULT_BUCKET_BYTES,
   accumulateChunk,
+  anyNonFinite,
   bytesPerElement,
   encodeChunkFrame,
   planChunks,
@@ -591,9 +592,7 @@ export class GradientAverager implements AsyncDisposable {
 
 /** Throws NonFiniteGradientError naming the first NaN/Inf; one branch-free pass when there is none. */
 function checkFinite(step: number, flat: Float32Array): void {
-  let probe = 0;
-  for (let i = 0; i < flat.length; i++) probe += flat[i]! * 0;
-  if (probe === 0) return;
+  if (!anyNonFinite(flat)) return;
   for (let i = 0; i < flat.length; i++) if (!Number.isFinite(flat[i]!)) throw new NonFiniteGradientError(step, i, flat[i]!);
 }
 
