@@ -378,14 +378,18 @@ interface RunPlan {
   floor: boolean;
 }
 
-/** Every combination of the plan, bucket-major; a size predicted not to fit the budget or memory is skipped with the reason. */
+/**
+ * Every combination of the plan; a size predicted not to fit the budget or memory is skipped with the
+ * reason. Bucket sizes vary fastest, so the chunk sizes of one combination run back to back: on a
+ * shared machine the load drifts, and a sweep compares them under the same load.
+ */
 async function runCombos(url: string, p: RunPlan, raw: number): Promise<ComboResult[]> {
   const results: ComboResult[] = [];
   const perRound = new Map<string, { sizeMb: number; seconds: number }>();
-  for (const bucketKib of p.buckets) {
-    for (const dtype of p.dtypes) {
-      for (const n of p.workers) {
-        for (const sizeMb of p.sizes) {
+  for (const dtype of p.dtypes) {
+    for (const n of p.workers) {
+      for (const sizeMb of p.sizes) {
+        for (const bucketKib of p.buckets) {
           const k = `${dtype}/${n}/${bucketKib}`;
           const prev = perRound.get(k);
           const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
