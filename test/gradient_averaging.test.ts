@@ -160,6 +160,29 @@ describe("allreduce - averaging", () => {
     await g.close();
   });
 
+  test("allreduce - reuseResult alternates two result buffers and every step is still the exact weighted mean", async () => {
+    for (const dtype of ["fp32", "fp16"] as const) {
+      const g = await group(2, { dtype, bucketBytes: 4096 });
+      const rng = new Rng(31);
+      const tol = dtype === "fp32" ? 1e-6 : 2e-3;
+      const returned: Float32Array[][] = [[], []];
+      for (let step = 0; step < 4; step++) {
+        const grads = g.members.map(() => randomVector(5001, rng));
+        const results = await Promise.all(g.averagers.map((a, i) => a.average(step, grads[i]!, [3, 2][i]!, { reuseResult: true })));
+        const want = weightedMean(grads, [3, 2]);
+        for (const r of results) assert.ok(maxAbsDiff(r, want) <= tol, `${dtype} step ${step}: error ${maxAbsDiff(r, want)}`);
+        assert.deepEqual(results[1], results[0], "every member holds identical values");
+        results.forEach((r, i) => returned[i]!.push(r));
+      }
+      for (const r of returned) {
+        assert.notEqual(r[1], r[0], "the next step writes into the other buffer");
+        assert.equal(r[2], r[0], "the next-but-one step reuses the first");
+        assert.equal(r[3], r[1]);
+      }
+      await g.close();
+    }
+  });
+
   test("allreduce - a member with no samples contributes nothing", async () => {
     const g = await group(3);
     const rng = new Rng(9);
