@@ -27,8 +27,8 @@
  * reduction: class Exchange), as `kind: "exchange_floor"`: what the averager could reach at best here.
  *
  * --bucket-sweep KIB,KIB,... runs every size and dtype at each chunk size (`--bucket-bytes` of a job)
- * and writes the table under `bucket_sweep` of the output file, keeping its other keys; a plain run
- * keeps the file's `bucket_sweep`. --baseline FILE embeds that file's results (a run of the code before
+ * and appends the table to `bucket_sweep.runs` of the output file, keeping its other keys (and the
+ * earlier sweeps: on a shared machine one sweep proves little); a plain run keeps `bucket_sweep`. --baseline FILE embeds that file's results (a run of the code before
  * a change, same conditions) under `before`.
  *
  *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--bucket-kib 512] [--profile] [--floor] [--out FILE]
@@ -482,7 +482,8 @@ async function main(): Promise<void> {
       results,
     };
     const prev = (await readJson(outFile)) ?? {};
-    const out = sweep ? { ...prev, bucket_sweep: { ...run, summary: sweepSummary(results) } } : { ...run, ...(baseline ? { before: baseline } : prev["before"] ? { before: prev["before"] } : {}), ...(prev["bucket_sweep"] ? { bucket_sweep: prev["bucket_sweep"] } : {}) };
+    const sweeps = ((prev["bucket_sweep"] as { runs?: unknown[] } | undefined)?.runs ?? []);
+    const out = sweep ? { ...prev, bucket_sweep: { ...(prev["bucket_sweep"] as object), runs: [...sweeps, { ...run, summary: sweepSummary(results) }] } } : { ...run, ...(baseline ? { before: baseline } : prev["before"] ? { before: prev["before"] } : {}), ...(prev["bucket_sweep"] ? { bucket_sweep: prev["bucket_sweep"] } : {}) };
     await mkdir("bench/results", { recursive: true });
     await writeFile(outFile, `${JSON.stringify(out, null, 2)}\n`);
     console.log(`wrote ${outFile}`);

@@ -97,7 +97,7 @@ async function main(): Promise<void> {
       ], auth).done;
       if (coord.code !== 0) {
         for (const w of workers) w.proc.kill("SIGTERM");
-        const logs = (await Promise.all(workers.map((w) => w.done))).map((w) => w.lines.filter((l) => l["level"] !== "info").slice(-3));
+        const logs = (await Promise.all(workers.map((w) => w.done))).map((w) => w.lines.filter((l) => l["level"] !== "info" || String(l["msg"]).includes("lost") || String(l["msg"]).includes("fail")).slice(-6));
         throw new Error(`coordinator N=${n} exited ${coord.code}: ${JSON.stringify(coord.lines.slice(-3))}; workers' last warnings: ${JSON.stringify(logs)}`);
       }
       // Workers stay up after a job: stop them (SIGTERM drains).
