@@ -20,15 +20,28 @@
  * the members' CPU time (encode, decode, fp16, copies, checks, reduction, NATS, GC, waiting: see
  * bench/cpu_profile.ts).
  *
- *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--bucket-kib 512] [--profile] [--out FILE]
+ * Raw NATS throughput is measured before and after the combinations and their mean is the reference:
+ * on a shared machine the load drifts during a run.
+ *
+ * --floor runs, after each combination, the same messages with NATS alone (no encoding, checks or
+ * reduction: class Exchange), as `kind: "exchange_floor"`: what the averager could reach at best here.
+ *
+ * --bucket-sweep KIB,KIB,... runs every size and dtype at each chunk size (`--bucket-bytes` of a job)
+ * and appends the table to `bucket_sweep.runs` of the output file, keeping its other keys (and the
+ * earlier sweeps: on a shared machine one sweep proves little); a plain run keeps `bucket_sweep`. --baseline FILE embeds that file's results (a run of the code before
+ * a change, same conditions) under `before`.
+ *
+ *   node dist/bench/allreduce.js [--sizes 1,10,100] [--workers 2,4,8] [--dtypes fp32,fp16] [--budget 60] [--rounds 5] [--raw-seconds 3] [--bucket-kib 512] [--profile] [--floor] [--out FILE]
+ *   node dist/bench/allreduce.js --bucket-sweep 64,128,256,512,1023 [--sizes 10,100] [--workers 2] [--dtypes fp32,fp16]
+ *   node dist/bench/allreduce.js --baseline before.json ...
  */
 import { fork, type ChildProcess } from "node:child_process";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, freemem, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { connect } from "nats";
-import type { WireDtype } from "../proto/tensor_codec.js";
+import { connect, type NatsConnection } from "nats";
+import { DEFAULT_BUCKET_BYTES, type WireDtype } from "../proto/tensor_codec.js";
 import { GradientAverager, type AllreduceStats } from "../worker/gradient_averaging.js";
 import { profileBreakdown, type ProfileBreakdown } from "./cpu_profile.js";
 import { startNatsServer } from "../test/helpers/nats_server.js";
@@ -36,7 +49,7 @@ import { startNatsServer } from "../test/helpers/nats_server.js";
 const MB = 1024 * 1024;
 const RAW_MESSAGE_BYTES = 512 * 1024;
 
-interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype; bucketBytes: number }
+interface WorkerArgs { mode: "worker"; url: string; job: string; self: string; members: string[]; elements: number; dtype: WireDtype; bucketBytes: number; exchange?: boolean }
 interface RawArgs { mode: "raw"; url: string; subject: string; seconds: number }
 type ChildArgs = WorkerArgs | RawArgs;
 type ToChild = { type: "round"; step: number } | { type: "exit" };
@@ -45,7 +58,84 @@ type FromChild = { type: "ready" } | { type: "done"; stats: AllreduceStats; cpuS
 // ---------------------------------------------------------------------------------------------
 // Child processes
 
+/**
+ * The floor under the averager: the same messages (sizes, counts, subjects' fan-out, the owner
+ * publishing chunk k once every peer's chunk k is in) with no encoding, checks or reduction: one
+ * preallocated payload, NATS alone. What the averager costs is its time above this.
+ */
+class Exchange {
+  private readonly peers: string[];
+  private readonly payload: Uint8Array;
+  private readonly chunks: number;
+  private got = new Map<string, number>();
+  private fanned = 0;
+  private fanIn = 0;
+  private done: (() => void) | undefined;
+  constructor(private readonly nc: NatsConnection, private readonly a: WorkerArgs) {
+    this.peers = a.members.filter((m) => m !== a.self);
+    const sliceBytes = Math.ceil((a.elements * (a.dtype === "fp16" ? 2 : 4)) / a.members.length);
+    this.chunks = Math.ceil(sliceBytes / a.bucketBytes);
+    this.payload = new Uint8Array(Math.min(a.bucketBytes, sliceBytes));
+    nc.subscribe(`x.${a.self}.*`, { callback: (_e, m) => this.onGrad(m.subject.slice(m.subject.lastIndexOf(".") + 1)) });
+    for (const p of this.peers) nc.subscribe(`f.${p}`, { callback: () => this.onFan() });
+  }
+  async round(): Promise<AllreduceStats> {
+    const t0 = performance.now();
+    const finished = new Promise<void>((r) => (this.done = r));
+    this.check();
+    let since = 0;
+    for (const p of this.peers) {
+      for (let k = 0; k < this.chunks; k++) {
+        this.nc.publish(`x.${p}.${this.a.self}`, this.payload);
+        if ((since += this.payload.length) >= 1024 * 1024) {
+          since = 0;
+          await new Promise<void>((r) => setImmediate(r));
+        }
+      }
+    }
+    await finished;
+    const bytes = this.chunks * this.payload.length;
+    const stats = { step: 0, seconds: (performance.now() - t0) / 1000, bytesSent: bytes * (this.peers.length + 1), bytesReceived: bytes * 2 * this.peers.length, messagesSent: 0, messagesReceived: 0 };
+    this.got.clear();
+    this.fanned = 0;
+    this.fanIn = 0;
+    return stats;
+  }
+  private onGrad(sender: string): void {
+    this.got.set(sender, (this.got.get(sender) ?? 0) + 1);
+    const all = Math.min(...this.peers.map((p) => this.got.get(p) ?? 0));
+    while (this.fanned < all) {
+      this.nc.publish(`f.${this.a.self}`, this.payload);
+      this.fanned++;
+    }
+    this.check();
+  }
+  private onFan(): void {
+    this.fanIn++;
+    this.check();
+  }
+  private check(): void {
+    if (this.fanned === this.chunks && this.fanIn === this.chunks * this.peers.length) this.done?.();
+  }
+}
+
+async function exchangeMain(a: WorkerArgs): Promise<void> {
+  const nc = await connect({ servers: a.url });
+  const x = new Exchange(nc, a);
+  await nc.flush();
+  process.on("message", (m: ToChild) => {
+    if (m.type === "exit") return void nc.close().then(() => process.exit(0));
+    const cpu0 = process.cpuUsage();
+    void x.round().then((stats) => {
+      const cpu = process.cpuUsage(cpu0);
+      process.send!({ type: "done", stats, cpuSeconds: (cpu.user + cpu.system) / 1e6 } satisfies FromChild);
+    });
+  });
+  process.send!({ type: "ready" } satisfies FromChild);
+}
+
 async function workerMain(a: WorkerArgs): Promise<void> {
+  if (a.exchange) return exchangeMain(a);
   const nc = await connect({ servers: a.url });
   const averager = await GradientAverager.open({ nc, job: a.job, self: a.self, members: a.members, epoch: 1, wireDtype: a.dtype, bucketBytes: a.bucketBytes, timeoutMs: 600_000 });
   const flat = new Float32Array(a.elements);
@@ -61,7 +151,8 @@ async function workerMain(a: WorkerArgs): Promise<void> {
       return;
     }
     const cpu0 = process.cpuUsage();
-    averager.average(m.step, flat, samples).then(
+    // reuseResult as gradientHookFor: the result is not kept, so no fresh vector per round.
+    averager.average(m.step, flat, samples, { reuseResult: true }).then(
       () => {
         const cpu = process.cpuUsage(cpu0);
         process.send!({ type: "done", stats: averager.lastStats!, cpuSeconds: (cpu.user + cpu.system) / 1e6 } satisfies FromChild);
@@ -171,6 +262,8 @@ async function rawThroughput(url: string, seconds: number): Promise<{ bytes_per_
 }
 
 interface ComboResult {
+  /** `averager`: worker/gradient_averaging.ts; `exchange_floor`: the same messages with NATS alone (class Exchange). */
+  kind?: "averager" | "exchange_floor";
   size_mb: number;
   workers: number;
   dtype: WireDtype;
@@ -204,14 +297,14 @@ interface ComboResult {
   note?: string;
 }
 
-async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, bucketKib: number, budgetS: number, maxRounds: number, raw: number, profile: boolean): Promise<ComboResult> {
-  const base: ComboResult = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
+async function combo(url: string, sizeMb: number, n: number, dtype: WireDtype, bucketKib: number, budgetS: number, maxRounds: number, raw: number, profile: boolean, exchange = false): Promise<ComboResult> {
+  const base: ComboResult = { kind: exchange ? "exchange_floor" : "averager", size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
   const elements = Math.floor((sizeMb * MB) / 4);
   const members = Array.from({ length: n }, (_, i) => `w${i}`);
   const job = `bench-${sizeMb}-${n}-${dtype}-${bucketKib}`;
   const t0 = performance.now();
   const profileDir = profile ? await mkdtemp(join(tmpdir(), "ctrain-allreduce-prof-")) : undefined;
-  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype, bucketBytes: bucketKib * 1024 }, profileDir));
+  const kids = members.map((self) => new Kid({ mode: "worker", url, job, self, members, elements, dtype, bucketBytes: bucketKib * 1024, exchange }, profileDir));
   const left = (): number => budgetS * 1000 - (performance.now() - t0);
   try {
     for (const m of await withTimeout(Promise.all(kids.map((k) => k.next())), Math.max(1, left()), "start-up")) if (m.type !== "ready") throw new Error(JSON.stringify(m));
@@ -273,65 +366,137 @@ function arg(name: string, def: string): string {
   return i >= 0 ? process.argv[i + 1]! : def;
 }
 
+interface RunPlan {
+  sizes: number[];
+  workers: number[];
+  dtypes: WireDtype[];
+  buckets: number[];
+  budget: number;
+  maxRounds: number;
+  profile: boolean;
+  /** After each combination, the same messages with NATS alone (--floor). */
+  floor: boolean;
+}
+
+/**
+ * Every combination of the plan; a size predicted not to fit the budget or memory is skipped with the
+ * reason. Bucket sizes vary fastest, so the chunk sizes of one combination run back to back: on a
+ * shared machine the load drifts, and a sweep compares them under the same load.
+ */
+async function runCombos(url: string, p: RunPlan, raw: number): Promise<ComboResult[]> {
+  const results: ComboResult[] = [];
+  const perRound = new Map<string, { sizeMb: number; seconds: number }>();
+  for (const dtype of p.dtypes) {
+    for (const n of p.workers) {
+      for (const sizeMb of p.sizes) {
+        for (const bucketKib of p.buckets) {
+          const k = `${dtype}/${n}/${bucketKib}`;
+          const prev = perRound.get(k);
+          const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
+          const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
+          const base = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
+          let r: ComboResult;
+          if (predicted * 2 > p.budget) r = { ...base, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${p.budget} s budget` };
+          else if (memory > freemem() * 0.7) r = { ...base, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
+          else r = await combo(url, sizeMb, n, dtype, bucketKib, p.budget, p.maxRounds, raw, p.profile);
+          perRound.set(k, { sizeMb, seconds: r.round_seconds_median ?? Infinity });
+          results.push(r);
+          console.log(JSON.stringify(r));
+          if (p.floor && !r.skipped) {
+            results.push(await combo(url, sizeMb, n, dtype, bucketKib, p.budget, p.maxRounds, raw, false, true));
+            console.log(JSON.stringify(results.at(-1)));
+          }
+        }
+      }
+    }
+  }
+  return results;
+}
+
+/**
+ * The sweep's table: per chunk size, each combination's round time and CPU per worker, and the chunk
+ * size with the least CPU summed over the combinations (CPU, unlike wall time, barely moves with the
+ * machine's load).
+ */
+function sweepSummary(results: ComboResult[]): Record<string, unknown> {
+  const byBucket = new Map<number, ComboResult[]>();
+  for (const r of results.filter((x) => x.kind !== "exchange_floor")) byBucket.set(r.bucket_kib, [...(byBucket.get(r.bucket_kib) ?? []), r]);
+  const rows = [...byBucket].map(([kib, rs]) => ({
+    bucket_kib: kib,
+    cpu_seconds_sum: rs.some((r) => r.skipped) ? null : Number(rs.reduce((a, r) => a + r.cpu_seconds_per_round_per_worker!, 0).toPrecision(3)),
+    combos: rs.map((r) => ({ size_mb: r.size_mb, workers: r.workers, dtype: r.dtype, round_seconds_median: r.round_seconds_median, per_worker_fraction_of_raw: r.per_worker_fraction_of_raw, cpu_seconds_per_round_per_worker: r.cpu_seconds_per_round_per_worker, ...(r.skipped ? { skipped: r.skipped } : {}) })),
+  }));
+  const ok = rows.filter((r) => r.cpu_seconds_sum !== null);
+  const best = ok.sort((a, b) => a.cpu_seconds_sum! - b.cpu_seconds_sum!)[0];
+  return { least_cpu_bucket_kib: best?.bucket_kib ?? null, default_bucket_kib: DEFAULT_BUCKET_BYTES / 1024, rows: rows.sort((a, b) => a.bucket_kib - b.bucket_kib) };
+}
+
+async function readJson(file: string): Promise<Record<string, unknown> | undefined> {
+  try {
+    return JSON.parse(await readFile(file, "utf8")) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
+}
+
 async function main(): Promise<void> {
-  const sizes = arg("sizes", "1,10,100").split(",").map(Number);
-  const workers = arg("workers", "2,4,8").split(",").map(Number);
-  const dtypes = arg("dtypes", "fp32,fp16").split(",") as WireDtype[];
-  const buckets = arg("bucket-kib", "512").split(",").map(Number);
-  const budget = Number(arg("budget", "60"));
-  const maxRounds = Number(arg("rounds", "5"));
+  const sweep = process.argv.includes("--bucket-sweep");
+  const plan: RunPlan = {
+    sizes: arg("sizes", sweep ? "10,100" : "1,10,100").split(",").map(Number),
+    workers: arg("workers", sweep ? "2" : "2,4,8").split(",").map(Number),
+    dtypes: arg("dtypes", "fp32,fp16").split(",") as WireDtype[],
+    buckets: (sweep ? arg("bucket-sweep", "") : arg("bucket-kib", String(DEFAULT_BUCKET_BYTES / 1024))).split(",").map(Number),
+    budget: Number(arg("budget", "60")),
+    maxRounds: Number(arg("rounds", "5")),
+    profile: process.argv.includes("--profile"),
+    floor: process.argv.includes("--floor"),
+  };
+  for (const b of plan.buckets) if (!Number.isInteger(b) || b < 4 || b > 1023) throw new Error(`bucket sizes are KiB in 4..1023 (a chunk must fit NATS's 1 MiB max_payload), got ${b}`);
   const rawSeconds = Number(arg("raw-seconds", "3"));
-  const profile = process.argv.includes("--profile");
-  const out_ = arg("out", "bench/results/allreduce.json");
+  const outFile = arg("out", "bench/results/allreduce.json");
+  const baseline = process.argv.includes("--baseline") ? await readJson(arg("baseline", "")) : undefined;
   // A burst of G(N-1)/N bytes lands on each owner at once: let the server buffer it rather than cut
   // the "slow consumer" off (the default max_pending is 64 MB).
   const server = await startNatsServer({ jetstream: false, config: "max_pending: 1073741824\nwrite_deadline: \"120s\"" });
   const t0 = performance.now();
   try {
-    const raw = await rawThroughput(server.url, rawSeconds);
-    console.log(`raw NATS loopback: ${(raw.bytes_per_second / MB).toFixed(0)} MB/s (512 KiB messages, ${raw.seconds} s)`);
-    const results: ComboResult[] = [];
-    const perRound = new Map<string, { sizeMb: number; seconds: number }>();
-    for (const bucketKib of buckets) {
-      for (const dtype of dtypes) {
-        for (const n of workers) {
-          for (const sizeMb of sizes) {
-            const k = `${dtype}/${n}/${bucketKib}`;
-            const prev = perRound.get(k);
-            const predicted = prev ? (prev.seconds * sizeMb) / prev.sizeMb : 0;
-            const memory = n * sizeMb * MB * 6; // flat + result + encoded chunks in flight, per process
-            const base = { size_mb: sizeMb, workers: n, dtype, bucket_kib: bucketKib };
-            let r: ComboResult;
-            if (predicted * 2 > budget) r = { ...base, skipped: `predicted ${predicted.toFixed(1)} s per round (scaled from ${prev!.sizeMb} MB): warm-up plus one round exceed the ${budget} s budget` };
-            else if (memory > freemem() * 0.7) r = { ...base, skipped: `needs about ${(memory / 2 ** 30).toFixed(1)} GiB, ${(freemem() / 2 ** 30).toFixed(1)} GiB free` };
-            else r = await combo(server.url, sizeMb, n, dtype, bucketKib, budget, maxRounds, raw.bytes_per_second, profile);
-            perRound.set(k, { sizeMb, seconds: r.round_seconds_median ?? Infinity });
-            results.push(r);
-            console.log(JSON.stringify(r));
-          }
-        }
-      }
-    }
-    const out = {
+    const rawBefore = await rawThroughput(server.url, rawSeconds);
+    console.log(`raw NATS loopback: ${(rawBefore.bytes_per_second / MB).toFixed(0)} MB/s (512 KiB messages, ${rawBefore.seconds} s)`);
+    const results = await runCombos(server.url, plan, rawBefore.bytes_per_second);
+    const rawAfter = await rawThroughput(server.url, rawSeconds);
+    console.log(`raw NATS loopback after: ${(rawAfter.bytes_per_second / MB).toFixed(0)} MB/s`);
+    const raw = (rawBefore.bytes_per_second + rawAfter.bytes_per_second) / 2;
+    for (const r of results) rescaleToRaw(r, rawBefore.bytes_per_second, raw);
+    const run = {
       bench: "allreduce",
       method: "reduce-scatter to slice owners + NATS fan-out of averaged slices (worker/gradient_averaging.ts), chunk frames of bucket_kib",
       machine: { cores: availableParallelism(), cpu: cpus()[0]?.model },
-      note: "All N worker processes, the parent and one nats-server share this machine's cores; rounds per combination are bounded by the budget.",
+      note: "All N worker processes, the parent and one nats-server share this machine's cores (and other jobs: see load_average); rounds per combination are bounded by the budget. Fractions of raw use the mean of the raw throughput measured before and after the combinations.",
       load_average: loadavg().map((x) => Number(x.toFixed(2))),
-      profiled: profile,
-      budget_seconds_per_combination: budget,
-      max_timed_rounds: maxRounds,
-      raw_nats_loopback: { ...raw, message_bytes: RAW_MESSAGE_BYTES, mb_per_second: Number((raw.bytes_per_second / MB).toFixed(1)) },
+      profiled: plan.profile,
+      budget_seconds_per_combination: plan.budget,
+      max_timed_rounds: plan.maxRounds,
+      raw_nats_loopback: { before: rawBefore, after: rawAfter, message_bytes: RAW_MESSAGE_BYTES, mb_per_second: Number((raw / MB).toFixed(1)) },
       total_seconds: Number(((performance.now() - t0) / 1000).toFixed(1)),
       date: new Date().toISOString(),
       results,
     };
+    const prev = (await readJson(outFile)) ?? {};
+    const sweeps = ((prev["bucket_sweep"] as { runs?: unknown[] } | undefined)?.runs ?? []);
+    const out = sweep ? { ...prev, bucket_sweep: { ...(prev["bucket_sweep"] as object), runs: [...sweeps, { ...run, summary: sweepSummary(results) }] } } : { ...run, ...(baseline ? { before: baseline } : prev["before"] ? { before: prev["before"] } : {}), ...(prev["bucket_sweep"] ? { bucket_sweep: prev["bucket_sweep"] } : {}) };
     await mkdir("bench/results", { recursive: true });
-    await writeFile(out_, `${JSON.stringify(out, null, 2)}\n`);
-    console.log(`wrote ${out_}`);
+    await writeFile(outFile, `${JSON.stringify(out, null, 2)}\n`);
+    console.log(`wrote ${outFile}`);
   } finally {
     await server.stop();
   }
+}
+
+/** Re-expresses a result's fractions of raw against `raw` instead of the `measured` figure it was computed with. */
+function rescaleToRaw(r: ComboResult, measured: number, raw: number): void {
+  const f = (x: number | undefined): number | undefined => (x === undefined ? undefined : Number(((x * measured) / raw).toPrecision(3)));
+  r.per_worker_fraction_of_raw = f(r.per_worker_fraction_of_raw);
+  r.server_fraction_of_raw = f(r.server_fraction_of_raw);
 }
 
 if (process.argv[2] === "--child") {

@@ -99,7 +99,7 @@ export async function profileBreakdown(dir: string): Promise<ProfileBreakdown> {
   const ms = Object.fromEntries(CATEGORIES.map((c) => [c, 0])) as Record<Category, number>;
   const self = new Map<string, { category: Category; ms: number }>();
   for (const f of files) addProfile(JSON.parse(await readFile(join(dir, f), "utf8")) as CpuProfile, ms, self);
-  const top = [...self].sort((a, b) => b[1].ms - a[1].ms).slice(0, 12).map(([fn, e]) => ({ fn, category: e.category, ms: Math.round(e.ms) }));
+  const top = [...self].sort((a, b) => b[1].ms - a[1].ms).slice(0, 20).map(([fn, e]) => ({ fn, category: e.category, ms: Math.round(e.ms) }));
   const total = CATEGORIES.reduce((a, c) => a + (c === "setup" ? 0 : ms[c]), 0) || 1;
   const share = Object.fromEntries(CATEGORIES.map((c) => [c, c === "setup" ? 0 : Number((ms[c] / total).toFixed(3))])) as Record<Category, number>;
   for (const c of CATEGORIES) ms[c] = Math.round(ms[c]);

@@ -11,10 +11,13 @@
  * With --profile every worker runs under `node --cpu-prof` and each result carries the breakdown of
  * the workers' CPU (bench/cpu_profile.ts: compute, averaging costs, NATS, GC, waiting).
  *
- *   node dist/bench/finetune_dp.js [--limit 600] [--input-size 96] [--fine-tune-layers 3] [--batch-size 32] [--epochs 2] [--workers 1,2] [--wire-dtype fp32|fp16] [--profile] [--out FILE]
+ * --bucket-bytes passes the chunk size to the job (default: the job's); --baseline FILE embeds that
+ * file's results (a run of the code before a change) under `before`, for a before/after table.
+ *
+ *   node dist/bench/finetune_dp.js [--limit 600] [--input-size 96] [--fine-tune-layers 3] [--batch-size 32] [--epochs 2] [--workers 1,2] [--wire-dtype fp32|fp16] [--bucket-bytes N] [--profile] [--baseline FILE] [--out FILE]
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -73,6 +76,8 @@ async function main(): Promise<void> {
   const ns = arg("workers", "1,2").split(",").map(Number);
   const profile = process.argv.includes("--profile");
   const wire = arg("wire-dtype", "fp32");
+  const bucket = arg("bucket-bytes", "");
+  const baseline = process.argv.includes("--baseline") ? (JSON.parse(await readFile(arg("baseline", ""), "utf8")) as Record<string, unknown>) : undefined;
   const dir = await mkdtemp(join(tmpdir(), "ctrain-bench-dp-"));
   const nats = await startEmbeddedNats();
   // One server for every job of the bench: each process gets the coordinator's (unrestricted) user.
@@ -88,9 +93,13 @@ async function main(): Promise<void> {
       const coord = await run([
         "coordinator", "--nats", nats.url, "--job", job, "--data", "fashion-mnist", "--limit", limit, "--input-size", inputSize, "--epochs", "1",
         "--fine-tune-layers", layers, "--fine-tune-epochs", epochs, "--batch-size", batch, "--dropout", "0", "--backend", "wasm", "--workers", String(n),
-        "--data-parallel", "on", "--wire-dtype", wire, "--cache-dir", join(dir, "cache"), "--out", join(dir, job), "--metrics-port", "-1", "--log-format", "json", "--seed", "42",
+        "--data-parallel", "on", "--wire-dtype", wire, ...(bucket ? ["--bucket-bytes", bucket] : []), "--cache-dir", join(dir, "cache"), "--out", join(dir, job), "--metrics-port", "-1", "--log-format", "json", "--seed", "42",
       ], auth).done;
-      if (coord.code !== 0) throw new Error(`coordinator N=${n} exited ${coord.code}: ${JSON.stringify(coord.lines.slice(-3))}`);
+      if (coord.code !== 0) {
+        for (const w of workers) w.proc.kill("SIGTERM");
+        const logs = (await Promise.all(workers.map((w) => w.done))).map((w) => w.lines.filter((l) => l["level"] !== "info" || String(l["msg"]).includes("lost") || String(l["msg"]).includes("fail")).slice(-6));
+        throw new Error(`coordinator N=${n} exited ${coord.code}: ${JSON.stringify(coord.lines.slice(-3))}; workers' last warnings: ${JSON.stringify(logs)}`);
+      }
       // Workers stay up after a job: stop them (SIGTERM drains).
       for (const w of workers) w.proc.kill("SIGTERM");
       const done = (await Promise.all(workers.map((w) => w.done))).flatMap((w) => w.lines.filter((l) => l["msg"] === "training done")) as unknown as Done[];
@@ -117,9 +126,10 @@ async function main(): Promise<void> {
   await mkdir(new URL("./results/", import.meta.url), { recursive: true }).catch(() => undefined);
   const out = {
     bench: "finetune_dp", when: new Date().toISOString(), machine: { cpus: cpus().length, parallelism: availableParallelism(), model: cpus()[0]?.model ?? "" },
-    setup: { data: "fashion-mnist", limit: Number(limit), input_size: Number(inputSize), fine_tune_layers: layers, global_batch: Number(batch), epochs: Number(epochs), backend: "wasm", wire },
+    setup: { data: "fashion-mnist", limit: Number(limit), input_size: Number(inputSize), fine_tune_layers: layers, global_batch: Number(batch), epochs: Number(epochs), backend: "wasm", wire, bucket_bytes: bucket ? Number(bucket) : "job default" },
     note: "compute = fit wall time per step minus time in averaging (which includes waiting for the slowest peer); bytes = sent + received per worker per step. On 2 shared cores N=2 workers also compete for CPU.",
     results,
+    ...(baseline ? { before: baseline } : {}),
   };
   const file = arg("out", join(fileURLToPath(new URL("../../bench/results/", import.meta.url)), "finetune_dp.json"));
   await writeFile(file, JSON.stringify(out, null, 2) + "\n");

@@ -103,7 +103,7 @@ export interface DataParallelOptions {
   numClasses: number;
   /** Gradient dtype on the wire. Default fp32. */
   wireDtype?: WireDtype;
-  /** Upper bound of one gradient bucket on the wire, bytes. Default 0 = the averager's own. */
+  /** Upper bound of one gradient bucket on the wire, bytes (`--bucket-bytes`). Default DATA_PARALLEL_DEFAULTS.bucketBytes. */
   bucketBytes?: number;
   /** Workers to wait for before the first step. */
   workers: number;

@@ -56,6 +56,23 @@ test("chunk frame - encodeChunkFrame writes fp32 and fp16 data and its CRC-32 st
   }
 });
 
+test("chunk frame - encodeChunkFrame with a divisor carries what dividing in place then encoding gives, and leaves its input alone", () => {
+  const src = new Float32Array(1001);
+  for (let i = 0; i < src.length; i++) src[i] = Math.sin(i * 0.37) * 10 ** ((i % 9) - 6);
+  for (const dtype of ["fp32", "fp16"] as const) {
+    for (const divisor of [3, 7, 0.5]) {
+      const before = src.slice();
+      const bytes = encodeChunkFrame({ header: makeHeader(JOB, "w0", 1, 2), bucketId: 0, chunkIndex: 0, chunkCount: 1, offset: 0, sampleCount: 3 }, src, dtype, divisor);
+      assert.deepEqual(src, before, "input unchanged");
+      const want = src.slice();
+      for (let i = 0; i < want.length; i++) want[i] = want[i]! / divisor;
+      if (dtype === "fp16") roundThroughFloat16(want);
+      const m = decode("GradientChunk", bytes, { job: JOB, epoch: 1, step: 2 });
+      assert.deepEqual(decodeValues(m.data, dtype), want, `${dtype} / ${divisor}`);
+    }
+  }
+});
+
 test("chunk frame - the header is checked first: job, epoch, step, version; a protobuf v2 chunk is bad_version", () => {
   const bytes = encode("GradientChunk", chunk());
   assert.equal(reason(() => decode("GradientChunk", bytes, { job: "other" })), "wrong_job");

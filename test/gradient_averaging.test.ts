@@ -19,7 +19,7 @@ import { crc32 } from "../proto/checksum.js";
 import { encode, makeHeader, type TensorChunk } from "../proto/codec.js";
 import { jobNames } from "../proto/subjects.js";
 import { GradientAverager, gradientHookFor, type AveragerMetrics } from "../worker/gradient_averaging.js";
-import { NonFiniteGradientError, StepPeersLostError } from "../core/runtime/errors.js";
+import { ConfigError, NonFiniteGradientError, StepPeersLostError } from "../core/runtime/errors.js";
 import { weightsChecksum } from "../worker/weights_checksum.js";
 import { DP_CONV, DP_SETUP, dpConvData, dpConvModel, dpData, dpModel, type DpFitArgs } from "./helpers/dp_fit_setup.js";
 import { startNatsServer, check, type NatsServer } from "./helpers/nats_server.js";
@@ -143,12 +143,44 @@ describe("allreduce - averaging", () => {
     }
   }
 
+  test("allreduce - a bucket that cannot fit the server's max_payload is refused naming --bucket-bytes", async () => {
+    const nc = await conn();
+    const max = nc.info!.max_payload;
+    await assert.rejects(
+      GradientAverager.open({ nc, job: `job${++jobSeq}`, self: "w0", members: ["w0"], epoch: 1, bucketBytes: max }),
+      (e: unknown) => e instanceof ConfigError && /--bucket-bytes/.test((e as Error).message) && new RegExp(`max_payload of ${max}`).test((e as Error).message),
+    );
+  });
+
   test("allreduce - one member alone returns its own gradient without the network", async () => {
     const g = await group(1);
     const v = randomVector(100, new Rng(3));
     assert.deepEqual(await g.averagers[0]!.average(0, v, 4), v);
     assert.equal(g.averagers[0]!.lastStats!.bytesSent, 0);
     await g.close();
+  });
+
+  test("allreduce - reuseResult alternates two result buffers and every step is still the exact weighted mean", async () => {
+    for (const dtype of ["fp32", "fp16"] as const) {
+      const g = await group(2, { dtype, bucketBytes: 4096 });
+      const rng = new Rng(31);
+      const tol = dtype === "fp32" ? 1e-6 : 2e-3;
+      const returned: Float32Array[][] = [[], []];
+      for (let step = 0; step < 4; step++) {
+        const grads = g.members.map(() => randomVector(5001, rng));
+        const results = await Promise.all(g.averagers.map((a, i) => a.average(step, grads[i]!, [3, 2][i]!, { reuseResult: true })));
+        const want = weightedMean(grads, [3, 2]);
+        for (const r of results) assert.ok(maxAbsDiff(r, want) <= tol, `${dtype} step ${step}: error ${maxAbsDiff(r, want)}`);
+        assert.deepEqual(results[1], results[0], "every member holds identical values");
+        results.forEach((r, i) => returned[i]!.push(r));
+      }
+      for (const r of returned) {
+        assert.notEqual(r[1], r[0], "the next step writes into the other buffer");
+        assert.equal(r[2], r[0], "the next-but-one step reuses the first");
+        assert.equal(r[3], r[1]);
+      }
+      await g.close();
+    }
   });
 
   test("allreduce - a member with no samples contributes nothing", async () => {

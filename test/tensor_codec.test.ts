@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import {
-  DEFAULT_BUCKET_BYTES, Reassembler, accumulateChunk, bytesPerElement, decodeFloat16, decodeValues, encodeChunks, encodeFloat16,
+  DEFAULT_BUCKET_BYTES, Reassembler, accumulateChunk, anyNonFinite, bytesPerElement, decodeFloat16, decodeValues, encodeChunks, encodeFloat16,
   encodeValues, flatten, float16BitsToFloat32, float32ToFloat16Bits, hasNonFinite, planChunks, sliceRanges, unflatten, type WireDtype,
 } from "../proto/tensor_codec.js";
 import { crc32, crc32Portable } from "../proto/checksum.js";
@@ -107,6 +107,18 @@ test("tensor codec - non-finite values are found on the bits", () => {
   assert.equal(hasNonFinite(encodeValues(new Float32Array([1, NaN]), "fp32"), "fp32"), true);
   assert.equal(hasNonFinite(encodeValues(new Float32Array([1, 65504]), "fp16"), "fp16"), false);
   assert.equal(hasNonFinite(encodeValues(new Float32Array([1, 70000]), "fp16"), "fp16"), true, "fp16 overflow becomes Inf");
+  // The fp32 probe runs four sums side by side and a tail: a bad value is found in every lane and in the tail.
+  for (let n = 1; n <= 11; n++) {
+    for (let at = 0; at < n; at++) {
+      for (const bad of [NaN, Infinity, -Infinity]) {
+        const v = new Float32Array(n).fill(-3.4e38);
+        v[at] = bad;
+        assert.equal(anyNonFinite(v), true, `${bad} at ${at} of ${n}`);
+        assert.equal(hasNonFinite(encodeValues(v, "fp32"), "fp32"), true);
+      }
+    }
+    assert.equal(anyNonFinite(new Float32Array(n).fill(3.4e38)), false);
+  }
 });
 
 test("tensor codec - sliceRanges tiles the vector in near-equal contiguous slices", () => {

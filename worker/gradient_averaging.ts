@@ -49,10 +49,12 @@ import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import {
   DEFAULT_BUCKET_BYTES,
   accumulateChunk,
+  anyNonFinite,
   bytesPerElement,
   encodeChunkFrame,
   planChunks,
   roundThroughFloat16,
+  scaleInto,
   sliceRanges,
   writeChunk,
   type ChunkSpec,
@@ -95,6 +97,17 @@ export interface GradientAveragerOptions {
   timeoutMs?: number;
   /** Upper bound of the bytes of early messages (next step, newer epoch) held until their step starts. Default 512 MiB. */
   maxBufferedBytes?: number;
+}
+
+/** Options of one {@link GradientAverager.average} call. */
+export interface AverageOptions {
+  /**
+   * Write the result into one of two buffers the averager keeps and alternates, instead of a fresh
+   * vector per step: no 4 bytes per element of fresh memory (page faults, GC) every step. The
+   * returned vector is then overwritten by the next-but-one `average()`: for callers that copy it out
+   * at once ({@link gradientHookFor}). Default false.
+   */
+  reuseResult?: boolean;
 }
 
 /** What one `average()` moved, for benchmarks and logs. */
@@ -181,6 +194,8 @@ export class GradientAverager implements AsyncDisposable {
   private completed: { epoch: number; step: number; result: Float32Array } | undefined;
   /** The accumulator of my slice, reused across steps (a fresh array per step costs page faults and GC). */
   private accBuffer = new Float32Array(0);
+  /** Result vectors for `reuseResult` calls; the one the last completed step returned is never handed out. */
+  private resultPool: Float32Array[] = [];
   /** Membership epochs the completed step was already resent under (one resend reaches every member). */
   private readonly replayedUnder = new Set<number>();
   /** Completed steps resent to members that were redoing them (see "Catch-up" above). */
@@ -208,7 +223,7 @@ export class GradientAverager implements AsyncDisposable {
     this.bucketBytes = opts.bucketBytes ?? DEFAULT_BUCKET_BYTES;
     const maxPayload = this.nc.info?.max_payload ?? 1024 * 1024;
     if (!Number.isSafeInteger(this.bucketBytes) || this.bucketBytes < 4 || this.bucketBytes + MESSAGE_OVERHEAD_BYTES > maxPayload)
-      throw new ConfigError(`bucketBytes ${opts.bucketBytes} must be an integer >= 4 and leave ${MESSAGE_OVERHEAD_BYTES} bytes under the server's max_payload of ${maxPayload}`);
+      throw new ConfigError(`bucketBytes (--bucket-bytes) ${opts.bucketBytes} must be an integer >= 4 and leave ${MESSAGE_OVERHEAD_BYTES} bytes under the NATS server's max_payload of ${maxPayload}: lower it, or raise the server's max_payload`);
     this.timeoutMs = opts.timeoutMs ?? 30_000;
     if (!(this.timeoutMs > 0)) throw new ConfigError(`timeoutMs must be > 0, got ${opts.timeoutMs}`);
     this.maxBufferedBytes = opts.maxBufferedBytes ?? 512 * 1024 * 1024;
@@ -260,7 +275,7 @@ export class GradientAverager implements AsyncDisposable {
    * same vector length. Do not modify the returned vector: the averager keeps it (without a copy) to
    * resend to a member that must catch up on this step.
    */
-  async average(step: number, flat: Float32Array, sampleCount: number): Promise<Float32Array> {
+  async average(step: number, flat: Float32Array, sampleCount: number, opts: AverageOptions = {}): Promise<Float32Array> {
     if (this.closed) throw new Error("GradientAverager: average() after close()");
     if (this.active) throw new Error(`GradientAverager: average(${step}) while step ${this.active.step} is running`);
     if (!Number.isSafeInteger(step) || step < 0) throw new RangeError(`step must be a non-negative integer, got ${step}`);
@@ -275,7 +290,7 @@ export class GradientAverager implements AsyncDisposable {
     const mySlice = slices[me]!;
     if (this.accBuffer.length !== mySlice.length) this.accBuffer = new Float32Array(mySlice.length);
     const acc = this.accBuffer;
-    if (sampleCount > 0) for (let i = 0; i < acc.length; i++) acc[i] = flat[mySlice.offset + i]! * sampleCount;
+    if (sampleCount > 0) scaleInto(acc, flat.subarray(mySlice.offset), sampleCount);
     else acc.fill(0);
 
     let resolve!: (v: Float32Array) => void;
@@ -288,7 +303,7 @@ export class GradientAverager implements AsyncDisposable {
     done.catch(() => undefined);
     const st: StepState = {
       step, epoch: this._epoch, dtype, length: flat.length, slices, plan: new Map(), mySlice, acc, samples: sampleCount,
-      result: new Float32Array(flat.length), gradMissing: new Map(), chunkWaiting: new Map(), ownLeft: 0, gradSamples: new Map(), avgMissing: new Map(), ownDone: false,
+      result: opts.reuseResult ? this.pooledResult(flat.length) : new Float32Array(flat.length), gradMissing: new Map(), chunkWaiting: new Map(), ownLeft: 0, gradSamples: new Map(), avgMissing: new Map(), ownDone: false,
       replay: undefined, bytesReceived: 0, messagesReceived: 0, bytesSent: 0, messagesSent: 0, resolve, reject, settled: false,
     };
     for (const c of chunks) {
@@ -356,6 +371,20 @@ export class GradientAverager implements AsyncDisposable {
 
   // -------------------------------------------------------------------------------------------
 
+  /**
+   * A result vector of `length` elements from the pool of two, never the last completed step's (a
+   * member redoing that step may still ask for it: see "Catch-up"). Every element of a result is
+   * written before the step completes, so a reused vector needs no clearing.
+   */
+  private pooledResult(length: number): Float32Array {
+    this.resultPool = this.resultPool.filter((b) => b.length === length);
+    const free = this.resultPool.find((b) => b !== this.completed?.result);
+    if (free) return free;
+    const b = new Float32Array(length);
+    this.resultPool.push(b);
+    return b;
+  }
+
   private syncAvgSubs(): void {
     const want = new Set(this._members.filter((m) => m !== this.self));
     for (const [m, s] of this.avgSubs) {
@@ -398,12 +427,12 @@ export class GradientAverager implements AsyncDisposable {
     }
   }
 
-  /** Frames chunk `c` (global offsets) of `values`, whose element 0 is global element `base`. */
-  private chunkMessage(st: StepState, c: ChunkSpec, values: Float32Array, base: number, sampleCount: number, replay: boolean, epoch = st.epoch, step = st.step, dtype = st.dtype): Uint8Array {
+  /** Frames chunk `c` (global offsets) of `values` divided by `divisor`, whose element 0 is global element `base`. */
+  private chunkMessage(st: StepState, c: ChunkSpec, values: Float32Array, base: number, sampleCount: number, replay: boolean, divisor = 1): Uint8Array {
     return encodeChunkFrame({
-      header: makeHeader(this.job, this.self, epoch, step),
+      header: makeHeader(this.job, this.self, st.epoch, st.step),
       bucketId: c.bucketId, chunkIndex: c.chunkIndex, chunkCount: c.chunkCount, offset: c.offset, sampleCount, replay,
-    }, values.subarray(c.offset - base, c.offset - base + c.length), dtype);
+    }, values.subarray(c.offset - base, c.offset - base + c.length), st.dtype, divisor);
   }
 
   private drop(reason: string): void {
@@ -526,16 +555,18 @@ export class GradientAverager implements AsyncDisposable {
     for (const n of st.gradSamples.values()) total += n;
     const from = c.offset - st.mySlice.offset;
     const part = st.acc.subarray(from, from + c.length);
-    if (total > 0) for (let i = 0; i < part.length; i++) part[i] = part[i]! / total;
-    else part.fill(0);
+    // No samples at all: nothing was added, and the mean is 0 (not 0/0).
+    if (total === 0) part.fill(0);
     if (this._members.length > 1) {
-      const bytes = this.chunkMessage(st, c, st.acc, st.mySlice.offset, total, false);
+      // The division happens on the way into the frame: one pass over the chunk, not two.
+      const bytes = this.chunkMessage(st, c, st.acc, st.mySlice.offset, total, false, total > 0 ? total : 1);
       this.nc.publish(this.names.averaged(this.self), bytes);
       st.bytesSent += bytes.length;
       st.messagesSent++;
       // Keep what the peers decode: the frame's data region (the fp16 rounding is done once, there).
       writeChunk(st.result, c.offset, bytes.subarray(bytes.length - c.length * bytesPerElement(st.dtype)), st.dtype);
     } else {
+      if (total > 0) for (let i = 0; i < part.length; i++) part[i] = part[i]! / total;
       if (st.dtype === "fp16") roundThroughFloat16(part);
       st.result.set(part, c.offset);
     }
@@ -561,9 +592,7 @@ export class GradientAverager implements AsyncDisposable {
 
 /** Throws NonFiniteGradientError naming the first NaN/Inf; one branch-free pass when there is none. */
 function checkFinite(step: number, flat: Float32Array): void {
-  let probe = 0;
-  for (let i = 0; i < flat.length; i++) probe += flat[i]! * 0;
-  if (probe === 0) return;
+  if (!anyNonFinite(flat)) return;
   for (let i = 0; i < flat.length; i++) if (!Number.isFinite(flat[i]!)) throw new NonFiniteGradientError(step, i, flat[i]!);
 }
 
@@ -611,13 +640,15 @@ export function gradientHookFor(averager: GradientAverager, model: tf.LayersMode
       flat.set(grads[names[i]!]!.dataSync() as Float32Array, at);
       at += sizes[i]!;
     }
-    const avg = await averager.average(step, flat, batchSamples);
+    // The result is copied into tensors below, so the averager may reuse its buffer two steps on.
+    const avg = await averager.average(step, flat, batchSamples, { reuseResult: true });
     step++;
     if (averager.lastStats) opts.onAverage?.(averager.lastStats);
     const out: tf.NamedTensorMap = {};
     at = 0;
     for (let i = 0; i < names.length; i++) {
-      out[names[i]!] = tf.tensor(avg.subarray(at, at + sizes[i]!), shapes[i]!, "float32");
+      // A copy (slice): a backend may keep the array it is given (cpu does), and `avg` is reused.
+      out[names[i]!] = tf.tensor(avg.slice(at, at + sizes[i]!), shapes[i]!, "float32");
       at += sizes[i]!;
     }
     return out;

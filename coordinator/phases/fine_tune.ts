@@ -136,7 +136,7 @@ async function trainOnWorkers(ctx: JobContext, w: { nc: NatsConnection; workers:
     nc: w.nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
     fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs: w.epochs,
     numClasses: ctx.dataset.classes.length, wireDtype: opts.wireDtype, workers: w.workers, out: opts.out,
-    checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs,
+    checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs, bucketBytes: opts.bucketBytes,
     onBatchProgress: w.progress.moveTo, onEpochEnd: w.progress.onEpochEnd,
   };
   const { data, frozen, trainSamples } = input;

@@ -9,7 +9,7 @@
  * - {@link ENV_SETTINGS}: settings that are environment variables only (paths, credentials, the log
  *   level); listed in every `--help` that reads them and checked by {@link checkEnvironment} at start.
  */
-import { DATA_PARALLEL_DEFAULTS } from "../training/data_parallel_settings.js";
+import { DATA_PARALLEL_DEFAULTS, MAX_BUCKET_BYTES, MIN_BUCKET_BYTES } from "../training/data_parallel_settings.js";
 import { readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
@@ -163,6 +163,8 @@ export interface JobOptions {
   checkpointEvery: number;
   /** Data-parallel fine-tuning: a step's deadline before missing peers count as lost, in ms. Default 30000 (env CTRAIN_DP_STEP_TIMEOUT_MS). */
   stepTimeoutMs: number;
+  /** Data-parallel fine-tuning: data bytes of one gradient chunk (one NATS message), 4096..1047552. Default 524288 (env CTRAIN_DP_BUCKET_BYTES). */
+  bucketBytes: number;
   /** How workers are started by the coordinator. Default `local`. */
   launcher: Launcher;
   /** Log format: `auto` (human on a terminal, JSON otherwise), `json` or `human`. */
@@ -242,6 +244,7 @@ export const OPTION_SPECS = [
   spec({ key: "checksumEvery", kind: "int", help: "data-parallel: steps between replica weight checksums (0 = never)", default: () => DATA_PARALLEL_DEFAULTS.checksumEvery, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKSUM_EVERY" }),
   spec({ key: "checkpointEvery", kind: "int", help: "data-parallel: steps between checkpoints (0 = only the final state)", default: () => DATA_PARALLEL_DEFAULTS.checkpointEvery, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKPOINT_EVERY" }),
   spec({ key: "stepTimeoutMs", kind: "int", help: "data-parallel: ms a step waits for its peers before they count as lost", default: () => DATA_PARALLEL_DEFAULTS.stepTimeoutMs, min: 100, max: 3_600_000, env: "CTRAIN_DP_STEP_TIMEOUT_MS" }),
+  spec({ key: "bucketBytes", kind: "int", help: "data-parallel: data bytes of one gradient chunk on the wire (one NATS message; at most 1 MiB - 1 KiB, NATS's max_payload less a header)", default: () => DATA_PARALLEL_DEFAULTS.bucketBytes, min: MIN_BUCKET_BYTES, max: MAX_BUCKET_BYTES, env: "CTRAIN_DP_BUCKET_BYTES" }),
   spec({ key: "launcher", kind: "string", help: "how workers are started", default: () => "local" as Launcher, choices: LAUNCHERS }),
   spec({ key: "logFormat", kind: "string", help: "log format", default: () => "auto" as JobOptions["logFormat"], choices: ["auto", "json", "human"] }),
   spec({ key: "job", kind: "string", help: "job id", default: () => "" }),
@@ -523,7 +526,7 @@ export function fineTunesDataParallel(opts: Pick<JobOptions, "workers" | "dataPa
 }
 
 /** Options that say where and how a job runs, not what it computes: left out of a run's job.yaml. */
-export const PLACEMENT_KEYS = ["job", "out", "nats", "cacheDir", "metricsPort", "launcher", "logFormat", "extractBatchSize", "dataParallel", "checksumEvery", "checkpointEvery", "stepTimeoutMs"] as const;
+export const PLACEMENT_KEYS = ["job", "out", "nats", "cacheDir", "metricsPort", "launcher", "logFormat", "extractBatchSize", "dataParallel", "checksumEvery", "checkpointEvery", "stepTimeoutMs", "bucketBytes"] as const;
 
 /**
  * The options that shape a job's result, keyed by flag name in option-table order: summary.json's

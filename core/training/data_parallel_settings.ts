@@ -15,7 +15,11 @@ export interface DataParallelSettings {
   stepTimeoutMs: number;
   /** How long the coordinator waits for the asked number of replicas to be ready before starting with those that are, ms. */
   readyTimeoutMs: number;
-  /** Upper bound of one gradient bucket on the wire, bytes; 0 = the averager's own default. */
+  /**
+   * Data bytes of one gradient chunk on the wire (one NATS message), bytes. Must leave 1 KiB under
+   * the server's max_payload (1 MiB by default). 0 in a TrainingAttempt (an older coordinator's)
+   * means this default.
+   */
   bucketBytes: number;
 }
 
@@ -25,5 +29,13 @@ export const DATA_PARALLEL_DEFAULTS: Readonly<DataParallelSettings> = Object.fre
   checkpointEvery: 20,
   stepTimeoutMs: 30_000,
   readyTimeoutMs: 120_000,
-  bucketBytes: 0,
+  // bench/allreduce --bucket-sweep (bench/results/allreduce.json, `bucket_sweep`): 128 KiB to 1023 KiB
+  // cost the same within the noise of a shared 2-core machine, 64 KiB clearly more. 512 KiB sits in
+  // the flat part with half of NATS's default max_payload to spare.
+  bucketBytes: 512 * 1024,
 });
+
+/** The largest `bucketBytes`: 1 KiB (a chunk's header, rounded up) under NATS's default max_payload of 1 MiB. */
+export const MAX_BUCKET_BYTES = 1024 * 1024 - 1024;
+/** The smallest `bucketBytes`: below it the per-message cost swamps the data. */
+export const MIN_BUCKET_BYTES = 4096;
