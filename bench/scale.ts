@@ -12,8 +12,9 @@
  *   written shard by shard (seeded rows with a class signal, as workers would store them), committed,
  *   loaded and the head trained on it, streamed, in a child process whose VmHWM is recorded.
  *
- *   node dist/bench/scale.js [--run 10000,30000] [--head 100000,300000,1000000] [--workers 2] [--epochs 1] [--append]
- *   (--append adds the points to an existing bench/results/scale.json instead of starting it afresh)
+ *   node dist/bench/scale.js [--run 10000,30000] [--head 100000,300000,1000000] [--workers 2] [--epochs 1] [--append] [--note TEXT]
+ *   (--append adds the points to an existing bench/results/scale.json instead of starting it afresh;
+ *   --note labels the new points, e.g. with the commit they measure, so they read apart from the old ones)
  *   (the issue's points: --run 100000,300000[,1000000]; about 15-20 min per 10^6 images with onnxruntime
  *   on an idle 2-core machine)
  */
@@ -149,6 +150,7 @@ async function main(): Promise<void> {
   const heads = list(arg("head", "100000,300000"));
   const workers = arg("workers", "2");
   const epochs = arg("epochs", "1");
+  const note = arg("note", "");
   const result: Record<string, unknown> = {
     bench: "scale", note: "synthetic images: measures speed and memory, not model quality", feature_layer: "block_12_add", pooling: "none", input_size: 96,
     machine: { cores: availableParallelism(), cpu: cpus()[0]?.model, memory_mib: Math.round(totalmem() / MiB), uptime_seconds: uptime(), loadavg_at_start: loadavg() },
@@ -165,13 +167,13 @@ async function main(): Promise<void> {
     await writeFile("bench/results/scale.json", `${JSON.stringify(result, null, 2)}\n`);
   };
   for (const n of heads) {
-    const row = await headPoint(n, epochs);
+    const row = { ...(await headPoint(n, epochs)), ...(note ? { note } : {}) };
     console.log(JSON.stringify(row));
     (result.head as unknown[]).push(row);
     await save();
   }
   for (const n of runs) {
-    const row = await runPoint(n, workers, epochs);
+    const row = { ...(await runPoint(n, workers, epochs)), ...(note ? { note } : {}) };
     console.log(JSON.stringify(row));
     (result.run as unknown[]).push(row);
     await save();
