@@ -53,14 +53,25 @@ interface WalkState {
   classReals: string[];
   label: number;
   seenDirs: Set<string>;
-  /** Real path of each listed file -> its id. */
-  seenFiles: Map<string, string>;
+  /**
+   * Each listed file by {@link fileKey} -> its id, or null when the key is the id (a plain file: one
+   * string per file, not its real path and its id, at millions of files).
+   */
+  seenFiles: Map<string, string | null>;
   skipped: SkippedInput[];
   warnings: string[];
 }
 
 const idOf = (root: string, path: string): string => relative(root, path).split(sep).join("/");
 const within = (path: string, dir: string): boolean => path === dir || path.startsWith(dir.endsWith(sep) ? dir : dir + sep);
+/** A listed file's key in WalkState.seenFiles: its real path, relative to the real root when inside it. */
+const fileKey = (w: WalkState, target: string): string => (within(target, w.realRoot) ? idOf(w.realRoot, target) : target);
+
+/** A file to stat: its path and its id (relative to the root, `/` separators). */
+interface Found {
+  path: string;
+  id: string;
+}
 
 /**
  * Every non-hidden file below `dir` (whose real path is `real`), depth first in name order, as
@@ -69,8 +80,8 @@ const within = (path: string, dir: string): boolean => path === dir || path.star
  * data set's root or above it (a loop) and a link into another class's folder are not followed (that
  * would relabel another class's images), and a file reached a second time is listed as a skipped duplicate.
  */
-async function walkFiles(dir: string, real: string, onFiles: (paths: string[]) => Promise<void>, w: WalkState): Promise<void> {
-  let out: string[] = [];
+async function walkFiles(dir: string, real: string, onFiles: (files: Found[]) => Promise<void>, w: WalkState): Promise<void> {
+  let out: Found[] = [];
   const flush = async (): Promise<void> => {
     if (out.length) await onFiles(out);
     out = [];
@@ -87,7 +98,7 @@ async function walkFiles(dir: string, real: string, onFiles: (paths: string[]) =
         isDir = s.isDirectory();
         isFile = s.isFile();
       } catch {
-        out.push(p); // a dangling link: listed, then refused as unreadable
+        out.push({ path: p, id: idOf(w.root, p) }); // a dangling link: listed, then refused as unreadable
         continue;
       }
     }
@@ -107,13 +118,15 @@ async function walkFiles(dir: string, real: string, onFiles: (paths: string[]) =
       await flush();
       await walkFiles(p, target, onFiles, w);
     } else if (isFile) {
-      const first = w.seenFiles.get(target);
+      const id = idOf(w.root, p);
+      const key = fileKey(w, target);
+      const first = w.seenFiles.get(key);
       if (first !== undefined) {
-        w.skipped.push({ id: idOf(w.root, p), reason: SKIP_REASONS.duplicate, message: `${idOf(w.root, p)}: the same file as ${first}; listed once.` });
+        w.skipped.push({ id, reason: SKIP_REASONS.duplicate, message: `${id}: the same file as ${first ?? key}; listed once.` });
         continue;
       }
-      w.seenFiles.set(target, idOf(w.root, p));
-      out.push(p);
+      w.seenFiles.set(key === id ? id : key, key === id ? null : id);
+      out.push({ path: p, id });
     }
   }
   await flush();
@@ -143,22 +156,22 @@ async function listClassFiles(root: string, classDirs: string[], listing: Listin
       continue;
     }
     state.seenDirs.add(classReals[label]);
-    await walkFiles(join(root, classDirs[label]), classReals[label], (paths) => statFiles(root, paths, label, listing), { ...state, label });
+    await walkFiles(join(root, classDirs[label]), classReals[label], (found) => statFiles(found, label, listing), { ...state, label });
   }
 }
 
 /** Stats one folder's run of files and records each, in order: usable, or skipped saying why. */
-async function statFiles(root: string, paths: string[], label: number, listing: Listing): Promise<void> {
-  const stats = await mapLimited(paths, STAT_CONCURRENCY, (p) => stat(p).catch((err: unknown) => err as Error));
-  for (let i = 0; i < paths.length; i++) {
-    const id = relative(root, paths[i]).split(sep).join("/");
+async function statFiles(found: Found[], label: number, listing: Listing): Promise<void> {
+  const stats = await mapLimited(found, STAT_CONCURRENCY, (f) => stat(f.path).catch((err: unknown) => err as Error));
+  for (let i = 0; i < found.length; i++) {
+    const { id, path } = found[i];
     const s = stats[i];
     if (s instanceof Error) {
       listing.skipped.push({ id, reason: SKIP_REASONS.unreadable, message: `${id}: cannot stat: ${s.message}` });
       continue;
     }
     listing.identity.update(`\n${id}\t${s.size}\t${s.mtimeMs}`);
-    const ext = extname(paths[i]).toLowerCase();
+    const ext = extname(path).toLowerCase();
     if (!(IMAGE_EXTENSIONS as readonly string[]).includes(ext))
       listing.skipped.push({ id, reason: SKIP_REASONS.notAnImage, message: `${id}: extension "${ext || "(none)"}" is not one of ${IMAGE_EXTENSIONS.join(" ")}.` });
     else if (s.size === 0) listing.skipped.push({ id, reason: SKIP_REASONS.empty, message: `${id}: the file is empty.` });
