@@ -105,8 +105,9 @@ function du(dir: string): number {
 const cli = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 
 async function runPoint(n: number, workers: string, epochs: string): Promise<Record<string, unknown>> {
-  const out = join("runs", `bench-scale-${n}`);
-  const cache = join("runs", `bench-scale-cache-${n}`);
+  // Per bench process: two benches measuring the same N side by side must not remove each other's cache.
+  const out = join("runs", `bench-scale-${n}-${process.pid}`);
+  const cache = join("runs", `bench-scale-cache-${n}-${process.pid}`);
   await rm(cache, { recursive: true, force: true });
   const load = { before: loadavg()[0] };
   const r = await measured([cli, "run", "--data", `synthetic:${n}`, "--feature-layer", "block_12_add", "--pooling", "none", "--input-size", "96",
@@ -135,7 +136,7 @@ async function runPoint(n: number, workers: string, epochs: string): Promise<Rec
 }
 
 async function headPoint(n: number, epochs: string): Promise<Record<string, unknown>> {
-  const dir = join("runs", `bench-scale-head-${n}`);
+  const dir = join("runs", `bench-scale-head-${n}-${process.pid}`);
   await rm(dir, { recursive: true, force: true });
   const load = loadavg()[0];
   const r = await measured([fileURLToPath(new URL("./scale_head_child.js", import.meta.url)), dir, String(n), epochs]);
