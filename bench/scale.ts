@@ -12,8 +12,10 @@
  *   written shard by shard (seeded rows with a class signal, as workers would store them), committed,
  *   loaded and the head trained on it, streamed, in a child process whose VmHWM is recorded.
  *
- *   node dist/bench/scale.js [--run 10000,30000] [--head 100000,300000,1000000] [--workers 2] [--epochs 1] [--append]
- *   (--append adds the points to an existing bench/results/scale.json instead of starting it afresh)
+ *   node dist/bench/scale.js [--run 10000,30000] [--head 100000,300000,1000000] [--workers 2] [--epochs 1] [--append] [--note TEXT]
+ *   (--append adds the points to an existing bench/results/scale.json instead of starting it afresh;
+ *   --note labels the new points, e.g. with the commit they measure, so they read apart from the old ones;
+ *   --out writes another file than bench/results/scale.json, e.g. for a second point measured alongside)
  *   (the issue's points: --run 100000,300000[,1000000]; about 15-20 min per 10^6 images with onnxruntime
  *   on an idle 2-core machine)
  */
@@ -21,7 +23,7 @@ import { spawn } from "node:child_process";
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg, totalmem, uptime } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 function arg(name: string, def: string): string {
@@ -103,8 +105,9 @@ function du(dir: string): number {
 const cli = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 
 async function runPoint(n: number, workers: string, epochs: string): Promise<Record<string, unknown>> {
-  const out = join("runs", `bench-scale-${n}`);
-  const cache = join("runs", `bench-scale-cache-${n}`);
+  // Per bench process: two benches measuring the same N side by side must not remove each other's cache.
+  const out = join("runs", `bench-scale-${n}-${process.pid}`);
+  const cache = join("runs", `bench-scale-cache-${n}-${process.pid}`);
   await rm(cache, { recursive: true, force: true });
   const load = { before: loadavg()[0] };
   const r = await measured([cli, "run", "--data", `synthetic:${n}`, "--feature-layer", "block_12_add", "--pooling", "none", "--input-size", "96",
@@ -133,7 +136,7 @@ async function runPoint(n: number, workers: string, epochs: string): Promise<Rec
 }
 
 async function headPoint(n: number, epochs: string): Promise<Record<string, unknown>> {
-  const dir = join("runs", `bench-scale-head-${n}`);
+  const dir = join("runs", `bench-scale-head-${n}-${process.pid}`);
   await rm(dir, { recursive: true, force: true });
   const load = loadavg()[0];
   const r = await measured([fileURLToPath(new URL("./scale_head_child.js", import.meta.url)), dir, String(n), epochs]);
@@ -149,36 +152,38 @@ async function main(): Promise<void> {
   const heads = list(arg("head", "100000,300000"));
   const workers = arg("workers", "2");
   const epochs = arg("epochs", "1");
+  const note = arg("note", "");
+  const file = arg("out", "bench/results/scale.json");
   const result: Record<string, unknown> = {
     bench: "scale", note: "synthetic images: measures speed and memory, not model quality", feature_layer: "block_12_add", pooling: "none", input_size: 96,
     machine: { cores: availableParallelism(), cpu: cpus()[0]?.model, memory_mib: Math.round(totalmem() / MiB), uptime_seconds: uptime(), loadavg_at_start: loadavg() },
     date: new Date().toISOString(), run: [] as unknown[], head: [] as unknown[],
   };
   if (process.argv.includes("--append")) {
-    const old = JSON.parse(await readFile("bench/results/scale.json", "utf8")) as Record<string, unknown>;
+    const old = JSON.parse(await readFile(file, "utf8").catch(() => readFile("bench/results/scale.json", "utf8"))) as Record<string, unknown>;
     result.run = old.run;
     result.head = old.head;
     result.earlier = { date: old.date, machine: old.machine };
   }
   const save = async (): Promise<void> => {
-    await mkdir("bench/results", { recursive: true });
-    await writeFile("bench/results/scale.json", `${JSON.stringify(result, null, 2)}\n`);
+    await mkdir(dirname(file), { recursive: true });
+    await writeFile(file, `${JSON.stringify(result, null, 2)}\n`);
   };
   for (const n of heads) {
-    const row = await headPoint(n, epochs);
+    const row = { ...(await headPoint(n, epochs)), ...(note ? { note } : {}) };
     console.log(JSON.stringify(row));
     (result.head as unknown[]).push(row);
     await save();
   }
   for (const n of runs) {
-    const row = await runPoint(n, workers, epochs);
+    const row = { ...(await runPoint(n, workers, epochs)), ...(note ? { note } : {}) };
     console.log(JSON.stringify(row));
     (result.run as unknown[]).push(row);
     await save();
   }
   result.loadavg_at_end = loadavg();
   await save();
-  console.log("wrote bench/results/scale.json");
+  console.log(`wrote ${file}`);
 }
 
 void main().catch((e: unknown) => { console.error(e); process.exit(1); });

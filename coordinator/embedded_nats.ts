@@ -85,7 +85,7 @@ function removeStaleStores(): void {
 /** One nats-server process on `port` (-1: a free one); resolves once it listens. */
 async function launch(bin: string, dir: string, conf: string, port: number, users: ReturnType<typeof jobUsers>, opts: EmbeddedNatsOptions): Promise<{ proc: ChildProcess; port: number; exited: Promise<void>; stderr: () => string }> {
   writeFileSync(conf, configText(dir, port, users), { mode: 0o600 });
-  const proc: ChildProcess = spawn(bin, ["-c", conf], { stdio: ["ignore", "ignore", "pipe"] });
+  const proc: ChildProcess = spawn(bin, ["-c", conf], { stdio: ["ignore", "ignore", "pipe"], env: serverEnv(process.env) });
   let stderr = "";
   proc.stderr!.setEncoding("utf8");
   let partial = "";
@@ -127,6 +127,21 @@ async function launch(bin: string, dir: string, conf: string, port: number, user
 function lastLine(stderr: string): string {
   const line = stderr.trim().split("\n").at(-1)?.trim();
   return line ? `: ${line}` : "";
+}
+
+/**
+ * Soft memory limit of the embedded server's Go runtime unless the caller's environment sets one. What
+ * the server holds is small (the shards in flight and a few 8 MB file-store block caches), but Go's
+ * default GC lets the heap reach twice the live data before collecting, and nats-server churns
+ * through a block buffer per shard written or read: without a limit its RSS sat at 300-700 MiB at
+ * 10^4-3x10^4 images while its live heap was ~40 MiB. Soft: the server may exceed it when it must
+ * (many workers storing at once), the GC then just runs more often.
+ */
+export const EMBEDDED_NATS_GOMEMLIMIT = "256MiB";
+
+/** The embedded server's environment: the caller's, plus {@link EMBEDDED_NATS_GOMEMLIMIT} unless GOMEMLIMIT is set. */
+export function serverEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  return env.GOMEMLIMIT ? env : { ...env, GOMEMLIMIT: EMBEDDED_NATS_GOMEMLIMIT };
 }
 
 function configText(dir: string, port: number, users: ReturnType<typeof jobUsers>): string {

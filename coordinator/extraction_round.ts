@@ -17,7 +17,7 @@ import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import { decode, DecodeError, encode, makeHeader, type FeatureShard } from "../proto/codec.js";
 import {
-  decodeAttempts, decodeShardError, encodeAttempts, ensureTaskQueue, extractionJobSpec, parseMaxDeliveriesAdvisory, parseWireShardId, ROUND_KEYS, roundId,
+  decodeAttempts, decodeShardError, encodeAttempts, ensureTaskQueue, extractionJobSpec, parseMaxDeliveriesAdvisory, parseWireShardId, purgeObject, ROUND_KEYS, roundId,
   taskMessageId, type ShardErrorRecord,
 } from "../proto/extraction_wire.js";
 import { toWireSplit } from "../proto/splits.js";
@@ -270,8 +270,8 @@ export class ExtractionRoundRun {
 
   /** Deletes a rejected result and queues the shard again, or fails it after maxDeliver attempts. */
   private async reExtract(wire: string, worker: string, why: string): Promise<void> {
-    const { os, state } = this.stores;
-    await os.delete(wire).catch(() => undefined);
+    const { state } = this.stores;
+    await this.dropObject(wire);
     const previous = await state.get(ROUND_KEYS.retry(wire)).then((e) => decodeAttempts(e?.value)).catch(() => 1);
     const { attempt, giveUp } = nextAttempt(previous, this.o.maxDeliver);
     await state.put(ROUND_KEYS.retry(wire), encodeAttempts(attempt));
@@ -284,7 +284,7 @@ export class ExtractionRoundRun {
     await this.sink.onShard(data);
     // The shard is on the coordinator's disk now (a restarted run resumes from there): drop it from
     // the object store, so nats-server holds only shards in flight, not the whole data set's features.
-    await this.stores.os.delete(wire).catch((err: unknown) => this.o.log.debug("feature object not deleted", { shard: wire, error: err as Error }));
+    await this.dropObject(wire);
     // Only once stored: completed before, a faster shard fetched alongside could finish the round
     // while this one was still being written, and the commit then missed its samples.
     const done = this.ledger.complete(wire);
@@ -311,7 +311,18 @@ export class ExtractionRoundRun {
 
   private async sweepStore(): Promise<void> {
     this.stats.storeListings++;
-    for (const info of await this.stores.os.list()) if (!info.deleted && this.ledger.shard(info.name)) void this.fetch(info.name);
+    for (const info of await this.stores.os.list()) {
+      if (info.deleted) continue;
+      if (this.ledger.shard(info.name)) void this.fetch(info.name);
+      // A second copy of a shard already stored (a redelivered task finished after the first): not needed.
+      else if (parseWireShardId(info.name)?.round === this.round) await this.dropObject(info.name);
+    }
+  }
+
+  /** Removes a shard's object, leaving no delete marker behind (see purgeObject); a failure is only logged. */
+  private async dropObject(wire: string): Promise<void> {
+    const { jsm, os } = this.stores;
+    await purgeObject(jsm, os, this.names.featuresBucket, wire).catch((err: unknown) => this.o.log.debug("feature object not removed", { shard: wire, error: err as Error }));
   }
 
   /** Terminal failures recorded by workers. */

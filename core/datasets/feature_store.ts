@@ -236,7 +236,7 @@ export class FeatureCache {
         if (rows.has(id)) throw new Error(`feature cache ${key}: sample ${id} is in two shards (${rows.get(id)!.shard}, ${h.shardId})`);
         rows.set(id, { shard: h.shardId, label: h.labels[row], split: h.splits[row] });
       });
-      skipped.push(...h.skipped);
+      for (const x of h.skipped) skipped.push(x); // not push(...): a shard may skip more than the call stack takes
     }
     const dim = meta.featureDim;
     const kept = order.filter((id) => rows.has(id));

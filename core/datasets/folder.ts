@@ -9,7 +9,7 @@
  * real file or folder once (see walkFiles); a class folder without a usable image is left out of the
  * classes with a warning, and the content of a file, not only its name, must be JPEG/PNG/WebP.
  */
-import { createHash } from "node:crypto";
+import { createHash, type Hash } from "node:crypto";
 import type { Dirent } from "node:fs";
 import { readdir, readFile, realpath, stat } from "node:fs/promises";
 import { extname, join, relative, resolve, sep } from "node:path";
@@ -28,13 +28,6 @@ export interface FolderDatasetOptions {
   testSplit: number;
   limit: number;
   maxPixels: number;
-}
-
-interface Listed {
-  id: string;
-  label: number;
-  size: number;
-  mtimeMs: number;
 }
 
 /** Stats are issued this many at a time: enough to hide latency on network file systems, few enough for the fd limit. */
@@ -60,22 +53,39 @@ interface WalkState {
   classReals: string[];
   label: number;
   seenDirs: Set<string>;
-  /** Real path of each listed file -> its id. */
-  seenFiles: Map<string, string>;
+  /**
+   * Each listed file by {@link fileKey} -> its id, or null when the key is the id (a plain file: one
+   * string per file, not its real path and its id, at millions of files).
+   */
+  seenFiles: Map<string, string | null>;
   skipped: SkippedInput[];
   warnings: string[];
 }
 
 const idOf = (root: string, path: string): string => relative(root, path).split(sep).join("/");
 const within = (path: string, dir: string): boolean => path === dir || path.startsWith(dir.endsWith(sep) ? dir : dir + sep);
+/** A listed file's key in WalkState.seenFiles: its real path, relative to the real root when inside it. */
+const fileKey = (w: WalkState, target: string): string => (within(target, w.realRoot) ? idOf(w.realRoot, target) : target);
+
+/** A file to stat: its path and its id (relative to the root, `/` separators). */
+interface Found {
+  path: string;
+  id: string;
+}
 
 /**
  * Every non-hidden file below `dir` (whose real path is `real`), depth first in name order, as
- * absolute paths. Links are followed to each real path once: a link back to the data set's root or
- * above it (a loop) and a link into another class's folder are not followed (that would relabel
- * another class's images), and a file reached a second time is listed as a skipped duplicate.
+ * absolute paths handed to `onFiles` a folder's run of files at a time (so a walk of millions of files
+ * never holds their paths all at once). Links are followed to each real path once: a link back to the
+ * data set's root or above it (a loop) and a link into another class's folder are not followed (that
+ * would relabel another class's images), and a file reached a second time is listed as a skipped duplicate.
  */
-async function walkFiles(dir: string, real: string, out: string[], w: WalkState): Promise<void> {
+async function walkFiles(dir: string, real: string, onFiles: (files: Found[]) => Promise<void>, w: WalkState): Promise<void> {
+  let out: Found[] = [];
+  const flush = async (): Promise<void> => {
+    if (out.length) await onFiles(out);
+    out = [];
+  };
   for (const e of await readDirSorted(dir)) {
     const p = join(dir, e.name);
     let isDir = e.isDirectory();
@@ -88,7 +98,7 @@ async function walkFiles(dir: string, real: string, out: string[], w: WalkState)
         isDir = s.isDirectory();
         isFile = s.isFile();
       } catch {
-        out.push(p); // a dangling link: listed, then refused as unreadable
+        out.push({ path: p, id: idOf(w.root, p) }); // a dangling link: listed, then refused as unreadable
         continue;
       }
     }
@@ -105,43 +115,75 @@ async function walkFiles(dir: string, real: string, out: string[], w: WalkState)
     if (isDir) {
       if (w.seenDirs.has(target)) continue; // another link to a folder already listed
       w.seenDirs.add(target);
-      await walkFiles(p, target, out, w);
+      await flush();
+      await walkFiles(p, target, onFiles, w);
     } else if (isFile) {
-      const first = w.seenFiles.get(target);
+      const id = idOf(w.root, p);
+      const key = fileKey(w, target);
+      const first = w.seenFiles.get(key);
       if (first !== undefined) {
-        w.skipped.push({ id: idOf(w.root, p), reason: SKIP_REASONS.duplicate, message: `${idOf(w.root, p)}: the same file as ${first}; listed once.` });
+        w.skipped.push({ id, reason: SKIP_REASONS.duplicate, message: `${id}: the same file as ${first ?? key}; listed once.` });
         continue;
       }
-      w.seenFiles.set(target, idOf(w.root, p));
-      out.push(p);
+      w.seenFiles.set(key === id ? id : key, key === id ? null : id);
+      out.push({ path: p, id });
     }
   }
+  await flush();
 }
 
-/** The files of every class folder, each real file once, in class then walk order. */
-async function listClassFiles(root: string, classDirs: string[], skipped: SkippedInput[], warnings: string[]): Promise<{ path: string; label: number }[]> {
+/**
+ * What listing keeps: each usable file's id and label, the skipped ones, and the data set's identity
+ * (every listed file's id, size and mtime, hashed in walk order) -- not the paths nor the stats of the
+ * files, which at 10^7 files would be gigabytes.
+ */
+interface Listing {
+  usable: { id: string; label: number }[];
+  skipped: SkippedInput[];
+  warnings: string[];
+  identity: Hash;
+}
+
+/** Lists every class folder, each real file once, in class then walk order. */
+async function listClassFiles(root: string, classDirs: string[], listing: Listing): Promise<void> {
   const realRoot = await realpath(root);
   const classReals = await Promise.all(classDirs.map((c) => realpath(join(root, c))));
+  const { skipped, warnings } = listing;
   const state: WalkState = { root, realRoot, classReals, label: 0, seenDirs: new Set(), seenFiles: new Map(), skipped, warnings };
-  const files: { path: string; label: number }[] = [];
   for (let label = 0; label < classDirs.length; label++) {
     if (state.seenDirs.has(classReals[label])) {
       warnings.push(`class folder ${classDirs[label]} is the same folder as another class (a link): not listed again.`);
       continue;
     }
     state.seenDirs.add(classReals[label]);
-    const found: string[] = [];
-    await walkFiles(join(root, classDirs[label]), classReals[label], found, { ...state, label });
-    for (const path of found) files.push({ path, label });
+    await walkFiles(join(root, classDirs[label]), classReals[label], (found) => statFiles(found, label, listing), { ...state, label });
   }
-  return files;
+}
+
+/** Stats one folder's run of files and records each, in order: usable, or skipped saying why. */
+async function statFiles(found: Found[], label: number, listing: Listing): Promise<void> {
+  const stats = await mapLimited(found, STAT_CONCURRENCY, (f) => stat(f.path).catch((err: unknown) => err as Error));
+  for (let i = 0; i < found.length; i++) {
+    const { id, path } = found[i];
+    const s = stats[i];
+    if (s instanceof Error) {
+      listing.skipped.push({ id, reason: SKIP_REASONS.unreadable, message: `${id}: cannot stat: ${s.message}` });
+      continue;
+    }
+    listing.identity.update(`\n${id}\t${s.size}\t${s.mtimeMs}`);
+    const ext = extname(path).toLowerCase();
+    if (!(IMAGE_EXTENSIONS as readonly string[]).includes(ext))
+      listing.skipped.push({ id, reason: SKIP_REASONS.notAnImage, message: `${id}: extension "${ext || "(none)"}" is not one of ${IMAGE_EXTENSIONS.join(" ")}.` });
+    else if (s.size === 0) listing.skipped.push({ id, reason: SKIP_REASONS.empty, message: `${id}: the file is empty.` });
+    else listing.usable.push({ id, label });
+  }
 }
 
 /**
  * The class folders that hold a usable image, and each folder's new label (-1: left out). A class
  * without images would still be an output of the classifier, one it could never learn.
  */
-function classesWithImages(root: string, classDirs: string[], usable: Listed[], warnings: string[]): { classes: string[]; newLabel: number[] } {
+function classesWithImages(root: string, classDirs: string[], usable: Listing["usable"], warnings: string[]): { classes: string[]; newLabel: number[] } {
   const present = classDirs.map((_, label) => usable.some((u) => u.label === label));
   const classes = classDirs.filter((_, label) => present[label]);
   for (const [label, name] of classDirs.entries()) if (!present[label]) warnings.push(`class folder ${name} has no usable image: left out of the classes.`);
@@ -182,39 +224,9 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
   if (classDirs.length < 2)
     throw new ConfigError(`--data ${o.root} has ${classDirs.length} class folder${classDirs.length === 1 ? "" : "s"}${classDirs.length ? ` (${classDirs.join(", ")})` : ""}; a classifier needs at least 2 (one sub-folder per class).`);
 
-  const skipped: SkippedInput[] = [];
-  const warnings: string[] = [];
-  const files = await listClassFiles(root, classDirs, skipped, warnings);
-
-  const usable: Listed[] = [];
-  const identity: string[] = [];
-  const stats = await mapLimited(files, STAT_CONCURRENCY, async (f) => {
-    try {
-      return await stat(f.path);
-    } catch (err) {
-      return err as Error;
-    }
-  });
-  for (let i = 0; i < files.length; i++) {
-    const { path, label } = files[i];
-    const id = relative(root, path).split(sep).join("/");
-    const s = stats[i];
-    if (s instanceof Error) {
-      skipped.push({ id, reason: SKIP_REASONS.unreadable, message: `${id}: cannot stat: ${s.message}` });
-      continue;
-    }
-    identity.push(`${id}\t${s.size}\t${s.mtimeMs}`);
-    const ext = extname(path).toLowerCase();
-    if (!(IMAGE_EXTENSIONS as readonly string[]).includes(ext)) {
-      skipped.push({ id, reason: SKIP_REASONS.notAnImage, message: `${id}: extension "${ext || "(none)"}" is not one of ${IMAGE_EXTENSIONS.join(" ")}.` });
-      continue;
-    }
-    if (s.size === 0) {
-      skipped.push({ id, reason: SKIP_REASONS.empty, message: `${id}: the file is empty.` });
-      continue;
-    }
-    usable.push({ id, label, size: s.size, mtimeMs: s.mtimeMs });
-  }
+  const listing: Listing = { usable: [], skipped: [], warnings: [], identity: createHash("sha256") };
+  await listClassFiles(root, classDirs, listing);
+  const { usable, skipped, warnings } = listing;
   if (usable.length === 0) throw new ConfigError(`--data ${o.root}: no ${IMAGE_EXTENSIONS.join("/")} images found in ${classDirs.join(", ")}.`);
   const { classes, newLabel } = classesWithImages(o.root, classDirs, usable, warnings);
 
@@ -224,9 +236,10 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
   const kept = applyLimit(ids, labels, splits, o.limit, o.seed);
   const samples: SampleRef[] = kept.map((i) => ({ id: ids[i], label: labels[i], split: splits[i] }));
 
+  // v4: the files' identity is hashed while they are listed (v3 kept every line until the end).
   const h = createHash("sha256");
-  h.update(JSON.stringify({ kind: "folder", v: 3, classes, seed: o.seed, valSplit: o.valSplit, testSplit: o.testSplit, limit: o.limit, maxPixels: o.maxPixels }));
-  for (const line of identity) h.update(`\n${line}`);
+  h.update(JSON.stringify({ kind: "folder", v: 4, classes, seed: o.seed, valSplit: o.valSplit, testSplit: o.testSplit, limit: o.limit, maxPixels: o.maxPixels }));
+  h.update(listing.identity.digest("hex"));
 
   const known = new Set(ids);
   return {

@@ -98,7 +98,8 @@ export function stratifiedSubset(ids: readonly string[], labels: ArrayLike<numbe
   remainders.sort((a, b) => b.rem - a.rem || a.label - b.label);
   for (let k = 0; given < max && k < remainders.length; k++, given++) quota.set(remainders[k].label, quota.get(remainders[k].label)! + 1);
   const kept: number[] = [];
-  for (const c of classes) kept.push(...groups.get(c)!.slice(0, quota.get(c)));
+  // Loops, not push(...xs): spreading 10^5 indices overflows the call stack.
+  for (const c of classes) for (const i of groups.get(c)!.slice(0, quota.get(c))) kept.push(i);
   return kept.sort((a, b) => a - b);
 }
 
@@ -123,6 +124,6 @@ export function applyLimit(ids: readonly string[], labels: ArrayLike<number>, sp
   for (let i = 0; i < splits.length; i++) bySplit[splits[i]].push(i);
   const max = limitsFor(limit, { train: bySplit.train.length, val: bySplit.val.length, test: bySplit.test.length });
   const out: number[] = [];
-  for (const s of ["train", "val", "test"] as const) out.push(...stratifiedSubset(ids, labels, bySplit[s], max[s], seed));
+  for (const s of ["train", "val", "test"] as const) for (const i of stratifiedSubset(ids, labels, bySplit[s], max[s], seed)) out.push(i);
   return out;
 }
