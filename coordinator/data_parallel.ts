@@ -47,6 +47,16 @@
  *   proves the joiners start from the same replica. Plans and decisions live in one KV subject tree
  *   (TRAINING_KEYS.plan), so every replica reads them in one order and reaches the same membership
  *   (worker/membership_view.ts); a proposal withdrawn by a later plan is not applied by a late decision.
+ * - Training controls. The attempt carries Keras' controls (TrainingAttempt.controls: early stopping,
+ *   best weights, cosine / plateau schedule, class weights, label smoothing) and every replica passes
+ *   them to fit(). Each validates after every epoch on the same rows with identical weights, so all
+ *   take the same decisions: they stop at the same epoch (the attempt ends before `epochs`; member 0's
+ *   `done` ends it as always) and put the same best epoch back before member 0 stores the final state.
+ *   The cosine rate is a function of the epoch, so it resumes exactly; patience, the best figure, the
+ *   best weights and a plateau's reduced rate count from the attempt's start: a resumed attempt starts
+ *   them afresh. A joiner would start them afresh too and so decide differently from the members: under
+ *   early stopping or a plateau schedule no worker joins mid-attempt (the driver's joinsAllowed). A
+ *   final state is marked `complete`, so an early-stopped phase is not resumed by a restarted coordinator.
  * - Consistency. Every K steps each replica publishes WeightsChecksum; replicas compare and a
  *   mismatch fails the job with ReplicaMismatchError.
  * - Checkpoints. Member 0 puts the state (weights + Adam moments + cursor (epoch, batch, step)) to
@@ -124,7 +134,7 @@ export interface DataParallelOptions {
   /**
    * Keras' training controls (early stopping, best weights, schedule, class weights, label smoothing), applied by
    * every replica. Default none. Patience, the best figure and the best weights count from the attempt's start: a
-   * resumed attempt (or a worker that joins at a boundary) starts them afresh.
+   * resumed attempt starts them afresh. With early stopping or a plateau schedule no worker joins mid-attempt.
    */
   controls?: TrainingControls;
   onBatchProgress?: (step: number, totalSteps: number, epoch: number) => void;

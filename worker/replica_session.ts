@@ -124,7 +124,7 @@ export class ReplicaSession {
   /**
    * The attempt's training controls, applied by fit() on every replica: each validates the same rows with identical
    * weights, so all stop at the same epoch and restore the same best epoch. Patience and the best epoch count from
-   * fit()'s start (the attempt's start cursor, or a join).
+   * fit()'s start (the attempt's start cursor, or a join: the coordinator lets none in under early stopping or plateau).
    */
   private readonly controls: TrainingControls;
   private stepTimer: (() => number) | undefined;
