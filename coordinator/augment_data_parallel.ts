@@ -66,7 +66,7 @@ export async function trainHeadOnWorkers(ctx: JobContext, nc: NatsConnection, fe
     nc, job: opts.job, log, metrics: ctx.metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
     fineTuneLayers: "0", learningRate: o.learningRate, seed: o.seed, batchSize: o.batchSize, epochs: o.epochs, numClasses, wireDtype: opts.wireDtype, workers, out: opts.out,
     checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs, bucketBytes: opts.bucketBytes, phase: "head", images: imageInputOf(ctx),
-    onBatchProgress: progress.moveTo, onEpochEnd: progress.onEpochEnd,
+    controls: o.controls, onBatchProgress: progress.moveTo, onEpochEnd: progress.onEpochEnd,
   });
   const test = splitInMemory(features, "test");
   const t = evaluate(head, test, numClasses);

@@ -47,6 +47,16 @@
  *   proves the joiners start from the same replica. Plans and decisions live in one KV subject tree
  *   (TRAINING_KEYS.plan), so every replica reads them in one order and reaches the same membership
  *   (worker/membership_view.ts); a proposal withdrawn by a later plan is not applied by a late decision.
+ * - Training controls. The attempt carries Keras' controls (TrainingAttempt.controls: early stopping,
+ *   best weights, cosine / plateau schedule, class weights, label smoothing) and every replica passes
+ *   them to fit(). Each validates after every epoch on the same rows with identical weights, so all
+ *   take the same decisions: they stop at the same epoch (the attempt ends before `epochs`; member 0's
+ *   `done` ends it as always) and put the same best epoch back before member 0 stores the final state.
+ *   The cosine rate is a function of the epoch, so it resumes exactly; patience, the best figure, the
+ *   best weights and a plateau's reduced rate count from the attempt's start: a resumed attempt starts
+ *   them afresh. A joiner would start them afresh too and so decide differently from the members: under
+ *   early stopping or a plateau schedule no worker joins mid-attempt (the driver's joinsAllowed). A
+ *   final state is marked `complete`, so an early-stopped phase is not resumed by a restarted coordinator.
  * - Consistency. Every K steps each replica publishes WeightsChecksum; replicas compare and a
  *   mismatch fails the job with ReplicaMismatchError.
  * - Checkpoints. Member 0 puts the state (weights + Adam moments + cursor (epoch, batch, step)) to
@@ -68,13 +78,13 @@ import { ensureTaskQueue, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../pr
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
-import { type ArrayData, type EpochStats, evaluate, epochBatches } from "../core/training/train_loop.js";
+import { type ArrayData, type EpochStats, evaluate, epochBatches, type TrainingControls } from "../core/training/train_loop.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
 import { captureState, decodeState, encodeState, getBytes, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import type { FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix } from "./head_training.js";
-import { completeAttempt, encodeDataObject, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt, type TrainingPhase } from "../proto/training_wire.js";
+import { completeAttempt, encodeDataObject, toControlsMessage, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt, type TrainingPhase } from "../proto/training_wire.js";
 import type { ImageInput } from "../proto/codec.js";
 import { DataParallelDriver, type DriveResult } from "./data_parallel_driver.js";
 
@@ -121,6 +131,12 @@ export interface DataParallelOptions {
   phase?: TrainingPhase;
   /** Image-fed attempts (--method augment): the data set, frozen stage and augmentation the replicas use. Absent: rows (cached activations). */
   images?: ImageInput;
+  /**
+   * Keras' training controls (early stopping, best weights, schedule, class weights, label smoothing), applied by
+   * every replica. Default none. Patience, the best figure and the best weights count from the attempt's start: a
+   * resumed attempt starts them afresh. With early stopping or a plateau schedule no worker joins mid-attempt.
+   */
+  controls?: TrainingControls;
   onBatchProgress?: (step: number, totalSteps: number, epoch: number) => void;
   onEpochEnd?: (s: EpochStats) => void | Promise<void>;
   signal?: AbortSignal;
@@ -138,7 +154,9 @@ interface Stores {
 /** Fingerprint of what a checkpoint is valid for (a fine-tuning attempt on activations keeps the fingerprint it always had). */
 function fingerprint(o: DataParallelOptions, trainRows: number): string {
   const kind = (o.phase ?? "fine_tune") === "fine_tune" && !o.images ? [] : [o.phase ?? "fine_tune", o.images ? [o.images.frozen.extractorFingerprint, o.images.frozen.datasetFingerprint, o.images.augment ?? null] : null];
-  return JSON.stringify([o.model, o.inputSize, o.featureLayer, o.pooling, o.fineTuneLayers, o.learningRate, o.seed, o.batchSize, o.numClasses, trainRows, ...kind]);
+  // Controls change the training (schedule, loss, stopping): a checkpoint made under others does not resume.
+  const controls = o.controls ? [toControlsMessage(o.controls)] : [];
+  return JSON.stringify([o.model, o.inputSize, o.featureLayer, o.pooling, o.fineTuneLayers, o.learningRate, o.seed, o.batchSize, o.numClasses, trainRows, ...kind, ...controls]);
 }
 
 /** A fresh attempt id (base 36 time + a random suffix). */
@@ -152,7 +170,7 @@ export function attemptOf(o: DataParallelOptions, attempt: string, trainRows: nu
     attempt, model: o.model, inputSize: o.inputSize, featureLayer: o.featureLayer, pooling: o.pooling, fineTuneLayers: o.fineTuneLayers,
     learningRate: o.learningRate, seed: o.seed, globalBatch: o.batchSize, epochs: o.epochs, numClasses: o.numClasses, fingerprint: fingerprint(o, trainRows),
     wireDtype: o.wireDtype, bucketBytes: o.bucketBytes, checksumEvery: o.checksumEvery, checkpointEvery: o.checkpointEvery, stepTimeoutMs: o.stepTimeoutMs,
-    phase: o.phase ?? "fine_tune", images: o.images ?? null,
+    phase: o.phase ?? "fine_tune", images: o.images ?? null, controls: o.controls ?? null,
   });
 }
 
@@ -205,7 +223,8 @@ async function publishAttempt(o: DataParallelOptions, s: Stores, a: TrainingAtte
 /** Runs the attempt on the workers (or nothing when the checkpoint is already complete). */
 async function trainOnWorkers(o: DataParallelOptions, s: Stores, head: tf.LayersModel, start: TrainingState, data: AttemptData, totalSteps: number): Promise<DriveResult> {
   const history = (start.meta["history"] as EpochStats[] | undefined) ?? [];
-  if (start.cursor.step >= totalSteps) {
+  // `complete`: the attempt that stored it ended (early stopping ends it before totalSteps).
+  if (start.cursor.step >= totalSteps || start.meta["complete"] === true) {
     o.log.info("data-parallel training already complete in the checkpoint", { phase: o.phase ?? "fine_tune", step: start.cursor.step });
     return { final: start, history, allreduce: { seconds: 0, bytes: 0, workers: 0 }, trainedBy: [] };
   }

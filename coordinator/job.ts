@@ -16,7 +16,6 @@ import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import type { EngineInfo } from "../core/models/inference_engine.js";
 import type { AugmentOptions } from "../core/datasets/augment.js";
-import { checkControlsForDataParallel } from "../core/training/training_controls.js";
 import type { ShardExecutor } from "../core/datasets/shards.js";
 import { setUpJob } from "./phases/setup.js";
 import { extractPhase } from "./phases/extract.js";
@@ -102,7 +101,6 @@ export interface JobDeps {
 export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummary> {
   const startedAt = performance.now();
   const fineTuning = opts.fineTuneLayers.trim() !== "0";
-  if (fineTuning && deps.cluster.trainer && opts.method !== "augment") checkControlsForDataParallel(opts, deps.cluster.workers);
   const { cluster, used } = tracked(deps.cluster);
   const ctx = await setUpJob(opts, deps.log, deps.metrics);
   try {

@@ -20,7 +20,7 @@ import { isOnnxModelSpec, loadOnnxSource } from "../core/models/onnx/user_model.
 import { planSplit } from "../core/models/model_split.js";
 import { loadPretrained, resolveModelChoices } from "../core/models/model_zoo.js";
 import { checkMemoryBudget } from "./memory_budget.js";
-import { checkControlsForDataParallel, classWeightsFor, trainCounts } from "../core/training/training_controls.js";
+import { classWeightsFor, trainCounts } from "../core/training/training_controls.js";
 
 export interface PreflightResult {
   classes: number;
@@ -49,7 +49,6 @@ const mib = (b: number): string => `${(b / 2 ** 20).toFixed(b < 2 ** 20 ? 2 : 0)
 
 export async function preflight(opts: JobOptions, o: PreflightOptions = {}): Promise<PreflightResult> {
   if (o.localWorkers) checkLocalWorkers(o.localWorkers);
-  if ((o.dataParallelWorkers ?? 0) > 0 && opts.fineTuneLayers.trim() !== "0" && opts.method !== "augment") checkControlsForDataParallel(opts, o.dataParallelWorkers!);
   const dataset = await openDataset(opts.data, { seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit, maxPixels: opts.maxPixels });
   if (!dataset.samples.some((s) => s.split === "train")) throw new ConfigError(`--data ${opts.data}: no training samples after splitting; add images or lower --val-split/--test-split.`);
   classWeightsFor(opts.classWeight, dataset.classes, trainCounts(dataset.samples, dataset.classes.length));

@@ -174,6 +174,23 @@ export interface TrainingAttempt {
   phase: string;
   /** Set for an image-fed attempt (--method augment); null or absent: cached activations. */
   images?: ImageInput | null;
+  /** Keras' training controls the replicas apply; null or absent (an older coordinator): none. */
+  controls?: TrainingControlsMessage | null;
+}
+
+/** TrainingAttempt.controls: core/training/train_loop.ts TrainingControls on the wire (conversion in training_wire.ts). */
+export interface TrainingControlsMessage {
+  earlyStoppingPatience: number;
+  restoreBestWeights: boolean;
+  /** `val_loss` | `val_accuracy`. */
+  monitor: string;
+  /** `constant` | `cosine` | `plateau`. */
+  lrSchedule: string;
+  lrPatience: number;
+  lrFactor: number;
+  /** One weight per class; empty = none. */
+  classWeights: number[];
+  labelSmoothing: number;
 }
 
 /** TrainingAttempt.images: the data set and frozen stage (as an extraction round names them) and the augmentation. */
@@ -333,6 +350,9 @@ export interface EpochStatsMessage {
   valAccuracy: number;
   seconds: number;
   samplesPerSecond: number;
+  /** 0 = not recorded (absent from an older replica). */
+  lr?: number;
+  best?: boolean;
 }
 
 export interface DataCursor {
@@ -819,4 +839,16 @@ function validateTrainingAttempt(h: Header, t: TrainingAttempt): void {
     required(t.images.frozen !== null && t.images.frozen !== undefined, "training.images.frozen");
     validateExtractionRound("JobSpec", h, t.images.frozen);
   }
+  if (t.controls) validateControls(h, t.controls, t.numClasses);
+}
+
+/** TrainingAttempt.controls: known choices, one finite positive weight per class, smoothing in [0, 0.5). */
+function validateControls(h: Header, c: TrainingControlsMessage, numClasses: number): void {
+  required(["", "val_loss", "val_accuracy"].includes(c.monitor), `training.controls.monitor ${JSON.stringify(c.monitor)} (val_loss or val_accuracy)`);
+  required(["", "constant", "cosine", "plateau"].includes(c.lrSchedule), `training.controls.lr_schedule ${JSON.stringify(c.lrSchedule)} (constant, cosine or plateau)`);
+  if (c.classWeights.length && c.classWeights.length !== numClasses) throw new DecodeError("JobSpec", "bad_shape", `training.controls.class_weights has ${c.classWeights.length} weights for ${numClasses} classes`, { header: h });
+  const numbers = [c.lrFactor, c.labelSmoothing, ...c.classWeights];
+  if (numbers.some((x) => !Number.isFinite(x))) throw new DecodeError("JobSpec", "non_finite", "training.controls holds a NaN or infinity", { header: h });
+  required(c.classWeights.every((w) => w > 0), "training.controls.class_weights (> 0)");
+  required(c.labelSmoothing >= 0 && c.labelSmoothing < 0.5, `training.controls.label_smoothing ${c.labelSmoothing} (in [0, 0.5))`);
 }

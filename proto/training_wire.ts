@@ -7,12 +7,13 @@
  * checkpoints object store (the training rows and the trained head).
  */
 import * as tf from "@tensorflow/tfjs";
-import { type Augmentation, decode, encode, makeHeader, type JobSpec, type TrainingAttempt } from "./codec.js";
+import { type Augmentation, decode, encode, makeHeader, type JobSpec, type TrainingAttempt, type TrainingControlsMessage } from "./codec.js";
 import type { AugmentOptions, FillMode } from "../core/datasets/augment.js";
 import { packArrays, unpackArrays } from "../core/training/checkpoints.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import { sliceRanges } from "./tensor_codec.js";
-import type { ArrayData, EpochStats } from "../core/training/train_loop.js";
+import type { ArrayData, EpochStats, TrainingControls } from "../core/training/train_loop.js";
+import type { LrSchedule, Monitor } from "../core/runtime/config.js";
 
 export type { TrainingAttempt };
 
@@ -21,14 +22,41 @@ export type { TrainingAttempt };
  * wire), phase `fine_tune` and no images (cached activations).
  */
 type Tunable = "wireDtype" | "bucketBytes" | "checksumEvery" | "checkpointEvery" | "stepTimeoutMs" | "phase" | "images";
-export type TrainingAttemptInput = Omit<TrainingAttempt, Tunable> & Partial<Pick<TrainingAttempt, Tunable>>;
+export type TrainingAttemptInput = Omit<TrainingAttempt, Tunable | "controls"> & Partial<Pick<TrainingAttempt, Tunable>> & {
+  /** The training controls the replicas apply (core TrainingControls; left-out fields take train_loop's defaults). Absent: none. */
+  controls?: TrainingControls | null;
+};
 
-/** `a` with every left-out setting at its default (the only place training defaults are applied). */
+/**
+ * `a` with every left-out setting at its default (the only place training defaults are applied); the
+ * controls' defaults are train_loop's (monitor val_loss, constant rate, plateau patience 2 and factor 0.2).
+ */
 export function completeAttempt(a: TrainingAttemptInput): TrainingAttempt {
   const d = DATA_PARALLEL_DEFAULTS;
   return {
     ...a, wireDtype: a.wireDtype ?? "fp32", bucketBytes: a.bucketBytes ?? d.bucketBytes, checksumEvery: a.checksumEvery ?? d.checksumEvery,
     checkpointEvery: a.checkpointEvery ?? d.checkpointEvery, stepTimeoutMs: a.stepTimeoutMs ?? d.stepTimeoutMs, phase: a.phase || "fine_tune", images: a.images ?? null,
+    controls: a.controls ? toControlsMessage(a.controls) : null,
+  };
+}
+
+/** Training controls on the wire, every field set. */
+export function toControlsMessage(c: TrainingControls): TrainingControlsMessage {
+  return {
+    earlyStoppingPatience: c.earlyStoppingPatience ?? 0, restoreBestWeights: c.restoreBestWeights ?? false, monitor: c.monitor ?? "val_loss",
+    lrSchedule: c.lrSchedule ?? "constant", lrPatience: c.lrPatience ?? 2, lrFactor: c.lrFactor ?? 0.2,
+    classWeights: c.loss?.classWeights ? Array.from(c.loss.classWeights) : [], labelSmoothing: c.loss?.labelSmoothing ?? 0,
+  };
+}
+
+/** The controls an attempt's replicas pass to fit() (an attempt without any, from an older coordinator: none, i.e. plain training). */
+export function controlsOf(a: Pick<TrainingAttempt, "controls">): TrainingControls {
+  const c = a.controls;
+  if (!c) return {};
+  return {
+    earlyStoppingPatience: c.earlyStoppingPatience, restoreBestWeights: c.restoreBestWeights, monitor: (c.monitor || "val_loss") as Monitor,
+    lrSchedule: (c.lrSchedule || "constant") as LrSchedule, lrPatience: c.lrPatience || 2, lrFactor: c.lrFactor || 0.2,
+    loss: { ...(c.classWeights.length ? { classWeights: Float32Array.from(c.classWeights) } : {}), labelSmoothing: c.labelSmoothing },
   };
 }
 
@@ -202,7 +230,7 @@ export function encodeReport(job: string, r: TrainingReport): Uint8Array {
     lost: r.lost ?? [], cursor: r.cursor ? { trainEpoch: r.cursor.epoch, batchIndex: r.cursor.batch, step: r.cursor.step } : null,
     history: (r.history ?? []).map((e) => ({
       epoch: e.epoch, loss: e.loss, accuracy: e.accuracy, hasValidation: e.val_loss !== undefined, valLoss: e.val_loss ?? 0, valAccuracy: e.val_accuracy ?? 0,
-      seconds: e.seconds, samplesPerSecond: e.samples_per_second,
+      seconds: e.seconds, samplesPerSecond: e.samples_per_second, lr: e.lr ?? 0, best: e.best === true,
     })),
     error: r.error ?? "", members: r.members ?? [], allreduceSeconds: r.allreduce_seconds ?? 0, allreduceBytes: r.allreduce_bytes ?? 0,
     stepTimings: (r.step_timings ?? []).map((t) => ({ step: t.step, computeSeconds: t.compute_seconds, waitSeconds: t.wait_seconds })),
@@ -219,7 +247,7 @@ export function decodeReport(job: string, bytes: Uint8Array): TrainingReport {
     ...(m.history.length ? {
       history: m.history.map((e) => ({
         epoch: e.epoch, loss: e.loss, accuracy: e.accuracy, ...(e.hasValidation ? { val_loss: e.valLoss, val_accuracy: e.valAccuracy } : {}),
-        seconds: e.seconds, samples_per_second: e.samplesPerSecond,
+        seconds: e.seconds, samples_per_second: e.samplesPerSecond, ...(e.lr ? { lr: e.lr } : {}), ...(e.best ? { best: true as const } : {}),
       })),
     } : {}),
     ...(m.error ? { error: m.error } : {}),

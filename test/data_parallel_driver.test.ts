@@ -16,6 +16,7 @@ import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
 import {
   completeAttempt, decodeMembershipPlan, encodeBoundaryDecision, encodeReport, TRAINING_KEYS, TRAINING_OBJECTS, type MembershipPlan, type TrainingReport,
 } from "../proto/training_wire.js";
+import type { TrainingControls } from "../core/training/train_loop.js";
 import { check, startNatsServer, type NatsServer } from "./helpers/nats_server.js";
 
 let server: NatsServer;
@@ -34,14 +35,14 @@ after(async () => {
 const state0: TrainingState = { cursor: { epoch: 0, batch: 0, step: 0 }, weights: [], optimizer: [], meta: {} };
 
 /** A job's stores, a driver for it and the replicas' side of the protocol. */
-async function setup(job: string, workers: number, readyTimeoutMs = 20_000) {
+async function setup(job: string, workers: number, readyTimeoutMs = 20_000, controls?: TrainingControls) {
   const names = jobNames(job);
   const js = nc.jetstream();
   const state: KV = await js.views.kv(names.stateBucket, { history: 1 });
   const registry: KV = await js.views.kv(names.workersBucket, { history: 1, ttl: WORKER_REGISTRY_TTL_MS });
   const os: ObjectStore = await js.views.os(names.checkpointsBucket);
   const attempt = completeAttempt({
-    attempt: "a1", model: "m", inputSize: 64, featureLayer: "out_relu", pooling: "avg", fineTuneLayers: "3", learningRate: 1e-3, seed: 1, globalBatch: 12, epochs: 2, numClasses: 3, fingerprint: "fp",
+    attempt: "a1", model: "m", inputSize: 64, featureLayer: "out_relu", pooling: "avg", fineTuneLayers: "3", learningRate: 1e-3, seed: 1, globalBatch: 12, epochs: 2, numClasses: 3, fingerprint: "fp", controls,
   });
   const lines: Record<string, unknown>[] = [];
   const log = createLogger({ job, format: "json", level: "debug", stream: { write: (s: string) => lines.push(JSON.parse(s) as Record<string, unknown>) } });
@@ -57,7 +58,7 @@ async function setup(job: string, workers: number, readyTimeoutMs = 20_000) {
     gone: (worker: string) => registry.delete(worker),
     report: (worker: string, r: Omit<TrainingReport, "attempt" | "worker" | "at">) => state.put(TRAINING_KEYS.report(worker), encodeReport(job, { ...r, attempt: "a1", worker, at: Date.now() })),
     decide: (step: number, epoch: number) => state.put(TRAINING_KEYS.boundary, encodeBoundaryDecision(job, "w0", "a1", { step, epoch })),
-    storeFinal: (step: number) => putBytes(os, TRAINING_OBJECTS.final("a1"), encodeState({ ...state0, cursor: { epoch: 2, batch: 0, step } })),
+    storeFinal: (step: number, epoch = 2) => putBytes(os, TRAINING_OBJECTS.final("a1"), encodeState({ ...state0, cursor: { epoch, batch: 0, step }, meta: { complete: true } })),
   };
 }
 
@@ -113,5 +114,29 @@ describe("data-parallel driver", () => {
     await s.gone("w0");
     await assert.rejects(run, (e: unknown) => e instanceof WorkersUnavailableError && /every fine-tuning worker was lost \(last: w0\)/.test(e.message));
     s.stopWatch();
+  });
+
+  test("data-parallel driver - under early stopping no worker joins mid-attempt, and member 0's done ends the attempt before its epochs", async () => {
+    const s = await setup("drv5", 2, 20_000, { earlyStoppingPatience: 1, restoreBestWeights: true });
+    for (const w of ["w0", "w1"]) await s.alive(w);
+    const run: Promise<DriveResult> = s.driver.run();
+    for (const w of ["w0", "w1"]) await s.report(w, { state: "ready", step: 0 });
+    await check(() => s.plans.length === 1, 10_000);
+    await s.gone("w1");
+    await s.report("w0", { state: "peers_lost", step: 2, lost: ["w1"], epoch: 1 });
+    await check(() => s.plans.length === 2, 10_000);
+    // w1 is back and waits: its fit() would count patience afresh, so it is not proposed.
+    await s.alive("w1");
+    await s.report("w1", { state: "waiting", step: 2 });
+    await check(() => s.lines.some((l) => /workers do not join this attempt/.test(String(l.msg))), 10_000);
+    // Stopped early after epoch 1 of 2 (step 4 of 8), epoch 1's weights restored.
+    const h = [{ epoch: 1, loss: 1, accuracy: 0.5, val_loss: 0.9, val_accuracy: 0.6, best: true as const, seconds: 1, samples_per_second: 10 }];
+    await s.storeFinal(4, 1);
+    await s.report("w0", { state: "done", step: 4, history: h });
+    const r = await run;
+    s.stopWatch();
+    assert.equal(s.plans.length, 2, "no join proposed");
+    assert.equal(r.final.cursor.step, 4);
+    assert.deepEqual(r.history, h);
   });
 });

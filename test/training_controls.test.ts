@@ -13,7 +13,7 @@ import { type JobOptions, parseArgs, resolveOptions } from "../core/runtime/conf
 import { buildHead } from "../core/models/head.js";
 import { Rng } from "../core/runtime/rng.js";
 import { type ArrayData, evaluate, fit, type FitOptions, sparseCrossEntropy } from "../core/training/train_loop.js";
-import { checkControlsForDataParallel, classWeightsFor, controlsOf } from "../core/training/training_controls.js";
+import { classWeightsFor, controlsOf } from "../core/training/training_controls.js";
 import { runCli } from "./helpers/cli.js";
 
 before(async () => {
@@ -185,18 +185,13 @@ describe("training controls - options are checked before any work", () => {
     assert.equal(classWeightsFor("none", classes, [5, 5]), undefined);
   });
 
-  test("training controls - data-parallel fine-tuning refuses the controls its loop does not apply", () => {
+  test("training controls - the options give the loop's controls", () => {
     const o = opts("--early-stopping-patience", "2", "--label-smoothing", "0.1");
-    assert.throws(() => checkControlsForDataParallel(o, 2), (e: Error) => e.name === "ConfigError" && /--early-stopping-patience, --label-smoothing apply to the head phase/.test(e.message) && /--workers 1/.test(e.message));
-    assert.doesNotThrow(() => checkControlsForDataParallel(opts(), 2));
     assert.deepEqual(controlsOf(o, undefined), { earlyStoppingPatience: 2, restoreBestWeights: true, monitor: "val_loss", lrSchedule: "constant", lrPatience: 2, loss: { labelSmoothing: 0.1 } });
   });
 
   test("training controls - through the CLI: refused before any work, naming the option (no output folder)", async () => {
     const out = `/tmp/ctrain-controls-refused-${process.pid}`;
-    const dp = await runCli(["run", "--workers", "2", "--fine-tune-layers", "5", "--lr-schedule", "cosine", "--limit", "50", "--out", out], { timeoutMs: 60_000 });
-    assert.equal(dp.code, 2);
-    assert.match(dp.stderr, /ConfigError: --lr-schedule applies to the head phase and to fine-tuning in one process, but this job fine-tunes data-parallel across 2 workers/);
     const cw = await runCli(["run", "--workers", "1", "--class-weight", "Trouser=2,Socks=3", "--limit", "50", "--out", out], { timeoutMs: 60_000 });
     assert.equal(cw.code, 2);
     assert.match(cw.stderr, /ConfigError: --class-weight names class "Socks", which is not in the data set \(classes: T-shirt\/top, Trouser/);

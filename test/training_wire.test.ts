@@ -2,15 +2,15 @@
  * The training wire contract (proto/training_wire.ts): the typed TrainingAttempt in JobSpec.training
  * with one set of defaults, its validator, image attempts (--method augment: the data set and frozen
  * stage as an extraction round, augmentation, the sample list), membership plans and boundary
- * decisions, without NATS.
+ * decisions, the training controls every replica applies, reports' epoch history, without NATS.
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { DecodeError, decode, encode, makeHeader, type JobSpec } from "../proto/codec.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import {
-  attemptPhase, cannotJoin, completeAttempt, coordinatorSender, decodeBoundaryDecision, decodeMembershipPlan, decodeSampleList, encodeBoundaryDecision, encodeMembershipPlan,
-  encodeSampleList, encodeTrainingSpec, fromAugmentation, toAugmentation, trainingAttemptOf, type TrainingAttempt, type TrainingAttemptInput,
+  attemptPhase, cannotJoin, completeAttempt, controlsOf, coordinatorSender, decodeBoundaryDecision, decodeMembershipPlan, decodeReport, decodeSampleList, encodeBoundaryDecision,
+  encodeMembershipPlan, encodeReport, encodeSampleList, encodeTrainingSpec, fromAugmentation, toAugmentation, trainingAttemptOf, type TrainingAttempt, type TrainingAttemptInput,
 } from "../proto/training_wire.js";
 import { DEFAULT_AUGMENT } from "../core/datasets/augment.js";
 import { packArrays } from "../core/training/checkpoints.js";
@@ -102,6 +102,48 @@ describe("training wire", () => {
     assert.equal(a.phase, "");
     assert.equal(attemptPhase(a), "fine_tune");
     assert.equal(a.images, null);
+    assert.equal(a.controls, null);
+    assert.deepEqual(controlsOf(a), {}, "no controls: plain training, as before");
+  });
+
+  test("training wire - the training controls round-trip with their defaults applied once; the replica gets fit()'s controls back", () => {
+    const classWeights = Float32Array.from([1, 2, 0.5, 1, 1, 1, 1, 1, 1, 4]);
+    const a = completeAttempt({ ...input, controls: { earlyStoppingPatience: 1, restoreBestWeights: true, lrSchedule: "cosine", loss: { classWeights, labelSmoothing: 0.1 } } });
+    assert.deepEqual(a.controls, {
+      earlyStoppingPatience: 1, restoreBestWeights: true, monitor: "val_loss", lrSchedule: "cosine", lrPatience: 2, lrFactor: 0.2,
+      classWeights: Array.from(classWeights), labelSmoothing: 0.1,
+    });
+    const back = trainingAttemptOf(decode("JobSpec", encodeTrainingSpec(JOB, a), { job: JOB, self: "worker", peer: "coordinator" }))!;
+    assert.deepEqual(back, a);
+    assert.deepEqual(controlsOf(back), {
+      earlyStoppingPatience: 1, restoreBestWeights: true, monitor: "val_loss", lrSchedule: "cosine", lrPatience: 2, lrFactor: 0.2, loss: { classWeights, labelSmoothing: 0.1 },
+    });
+    const plain = trainingAttemptOf(decode("JobSpec", encodeTrainingSpec(JOB, completeAttempt({ ...input, controls: { monitor: "val_accuracy", lrSchedule: "plateau", lrPatience: 3 } })), { job: JOB }))!;
+    assert.deepEqual(controlsOf(plain), {
+      earlyStoppingPatience: 0, restoreBestWeights: false, monitor: "val_accuracy", lrSchedule: "plateau", lrPatience: 3, lrFactor: 0.2, loss: { labelSmoothing: 0 },
+    }, "no class weights stays none");
+  });
+
+  test("training wire - controls a replica cannot apply are refused, with the field named", () => {
+    const ok = completeAttempt({ ...input, controls: { restoreBestWeights: true } }).controls!;
+    const dec = (patch: Partial<typeof ok>): JobSpec => decode("JobSpec", encodeTrainingSpec(JOB, { ...completeAttempt(input), controls: { ...ok, ...patch } }), { job: JOB });
+    rejects(() => dec({ classWeights: [1, 2, 3] }), "bad_shape", /class_weights has 3 weights for 10 classes/);
+    rejects(() => dec({ classWeights: [1, 1, 1, 1, 1, 1, 1, 1, 1, -1] }), "malformed", /class_weights/);
+    rejects(() => dec({ monitor: "loss" }), "malformed", /controls\.monitor "loss"/);
+    rejects(() => dec({ lrSchedule: "step" }), "malformed", /controls\.lr_schedule "step"/);
+    rejects(() => dec({ lrFactor: Number.NaN }), "non_finite", /controls/);
+    rejects(() => dec({ labelSmoothing: 0.7 }), "malformed", /label_smoothing 0\.7/);
+  });
+
+  test("training wire - a report's epochs keep their learning rate and the best epoch's mark", () => {
+    const history = [
+      { epoch: 1, loss: 1.2, accuracy: 0.5, val_loss: 1.1, val_accuracy: 0.6, lr: 0.001, best: true as const, seconds: 2, samples_per_second: 50 },
+      { epoch: 2, loss: 1.0, accuracy: 0.6, val_loss: 1.3, val_accuracy: 0.55, lr: 0.0005, seconds: 2, samples_per_second: 50 },
+    ];
+    const r = decodeReport(JOB, encodeReport(JOB, { attempt: "a1", worker: "w0", at: 1, state: "done", step: 8, epoch: 1, history }));
+    assert.deepEqual(r.history, history);
+    const plain = decodeReport(JOB, encodeReport(JOB, { attempt: "a1", worker: "w0", at: 1, state: "done", history: [{ epoch: 1, loss: 1, accuracy: 0.5, seconds: 1, samples_per_second: 1 }] }));
+    assert.deepEqual(plain.history, [{ epoch: 1, loss: 1, accuracy: 0.5, seconds: 1, samples_per_second: 1 }], "no rate, no mark: none added");
   });
 
   test("training wire - an image attempt a replica cannot open is malformed, with the field named", () => {

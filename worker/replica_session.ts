@@ -22,13 +22,13 @@ import { EvictedError, MembershipChanged, ReplicaFailedError, WorkerLostError } 
 import type { EngineProvider } from "../core/runtime/config.js";
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
-import { type BatchSource, computeGradients, type EpochStats, fit } from "../core/training/train_loop.js";
+import { type BatchSource, computeGradients, type EpochStats, fit, type TrainingControls } from "../core/training/train_loop.js";
 import { registerWasmTrainingKernels } from "../core/models/wasm_kernels.js";
 import { DecodeError } from "../proto/codec.js";
 import { jobNames, type JobNames } from "../proto/subjects.js";
 import { captureState, decodeState, encodeState, getBytes, putBytes, restoreState, type DataCursor, type TrainingState } from "../core/training/checkpoints.js";
 import {
-  attemptPhase, decodeBoundaryDecision, decodeMembershipPlan, decodeWeightsChecksum, encodeBoundaryDecision, encodeReport,
+  attemptPhase, controlsOf, decodeBoundaryDecision, decodeMembershipPlan, decodeWeightsChecksum, encodeBoundaryDecision, encodeReport,
   encodeWeightsChecksum, memberSlice, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt, type TrainingPhase,
 } from "../proto/training_wire.js";
 import { ExtractorCache } from "./extractor_cache.js";
@@ -121,6 +121,12 @@ export class ReplicaSession {
    */
   private readonly sliced = new Map<number, SlicedBatch>();
   private readonly phase: TrainingPhase;
+  /**
+   * The attempt's training controls, applied by fit() on every replica: each validates the same rows with identical
+   * weights, so all stop at the same epoch and restore the same best epoch. Patience and the best epoch count from
+   * fit()'s start (the attempt's start cursor, or a join: the coordinator lets none in under early stopping or plateau).
+   */
+  private readonly controls: TrainingControls;
   private stepTimer: (() => number) | undefined;
   /** Samples (images, for an image attempt) this replica trained on in this attempt: its images/s in the done log. */
   private samplesRun = 0;
@@ -129,6 +135,7 @@ export class ReplicaSession {
   constructor(private readonly o: TrainingWorkerOptions) {
     this.a = o.attempt;
     this.phase = attemptPhase(o.attempt);
+    this.controls = controlsOf(o.attempt);
     this.names = jobNames(o.job);
     this.checksums = new ChecksumBook(o.self);
   }
@@ -348,7 +355,7 @@ export class ReplicaSession {
     // member 0 when an epoch ends has them, also after the first member 0 was lost. No wall time: the others would wait for it anyway.
     await fit(model, source, {
       epochs: this.a.epochs, batchSize: this.a.globalBatch, seed: this.a.seed, numClasses: this.a.numClasses, optimizer,
-      initialEpoch: this.cursor.epoch, initialBatch: this.cursor.batch, signal: this.stop.signal,
+      initialEpoch: this.cursor.epoch, initialBatch: this.cursor.batch, signal: this.stop.signal, controls: this.controls,
       gradientHook: (grads, samples) => this.stepHook(grads, samples),
       onBatchEnd: (info) => this.onBatchEnd(info),
       onEpochEnd: async (s) => {
@@ -402,7 +409,7 @@ export class ReplicaSession {
   private async recompute(): Promise<{ grads: tf.NamedTensorMap; samples: number }> {
     const b = this.inFlight();
     const rows = await this.r.source.batch(b.indices, this.cursor.batch, b.epoch);
-    return { grads: computeGradients(this.r.model, rows, this.a.numClasses, {}, { seed: this.a.seed, epoch: b.epoch }).grads, samples: rows.y.length };
+    return { grads: computeGradients(this.r.model, rows, this.a.numClasses, this.controls.loss, { seed: this.a.seed, epoch: b.epoch }).grads, samples: rows.y.length };
   }
 
   /** Training-epoch boundary: member 0 says whether a proposed join applies from this step; everyone waits for it. True when the membership changed. */
@@ -449,8 +456,8 @@ export class ReplicaSession {
     await this.until(() => this.view.current !== undefined && this.view.current.epoch > this.av.epoch);
   }
 
-  private stateMeta(members: readonly string[]): Record<string, unknown> {
-    return { attempt: this.a.attempt, members, history: this.history, fingerprint: this.a.fingerprint };
+  private stateMeta(members: readonly string[], complete = false): Record<string, unknown> {
+    return { attempt: this.a.attempt, members, history: this.history, fingerprint: this.a.fingerprint, ...(complete ? { complete } : {}) };
   }
 
   private async maybeCheckpoint(step: number): Promise<void> {
@@ -506,13 +513,17 @@ export class ReplicaSession {
     this.o.log.info("redoing the step with the new membership", { step, epoch: this.view.current!.epoch, members: this.view.current!.members });
   }
 
-  /** Lets the last checksums arrive and be compared, stores the final state (member 0) and reports `done`. */
+  /**
+   * Lets the last checksums arrive and be compared, stores the final state (member 0) and reports `done`. Runs after
+   * fit() returned, so the state is the one fit() ended with: the best epoch's weights when restoring them, and an
+   * early-stopped cursor short of the attempt's steps (marked `complete`, so a restarted coordinator does not resume it).
+   */
   private async finish(): Promise<void> {
     await this.o.nc.flush();
     await new Promise((r) => setTimeout(r, 200));
     if (this.stop.signal.aborted) throw this.stop.signal.reason;
     if (this.av.members[0] === this.o.self) {
-      const s = encodeState(await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members)));
+      const s = encodeState(await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members, true)));
       await putBytes(this.store, TRAINING_OBJECTS.final(this.a.attempt), s);
       await putBytes(this.store, TRAINING_OBJECTS.latestOf(this.phase), s);
     }

@@ -18,7 +18,6 @@ import { openImages, samplesOf } from "../../core/training/image_batches.js";
 import { activationData, activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "../fine_tuning.js";
 import { runDataParallelFineTune } from "../data_parallel.js";
 import { type FineTuneAttemptOptions, fineTuneImagesOnWorkers } from "../augment_data_parallel.js";
-import { controlsGiven } from "../../core/training/training_controls.js";
 import type { SampleRef } from "../../core/datasets/types.js";
 import type { NatsConnection } from "nats";
 import type { JobCluster, JobSummary } from "../job.js";
@@ -101,7 +100,8 @@ async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, hea
   const trainCount = data.kind === "activations" ? data.train.y.length : data.train.labels.length;
   const progress = phaseProgress("fine_tune", epochs, Math.ceil(trainCount / opts.batchSize), log, metrics);
   const numClasses = ctx.dataset.classes.length;
-  const nc = onWorkers(ctx, cluster, data) ? await cluster.trainer!() : undefined;
+  // With a trainer, on the workers (activations or images): the replicas apply the training controls.
+  const nc = cluster.trainer ? await cluster.trainer() : undefined;
   progress.begin();
   try {
     if (nc) return await trainOnWorkers(ctx, { nc, workers: cluster.workers, epochs, progress }, split, head, input);
@@ -116,28 +116,15 @@ async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, hea
   }
 }
 
-/**
- * Whether fine-tuning runs on the workers: with a trainer, on activations always (runJob refused the
- * training controls beforehand); on images unless a training control is given (then here, with a warning).
- */
-function onWorkers(ctx: JobContext, cluster: JobCluster, data: FineTuneData): boolean {
-  if (!cluster.trainer) return false;
-  if (data.kind === "activations") return true;
-  const given = controlsGiven(ctx.opts);
-  if (given.length) ctx.log.warn("fine-tuning with augmentation runs in the coordinator process: the data-parallel loop does not apply these options", { options: given });
-  return given.length === 0;
-}
-
 /** Fine-tuning on the workers: cached activations (coordinator/data_parallel.ts) or images (coordinator/augment_data_parallel.ts). */
 async function trainOnWorkers(ctx: JobContext, w: { nc: NatsConnection; workers: number; epochs: number; progress: PhaseProgress }, split: SplitBase, head: tf.LayersModel, input: FineTuneInput): Promise<FineTuneResult & { workers: number }> {
   const { opts, log, metrics } = ctx;
-  if (opts.restoreBestWeights) log.info("data-parallel fine-tuning keeps its last epoch's weights (--restore-best-weights applies to the head phase and to fine-tuning in one process)");
   const o: FineTuneAttemptOptions = {
     nc: w.nc, job: opts.job, log, metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
     fineTuneLayers: opts.fineTuneLayers, learningRate: opts.fineTuneLearningRate, seed: opts.seed, batchSize: opts.batchSize, epochs: w.epochs,
     numClasses: ctx.dataset.classes.length, wireDtype: opts.wireDtype, workers: w.workers, out: opts.out,
     checksumEvery: opts.checksumEvery, checkpointEvery: opts.checkpointEvery, stepTimeoutMs: opts.stepTimeoutMs, bucketBytes: opts.bucketBytes,
-    onBatchProgress: w.progress.moveTo, onEpochEnd: w.progress.onEpochEnd,
+    controls: ctx.controls, onBatchProgress: w.progress.moveTo, onEpochEnd: w.progress.onEpochEnd,
   };
   const { data, frozen, trainSamples } = input;
   if (data.kind === "activations") return runDataParallelFineTune(split, head, data, o);

@@ -12,7 +12,6 @@ import { openImages, samplesOf } from "../../core/training/image_batches.js";
 import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, trainHead } from "../head_training.js";
 import { resultEpoch } from "../../core/training/train_loop.js";
 import { splitInMemory } from "../../core/training/feature_batches.js";
-import { controlsGiven } from "../../core/training/training_controls.js";
 import { trainHeadOnWorkers } from "../augment_data_parallel.js";
 import type { JobCluster } from "../job.js";
 import { type PhaseProgress, phaseProgress, round } from "./progress.js";
@@ -38,15 +37,9 @@ export async function headPhase(ctx: JobContext, features: FeatureSet, cluster: 
   return head;
 }
 
-/** Method 2 on the workers when the cluster trains data-parallel and no option asks for what its loop does not apply; else here. */
+/** Method 2 on the workers when the cluster trains data-parallel (the replicas apply the training controls); else here. */
 async function augmented(ctx: JobContext, features: FeatureSet, options: HeadTrainingOptions, cluster: Pick<JobCluster, "trainer" | "workers">, progress: PhaseProgress): Promise<HeadPhaseResult> {
   if (!cluster.trainer) return { ...(await trainAugmented(ctx, features, options)), workers: 1 };
-  const given = controlsGiven(ctx.opts);
-  if (given.length) {
-    ctx.log.warn("--method augment trains the head in the coordinator process: the data-parallel loop does not apply these options", { options: given });
-    return { ...(await trainAugmented(ctx, features, options)), workers: 1 };
-  }
-  if (ctx.opts.restoreBestWeights) ctx.log.info("the head phase on the workers keeps its last epoch's weights (--restore-best-weights applies to training in one process)");
   return trainHeadOnWorkers(ctx, await cluster.trainer(), features, options, cluster.workers, progress);
 }
 

@@ -146,7 +146,7 @@ export type GradientHook = (grads: tf.NamedTensorMap, batchSamples: number) => P
 
 /**
  * Keras' training controls, applied by the one epoch loop. Every field is optional; the defaults
- * train plainly (what data-parallel workers do: they pass none).
+ * train plainly (what a data-parallel attempt without controls does; with them, every replica applies them).
  */
 export interface TrainingControls {
   /** Stop when the monitored figure has not improved for this many epochs (Keras EarlyStopping). 0 = off (default). Needs validation. */

@@ -3,7 +3,7 @@
  * stopping, best weights, learning-rate schedule, class weights, label smoothing. `--class-weight`
  * is checked against the data set's classes by preflight, before any work.
  */
-import { type JobOptions, OPTION_SPECS } from "../runtime/config.js";
+import type { JobOptions } from "../runtime/config.js";
 import { ConfigError } from "../runtime/errors.js";
 import type { TrainingControls } from "./train_loop.js";
 
@@ -55,7 +55,7 @@ export function classWeightsFor(spec: string, classes: readonly string[], trainC
   return out;
 }
 
-/** The controls of a training phase run by this process (head, one-process fine-tuning). */
+/** The controls of a training phase (in this process, or on every replica of a data-parallel attempt: proto/training_wire.ts). */
 export function controlsOf(opts: JobOptions, classWeights: Float32Array | undefined): TrainingControls {
   return {
     earlyStoppingPatience: opts.earlyStoppingPatience,
@@ -67,32 +67,9 @@ export function controlsOf(opts: JobOptions, classWeights: Float32Array | undefi
   };
 }
 
-/** Options that change training in a way data-parallel fine-tuning (its own loop across processes) does not apply. */
-export const CONTROL_KEYS = ["earlyStoppingPatience", "lrSchedule", "classWeight", "labelSmoothing"] as const;
-
-/** The control options given with a value other than the default. */
-export function controlsGiven(opts: JobOptions): (typeof CONTROL_KEYS)[number][] {
-  return CONTROL_KEYS.filter((k) => opts[k] !== OPTION_SPECS.find((s) => s.key === k)?.default());
-}
-
 /** Training samples per class. */
 export function trainCounts(samples: readonly { label: number; split: string }[], classes: number): number[] {
   const counts = new Array<number>(classes).fill(0);
   for (const s of samples) if (s.split === "train") counts[s.label]++;
   return counts;
-}
-
-/**
- * Refuses, before any work, control options that data-parallel fine-tuning would not apply: it runs
- * its own loop across the workers (coordinator/data_parallel.ts) with a constant rate and the plain
- * loss, and keeps its last epoch.
- */
-export function checkControlsForDataParallel(opts: JobOptions, workers: number): void {
-  const given = controlsGiven(opts);
-  if (given.length === 0) return;
-  const flags = given.map((k) => `--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`).join(", ");
-  throw new ConfigError(
-    `${flags} ${given.length > 1 ? "apply" : "applies"} to the head phase and to fine-tuning in one process, but this job fine-tunes data-parallel across ${workers} workers, whose loop does not apply ${given.length > 1 ? "them" : "it"}: ` +
-    `fine-tune in one process (--workers 1, or --data-parallel off for ctrain coordinator), or drop ${flags}.`,
-  );
 }

@@ -22,9 +22,29 @@ export const AUGMENT_JOB_ARGS = [
   "--backend", "wasm", "--log-format", "json", "--seed", "7", "--metrics-port", "-1",
 ];
 
+/** `args` with each option of `options` set to its value (replaced where given, else appended). */
+export function withOptions(args: readonly string[], options: Record<string, string>): string[] {
+  const out = [...args];
+  for (const [flag, value] of Object.entries(options)) {
+    const i = out.indexOf(flag);
+    if (i >= 0) out[i + 1] = value;
+    else out.push(flag, value);
+  }
+  return out;
+}
+
+/** A phase in summary.json: who trained it, its epochs (fewer than asked when stopped early) and the best one (restored). */
+export interface PhaseSummary {
+  workers: number;
+  epochs: number;
+  epochs_asked?: number;
+  best_epoch?: number;
+  val_accuracy: number;
+}
+
 export interface AugmentSummary {
   samples: { train: number };
-  phases: { head: { workers: number; epochs: number; val_accuracy: number }; fine_tune: { workers: number; epochs: number; val_accuracy: number } };
+  phases: { head: PhaseSummary; fine_tune: PhaseSummary };
 }
 
 /** One folder, one nats-server, the processes started (all killed by `close`), and the reference weights. */
@@ -33,12 +53,12 @@ export class AugmentJobs {
   /** The one-process run's head-only classifier (model-head/) and fine-tuned one (model/). */
   reference: { head: Float32Array; fineTuned: Float32Array } = { head: new Float32Array(0), fineTuned: new Float32Array(0) };
 
-  private constructor(readonly dir: string, readonly nats: NatsServer) {}
+  private constructor(readonly dir: string, readonly nats: NatsServer, readonly args: readonly string[]) {}
 
-  /** A folder and a nats-server, and the one-process reference run (which fills the shared feature cache). */
-  static async start(): Promise<AugmentJobs> {
-    const jobs = new AugmentJobs(await mkdtemp(join(tmpdir(), "ctrain-augdp-")), await startNatsServer());
-    const ref = jobs.ctrain("reference", ["run", ...AUGMENT_JOB_ARGS, "--workers", "1", "--cache-dir", join(jobs.dir, "cache"), "--out", join(jobs.dir, "reference")]);
+  /** A folder and a nats-server, and the one-process reference run of the job `args` (which fills the shared feature cache). */
+  static async start(args: readonly string[] = AUGMENT_JOB_ARGS): Promise<AugmentJobs> {
+    const jobs = new AugmentJobs(await mkdtemp(join(tmpdir(), "ctrain-augdp-")), await startNatsServer(), args);
+    const ref = jobs.ctrain("reference", ["run", ...args, "--workers", "1", "--cache-dir", join(jobs.dir, "cache"), "--out", join(jobs.dir, "reference")]);
     await jobs.succeeds(ref, []);
     assert.equal((await jobs.summary("reference")).phases.head.workers, 1, "the reference trained in one process");
     jobs.reference = { head: await jobs.weights("reference"), fineTuned: await jobs.weights("reference", "model") };
@@ -61,7 +81,7 @@ export class AugmentJobs {
 
   /** A coordinator of the job on `workers` workers (data-parallel even with one); `fineTune: false` stops after the head phase. */
   coordinator(job: string, workers: number, env: NodeJS.ProcessEnv = {}, o: { fineTune?: boolean } = {}): Proc {
-    const args = o.fineTune === false ? AUGMENT_JOB_ARGS.map((a, i) => (AUGMENT_JOB_ARGS[i - 1] === "--fine-tune-layers" ? "0" : a)) : AUGMENT_JOB_ARGS;
+    const args = o.fineTune === false ? withOptions(this.args, { "--fine-tune-layers": "0" }) : this.args;
     return this.ctrain(`coordinator-${job}`, [
       "coordinator", "--nats", this.nats.url, "--job", job, ...args, "--workers", String(workers), "--data-parallel", "on", "--cache-dir", join(this.dir, "cache"), "--out", join(this.dir, job),
     ], env);
