@@ -114,7 +114,7 @@ function row(n: number, batch: number, d: { done: Done[]; seconds: number }, loa
   return {
     workers: n, steps, global_batch: batch, images_per_second: r((steps * batch) / slowest, 2),
     wall_step_seconds: r(step), decode_augment_busy_seconds_per_step: r(mean((x) => x.decode_augment_seconds ?? NaN) / steps),
-    frozen_forward_busy_seconds_per_step: r(mean((x) => x.frozen_forward_seconds ?? NaN) / steps), head_step_seconds: r(step - avg),
+    frozen_forward_busy_seconds_per_step: r(mean((x) => x.frozen_forward_seconds ?? NaN) / steps), head_step_and_batch_wait_seconds: r(step - avg),
     averaging_seconds_per_step: r(avg), averaging_share: r(avg / step, 3), job_seconds: r(d.seconds, 1), load_average_at_start: r(load, 2),
   };
 }
@@ -122,7 +122,7 @@ function row(n: number, batch: number, d: { done: Done[]; seconds: number }, loa
 function table(rows: Record<string, number>[]): string {
   const cols: [string, string][] = [
     ["N", "workers"], ["img/s", "images_per_second"], ["wall step s", "wall_step_seconds"], ["decode+aug s", "decode_augment_busy_seconds_per_step"],
-    ["frozen fwd s", "frozen_forward_busy_seconds_per_step"], ["head step s", "head_step_seconds"], ["averaging s", "averaging_seconds_per_step"], ["avg share", "averaging_share"],
+    ["frozen fwd s", "frozen_forward_busy_seconds_per_step"], ["head+wait s", "head_step_and_batch_wait_seconds"], ["averaging s", "averaging_seconds_per_step"], ["avg share", "averaging_share"],
   ];
   const lines = [cols.map(([h]) => h.padStart(13)).join("")];
   for (const x of rows) lines.push(cols.map(([, k]) => String(x[k]).padStart(13)).join(""));
@@ -177,7 +177,7 @@ async function report(s: { limit: string; inputSize: string; epochs: string; bat
       wall_step_seconds: "fit() wall seconds per step (mean over workers)",
       decode_augment_busy_seconds_per_step: "busy seconds per step decoding + augmenting this worker's part (prefetched: overlaps the previous step)",
       frozen_forward_busy_seconds_per_step: "busy seconds per step of the frozen base's forward on this worker's part (onnxruntime; prefetched: overlaps the previous step)",
-      head_step_seconds: "wall step less averaging: head forward/backward, the previous update, and any wait for a batch not yet prepared",
+      head_step_and_batch_wait_seconds: "wall step less averaging: the head's forward/backward, the previous update, and the wait for the prefetched batch when it is not ready yet (not timed apart)",
       averaging_seconds_per_step: "gradient averaging per step, waiting for the slowest peer included",
       averaging_share: "averaging / wall step",
     },
