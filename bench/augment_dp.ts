@@ -9,9 +9,11 @@
  * averaging (reduce-scatter + fan-out, waiting for the slowest peer included), and the image batches'
  * busy time (core/training/image_batches.ts onTiming: decode + augment, frozen forward). With prefetch,
  * batch b+1 is decoded, augmented and run through the frozen base while step b trains and averages,
- * so those two are busy times beside the wall step, not parts of it. "head step" is the wall step
- * less averaging: the head's forward/backward, the previous update, and any wait for a batch that was
- * not ready yet. N=4 on this 2-core machine is 4 processes sharing 2 cores: it measures overhead, not scaling.
+ * so those two are busy times beside the wall step, not parts of it. "head + wait" is the wall step
+ * less averaging: the head's forward/backward, the previous update, and the wait for a prefetched batch
+ * that was not ready yet (train_loop does not time that wait apart; when the head step is small, as
+ * for a dense head, it is mostly that wait). N=4 on this 2-core machine is 4 processes sharing 2
+ * cores: it measures overhead, not scaling.
  *
  *   node dist/bench/augment_dp.js [--limit 2000] [--input-size 64] [--epochs 1] [--batch-size 64] [--workers 1,2,4] [--out FILE]
  */
