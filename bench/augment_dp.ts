@@ -44,6 +44,7 @@ interface Done {
   train_seconds: number;
   allreduce_seconds: number;
   step_seconds: number;
+  allreduce_bytes_per_step: number;
   prep_batches?: number;
   decode_augment_seconds?: number;
   frozen_forward_seconds?: number;
@@ -131,7 +132,7 @@ function row(n: number, batch: number, d: { done: Done[]; seconds: number; cpuBu
     workers: n, steps, global_batch: batch, images_per_second: r((steps * batch) / slowest, 2),
     wall_step_seconds: r(step), decode_augment_busy_seconds_per_step: r(mean((x) => x.decode_augment_seconds ?? NaN) / steps),
     frozen_forward_busy_seconds_per_step: r(mean((x) => x.frozen_forward_seconds ?? NaN) / steps), head_step_and_batch_wait_seconds: r(step - avg),
-    averaging_seconds_per_step: r(avg), averaging_share: r(avg / step, 3), job_seconds: r(d.seconds, 1), machine_cpu_busy_share: r(d.cpuBusy, 3), load_average_at_start: r(load, 2),
+    averaging_seconds_per_step: r(avg), averaging_share: r(avg / step, 3), averaging_bytes_per_step_per_worker: Math.round(mean((x) => x.allreduce_bytes_per_step)), job_seconds: r(d.seconds, 1), machine_cpu_busy_share: r(d.cpuBusy, 3), load_average_at_start: r(load, 2),
   };
 }
 
@@ -213,6 +214,7 @@ async function report(s: { limit: string; inputSize: string; epochs: string; bat
       head_step_and_batch_wait_seconds: "wall step less averaging: the head's forward/backward, the previous update, and the wait for the prefetched batch when it is not ready yet (not timed apart)",
       averaging_seconds_per_step: "gradient averaging per step, waiting for the slowest peer included",
       averaging_share: "averaging / wall step",
+      averaging_bytes_per_step_per_worker: "bytes sent + received per step by one worker (the head's gradient; 0 for one worker)",
       machine_cpu_busy_share: "share of all cores' time busy (any process, other helpers' included) over the whole job (/proc/stat), extraction of a cold cache included at the first N",
     },
     note: "Other helpers share this machine's 2 cores (see load). N=4 is 4 worker processes sharing 2 cores: it shows overhead, not scaling. Ratios come from the same run (means over its rounds; per_round for each). The image batch times are wall times of busy parts: on a loaded machine they include time the process waited for a core.",
