@@ -19,8 +19,7 @@
  *
  *   node dist/bench/augment_dp.js [--limit 2000] [--input-size 64] [--epochs 1] [--batch-size 64] [--workers 1,2,4] [--rounds 1] [--out FILE]
  */
-import { spawn, type ChildProcess } from "node:child_process";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
