@@ -25,6 +25,7 @@ import { fromExtractionRound, type RoundSettings } from "../proto/extraction_wir
 import { attemptPhase, DATA_UNAVAILABLE, decodeDataObject, decodeHeadObject, decodeSampleList, fromAugmentation, TRAINING_OBJECTS, type TrainingAttempt } from "../proto/training_wire.js";
 import { ExtractorCache } from "./extractor_cache.js";
 import { checkSameInputs } from "./shard_checks.js";
+import { batchPrepTimes } from "./step_timing.js";
 
 /** A worker cannot open the attempt's images (a data set path missing on its machine): it never joins, the others go on. */
 export class DataUnavailableError extends Error {
@@ -105,7 +106,7 @@ async function imageSource(a: TrainingAttempt, d: ReplicaDataDeps): Promise<{ la
   const augment = fromAugmentation(a.images!.augment);
   return {
     labels: train.labels,
-    batches: (sliceOf) => imageBatches(train, { seed: a.seed, preprocessing: extractor.preprocessing, augment, frozen: extractor, sliceOf }),
+    batches: (sliceOf) => imageBatches(train, { seed: a.seed, preprocessing: extractor.preprocessing, augment, frozen: extractor, sliceOf, onTiming: batchPrepTimes.add }),
   };
 }
 

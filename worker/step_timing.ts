@@ -71,3 +71,47 @@ export class StepTimer {
     return out;
   }
 }
+
+/** Busy time of one prepared image batch (core/training/image_batches.ts BatchTiming), seconds. */
+export interface BatchPrepTiming {
+  rows: number;
+  decode_augment_seconds: number;
+  frozen_seconds: number;
+}
+
+/**
+ * Sums of the image batches' busy time (decode + augment, frozen forward) for a replica's "training
+ * done" summary. With prefetch, batch b+1 is prepared while step b trains, so these are busy times,
+ * not parts of the wall step: compare them with it, do not subtract them from it.
+ */
+export class BatchPrepTimes {
+  private batches = 0;
+  private rows = 0;
+  private decodeAugment = 0;
+  private frozen = 0;
+
+  /** Adds one prepared batch (an ImageBatchOptions.onTiming callback). */
+  readonly add = (t: BatchPrepTiming): void => {
+    this.batches++;
+    this.rows += t.rows;
+    this.decodeAugment += t.decode_augment_seconds;
+    this.frozen += t.frozen_seconds;
+  };
+
+  /** The sums since the last take (empty when no image batch was prepared), and a reset. */
+  take(): Record<string, number> {
+    const out: Record<string, number> = this.batches === 0 ? {} : {
+      prep_batches: this.batches, prep_rows: this.rows,
+      decode_augment_seconds: Number(this.decodeAugment.toFixed(3)), frozen_forward_seconds: Number(this.frozen.toFixed(3)),
+    };
+    this.batches = this.rows = this.decodeAugment = this.frozen = 0;
+    return out;
+  }
+}
+
+/**
+ * This process's image batch times: a worker trains one attempt at a time, and the batch source
+ * (worker/replica_data.ts) and the replica that logs the summary (worker/replica_session.ts) are
+ * built apart, so they meet here rather than through both constructors.
+ */
+export const batchPrepTimes = new BatchPrepTimes();

@@ -97,13 +97,34 @@ export interface EpochKeys {
  * is sample `rows[i]` of `source` (its ArrayData index), augmented with the draws of
  * (keys.seed, keys.epoch, rows[i]) -- the same in whichever batch or worker's part it is.
  */
-export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, keys: EpochKeys, frozen?: FrozenStage): Promise<ArrayData> {
+export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, keys: EpochKeys, frozen?: FrozenStage, onTiming?: (t: BatchTiming) => void): Promise<ArrayData> {
+  const t0 = performance.now();
+  const prepared = await decodeAugment(source, rows, preprocessing, augment, keys, frozen);
+  const t1 = performance.now();
+  // Without a frozen stage the pixels are always preprocessed floats (bytes only go to a frozen stage).
+  const x = frozen ? await frozen.extract(prepared.x, rows.length) : prepared.x instanceof Float32Array ? prepared.x : Float32Array.from(prepared.x);
+  onTiming?.({ rows: rows.length, decode_augment_seconds: (t1 - t0) / 1000, frozen_seconds: (performance.now() - t1) / 1000 });
+  return { ...prepared, x, sampleShape: frozen ? frozen.featureShape : prepared.sampleShape };
+}
+
+/** Busy time of one prepared batch, in seconds (performance.now; a prefetched batch overlaps the previous step). */
+export interface BatchTiming {
+  /** Rows of the batch (this worker's part). */
+  rows: number;
+  /** Fetching (decoding when not in memory), augmenting and preprocessing the pixels. */
+  decode_augment_seconds: number;
+  /** The frozen stage's forward pass (0 without one). */
+  frozen_seconds: number;
+}
+
+/** The batch's pixels, augmented: preprocessed rows for a model that starts at the image, raw [0, 255] floats (or bytes) for a frozen stage. */
+async function decodeAugment(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, keys: EpochKeys, frozen?: FrozenStage): Promise<Omit<ArrayData, "x"> & { x: Uint8Array | Float32Array }> {
   const rgb = await source.batch(rows);
   const s = source.size;
   const index = Int32Array.from(rows);
   const y = new Int32Array(rows.length);
   for (let i = 0; i < rows.length; i++) y[i] = source.labels[rows[i]];
-  if (frozen && !augment) return { x: await frozen.extract(rgb, rows.length), sampleShape: frozen.featureShape, y, index };
+  if (frozen && !augment) return { x: rgb, sampleShape: [s, s, 3], y, index };
   const x = tf.tidy(() => {
     const raw = tf.tensor4d(rgb, [rows.length, s, s, 3], "int32");
     const img = augment ? augmentBatch(raw, augment, { ...keys, index }) : raw;
@@ -111,7 +132,6 @@ export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, p
   });
   const data = x.dataSync() as Float32Array;
   x.dispose();
-  if (frozen) return { x: await frozen.extract(data, rows.length), sampleShape: frozen.featureShape, y, index };
   return { x: data, sampleShape: [s, s, 3], y, index };
 }
 
@@ -147,6 +167,8 @@ export interface ImageBatchOptions {
    * order), taken before decoding so that a worker decodes and augments only its part. Default: the whole batch.
    */
   sliceOf?: (indices: Int32Array, batch: number, epoch: number) => Int32Array;
+  /** Called with the busy time of every prepared training batch (benchmarks, step-time splits). Default: none. */
+  onTiming?: (t: BatchTiming) => void;
 }
 
 /**
@@ -157,7 +179,7 @@ export interface ImageBatchOptions {
 export function imageBatches(train: ImageSource, o: ImageBatchOptions): BatchSource {
   return {
     samples: train.labels.length,
-    batch: (indices, b, epoch) => imageBatch(train, o.sliceOf ? o.sliceOf(indices, b, epoch) : indices, o.preprocessing, o.augment, { seed: o.seed, epoch }, o.frozen),
+    batch: (indices, b, epoch) => imageBatch(train, o.sliceOf ? o.sliceOf(indices, b, epoch) : indices, o.preprocessing, o.augment, { seed: o.seed, epoch }, o.frozen, o.onTiming),
     prefetch: true,
     validate: o.validate,
   };
