@@ -240,7 +240,7 @@ export const OPTION_SPECS = [
   spec({ key: "maxPixels", kind: "int", help: "refuse images with more pixels than this", default: () => 40_000_000, min: 1, max: 2 ** 32 }),
   spec({ key: "metricsPort", kind: "int", help: "port of /metrics (0 = free port, -1 = off)", default: () => 0, min: -1, max: 65535 }),
   spec({ key: "wireDtype", kind: "string", help: "gradient dtype on the wire", default: () => "fp32" as WireDtype, choices: WIRE_DTYPES }),
-  spec({ key: "dataParallel", kind: "string", help: "fine-tune data-parallel on the workers (auto = when --workers > 1)", default: () => "auto" as DataParallelMode, choices: DATA_PARALLEL_MODES }),
+  spec({ key: "dataParallel", kind: "string", help: "train data-parallel on the workers: fine-tuning, and the head of --method augment (auto = when --workers > 1)", default: () => "auto" as DataParallelMode, choices: DATA_PARALLEL_MODES }),
   spec({ key: "checksumEvery", kind: "int", help: "data-parallel: steps between replica weight checksums (0 = never)", default: () => DATA_PARALLEL_DEFAULTS.checksumEvery, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKSUM_EVERY" }),
   spec({ key: "checkpointEvery", kind: "int", help: "data-parallel: steps between checkpoints (0 = only the final state)", default: () => DATA_PARALLEL_DEFAULTS.checkpointEvery, min: 0, max: 1_000_000, env: "CTRAIN_DP_CHECKPOINT_EVERY" }),
   spec({ key: "stepTimeoutMs", kind: "int", help: "data-parallel: ms a step waits for its peers before they count as lost", default: () => DATA_PARALLEL_DEFAULTS.stepTimeoutMs, min: 100, max: 3_600_000, env: "CTRAIN_DP_STEP_TIMEOUT_MS" }),
