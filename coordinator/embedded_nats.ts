@@ -11,7 +11,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { accessSync, constants, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
-import { envString } from "../core/runtime/config.js";
+import { EMBEDDED_NATS_GOMEMLIMIT, envString } from "../core/runtime/config.js";
 import { ConfigError, ServiceStartError } from "../core/runtime/errors.js";
 import type { NatsAuth } from "../core/runtime/nats_connect.js";
 import { authorizationBlock, jobUsers } from "../proto/nats_permissions.js";
@@ -130,16 +130,14 @@ function lastLine(stderr: string): string {
 }
 
 /**
- * Soft memory limit of the embedded server's Go runtime unless the caller's environment sets one. What
+ * The embedded server's environment: the caller's, plus a soft memory limit for its Go runtime
+ * ({@link EMBEDDED_NATS_GOMEMLIMIT}, a row of the option table) unless GOMEMLIMIT is set. What
  * the server holds is small (the shards in flight and a few 8 MB file-store block caches), but Go's
  * default GC lets the heap reach twice the live data before collecting, and nats-server churns
  * through a block buffer per shard written or read: without a limit its RSS sat at 300-700 MiB at
  * 10^4-3x10^4 images while its live heap was ~40 MiB. Soft: the server may exceed it when it must
  * (many workers storing at once), the GC then just runs more often.
  */
-export const EMBEDDED_NATS_GOMEMLIMIT = "256MiB";
-
-/** The embedded server's environment: the caller's, plus {@link EMBEDDED_NATS_GOMEMLIMIT} unless GOMEMLIMIT is set. */
 export function serverEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
   return env.GOMEMLIMIT ? env : { ...env, GOMEMLIMIT: EMBEDDED_NATS_GOMEMLIMIT };
 }

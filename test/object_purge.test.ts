@@ -9,7 +9,8 @@ import { readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { connect, type NatsConnection } from "nats";
-import { EMBEDDED_NATS_GOMEMLIMIT, serverEnv } from "../coordinator/embedded_nats.js";
+import { serverEnv } from "../coordinator/embedded_nats.js";
+import { EMBEDDED_NATS_GOMEMLIMIT } from "../core/runtime/config.js";
 import { objectMetaSubject, purgeObject } from "../proto/extraction_wire.js";
 import { startNatsServer, type NatsServer } from "./helpers/nats_server.js";
 

@@ -650,6 +650,9 @@ export interface EnvSetting {
   commands: readonly string[];
 }
 
+/** GOMEMLIMIT of the embedded nats-server when the environment sets none (why: coordinator/embedded_nats.ts). */
+export const EMBEDDED_NATS_GOMEMLIMIT = "256MiB";
+
 const NATS_COMMANDS = ["run", "coordinator", "worker"] as const;
 const DATA_COMMANDS = ["run", "coordinator", "worker"] as const;
 
@@ -659,6 +662,7 @@ export const ENV_SETTINGS: readonly EnvSetting[] = [
   { name: "NO_COLOR", kind: "string", help: "any value: no colours in human log lines", commands: ["run", "coordinator", "worker", "predict", "model-info", "export-onnx", "k8s"] },
   { name: "CTRAIN_FASHION_MNIST_DIR", kind: "string", help: "folder of the four Fashion-MNIST IDX files (--data fashion-mnist)", default: "/usr/share/datasets/fashion-mnist", commands: DATA_COMMANDS },
   { name: "NATS_SERVER_BIN", kind: "string", help: "nats-server binary of the embedded server (else /usr/sbin/nats-server, then PATH)", commands: ["run"] },
+  { name: "GOMEMLIMIT", kind: "string", help: "Go's soft memory limit for the embedded nats-server (it inherits the environment), e.g. 512MiB", default: EMBEDDED_NATS_GOMEMLIMIT, commands: ["run"] },
   { name: "CTRAIN_NATS_USER", kind: "string", help: "NATS user (with CTRAIN_NATS_PASS); same as --nats-user", commands: NATS_COMMANDS },
   { name: "CTRAIN_NATS_PASS", kind: "string", help: "NATS password; prefer it to --nats-pass (flags show in ps)", commands: NATS_COMMANDS },
   { name: "CTRAIN_NATS_TOKEN", kind: "string", help: "NATS token; same as --nats-token", commands: NATS_COMMANDS },
