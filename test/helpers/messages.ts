@@ -51,8 +51,8 @@ export function sampleMessages(): { [K in MessageType]: MessageMap[K] } {
       header: header(), attempt: "a1", worker: "worker-0", state: "done", atUnixMs: 1_700_000_000_123, lost: ["worker-2"],
       cursor: { trainEpoch: 2, batchIndex: 0, step: 42 },
       history: [
-        { epoch: 0, loss: 1.25, accuracy: 0.5, hasValidation: true, valLoss: 1.5, valAccuracy: 0.25, seconds: 3.5, samplesPerSecond: 91.5 },
-        { epoch: 1, loss: 0.75, accuracy: 0.75, hasValidation: false, valLoss: 0, valAccuracy: 0, seconds: 3.25, samplesPerSecond: 98 },
+        { epoch: 0, loss: 1.25, accuracy: 0.5, hasValidation: true, valLoss: 1.5, valAccuracy: 0.25, seconds: 3.5, samplesPerSecond: 91.5, lr: 0.001, best: true },
+        { epoch: 1, loss: 0.75, accuracy: 0.75, hasValidation: false, valLoss: 0, valAccuracy: 0, seconds: 3.25, samplesPerSecond: 98, lr: 0, best: false },
       ],
       error: "", members: ["worker-0", "worker-1"], allreduceSeconds: 0.5, allreduceBytes: 123_456, stepTimings: [{ step: 41, computeSeconds: 0.25, waitSeconds: 0.0625 }],
     },
