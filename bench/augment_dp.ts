@@ -19,7 +19,8 @@
  *
  *   node dist/bench/augment_dp.js [--limit 2000] [--input-size 64] [--epochs 1] [--batch-size 64] [--workers 1,2,4] [--rounds 1] [--out FILE]
  */
-import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { execFileSync } from "node:child_process";
+import { runCtrain } from "./ctrain_process.js";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -27,7 +28,6 @@ import { fileURLToPath } from "node:url";
 import { startEmbeddedNats } from "../coordinator/embedded_nats.js";
 import { natsAuthEnv } from "../core/runtime/nats_connect.js";
 
-const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 const arg = (name: string, def: string): string => {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? process.argv[i + 1]! : def;
@@ -35,7 +35,6 @@ const arg = (name: string, def: string): string => {
 const r = (x: number, d = 4): number => Number(x.toFixed(d));
 const TARGETS = { n2_over_n1_images_per_second_at_least: 1.7, averaging_share_at_n2_at_most: 0.15 };
 
-type Line = Record<string, unknown>;
 
 /** A worker's "training done" line of the head phase (worker/replica_session.ts). */
 interface Done {
@@ -59,32 +58,6 @@ interface Settings {
   dir: string;
 }
 
-function run(args: string[], env: Record<string, string>): { proc: ChildProcess; done: Promise<{ code: number | null; lines: Line[] }> } {
-  const p = spawn(process.execPath, [CLI, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
-  return { proc: p, done: collect(p) };
-}
-
-/** The process's JSON log lines (other output kept as text) and its exit code. */
-function collect(p: ChildProcess): Promise<{ code: number | null; lines: Line[] }> {
-  return new Promise((resolve) => {
-    const lines: Line[] = [];
-    let buf = "";
-    const on = (d: Buffer): void => {
-      buf += d.toString();
-      let i;
-      while ((i = buf.indexOf("\n")) >= 0) {
-        const l = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        if (l.startsWith("{")) try { lines.push(JSON.parse(l) as Line); } catch { /* progress */ }
-        else if (l.trim()) lines.push({ text: l.slice(0, 300) });
-      }
-    };
-    p.stdout!.on("data", on);
-    p.stderr!.on("data", on);
-    p.on("exit", (code) => resolve({ code, lines }));
-  });
-}
-
 /** Busy and total jiffies of all cores since boot (/proc/stat); undefined where there is none. */
 async function cpuJiffies(): Promise<{ busy: number; total: number } | undefined> {
   const first = (await readFile("/proc/stat", "utf8").catch(() => "")).split("\n")[0] ?? "";
@@ -98,9 +71,9 @@ async function cpuJiffies(): Promise<{ busy: number; total: number } | undefined
 async function job(n: number, s: Settings, round: number): Promise<{ done: Done[]; seconds: number; cpuBusy: number }> {
   const cpu0 = await cpuJiffies();
   const name = `benchaug${n}r${round}`;
-  const workers = Array.from({ length: n }, (_, i) => run(["worker", "--nats", s.natsUrl, "--job", name, "--worker-id", `${name}-w${i}`, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"], s.auth));
+  const workers = Array.from({ length: n }, (_, i) => runCtrain(["worker", "--nats", s.natsUrl, "--job", name, "--worker-id", `${name}-w${i}`, "--backend", "wasm", "--metrics-port", "-1", "--log-format", "json"], s.auth));
   const t0 = performance.now();
-  const coord = await run([
+  const coord = await runCtrain([
     "coordinator", "--nats", s.natsUrl, "--job", name, "--data", "fashion-mnist", "--limit", s.limit, "--input-size", s.inputSize, "--method", "augment",
     "--epochs", s.epochs, "--fine-tune-epochs", "0", "--batch-size", s.batch, "--backend", "wasm", "--workers", String(n), "--data-parallel", "on",
     "--cache-dir", join(s.dir, "cache"), "--out", join(s.dir, name), "--metrics-port", "-1", "--log-format", "json", "--seed", "42",

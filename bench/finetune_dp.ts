@@ -16,7 +16,7 @@
  *
  *   node dist/bench/finetune_dp.js [--limit 600] [--input-size 96] [--fine-tune-layers 3] [--batch-size 32] [--epochs 2] [--workers 1,2] [--wire-dtype fp32|fp16] [--bucket-bytes N] [--profile] [--baseline FILE] [--out FILE]
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { type CtrainProcess, runCtrain } from "./ctrain_process.js";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -25,7 +25,6 @@ import { startEmbeddedNats } from "../coordinator/embedded_nats.js";
 import { profileBreakdown } from "./cpu_profile.js";
 import { natsAuthEnv } from "../core/runtime/nats_connect.js";
 
-const CLI = fileURLToPath(new URL("../cli/main.js", import.meta.url));
 const arg = (name: string, def: string): string => {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? process.argv[i + 1]! : def;
@@ -41,30 +40,8 @@ interface Done {
   allreduce_bytes_per_step: number;
 }
 
-function run(args: string[], env: Record<string, string> = {}, profileDir?: string): { proc: ChildProcess; done: Promise<{ code: number | null; lines: Record<string, unknown>[] }> } {
-  const prof = profileDir ? ["--cpu-prof", "--cpu-prof-dir", profileDir] : [];
-  const p = spawn(process.execPath, [...prof, CLI, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
-  return { proc: p, done: collect(p) };
-}
-
-function collect(p: ChildProcess): Promise<{ code: number | null; lines: Record<string, unknown>[] }> {
-  return new Promise((resolve) => {
-    const lines: Record<string, unknown>[] = [];
-    let buf = "";
-    const on = (d: Buffer): void => {
-      buf += d.toString();
-      let i;
-      while ((i = buf.indexOf("\n")) >= 0) {
-        const l = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        if (l.startsWith("{")) try { lines.push(JSON.parse(l) as Record<string, unknown>); } catch { /* progress */ }
-        else if (l.trim()) lines.push({ text: l.slice(0, 300) });
-      }
-    };
-    p.stdout!.on("data", on);
-    p.stderr!.on("data", on);
-    p.on("exit", (code) => resolve({ code, lines }));
-  });
+function run(args: string[], env: Record<string, string> = {}, profileDir?: string): CtrainProcess {
+  return runCtrain(args, env, profileDir ? ["--cpu-prof", "--cpu-prof-dir", profileDir] : []);
 }
 
 async function main(): Promise<void> {
