@@ -25,7 +25,7 @@ import { fromExtractionRound, type RoundSettings } from "../proto/extraction_wir
 import { attemptPhase, DATA_UNAVAILABLE, decodeDataObject, decodeHeadObject, decodeSampleList, fromAugmentation, TRAINING_OBJECTS, type TrainingAttempt } from "../proto/training_wire.js";
 import { ExtractorCache } from "./extractor_cache.js";
 import { checkSameInputs } from "./shard_checks.js";
-import { batchPrepTimes } from "./step_timing.js";
+import { BatchPrepTimes } from "./step_timing.js";
 
 /** A worker cannot open the attempt's images (a data set path missing on its machine): it never joins, the others go on. */
 export class DataUnavailableError extends Error {
@@ -42,6 +42,8 @@ export interface ReplicaData {
   source(sliceOf: SliceOf): BatchSource;
   trainSamples: number;
   valSamples: number;
+  /** Decode/augment and frozen-forward time of the image batches prepared (image attempts only). */
+  prepTimes?: BatchPrepTimes;
   dispose(): void;
 }
 
@@ -67,8 +69,9 @@ export async function loadReplicaData(a: TrainingAttempt, d: ReplicaDataDeps): P
     const val = decodeDataObject(await d.fetch(TRAINING_OBJECTS.data(a.attempt, "val")));
     const validate = numSamples(val) > 0 ? async (m: tf.LayersModel) => evaluate(m, val, a.numClasses) : undefined;
     if (a.images) {
-      const images = await imageSource(a, d);
-      return { model, trainSamples: images.labels.length, valSamples: numSamples(val), dispose, source: (sliceOf) => ({ ...images.batches(sliceOf), validate }) };
+      const prepTimes = new BatchPrepTimes();
+      const images = await imageSource(a, d, prepTimes);
+      return { model, trainSamples: images.labels.length, valSamples: numSamples(val), prepTimes, dispose, source: (sliceOf) => ({ ...images.batches(sliceOf), validate }) };
     }
     const train = decodeDataObject(await d.fetch(TRAINING_OBJECTS.data(a.attempt, "train")));
     return {
@@ -90,7 +93,7 @@ async function fineTuneReplica(a: TrainingAttempt, head: tf.LayersModel, owned: 
 }
 
 /** The attempt's train images (opened on this worker) and the frozen stage in front of the trainable part. */
-async function imageSource(a: TrainingAttempt, d: ReplicaDataDeps): Promise<{ labels: Int32Array; batches(sliceOf: SliceOf): BatchSource }> {
+async function imageSource(a: TrainingAttempt, d: ReplicaDataDeps, prepTimes: BatchPrepTimes): Promise<{ labels: Int32Array; batches(sliceOf: SliceOf): BatchSource }> {
   const round = fromExtractionRound(a.images!.frozen);
   const dataset = await openData(round, d.self, d.cache);
   const x = round.extractor;
@@ -106,7 +109,7 @@ async function imageSource(a: TrainingAttempt, d: ReplicaDataDeps): Promise<{ la
   const augment = fromAugmentation(a.images!.augment);
   return {
     labels: train.labels,
-    batches: (sliceOf) => imageBatches(train, { seed: a.seed, preprocessing: extractor.preprocessing, augment, frozen: extractor, sliceOf, onTiming: batchPrepTimes.add }),
+    batches: (sliceOf) => imageBatches(train, { seed: a.seed, preprocessing: extractor.preprocessing, augment, frozen: extractor, sliceOf, onTiming: prepTimes.add }),
   };
 }
 

@@ -33,7 +33,7 @@ import {
 } from "../proto/training_wire.js";
 import { ExtractorCache } from "./extractor_cache.js";
 import { loadReplicaData, type ReplicaData } from "./replica_data.js";
-import { batchPrepTimes, StepTimer } from "./step_timing.js";
+import { StepTimer } from "./step_timing.js";
 import { GradientAverager, gradientHookFor } from "./gradient_averaging.js";
 import { MembershipView, type JoinSwitch } from "./membership_view.js";
 import { weightsChecksum } from "./weights_checksum.js";
@@ -531,7 +531,7 @@ export class ReplicaSession {
     const seconds = (performance.now() - this.fitStart) / 1000;
     this.o.log.info("training done", {
       attempt: this.a.attempt, phase: this.phase, ...trainingSummary(this.cursor.step, this.cursor.step - this.stintFrom, seconds, this.allreduce),
-      samples: this.samplesRun, samples_per_second: seconds > 0 ? Number((this.samplesRun / seconds).toFixed(1)) : 0, ...batchPrepTimes.take(),
+      samples: this.samplesRun, samples_per_second: seconds > 0 ? Number((this.samplesRun / seconds).toFixed(1)) : 0, ...this.r.data.prepTimes?.take(),
     });
   }
 

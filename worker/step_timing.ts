@@ -108,10 +108,3 @@ export class BatchPrepTimes {
     return out;
   }
 }
-
-/**
- * This process's image batch times: a worker trains one attempt at a time, and the batch source
- * (worker/replica_data.ts) and the replica that logs the summary (worker/replica_session.ts) are
- * built apart, so they meet here rather than through both constructors.
- */
-export const batchPrepTimes = new BatchPrepTimes();
