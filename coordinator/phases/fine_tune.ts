@@ -57,7 +57,7 @@ export async function fineTunePhase(ctx: JobContext, cluster: JobCluster, base: 
   const augment = opts.method === "augment";
   log.info("fine-tuning", { unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers.length, cut_shape: split.cutShape, augmentation: augment, epochs: fineTuneEpochsOf(opts), learning_rate: opts.fineTuneLearningRate });
   const info: FineTuned["info"] = { unfreeze: opts.fineTuneLayers, cut_layer: split.plan.cutLayer, first_unfrozen: split.plan.firstUnfrozen, trainable_layers: split.plan.trainableLayers, augmentation: augment };
-  const d = augment ? await imageData(ctx, base, features, split) : await activationSet(ctx, cluster, base, split, info);
+  const d = augment ? await imageData(ctx, base, features, split, cluster.trainer !== undefined) : await activationSet(ctx, cluster, base, split, info);
   try {
     const { workers, ...result } = await train(ctx, cluster, split, head, d);
     ctx.metrics?.setEvaluation("fine_tune", "test", { loss: result.test.loss, accuracy: result.test.accuracy });
@@ -84,11 +84,15 @@ async function activationSet(ctx: JobContext, cluster: JobCluster, base: Pretrai
   return { data: { kind: "activations", train: activationData(ex.features, "train"), val: activationData(ex.features, "val"), test: activationData(ex.features, "test") } };
 }
 
-/** Images of every split; only top + head train in tfjs, the frozen bottom runs on the inference engine. */
-async function imageData(ctx: JobContext, base: PretrainedSource, features: FeatureSet, split: SplitBase): Promise<FineTuneInput> {
+/**
+ * Images of every split; only top + head train in tfjs, the frozen bottom runs on the inference engine.
+ * When the workers train, they decode the train images themselves: here the train split is opened
+ * without decoding it up front (a memory budget of 0 decodes per batch, and nothing asks for a batch).
+ */
+async function imageData(ctx: JobContext, base: PretrainedSource, features: FeatureSet, split: SplitBase, onWorkers: boolean): Promise<FineTuneInput> {
   const samples = (s: "train" | "val" | "test") => samplesOf(ctx.dataset, features.ids, features.splits, s);
-  const open = (s: "train" | "val" | "test") => openImages(ctx.dataset, samples(s), ctx.opts.inputSize);
-  const data: FineTuneData = { kind: "images", train: await open("train"), val: await open("val"), test: await open("test") };
+  const open = (s: "train" | "val" | "test", budget?: number) => openImages(ctx.dataset, samples(s), ctx.opts.inputSize, budget);
+  const data: FineTuneData = { kind: "images", train: await open("train", onWorkers ? 0 : undefined), val: await open("val"), test: await open("test") };
   return { data, frozen: await activationExtractor(base, ctx.opts.inputSize, split.plan.cutLayer, ctx.engine), trainSamples: samples("train") };
 }
 
