@@ -18,6 +18,7 @@
 import { readFileSync } from "node:fs";
 import { connect, credsAuthenticator, nkeyAuthenticator, type Authenticator, type ConnectionOptions, type NatsConnection } from "nats";
 import { ConfigError } from "./errors.js";
+import { useNativeObjectDigests } from "./object_digest.js";
 import { redactSecrets, registerSecret } from "./log.js";
 
 /** Credentials and TLS files of a NATS connection. Every field is optional. */
@@ -205,9 +206,11 @@ function classify(err: unknown, url: string, tls: boolean): NatsConnectError {
 
 /**
  * Connects with reconnect-forever settings. Refused credentials fail at once; an unreachable
- * server is retried until `firstConnectTimeoutMs`.
+ * server is retried until `firstConnectTimeoutMs`. Object-store digests are computed by node:crypto
+ * from here on (core/runtime/object_digest.ts).
  */
 export async function connectNats(servers: string, auth: NatsAuth, opts: ConnectOptions): Promise<NatsConnection> {
+  useNativeObjectDigests();
   const o = natsConnectionOptions(servers, auth, opts.name);
   const deadline = Date.now() + (opts.firstConnectTimeoutMs ?? 30_000);
   for (let wait = 500; ; wait = Math.min(wait * 2, 8000)) {
