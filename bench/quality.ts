@@ -13,7 +13,8 @@
  *     [--models mobilenet_v2,inception_v3] [--limit 0] [--augment-limit 3000] [--fine-tune-limit 3000]
  *     [--fine-tune-layers 18] [--fine-tune-epochs 5] [--fine-tune-learning-rate 1e-4] [--per-class 1500]
  *     [--epochs 20] [--lr-schedule cosine] [--feature-layer mobilenet_v2=block_12_add,inception_v3=auto]
- *     [--baseline-models logistic,mlp] [--tag NAME (fine-tune variants: method "fine-tune NAME")] [--workers 1] [--cache-dir .ctrain-cache] [--dry-run] [--table (print the table of quality.json, run nothing)]
+ *     [--baseline-models logistic,mlp] [--tag NAME (variants: method "cached NAME", "fine-tune NAME"...)] [--run-args "--pooling none ..." (more flags for every run)]
+ *     [--workers 1] [--cache-dir .ctrain-cache] [--dry-run] [--table (print the table of quality.json, run nothing)]
  *
  * --epochs and --lr-schedule go to every command, baselines included, so the pixels and the features
  * are trained alike; --feature-layer goes to the runs (block_12_add, as npm start).
@@ -104,9 +105,9 @@ async function runRows(data: string, dataArg: string, model: string, method: str
   if (r.code !== 0) throw new Error(`ctrain run exited ${r.code} (${tag})`);
   const s = await readJson<RunSummary>(join(out, "summary.json"));
   const base = { data, limit, model, samples: s.samples, wall_seconds: Number(r.wall.toFixed(1)), command: `ctrain ${args.join(" ")}`, load_average: r.load, date: new Date().toISOString() };
-  const layer = `${s.feature_layer}, ${s.pooling} pooling`;
+  const layer = `${s.feature_layer}, ${s.pooling} pooling${extra.includes("--learning-rate") ? `, lr ${s.options["learning-rate"]}` : ""}${extra.includes("--head-units") ? `, ${s.options["head-units"]} units` : ""}`;
   const head = s.phases.head;
-  const rows: Row[] = [{ ...base, method: method === "augment" ? "augment" : "cached", test_accuracy: head.test_accuracy, val_accuracy: head.val_accuracy, epochs: epochsOf(head), seconds: head.seconds, detail: layer }];
+  const rows: Row[] = [{ ...base, method: `${method === "augment" ? "augment" : "cached"}${tag ? ` ${tag}` : ""}`, test_accuracy: head.test_accuracy, val_accuracy: head.val_accuracy, epochs: epochsOf(head), seconds: head.seconds, detail: layer }];
   const ft = s.phases.fine_tune;
   if (ft && s.fine_tune)
     rows.push({ ...base, method: `fine-tune${tag ? ` ${tag}` : ""}`, test_accuracy: ft.test_accuracy, val_accuracy: ft.val_accuracy, epochs: epochsOf(ft), seconds: ft.seconds,
@@ -140,7 +141,8 @@ async function main(): Promise<void> {
   const common = ["--cache-dir", arg("cache-dir", ".ctrain-cache"), "--log-format", "json", ...train];
   // Feature layer per model: block_12_add for MobileNetV2 (npm start's), the base output for the others.
   const layers = new Map(arg("feature-layer", "mobilenet_v2=block_12_add,inception_v3=auto").split(",").map((kv) => kv.split("=") as [string, string]));
-  const runArgs = (model: string): string[] => ["--workers", arg("workers", "1"), "--feature-layer", layers.get(model) ?? "auto"];
+  const more = arg("run-args", "").split(" ").filter(Boolean);
+  const runArgs = (model: string): string[] => ["--workers", arg("workers", "1"), "--feature-layer", layers.get(model) ?? "auto", ...more];
   let dataArg = data;
   if (data === "tinted") {
     dataArg = join("runs", "bench-quality-tinted");
@@ -150,8 +152,8 @@ async function main(): Promise<void> {
   const limits = new Set<number>();
   const todo: (() => Promise<Row[]>)[] = [];
   for (const model of models) {
-    if (methods.includes("cached")) { limits.add(limit); todo.push(() => runRows(data, dataArg, model, "cached", limit, runArgs(model), common)); }
-    if (methods.includes("augment")) { limits.add(augmentLimit); todo.push(() => runRows(data, dataArg, model, "augment", augmentLimit, ["--method", "augment", ...runArgs(model)], common)); }
+    if (methods.includes("cached")) { limits.add(limit); todo.push(() => runRows(data, dataArg, model, "cached", limit, runArgs(model), common, arg("tag", ""))); }
+    if (methods.includes("augment")) { limits.add(augmentLimit); todo.push(() => runRows(data, dataArg, model, "augment", augmentLimit, ["--method", "augment", ...runArgs(model)], common, arg("tag", ""))); }
     if (methods.includes("fine-tune")) { limits.add(ftLimit); todo.push(() => runRows(data, dataArg, model, "fine-tune", ftLimit, [...ft, ...runArgs(model)], common, arg("tag", ""))); }
   }
   if (methods.includes("baseline")) for (const l of limits.size ? limits : [limit]) todo.unshift(() => baselineRows(data, dataArg, l, arg("baseline-models", "logistic,mlp"), ["--log-format", "json", ...train]));
