@@ -377,8 +377,9 @@ export class ReplicaSession {
 
   /** fit() marks the best epoch among its own; one from before a resume or join is in the history this replica carries. */
   private markBest(): void {
-    if (!this.controls.restoreBestWeights) return;
-    const best = this.history.find((h) => h.epoch === this.readControls?.().bestEpoch);
+    const epoch = this.readControls?.().bestEpoch;
+    if (!this.controls.restoreBestWeights || !epoch) return;
+    const best = this.history.find((h) => h.epoch === epoch);
     if (best) best.best = true;
   }
 
