@@ -41,7 +41,7 @@
  *   current members unchanged plus the newcomers in `joining`, under a new epoch. The members go on
  *   as they are. At the first step S of every training epoch member 0 decides -- a Control
  *   EPOCH_BOUNDARY under TRAINING_KEYS.boundary naming the proposal's epoch (after putting its state
- *   at S, weights + Adam moments + cursor, as TRAINING_OBJECTS.join) or the current one -- and
+ *   at S, weights + Adam moments + cursor + the training controls' state, as TRAINING_OBJECTS.join) or the current one -- and
  *   every member waits for that decision before averaging step S. The joiners restore the join state
  *   and everyone runs step S under the new membership; a weights checksum of step S from every member
  *   proves the joiners start from the same replica. Plans and decisions live in one KV subject tree
@@ -52,14 +52,14 @@
  *   them to fit(). Each validates after every epoch on the same rows with identical weights, so all
  *   take the same decisions: they stop at the same epoch (the attempt ends before `epochs`; member 0's
  *   `done` ends it as always) and put the same best epoch back before member 0 stores the final state.
- *   The cosine rate is a function of the epoch, so it resumes exactly; patience, the best figure, the
- *   best weights and a plateau's reduced rate count from the attempt's start: a resumed attempt starts
- *   them afresh. A joiner would start them afresh too and so decide differently from the members: under
- *   early stopping or a plateau schedule no worker joins mid-attempt (the driver's joinsAllowed). A
- *   final state is marked `complete`, so an early-stopped phase is not resumed by a restarted coordinator.
+ *   The cosine rate is a function of the epoch; patience, the best figure and epoch, the best weights and
+ *   a plateau's count and reduced rate (fit()'s ControlsState, as of the last epoch end) go into every
+ *   state member 0 stores, checkpoint and join alike, and fit() goes on from them: a resumed attempt and
+ *   a joiner decide as the uninterrupted members would. A final state is marked `complete`, so an
+ *   early-stopped phase is not resumed by a restarted coordinator.
  * - Consistency. Every K steps each replica publishes WeightsChecksum; replicas compare and a
  *   mismatch fails the job with ReplicaMismatchError.
- * - Checkpoints. Member 0 puts the state (weights + Adam moments + cursor (epoch, batch, step)) to
+ * - Checkpoints. Member 0 puts the state (weights + Adam moments + cursor (epoch, batch, step) + controls) to
  *   the object store as `latest` every M steps, and the final state at the end; the coordinator copies
  *   them to <out>/checkpoints/. A coordinator restarted with the same job id finds `latest` (same
  *   config fingerprint) and makes it the start state of a new attempt: fit() resumes at
@@ -133,8 +133,8 @@ export interface DataParallelOptions {
   images?: ImageInput;
   /**
    * Keras' training controls (early stopping, best weights, schedule, class weights, label smoothing), applied by
-   * every replica. Default none. Patience, the best figure and the best weights count from the attempt's start: a
-   * resumed attempt starts them afresh. With early stopping or a plateau schedule no worker joins mid-attempt.
+   * every replica. Default none. Their state is in every checkpoint and join state: a resumed attempt and a joiner
+   * go on with the patience, plateau rate and best weights where they were.
    */
   controls?: TrainingControls;
   onBatchProgress?: (step: number, totalSteps: number, epoch: number) => void;

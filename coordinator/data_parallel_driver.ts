@@ -61,8 +61,6 @@ export class DataParallelDriver {
   private lastHeartbeatCheck = 0;
   private lastLiveCheck = 0;
   private epochsSeen = 0;
-  /** Joins were refused (joinsAllowed), already logged. */
-  private joinsRefused = false;
   /** Workers that were members under some active membership. */
   private readonly trainedBy = new Set<string>();
   /** Workers that could not open the attempt's data (cannotJoin), already logged. */
@@ -323,19 +321,6 @@ export class DataParallelDriver {
     return { final: decodeState(b), history: r.history ?? [], allreduce: allreduceOf(done, this.planner.current.members.length), trainedBy: [...this.trainedBy].sort() };
   }
 
-  /**
-   * Whether workers may join mid-attempt. Not under early stopping or a plateau schedule: their patience and
-   * reduced rate live in each member's fit(), which a joiner would start afresh, so it would lower the rate
-   * at other epochs (its weights would diverge) or stop at another epoch than the members. Logged once.
-   */
-  private joinsAllowed(candidates: readonly string[]): boolean {
-    const c = this.c.attempt.controls;
-    if (!c || (c.earlyStoppingPatience === 0 && c.lrSchedule !== "plateau")) return true;
-    if (!this.joinsRefused) this.c.log.info("workers do not join this attempt: its members' early-stopping and plateau state is not carried to a joiner", { waiting: candidates });
-    this.joinsRefused = true;
-    return false;
-  }
-
   /** Heartbeat TTL: a member or joiner whose registry entry expired (or says stopped) is gone. */
   private async checkHeartbeats(): Promise<void> {
     if (Date.now() - this.lastHeartbeatCheck <= HEARTBEAT_CHECK_MS) return;
@@ -351,7 +336,6 @@ export class DataParallelDriver {
     for (const r of this.reports.values()) {
       if ((r.state === "ready" || r.state === "waiting") && !this.planner.isMember(r.worker) && (await this.alive(r.worker))) candidates.push(r.worker);
     }
-    if (candidates.length && !this.joinsAllowed(candidates)) return;
     const plan = this.planner.propose(candidates);
     if (plan) await this.publish(plan);
   }

@@ -116,7 +116,7 @@ describe("data-parallel driver", () => {
     s.stopWatch();
   });
 
-  test("data-parallel driver - under early stopping no worker joins mid-attempt, and member 0's done ends the attempt before its epochs", async () => {
+  test("data-parallel driver - under early stopping a waiting worker is proposed to join, and member 0's done ends the attempt before its epochs", async () => {
     const s = await setup("drv5", 2, 20_000, { earlyStoppingPatience: 1, restoreBestWeights: true });
     for (const w of ["w0", "w1"]) await s.alive(w);
     const run: Promise<DriveResult> = s.driver.run();
@@ -125,17 +125,18 @@ describe("data-parallel driver", () => {
     await s.gone("w1");
     await s.report("w0", { state: "peers_lost", step: 2, lost: ["w1"], epoch: 1 });
     await check(() => s.plans.length === 2, 10_000);
-    // w1 is back and waits: its fit() would count patience afresh, so it is not proposed.
+    // w1 is back and waits: the join state carries the controls' state, so it is proposed as without controls.
     await s.alive("w1");
     await s.report("w1", { state: "waiting", step: 2 });
-    await check(() => s.lines.some((l) => /workers do not join this attempt/.test(String(l.msg))), 10_000);
+    await check(() => s.plans.length === 3, 10_000);
+    assert.deepEqual(s.plans[2], { epoch: 3, members: ["w0", "w1"], joining: ["w1"] });
     // Stopped early after epoch 1 of 2 (step 4 of 8), epoch 1's weights restored.
     const h = [{ epoch: 1, loss: 1, accuracy: 0.5, val_loss: 0.9, val_accuracy: 0.6, best: true as const, seconds: 1, samples_per_second: 10 }];
     await s.storeFinal(4, 1);
     await s.report("w0", { state: "done", step: 4, history: h });
     const r = await run;
     s.stopWatch();
-    assert.equal(s.plans.length, 2, "no join proposed");
+    assert.equal(s.plans.length, 3, "one join proposed, never applied: the attempt stopped first");
     assert.equal(r.final.cursor.step, 4);
     assert.deepEqual(r.history, h);
   });

@@ -22,7 +22,7 @@ import { EvictedError, MembershipChanged, ReplicaFailedError, WorkerLostError } 
 import type { EngineProvider } from "../core/runtime/config.js";
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
-import { type BatchSource, computeGradients, type EpochStats, fit, type TrainingControls } from "../core/training/train_loop.js";
+import { type BatchSource, computeGradients, type ControlsState, type EpochStats, fit, type TrainingControls } from "../core/training/train_loop.js";
 import { registerWasmTrainingKernels } from "../core/models/wasm_kernels.js";
 import { DecodeError } from "../proto/codec.js";
 import { jobNames, type JobNames } from "../proto/subjects.js";
@@ -123,10 +123,15 @@ export class ReplicaSession {
   private readonly phase: TrainingPhase;
   /**
    * The attempt's training controls, applied by fit() on every replica: each validates the same rows with identical
-   * weights, so all stop at the same epoch and restore the same best epoch. Patience and the best epoch count from
-   * fit()'s start (the attempt's start cursor, or a join: the coordinator lets none in under early stopping or plateau).
+   * weights, so all stop at the same epoch and restore the same best epoch. Their state (patience, plateau count and
+   * rate, best epoch and weights) travels with every state this replica stores (checkpoint, join) and fit() goes on
+   * from the one it started from (a resumed attempt's start, a join), so a resumed or joined fit decides as the others do.
    */
   private readonly controls: TrainingControls;
+  /** The controls' state the next fit() goes on from: the attempt's start state's, or the join state's. */
+  private controlsFrom: ControlsState | undefined;
+  /** fit()'s reader of its controls' state (as of the last epoch end). */
+  private readControls: (() => ControlsState) | undefined;
   private stepTimer: (() => number) | undefined;
   /** Samples (images, for an image attempt) this replica trained on in this attempt: its images/s in the done log. */
   private samplesRun = 0;
@@ -304,6 +309,8 @@ export class ReplicaSession {
   /** Becomes a member and trains to the attempt's end; a replica left out waits to be let in again at a boundary. */
   private async trainAsMember(): Promise<void> {
     this.cursor = { ...this.r.start.cursor };
+    this.history = historyOf(this.r.start);
+    this.controlsFrom = this.r.start.controls;
     this.stintFrom = this.cursor.step;
     this.fitStart = performance.now();
     let waitingSince = -1; // view.seq after which a join must come (-1: the first membership of the attempt)
@@ -341,7 +348,8 @@ export class ReplicaSession {
     if (s.cursor.step !== sw.step) throw new ReplicaFailedError(this.o.self, `join state of membership epoch ${sw.epoch} is at step ${s.cursor.step}, the boundary was step ${sw.step}`);
     await restoreState(this.r.model, this.r.optimizer, s);
     this.cursor = { ...s.cursor };
-    this.history = [...((s.meta["history"] as EpochStats[] | undefined) ?? [])];
+    this.history = historyOf(s);
+    this.controlsFrom = s.controls;
     this.o.log.info("joining the training at a training-epoch boundary", { attempt: this.a.attempt, step: sw.step, epoch: s.cursor.epoch, membership_epoch: sw.epoch, members: sw.members });
   }
 
@@ -356,6 +364,7 @@ export class ReplicaSession {
     await fit(model, source, {
       epochs: this.a.epochs, batchSize: this.a.globalBatch, seed: this.a.seed, numClasses: this.a.numClasses, optimizer,
       initialEpoch: this.cursor.epoch, initialBatch: this.cursor.batch, signal: this.stop.signal, controls: this.controls,
+      initialControls: this.controlsFrom, onControls: (read) => (this.readControls = read),
       gradientHook: (grads, samples) => this.stepHook(grads, samples),
       onBatchEnd: (info) => this.onBatchEnd(info),
       onEpochEnd: async (s) => {
@@ -363,6 +372,22 @@ export class ReplicaSession {
         await this.report({ state: "training", step: this.cursor.step, cursor: { ...this.cursor }, history: this.history });
       },
     });
+    this.markBest();
+  }
+
+  /** fit() marks the best epoch among its own; one from before a resume or join is in the history this replica carries. */
+  private markBest(): void {
+    const epoch = this.readControls?.().bestEpoch;
+    if (!this.controls.restoreBestWeights || !epoch) return;
+    const best = this.history.find((h) => h.epoch === epoch);
+    if (best) best.best = true;
+  }
+
+  /** The state stored for a checkpoint or a join: weights, optimizer, cursor, and the controls' state fit() would go on from. */
+  private async captureWith(members: readonly string[]): Promise<TrainingState> {
+    const s = await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(members));
+    const controls = this.readControls?.();
+    return controls ? { ...s, controls } : s;
   }
 
   /** This replica's contiguous part of a global batch under the current membership. */
@@ -441,7 +466,7 @@ export class ReplicaSession {
     const p = this.view.pending;
     let epoch = this.av.epoch;
     if (p && this.view.current?.epoch === this.av.epoch) {
-      const s = await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(p.members));
+      const s = await this.captureWith(p.members);
       await putBytes(this.store, TRAINING_OBJECTS.join(this.a.attempt, p.epoch), encodeState(s));
       epoch = p.epoch;
     }
@@ -462,7 +487,7 @@ export class ReplicaSession {
 
   private async maybeCheckpoint(step: number): Promise<void> {
     if (!isCheckpointStep(step, { attemptStartStep: this.r.start.cursor.step, every: this.a.checkpointEvery, member0: this.av.members[0] === this.o.self })) return;
-    const s = await captureState(this.r.model, this.r.optimizer, this.cursor, this.stateMeta(this.av.members));
+    const s = await this.captureWith(this.av.members);
     await putBytes(this.store, TRAINING_OBJECTS.latestOf(this.phase), encodeState(s));
     await this.report({ state: "checkpoint", step, cursor: { ...this.cursor } });
     this.o.log.info("checkpoint saved", { step, epoch: this.cursor.epoch, batch: this.cursor.batch });
@@ -553,4 +578,9 @@ export class ReplicaSession {
     this.optimizer?.dispose();
     this.data?.dispose();
   }
+}
+
+/** The epochs a stored state's run has finished (its meta's history). */
+function historyOf(s: TrainingState): EpochStats[] {
+  return [...((s.meta["history"] as EpochStats[] | undefined) ?? [])];
 }

@@ -2,13 +2,17 @@
  * Checkpoints of data-parallel fine-tuning: the whole state a replica needs to go on from a step --
  * every weight of the fine-tune model (trainable and frozen, model.getWeights() order), the
  * optimizer's state (Adam: iterations, first and second moments, in trainable-weight order) and the
- * data cursor (training epoch, next batch, global step). The same blob seeds the replicas at the start
- * (the head phase's weights, a fresh optimizer, cursor 0), carries a resumed job's state and is the
+ * data cursor (training epoch, next batch, global step), and where the training controls stand (best
+ * figure and epoch, patience and plateau counts, the scheduled rate, the best epoch's weights:
+ * train_loop's ControlsState). The same blob seeds the replicas at the start (the head phase's
+ * weights, a fresh optimizer, cursor 0), carries a resumed job's state and a joiner's, and is the
  * phase's final result.
  *
  * Format (one object in the job's checkpoints bucket, or one file under `<out>/checkpoints/`): a u32
  * little-endian length, a JSON header (meta + tensor shapes), zero padding to 4 bytes, then the
- * float32 data of every tensor in order. Optimizer moments are restored by position, not by name:
+ * float32 data of every tensor in order (weights, optimizer, then the controls' best weights; the
+ * header's `controls` holds the figures and how many best weights follow). A blob without `controls`
+ * (an older ctrain's) starts the controls from scratch. Optimizer moments are restored by position, not by name:
  * tfjs names variables per process, while the trainable-weight order is the same on every replica.
  *
  * Trade-off of the period M: a checkpoint costs one object-store put of the model (a few MB for the
@@ -18,6 +22,7 @@ import { mkdir, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { ObjectStore } from "nats";
 import * as tf from "@tensorflow/tfjs";
+import type { ControlsState } from "./train_loop.js";
 
 /** Where training stands: the next step to run. */
 export interface DataCursor {
@@ -46,6 +51,8 @@ export interface TrainingState {
    * restored that way would drift from the others (and a resumed run from the uninterrupted one).
    */
   adamAccBeta?: [number, number];
+  /** Where fit()'s training controls stood (as of the last epoch end before `cursor`); absent: from scratch. */
+  controls?: ControlsState;
 }
 
 /** tfjs' AdamOptimizer keeps beta^t in these (not in getWeights()). */
@@ -129,7 +136,32 @@ export async function restoreState(model: tf.LayersModel, optimizer: tf.Optimize
 }
 
 export function encodeState(s: TrainingState): Uint8Array {
-  return packArrays({ kind: "ctrain-training-state", cursor: s.cursor, weightCount: s.weights.length, meta: s.meta, ...(s.adamAccBeta ? { adamAccBeta: s.adamAccBeta } : {}) }, [...s.weights, ...s.optimizer]);
+  const best = s.controls?.bestWeights ?? [];
+  return packArrays({
+    kind: "ctrain-training-state", cursor: s.cursor, weightCount: s.weights.length, meta: s.meta, ...(s.adamAccBeta ? { adamAccBeta: s.adamAccBeta } : {}),
+    ...(s.controls ? { controls: controlsHeader(s.controls) } : {}),
+  }, [...s.weights, ...s.optimizer, ...best]);
+}
+
+/** The controls' figures in the JSON header (Infinity, the best before any, as null) and how many best weights follow the optimizer's arrays. */
+function controlsHeader(c: ControlsState): Record<string, unknown> {
+  return { best: Number.isFinite(c.best) ? c.best : null, bestEpoch: c.bestEpoch, wait: c.wait, lrWait: c.lrWait, ...(c.lr !== undefined ? { lr: c.lr } : {}), bestWeightCount: c.bestWeights?.length ?? 0 };
+}
+
+/** The controls of a header (undefined when it has none) with their best weights: the last `bestWeightCount` of `arrays` (those after the weights). */
+function controlsFromHeader(h: unknown, arrays: StoredArray[]): ControlsState | undefined {
+  if (h === undefined || h === null) return undefined;
+  const c = h as Record<string, unknown>;
+  const count = c["bestWeightCount"];
+  const ints = [c["bestEpoch"], c["wait"], c["lrWait"], count];
+  const ok = ints.every((v) => Number.isInteger(v) && (v as number) >= 0) && (count as number) <= arrays.length
+    && (c["best"] === null || typeof c["best"] === "number") && (c["lr"] === undefined || typeof c["lr"] === "number");
+  if (!ok) throw new Error(`checkpoint blob has malformed training controls: ${JSON.stringify({ ...c })}`);
+  const n = count as number;
+  return {
+    best: c["best"] === null ? Infinity : (c["best"] as number), bestEpoch: c["bestEpoch"] as number, wait: c["wait"] as number, lrWait: c["lrWait"] as number,
+    ...(c["lr"] !== undefined ? { lr: c["lr"] as number } : {}), ...(n > 0 ? { bestWeights: arrays.slice(arrays.length - n) } : {}),
+  };
 }
 
 export function decodeState(bytes: Uint8Array): TrainingState {
@@ -138,7 +170,12 @@ export function decodeState(bytes: Uint8Array): TrainingState {
   const n = header["weightCount"] as number;
   const acc = header["adamAccBeta"];
   const adamAccBeta = Array.isArray(acc) && acc.length === 2 && acc.every((v) => typeof v === "number" && Number.isFinite(v)) ? [acc[0], acc[1]] as [number, number] : undefined;
-  return { cursor: header["cursor"] as DataCursor, weights: arrays.slice(0, n), optimizer: arrays.slice(n), meta: (header["meta"] ?? {}) as Record<string, unknown>, ...(adamAccBeta ? { adamAccBeta } : {}) };
+  const controls = controlsFromHeader(header["controls"], arrays.slice(n));
+  const optimizerEnd = arrays.length - (controls?.bestWeights?.length ?? 0);
+  return {
+    cursor: header["cursor"] as DataCursor, weights: arrays.slice(0, n), optimizer: arrays.slice(n, optimizerEnd), meta: (header["meta"] ?? {}) as Record<string, unknown>,
+    ...(adamAccBeta ? { adamAccBeta } : {}), ...(controls ? { controls } : {}),
+  };
 }
 
 export async function putBytes(os: ObjectStore, name: string, bytes: Uint8Array): Promise<void> {

@@ -20,6 +20,7 @@ import * as tf from "@tensorflow/tfjs";
 import { withSampleKeys } from "../models/sample_dropout.js";
 import type { LrSchedule, Monitor } from "../runtime/config.js";
 import { Rng } from "../runtime/rng.js";
+import type { StoredArray } from "./checkpoints.js";
 
 /** Rows of inputs (any per-sample shape) and integer labels held in memory. */
 export interface ArrayData {
@@ -165,6 +166,26 @@ export interface TrainingControls {
   loss?: LossOptions;
 }
 
+/**
+ * Where the training controls stand after an epoch: what a fit that goes on from that epoch (a resumed
+ * checkpoint, a data-parallel joiner) needs to take the decisions the uninterrupted fit would take.
+ * Plain data, so it travels in a checkpoint (core/training/checkpoints.ts).
+ */
+export interface ControlsState {
+  /** Best monitored figure so far (val_loss, or -val_accuracy); Infinity before any. */
+  best: number;
+  /** Epoch (as {@link EpochStats.epoch}, from 1) of the best figure; 0 before any. */
+  bestEpoch: number;
+  /** Early stopping: epochs since the best one. */
+  wait: number;
+  /** Plateau schedule: epochs since the last improvement or reduction. */
+  lrWait: number;
+  /** Rate the schedule holds (a plateau's reduced rate); absent when the optimizer has no numeric rate. */
+  lr?: number;
+  /** restoreBestWeights: the best epoch's trainable weights (model.trainableWeights order); absent before any. */
+  bestWeights?: StoredArray[];
+}
+
 export interface FitOptions {
   epochs: number;
   batchSize: number;
@@ -184,6 +205,17 @@ export interface FitOptions {
    */
   sliceOf?: (indices: Int32Array, batch: number) => Int32Array;
   controls?: TrainingControls;
+  /**
+   * The controls' state to go on from, as {@link onControls}' reader gave it at the end of epoch
+   * `initialEpoch` (resume, join). Default: from scratch (no best yet, no patience spent, the optimizer's rate).
+   */
+  initialControls?: ControlsState;
+  /**
+   * Called once as the loop starts with a reader of the controls' state as of the last epoch end (or
+   * `initialControls`): what a checkpoint or a joiner's start state taken between two epoch ends carries.
+   * It copies the best weights; once fit has returned it gives the state without them (put back into the model).
+   */
+  onControls?: (read: () => ControlsState) => void;
   onBatchEnd?: (info: { epoch: number; batch: number; batches: number; samples: number; loss: number }) => void;
   onEpochEnd?: (stats: EpochStats) => void | Promise<void>;
   /** Set to stop after the current batch. */
@@ -319,12 +351,14 @@ async function fitBatches(model: tf.LayersModel, data: BatchSource, opts: Omit<F
   // Best weights are on by default and simply have nothing to pick without validation; the others would silently do nothing.
   if (((c.earlyStoppingPatience ?? 0) > 0 || c.lrSchedule === "plateau") && !data.validate)
     throw new RangeError("fit: early stopping and the plateau schedule need validation data");
+  checkControlsState(model, opts.initialControls);
   if (running) throw new Error("fit: another fit is running in this process");
   running = true;
-  const schedule = new LearningRate(opts.optimizer, c, opts.epochs);
-  const watch = new Watch(c);
+  const schedule = new LearningRate(opts.optimizer, c, opts.epochs, opts.initialControls);
+  const watch = new Watch(c, opts.initialControls);
   const history: EpochStats[] = [];
   try {
+    opts.onControls?.(() => ({ ...watch.state(), ...schedule.state() }));
     for (let epoch = opts.initialEpoch ?? 0; epoch < opts.epochs; epoch++) {
       const lr = schedule.epochStart(epoch);
       const stats = await trainEpoch(model, data, opts, epoch);
@@ -347,6 +381,15 @@ async function fitBatches(model: tf.LayersModel, data: BatchSource, opts: Omit<F
     watch.dispose();
     running = false;
   }
+}
+
+/** A state to go on from must hold a best weight per trainable weight of the model, of its shape. */
+function checkControlsState(model: tf.LayersModel, s: ControlsState | undefined): void {
+  const w = s?.bestWeights;
+  if (!w) return;
+  const shapes = model.trainableWeights.map((t) => t.shape.join("x"));
+  if (w.length !== shapes.length || w.some((a, i) => a.shape.join("x") !== shapes[i]))
+    throw new RangeError(`fit: initialControls holds best weights of shapes [${w.map((a) => a.shape.join("x")).join(", ")}], the model's trainable weights are [${shapes.join(", ")}]`);
 }
 
 /** One pass over the epoch's batches (with `prefetch`, the next batch is prepared while the current one trains). */
@@ -406,12 +449,20 @@ class LearningRate {
   private current: number | undefined;
   private wait = 0;
 
-  constructor(private readonly optimizer: tf.Optimizer, private readonly c: TrainingControls, private readonly epochs: number) {
+  /** `from`: the state to go on from (its rate and plateau count); the optimizer's own rate stays the initial one (cosine, reset). */
+  constructor(private readonly optimizer: tf.Optimizer, private readonly c: TrainingControls, private readonly epochs: number, from?: ControlsState) {
     const lr = (optimizer as unknown as { learningRate?: unknown }).learningRate;
     const scheduled = (c.lrSchedule ?? "constant") !== "constant";
     if (scheduled && typeof lr !== "number") throw new RangeError(`fit: the ${c.lrSchedule} schedule needs an optimizer with a numeric learningRate`);
     this.initial = typeof lr === "number" ? lr : undefined;
     this.current = this.initial;
+    if (!from) return;
+    this.wait = from.lrWait;
+    if (from.lr !== undefined && this.initial !== undefined && from.lr !== this.initial) this.set(from.lr);
+  }
+
+  state(): Pick<ControlsState, "lrWait" | "lr"> {
+    return { lrWait: this.wait, ...(this.current !== undefined ? { lr: this.current } : {}) };
   }
 
   /** The rate of epoch `epoch`'s steps (set on the optimizer). */
@@ -449,7 +500,19 @@ class Watch {
   private wait = 0;
   private snapshot: tf.Tensor[] | undefined;
 
-  constructor(private readonly c: TrainingControls) {}
+  constructor(private readonly c: TrainingControls, from?: ControlsState) {
+    if (!from) return;
+    this.best = from.best;
+    this.bestEpoch = from.bestEpoch;
+    this.wait = from.wait;
+    if (this.c.restoreBestWeights && from.bestWeights) this.snapshot = from.bestWeights.map((a) => tf.keep(tf.tensor(a.data, a.shape, "float32")));
+  }
+
+  /** Copies of the figures and (while fit runs) the best weights. */
+  state(): Omit<ControlsState, "lrWait" | "lr"> {
+    const bestWeights = this.snapshot?.map((t) => ({ shape: t.shape.slice(), data: Float32Array.from(t.dataSync() as Float32Array) }));
+    return { best: this.best, bestEpoch: this.bestEpoch, wait: this.wait, ...(bestWeights ? { bestWeights } : {}) };
+  }
 
   /** Records the epoch; true when the monitored figure improved. */
   epochEnd(model: tf.LayersModel, stats: EpochStats): boolean {
