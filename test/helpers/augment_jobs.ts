@@ -109,7 +109,7 @@ export class AugmentJobs {
   }
 }
 
-export async function exitCode(c: Proc, timeoutMs = 120_000): Promise<number | null | "timeout"> {
+export async function exitCode(c: Proc, timeoutMs = 240_000): Promise<number | null | "timeout"> {
   let timer: NodeJS.Timeout | undefined;
   const code = await Promise.race([c.exited, new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), timeoutMs)))]);
   clearTimeout(timer);
