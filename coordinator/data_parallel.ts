@@ -226,7 +226,8 @@ async function trainOnWorkers(o: DataParallelOptions, s: Stores, head: tf.Layers
   // `complete`: the attempt that stored it ended (early stopping ends it before totalSteps).
   if (start.cursor.step >= totalSteps || start.meta["complete"] === true) {
     o.log.info("data-parallel training already complete in the checkpoint", { phase: o.phase ?? "fine_tune", step: start.cursor.step });
-    return { final: start, history, allreduce: { seconds: 0, bytes: 0, workers: 0 }, trainedBy: [] };
+    // The workers finished the attempt while no coordinator ran (it was restarted): the final membership trained it.
+    return { final: start, history, allreduce: { seconds: 0, bytes: 0, workers: 0 }, trainedBy: (start.meta["members"] as string[] | undefined) ?? [] };
   }
   const a = attemptOf(o, newAttemptId(), data.trainSamples);
   await publishAttempt(o, s, a, head, start, data, totalSteps);
@@ -243,7 +244,7 @@ export interface DataParallelRun {
   history: EpochStats[];
   /** Steps of the attempt (the final state's cursor). */
   steps: number;
-  /** Distinct workers that were members of the attempt at some step (0 when a checkpoint was already complete). */
+  /** Distinct workers that were members of the attempt at some step (a checkpoint already complete: its final membership). */
   workers: number;
 }
 

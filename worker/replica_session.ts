@@ -130,6 +130,8 @@ export class ReplicaSession {
   private stepTimer: (() => number) | undefined;
   /** Samples (images, for an image attempt) this replica trained on in this attempt: its images/s in the done log. */
   private samplesRun = 0;
+  /** Samples of the gradients this replica averaged for the step just applied (its part under the membership the step ran under). */
+  private stepSamples: number | undefined;
   private fitStart = 0;
 
   constructor(private readonly o: TrainingWorkerOptions) {
@@ -373,8 +375,11 @@ export class ReplicaSession {
   private onBatchEnd(done: { epoch: number; batch: number; batches: number; samples: number }): void {
     this.stepTimer?.();
     this.stepTimer = this.o.metrics?.startStep(this.phase);
-    this.o.metrics?.countImages(this.phase, done.samples);
-    this.samplesRun += done.samples;
+    // fit() counts the part it cut; a step redone under another membership trained the part cut again.
+    const samples = this.stepSamples ?? done.samples;
+    this.stepSamples = undefined;
+    this.o.metrics?.countImages(this.phase, samples);
+    this.samplesRun += samples;
     this.cursor = advanceCursor(this.cursor, done);
     this.o.metrics?.setEpoch(this.phase, done.epoch + 1, this.cursor.step);
     if (isChecksumStep(this.cursor.step, this.a.checksumEvery)) this.publishChecksum(this.cursor.step);
@@ -392,7 +397,9 @@ export class ReplicaSession {
       }
       if (isBoundaryStep(step, this.cursor.batch, this.stintFrom) && (await this.atBoundary(step))) g.replace(await this.recompute());
       await this.maybeCheckpoint(step);
-      return await this.averageStep(step, g);
+      const averaged = await this.averageStep(step, g);
+      this.stepSamples = g.samples;
+      return averaged;
     } finally {
       g.dispose();
     }
