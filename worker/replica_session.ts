@@ -40,6 +40,11 @@ import { weightsChecksum } from "./weights_checksum.js";
 import { ChecksumBook } from "./replica_checksums.js";
 import { advanceCursor, buildReport, doneReport, endReport, isBoundaryStep, isCheckpointStep, isChecksumStep, lostPeersOf, trainingSummary, type ReportBody } from "./replica_steps.js";
 
+/** The epochs a state's attempt had trained when it was captured (a copy). */
+function historyOf(s: TrainingState): EpochStats[] {
+  return [...((s.meta["history"] as EpochStats[] | undefined) ?? [])];
+}
+
 export interface TrainingWorkerOptions {
   nc: NatsConnection;
   job: string;
@@ -306,6 +311,8 @@ export class ReplicaSession {
   /** Becomes a member and trains to the attempt's end; a replica left out waits to be let in again at a boundary. */
   private async trainAsMember(): Promise<void> {
     this.cursor = { ...this.r.start.cursor };
+    // A resumed attempt goes on with the epochs before its checkpoint: the history member 0 reports is the phase's whole.
+    this.history = historyOf(this.r.start);
     this.stintFrom = this.cursor.step;
     this.fitStart = performance.now();
     let waitingSince = -1; // view.seq after which a join must come (-1: the first membership of the attempt)
@@ -343,7 +350,7 @@ export class ReplicaSession {
     if (s.cursor.step !== sw.step) throw new ReplicaFailedError(this.o.self, `join state of membership epoch ${sw.epoch} is at step ${s.cursor.step}, the boundary was step ${sw.step}`);
     await restoreState(this.r.model, this.r.optimizer, s);
     this.cursor = { ...s.cursor };
-    this.history = [...((s.meta["history"] as EpochStats[] | undefined) ?? [])];
+    this.history = historyOf(s);
     this.o.log.info("joining the training at a training-epoch boundary", { attempt: this.a.attempt, step: sw.step, epoch: s.cursor.epoch, membership_epoch: sw.epoch, members: sw.members });
   }
 
