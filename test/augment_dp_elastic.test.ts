@@ -5,7 +5,7 @@
  * head, and every replica's "training done" images are exactly its parts of the global batches under
  * the memberships it trained in: every sample of each epoch trained once, none twice, none skipped.
  * Real nats-server, `ctrain coordinator` / `ctrain worker` processes, Fashion-MNIST (200 training images
- * at input 32), the real MobileNetV2 base (test/helpers/augment_jobs.ts); 8 head epochs, so a late worker
+ * at input 32), the real MobileNetV2 base (test/helpers/augment_jobs.ts); 20 head epochs (9 steps each), so a late worker
  * has boundaries left to join at.
  */
 import assert from "node:assert/strict";
@@ -15,7 +15,7 @@ import { memberSlice } from "../proto/training_wire.js";
 import { AUGMENT_JOB_ARGS, AugmentJobs, maxAbsDiff, stop, withOptions } from "./helpers/augment_jobs.js";
 import type { Proc } from "./helpers/cluster.js";
 
-const EPOCHS = 8;
+const EPOCHS = 20;
 const BATCH = 24;
 const SEED = 7;
 const ARGS = withOptions(AUGMENT_JOB_ARGS, { "--epochs": String(EPOCHS) });
