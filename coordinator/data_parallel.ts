@@ -81,7 +81,7 @@ import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
 import { type ArrayData, type EpochStats, evaluate, epochBatches, type TrainingControls } from "../core/training/train_loop.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
-import { captureState, decodeState, encodeState, getBytes, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
+import { captureState, decodeState, encodeState, getBytesWithin, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import type { FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix } from "./head_training.js";
 import { completeAttempt, encodeDataObject, toControlsMessage, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt, type TrainingPhase } from "../proto/training_wire.js";
@@ -185,10 +185,28 @@ async function openStores(nc: NatsConnection, job: string): Promise<Stores> {
   };
 }
 
+/** Tries at reading `latest`, and how long one may take (the state of the trainable part and its Adam moments: megabytes at most). */
+const LATEST_READS = 5;
+const LATEST_READ_MS = 5000;
+
+/**
+ * The job's latest checkpoint of a phase, or null. A coordinator restarted while the replicas of its
+ * attempt still train reads `latest` as member 0 rewrites it: a read that stalls is done again.
+ */
+async function readLatest(os: ObjectStore, name: string, log: Logger): Promise<Uint8Array | null> {
+  for (let i = 1; i <= LATEST_READS; i++) {
+    const b = await getBytesWithin(os, name, LATEST_READ_MS).catch(() => null);
+    if (b !== undefined) return b;
+    log.info("checkpoint rewritten while it was read: reading it again", { name, try: i });
+  }
+  log.warn("cannot read the latest checkpoint (rewritten during every read): starting the phase afresh", { name, tries: LATEST_READS });
+  return null;
+}
+
 /** The attempt's start state: the job's latest checkpoint when it was made for this configuration, else the model as it is. */
 async function startState(o: DataParallelOptions, os: ObjectStore, model: tf.LayersModel, optimizer: tf.Optimizer, fp: string, totalSteps: number): Promise<TrainingState> {
   const fresh = await captureState(model, optimizer, { epoch: 0, batch: 0, step: 0 }, { fingerprint: fp, history: [] });
-  const bytes = await getBytes(os, TRAINING_OBJECTS.latestOf(o.phase ?? "fine_tune")).catch(() => null);
+  const bytes = await readLatest(os, TRAINING_OBJECTS.latestOf(o.phase ?? "fine_tune"), o.log);
   if (!bytes) return fresh;
   const latest = decodeState(bytes);
   if (latest.meta["fingerprint"] !== fp) {
@@ -226,7 +244,8 @@ async function trainOnWorkers(o: DataParallelOptions, s: Stores, head: tf.Layers
   // `complete`: the attempt that stored it ended (early stopping ends it before totalSteps).
   if (start.cursor.step >= totalSteps || start.meta["complete"] === true) {
     o.log.info("data-parallel training already complete in the checkpoint", { phase: o.phase ?? "fine_tune", step: start.cursor.step });
-    return { final: start, history, allreduce: { seconds: 0, bytes: 0, workers: 0 }, trainedBy: [] };
+    // The workers finished the attempt while no coordinator ran (it was restarted): the final membership trained it.
+    return { final: start, history, allreduce: { seconds: 0, bytes: 0, workers: 0 }, trainedBy: (start.meta["members"] as string[] | undefined) ?? [] };
   }
   const a = attemptOf(o, newAttemptId(), data.trainSamples);
   await publishAttempt(o, s, a, head, start, data, totalSteps);
@@ -243,7 +262,7 @@ export interface DataParallelRun {
   history: EpochStats[];
   /** Steps of the attempt (the final state's cursor). */
   steps: number;
-  /** Distinct workers that were members of the attempt at some step (0 when a checkpoint was already complete). */
+  /** Distinct workers that were members of the attempt at some step (a checkpoint already complete: its final membership). */
   workers: number;
 }
 

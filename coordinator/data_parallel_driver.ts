@@ -10,7 +10,7 @@ import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
 import { ReplicaFailedError, WorkersUnavailableError } from "../core/runtime/errors.js";
 import type { EpochStats } from "../core/training/train_loop.js";
-import { decodeState, getBytes, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
+import { decodeState, getBytes, getBytesWithin, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
 import { decode, DecodeError } from "../proto/codec.js";
 import { WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
 import { attemptPhase, cannotJoin, decodeBoundaryDecision, decodeReport, encodeMembershipPlan, TRAINING_KEYS, TRAINING_OBJECTS, type BoundaryDecision, type MembershipPlan, type TrainingAttempt, type TrainingReport } from "../proto/training_wire.js";
@@ -67,6 +67,8 @@ export class DataParallelDriver {
   private readonly leftOut = new Set<string>();
   /** Per-step compute/wait of every replica: metrics, and a log line naming a straggler. */
   private readonly stragglers: StragglerMonitor;
+  /** The copy of the latest checkpoint to --out in progress (one at a time, beside the supervision loop). */
+  private copying: Promise<void> | undefined;
 
   constructor(private readonly c: DriverContext) {
     this.stragglers = new StragglerMonitor({ log: c.log, ...(c.metrics ? { metrics: c.metrics } : {}) });
@@ -279,7 +281,7 @@ export class DataParallelDriver {
       case "fail":
         throw new ReplicaFailedError(r.worker, a.message);
       case "checkpoint":
-        await this.onCheckpoint(r);
+        this.onCheckpoint(r);
         return undefined;
       case "peers_lost": {
         // Trust a survivor's report only for peers whose heartbeat is gone or stale.
@@ -300,21 +302,30 @@ export class DataParallelDriver {
     }
   }
 
-  private async onCheckpoint(r: TrainingReport): Promise<void> {
+  private onCheckpoint(r: TrainingReport): void {
     this.c.log.info("checkpoint saved", { step: r.step, cursor: r.cursor, by: r.worker });
     this.c.onBatchProgress?.(r.step ?? 0, this.c.totalSteps, r.cursor?.epoch ?? 0);
-    if (!this.c.out) return;
+    // Not awaited: a copy can take its whole timeout (see copyLatest), and the loop must go on reading reports,
+    // heartbeats and joiners meanwhile. A checkpoint that comes during a copy is left to the next one.
+    if (!this.c.out || this.copying) return;
+    this.copying = this.copyLatest(this.c.out)
+      .catch((err: unknown) => this.c.log.warn("checkpoint copy to --out failed", { error: err as Error }))
+      .finally(() => (this.copying = undefined));
+  }
+
+  /** Copies `latest` to <out>/checkpoints/. */
+  private async copyLatest(out: string): Promise<void> {
     // Best effort, bounded: member 0 may overwrite `latest` while we read it, and a read whose chunks
     // were purged never ends (it stalled the whole supervision loop).
-    const timeout = new Promise<null>((r) => setTimeout(() => r(null), 5000).unref());
     const phase = attemptPhase(this.c.attempt);
-    const b = await Promise.race([getBytes(this.c.os, TRAINING_OBJECTS.latestOf(phase)), timeout]).catch(() => null);
-    if (b) await writeStateFile(this.c.out, TRAINING_OBJECTS.fileOf(phase, "latest"), decodeState(b)).catch((err: unknown) => this.c.log.warn("checkpoint copy to --out failed", { error: err as Error }));
+    const b = await getBytesWithin(this.c.os, TRAINING_OBJECTS.latestOf(phase), 5000).catch(() => null);
+    if (b) await writeStateFile(out, TRAINING_OBJECTS.fileOf(phase, "latest"), decodeState(b));
   }
 
   /** Member 0 is done: its final state and history, and the replicas' averaging cost. */
   private async finish(r: TrainingReport): Promise<DriveResult> {
     const name = TRAINING_OBJECTS.final(this.c.attempt.attempt);
+    await this.copying;
     const b = await getBytes(this.c.os, name);
     if (!b) throw new ReplicaFailedError(r.worker, `member 0 (${r.worker}) reported done but ${name} is not in the store`);
     const done = [...this.reports.values()].filter((x) => x.state === "done");

@@ -40,6 +40,11 @@ import { weightsChecksum } from "./weights_checksum.js";
 import { ChecksumBook } from "./replica_checksums.js";
 import { advanceCursor, buildReport, doneReport, endReport, isBoundaryStep, isCheckpointStep, isChecksumStep, lostPeersOf, trainingSummary, type ReportBody } from "./replica_steps.js";
 
+/** The epochs a state's attempt had trained when it was captured (a copy). */
+function historyOf(s: TrainingState): EpochStats[] {
+  return [...((s.meta["history"] as EpochStats[] | undefined) ?? [])];
+}
+
 export interface TrainingWorkerOptions {
   nc: NatsConnection;
   job: string;
@@ -135,6 +140,8 @@ export class ReplicaSession {
   private stepTimer: (() => number) | undefined;
   /** Samples (images, for an image attempt) this replica trained on in this attempt: its images/s in the done log. */
   private samplesRun = 0;
+  /** Samples of the gradients this replica averaged for the step just applied (its part under the membership the step ran under). */
+  private stepSamples: number | undefined;
   private fitStart = 0;
 
   constructor(private readonly o: TrainingWorkerOptions) {
@@ -309,6 +316,7 @@ export class ReplicaSession {
   /** Becomes a member and trains to the attempt's end; a replica left out waits to be let in again at a boundary. */
   private async trainAsMember(): Promise<void> {
     this.cursor = { ...this.r.start.cursor };
+    // A resumed attempt goes on with the epochs before its checkpoint: the history member 0 reports is the phase's whole.
     this.history = historyOf(this.r.start);
     this.controlsFrom = this.r.start.controls;
     this.stintFrom = this.cursor.step;
@@ -398,8 +406,11 @@ export class ReplicaSession {
   private onBatchEnd(done: { epoch: number; batch: number; batches: number; samples: number }): void {
     this.stepTimer?.();
     this.stepTimer = this.o.metrics?.startStep(this.phase);
-    this.o.metrics?.countImages(this.phase, done.samples);
-    this.samplesRun += done.samples;
+    // fit() counts the part it cut; a step redone under another membership trained the part cut again.
+    const samples = this.stepSamples ?? done.samples;
+    this.stepSamples = undefined;
+    this.o.metrics?.countImages(this.phase, samples);
+    this.samplesRun += samples;
     this.cursor = advanceCursor(this.cursor, done);
     this.o.metrics?.setEpoch(this.phase, done.epoch + 1, this.cursor.step);
     if (isChecksumStep(this.cursor.step, this.a.checksumEvery)) this.publishChecksum(this.cursor.step);
@@ -417,7 +428,9 @@ export class ReplicaSession {
       }
       if (isBoundaryStep(step, this.cursor.batch, this.stintFrom) && (await this.atBoundary(step))) g.replace(await this.recompute());
       await this.maybeCheckpoint(step);
-      return await this.averageStep(step, g);
+      const averaged = await this.averageStep(step, g);
+      this.stepSamples = g.samples;
+      return averaged;
     } finally {
       g.dispose();
     }

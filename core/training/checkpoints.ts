@@ -186,6 +186,20 @@ export async function getBytes(os: ObjectStore, name: string): Promise<Uint8Arra
   return os.getBlob(name);
 }
 
+/**
+ * getBytes bounded by `ms`: undefined when the read did not end in time. An object rewritten while it
+ * is read (`latest`, by a replica still training) can leave the read waiting for purged chunks forever.
+ */
+export async function getBytesWithin(os: ObjectStore, name: string, ms: number): Promise<Uint8Array | null | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<undefined>((r) => (timer = setTimeout(() => r(undefined), ms)));
+  try {
+    return await Promise.race([getBytes(os, name), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** Writes a state under `<dir>/checkpoints/<name>.ckpt` atomically (temp file + rename). */
 export async function writeStateFile(dir: string, name: string, s: TrainingState): Promise<string> {
   const folder = join(dir, "checkpoints");

@@ -3,7 +3,7 @@
  * others are compared with), then the table on stdout and bench/results/chaos.json. Exits 1 when a
  * scenario failed, lost or duplicated samples, or differed from the clean run.
  *
- *   node dist/test/chaos/run.js [--seed N] [--limit N] [--shard-size N] [--only a,b|ft|run] [--timeout S] [--keep] [--out FILE] [--log-dir DIR]
+ *   node dist/test/chaos/run.js [--seed N] [--limit N] [--shard-size N] [--only a,b|ft|aug|run] [--timeout S] [--keep] [--out FILE] [--log-dir DIR]
  * The `run-*` rows (test/chaos/run_scenarios.ts) drive `ctrain run` with its embedded nats-server.
  */
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -12,7 +12,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { RUN_SCENARIOS, runRunScenario } from "./run_scenarios.js";
-import { DEFAULT_CONFIG, formatTable, jobArgs, killRunning, plannedIds, runScenario, SCENARIOS, type ChaosConfig, type RunArtifacts, type ScenarioResult } from "./scenarios.js";
+import { AUGMENT_INPUT_SIZE, DEFAULT_CONFIG, formatTable, jobArgs, killRunning, plannedIds, runScenario, SCENARIOS, type ChaosConfig, type RunArtifacts, type Scenario, type ScenarioResult } from "./scenarios.js";
 
 const RESULTS = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..", "bench", "results", "chaos.json");
 
@@ -33,9 +33,13 @@ async function main(): Promise<number> {
     ...(values["log-dir"] ? { logDir: values["log-dir"] } : {}),
   };
   const only = values.only?.split(",");
-  // The clean runs are the baselines: "clean" for extraction + head, "ft-clean" for fine-tuning.
-  const wanted = (name: string, ft: boolean): boolean => !only || only.includes(name) || (name === "clean") || (name === "ft-clean" && SCENARIOS.some((x) => x.fineTune && only.includes(x.name))) || (ft && only.includes("ft"));
-  const scenarios = SCENARIOS.filter((s) => wanted(s.name, s.fineTune ?? false));
+  // The clean runs are the baselines: "clean" for extraction + head, "ft-clean" for fine-tuning, "aug-clean" for
+  // method 2 (its own input size: only compared with method-2 rows, so not needed when only those run).
+  const isAug = (name: string): boolean => name === "aug" || SCENARIOS.some((x) => x.augment && x.name === name);
+  const wanted = (s: Scenario): boolean => !only || only.includes(s.name) || (s.name === "clean" && !only.every(isAug))
+    || (s.name === "ft-clean" && SCENARIOS.some((x) => x.fineTune && only.includes(x.name))) || (s.name === "aug-clean" && only.some(isAug))
+    || (!!s.fineTune && only.includes("ft")) || (!!s.augment && only.includes("aug"));
+  const scenarios = SCENARIOS.filter(wanted);
   const planned = await plannedIds(cfg);
   console.error(`chaos: ${scenarios.length} scenario(s), seed ${cfg.seed}, ${planned.length} samples in shards of ${cfg.shardSize}, input ${cfg.inputSize}, ack wait ${cfg.ackWaitS} s; work dir ${dir}`);
   const rows: ScenarioResult[] = [];
@@ -43,12 +47,13 @@ async function main(): Promise<number> {
   const t0 = performance.now();
   try {
     for (const sc of scenarios) {
-      console.error(`chaos: ${sc.name} (${sc.workers} worker(s)${sc.fineTune ? ", fine-tuning" : ""})...`);
+      console.error(`chaos: ${sc.name} (${sc.workers} worker(s)${sc.fineTune ? ", fine-tuning" : sc.augment ? ", method 2 on the workers" : ""})...`);
       const clean = baselines.get("clean");
-      // ft-clean against clean: the same features; its model and time are its own (fine-tuned).
-      const baseline = sc.name === "ft-clean" ? (clean ? { wallS: Number.NaN, features: clean.features } : undefined) : baselines.get(sc.fineTune ? "ft-clean" : "clean");
+      // ft-clean against clean: the same features; its model and time are its own (fine-tuned). aug-clean: its own input size.
+      const baseline = sc.name === "ft-clean" ? (clean ? { wallS: Number.NaN, features: clean.features } : undefined)
+        : sc.name === "aug-clean" ? undefined : baselines.get(sc.fineTune ? "ft-clean" : sc.augment ? "aug-clean" : "clean");
       const { result, artifacts } = await runScenario(sc, cfg, planned, baseline);
-      if (sc.name === "clean" || sc.name === "ft-clean") {
+      if (sc.name === "clean" || sc.name === "ft-clean" || sc.name === "aug-clean") {
         baselines.set(sc.name, artifacts);
         result.overhead = 1;
       }
@@ -57,7 +62,7 @@ async function main(): Promise<number> {
     }
     for (const sc of RUN_SCENARIOS.filter((s) => !only || only.includes(s.name) || only.includes("run"))) {
       console.error(`chaos: ${sc.name} (ctrain run, ${sc.workers} worker(s))...`);
-      const result = await runRunScenario(sc, cfg, planned, jobArgs(cfg, false), baselines.get("clean"));
+      const result = await runRunScenario(sc, cfg, planned, jobArgs(cfg), baselines.get("clean"));
       rows.push(result);
       console.error(`chaos: ${sc.name}: ${result.ok ? "ok" : "FAIL"} in ${result.wall_s} s, faults: ${result.faults.join("; ") || "none"}`);
     }
@@ -69,7 +74,7 @@ async function main(): Promise<number> {
   await mkdir(dirname(file), { recursive: true });
   await writeFile(file, JSON.stringify({
     generated_at: new Date().toISOString(),
-    config: { seed: cfg.seed, limit: cfg.limit, samples: planned.length, shard_size: cfg.shardSize, input_size: cfg.inputSize, ack_wait_s: cfg.ackWaitS, max_deliver: cfg.maxDeliver, backend: "wasm" },
+    config: { seed: cfg.seed, limit: cfg.limit, samples: planned.length, shard_size: cfg.shardSize, input_size: cfg.inputSize, augment_input_size: AUGMENT_INPUT_SIZE, ack_wait_s: cfg.ackWaitS, max_deliver: cfg.maxDeliver, backend: "wasm" },
     seconds: Number(((performance.now() - t0) / 1000).toFixed(1)),
     scenarios: rows,
   }, null, 2) + "\n");

@@ -82,6 +82,13 @@ export interface ScenarioResult {
   test_accuracy_delta_points: number | null;
   /** Test images: one of them is 100 / test_samples points, the least an accuracy can move. */
   test_samples: number | null;
+  /** Method 2: summary.json's phases.head.workers. */
+  head_workers?: number | null;
+  /**
+   * Method 2: images of the last head attempt's steps (from its start cursor), and the images its replicas
+   * say they trained ("training done"); trained is null where a replica of it ended without saying (SIGKILLed).
+   */
+  head_samples?: { expected: number; trained: number | null };
   wall_s: number;
   /** wall time / clean run's wall time. */
   overhead: number | null;
@@ -119,6 +126,13 @@ export interface Scenario {
    * head; compared with the clean fine-tune run "ft-clean" instead of "clean".
    */
   fineTune?: boolean;
+  /**
+   * Method 2 (--method augment, input {@link AUGMENT_INPUT_SIZE}): the head trained data-parallel on the
+   * workers on augmented images (see {@link jobArgs}); compared with the clean method-2 run "aug-clean".
+   */
+  augment?: boolean;
+  /** Method 2: workers summary.json must count in phases.head.workers (every worker that was a member at some step). */
+  headWorkers?: number;
   run(ctx: ScenarioContext): Promise<void>;
 }
 
@@ -200,6 +214,50 @@ async function trainingVictim(ctx: ScenarioContext): Promise<{ v: Proc; n: numbe
   if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return undefined;
   const v = s.pick(ctx.workers.filter((w) => w.alive && w.logged("training").length > 0));
   return v ? { v, n } : undefined;
+}
+
+/** A training replica SIGKILLed after a seeded number of checkpoints; no replacement. */
+async function killReplica(ctx: ScenarioContext): Promise<void> {
+  const s = ctx.sched;
+  const { v, n } = (await trainingVictim(ctx)) ?? {};
+  if (!v) return;
+  v.proc.kill("SIGKILL");
+  await v.exited;
+  s.record(`SIGKILL replica ${v.name} after ${n} checkpoint(s)`);
+}
+
+/** One more worker started once training began (after 0-1 checkpoints), noted with the step it joined at. */
+async function lateReplica(ctx: ScenarioContext): Promise<void> {
+  const s = ctx.sched;
+  const n = s.int(0, 1);
+  if (!(await s.until(() => s.coordinatorCount("membership") > 0 && s.coordinatorCount("checkpoint saved") >= n))) return;
+  const w = await ctx.addWorker();
+  s.record(`${w.name} started after ${n} checkpoint(s)`);
+  await s.until(() => s.coordinatorCount("workers joined at a training-epoch boundary") > 0);
+  const j = ctx.coordinator.logged("workers joined at a training-epoch boundary")[0];
+  ctx.notes.push(j ? `${w.name} joined at step ${String(j.step)}` : `${w.name} did not join before the end`);
+}
+
+/** What a restarted coordinator says about the checkpoint of the phase it trains on the workers. */
+const RESUME_LINE = /^resuming .* from checkpoint$|already complete in the checkpoint$|^ignoring a checkpoint of another configuration$|^training spec published$/;
+
+/** The coordinator SIGKILLed after 1-2 training checkpoints and started again with the same job id. */
+async function restartMidTraining(ctx: ScenarioContext): Promise<void> {
+  const s = ctx.sched;
+  const n = s.int(1, 2);
+  if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
+  const c = ctx.coordinator;
+  c.proc.kill("SIGKILL");
+  await c.exited;
+  s.record(`SIGKILL coordinator after ${n} checkpoint(s)`);
+  await ctx.restartCoordinator();
+  s.record("coordinator restarted, same job id");
+  const c2 = ctx.coordinator;
+  const said = (): Record<string, unknown> | undefined => c2.lines.find((l) => RESUME_LINE.test(l.msg));
+  await s.until(() => said() !== undefined);
+  const l = said();
+  ctx.notes.push(l?.msg === "training spec published" && l.from_step === 0 ? "the restarted coordinator found no checkpoint: training started again from step 0"
+    : l ? `restarted coordinator: ${String(l.msg)} (step ${String(l.step ?? l.from_step)})` : "the restarted coordinator ended before training");
 }
 
 /** The scenarios of `npm run chaos`, cheapest first after the baseline. */
@@ -307,14 +365,7 @@ export const SCENARIOS: Scenario[] = [
     name: "ft-kill-worker",
     workers: 3,
     fineTune: true,
-    run: async (ctx) => {
-      const s = ctx.sched;
-      const { v, n } = (await trainingVictim(ctx)) ?? {};
-      if (!v) return;
-      v.proc.kill("SIGKILL");
-      await v.exited;
-      s.record(`SIGKILL replica ${v.name} after ${n} checkpoint(s)`);
-    },
+    run: killReplica,
   },
   {
     // A training replica SIGSTOPped (a hung GPU driver, a swapping node) past the step deadline, then
@@ -346,16 +397,7 @@ export const SCENARIOS: Scenario[] = [
     name: "ft-late-worker",
     workers: 2,
     fineTune: true,
-    run: async (ctx) => {
-      const s = ctx.sched;
-      const n = s.int(0, 1);
-      if (!(await s.until(() => s.coordinatorCount("membership") > 0 && s.coordinatorCount("checkpoint saved") >= n))) return;
-      const w = await ctx.addWorker();
-      s.record(`${w.name} started after ${n} checkpoint(s)`);
-      await s.until(() => s.coordinatorCount("workers joined at a training-epoch boundary") > 0);
-      const j = ctx.coordinator.logged("workers joined at a training-epoch boundary")[0];
-      ctx.notes.push(j ? `ft-late-worker: ${w.name} joined at step ${String(j.step)}` : `ft-late-worker: ${w.name} did not join before the end`);
-    },
+    run: lateReplica,
   },
   {
     // The coordinator SIGKILLed mid-fine-tuning and restarted with the same job id: it resumes from
@@ -363,25 +405,18 @@ export const SCENARIOS: Scenario[] = [
     name: "ft-coordinator-restart",
     workers: 2,
     fineTune: true,
-    run: async (ctx) => {
-      const s = ctx.sched;
-      const n = s.int(1, 2);
-      if (!(await s.until(() => s.coordinatorCount("checkpoint saved") >= n))) return;
-      const c = ctx.coordinator;
-      c.proc.kill("SIGKILL");
-      await c.exited;
-      s.record(`SIGKILL coordinator after ${n} checkpoint(s)`);
-      await ctx.restartCoordinator();
-      s.record("coordinator restarted, same job id");
-      const c2 = ctx.coordinator;
-      const said = (): Record<string, unknown> | undefined => ["resuming fine-tuning from checkpoint", "fine-tuning already complete in the checkpoint", "ignoring a checkpoint of another configuration", "training spec published"]
-        .map((m) => c2.logged(m)[0]).find(Boolean);
-      await s.until(() => said() !== undefined);
-      const l = said();
-      ctx.notes.push(l?.msg === "training spec published" && l.from_step === 0 ? "the restarted coordinator found no checkpoint: fine-tuning started again from step 0"
-        : l ? `restarted coordinator: ${String(l.msg)} (step ${String(l.step ?? l.from_step)})` : "the restarted coordinator ended before fine-tuning");
-    },
+    run: restartMidTraining,
   },
+  // Method 2 (--method augment): the head trained data-parallel on the workers on augmented images,
+  // checkpoints every 2 steps; each row must end with the clean run's head (every global batch of each
+  // epoch trained once) and count in phases.head.workers every worker that trained a step.
+  { name: "aug-clean", workers: 2, augment: true, headWorkers: 2, run: async () => undefined },
+  // A replica SIGKILLed mid-epoch (after 1-2 checkpoints): the survivors redo the step and go on.
+  { name: "aug-kill-worker", workers: 3, augment: true, headWorkers: 3, run: killReplica },
+  // A worker started once the head attempt began joins at a training-epoch boundary.
+  { name: "aug-late-worker", workers: 2, augment: true, headWorkers: 3, run: lateReplica },
+  // The coordinator SIGKILLed mid-phase and restarted: it resumes the head phase from `latest-head`.
+  { name: "aug-coordinator-restart", workers: 2, augment: true, headWorkers: 2, run: restartMidTraining },
 ];
 
 /** The job's planned sample ids (what the coordinator plans: same data set options and shard size). */
@@ -399,16 +434,30 @@ export interface RunArtifacts {
   wallS: number;
 }
 
-// Enough head epochs that the accuracy column means something (a 1-epoch head sits near chance), still seconds.
-export function jobArgs(cfg: ChaosConfig, fineTune: boolean): string[] {
-  const ft = fineTune ? ["--fine-tune-layers", "3", "--fine-tune-epochs", "3", "--batch-size", "16"] : [];
-  return [...ft, "--data", "fashion-mnist", "--limit", String(cfg.limit), "--input-size", String(cfg.inputSize), "--shard-size", String(cfg.shardSize), "--epochs", "30", "--head-units", "64", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
+/** Input size of the method-2 rows: the frozen base runs on every training image of every step. */
+export const AUGMENT_INPUT_SIZE = 32;
+/** Head epochs of the method-2 rows: enough steps for a late worker to load (a cold worker takes ~20 s on a busy 2-core machine) and join. */
+export const AUGMENT_EPOCHS = 10;
+/** Global batch of the method-2 rows. */
+export const AUGMENT_BATCH = 16;
+
+/**
+ * Enough head epochs that the accuracy column means something (a 1-epoch head sits near chance), still seconds.
+ * Method 2 trains the head end to end through the frozen base on the workers: fewer epochs, a small input, the last
+ * epoch's weights (not the best one's: a batch trained twice or skipped shows in the weights).
+ */
+export function jobArgs(cfg: ChaosConfig, sc: Pick<Scenario, "fineTune" | "augment"> = {}): string[] {
+  const ft = sc.fineTune ? ["--fine-tune-layers", "3", "--fine-tune-epochs", "3", "--batch-size", "16"] : [];
+  const head = sc.augment
+    ? ["--method", "augment", "--data-parallel", "on", "--batch-size", String(AUGMENT_BATCH), "--restore-best-weights", "false", "--input-size", String(AUGMENT_INPUT_SIZE), "--epochs", String(AUGMENT_EPOCHS)]
+    : ["--input-size", String(cfg.inputSize), "--epochs", "30"];
+  return [...ft, ...head, "--data", "fashion-mnist", "--limit", String(cfg.limit), "--shard-size", String(cfg.shardSize), "--head-units", "64", "--backend", "wasm", "--log-format", "json", "--seed", String(cfg.seed)];
 }
 
 /** Runs one scenario end to end and checks it against `planned` ids and the clean run (`baseline`). */
 export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: string[], baseline?: RunArtifacts): Promise<{ result: ScenarioResult; artifacts: RunArtifacts }> {
   const job = `chaos-${sc.name}-${cfg.seed}`;
-  const cluster = new Cluster({ dir: cfg.dir, jobArgs: jobArgs(cfg, sc.fineTune ?? false), coordinatorArgs: ["--workers", String(sc.workers), "--ack-wait", String(cfg.ackWaitS), "--max-deliver", String(cfg.maxDeliver)] });
+  const cluster = new Cluster({ dir: cfg.dir, jobArgs: jobArgs(cfg, sc), coordinatorArgs: ["--workers", String(sc.workers), "--ack-wait", String(cfg.ackWaitS), "--max-deliver", String(cfg.maxDeliver)] });
   running.add(cluster);
   const server = await startNatsServer();
   const notes: string[] = [];
@@ -427,8 +476,8 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
       return w;
     };
     for (let i = 0; i < sc.workers; i++) await addWorker();
-    // Fine-tuning: a checkpoint every 2 steps (progress to trigger on), a lost peer noticed in 10 s.
-    const env = sc.fineTune ? { CTRAIN_DP_CHECKPOINT_EVERY: "2", CTRAIN_DP_STEP_TIMEOUT_MS: "10000" } : {};
+    // Data-parallel training: a checkpoint every 2 steps (progress to trigger on), a lost peer noticed in 10 s.
+    const env = sc.fineTune || sc.augment ? { CTRAIN_DP_CHECKPOINT_EVERY: "2", CTRAIN_DP_STEP_TIMEOUT_MS: "10000" } : {};
     const coordinator = await cluster.coordinator(server.url, job, [], env);
     const c: ScenarioContext = {
       server, cluster, job, workers, coordinator, coordinators: [coordinator], sched, notes, addWorker,
@@ -503,14 +552,59 @@ export async function runScenario(sc: Scenario, cfg: ChaosConfig, planned: strin
     if (baseline?.weights) result.weights_max_diff = maxAbsDiff(artifacts.weights, baseline.weights);
     if (baseline?.testAccuracy !== undefined) result.test_accuracy_delta_points = Number(((artifacts.testAccuracy - baseline.testAccuracy) * 100).toFixed(2));
   }
+  const headWhy = sc.augment && result.completed && ctx ? checkHeadOnWorkers(sc, ctx, result, await readFile(join(out, "summary.json"), "utf8")) : undefined;
+  if (headWhy) result.error = [result.error, headWhy].filter(Boolean).join("\n");
   if (sc.name === "late-worker") {
     const late = workers.slice(sc.workers);
     notes.push(`late worker(s) did ${late.reduce((a, w) => a + w.logged("shard done").length, 0)} shard(s)`);
   }
-  result.ok = result.completed && result.samples_lost === 0 && result.samples_duplicated === 0 && result.samples_foreign === 0
+  result.ok = result.completed && !headWhy && result.samples_lost === 0 && result.samples_duplicated === 0 && result.samples_foreign === 0
     && (result.feature_max_diff === null || result.feature_max_diff <= 1e-5)
     && (result.test_accuracy === null || baseline?.testAccuracy === undefined || Math.abs(result.test_accuracy - baseline.testAccuracy) * 100 <= accuracyTolerance(result.test_samples));
   return { result, artifacts };
+}
+
+/** Images in steps `from`..`to` - 1 of epochs of `n` samples cut into batches of `batch` (the last batch of an epoch may be short). */
+export function stepImages(n: number, batch: number, from: number, to: number): number {
+  const perEpoch = Math.ceil(n / batch);
+  let images = 0;
+  for (let s = from; s < to; s++) images += Math.min(batch, n - (s % perEpoch) * batch);
+  return images;
+}
+
+/**
+ * The images the replicas of `c`'s last head attempt trained ("training done": each its part of every step it
+ * ran) against the images of the attempt's steps, from its start cursor (a resumed attempt) to the end: equal
+ * when every sample of each epoch was trained once. Null where a replica of the attempt ended without saying
+ * (SIGKILLed): its part is not in any log.
+ */
+function headImages(c: Proc, workers: Proc[], train: number, batch: number): { expected: number; trained: number | null } | undefined {
+  const spec = c.logged("training spec published").filter((l) => l.phase === "head").at(-1);
+  if (!spec) return undefined;
+  const expected = stepImages(train, batch, Number(spec.from_step), Number(spec.steps));
+  const ran = workers.filter((w) => w.logged("training").some((l) => l.attempt === spec.attempt));
+  const done = ran.map((w) => w.logged("training done").find((l) => l.attempt === spec.attempt));
+  return { expected, trained: done.every(Boolean) ? done.reduce((a, l) => a + Number(l!.samples), 0) : null };
+}
+
+/**
+ * Method 2's own checks: the head trained by the workers the row expects (phases.head.workers), every epoch,
+ * every sample of each epoch once where the logs tell (see {@link headImages}), and the clean run's weights
+ * (a global batch trained twice or skipped moves them by about the learning rate). A reason, or undefined.
+ */
+function checkHeadOnWorkers(sc: Scenario, ctx: ScenarioContext, result: ScenarioResult, summaryJson: string): string | undefined {
+  const summary = JSON.parse(summaryJson) as { samples: { train: number }; phases: { head: { workers: number; epochs: number } } };
+  result.head_workers = summary.phases.head.workers;
+  result.head_samples = headImages(ctx.coordinator, ctx.workers, summary.samples.train, AUGMENT_BATCH);
+  const h = result.head_samples;
+  const images = !h ? "the last coordinator published no head attempt" : `images of the last attempt's steps ${h.expected}, trained by its replicas ${h.trained ?? "not known (a replica was SIGKILLed)"}`;
+  ctx.notes.push(`head: ${summary.phases.head.workers} worker(s), ${summary.phases.head.epochs} epoch(s); ${images}`);
+  const why: string[] = [];
+  if (summary.phases.head.workers !== sc.headWorkers) why.push(`phases.head.workers is ${summary.phases.head.workers}, ${sc.headWorkers} expected`);
+  if (summary.phases.head.epochs !== AUGMENT_EPOCHS) why.push(`${summary.phases.head.epochs} head epochs, ${AUGMENT_EPOCHS} asked`);
+  if (h && h.trained !== null && h.trained !== h.expected) why.push(`the replicas trained ${h.trained} images, the attempt's steps hold ${h.expected}`);
+  if (result.weights_max_diff !== null && !(result.weights_max_diff <= 1e-4)) why.push(`head weights differ from the clean run's by ${result.weights_max_diff}`);
+  return why.length ? why.join("; ") : undefined;
 }
 
 /**
