@@ -592,8 +592,3 @@ export class ReplicaSession {
     this.data?.dispose();
   }
 }
-
-/** The epochs a stored state's run has finished (its meta's history). */
-function historyOf(s: TrainingState): EpochStats[] {
-  return [...((s.meta["history"] as EpochStats[] | undefined) ?? [])];
-}
