@@ -105,6 +105,8 @@ class PrepWorker {
   private nextId = 0;
   /** The thread died (its jobs failed): the next job needs a new one. */
   failed = false;
+  /** Told to end: stays ref'd until it has exited. */
+  private closing = false;
 
   private constructor(private readonly worker: Worker) {
     worker.on("message", (m: FromThread) => this.settle(m));
@@ -145,6 +147,7 @@ class PrepWorker {
   /** Lets the thread finish its jobs (they are done in order), then waits for it to exit. */
   async close(): Promise<void> {
     if (this.failed) return;
+    this.closing = true;
     const exited = new Promise((resolve) => this.worker.once("exit", resolve));
     this.worker.ref();
     this.worker.postMessage({ close: true } satisfies ToThread);
@@ -157,7 +160,7 @@ class PrepWorker {
     this.pending.delete(m.id);
     if ("x" in m) p?.resolve(m.x);
     else p?.reject(new Error(`batch preparation thread: ${m.error}`));
-    if (this.pending.size === 0) this.worker.unref();
+    if (this.pending.size === 0 && !this.closing) this.worker.unref();
   }
 
   private failAll(err: Error): void {

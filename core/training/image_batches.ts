@@ -186,11 +186,21 @@ export interface ImageBatchOptions {
 export function imageBatches(train: ImageSource, o: ImageBatchOptions): BatchSource {
   const thread = new BatchPrepThread();
   const prep = (job: PixelJob): Promise<Float32Array> => thread.prepare(job);
+  // Batches asked for and not yet prepared (fit's prefetch when it stops): close waits for them, so none starts a new thread after it.
+  const inFlight = new Set<Promise<ArrayData>>();
   return {
     samples: train.labels.length,
-    batch: (indices, b, epoch) => preparedBatch(train, o.sliceOf ? o.sliceOf(indices, b, epoch) : indices, o, { seed: o.seed, epoch }, prep),
+    batch: (indices, b, epoch) => {
+      const p = preparedBatch(train, o.sliceOf ? o.sliceOf(indices, b, epoch) : indices, o, { seed: o.seed, epoch }, prep);
+      inFlight.add(p);
+      p.then(() => inFlight.delete(p), () => inFlight.delete(p));
+      return p;
+    },
     prefetch: true,
     validate: o.validate,
-    close: () => thread.close(),
+    close: async () => {
+      await Promise.allSettled(inFlight);
+      await thread.close();
+    },
   };
 }
