@@ -16,8 +16,10 @@
  * cores: it measures overhead, not scaling.
  *
  * --rounds R repeats the Ns R times, interleaved (1,2,4,1,2,4), and reports each run and the means.
+ * --threads T sets the job's onnxruntime threads per worker (`ctrain coordinator --threads`; default:
+ * the job's, cores / local workers), e.g. 1 to compare N workers as if each had one core.
  *
- *   node dist/bench/augment_dp.js [--limit 2000] [--input-size 64] [--epochs 1] [--batch-size 64] [--workers 1,2,4] [--rounds 1] [--out FILE]
+ *   node dist/bench/augment_dp.js [--limit 2000] [--input-size 64] [--epochs 1] [--batch-size 64] [--workers 1,2,4] [--rounds 1] [--threads T] [--out FILE]
  */
 import { execFileSync } from "node:child_process";
 import { runCtrain } from "./ctrain_process.js";
@@ -53,6 +55,8 @@ interface Settings {
   inputSize: string;
   epochs: string;
   batch: string;
+  /** onnxruntime threads per worker ("" = the job's default). */
+  threads: string;
   natsUrl: string;
   auth: Record<string, string>;
   dir: string;
@@ -77,6 +81,7 @@ async function job(n: number, s: Settings, round: number): Promise<{ done: Done[
     "coordinator", "--nats", s.natsUrl, "--job", name, "--data", "fashion-mnist", "--limit", s.limit, "--input-size", s.inputSize, "--method", "augment",
     "--epochs", s.epochs, "--fine-tune-epochs", "0", "--batch-size", s.batch, "--backend", "wasm", "--workers", String(n), "--data-parallel", "on",
     "--cache-dir", join(s.dir, "cache"), "--out", join(s.dir, name), "--metrics-port", "-1", "--log-format", "json", "--seed", "42",
+    ...(s.threads ? ["--threads", s.threads] : []),
   ], s.auth).done;
   const seconds = (performance.now() - t0) / 1000;
   const cpu1 = await cpuJiffies();
@@ -146,7 +151,8 @@ function ratios(rows: Record<string, number>[]): Record<string, unknown> {
 const uptime = (): string => { try { return execFileSync("uptime", { encoding: "utf8" }).trim(); } catch { return loadavg().map((x) => x.toFixed(2)).join(", "); } };
 
 async function main(): Promise<void> {
-  const s0 = { limit: arg("limit", "2000"), inputSize: arg("input-size", "64"), epochs: arg("epochs", "1"), batch: arg("batch-size", "64") };
+  const s0 = { limit: arg("limit", "2000"), inputSize: arg("input-size", "64"), epochs: arg("epochs", "1"), batch: arg("batch-size", "64"), threads: arg("threads", "") };
+  if (s0.threads && !(Number.isInteger(Number(s0.threads)) && Number(s0.threads) >= 1)) throw new Error(`--threads takes a whole number >= 1, got ${JSON.stringify(s0.threads)}`);
   const ns = arg("workers", "1,2,4").split(",").map(Number);
   if (ns.some((n) => !Number.isInteger(n) || n < 1)) throw new Error(`--workers takes a comma-separated list of worker counts >= 1, got ${JSON.stringify(arg("workers", ""))}`);
   const rounds = Number(arg("rounds", "1"));
@@ -172,12 +178,12 @@ async function main(): Promise<void> {
   await report(s0, rows, before);
 }
 
-async function report(s: { limit: string; inputSize: string; epochs: string; batch: string }, rows: Record<string, number>[], before: string): Promise<void> {
+async function report(s: Omit<Settings, "natsUrl" | "auth" | "dir">, rows: Record<string, number>[], before: string): Promise<void> {
   const out = {
     bench: "augment_dp", when: new Date().toISOString(), command: `node ${process.argv.slice(1).map((a) => a.replace(/^.*\/dist\//, "dist/")).join(" ")}`,
     machine: { cpus: cpus().length, parallelism: availableParallelism(), model: cpus()[0]?.model ?? "" },
     load: { before, after: uptime() },
-    setup: { data: "fashion-mnist", method: "augment (head phase; default augmentation)", limit: Number(s.limit), input_size: Number(s.inputSize), epochs: Number(s.epochs), global_batch: Number(s.batch), backend: "wasm + onnxruntime (frozen base)" },
+    setup: { data: "fashion-mnist", method: "augment (head phase; default augmentation)", limit: Number(s.limit), input_size: Number(s.inputSize), epochs: Number(s.epochs), global_batch: Number(s.batch), backend: "wasm + onnxruntime (frozen base)", onnxruntime_threads_per_worker: s.threads ? Number(s.threads) : "job default (cores / local workers)" },
     columns: {
       images_per_second: "training images per second: steps x global batch / fit() wall seconds of the slowest worker",
       wall_step_seconds: "fit() wall seconds per step (mean over workers)",

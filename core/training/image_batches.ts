@@ -6,7 +6,9 @@
  * `memoryBudgetBytes` (default 1 GiB: 36k images at 96x96 -- decoding and resizing through sharp
  * costs about as much as a forward pass of the top of the base, so re-decoding every epoch would
  * double the cost of small runs); above the budget they are decoded again per batch (every epoch).
- * Augmentation runs as tf ops on each step's batch, so no augmented copy is ever stored.
+ * Augmentation runs as tf ops on each step's batch, so no augmented copy is ever stored; a training
+ * BatchSource ({@link imageBatches}) runs them on its own thread (core/training/batch_prep.ts) so that
+ * preparing the next batch overlaps the current step.
  *
  * The frozen part of an image-fed model (the whole base for method 2, the bottom below the cut for
  * fine-tuning) is a {@link FrozenStage}: it runs on the inference engine (onnxruntime when the model
@@ -14,12 +16,12 @@
  * stop at the frozen part anyway, so splitting there changes no result and moves the most expensive
  * forward pass to the fastest engine.
  */
-import * as tf from "@tensorflow/tfjs";
-import { type AugmentOptions, augmentBatch } from "../datasets/augment.js";
+import type * as tf from "@tensorflow/tfjs";
+import type { AugmentOptions } from "../datasets/augment.js";
 import type { Dataset, SampleRef } from "../datasets/types.js";
-import { preprocess } from "../models/feature_model.js";
 import type { Preprocessing } from "../models/model_zoo.js";
 import { heldBytes } from "../runtime/memory_accounting.js";
+import { BatchPrepThread, type PixelJob, prepPixels } from "./batch_prep.js";
 import { type ArrayData, type BatchSource, type Evaluation, evaluate } from "./train_loop.js";
 
 /** The frozen part of an image-fed model: [0, 255] NHWC pixels -> the rows the trainable part takes. */
@@ -33,7 +35,7 @@ export interface FrozenStage {
 export interface ImageSource {
   readonly size: number;
   readonly labels: Int32Array;
-  /** size*size*3 bytes per requested row, HWC, in `rows` order. */
+  /** size*size*3 bytes per requested row, HWC, in `rows` order: a new array the caller owns (it may be handed to another thread). */
   batch(rows: ArrayLike<number>): Promise<Uint8Array>;
   /** Whether rows come from memory (true) or are decoded on every call (false). */
   readonly inMemory: boolean;
@@ -98,9 +100,19 @@ export interface EpochKeys {
  * (keys.seed, keys.epoch, rows[i]) -- the same in whichever batch or worker's part it is.
  */
 export async function imageBatch(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, keys: EpochKeys, frozen?: FrozenStage, onTiming?: (t: BatchTiming) => void): Promise<ArrayData> {
+  return preparedBatch(source, rows, { preprocessing, augment, frozen, onTiming }, keys, prepPixels);
+}
+
+/** What turns a batch's pixels into rows: {@link prepPixels} here, or a {@link BatchPrepThread}'s `prepare`. */
+type PrepPixels = (job: PixelJob) => Float32Array | Promise<Float32Array>;
+type PrepOptions = Pick<ImageBatchOptions, "preprocessing" | "augment" | "frozen" | "onTiming">;
+
+/** {@link imageBatch} with the pixel work done by `prep`. */
+async function preparedBatch(source: ImageSource, rows: ArrayLike<number>, o: PrepOptions, keys: EpochKeys, prep: PrepPixels): Promise<ArrayData> {
   const t0 = performance.now();
-  const prepared = await decodeAugment(source, rows, preprocessing, augment, keys, frozen);
+  const prepared = await decodeAugment(source, rows, o, keys, prep);
   const t1 = performance.now();
+  const { frozen, onTiming } = o;
   // Without a frozen stage the pixels are always preprocessed floats (bytes only go to a frozen stage).
   const x = frozen ? await frozen.extract(prepared.x, rows.length) : prepared.x instanceof Float32Array ? prepared.x : Float32Array.from(prepared.x);
   onTiming?.({ rows: rows.length, decode_augment_seconds: (t1 - t0) / 1000, frozen_seconds: (performance.now() - t1) / 1000 });
@@ -118,21 +130,15 @@ export interface BatchTiming {
 }
 
 /** The batch's pixels, augmented: preprocessed rows for a model that starts at the image, raw [0, 255] floats (or bytes) for a frozen stage. */
-async function decodeAugment(source: ImageSource, rows: ArrayLike<number>, preprocessing: Preprocessing, augment: AugmentOptions | null, keys: EpochKeys, frozen?: FrozenStage): Promise<Omit<ArrayData, "x"> & { x: Uint8Array | Float32Array }> {
+async function decodeAugment(source: ImageSource, rows: ArrayLike<number>, o: PrepOptions, keys: EpochKeys, prep: PrepPixels): Promise<Omit<ArrayData, "x"> & { x: Uint8Array | Float32Array }> {
   const rgb = await source.batch(rows);
   const s = source.size;
   const index = Int32Array.from(rows);
   const y = new Int32Array(rows.length);
   for (let i = 0; i < rows.length; i++) y[i] = source.labels[rows[i]];
-  if (frozen && !augment) return { x: rgb, sampleShape: [s, s, 3], y, index };
-  const x = tf.tidy(() => {
-    const raw = tf.tensor4d(rgb, [rows.length, s, s, 3], "int32");
-    const img = augment ? augmentBatch(raw, augment, { ...keys, index }) : raw;
-    return frozen ? img.toFloat() : preprocess(img, preprocessing);
-  });
-  const data = x.dataSync() as Float32Array;
-  x.dispose();
-  return { x: data, sampleShape: [s, s, 3], y, index };
+  if (o.frozen && !o.augment) return { x: rgb, sampleShape: [s, s, 3], y, index };
+  const x = await prep({ rgb, size: s, preprocessing: o.preprocessing, augment: o.augment, keys: { seed: keys.seed, epoch: keys.epoch, index }, raw: o.frozen !== undefined });
+  return { x, sampleShape: [s, s, 3], y, index };
 }
 
 /** Loss, accuracy and predictions of an image -> probabilities model on a whole split, in batches. */
@@ -174,13 +180,27 @@ export interface ImageBatchOptions {
 /**
  * Images as a BatchSource: fit's seeded batches, each decoded, every image augmented with a generator
  * seeded by (seed, epoch, its sample index) and passed through the frozen stage; the next batch is
- * prepared while the current one trains.
+ * prepared while the current one trains. Augmentation and pixel scaling run on the source's own
+ * thread (core/training/batch_prep.ts: started by the first batch, ended by `close`, which fit calls).
  */
 export function imageBatches(train: ImageSource, o: ImageBatchOptions): BatchSource {
+  const thread = new BatchPrepThread();
+  const prep = (job: PixelJob): Promise<Float32Array> => thread.prepare(job);
+  // Batches asked for and not yet prepared (fit's prefetch when it stops): close waits for them, so none starts a new thread after it.
+  const inFlight = new Set<Promise<ArrayData>>();
   return {
     samples: train.labels.length,
-    batch: (indices, b, epoch) => imageBatch(train, o.sliceOf ? o.sliceOf(indices, b, epoch) : indices, o.preprocessing, o.augment, { seed: o.seed, epoch }, o.frozen, o.onTiming),
+    batch: (indices, b, epoch) => {
+      const p = preparedBatch(train, o.sliceOf ? o.sliceOf(indices, b, epoch) : indices, o, { seed: o.seed, epoch }, prep);
+      inFlight.add(p);
+      p.then(() => inFlight.delete(p), () => inFlight.delete(p));
+      return p;
+    },
     prefetch: true,
     validate: o.validate,
+    close: async () => {
+      await Promise.allSettled(inFlight);
+      await thread.close();
+    },
   };
 }

@@ -337,6 +337,11 @@ export interface BatchSource {
   prefetch?: boolean;
   /** Validation loss and accuracy of `model` as it is now (undefined: no validation). */
   validate?: (model: tf.LayersModel) => Promise<{ loss: number; accuracy: number }>;
+  /**
+   * Releases what preparing batches holds (a preparation thread): fit calls it when it ends, however it
+   * ends. A later `batch` may start it again. Must not reject.
+   */
+  close?: () => void | Promise<void>;
 }
 
 /**
@@ -379,6 +384,7 @@ async function fitBatches(model: tf.LayersModel, data: BatchSource, opts: Omit<F
   } finally {
     schedule.reset();
     watch.dispose();
+    await data.close?.();
     running = false;
   }
 }
