@@ -68,7 +68,11 @@ describe("augment data-parallel elastic", () => {
     await late.waitFor("joined job", 60_000);
     late.proc.kill("SIGSTOP");
     const first = await c.waitFor("membership", 120_000);
+    // Training is short (about a second an epoch): hold a member while the late worker loads, so that the
+    // join is proposed before the attempt ends however busy the machine is; the member resumes at once.
+    ws[0]!.proc.kill("SIGSTOP");
     late.proc.kill("SIGCONT");
+    await c.waitFor("join proposed for the next training-epoch boundary", 60_000).finally(() => ws[0]!.proc.kill("SIGCONT"));
     assert.deepEqual(first["members"], [`${job}-w0`, `${job}-w1`], "the first membership is without the late worker");
     await jobs.succeeds(c, [...ws, late]);
     const joined = c.logged("workers joined at a training-epoch boundary");
