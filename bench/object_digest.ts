@@ -12,25 +12,23 @@ import { randomBytes } from "node:crypto";
 import { mkdir, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg } from "node:os";
 import { dirname } from "node:path";
-import { createRequire } from "node:module";
 import { connect } from "nats";
 import { startEmbeddedNats } from "../coordinator/embedded_nats.js";
-import { nativeSha256 } from "../core/runtime/object_digest.js";
+import { nativeSha256, natsSha256Module, type Sha256Hasher } from "../core/runtime/object_digest.js";
 
 const arg = (name: string, def: string): string => {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? process.argv[i + 1]! : def;
 };
 
-interface Hasher { update(d: Uint8Array): Hasher; digest(): ArrayLike<number> }
-const jsSha256 = createRequire(import.meta.url)("nats/lib/nats-base-client/js-sha256") as { sha256: { create(): Hasher } };
-const HASHERS = { "js-sha256": jsSha256.sha256.create, "node:crypto": nativeSha256 as () => Hasher };
+const jsSha256 = natsSha256Module()!;
+const HASHERS = { "js-sha256": jsSha256.sha256.create, "node:crypto": nativeSha256 };
 type Name = keyof typeof HASHERS;
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const mbps = (bytes: number, seconds: number): number => Number((bytes / 1e6 / seconds).toFixed(1));
 
-function hashSeconds(create: () => Hasher, data: Uint8Array): number {
+function hashSeconds(create: () => Sha256Hasher, data: Uint8Array): number {
   const t0 = performance.now();
   const h = create();
   for (let i = 0; i < data.length; i += 128 * 1024) h.update(data.subarray(i, i + 128 * 1024));

@@ -5,16 +5,14 @@
  */
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { createRequire } from "node:module";
 import { after, before, test } from "node:test";
 import { headers, type NatsConnection } from "nats";
 import { connectNats } from "../core/runtime/nats_connect.js";
-import { nativeObjectDigests, nativeSha256, useNativeObjectDigests } from "../core/runtime/object_digest.js";
+import { nativeObjectDigests, nativeSha256, natsSha256Module, useNativeObjectDigests } from "../core/runtime/object_digest.js";
 import { objectMetaSubject } from "../proto/extraction_wire.js";
 import { startNatsServer, type NatsServer } from "./helpers/nats_server.js";
 
-interface Hasher { update(d: Uint8Array): Hasher; digest(): ArrayLike<number> }
-const jsSha256 = createRequire(import.meta.url)("nats/lib/nats-base-client/js-sha256") as { sha256: { create(): Hasher } };
+const jsSha256 = natsSha256Module()!;
 // Taken before anything swaps the factory: nats.js' own pure-JS hasher.
 const original = jsSha256.sha256.create;
 

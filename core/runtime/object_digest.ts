@@ -17,16 +17,27 @@ import { createHash, type Hash } from "node:crypto";
 import { createRequire } from "node:module";
 
 /** What nats.js' object store uses of a js-sha256 hasher. */
-interface Sha256Hasher {
+export interface Sha256Hasher {
   update(data: Uint8Array | string): Sha256Hasher;
   digest(): Uint8Array;
 }
 
-interface JsSha256Module {
-  sha256?: { create?: () => Sha256Hasher };
+/** nats.js' js-sha256 module: its `sha256.create` is the factory the object store calls at every put and get. */
+export interface JsSha256Module {
+  sha256: { create: () => Sha256Hasher };
 }
 
 const MODULE = "nats/lib/nats-base-client/js-sha256";
+
+/** The installed nats.js' js-sha256 module, or undefined when it has none (a nats.js that hashes otherwise). */
+export function natsSha256Module(): JsSha256Module | undefined {
+  try {
+    const mod = createRequire(import.meta.url)(MODULE) as Partial<JsSha256Module>;
+    return typeof mod.sha256?.create === "function" ? (mod as JsSha256Module) : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 /** A node:crypto SHA-256 with js-sha256's `update`/`digest` (digest may be read more than once, as js-sha256 allows). */
 export function nativeSha256(): Sha256Hasher {
@@ -51,22 +62,13 @@ export function nativeSha256(): Sha256Hasher {
  * when the installed nats.js has no such module.
  */
 export function useNativeObjectDigests(): boolean {
-  let mod: JsSha256Module;
-  try {
-    mod = createRequire(import.meta.url)(MODULE) as JsSha256Module;
-  } catch {
-    return false;
-  }
-  if (typeof mod.sha256?.create !== "function") return false;
+  const mod = natsSha256Module();
+  if (!mod) return false;
   mod.sha256.create = nativeSha256;
   return true;
 }
 
 /** Whether nats.js' object store hashes with node:crypto now. */
 export function nativeObjectDigests(): boolean {
-  try {
-    return (createRequire(import.meta.url)(MODULE) as JsSha256Module).sha256?.create === nativeSha256;
-  } catch {
-    return false;
-  }
+  return natsSha256Module()?.sha256.create === nativeSha256;
 }
