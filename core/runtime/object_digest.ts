@@ -3,7 +3,7 @@
  *
  * Every feature shard, activation object, checkpoint and training object travels through a JetStream
  * object store, and nats.js hashes each one on put and again on get (the object's digest, checked on
- * read). Its js-sha256 hashes 17x slower than node:crypto here, and object put/get run 7.5x/6.8x
+ * read). Its js-sha256 hashes 21x slower than node:crypto here, and object put/get run 4.7x/4.2x
  * faster with node:crypto (`node dist/bench/object_digest.js`, bench/results/object_digest.json); a
  * profile of the coordinator of a `--data synthetic:20000 --pooling none` job (276 MB of features)
  * found 20 s of its 93 s of CPU in js-sha256.
