@@ -13,7 +13,7 @@
  * The test: a worker's recent compute time (the median of its last `window` steps, so one slow step,
  * a GC pause, does not count, but a worker slow on most recent steps does) is above `ratio` times the
  * median of every worker's recent compute time; it is reported recovered once it is back under half-way
- * (1.25x at ratio 1.5). With 2 workers the median is their mean, so the slow
+ * (1.25x at ratio 1.5). A worker is judged once it has reported `minSteps` steps. With 2 workers the median is their mean, so the slow
  * one is flagged when it is over 3x the other at ratio 1.5; with 3 or more, the median is a typical
  * worker's.
  */
@@ -34,6 +34,8 @@ export interface StragglerOptions {
   ratio?: number;
   /** Steps per worker the recent figures are the median of. Default 5. */
   window?: number;
+  /** A worker is judged, and counts in the median, once it has reported this many steps (one or two early steps say little). Default min(3, window). */
+  minSteps?: number;
 }
 
 /** A worker's recent figures: medians over its last steps, seconds. */
@@ -60,14 +62,18 @@ function median(xs: readonly number[]): number {
 export class StragglerDetector {
   readonly ratio: number;
   readonly window: number;
+  readonly minSteps: number;
   private readonly steps = new Map<string, StepTiming[]>();
   private readonly flagged = new Set<string>();
 
   constructor(opts: StragglerOptions = {}) {
     this.ratio = opts.ratio ?? 1.5;
     this.window = opts.window ?? 5;
+    this.minSteps = opts.minSteps ?? Math.min(3, this.window);
     if (!(this.ratio > 1)) throw new RangeError(`ratio must be > 1, got ${opts.ratio}`);
     if (!Number.isInteger(this.window) || this.window < 1) throw new RangeError(`window must be a positive integer, got ${opts.window}`);
+    if (!Number.isInteger(this.minSteps) || this.minSteps < 1 || this.minSteps > this.window)
+      throw new RangeError(`minSteps must be an integer from 1 to the window (${this.window}), got ${opts.minSteps}`);
   }
 
   /** Adds a worker's timings (any order; a step reported twice counts once, the later figure wins). Non-finite or negative figures are ignored. */
@@ -101,9 +107,13 @@ export class StragglerDetector {
     return { computeSeconds: median(list.map((t) => t.computeSeconds)), waitSeconds: median(list.map((t) => t.waitSeconds)), steps: list.length };
   }
 
-  /** Median over workers of their recent compute seconds (NaN with no worker). */
+  /** Median over the judged workers (those with at least `minSteps` steps) of their recent compute seconds (NaN with none). */
   medianComputeSeconds(): number {
-    return median(this.workers().map((w) => this.recent(w)!.computeSeconds));
+    return median(this.judged().map((w) => this.recent(w)!.computeSeconds));
+  }
+
+  private judged(): string[] {
+    return this.workers().filter((w) => this.steps.get(w)!.length >= this.minSteps);
   }
 
   /** Workers flagged now, sorted. */
@@ -111,9 +121,9 @@ export class StragglerDetector {
     return [...this.flagged].sort();
   }
 
-  /** Applies the test to every worker; returns who became a straggler and who recovered since the last call. */
+  /** Applies the test to every judged worker; returns who became a straggler and who recovered since the last call. */
   evaluate(): StragglerEvent[] {
-    const workers = this.workers();
+    const workers = this.judged();
     const med = this.medianComputeSeconds();
     const events: StragglerEvent[] = [];
     for (const w of workers) {

@@ -8,6 +8,8 @@
  * images at input 32), the real MobileNetV2 base (test/helpers/augment_jobs.ts).
  */
 import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { AUGMENT_JOB_ARGS, AugmentJobs, maxAbsDiff, stop, withOptions } from "./helpers/augment_jobs.js";
 
@@ -41,6 +43,14 @@ describe("data-parallel training controls", () => {
     assert.equal(c.logged("fine-tuning with augmentation on the workers").length, 1, `fine-tuning ran on the workers\n${c.tail()}`);
     assert.equal(c.lines.filter((l) => l.level === "warn" && /coordinator process/.test(l.msg)).length, 0, "no fallback to training in the coordinator");
     const s = await jobs.summary(job);
+    // The replicas validated what one process validates: the same figures every epoch (they decide early stopping).
+    const history = async (j: string): Promise<Record<string, { val_loss?: number }[]>> => JSON.parse(await readFile(join(jobs.dir, j, "history.json"), "utf8"));
+    const [refHistory, dpHistory] = [await history("reference"), await history(job)];
+    for (const phase of ["head", "fine_tune"] as const) {
+      const want = refHistory[phase]!.map((e) => e.val_loss!), got = dpHistory[phase]!.map((e) => e.val_loss!);
+      assert.equal(got.length, want.length, `${phase}: epochs in history.json`);
+      got.forEach((v, i) => assert.ok(Math.abs(v - want[i]!) < 1e-3, `${phase} epoch ${i + 1}: val_loss ${v} on the workers, ${want[i]} in one process`));
+    }
     for (const phase of ["head", "fine_tune"] as const) {
       assert.equal(s.phases[phase].workers, 2, `${phase} trained by both workers`);
       assert.equal(s.phases[phase].epochs, ref.phases[phase].epochs, `${phase}: as many epochs as one process`);

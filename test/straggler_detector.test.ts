@@ -55,6 +55,18 @@ test("straggler - with two workers the median is their mean: the slow one must b
   assert.deepEqual(d.evaluate().map((e) => e.worker), ["b"]);
 });
 
+test("straggler - a worker is judged, and counts in the median, only once it has reported minSteps steps", () => {
+  const d = new StragglerDetector({ window: 5, minSteps: 3 });
+  d.observe("w0", steps(0, [0.2, 0.2, 0.2]));
+  d.observe("w1", steps(0, [2, 2]));
+  assert.deepEqual(d.evaluate(), [], "w1 has 2 steps: not judged, and w0 alone has nobody to compare with");
+  assert.ok(Number.isNaN(new StragglerDetector().medianComputeSeconds()));
+  assert.equal(d.medianComputeSeconds(), 0.2, "the median leaves w1 out");
+  d.observe("w1", steps(2, [2]));
+  assert.deepEqual(d.evaluate().map((e) => e.worker), ["w1"]);
+  assert.throws(() => new StragglerDetector({ window: 3, minSteps: 4 }), /minSteps must be an integer from 1 to the window \(3\)/);
+});
+
 test("straggler - one worker alone, zero figures and non-finite figures flag nobody", () => {
   const d = new StragglerDetector();
   d.observe("solo", steps(0, [9, 9, 9]));
@@ -88,17 +100,32 @@ test("straggler - a step reported twice counts once; forget() drops a worker tha
 test("straggler - the step timer splits compute from averaging and batches reports", () => {
   let now = 0;
   const t = new StepTimer({ now: () => now, reportEveryMs: 1000 });
-  now = 300; // forward + backward
+  now = 2000; // start-up: loading, the first batch, the boundary decision
   t.averaging();
-  now = 350;
-  assert.deepEqual(t.averaged(0), { step: 0, compute_seconds: 0.3, wait_seconds: 0.05 });
-  assert.equal(t.takeDue(), undefined, "under a second since the start: not due");
-  now = 1200;
+  now = 2050;
+  t.averaged(0);
+  assert.equal(t.takeDue(), undefined, "the first step carries the start-up: not recorded");
+  now = 2350; // forward + backward
   t.averaging();
-  now = 1400;
-  t.averaged(1);
+  now = 2400;
+  assert.deepEqual(t.averaged(1), { step: 1, compute_seconds: 0.3, wait_seconds: 0.05 });
+  now = 3200;
+  t.averaging();
+  now = 3400;
+  t.averaged(2);
   const due = t.takeDue();
-  assert.deepEqual(due?.map((s) => s.step), [0, 1]);
-  assert.equal(due?.[1]?.compute_seconds, 0.85);
+  assert.deepEqual(due?.map((s) => s.step), [1, 2]);
+  assert.equal(due?.[1]?.compute_seconds, 0.8);
   assert.equal(t.takeDue(), undefined, "nothing pending");
+  // A new stint (a join, a resume) starts untimed again.
+  now = 9000;
+  t.restart();
+  now = 9500;
+  t.averaging();
+  t.averaged(3);
+  now = 9600;
+  t.averaging();
+  t.averaged(4);
+  now = 10500;
+  assert.deepEqual(t.takeDue()?.map((s) => [s.step, s.compute_seconds]), [[4, 0.1]]);
 });

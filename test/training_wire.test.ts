@@ -9,8 +9,8 @@ import { describe, test } from "node:test";
 import { DecodeError, decode, encode, makeHeader, type JobSpec } from "../proto/codec.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import {
-  attemptPhase, cannotJoin, completeAttempt, controlsOf, coordinatorSender, decodeBoundaryDecision, decodeMembershipPlan, decodeReport, decodeSampleList, encodeBoundaryDecision,
-  encodeMembershipPlan, encodeReport, encodeSampleList, encodeTrainingSpec, fromAugmentation, toAugmentation, trainingAttemptOf, type TrainingAttempt, type TrainingAttemptInput,
+  attemptPhase, cannotJoin, completeAttempt, controlsOf, coordinatorSender, decodeBoundaryDecision, decodeDataObject, decodeMembershipPlan, decodeReport, decodeSampleList, encodeBoundaryDecision,
+  encodeDataObject, encodeMembershipPlan, encodeReport, encodeSampleList, encodeTrainingSpec, fromAugmentation, toAugmentation, trainingAttemptOf, type TrainingAttempt, type TrainingAttemptInput,
 } from "../proto/training_wire.js";
 import { DEFAULT_AUGMENT } from "../core/datasets/augment.js";
 import { packArrays } from "../core/training/checkpoints.js";
@@ -165,4 +165,20 @@ describe("training wire", () => {
     assert.equal(cannotJoin({ state: "failed", error: "Error: no such model" }), false);
     assert.equal(cannotJoin({ state: "evicted", error: "DataUnavailableError: x" }), false);
   });
+});
+
+test("data objects - decode the same rows from a view into a larger buffer and from a Node Buffer (whose slice is a view)", () => {
+  const x = Float32Array.from({ length: 23 * 320 }, (_, i) => Math.sin(i) * 3);
+  const blob = encodeDataObject({ x, sampleShape: [1, 1, 320], y: Int32Array.from({ length: 23 }, (_, i) => i % 10) });
+  // What an object store read may hand back: the blob at an offset inside a larger buffer holding other bytes.
+  for (const offset of [1, 2, 3, 4, 4096 + 5]) {
+    const big = new Uint8Array(offset + blob.length + 64).fill(0x7f);
+    big.set(blob, offset);
+    for (const bytes of [big.subarray(offset, offset + blob.length), Buffer.from(big.buffer, offset, blob.length)]) {
+      const d = decodeDataObject(bytes);
+      assert.deepEqual(d.sampleShape, [1, 1, 320]);
+      assert.equal(d.y.length, 23);
+      assert.deepEqual(d.x, x, `offset ${offset}, ${bytes.constructor.name}`);
+    }
+  }
 });

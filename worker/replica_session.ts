@@ -367,6 +367,7 @@ export class ReplicaSession {
     this.o.log.info("training", { attempt: this.a.attempt, members: this.av.members, membership_epoch: this.av.epoch, from: this.cursor });
     const { model, optimizer, source } = this.r;
     this.stepTimer = this.o.metrics?.startStep(this.phase);
+    this.timing.restart();
     // Every replica validates (the source's val rows: identical weights give identical figures), so whichever is
     // member 0 when an epoch ends has them, also after the first member 0 was lost. No wall time: the others would wait for it anyway.
     await fit(model, source, {

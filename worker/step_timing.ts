@@ -7,6 +7,10 @@
  * backward, the previous update, batch slicing); wait is the averaging itself, which on a healthy
  * loopback is mostly waiting for the slowest peer's chunks. A process that is stopped (SIGSTOP, a
  * long GC, a descheduled VM) while computing shows it as compute time, and its peers as wait time.
+ *
+ * The first step after {@link StepTimer.restart} (a stint's start: training begins, resumes or is
+ * joined) is not recorded: its "compute" would carry the start-up (loading, the first batch, the
+ * boundary decision) and make a healthy replica look slow.
  */
 
 /** One step's split, as reported (TrainingReport.step_timings). */
@@ -35,6 +39,8 @@ export class StepTimer {
   private started: number | undefined;
   private lastReport: number;
   private pending: StepSplit[] = [];
+  /** The next averaged step has no previous step to time from: not recorded. */
+  private untimed = true;
 
   constructor(opts: StepTimerOptions = {}) {
     this.reportEveryMs = opts.reportEveryMs ?? 1000;
@@ -44,18 +50,29 @@ export class StepTimer {
     this.lastReport = this.lastEnd;
   }
 
+  /** A stint starts (fit() begins): the next step is not recorded, the one after it is timed from its end. */
+  restart(): void {
+    this.lastEnd = this.now();
+    this.started = undefined;
+    this.untimed = true;
+  }
+
   /** The step's gradients are computed; averaging starts (call once per step, before the first attempt). */
   averaging(): void {
     this.started = this.now();
   }
 
-  /** Averaging of `step` ended; records its split. */
+  /** Averaging of `step` ended; records its split (not the first step after a start or {@link restart}). */
   averaged(step: number): StepSplit {
     const end = this.now();
     const start = this.started ?? end;
     const split = { step, compute_seconds: Math.max(0, start - this.lastEnd) / 1000, wait_seconds: Math.max(0, end - start) / 1000 };
     this.lastEnd = end;
     this.started = undefined;
+    if (this.untimed) {
+      this.untimed = false;
+      return split;
+    }
     this.pending.push(split);
     if (this.pending.length > this.maxPending) this.pending.shift();
     return split;

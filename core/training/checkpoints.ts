@@ -85,8 +85,11 @@ export function unpackArrays(bytes: Uint8Array): { header: Record<string, unknow
   if (4 + len > bytes.length) throw new Error("checkpoint blob is truncated (header)");
   const header = JSON.parse(new TextDecoder().decode(bytes.subarray(4, 4 + len))) as Record<string, unknown> & { shapes: number[][] };
   const start = 4 + len + ((4 - ((4 + len) % 4)) % 4);
-  const body = bytes.slice(start); // copy: aligned for Float32Array
-  const floats = new Float32Array(body.buffer, 0, body.length / 4);
+  // A copy into a buffer of its own, aligned for Float32Array. Not bytes.slice(): on a Node Buffer (what an
+  // object store or a file read may hand back) slice is a view into a larger, shared buffer.
+  const body = new Uint8Array(bytes.length - start);
+  body.set(bytes.subarray(start));
+  const floats = new Float32Array(body.buffer, 0, body.length >> 2);
   const arrays: StoredArray[] = [];
   let at = 0;
   for (const shape of header.shapes) {
