@@ -34,6 +34,12 @@ import { defaultThreads, type EngineInfo } from "../core/models/inference_engine
 import { TRAINING_KEYS, trainingAttemptOf } from "../proto/training_wire.js";
 import { runTrainingWorker } from "./training_worker.js";
 
+/**
+ * How long a replica may go on after its attempt's spec is deleted (the coordinator deletes it once
+ * member 0 is done, when the others may still be comparing their last checksums and reporting done).
+ */
+const ATTEMPT_END_GRACE_MS = 15_000;
+
 /** Events of a worker's life. */
 export type WorkerStatus =
   | { type: "waiting"; job: string }
@@ -266,16 +272,32 @@ export class NatsWorker implements AsyncDisposable {
 
   /** Training role: runs each fine-tuning attempt the coordinator publishes; a newer one supersedes it. */
   private async watchTraining(ctx: JobContext): Promise<void> {
-    let current: { stop: AbortController; done: Promise<void> } | undefined;
+    type Session = { stop: AbortController; done: Promise<void> };
+    let current: Session | undefined;
+    // Sessions whose attempt ended (spec deleted): they finish their last report unless they outlast the grace.
+    const ending = new Set<Session>();
     const w = await ctx.state.watch({ key: TRAINING_KEYS.spec });
-    this.training.push(() => { current?.stop.abort(new Error("worker draining")); w.stop(); });
+    this.training.push(() => {
+      for (const s of [...ending, ...(current ? [current] : [])]) s.stop.abort(new Error("worker draining"));
+      w.stop();
+    });
     for await (const e of w) {
-      if (current) {
-        current.stop.abort(new Error("a newer training spec"));
-        await current.done;
+      const put = e.operation === "PUT" && e.value.length > 0;
+      if (current && !put) {
+        // The coordinator deletes the spec once member 0 is done: the others may still be reporting theirs.
+        const s = current;
+        ending.add(s);
+        const timer = setTimeout(() => s.stop.abort(new Error("the training attempt ended")), ATTEMPT_END_GRACE_MS);
+        void s.done.finally(() => { clearTimeout(timer); ending.delete(s); });
         current = undefined;
       }
-      if (e.operation !== "PUT" || e.value.length === 0 || this.draining) continue;
+      if (put) {
+        // A newer attempt supersedes whatever still runs.
+        for (const s of [...ending, ...(current ? [current] : [])]) s.stop.abort(new Error("a newer training spec"));
+        await Promise.all([...ending, ...(current ? [current] : [])].map((s) => s.done));
+        current = undefined;
+      }
+      if (!put || this.draining) continue;
       let spec: JobSpec;
       try {
         spec = decode("JobSpec", e.value, { job: ctx.names.job, self: "worker", peer: "coordinator" });
