@@ -32,6 +32,7 @@ import { InProgressAcks } from "./in_progress_acks.js";
 import { checkSameInputs, checkShardMemory, isLastDelivery } from "./shard_checks.js";
 import { defaultThreads, type EngineInfo } from "../core/models/inference_engine.js";
 import { TRAINING_KEYS, trainingAttemptOf } from "../proto/training_wire.js";
+import { putBytes } from "../core/training/checkpoints.js";
 import { runTrainingWorker } from "./training_worker.js";
 
 /**
@@ -487,7 +488,7 @@ export class NatsWorker implements AsyncDisposable {
     });
     run.acks.working();
     // Put first, ack after: a worker that dies in between leaves a stored shard the redelivery overwrites with the same content.
-    await ctx.os.putBlob({ name: wire }, full);
+    await putBytes(ctx.os, wire, full);
     this.o.nc.publish(ctx.names.shardDone, encode("FeatureShard", {
       header, shardId: wire, ids: [], labels: [], splits: [], featureDims, features: new Uint8Array(0), skipped: [], worker: this.id, seconds,
     }));

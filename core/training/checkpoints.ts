@@ -181,8 +181,54 @@ export function decodeState(bytes: Uint8Array): TrainingState {
   };
 }
 
+/** Bytes handed to the object store per read: it chunks and publishes them as they come, not the whole object at once. */
+const PUT_PIECE_BYTES = 4 * 2 ** 20;
+/** Slowest store rate an object upload allows for before its acknowledgements count as lost (a busy server's disk). */
+const PUT_MIN_BYTES_PER_SECOND = 8 * 2 ** 20;
+/** Least time each chunk's acknowledgement may take (nats.js' default is 5 s: too short for one of thousands). */
+const PUT_MIN_TIMEOUT_MS = 30_000;
+
+/** How long an upload of `size` bytes may wait for each chunk's acknowledgement: its chunks are all published before the first is stored. */
+export function putTimeoutMs(size: number): number {
+  return Math.ceil(PUT_MIN_TIMEOUT_MS + (size / PUT_MIN_BYTES_PER_SECOND) * 1000);
+}
+
+/**
+ * Stores `bytes` as object `name`, replacing an older one. nats.js publishes every chunk of an object
+ * before it awaits their acknowledgements, each within one timeout: with its 5 s default a large object
+ * (fine-tuning's activations: hundreds of MB) failed with a bare "TIMEOUT" while the server was still
+ * storing it. The timeout here grows with the size; an upload that fails on a timeout is tried once more
+ * (nats.js purges the partial chunks), and a second failure says which object, how big, and what to check.
+ */
 export async function putBytes(os: ObjectStore, name: string, bytes: Uint8Array): Promise<void> {
-  await os.putBlob({ name }, bytes);
+  const timeout = putTimeoutMs(bytes.length);
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await os.put({ name }, piecesOf(bytes), { timeout });
+      return;
+    } catch (err) {
+      const timedOut = /timeout/i.test((err as Error)?.message ?? "") || (err as { code?: string })?.code === "TIMEOUT";
+      if (timedOut && attempt < 2) continue;
+      throw new Error(
+        `storing object ${JSON.stringify(name)} (${(bytes.length / 2 ** 20).toFixed(1)} MiB) in the NATS object store failed: ${(err as Error)?.message ?? String(err)}` +
+          (timedOut ? ` (no acknowledgement within ${timeout / 1000} s, twice). The nats-server is too slow storing it: check its JetStream store (disk space and speed, max_file_store) and its memory.` : ""),
+        { cause: err },
+      );
+    }
+  }
+}
+
+/** `bytes` as a stream of {@link PUT_PIECE_BYTES} views, read one at a time. */
+function piecesOf(bytes: Uint8Array): ReadableStream<Uint8Array> {
+  let at = 0;
+  return new ReadableStream<Uint8Array>({
+    pull(controller) {
+      if (at >= bytes.length) return controller.close();
+      const end = Math.min(bytes.length, at + PUT_PIECE_BYTES);
+      controller.enqueue(bytes.subarray(at, end));
+      at = end;
+    },
+  });
 }
 
 export async function getBytes(os: ObjectStore, name: string): Promise<Uint8Array | null> {
