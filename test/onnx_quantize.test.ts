@@ -23,7 +23,7 @@ import { resolveOptions } from "../core/runtime/config.js";
 import { buildFeatureExtractor, calibrationImages } from "../core/models/feature_model.js";
 import { loadPretrained } from "../core/models/model_zoo.js";
 import { layersModelToOnnx, type OnnxExport } from "../core/models/onnx/export.js";
-import { activationParams, quantizeGraph, quantizeWeights } from "../core/models/onnx/quantize.js";
+import { activationParams, defaultWeightBits, quantizeGraph, quantizeWeights } from "../core/models/onnx/quantize.js";
 import { DataType, decodeModel, encodeModel } from "../core/models/onnx/schema.js";
 import { Rng } from "../core/runtime/rng.js";
 import { runCli } from "./helpers/cli.js";
@@ -158,7 +158,10 @@ test("onnx quantize - refuses no calibration, a ragged batch and an opset below 
   await assert.rejects(quantizeGraph(encodeModel(old), [new Uint8Array(24 * 24 * 3)]), (e: unknown) => e instanceof ConfigError && /opset >= 13.*opset 12/.test(e.message));
 });
 
-test("onnx quantize - mobilenet_v2 at 96 on Fashion-MNIST: block_12_add 39 QLinearConv + 8 QLinearAdd, row cosine > 0.98; out_relu (bias-corrected) > 0.97", { skip: fmnistSkip }, async () => {
+test("onnx quantize - mobilenet_v2 at 96 on Fashion-MNIST: block_12_add 39 QLinearConv + 8 QLinearAdd, row cosine > 0.98; out_relu (bias-corrected) > 0.97 (0.94 with the 7-bit weights of a CPU without VNNI)", { skip: fmnistSkip }, async () => {
+  // This CPU's weight bits: 8 with VNNI; 7 without (AVX2 only), where 8-bit weights saturate onnxruntime's u8s8
+  // kernels (measured on an AVX2-only EPYC: block_12_add 0.940 and out_relu 0.811 with 8 bits, 0.983 and 0.950 with 7).
+  const bits = defaultWeightBits();
   const source = await loadPretrained("mobilenet_v2");
   const data = await openDataset("fashion-mnist", { seed: 5, valSplit: 0.1, testSplit: 0, limit: 200, maxPixels: 1e7 });
   const per = 96 * 96 * 3;
@@ -171,11 +174,12 @@ test("onnx quantize - mobilenet_v2 at 96 on Fashion-MNIST: block_12_add 39 QLine
   const calibration = await Promise.all([0, 16, 32, 48].map((from) => batch(from, 16)));
   const px = await batch(100, 32);
   // Without bias correction out_relu's smallest row cosine is 0.88 on these images.
-  for (const c of [{ layer: "block_12_add", dim: 96, nodes: { Conv: 39, Add: 8 }, cos: 0.98 }, { layer: "out_relu", dim: 1280, nodes: { Conv: 52, Add: 10 }, cos: 0.97 }]) {
+  for (const c of [{ layer: "block_12_add", dim: 96, nodes: { Conv: 39, Add: 8 }, cos: 0.98 }, { layer: "out_relu", dim: 1280, nodes: { Conv: 52, Add: 10 }, cos: bits === 8 ? 0.97 : 0.94 }]) {
     const fx = await buildFeatureExtractor(source, { inputSize: 96, featureLayer: c.layer, pooling: "avg", engine: "tfjs" });
     const ex = layersModelToOnnx(fx.model, { preprocessing: fx.preprocessing });
     fx.dispose();
     const q = await quantizeGraph(ex.bytes, calibration);
+    assert.equal(q.weightBits, bits);
     assert.deepEqual(q.nodes, c.nodes);
     const ops = await optimizedOps(q.bytes);
     assert.equal(ops["QLinearConv"], c.nodes.Conv, JSON.stringify(ops));
@@ -184,7 +188,7 @@ test("onnx quantize - mobilenet_v2 at 96 on Fashion-MNIST: block_12_add 39 QLine
     const int8 = await run(q.bytes, ex, px, 32);
     assert.equal(int8.length, 32 * c.dim);
     const cos = minRowCosine(fp32, int8, 32);
-    assert.ok(cos > c.cos, `${c.layer}: min row cosine int8 vs fp32 ${cos}`);
+    assert.ok(cos > c.cos, `${c.layer}: min row cosine int8 vs fp32 ${cos} (${bits}-bit weights)`);
   }
 });
 
@@ -230,4 +234,19 @@ test("onnx quantize - ctrain run --engine-precision int8: coordinator and worker
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+test("onnx quantize - weight bits: 8 on x86 with VNNI (or AMX) and off x86, 7 on AVX2-only x86, where u8s8 kernels saturate", () => {
+  const cpu = (flags: string): string => `processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: ${flags}\n\nprocessor\t: 1\n`;
+  const x86 = process.arch === "x64" || process.arch === "ia32";
+  assert.equal(defaultWeightBits(cpu("fpu sse2 avx avx2 fma")), x86 ? 7 : 8);
+  assert.equal(defaultWeightBits(cpu("fpu avx2 avx512f avx512_vnni")), 8);
+  assert.equal(defaultWeightBits(cpu("fpu avx2 avx_vnni")), 8);
+  assert.equal(defaultWeightBits(cpu("fpu avx2 amx_int8")), 8);
+  assert.equal(defaultWeightBits(null), 8, "no /proc/cpuinfo: 8");
+  assert.equal(defaultWeightBits("nothing here"), 8);
+  // 7-bit weights: +-63, one scale per slice.
+  const { q, scales } = quantizeWeights(Float32Array.from([1, -1, 0, 10, 2, -4]), [2, 1, 1, 3], 0, undefined, 7);
+  assert.deepEqual(Array.from(scales), [Math.fround(1 / 63), Math.fround(10 / 63)]);
+  assert.deepEqual(Array.from(q), [63, -63, 0, 63, 13, -25]);
 });

@@ -217,9 +217,13 @@ export async function buildFeatureExtractor(source: ModelSource, opts: FeatureEx
   };
 }
 
-/** The extractor fingerprint: `what` (model, input size, layer, pooling, preprocessing), plus the precision when not fp32 (fp32 fingerprints stay as they were). */
+/**
+ * The extractor fingerprint: `what` (model, input size, layer, pooling, preprocessing), plus the precision when not fp32
+ * (fp32 fingerprints stay as they were), and for int8 with 7-bit weights (a CPU without VNNI) the bits: its features differ.
+ */
 function extractorFingerprint(what: Record<string, unknown>, engine: EngineInfo): string {
-  return createHash("sha256").update(JSON.stringify(engine.precision === "int8" ? { ...what, precision: "int8" } : what)).digest("hex");
+  const int8 = engine.precision === "int8" ? { precision: "int8", ...(engine.weightBits === 7 ? { weight_bits: 7 } : {}) } : {};
+  return createHash("sha256").update(JSON.stringify({ ...what, ...int8 })).digest("hex");
 }
 
 /**

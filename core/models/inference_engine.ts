@@ -29,7 +29,7 @@ import { ConfigError, EngineUnavailableError, UnsupportedLayerError } from "../r
 import { preprocess } from "./feature_model.js";
 import type { Preprocessing } from "./model_zoo.js";
 import { layersModelToOnnx } from "./onnx/export.js";
-import { quantizeGraph } from "./onnx/quantize.js";
+import { defaultWeightBits, quantizeGraph, type WeightBits } from "./onnx/quantize.js";
 
 export { ENGINE_PRECISIONS, ENGINES, type EngineName, type EnginePrecision } from "../runtime/config.js";
 
@@ -49,6 +49,8 @@ export interface EngineInfo {
   fallback?: string;
   /** Arithmetic of the forward pass: `int8` only on onnx with `--engine-precision int8`. */
   precision: EnginePrecision;
+  /** int8: bits of the quantized weights, by this CPU (core/models/onnx/quantize.ts defaultWeightBits). */
+  weightBits?: WeightBits;
 }
 
 /** How to build the engine of a frozen graph. */
@@ -213,6 +215,7 @@ export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") =>
   const threads = o.threads ?? 1;
   const provider = resolveProvider(o.provider);
   const precision = o.precision ?? "fp32";
+  const weightBits = precision === "int8" ? defaultWeightBits() : undefined;
   let calibration: Promise<(Uint8Array | Float32Array)[]> | undefined;
   const sessions = new Map<"uint8" | "float32", Promise<{ session: Session; input: string; output: string; perImage: number; dims: number[] }>>();
   const open = (dtype: "uint8" | "float32", first?: Uint8Array | Float32Array) => {
@@ -224,7 +227,7 @@ export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") =>
         let bytes = g.bytes;
         if (precision === "int8") {
           calibration ??= o.calibration ? o.calibration() : Promise.resolve(first ? batchesOf(first, perImage, 16) : []);
-          bytes = (await quantizeGraph(g.bytes, await calibration, { threads })).bytes;
+          bytes = (await quantizeGraph(g.bytes, await calibration, { threads, weightBits })).bytes;
         }
         const session = await ort.InferenceSession.create(bytes, {
           // CUDA runs the graph; ops it lacks fall back to the CPU provider inside the same session.
@@ -246,7 +249,7 @@ export async function onnxGraphForward(graphFor: (dtype: "uint8" | "float32") =>
   if (precision === "fp32" || o.calibration) await open("uint8");
   else graphFor("uint8");
   return {
-    info: { requested, name: "onnx", version: ort.env.versions?.node ?? "unknown", threads, provider, precision },
+    info: { requested, name: "onnx", version: ort.env.versions?.node ?? "unknown", threads, provider, precision, ...(weightBits ? { weightBits } : {}) },
     async run(pixels, n) {
       const s = await open(pixels instanceof Uint8Array ? "uint8" : "float32", pixels);
       checkPixels(pixels, n, s.perImage);

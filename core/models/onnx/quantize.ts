@@ -22,9 +22,15 @@
  *   all the integer convs together (MobileNetV2 at 224, profiled).
  *
  * Everything else (preprocessing, transposes, pooling) stays float32. uint8 activations with int8
- * weights (u8s8) is onnxruntime's fast x86 path; CPUs without VNNI (or AVX512-VNNI) may saturate
- * int16 intermediates there, so the speed/accuracy figures of bench/int8.ts hold for VNNI machines.
+ * weights (u8s8) is onnxruntime's fast x86 path. x86 CPUs without VNNI (AVX2 only) add pairs of
+ * u8 x s8 products in int16 there, which saturates with 8-bit weights (2 x 255 x 127 > 32767):
+ * on such a CPU the weights are quantized to 7 bits (+-63; onnxruntime's `reduce_range` advice),
+ * which cannot saturate. Measured on an AVX2-only EPYC, MobileNetV2 at 96: block_12_add's smallest
+ * row cosine to fp32 0.940 with 8-bit weights, above 0.98 with 7-bit. {@link defaultWeightBits}
+ * picks by the CPU; the extractor's fingerprint names the choice, so features quantized either way
+ * never mix in one cache.
  */
+import { readFileSync } from "node:fs";
 import { ConfigError } from "../../runtime/errors.js";
 import { DataType, decodeModel, encodeModel, tensorValues, type GraphProto, type ModelProto, type NodeProto, type TensorProto } from "./schema.js";
 
@@ -40,6 +46,29 @@ export interface QuantizeOptions {
   method?: "minmax" | "percentile";
   /** Percentile of `method: "percentile"`, in (50, 100]. Default 99.99. */
   percentile?: number;
+  /** Bits of the int8 weights: 8 (+-127) or 7 (+-63, for CPUs whose u8s8 kernels saturate). Default {@link defaultWeightBits}. */
+  weightBits?: WeightBits;
+}
+
+export type WeightBits = 7 | 8;
+
+/**
+ * 8 where onnxruntime's u8s8 kernels cannot saturate (VNNI, AVX512-VNNI or AMX on x86; any other
+ * architecture), 7 on an x86 CPU with neither (read from /proc/cpuinfo; 8 when it cannot be read).
+ */
+export function defaultWeightBits(cpuinfo: string | null = readCpuinfo()): WeightBits {
+  if (process.arch !== "x64" && process.arch !== "ia32") return 8;
+  const flags = cpuinfo === null ? undefined : /^flags\s*:(.*)$/m.exec(cpuinfo)?.[1]?.trim().split(/\s+/);
+  if (!flags) return 8;
+  return flags.some((f) => f === "avx512_vnni" || f === "avx_vnni" || f === "amx_int8") ? 8 : 7;
+}
+
+function readCpuinfo(): string | null {
+  try {
+    return readFileSync("/proc/cpuinfo", "utf8");
+  } catch {
+    return null;
+  }
 }
 
 /** What a quantization changed, for logs and tests. */
@@ -52,6 +81,8 @@ export interface QuantizedGraph {
   activations: number;
   /** Images the ranges were measured on. */
   calibrationImages: number;
+  /** Bits of the weights (see {@link QuantizeOptions.weightBits}). */
+  weightBits: WeightBits;
 }
 
 /** What calibration measured of a tensor: its range, and for a 4-d (NCHW) one the sums per channel. */
@@ -90,8 +121,10 @@ export async function quantizeGraph(bytes: Uint8Array, calibration: (Uint8Array 
   if (!(percentile > 50 && percentile <= 100)) throw new ConfigError(`int8 quantization: percentile must be in (50, 100], got ${percentile}.`);
   const ranges = await calibrate(model, [...plan.tensors], calibration, { threads: opts.threads ?? 1, tail: method === "minmax" ? 0 : 1 - percentile / 100 });
   const images = calibration.reduce((a, b) => a + b.length, 0) / inputSize(g);
-  const stats = rewrite(g, plan, ranges);
-  return { bytes: encodeModel(model), nodes: stats.nodes, activations: stats.activations, calibrationImages: images };
+  const weightBits = opts.weightBits ?? defaultWeightBits();
+  if (weightBits !== 7 && weightBits !== 8) throw new ConfigError(`int8 quantization: weightBits must be 7 or 8, got ${String(weightBits)}.`);
+  const stats = rewrite(g, plan, ranges, weightBits);
+  return { bytes: encodeModel(model), nodes: stats.nodes, activations: stats.activations, calibrationImages: images, weightBits };
 }
 
 interface Plan {
@@ -284,15 +317,16 @@ export function activationParams(min: number, max: number): QParams {
  * Symmetric int8 weights: one scale per slice along `axis` (or one for all with axis -1), at least
  * `minScales` (one per slice).
  */
-export function quantizeWeights(w: Float32Array, dims: number[], axis: number, minScales?: Float32Array): { q: Int8Array; scales: Float32Array } {
+export function quantizeWeights(w: Float32Array, dims: number[], axis: number, minScales?: Float32Array, bits: WeightBits = 8): { q: Int8Array; scales: Float32Array } {
+  const top = bits === 7 ? 63 : 127;
   const channels = axis < 0 ? 1 : dims[axis];
   const inner = axis < 0 ? 1 : dims.slice(axis + 1).reduce((a, b) => a * b, 1);
   const channelOf = (i: number): number => (axis < 0 ? 0 : Math.floor(i / inner) % channels);
   const absMax = new Float32Array(channels);
   for (let i = 0; i < w.length; i++) absMax[channelOf(i)] = Math.max(absMax[channelOf(i)], Math.abs(w[i]));
-  const scales = absMax.map((m, c) => Math.max(m > 0 ? m / 127 : 1, minScales?.[c] ?? 0));
+  const scales = absMax.map((m, c) => Math.max(m > 0 ? m / top : 1, minScales?.[c] ?? 0));
   const q = new Int8Array(w.length);
-  for (let i = 0; i < w.length; i++) q[i] = Math.max(-127, Math.min(127, Math.round(w[i] / scales[channelOf(i)])));
+  for (let i = 0; i < w.length; i++) q[i] = Math.max(-top, Math.min(top, Math.round(w[i] / scales[channelOf(i)])));
   return { q, scales };
 }
 
@@ -339,7 +373,7 @@ class Additions {
 }
 
 /** Builds the QDQ graph in place from the float graph, the plan and the measured ranges. */
-function rewrite(g: GraphProto, plan: Plan, ranges: Map<string, Range>): { nodes: Record<string, number>; activations: number } {
+function rewrite(g: GraphProto, plan: Plan, ranges: Map<string, Range>, bits: WeightBits): { nodes: Record<string, number>; activations: number } {
   const add = new Additions(g);
   const foldOf = new Map([...plan.folds].map(([act, n]) => [n, act]));
   const outOf = (n: NodeProto): string => foldOf.get(n)?.output[0] ?? n.output[0];
@@ -357,7 +391,7 @@ function rewrite(g: GraphProto, plan: Plan, ranges: Map<string, Range>): { nodes
     counts[n.opType] = (counts[n.opType] ?? 0) + 1;
     const act = foldOf.get(n);
     if (act) n.output[0] = act.output[0];
-    if (WEIGHT_OPS.has(n.opType)) front.push(...quantizeWeightInputs(n, g, params.get(n.input[0])!.scale, ranges.get(n.input[0])!, add, replaced));
+    if (WEIGHT_OPS.has(n.opType)) front.push(...quantizeWeightInputs(n, g, params.get(n.input[0])!.scale, ranges.get(n.input[0])!, add, replaced, bits));
   }
   const folded = new Set([...plan.folds].filter(([, n]) => kept.includes(n)).map(([act]) => act));
   g.node = insertQdq(g, { tensors, params, pads: new Set(pads), folded, front }, add);
@@ -371,7 +405,7 @@ function rewrite(g: GraphProto, plan: Plan, ranges: Map<string, Range>): { nodes
  * Replaces the float weight (and bias) of a Conv/Gemm/MatMul by int8 (int32) initializers behind
  * DequantizeLinear nodes, which are returned; `sx` is the scale of the node's quantized input.
  */
-function quantizeWeightInputs(n: NodeProto, g: GraphProto, sx: number, input: Range, add: Additions, replaced: Set<string>): NodeProto[] {
+function quantizeWeightInputs(n: NodeProto, g: GraphProto, sx: number, input: Range, add: Additions, replaced: Set<string>, bits: WeightBits): NodeProto[] {
   const inits = new Map((g.initializer ?? []).map((t) => [t.name ?? "", t]));
   const nodes: NodeProto[] = [];
   const dq = (input: string[], hint: string, axis: number): string => {
@@ -387,7 +421,7 @@ function quantizeWeightInputs(n: NodeProto, g: GraphProto, sx: number, input: Ra
   // folding: MobileNetV2 has them) would need a bias beyond int32 at input scale x weight scale; its
   // weight scale is raised instead, to keep the bias within 2^30 (headroom for the accumulation).
   const minScales = bias && Float32Array.from(axis < 0 ? [bias.reduce((a, v) => Math.max(a, Math.abs(v)), 0)] : bias, (v) => Math.abs(v) / (sx * 2 ** 30));
-  const { q, scales } = quantizeWeights(tensorValues(w) as Float32Array, w.dims ?? [], axis, minScales);
+  const { q, scales } = quantizeWeights(tensorValues(w) as Float32Array, w.dims ?? [], axis, minScales, bits);
   const sdims = axis < 0 ? [] : [scales.length];
   const wScale = add.init(`${w.name}/scale`, DataType.FLOAT, sdims, scales);
   const wZero = add.init(`${w.name}/zero_point`, DataType.INT8, sdims, new Int8Array(scales.length));
