@@ -175,7 +175,10 @@ test("extraction wire - splits map one way each, state keys and task ids are pro
 test("extraction worker checks - another model or data set, a shard too big, and the last delivery are final", () => {
   const s = { data: "fashion-mnist", extractorFingerprint: "a".repeat(64), datasetFingerprint: "b".repeat(64) };
   checkSameInputs(s, "a".repeat(64), "b".repeat(64));
-  assert.throws(() => checkSameInputs(s, "c".repeat(64), "b".repeat(64)), (e: unknown) => e instanceof TerminalShardError && /run the same --model on both/.test(e.message));
+  assert.throws(() => checkSameInputs(s, "c".repeat(64), "b".repeat(64)), (e: unknown) => e instanceof TerminalShardError && /run the same --model on both$/.test(e.message));
+  // int8: the CPUs' VNNI decides the weight bits, so it is named too.
+  const int8 = { ...s, extractor: { precision: "int8" } };
+  assert.throws(() => checkSameInputs(int8, "c".repeat(64), "b".repeat(64)), (e: unknown) => e instanceof TerminalShardError && /run the same --model on both; with --engine-precision int8 .* agree on VNNI/.test(e.message));
   assert.throws(() => checkSameInputs(s, "a".repeat(64), "c".repeat(64)), (e: unknown) => e instanceof TerminalShardError && /data set fashion-mnist differs.*share the same files/.test(e.message));
   const x = { featureDim: 1280, featureShape: [3, 3, 1280], inputSize: 96 };
   checkShardMemory(WIRE, 10, x, 32, 2 ** 30);

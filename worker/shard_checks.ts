@@ -11,9 +11,12 @@ export class TerminalShardError extends Error {
 }
 
 /** Throws TerminalShardError when this worker's extractor or data set differ from the coordinator's (by fingerprint). */
-export function checkSameInputs(s: Pick<RoundSettings, "data" | "extractorFingerprint" | "datasetFingerprint">, extractorFingerprint: string, datasetFingerprint: string): void {
-  if (s.extractorFingerprint !== extractorFingerprint)
-    throw new TerminalShardError(`this worker's model differs from the coordinator's (extractor fingerprint ${extractorFingerprint.slice(0, 12)}, coordinator ${s.extractorFingerprint.slice(0, 12)}): run the same --model on both`);
+export function checkSameInputs(s: Pick<RoundSettings, "data" | "extractorFingerprint" | "datasetFingerprint"> & { extractor?: { precision?: string } }, extractorFingerprint: string, datasetFingerprint: string): void {
+  if (s.extractorFingerprint !== extractorFingerprint) {
+    // int8 weights are 7-bit on an x86 CPU without VNNI (core/models/onnx/quantize.ts): such a CPU computes other features.
+    const int8 = s.extractor?.precision === "int8" ? "; with --engine-precision int8 the coordinator's and the workers' CPUs must also agree on VNNI (without it the weights are 7-bit): run them on one kind of node, or use fp32" : "";
+    throw new TerminalShardError(`this worker's model differs from the coordinator's (extractor fingerprint ${extractorFingerprint.slice(0, 12)}, coordinator ${s.extractorFingerprint.slice(0, 12)}): run the same --model on both${int8}`);
+  }
   if (s.datasetFingerprint !== datasetFingerprint)
     throw new TerminalShardError(`this worker's copy of data set ${s.data} differs from the coordinator's (fingerprint ${datasetFingerprint.slice(0, 12)} vs ${s.datasetFingerprint.slice(0, 12)}): share the same files`);
 }
