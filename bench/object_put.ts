@@ -10,7 +10,6 @@
  *   node dist/bench/object_put.js [--mib 746] [--repeats 2] [--out FILE]
  */
 import { randomBytes } from "node:crypto";
-import { readFileSync } from "node:fs";
 import { mkdir, writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg } from "node:os";
 import { dirname } from "node:path";
@@ -25,10 +24,7 @@ const arg = (name: string, def: string): string => {
 };
 
 /** This process's resident set now, MiB. */
-function rssMib(): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync("/proc/self/status", "utf8"));
-  return m ? Math.round(Number(m[1]) / 1024) : NaN;
-}
+const rssMib = (): number => Math.round(process.memoryUsage.rss() / 2 ** 20);
 
 type Way = "nats.js putBlob" | "ctrain putBytes";
 const WAYS: Record<Way, (os: ObjectStore, name: string, data: Uint8Array) => Promise<unknown>> = {

@@ -275,17 +275,18 @@ export class NatsWorker implements AsyncDisposable {
   private async watchTraining(ctx: JobContext): Promise<void> {
     type Session = { stop: AbortController; done: Promise<void> };
     let current: Session | undefined;
-    // Sessions whose attempt ended (spec deleted): they finish their last report unless they outlast the grace.
+    // Sessions whose spec changed: a deleted spec (the coordinator deletes it once member 0 is done) lets them
+    // finish their last report within the grace; a newer spec stops them at once.
     const ending = new Set<Session>();
     const w = await ctx.state.watch({ key: TRAINING_KEYS.spec });
     this.training.push(() => {
-      for (const s of [...ending, ...(current ? [current] : [])]) s.stop.abort(new Error("worker draining"));
+      for (const s of ending) s.stop.abort(new Error("worker draining"));
+      current?.stop.abort(new Error("worker draining"));
       w.stop();
     });
     for await (const e of w) {
       const put = e.operation === "PUT" && e.value.length > 0;
-      if (current && !put) {
-        // The coordinator deletes the spec once member 0 is done: the others may still be reporting theirs.
+      if (current) {
         const s = current;
         ending.add(s);
         const timer = setTimeout(() => s.stop.abort(new Error("the training attempt ended")), ATTEMPT_END_GRACE_MS);
@@ -294,9 +295,9 @@ export class NatsWorker implements AsyncDisposable {
       }
       if (put) {
         // A newer attempt supersedes whatever still runs.
-        for (const s of [...ending, ...(current ? [current] : [])]) s.stop.abort(new Error("a newer training spec"));
-        await Promise.all([...ending, ...(current ? [current] : [])].map((s) => s.done));
-        current = undefined;
+        const running = [...ending];
+        for (const s of running) s.stop.abort(new Error("a newer training spec"));
+        await Promise.all(running.map((s) => s.done));
       }
       if (!put || this.draining) continue;
       let spec: JobSpec;

@@ -52,8 +52,6 @@ export class StepTimer {
 
   /** A stint starts (fit() begins): the next step is not recorded, the one after it is timed from its end. */
   restart(): void {
-    this.lastEnd = this.now();
-    this.started = undefined;
     this.untimed = true;
   }
 
