@@ -85,7 +85,7 @@ import { captureState, decodeState, encodeState, getBytesWithin, putBytes, resto
 import type { FineTuneResult } from "./fine_tuning.js";
 import { confusionMatrix } from "./head_training.js";
 import { completeAttempt, encodeDataObject, toControlsMessage, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt, type TrainingPhase } from "../proto/training_wire.js";
-import type { ImageInput } from "../proto/codec.js";
+import type { FeatureInput, ImageInput } from "../proto/codec.js";
 import { DataParallelDriver, type DriveResult } from "./data_parallel_driver.js";
 
 export { DATA_PARALLEL_DEFAULTS };
@@ -131,6 +131,8 @@ export interface DataParallelOptions {
   phase?: TrainingPhase;
   /** Image-fed attempts (--method augment): the data set, frozen stage and augmentation the replicas use. Absent: rows (cached activations). */
   images?: ImageInput;
+  /** A head attempt on cached features (method 1): the entry's block objects the replicas stream (coordinator/feature_head_on_workers.ts). */
+  features?: FeatureInput;
   /**
    * Keras' training controls (early stopping, best weights, schedule, class weights, label smoothing), applied by
    * every replica. Default none. Their state is in every checkpoint and join state: a resumed attempt and a joiner
@@ -153,7 +155,8 @@ interface Stores {
 
 /** Fingerprint of what a checkpoint is valid for (a fine-tuning attempt on activations keeps the fingerprint it always had). */
 function fingerprint(o: DataParallelOptions, trainRows: number): string {
-  const kind = (o.phase ?? "fine_tune") === "fine_tune" && !o.images ? [] : [o.phase ?? "fine_tune", o.images ? [o.images.frozen.extractorFingerprint, o.images.frozen.datasetFingerprint, o.images.augment ?? null] : null];
+  const input = o.images ? [o.images.frozen.extractorFingerprint, o.images.frozen.datasetFingerprint, o.images.augment ?? null] : o.features ? ["features", o.features.entry, o.features.blockRows, o.features.windowBlocks] : null;
+  const kind = (o.phase ?? "fine_tune") === "fine_tune" && !input ? [] : [o.phase ?? "fine_tune", input];
   // Controls change the training (schedule, loss, stopping): a checkpoint made under others does not resume.
   const controls = o.controls ? [toControlsMessage(o.controls)] : [];
   return JSON.stringify([o.model, o.inputSize, o.featureLayer, o.pooling, o.fineTuneLayers, o.learningRate, o.seed, o.batchSize, o.numClasses, trainRows, ...kind, ...controls]);
@@ -170,7 +173,7 @@ export function attemptOf(o: DataParallelOptions, attempt: string, trainRows: nu
     attempt, model: o.model, inputSize: o.inputSize, featureLayer: o.featureLayer, pooling: o.pooling, fineTuneLayers: o.fineTuneLayers,
     learningRate: o.learningRate, seed: o.seed, globalBatch: o.batchSize, epochs: o.epochs, numClasses: o.numClasses, fingerprint: fingerprint(o, trainRows),
     wireDtype: o.wireDtype, bucketBytes: o.bucketBytes, checksumEvery: o.checksumEvery, checkpointEvery: o.checkpointEvery, stepTimeoutMs: o.stepTimeoutMs,
-    phase: o.phase ?? "fine_tune", images: o.images ?? null, controls: o.controls ?? null,
+    phase: o.phase ?? "fine_tune", images: o.images ?? null, features: o.features ?? null, controls: o.controls ?? null,
   });
 }
 
@@ -220,10 +223,11 @@ async function startState(o: DataParallelOptions, os: ObjectStore, model: tf.Lay
 /**
  * What the replicas of an attempt fetch besides the head and the start state: the train object (rows
  * of cached activations, or the sample list of an image attempt: encodeSampleList) and the val rows.
+ * A head attempt on cached features has neither: its rows are block objects the caller put (`features`).
  */
 export interface AttemptData {
-  train: Uint8Array;
-  val: ArrayData;
+  train?: Uint8Array;
+  val?: ArrayData;
   /** Training samples (rows or images). */
   trainSamples: number;
 }
@@ -232,10 +236,10 @@ export interface AttemptData {
 async function publishAttempt(o: DataParallelOptions, s: Stores, a: TrainingAttempt, head: tf.LayersModel, start: TrainingState, data: AttemptData, totalSteps: number): Promise<void> {
   await putBytes(s.os, TRAINING_OBJECTS.head(a.attempt), await encodeHeadObject(head));
   await putBytes(s.os, TRAINING_OBJECTS.start(a.attempt), encodeState(start));
-  await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "train"), data.train);
-  await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "val"), encodeDataObject(data.val));
+  if (data.train) await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "train"), data.train);
+  if (data.val) await putBytes(s.os, TRAINING_OBJECTS.data(a.attempt, "val"), encodeDataObject(data.val));
   await s.state.put(TRAINING_KEYS.spec, encodeTrainingSpec(o.job, a));
-  o.log.info("training spec published", { attempt: a.attempt, phase: a.phase, images: a.images ? true : false, from_step: start.cursor.step, steps: totalSteps, workers: o.workers, checkpoint_every: a.checkpointEvery, checksum_every: a.checksumEvery });
+  o.log.info("training spec published", { attempt: a.attempt, phase: a.phase, input: a.images ? "images" : a.features ? "features" : "rows", from_step: start.cursor.step, steps: totalSteps, workers: o.workers, checkpoint_every: a.checkpointEvery, checksum_every: a.checksumEvery });
 }
 
 /** Runs the attempt on the workers (or nothing when the checkpoint is already complete). */

@@ -35,12 +35,12 @@ export interface WorkingSet {
 const mib = (b: number): string => `${(b / 2 ** 20).toFixed(0)} MiB`;
 
 /** The coordinator's bounded working set for `samples` rows of `featureDim` floats. */
-export function workingSet(opts: Pick<JobOptions, "batchSize" | "headUnits" | "method" | "inputSize">, samples: number, featureDim: number): WorkingSet {
+export function workingSet(opts: Pick<JobOptions, "batchSize" | "headUnits" | "method" | "inputSize"> & Partial<Pick<JobOptions, "shuffleBufferMib">>, samples: number, featureDim: number): WorkingSet {
   const row = featureDim * 4;
   const base = COORDINATOR_BASE_BYTES;
   const index = samples * INDEX_BYTES_PER_SAMPLE;
   // Two shuffle windows' worth of blocks (at least two blocks), plus the batches in flight (current + prefetched + evaluation chunk).
-  const featureWindow = Math.max(DEFAULT_WINDOW_BYTES, 2 * 256 * row) + (2 * opts.batchSize + 1024) * row;
+  const featureWindow = Math.max(opts.shuffleBufferMib !== undefined ? opts.shuffleBufferMib * 2 ** 20 : DEFAULT_WINDOW_BYTES, 2 * 256 * row) + (2 * opts.batchSize + 1024) * row;
   // Kernel, gradient, two Adam moments.
   const head = 4 * featureDim * opts.headUnits * 4;
   const images = opts.method === "augment" ? Math.min(DEFAULT_IMAGE_MEMORY_BYTES, samples * opts.inputSize ** 2 * 3) : 0;

@@ -176,6 +176,18 @@ export interface TrainingAttempt {
   images?: ImageInput | null;
   /** Keras' training controls the replicas apply; null or absent (an older coordinator): none. */
   controls?: TrainingControlsMessage | null;
+  /** Set for a head attempt on cached features (method 1); null or absent: see `images`. */
+  features?: FeatureInput | null;
+}
+
+/** TrainingAttempt.features: the feature cache entry's train and val rows as block objects (proto/trainer.proto FeatureInput). */
+export interface FeatureInput {
+  entry: string;
+  trainRows: number;
+  valRows: number;
+  blockRows: number;
+  windowBlocks: number;
+  sampleShape: number[];
 }
 
 /** TrainingAttempt.controls: core/training/train_loop.ts TrainingControls on the wire (conversion in training_wire.ts). */
@@ -840,6 +852,17 @@ function validateTrainingAttempt(h: Header, t: TrainingAttempt): void {
     validateExtractionRound("JobSpec", h, t.images.frozen);
   }
   if (t.controls) validateControls(h, t.controls, t.numClasses);
+  if (t.features) validateFeatureInput(h, t.features, t.phase, !!t.images);
+}
+
+/** TrainingAttempt.features: a head attempt's rows, named by a plain entry key, in whole blocks of a known shape. */
+function validateFeatureInput(h: Header, f: FeatureInput, phase: string, images: boolean): void {
+  const check = (cond: boolean, what: string): void => shape("JobSpec", h, cond, what);
+  check(phase === "head", `training.features with phase ${JSON.stringify(phase)}: cached features train the head only`);
+  check(!images, "training.features and training.images both set: an attempt has one input");
+  check(/^[0-9a-z]{1,64}$/.test(f.entry), `training.features.entry ${JSON.stringify(f.entry)} is not a cache key (1-64 of [0-9a-z])`);
+  check(f.trainRows > 0 && f.blockRows > 0 && f.windowBlocks > 0, `training.features: train_rows ${f.trainRows}, block_rows ${f.blockRows}, window_blocks ${f.windowBlocks} must be > 0`);
+  check(f.sampleShape.length > 0 && f.sampleShape.every((d) => d > 0), `training.features.sample_shape [${f.sampleShape.join(", ")}] must be dimensions > 0`);
 }
 
 /** TrainingAttempt.controls: known choices, one finite positive weight per class, smoothing in [0, 0.5). */

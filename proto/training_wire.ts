@@ -21,7 +21,7 @@ export type { TrainingAttempt };
  * The settings of an attempt that may be left out; they take DATA_PARALLEL_DEFAULTS (and fp32 on the
  * wire), phase `fine_tune` and no images (cached activations).
  */
-type Tunable = "wireDtype" | "bucketBytes" | "checksumEvery" | "checkpointEvery" | "stepTimeoutMs" | "phase" | "images";
+type Tunable = "wireDtype" | "bucketBytes" | "checksumEvery" | "checkpointEvery" | "stepTimeoutMs" | "phase" | "images" | "features";
 export type TrainingAttemptInput = Omit<TrainingAttempt, Tunable | "controls"> & Partial<Pick<TrainingAttempt, Tunable>> & {
   /** The training controls the replicas apply (core TrainingControls; left-out fields take train_loop's defaults). Absent: none. */
   controls?: TrainingControls | null;
@@ -36,7 +36,7 @@ export function completeAttempt(a: TrainingAttemptInput): TrainingAttempt {
   return {
     ...a, wireDtype: a.wireDtype ?? "fp32", bucketBytes: a.bucketBytes ?? d.bucketBytes, checksumEvery: a.checksumEvery ?? d.checksumEvery,
     checkpointEvery: a.checkpointEvery ?? d.checkpointEvery, stepTimeoutMs: a.stepTimeoutMs ?? d.stepTimeoutMs, phase: a.phase || "fine_tune", images: a.images ?? null,
-    controls: a.controls ? toControlsMessage(a.controls) : null,
+    features: a.features ?? null, controls: a.controls ? toControlsMessage(a.controls) : null,
   };
 }
 
@@ -199,6 +199,12 @@ export const TRAINING_OBJECTS = {
   latestOf: (phase: "head" | "fine_tune") => (phase === "head" ? "latest-head" : "latest"),
   /** The file name (under <out>/checkpoints/) of a phase's `latest` or `final` checkpoint: `head-` before the head phase's. */
   fileOf: (phase: "head" | "fine_tune", which: "latest" | "final") => (phase === "head" ? `head-${which}` : which),
+  /**
+   * Block k of a split of a head attempt's cached features (TrainingAttempt.features): named by the
+   * cache entry and the block size, not the attempt, so a restarted coordinator's new attempt finds
+   * the blocks already stored.
+   */
+  rowBlock: (entry: string, blockRows: number, split: "train" | "val", k: number) => `rows-${entry}-${blockRows}-${split}-${k}`,
   /** The phase's end state. */
   final: (attempt: string) => `final-${attempt}`,
   /** Member 0's state at the boundary where the join of membership epoch `epoch` applies (what joiners start from). */

@@ -10,7 +10,10 @@
  *   extraction role already loaded), checks both fingerprints against the coordinator's, and each step
  *   decodes, augments and runs through the frozen stage only its part (image_batches' sliceOf); the next
  *   part is prepared while the current step trains.
- * Validation in both: rows the coordinator already has (cached features or activations of the val split).
+ * - Cached features (the head of method 1): the train split's blocks, fetched from the object store as
+ *   the one-process head's stream reaches them; every replica walks the same block order, each
+ *   gathers only its part of each global batch. Validation streams the val blocks.
+ * Validation of the others: rows the coordinator already has (cached features or activations of the val split).
  */
 import type * as tf from "@tensorflow/tfjs";
 import type { Dataset, SampleRef } from "../core/datasets/types.js";
@@ -19,7 +22,10 @@ import { buildSplit, fineTuneModel } from "../core/models/model_split.js";
 import { loadPretrained } from "../core/models/model_zoo.js";
 import { defaultThreads } from "../core/models/inference_engine.js";
 import type { EngineProvider } from "../core/runtime/config.js";
-import { type BatchSource, evaluate, numSamples, takeRows } from "../core/training/train_loop.js";
+import { type ArrayData, type BatchSource, evaluate, evaluateBatches, numSamples, takeRows } from "../core/training/train_loop.js";
+import { blockBatches } from "../core/training/feature_batches.js";
+import { heldBytes } from "../core/runtime/memory_accounting.js";
+import type { FeatureInput } from "../proto/codec.js";
 import { imageBatches, openImages } from "../core/training/image_batches.js";
 import { fromExtractionRound, type RoundSettings } from "../proto/extraction_wire.js";
 import { attemptPhase, DATA_UNAVAILABLE, decodeDataObject, decodeHeadObject, decodeSampleList, fromAugmentation, TRAINING_OBJECTS, type TrainingAttempt } from "../proto/training_wire.js";
@@ -66,6 +72,7 @@ export async function loadReplicaData(a: TrainingAttempt, d: ReplicaDataDeps): P
     const head = await decodeHeadObject(await d.fetch(TRAINING_OBJECTS.head(a.attempt)));
     owned.push(head);
     const model = attemptPhase(a) === "head" ? head : await fineTuneReplica(a, head, owned);
+    if (a.features) return { model, dispose, ...featureSource(a, a.features, d.fetch) };
     const val = decodeDataObject(await d.fetch(TRAINING_OBJECTS.data(a.attempt, "val")));
     const validate = numSamples(val) > 0 ? async (m: tf.LayersModel) => evaluate(m, val, a.numClasses) : undefined;
     if (a.images) {
@@ -82,6 +89,28 @@ export async function loadReplicaData(a: TrainingAttempt, d: ReplicaDataDeps): P
     dispose();
     throw err;
   }
+}
+
+/**
+ * A head attempt's cached features: the train split streamed from its block objects in the
+ * one-process head's order (core/training/feature_batches.ts blockBatches; a window's blocks are
+ * fetched together), validation streamed over the val blocks in entry order. Memory: two windows.
+ */
+function featureSource(a: TrainingAttempt, f: FeatureInput, fetch: ReplicaDataDeps["fetch"]): Pick<ReplicaData, "source" | "trainSamples" | "valSamples"> {
+  const layout = { blockRows: f.blockRows, windowBlocks: f.windowBlocks };
+  const load = (split: "train" | "val") => async (k: number): Promise<ArrayData> => {
+    const block = decodeDataObject(await fetch(TRAINING_OBJECTS.rowBlock(f.entry, f.blockRows, split, k)));
+    heldBytes("features", block.x.byteLength, block.x);
+    return block;
+  };
+  const valBlocks = async function* (): AsyncGenerator<ArrayData> {
+    for (let k = 0; k * f.blockRows < f.valRows; k++) yield load("val")(k);
+  };
+  const validate = f.valRows > 0 ? (m: tf.LayersModel) => evaluateBatches(m, valBlocks(), a.numClasses, f.valRows) : undefined;
+  return {
+    trainSamples: f.trainRows, valSamples: f.valRows,
+    source: (sliceOf) => ({ ...blockBatches({ samples: f.trainRows, layout, seed: a.seed, sampleShape: f.sampleShape, load: load("train"), readWindows: true, sliceOf }), validate }),
+  };
 }
 
 /** Top + pooling + head as the one-process path builds them (core/models/model_split.ts fineTuneModel). */

@@ -278,7 +278,7 @@ export class ReplicaSession {
     const { nc, job, self, metrics } = this.o;
     this.averager = await GradientAverager.open({ nc, job, self, members: [self], epoch: 0, wireDtype: this.a.wireDtype, bucketBytes: this.a.bucketBytes || undefined, metrics, timeoutMs: this.a.stepTimeoutMs });
     await this.report({ state: "ready", step: this.r.start.cursor.step });
-    this.o.log.info("training replica ready", { attempt: this.a.attempt, phase: this.phase, images: this.a.images ? true : false, parameters: this.r.model.countParams(), train_rows: this.r.data.trainSamples, cursor: this.r.start.cursor });
+    this.o.log.info("training replica ready", { attempt: this.a.attempt, phase: this.phase, input: this.a.images ? "images" : this.a.features ? "features" : "rows", parameters: this.r.model.countParams(), train_rows: this.r.data.trainSamples, cursor: this.r.start.cursor });
   }
 
   private async subscribeChecksums(): Promise<void> {

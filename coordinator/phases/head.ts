@@ -1,8 +1,8 @@
 /**
  * The head phase: a dense classifier trained on the cached features (method 1), or frozen base +
- * head on augmented images (method 2, `--method augment`). Method 1 trains in this process even with
- * workers: on cached features it is the cheap part (bench/head: 54k rows of 96-d features in 50 s).
- * Method 2 runs the frozen base every step: with a cluster that trains (cluster.trainer) it trains
+ * head on augmented images (method 2, `--method augment`). Method 1 trains in this process unless the
+ * workers are estimated to be faster (large caches, wide features: coordinator/head_placement.ts);
+ * then data-parallel on them (coordinator/feature_head_on_workers.ts). Method 2 runs the frozen base every step: with a cluster that trains (cluster.trainer) it trains
  * data-parallel on the workers (coordinator/augment_data_parallel.ts), else here.
  */
 import type { FeatureSet } from "../../core/datasets/feature_store.js";
@@ -13,6 +13,8 @@ import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, tra
 import { resultEpoch } from "../../core/training/train_loop.js";
 import { splitInMemory } from "../../core/training/feature_batches.js";
 import { trainHeadOnWorkers } from "../augment_data_parallel.js";
+import { trainFeatureHeadOnWorkers } from "../feature_head_on_workers.js";
+import { headOnWorkers } from "../head_placement.js";
 import type { JobCluster } from "../job.js";
 import { type PhaseProgress, phaseProgress, round } from "./progress.js";
 import type { JobContext } from "./setup.js";
@@ -27,14 +29,26 @@ export async function headPhase(ctx: JobContext, features: FeatureSet, cluster: 
   const progress = phaseProgress("head", opts.epochs, Math.ceil(trainCount / opts.batchSize), log, metrics);
   const options: HeadTrainingOptions = {
     epochs: opts.epochs, batchSize: opts.batchSize, learningRate: opts.learningRate, units: opts.headUnits, dropout: opts.dropout, seed: opts.seed,
+    streamOptions: { windowBytes: opts.shuffleBufferMib * 2 ** 20 },
     controls: ctx.controls, onBatchEnd: progress.onBatchEnd, onEpochEnd: progress.onEpochEnd,
   };
   progress.begin();
-  const head = opts.method !== "augment" ? { ...(await trainHead(features, options)), workers: 1 } : await augmented(ctx, features, options, cluster, progress);
+  const head = opts.method !== "augment" ? await cached(ctx, features, options, cluster, progress) : await augmented(ctx, features, options, cluster, progress);
   progress.finish();
   metrics?.setEvaluation("head", "test", { loss: head.test.loss, accuracy: head.test.accuracy });
   log.info("head trained", { test_accuracy: round(head.test.accuracy), test_loss: round(head.test.loss), val_accuracy: round(head.val_accuracy), seconds: round(head.seconds, 2) });
   return head;
+}
+
+/** Method 1 here, or on the workers when they are estimated to be faster (coordinator/head_placement.ts). */
+async function cached(ctx: JobContext, features: FeatureSet, options: HeadTrainingOptions, cluster: Pick<JobCluster, "trainer" | "workers">, progress: PhaseProgress): Promise<HeadPhaseResult> {
+  const { opts } = ctx;
+  const job = { trainRows: features.splits.filter((s) => s === "train").length, featureDim: features.meta.featureDim, units: options.units, epochs: options.epochs, batchSize: options.batchSize, workers: cluster.workers };
+  const place = headOnWorkers(opts, job);
+  const estimate = place.estimate ? { estimated_seconds_here: round(place.estimate.here, 1), estimated_seconds_on_workers: round(place.estimate.workers, 1) } : {};
+  ctx.log.info("head placement", { on_workers: place.workers && !!cluster.trainer, why: place.workers && !cluster.trainer ? "no training cluster" : place.why, ...estimate });
+  if (!place.workers || !cluster.trainer) return { ...(await trainHead(features, options)), workers: 1 };
+  return trainFeatureHeadOnWorkers(ctx, await cluster.trainer(), features, options, cluster.workers, progress);
 }
 
 /** Method 2 on the workers when the cluster trains data-parallel (the replicas apply the training controls); else here. */

@@ -90,6 +90,8 @@ export interface JobOptions {
   headUnits: number;
   /** Dropout rate of the head. Default 0.5. */
   dropout: number;
+  /** MiB of feature rows the head's stream holds (two shuffle windows; rows are shuffled within a window). Default 64. */
+  shuffleBufferMib: number;
   /** Top layers of the base to unfreeze for fine-tuning (a count, or a layer name to unfreeze from); 0 = no fine-tuning. */
   fineTuneLayers: string;
   /** Epochs of fine-tuning. Default 0. */
@@ -210,6 +212,7 @@ export const OPTION_SPECS = [
   spec({ key: "epochs", kind: "int", help: "epochs of head training", default: () => 10, min: 1, max: 100000 }),
   spec({ key: "headUnits", kind: "int", help: "units of the head's hidden layer", default: () => 256, min: 1, max: 65536 }),
   spec({ key: "dropout", kind: "number", help: "dropout rate of the head", default: () => 0.5, min: 0, max: 0.95 }),
+  spec({ key: "shuffleBufferMib", kind: "number", help: "MiB of cached feature rows the head holds while it streams them (two shuffle windows: rows mix within a window); more mixes more", default: () => 64, min: 0.01, max: 65536 }),
   spec({ key: "fineTuneLayers", kind: "string", help: "top layers of the base to unfreeze (count or layer name); 0 = none", default: () => "0" }),
   spec({ key: "fineTuneEpochs", kind: "int", help: "epochs of fine-tuning", default: () => 0, min: 0, max: 100000 }),
   spec({ key: "fineTuneLearningRate", kind: "number", help: "learning rate of fine-tuning", default: () => 1e-5, min: 1e-12, max: 10 }),

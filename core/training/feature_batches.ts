@@ -106,11 +106,33 @@ export function evaluateSplit(model: tf.LayersModel, set: FeatureSet, split: Spl
   return evaluateBatches(model, streamSplit(set, split, 1024, sampleShape), numClasses, n);
 }
 
-/** The epoch order of {@link featureBatches}: permuted blocks, rows shuffled within windows of `windowBlocks` blocks. */
-export function streamOrder(samples: number, blockRows: number, windowBlocks: number, seed: number, epoch: number): Int32Array {
+/** How a split is cut into blocks and windows (see the file comment). */
+export interface StreamLayout {
+  /** Rows per block (the last block of a split may be shorter). */
+  blockRows: number;
+  /** Blocks per shuffle window. */
+  windowBlocks: number;
+}
+
+/** The layout of a stream of `dim`-float rows: wide rows get shorter blocks, so a window still mixes at least MIN_WINDOW_BLOCKS of them. */
+export function streamLayout(dim: number, o: Omit<StreamOptions, "seed"> = {}): StreamLayout {
+  const windowHalf = (o.windowBytes ?? DEFAULT_WINDOW_BYTES) / 2;
+  // A folder data set lists its samples class by class, and a window of a few long blocks would be a few classes.
+  const blockRows = Math.max(1, o.blockRows ?? Math.min(DEFAULT_BLOCK_ROWS, Math.max(16, Math.floor(windowHalf / (MIN_WINDOW_BLOCKS * dim * 4)))));
+  return { blockRows, windowBlocks: Math.max(1, Math.floor(windowHalf / (blockRows * dim * 4))) };
+}
+
+/** One epoch of a stream: the block permutation and the row order it gives. */
+interface EpochPlan {
+  /** perm[j]: the block at position j of the epoch. */
+  perm: Int32Array;
+  order: Int32Array;
+}
+
+function epochPlan(samples: number, blockRows: number, windowBlocks: number, seed: number, epoch: number): EpochPlan {
   const rng = new Rng((seed * 1000003 + epoch) ^ 0x5f3759df);
   const blocks = Math.ceil(samples / blockRows);
-  const perm = rng.permutation(blocks);
+  const perm = Int32Array.from(rng.permutation(blocks));
   const order = new Int32Array(samples);
   let at = 0;
   for (let w = 0; w < blocks; w += windowBlocks) {
@@ -122,7 +144,75 @@ export function streamOrder(samples: number, blockRows: number, windowBlocks: nu
       const t = order[i]; order[i] = order[j]; order[j] = t;
     }
   }
-  return order;
+  return { perm, order };
+}
+
+/** The epoch order of {@link featureBatches}: permuted blocks, rows shuffled within windows of `windowBlocks` blocks. */
+export function streamOrder(samples: number, blockRows: number, windowBlocks: number, seed: number, epoch: number): Int32Array {
+  return epochPlan(samples, blockRows, windowBlocks, seed, epoch).order;
+}
+
+/** Where a {@link blockBatches} stream reads its rows. */
+export interface BlockStream {
+  samples: number;
+  layout: StreamLayout;
+  seed: number;
+  sampleShape: number[];
+  /** Block k: rows [k * blockRows, ...) of the split and their labels. */
+  load(k: number): Promise<ArrayData>;
+  /**
+   * Start reading every block of a window when the first of them is asked for (blocks that sit in
+   * an object store, where reads pay a round trip each); default false: each block when first asked for.
+   */
+  readWindows?: boolean;
+  /** Data-parallel replicas: the part of each global batch this one trains (its rows carry their global index). Default: all of it. */
+  sliceOf?: (indices: Int32Array, batch: number, epoch: number) => Int32Array;
+}
+
+/**
+ * Batches of a split stored as blocks, in {@link streamOrder}, holding two windows of blocks at most:
+ * what the coordinator's head reads from the cache file (featureBatches) and what a replica of the
+ * head phase reads from the object store, the same global batches in both.
+ */
+export function blockBatches(s: BlockStream): Pick<BatchSource, "samples" | "order" | "prefetch" | "batch"> {
+  const { blockRows, windowBlocks } = s.layout;
+  let plan: { epoch: number; plan: EpochPlan; position: Int32Array } | undefined;
+  const planOf = (epoch: number): NonNullable<typeof plan> => {
+    if (plan?.epoch !== epoch) {
+      const p = epochPlan(s.samples, blockRows, windowBlocks, s.seed, epoch);
+      const position = new Int32Array(p.perm.length);
+      p.perm.forEach((k, j) => (position[k] = j));
+      plan = { epoch, plan: p, position };
+    }
+    return plan;
+  };
+  const cache = new BlockCache(2 * windowBlocks, (k) => s.load(k));
+  const get = (k: number, epoch: number): Promise<ArrayData> => {
+    if (s.readWindows && !cache.has(k)) {
+      const { plan: p, position } = planOf(epoch);
+      const w = Math.floor(position[k] / windowBlocks) * windowBlocks;
+      for (let j = w; j < Math.min(p.perm.length, w + windowBlocks); j++) if (p.perm[j] !== k && !cache.has(p.perm[j])) void cache.get(p.perm[j]).catch(() => undefined);
+    }
+    return cache.get(k);
+  };
+  const dim = s.sampleShape.reduce((a, b) => a * b, 1);
+  return {
+    samples: s.samples,
+    order: (epoch) => planOf(epoch).plan.order,
+    prefetch: true,
+    async batch(indices, b, epoch) {
+      const rows = s.sliceOf ? s.sliceOf(indices, b, epoch) : indices;
+      const blocks = await Promise.all(Array.from(rows, (r) => get(Math.floor(r / blockRows), epoch)));
+      const x = new Float32Array(rows.length * dim);
+      const y = new Int32Array(rows.length);
+      for (let i = 0; i < rows.length; i++) {
+        const r = rows[i] % blockRows;
+        x.set(blocks[i].x.subarray(r * dim, (r + 1) * dim), i * dim);
+        y[i] = blocks[i].y[r];
+      }
+      return s.sliceOf ? { x, sampleShape: s.sampleShape, y, index: Int32Array.from(rows) } : { x, sampleShape: s.sampleShape, y };
+    },
+  };
 }
 
 /**
@@ -132,46 +222,35 @@ export function streamOrder(samples: number, blockRows: number, windowBlocks: nu
 export function featureBatches(set: FeatureSet, split: Split, numClasses: number, o: StreamOptions & { validation?: Split; sampleShape?: number[] }): BatchSource {
   const rows = splitRows(set, split);
   const reader = rowsOf(set);
-  const dim = reader.dim;
-  const sampleShape = o.sampleShape ?? [dim];
-  const windowHalf = (o.windowBytes ?? DEFAULT_WINDOW_BYTES) / 2;
-  // Wide rows get shorter blocks so a window still mixes at least MIN_WINDOW_BLOCKS of them: a folder
-  // data set lists its samples class by class, and a window of a few long blocks would be a few classes.
-  const blockRows = Math.max(1, o.blockRows ?? Math.min(DEFAULT_BLOCK_ROWS, Math.max(16, Math.floor(windowHalf / (MIN_WINDOW_BLOCKS * dim * 4)))));
-  const windowBlocks = Math.max(1, Math.floor(windowHalf / (blockRows * dim * 4)));
-  const cache = new BlockCache(2 * windowBlocks, async (k) => {
-    const block = await gatherRows(reader, rows.subarray(k * blockRows, Math.min(rows.length, (k + 1) * blockRows)));
-    heldBytes("features", block.byteLength, block);
-    return block;
-  });
+  const sampleShape = o.sampleShape ?? [reader.dim];
+  const layout = streamLayout(reader.dim, o);
   const validation = o.validation;
   const hasValidation = validation !== undefined && set.splits.includes(validation);
   return {
-    samples: rows.length,
-    order: (epoch) => streamOrder(rows.length, blockRows, windowBlocks, o.seed, epoch),
-    prefetch: true,
-    async batch(indices) {
-      const x = new Float32Array(indices.length * dim);
-      const y = new Int32Array(indices.length);
-      for (let i = 0; i < indices.length; i++) {
-        const k = Math.floor(indices[i] / blockRows);
-        const r = indices[i] - k * blockRows;
-        x.set((await cache.get(k)).subarray(r * dim, (r + 1) * dim), i * dim);
-        y[i] = set.labels[rows[indices[i]]];
-      }
-      return { x, sampleShape, y };
-    },
+    ...blockBatches({ samples: rows.length, layout, seed: o.seed, sampleShape, load: async (k) => readBlock(set, reader, rows, layout.blockRows, k, sampleShape) }),
     validate: hasValidation ? (model) => evaluateSplit(model, set, validation!, numClasses, sampleShape) : undefined,
   };
 }
 
+/** Block k of the split whose entry rows are `rows` (held as features until dropped). */
+export async function readBlock(set: Pick<FeatureSet, "labels">, reader: FeatureRows, rows: Int32Array, blockRows: number, k: number, sampleShape: number[]): Promise<ArrayData> {
+  const part = rows.subarray(k * blockRows, Math.min(rows.length, (k + 1) * blockRows));
+  const x = await gatherRows(reader, part);
+  heldBytes("features", x.byteLength, x);
+  return { x, sampleShape, y: Int32Array.from(part, (r) => set.labels[r]) };
+}
+
 /** The last `capacity` blocks used, each read once while it stays (concurrent asks share one read). */
 class BlockCache {
-  private readonly blocks = new Map<number, Promise<Float32Array>>();
+  private readonly blocks = new Map<number, Promise<ArrayData>>();
 
-  constructor(private readonly capacity: number, private readonly load: (k: number) => Promise<Float32Array>) {}
+  constructor(private readonly capacity: number, private readonly load: (k: number) => Promise<ArrayData>) {}
 
-  get(k: number): Promise<Float32Array> {
+  has(k: number): boolean {
+    return this.blocks.has(k);
+  }
+
+  get(k: number): Promise<ArrayData> {
     let p = this.blocks.get(k);
     if (p) this.blocks.delete(k);
     else p = this.load(k);
