@@ -15,7 +15,7 @@ import type { Split } from "../core/datasets/types.js";
 import { selectBackend } from "../core/models/backend.js";
 import { buildHead } from "../core/models/head.js";
 import { Rng } from "../core/runtime/rng.js";
-import { featureBatches, splitLabels, splitRows, streamOrder } from "../core/training/feature_batches.js";
+import { blockBatches, featureBatches, readBlock, splitLabels, splitRows, streamLayout, streamOrder } from "../core/training/feature_batches.js";
 import { fit } from "../core/training/train_loop.js";
 
 let tmp: string;
@@ -111,6 +111,38 @@ describe("feature stream - batches", () => {
     // Each block is read once per epoch and blocks do not overlap on disk: at most every row of the entry once
     // (short gaps of other splits' rows are read through rather than cut into more reads).
     assert.ok(reader.rowsRead >= train.length && reader.rowsRead <= set.ids.length, `rows read ${reader.rowsRead} for ${train.length} train rows of ${set.ids.length}`);
+  });
+
+  test("feature stream - replicas' parts of each global batch (blockBatches sliceOf) are the one-process batch, read from blocks window by window", async () => {
+    const { set } = await committed(2000, 100);
+    const train = splitRows(set, "train");
+    const layout = { blockRows: 40, windowBlocks: 3 };
+    const whole = featureBatches(set, "train", 3, { seed: 9, blockRows: 40, windowBytes: 2 * 3 * 40 * DIM * 4 });
+    assert.deepEqual(streamLayout(DIM, { blockRows: 40, windowBytes: 2 * 3 * 40 * DIM * 4 }), layout);
+    const members = 3;
+    const loads: number[][] = Array.from({ length: members }, () => []);
+    const replicas = Array.from({ length: members }, (_, m) => blockBatches({
+      samples: train.length, layout, seed: 9, sampleShape: [DIM], readWindows: true,
+      load: async (k) => { loads[m]!.push(k); return readBlock(set, set.rows!, train, 40, k, [DIM]); },
+      // member m takes the m-th third of each global batch, as the replicas cut it
+      sliceOf: (idx) => idx.subarray(Math.floor((m * idx.length) / members), Math.floor(((m + 1) * idx.length) / members)),
+    }));
+    for (const epoch of [0, 1]) {
+      const order = whole.order!(epoch);
+      for (const r of replicas) assert.deepEqual(r.order!(epoch), order);
+      for (let b = 0; b * 64 < order.length; b++) {
+        const idx = order.subarray(b * 64, (b + 1) * 64);
+        const ref = await whole.batch(idx, b, epoch);
+        const parts = await Promise.all(replicas.map((r) => r.batch(idx, b, epoch)));
+        assert.deepEqual(parts.flatMap((p) => Array.from(p.index!)), Array.from(idx));
+        assert.deepEqual(parts.flatMap((p) => Array.from(p.y)), Array.from(ref.y));
+        assert.deepEqual(parts.flatMap((p) => Array.from(p.x)), Array.from(ref.x));
+      }
+    }
+    // A window's blocks are asked for together, each block once per epoch, give or take the two windows held
+    // across the epoch's end.
+    const blocks = Math.ceil(train.length / 40);
+    for (const l of loads) assert.ok(l.length >= 2 * blocks - 2 * layout.windowBlocks && l.length <= 2 * blocks, `${l.length} block reads for ${blocks} blocks x 2 epochs`);
   });
 
   test("feature stream - fit on a streamed split learns, is reproducible, and leaves no tensor behind per step", async () => {

@@ -59,6 +59,20 @@ describe("training wire", () => {
     rejects(() => dec(bad({ learningRate: 0 })), "malformed", /training\.learning_rate/);
   });
 
+  test("training wire - a head attempt on cached features round-trips; features on fine-tuning, a bad entry or empty blocks are refused", () => {
+    const features = { entry: "0123abcd", trainRows: 1000, valRows: 100, blockRows: 37, windowBlocks: 64, sampleShape: [3456] };
+    const a = completeAttempt({ ...input, fineTuneLayers: "0", phase: "head", features });
+    const back = trainingAttemptOf(decode("JobSpec", encodeTrainingSpec(JOB, a), { job: JOB }))!;
+    assert.deepEqual(back.features, features);
+    assert.equal(trainingAttemptOf(decode("JobSpec", encodeTrainingSpec(JOB, completeAttempt(input)), { job: JOB }))!.features, null);
+    const bad = (patch: Partial<TrainingAttempt>): Uint8Array => encodeTrainingSpec(JOB, { ...a, ...patch });
+    const dec = (b: Uint8Array): JobSpec => decode("JobSpec", b, { job: JOB });
+    rejects(() => dec(bad({ phase: "fine_tune" })), "bad_shape", /training\.features with phase "fine_tune"/);
+    rejects(() => dec(bad({ features: { ...features, entry: "../x" } })), "bad_shape", /training\.features\.entry "\.\.\/x" is not a cache key/);
+    rejects(() => dec(bad({ features: { ...features, blockRows: 0 } })), "bad_shape", /block_rows 0/);
+    rejects(() => dec(bad({ features: { ...features, sampleShape: [] } })), "bad_shape", /sample_shape/);
+  });
+
   test("training wire - an extraction spec without its enums is still malformed", () => {
     const s = sampleExtractionSpec();
     const { pooling: _p, ...rest } = s.extraction;
