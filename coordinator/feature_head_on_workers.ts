@@ -17,7 +17,7 @@
  * Cost: each replica reads the whole train split every epoch (its part of every batch is spread
  * over the window) -- N reads of the features per epoch through NATS against N times the compute.
  */
-import type { NatsConnection, ObjectStore } from "nats";
+import type { JetStreamManager, NatsConnection, ObjectStore } from "nats";
 import type { FeatureSet } from "../core/datasets/feature_store.js";
 import { rowsOf } from "../core/datasets/feature_store.js";
 import { buildHead } from "../core/models/head.js";
@@ -26,6 +26,7 @@ import { resultEpoch } from "../core/training/train_loop.js";
 import { evaluateSplit, readBlock, splitRows, streamLayout, type StreamLayout } from "../core/training/feature_batches.js";
 import type { Logger } from "../core/runtime/log.js";
 import { jobNames } from "../proto/subjects.js";
+import { purgeObject } from "../proto/extraction_wire.js";
 import { encodeDataObject, TRAINING_OBJECTS } from "../proto/training_wire.js";
 import type { FeatureInput } from "../proto/codec.js";
 import type { HeadOnWorkers } from "./augment_data_parallel.js";
@@ -79,11 +80,14 @@ export async function putFeatureBlocks(os: ObjectStore, set: FeatureSet, f: Feat
   return bytes;
 }
 
-/** Deletes the entry's blocks (the phase is over: a later head phase puts them again). */
-export async function deleteFeatureBlocks(os: ObjectStore, f: FeatureInput, log: Logger): Promise<void> {
-  const names = blockNames(f);
-  await eachLimited(names, BLOCK_CONCURRENCY, async (b) => {
-    await os.delete(b.name).catch((err: unknown) => log.warn("could not delete a feature block", { name: b.name, error: err as Error }));
+/**
+ * Deletes the entry's blocks (the phase is over: a later head phase puts them again): purged, metadata
+ * and chunks, not ObjectStore.delete()'s markers, which would keep the store's file blocks alive
+ * (proto/extraction_wire.ts purgeObject).
+ */
+export async function deleteFeatureBlocks(jsm: JetStreamManager, os: ObjectStore, bucket: string, f: FeatureInput, log: Logger): Promise<void> {
+  await eachLimited(blockNames(f), BLOCK_CONCURRENCY, async (b) => {
+    await purgeObject(jsm, os, bucket, b.name).catch((err: unknown) => log.warn("could not delete a feature block", { name: b.name, error: err as Error }));
   });
 }
 
@@ -94,7 +98,8 @@ export async function trainFeatureHeadOnWorkers(ctx: JobContext, nc: NatsConnect
   const numClasses = features.meta.classes.length;
   const f = featureInputOf(features, streamLayout(features.meta.featureDim, o.streamOptions));
   const head = buildHead({ featureDim: features.meta.featureDim, numClasses, units: o.units, dropout: o.dropout, seed: o.seed });
-  const os = await nc.jetstream().views.os(jobNames(opts.job).checkpointsBucket);
+  const bucket = jobNames(opts.job).checkpointsBucket;
+  const os = await nc.jetstream().views.os(bucket);
   log.info("head phase on the workers", { rows: f.trainRows, val_rows: f.valRows, feature_dim: features.meta.featureDim, block_rows: f.blockRows, window_blocks: f.windowBlocks, workers });
   await putFeatureBlocks(os, features, f, log);
   try {
@@ -111,6 +116,6 @@ export async function trainFeatureHeadOnWorkers(ctx: JobContext, nc: NatsConnect
       test: { loss: t.loss, accuracy: t.accuracy, samples: testY.length, confusion: confusionMatrix(testY, t.predictions, numClasses) },
     };
   } finally {
-    await deleteFeatureBlocks(os, f, log);
+    await deleteFeatureBlocks(await nc.jetstreamManager(), os, bucket, f, log);
   }
 }
