@@ -15,13 +15,13 @@
  *   images and runs the frozen stage on its own part of every global batch (coordinator/augment_data_parallel.ts,
  *   worker/replica_data.ts). A worker that cannot open the data set reports DataUnavailableError and
  *   is left out; the others train (none left: WorkersUnavailableError).
- * - Data. The rows are the cached activations at the cut that the one-process path trains on; the
- *   coordinator already has them (runJob extracted them through the workers), so it puts the train
- *   and validation sets into the object store once and every worker fetches them whole. That is the
- *   simplest correct choice: the global batches are a seeded permutation of all rows, so over an
- *   epoch every worker touches every part of the data anyway; recomputing activations per worker
- *   would redo the frozen bottom N times. Cost: the activation set once per worker (at input 96 and
- *   3 fine-tuned layers, 3x3x320 floats = 11.5 KB per image).
+ * - Data. Cached rows (the activations at the cut for fine-tuning, the features for method 1's head)
+ *   are streamed: the coordinator puts the cache entry's train and val splits into the object store as
+ *   the blocks its own stream reads (`features`, coordinator/cached_rows_on_workers.ts), and every
+ *   replica walks the same seeded block order, holding two shuffle windows. Recomputing activations
+ *   per worker would redo the frozen bottom N times; each replica instead reads every block once per
+ *   epoch (at input 96 and 3 fine-tuned layers, 3x3x320 floats = 11.5 KB per image). An attempt
+ *   without `features` or `images` carries its rows whole (`data-<attempt>-train`/`-val`).
  * - Replicas. Each worker (worker/replica_session.ts) builds the same trainable part (top from the
  *   pretrained weights + pooling + the head from the same weights) and restores the start state, so
  *   all replicas start bit-identical, then runs train_loop's fit() -- the one step implementation of
@@ -77,13 +77,10 @@ import type { Pooling, WireDtype } from "../core/runtime/config.js";
 import { ensureTaskQueue, DEFAULT_ACK_WAIT_MS, DEFAULT_MAX_DELIVER } from "../proto/extraction_wire.js";
 import type { Logger } from "../core/runtime/log.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
-import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
-import { type ArrayData, type EpochStats, evaluate, epochBatches, type TrainingControls } from "../core/training/train_loop.js";
+import { type ArrayData, type EpochStats, epochBatches, type TrainingControls } from "../core/training/train_loop.js";
 import { DATA_PARALLEL_DEFAULTS } from "../core/training/data_parallel_settings.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS } from "../proto/subjects.js";
 import { captureState, decodeState, encodeState, getBytesWithin, putBytes, restoreState, writeStateFile, type TrainingState } from "../core/training/checkpoints.js";
-import type { FineTuneResult } from "./fine_tuning.js";
-import { confusionMatrix } from "./head_training.js";
 import { completeAttempt, encodeDataObject, toControlsMessage, encodeHeadObject, encodeTrainingSpec, TRAINING_KEYS, TRAINING_OBJECTS, type TrainingAttempt, type TrainingPhase } from "../proto/training_wire.js";
 import type { FeatureInput, ImageInput } from "../proto/codec.js";
 import { DataParallelDriver, type DriveResult } from "./data_parallel_driver.js";
@@ -131,7 +128,7 @@ export interface DataParallelOptions {
   phase?: TrainingPhase;
   /** Image-fed attempts (--method augment): the data set, frozen stage and augmentation the replicas use. Absent: rows (cached activations). */
   images?: ImageInput;
-  /** A head attempt on cached features (method 1): the entry's block objects the replicas stream (coordinator/feature_head_on_workers.ts). */
+  /** A head attempt on cached features (method 1): the entry's block objects the replicas stream (coordinator/cached_rows_on_workers.ts). */
   features?: FeatureInput;
   /**
    * Keras' training controls (early stopping, best weights, schedule, class weights, label smoothing), applied by
@@ -143,8 +140,6 @@ export interface DataParallelOptions {
   onEpochEnd?: (s: EpochStats) => void | Promise<void>;
   signal?: AbortSignal;
 }
-
-type Splits = { train: ArrayData; val: ArrayData; test: ArrayData };
 
 /** The job's stores the attempt uses (the task queue is ensured too: workers bind to the job through it). */
 interface Stores {
@@ -289,21 +284,4 @@ export async function trainDataParallel(model: tf.LayersModel, head: tf.LayersMo
   } finally {
     optimizer.dispose();
   }
-}
-
-/** Fine-tunes split.top + head data-parallel over the job's workers; the trained weights end up in them. */
-export async function runDataParallelFineTune(split: SplitBase, head: tf.LayersModel, data: Splits, o: DataParallelOptions): Promise<FineTuneResult & { workers: number }> {
-  const t0 = performance.now();
-  const model = fineTuneModel(split, head, o.pooling, false);
-  const valBefore = evaluate(model, data.val, o.numClasses);
-  const { history, steps, workers } = await trainDataParallel(model, head, { train: encodeDataObject(data.train), val: data.val, trainSamples: data.train.y.length }, o);
-  const val = evaluate(model, data.val, o.numClasses);
-  const test = evaluate(model, data.test, o.numClasses);
-  if (history.length && history.at(-1)!.val_accuracy === undefined) Object.assign(history.at(-1)!, { val_loss: val.loss, val_accuracy: val.accuracy });
-  o.log.info("data-parallel fine-tuning done", { steps, val_accuracy: Number(val.accuracy.toFixed(4)) });
-  return {
-    model, history, workers,
-    test: { loss: test.loss, accuracy: test.accuracy, samples: data.test.y.length, confusion: confusionMatrix(data.test.y, test.predictions, o.numClasses) },
-    val_loss_before: valBefore.loss, val_accuracy: val.accuracy, seconds: (performance.now() - t0) / 1000,
-  };
 }

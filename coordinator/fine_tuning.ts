@@ -6,8 +6,9 @@
  * Two data paths:
  * - no augmentation: the frozen bottom's output (the activation at the cut) is computed once and
  *   kept in the feature cache (same FeatureCache, its own key: cut layer, pooling `none`,
- *   featureShape [h, w, c]); each epoch trains "top + head" on it with train_loop's fit(), so the
- *   frozen part never runs again, not even in a second run.
+ *   featureShape [h, w, c]); each epoch trains "top + head" on it with train_loop's fit(), streamed
+ *   from the entry by block as the head is (core/training/feature_batches.ts), so the frozen part
+ *   never runs again, not even in a second run, and no split is held in memory.
  * - augmentation: images change every step, so the frozen bottom runs in every step
  *   (augment_training's fitImages), validation/test on the un-augmented images.
  *
@@ -23,13 +24,18 @@ import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
 import type { Preprocessing, PretrainedSource } from "../core/models/model_zoo.js";
 import type { EngineOptions } from "../core/models/inference_engine.js";
 import { type ArrayData, type EpochStats, type Evaluation, evaluate, fit, type FitOptions, type GradientHook, resultEpoch, type TrainingControls } from "../core/training/train_loop.js";
-import { splitInMemory } from "../core/training/feature_batches.js";
+import { evaluateSplit, featureBatches, splitLabels, type StreamOptions } from "../core/training/feature_batches.js";
 import { fitImages } from "./augment_training.js";
 import { evaluateImages, type FrozenStage, type ImageSource } from "../core/training/image_batches.js";
 import { confusionMatrix } from "./head_training.js";
 
-/** Data of the fine-tuning phase: cached activations at the cut, or images (augmentation on). */
+/**
+ * Data of the fine-tuning phase: cached activations at the cut -- the cache entry, streamed by block
+ * (`activation_set`: what a job uses; memory is the shuffle buffer) or splits in memory -- or images
+ * (augmentation on).
+ */
 export type FineTuneData =
+  | { kind: "activation_set"; set: FeatureSet; stream?: Omit<StreamOptions, "seed"> }
   | { kind: "activations"; train: ArrayData; val: ArrayData; test: ArrayData }
   | { kind: "images"; train: ImageSource; val: ImageSource; test: ImageSource };
 
@@ -74,11 +80,6 @@ export function activationExtractor(source: PretrainedSource, inputSize: number,
   return buildFeatureExtractor(source, { inputSize, featureLayer: cutLayer, pooling: "none", ...engine });
 }
 
-/** One split of a cached activation set, rows shaped [h, w, c]. */
-export function activationData(set: FeatureSet, split: "train" | "val" | "test"): ArrayData {
-  return { ...splitInMemory(set, split), sampleShape: set.meta.featureShape };
-}
-
 /** Fine-tunes `split.top` and `head` in place. */
 export async function fineTune(split: SplitBase, head: tf.LayersModel, data: FineTuneData, o: FineTuneOptions): Promise<FineTuneResult> {
   if (!(o.epochs >= 1)) throw new RangeError(`fineTune: epochs must be >= 1, got ${o.epochs}`);
@@ -90,7 +91,16 @@ export async function fineTune(split: SplitBase, head: tf.LayersModel, data: Fin
     let valBefore: Evaluation;
     let test: Evaluation;
     let testLabels: Int32Array;
-    if (data.kind === "activations") {
+    if (data.kind === "activation_set") {
+      const shape = data.set.meta.featureShape;
+      valBefore = await evaluateSplit(model, data.set, "val", o.numClasses, shape);
+      history = await fit(model, featureBatches(data.set, "train", o.numClasses, { seed: o.seed, validation: "val", sampleShape: shape, ...data.stream }), {
+        epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer,
+        gradientHook: o.gradientHook, controls: o.controls, onBatchEnd: o.onBatchEnd, onEpochEnd: o.onEpochEnd, signal: o.signal,
+      });
+      test = await evaluateSplit(model, data.set, "test", o.numClasses, shape);
+      testLabels = splitLabels(data.set, "test");
+    } else if (data.kind === "activations") {
       valBefore = evaluate(model, data.val, o.numClasses);
       history = await fit(model, data.train, {
         epochs: o.epochs, batchSize: o.batchSize, seed: o.seed, numClasses: o.numClasses, optimizer, validation: data.val,

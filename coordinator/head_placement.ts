@@ -1,6 +1,6 @@
 /**
  * Where method 1's head trains: in the coordinator, or data-parallel on the workers
- * (coordinator/feature_head_on_workers.ts). `--data-parallel on` puts it on the workers, `off` here;
+ * (coordinator/cached_rows_on_workers.ts). `--data-parallel on` puts it on the workers, `off` here;
  * `auto` (the default) estimates both times and picks the workers only when they win by a margin.
  *
  * The estimate (constants measured by bench/head_placement.ts on 2-core machines, see its JSON):

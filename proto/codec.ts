@@ -176,7 +176,7 @@ export interface TrainingAttempt {
   images?: ImageInput | null;
   /** Keras' training controls the replicas apply; null or absent (an older coordinator): none. */
   controls?: TrainingControlsMessage | null;
-  /** Set for a head attempt on cached features (method 1); null or absent: see `images`. */
+  /** Set for an attempt on cached rows streamed from block objects (the head on features, fine-tuning on activations); null or absent: see `images`. */
   features?: FeatureInput | null;
 }
 
@@ -852,13 +852,12 @@ function validateTrainingAttempt(h: Header, t: TrainingAttempt): void {
     validateExtractionRound("JobSpec", h, t.images.frozen);
   }
   if (t.controls) validateControls(h, t.controls, t.numClasses);
-  if (t.features) validateFeatureInput(h, t.features, t.phase, !!t.images);
+  if (t.features) validateFeatureInput(h, t.features, !!t.images);
 }
 
-/** TrainingAttempt.features: a head attempt's rows, named by a plain entry key, in whole blocks of a known shape. */
-function validateFeatureInput(h: Header, f: FeatureInput, phase: string, images: boolean): void {
+/** TrainingAttempt.features: the attempt's rows, named by a plain entry key, in whole blocks of a known shape. */
+function validateFeatureInput(h: Header, f: FeatureInput, images: boolean): void {
   const check = (cond: boolean, what: string): void => shape("JobSpec", h, cond, what);
-  check(phase === "head", `training.features with phase ${JSON.stringify(phase)}: cached features train the head only`);
   check(!images, "training.features and training.images both set: an attempt has one input");
   check(/^[0-9a-z]{1,64}$/.test(f.entry), `training.features.entry ${JSON.stringify(f.entry)} is not a cache key (1-64 of [0-9a-z])`);
   check(f.trainRows > 0 && f.blockRows > 0 && f.windowBlocks > 0, `training.features: train_rows ${f.trainRows}, block_rows ${f.blockRows}, window_blocks ${f.windowBlocks} must be > 0`);

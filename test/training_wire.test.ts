@@ -59,7 +59,7 @@ describe("training wire", () => {
     rejects(() => dec(bad({ learningRate: 0 })), "malformed", /training\.learning_rate/);
   });
 
-  test("training wire - a head attempt on cached features round-trips; features on fine-tuning, a bad entry or empty blocks are refused", () => {
+  test("training wire - an attempt on cached rows round-trips; rows next to images, a bad entry or empty blocks are refused", () => {
     const features = { entry: "0123abcd", trainRows: 1000, valRows: 100, blockRows: 37, windowBlocks: 64, sampleShape: [3456] };
     const a = completeAttempt({ ...input, fineTuneLayers: "0", phase: "head", features });
     const back = trainingAttemptOf(decode("JobSpec", encodeTrainingSpec(JOB, a), { job: JOB }))!;
@@ -67,7 +67,8 @@ describe("training wire", () => {
     assert.equal(trainingAttemptOf(decode("JobSpec", encodeTrainingSpec(JOB, completeAttempt(input)), { job: JOB }))!.features, null);
     const bad = (patch: Partial<TrainingAttempt>): Uint8Array => encodeTrainingSpec(JOB, { ...a, ...patch });
     const dec = (b: Uint8Array): JobSpec => decode("JobSpec", b, { job: JOB });
-    rejects(() => dec(bad({ phase: "fine_tune" })), "bad_shape", /training\.features with phase "fine_tune"/);
+    const frozen = sampleExtractionSpec().extraction;
+    rejects(() => dec(bad({ images: { frozen, augment: null } })), "bad_shape", /training\.features and training\.images both set/);
     rejects(() => dec(bad({ features: { ...features, entry: "../x" } })), "bad_shape", /training\.features\.entry "\.\.\/x" is not a cache key/);
     rejects(() => dec(bad({ features: { ...features, blockRows: 0 } })), "bad_shape", /block_rows 0/);
     rejects(() => dec(bad({ features: { ...features, sampleShape: [] } })), "bad_shape", /sample_shape/);

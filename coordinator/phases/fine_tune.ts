@@ -15,8 +15,9 @@ import { augmentOf } from "../../core/datasets/augment.js";
 import { buildSplit, type SplitBase } from "../../core/models/model_split.js";
 import { registerWasmTrainingKernels } from "../../core/models/wasm_kernels.js";
 import { openImages, samplesOf } from "../../core/training/image_batches.js";
-import { activationData, activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "../fine_tuning.js";
-import { runDataParallelFineTune } from "../data_parallel.js";
+import { splitRows } from "../../core/training/feature_batches.js";
+import { activationExtractor, fineTune, type FineTuneData, type FineTuneResult } from "../fine_tuning.js";
+import { fineTuneActivationsOnWorkers } from "../cached_rows_on_workers.js";
 import { type FineTuneAttemptOptions, fineTuneImagesOnWorkers } from "../augment_data_parallel.js";
 import type { SampleRef } from "../../core/datasets/types.js";
 import type { NatsConnection } from "nats";
@@ -81,7 +82,7 @@ async function activationSet(ctx: JobContext, cluster: JobCluster, base: Pretrai
   const cut = await activationExtractor(base, ctx.opts.inputSize, split.plan.cutLayer, ctx.engine);
   const ex = await extractPhase(ctx, cluster, cut).finally(() => cut.dispose());
   info.activation_cache = { key: ex.key, cache_hit: ex.cacheHit, images: ex.images, seconds: round(ex.seconds, 3) };
-  return { data: { kind: "activations", train: activationData(ex.features, "train"), val: activationData(ex.features, "val"), test: activationData(ex.features, "test") } };
+  return { data: { kind: "activation_set", set: ex.features, stream: { windowBytes: ctx.opts.shuffleBufferMib * 2 ** 20 } } };
 }
 
 /**
@@ -101,7 +102,7 @@ async function train(ctx: JobContext, cluster: JobCluster, split: SplitBase, hea
   const { opts, log, metrics } = ctx;
   const { data, frozen } = input;
   const epochs = fineTuneEpochsOf(opts);
-  const trainCount = data.kind === "activations" ? data.train.y.length : data.train.labels.length;
+  const trainCount = data.kind === "activation_set" ? splitRows(data.set, "train").length : data.kind === "activations" ? data.train.y.length : data.train.labels.length;
   const progress = phaseProgress("fine_tune", epochs, Math.ceil(trainCount / opts.batchSize), log, metrics);
   const numClasses = ctx.dataset.classes.length;
   // With a trainer, on the workers (activations or images): the replicas apply the training controls.
@@ -131,6 +132,7 @@ async function trainOnWorkers(ctx: JobContext, w: { nc: NatsConnection; workers:
     controls: ctx.controls, onBatchProgress: w.progress.moveTo, onEpochEnd: w.progress.onEpochEnd,
   };
   const { data, frozen, trainSamples } = input;
-  if (data.kind === "activations") return runDataParallelFineTune(split, head, data, o);
+  if (data.kind === "activation_set") return fineTuneActivationsOnWorkers(split, head, data.set, { ...o, stream: data.stream });
+  if (data.kind === "activations") throw new Error("fine-tuning on the workers streams the activation cache entry (activation_set)");
   return fineTuneImagesOnWorkers(ctx, split, head, { ...data, trainSamples: trainSamples!, frozen: frozen! }, o);
 }

@@ -2,7 +2,7 @@
  * The head phase: a dense classifier trained on the cached features (method 1), or frozen base +
  * head on augmented images (method 2, `--method augment`). Method 1 trains in this process unless the
  * workers are estimated to be faster (large caches, wide features: coordinator/head_placement.ts);
- * then data-parallel on them (coordinator/feature_head_on_workers.ts). Method 2 runs the frozen base every step: with a cluster that trains (cluster.trainer) it trains
+ * then data-parallel on them (coordinator/cached_rows_on_workers.ts). Method 2 runs the frozen base every step: with a cluster that trains (cluster.trainer) it trains
  * data-parallel on the workers (coordinator/augment_data_parallel.ts), else here.
  */
 import type { FeatureSet } from "../../core/datasets/feature_store.js";
@@ -13,7 +13,7 @@ import { confusionMatrix, type HeadTrainingOptions, type HeadTrainingResult, tra
 import { resultEpoch } from "../../core/training/train_loop.js";
 import { splitInMemory } from "../../core/training/feature_batches.js";
 import { trainHeadOnWorkers } from "../augment_data_parallel.js";
-import { trainFeatureHeadOnWorkers } from "../feature_head_on_workers.js";
+import { trainFeatureHeadOnWorkers } from "../cached_rows_on_workers.js";
 import { headOnWorkers } from "../head_placement.js";
 import type { JobCluster } from "../job.js";
 import { type PhaseProgress, phaseProgress, round } from "./progress.js";

@@ -1,29 +1,33 @@
 /**
- * Method 1's head (a dense classifier on the cached features) trained data-parallel on the job's
- * workers, for feature caches large enough that the workers' cores beat this process (see
- * coordinator/head_placement.ts for when).
+ * Data-parallel training on cached rows, streamed: method 1's head on the cached features (when the
+ * workers are estimated to be faster: coordinator/head_placement.ts), and fine-tuning on the cached
+ * activations at the cut. Neither this process nor a worker holds a split: both read blocks.
  *
- * The coordinator cuts the train and val splits of its cache entry into the blocks its own stream
+ * The coordinator cuts the train and val splits of the cache entry into the blocks its own stream
  * reads (core/training/feature_batches.ts streamLayout) and puts each block (rows + labels) into the
  * job's checkpoints store once, named by the entry (TRAINING_OBJECTS.rowBlock): a restarted
- * coordinator finds them there. The attempt (phase `head`, TrainingAttempt.features) names the
- * blocks; every replica walks the one-process head's seeded block order and shuffle windows, so
- * global batch b is the same rows as in this process, and gathers only its part of each batch from
- * the blocks of the current window (fetched together when the window starts; two windows held at
- * most). The rest is data-parallel training as for fine-tuning: same initial head, averaged
- * gradients, membership changes, checkpoints (`latest-head`), training controls. Test runs here,
- * streamed from the cache; the blocks are deleted when the phase ends.
+ * coordinator finds them there. The attempt (TrainingAttempt.features) names the blocks; every
+ * replica walks the one-process path's seeded block order and shuffle windows, so global batch b is
+ * the same rows as in this process, and gathers only its part of each batch from the blocks of the
+ * current window (fetched together when the window starts; two windows held at most). The rest is
+ * the data-parallel attempt of coordinator/data_parallel.ts: same initial weights, averaged
+ * gradients, membership changes, checkpoints, training controls. Test runs here, streamed from the
+ * cache; the blocks are purged when the phase ends.
  *
  * Cost: each replica reads the whole train split every epoch (its part of every batch is spread
- * over the window) -- N reads of the features per epoch through NATS against N times the compute.
+ * over the window) -- N reads of the rows per epoch through NATS against N times the compute.
  */
+import type * as tf from "@tensorflow/tfjs";
 import type { JetStreamManager, NatsConnection, ObjectStore } from "nats";
+import { fineTuneModel, type SplitBase } from "../core/models/model_split.js";
+import type { FineTuneAttemptOptions } from "./augment_data_parallel.js";
+import type { FineTuneResult } from "./fine_tuning.js";
 import type { FeatureSet } from "../core/datasets/feature_store.js";
 import { rowsOf } from "../core/datasets/feature_store.js";
 import { buildHead } from "../core/models/head.js";
 import { putBytes } from "../core/training/checkpoints.js";
 import { resultEpoch } from "../core/training/train_loop.js";
-import { evaluateSplit, readBlock, splitRows, streamLayout, type StreamLayout } from "../core/training/feature_batches.js";
+import { evaluateSplit, readBlock, splitRows, streamLayout, type StreamLayout, type StreamOptions } from "../core/training/feature_batches.js";
 import type { Logger } from "../core/runtime/log.js";
 import { jobNames } from "../proto/subjects.js";
 import { purgeObject } from "../proto/extraction_wire.js";
@@ -38,11 +42,11 @@ import type { JobContext } from "./phases/setup.js";
 /** Blocks put or deleted at once: enough to hide a round trip each, few enough for the server's pending acks. */
 const BLOCK_CONCURRENCY = 8;
 
-/** The attempt's view of the entry: its block objects' names and the stream layout. */
-export function featureInputOf(set: FeatureSet, layout: StreamLayout): FeatureInput {
+/** The attempt's view of the entry: its block objects' names, the stream layout and the rows' shape (the head's flat features, or fine-tuning's [h, w, c]). */
+export function featureInputOf(set: FeatureSet, layout: StreamLayout, sampleShape = [set.meta.featureDim]): FeatureInput {
   return {
     entry: set.meta.key.slice(0, 32), trainRows: splitRows(set, "train").length, valRows: splitRows(set, "val").length,
-    blockRows: layout.blockRows, windowBlocks: layout.windowBlocks, sampleShape: [set.meta.featureDim],
+    blockRows: layout.blockRows, windowBlocks: layout.windowBlocks, sampleShape,
   };
 }
 
@@ -91,6 +95,40 @@ export async function deleteFeatureBlocks(jsm: JetStreamManager, os: ObjectStore
   });
 }
 
+/** Puts the entry's blocks, runs `train`, and purges the blocks however it ends. */
+async function withBlocks<T>(nc: NatsConnection, job: string, set: FeatureSet, f: FeatureInput, log: Logger, train: () => Promise<T>): Promise<T> {
+  const bucket = jobNames(job).checkpointsBucket;
+  const os = await nc.jetstream().views.os(bucket);
+  await putFeatureBlocks(os, set, f, log);
+  try {
+    return await train();
+  } finally {
+    await deleteFeatureBlocks(await nc.jetstreamManager(), os, bucket, f, log);
+  }
+}
+
+/**
+ * Fine-tunes split.top + head data-parallel over the job's workers on the cached activations at the
+ * cut (`set`, rows [h, w, c]), streamed; the trained weights end up in them.
+ */
+export async function fineTuneActivationsOnWorkers(split: SplitBase, head: tf.LayersModel, set: FeatureSet, o: FineTuneAttemptOptions & { stream?: Omit<StreamOptions, "seed"> }): Promise<FineTuneResult & { workers: number }> {
+  const t0 = performance.now();
+  const shape = set.meta.featureShape;
+  const f = featureInputOf(set, streamLayout(set.meta.featureDim, o.stream), shape);
+  const model = fineTuneModel(split, head, o.pooling, false);
+  const valBefore = await evaluateSplit(model, set, "val", o.numClasses, shape);
+  o.log.info("fine-tuning on the workers", { rows: f.trainRows, val_rows: f.valRows, cut_shape: shape, block_rows: f.blockRows, window_blocks: f.windowBlocks, workers: o.workers });
+  const { history, steps, workers } = await withBlocks(o.nc, o.job, set, f, o.log, () => trainDataParallel(model, head, { trainSamples: f.trainRows }, { ...o, phase: "fine_tune", features: f }));
+  const test = await evaluateSplit(model, set, "test", o.numClasses, shape);
+  const testY = Int32Array.from(splitRows(set, "test"), (r) => set.labels[r]);
+  o.log.info("data-parallel fine-tuning done", { steps, val_accuracy: Number((resultEpoch(history)?.val_accuracy ?? NaN).toFixed(4)) });
+  return {
+    model, history, workers,
+    test: { loss: test.loss, accuracy: test.accuracy, samples: testY.length, confusion: confusionMatrix(testY, test.predictions, o.numClasses) },
+    val_loss_before: valBefore.loss, val_accuracy: resultEpoch(history)?.val_accuracy ?? NaN, seconds: (performance.now() - t0) / 1000,
+  };
+}
+
 /** Trains a fresh head data-parallel over the workers on the cached features; test here, streamed. */
 export async function trainFeatureHeadOnWorkers(ctx: JobContext, nc: NatsConnection, features: FeatureSet, o: HeadTrainingOptions, workers: number, progress: PhaseProgress): Promise<HeadOnWorkers> {
   const t0 = performance.now();
@@ -98,11 +136,8 @@ export async function trainFeatureHeadOnWorkers(ctx: JobContext, nc: NatsConnect
   const numClasses = features.meta.classes.length;
   const f = featureInputOf(features, streamLayout(features.meta.featureDim, o.streamOptions));
   const head = buildHead({ featureDim: features.meta.featureDim, numClasses, units: o.units, dropout: o.dropout, seed: o.seed });
-  const bucket = jobNames(opts.job).checkpointsBucket;
-  const os = await nc.jetstream().views.os(bucket);
   log.info("head phase on the workers", { rows: f.trainRows, val_rows: f.valRows, feature_dim: features.meta.featureDim, block_rows: f.blockRows, window_blocks: f.windowBlocks, workers });
-  await putFeatureBlocks(os, features, f, log);
-  try {
+  return withBlocks(nc, opts.job, features, f, log, async () => {
     const run = await trainDataParallel(head, head, { trainSamples: f.trainRows }, {
       nc, job: opts.job, log, metrics: ctx.metrics, model: opts.model, inputSize: opts.inputSize, featureLayer: opts.featureLayer, pooling: opts.pooling,
       fineTuneLayers: "0", learningRate: o.learningRate, seed: o.seed, batchSize: o.batchSize, epochs: o.epochs, numClasses, wireDtype: opts.wireDtype, workers, out: opts.out,
@@ -115,7 +150,5 @@ export async function trainFeatureHeadOnWorkers(ctx: JobContext, nc: NatsConnect
       head, history: run.history, workers: run.workers, seconds: (performance.now() - t0) / 1000, val_accuracy: resultEpoch(run.history)?.val_accuracy ?? NaN,
       test: { loss: t.loss, accuracy: t.accuracy, samples: testY.length, confusion: confusionMatrix(testY, t.predictions, numClasses) },
     };
-  } finally {
-    await deleteFeatureBlocks(await nc.jetstreamManager(), os, bucket, f, log);
-  }
+  });
 }
