@@ -71,10 +71,7 @@ function assertExactlyOnce(set: FeatureSet): void {
   assert.deepEqual([...set.ids].sort(), planIds, "every planned sample once, nothing else");
 }
 
-// Two tests at a time: each is a job of its own (job id, out/ and cache/ folders, some their own server),
-// and one test mostly waits (process starts, model loads, task pulls, ack waits) while the other computes.
-// The tests that assert "each shard extracted once" set an ack wait (30 s) far above a shard's time under that load.
-describe("distributed extraction", { concurrency: 2 }, () => {
+describe("distributed extraction", { concurrency: false }, () => {
   let server: NatsServer;
   before(async () => {
     server = await startNatsServer();
