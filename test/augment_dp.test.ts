@@ -79,6 +79,12 @@ describe("augment data-parallel", () => {
     const good = jobs.worker(job, `${job}-good`);
     const bad = jobs.worker(job, `${job}-bad`, { env: { CTRAIN_FASHION_MNIST_DIR: missing } });
     const c = jobs.coordinator(job, 2, {}, { fineTune: false });
+    // The job with no worker able to open the data set is independent of this one (own job id, worker
+    // and out/): it runs at the same time, and is checked below.
+    const none = "augnone";
+    const alone = jobs.worker(none, `${none}-bad`, { env: { CTRAIN_FASHION_MNIST_DIR: missing } });
+    const c2 = jobs.coordinator(none, 1, {}, { fineTune: false });
+    const ended = exitCode(c2);
     await jobs.succeeds(c, [good, bad]);
     const left = c.logged("worker left out: it cannot open the data set");
     assert.equal(left.length, 1, c.tail());
@@ -87,10 +93,7 @@ describe("augment data-parallel", () => {
     assert.equal((await jobs.summary(job)).phases.head.workers, 1);
     await stop([good, bad]);
 
-    const none = "augnone";
-    const alone = jobs.worker(none, `${none}-bad`, { env: { CTRAIN_FASHION_MNIST_DIR: missing } });
-    const c2 = jobs.coordinator(none, 1, {}, { fineTune: false });
-    const code = await exitCode(c2);
+    const code = await ended;
     assert.notEqual(code, 0);
     assert.match(c2.stderr, /no worker can open the data set/);
     assert.match(c2.stderr, new RegExp(missing));

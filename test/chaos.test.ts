@@ -3,6 +3,10 @@
  * server restarted mid-job (test/chaos/scenarios.ts), each checked against the clean run: the job
  * completes, every planned sample is in the committed cache exactly once with the clean run's values,
  * and the head is the clean run's. `npm run chaos` runs every scenario on a larger job.
+ *
+ * The two fault runs only need the clean run's artifacts, and each has its own nats-server, job id and
+ * folders: they run at the same time, once the clean run is over. Faults fire on observed progress
+ * (shards done, claims), not on time, so the extra load moves when they land, not whether they do.
  */
 import assert from "node:assert/strict";
 import { mkdtemp, rm } from "node:fs/promises";
@@ -22,25 +26,38 @@ function assertClean(r: ScenarioResult): void {
   assert.ok(r.ok, why);
 }
 
-describe("chaos", { concurrency: false }, () => {
+describe("chaos", { concurrency: true }, () => {
   let cfg: ChaosConfig;
   let planned: string[];
-  let baseline: RunArtifacts | undefined;
+  let clean: Promise<{ result: ScenarioResult; artifacts: RunArtifacts }> | undefined;
+  /** The clean run, started by whichever test asks first. */
+  const cleanRun = () => (clean ??= runScenario(scenario("clean"), cfg, planned));
+  /** The clean run's artifacts, or undefined when it was not clean. */
+  const cleanBaseline = async (): Promise<RunArtifacts | undefined> => {
+    const { result, artifacts } = await cleanRun();
+    try {
+      assertClean(result);
+      return artifacts;
+    } catch {
+      return undefined;
+    }
+  };
   before(async () => {
     cfg = { ...DEFAULT_CONFIG, dir: await mkdtemp(join(tmpdir(), "ctrain-chaos-test-")), limit: 120, shardSize: 12, timeoutMs: 150_000 };
     planned = await plannedIds(cfg);
   });
   after(async () => {
+    await cleanRun().catch(() => undefined);
     await rm(cfg.dir, { recursive: true, force: true });
   });
 
   test("chaos - clean job: every planned sample once", { timeout: 180_000 }, async () => {
-    const { result, artifacts } = await runScenario(scenario("clean"), cfg, planned);
+    const { result } = await cleanRun();
     assertClean(result);
-    baseline = artifacts;
   });
 
-  test("chaos - workers SIGKILLed mid-shard and replaced: nothing lost or duplicated, same features and head", { timeout: 180_000 }, async () => {
+  test("chaos - workers SIGKILLed mid-shard and replaced: nothing lost or duplicated, same features and head", { timeout: 330_000 }, async () => {
+    const baseline = await cleanBaseline();
     assert.ok(baseline, "the clean run failed");
     const { result } = await runScenario(scenario("kill-workers"), cfg, planned, baseline);
     assertClean(result);
@@ -49,7 +66,8 @@ describe("chaos", { concurrency: false }, () => {
     assert.equal(result.weights_max_diff, 0, "head as in the clean run");
   });
 
-  test("chaos - NATS server restarted mid-job: nothing lost or duplicated, same features and head", { timeout: 180_000 }, async () => {
+  test("chaos - NATS server restarted mid-job: nothing lost or duplicated, same features and head", { timeout: 330_000 }, async () => {
+    const baseline = await cleanBaseline();
     assert.ok(baseline, "the clean run failed");
     const { result } = await runScenario(scenario("nats-restart"), cfg, planned, baseline);
     assertClean(result);

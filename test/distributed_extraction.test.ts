@@ -21,7 +21,7 @@ import { FeatureCache, type FeatureSet } from "../core/datasets/feature_store.js
 import { decode, encode, makeHeader, type FeatureShard, type ShardTask } from "../proto/codec.js";
 import { float32ToBytes } from "../proto/tensor_codec.js";
 import { jobNames } from "../proto/subjects.js";
-import { Cluster, type Proc, shardsDone, stopAll, waitExit } from "./helpers/cluster.js";
+import { Cluster, killNow, type Proc, shardsDone, stopAll, waitExit } from "./helpers/cluster.js";
 import { check, startNatsServer, type NatsServer } from "./helpers/nats_server.js";
 
 const LIMIT = 120; // 120 train + 24 val + 24 test = 168 samples
@@ -44,6 +44,9 @@ after(async () => {
 });
 
 // Processes, log parsing and waiting live in helpers/cluster.ts (shared with test/chaos/).
+// Workers are stopped with a drain (stopAll) where the test reads their logs afterwards (a "shard done"
+// line comes after the shard's notice, so only a finished worker surely has all of them) or checks what
+// they log while draining; elsewhere they are SIGKILLed (killNow), which spares waiting out their pull.
 let cluster: Cluster;
 const ctrain = (name: string, args: string[], env: NodeJS.ProcessEnv = {}, metricsPort?: number): Proc => cluster.ctrain(name, args, env, metricsPort);
 const worker = (url: string, job: string, id: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<Proc> => cluster.worker(url, job, id, extra, env);
@@ -119,7 +122,7 @@ describe("distributed extraction", { concurrency: false }, () => {
     try {
       await expectSuccess(c, [survivor]);
     } finally {
-      await stopAll([survivor]);
+      await killNow([survivor]);
     }
     assertExactlyOnce(await committed(job));
     const redelivered = survivor.logged("shard claimed").find((l) => l.shard === claimed.shard);
@@ -137,7 +140,7 @@ describe("distributed extraction", { concurrency: false }, () => {
       await own.restart();
       await expectSuccess(c, w);
     } finally {
-      await stopAll(w);
+      await killNow(w);
       await own.stop();
     }
     assertExactlyOnce(await committed(job));
@@ -259,7 +262,7 @@ describe("distributed extraction", { concurrency: false }, () => {
         assert.ok(ws.some((x) => x.labels.reason === "malformed" && x.value >= 1), "the worker counted the malformed task");
         assert.ok(ws.some((x) => x.labels.reason === "wrong_job" && x.value >= 1), "the worker counted the foreign task");
       } finally {
-        await stopAll([w]);
+        await killNow([w]);
       }
       assertExactlyOnce(await committed(job));
     } finally {
@@ -349,7 +352,7 @@ describe("distributed extraction", { concurrency: false }, () => {
       await expectSuccess(c, [early, late]);
     } finally {
       early.proc.kill("SIGCONT");
-      await stopAll([early, late]);
+      await killNow([early, late]);
     }
     assertExactlyOnce(await committed(job));
     assert.ok(late.logged("shard done").length >= 1, `the late worker did no shard\n${late.tail()}`);
@@ -368,7 +371,7 @@ describe("distributed extraction", { concurrency: false }, () => {
       assert.ok(w.alive, `the worker is still running\n${w.tail()}`);
       assert.ok(w.logged("shard failed for good").length >= 1);
     } finally {
-      await stopAll([w, c]);
+      await killNow([w, c]);
     }
   });
 });

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { mkdtemp, rm } from "node:fs/promises";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import * as tf from "@tensorflow/tfjs";
 import { selectBackend } from "../core/models/backend.js";
@@ -19,7 +19,25 @@ import { loadPretrained, PREPROCESSINGS, type Preprocessing, type PretrainedSour
 
 const require = createRequire(import.meta.url);
 interface Nsfw { classify(img: tf.Tensor3D, topk?: number): Promise<{ className: string; probability: number }[]>; dispose?(): void }
-const nsfwjs = require("nsfwjs") as { load(name: string, o?: { size: number }): Promise<Nsfw> };
+interface NsfwDefinition { name: string; numOfWeightBundles: number; options?: { size?: number }; modelJson: () => Promise<{ default: unknown }>; weightBundles: (() => Promise<{ default: string }>)[] }
+// nsfwjs/core's `load` is the package's: its main `load` calls it with the built-in definitions.
+const nsfwjs = require("nsfwjs/core") as { load(name: string, o?: { size: number; modelDefinitions?: NsfwDefinition[] }): Promise<Nsfw> };
+/** nsfwjs' folder (and package subpath `nsfwjs/models/<folder>`) of each bundled model used here. */
+const NSFW_FOLDERS: Record<string, string> = { MobileNetV2: "mobilenet_v2", InceptionV3: "inception_v3" };
+
+/**
+ * nsfwjs' own definition of a bundled model, the same model and weight files, read with a plain
+ * `require`. Its CommonJS build wraps each weight file (a base64 string) in `__importStar`, which
+ * copies the string's millions of indices into an object one by one: 30-40 s per load for
+ * InceptionV3 on a 2-core machine. Only how the files are read changes, not what nsfwjs computes.
+ */
+function nsfwDefinition(name: string): NsfwDefinition {
+  const folder = NSFW_FOLDERS[name]!;
+  const def = (require(`nsfwjs/models/${folder}`) as Record<string, NsfwDefinition>)[`${name}Model`]!;
+  const files = join(dirname(require.resolve("nsfwjs")), "..", "models", folder);
+  const weightBundles = Array.from({ length: def.numOfWeightBundles }, (_, i) => async () => ({ default: require(join(files, `group1-shard${i + 1}of${def.numOfWeightBundles}.min.js`)) as string }));
+  return { ...def, modelJson: async () => ({ default: require(join(files, "model.min.js")) as unknown }), weightBundles };
+}
 const NSFW_CLASSES = ["Drawing", "Hentai", "Neutral", "Porn", "Sexy"];
 
 let tmp: string;
@@ -56,7 +74,7 @@ function madeImages(n: number, size: number): Uint8Array {
 
 /** nsfwjs' five class probabilities per image, in NSFW_CLASSES order, from its own classify(). */
 async function nsfwProbabilities(name: string, size: number, rgb: Uint8Array, n: number): Promise<number[][]> {
-  const model = await nsfwjs.load(name, { size });
+  const model = await nsfwjs.load(name, { size, modelDefinitions: [nsfwDefinition(name)] });
   const out: number[][] = [];
   for (let i = 0; i < n; i++) {
     const img = tf.tensor3d(rgb.subarray(i * size * size * 3, (i + 1) * size * size * 3), [size, size, 3], "int32");

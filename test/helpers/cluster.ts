@@ -150,6 +150,20 @@ export async function stopAll(ps: Proc[]): Promise<void> {
   for (const p of ps) if (p.proc.exitCode === null && p.proc.signalCode === null) p.proc.kill("SIGKILL");
 }
 
+/**
+ * SIGKILLs (SIGCONT first, so a stopped one dies too) and waits for the exits. For workers whose job is
+ * over when the test needs no more of their logs: a drain (stopAll) waits out each worker's task pull (up
+ * to 2 s) and lets a worker log its last "shard done", which comes after the shard's notice and ack.
+ */
+export async function killNow(ps: Proc[]): Promise<void> {
+  for (const p of ps) {
+    if (!p.alive) continue;
+    p.proc.kill("SIGCONT");
+    p.proc.kill("SIGKILL");
+  }
+  await Promise.all(ps.map((p) => p.exited));
+}
+
 /** The coordinator's exit code, or "timeout" after `timeoutMs`. */
 export async function waitExit(c: Proc, timeoutMs: number): Promise<number | null | "timeout"> {
   let timer: NodeJS.Timeout | undefined;
