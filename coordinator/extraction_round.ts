@@ -22,6 +22,7 @@ import {
 } from "../proto/extraction_wire.js";
 import { toWireSplit } from "../proto/splits.js";
 import { jobNames, WORKER_REGISTRY_TTL_MS, type JobNames } from "../proto/subjects.js";
+import { getBytesWithin, putTimeoutMs } from "../core/training/checkpoints.js";
 import { checkAgainstPlan, ShardRejected } from "./extraction_plan_check.js";
 import { ExtractionLedger, nextAttempt, shardFailed } from "./extraction_ledger.js";
 import { WorkerRegistryMonitor } from "./worker_registry.js";
@@ -237,8 +238,17 @@ export class ExtractionRoundRun {
     const shard = this.ledger.shard(wire);
     if (!shard || !this.ledger.beginFetch(wire)) return;
     try {
-      const blob = await this.stores.os.getBlob(wire);
-      if (!blob) return; // announced but not visible yet: the sweep tries again
+      const info = await this.stores.os.info(wire);
+      if (!info || info.deleted) return; // announced but not visible yet: the sweep tries again
+      // A redelivered shard finished twice rewrites the object while it is read, and the read would
+      // wait for the first copy's purged chunks forever (the ledger lets no second fetch start):
+      // bounded, and a stalled read is left to the sweep, which reads the copy that stayed.
+      const blob = await getBytesWithin(this.stores.os, wire, putTimeoutMs(info.size));
+      if (blob === undefined) {
+        this.o.log.info("reading a stored shard stalled (rewritten while read: finished twice?); the sweep reads it again", { shard: wire, bytes: info.size });
+        return;
+      }
+      if (!blob) return;
       this.stats.shardsFetched++;
       this.stats.featureBytesIn += blob.length;
       const ok = await this.verify(blob, wire, shard);
