@@ -17,7 +17,7 @@
  */
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { FileRows, type FeatureRows, MemoryRows } from "./feature_rows.js";
@@ -228,44 +228,72 @@ export class FeatureCache {
    */
   async commit(key: string, meta: Omit<FeatureCacheMeta, "key" | "count" | "createdAt">, order: string[], extraSkipped: SkippedInput[] = []): Promise<FeatureSet> {
     const files = await this.shardFiles(key);
-    const rows = new Map<string, { shard: string; label: number; split: Split }>();
+    // Per sample of `order`, in typed arrays (a few bytes a sample: no object or map entry per sample,
+    // which at 10^6 samples made commit the head phase's peak of memory).
+    const positions = new IdPositions(order, key);
+    const shardIds: string[] = [];
+    const shardOf = new Int32Array(order.length).fill(-1);
+    const labelOf = new Int32Array(order.length);
+    const splitOf = new Uint8Array(order.length);
+    const notOrdered = new Map<string, string>(); // ids in a shard but not in `order` (none in a planned job): only checked for overlaps
     const skipped: SkippedInput[] = [...extraSkipped];
     for (const file of files) {
       const h = await readShardHeader(file);
+      const s = shardIds.push(h.shardId) - 1;
       h.ids.forEach((id, row) => {
-        if (rows.has(id)) throw new Error(`feature cache ${key}: sample ${id} is in two shards (${rows.get(id)!.shard}, ${h.shardId})`);
-        rows.set(id, { shard: h.shardId, label: h.labels[row], split: h.splits[row] });
+        const at = positions.find(id);
+        const seen = at < 0 ? notOrdered.get(id) : shardOf[at] >= 0 ? shardIds[shardOf[at]] : undefined;
+        if (seen !== undefined) throw new Error(`feature cache ${key}: sample ${id} is in two shards (${seen}, ${h.shardId})`);
+        if (at < 0) { notOrdered.set(id, h.shardId); return; }
+        shardOf[at] = s;
+        labelOf[at] = h.labels[row];
+        splitOf[at] = SPLIT_CODES[h.splits[row]];
       });
       for (const x of h.skipped) skipped.push(x); // not push(...): a shard may skip more than the call stack takes
     }
+    notOrdered.clear();
     const dim = meta.featureDim;
-    const kept = order.filter((id) => rows.has(id));
     const skippedIds = new Set(skipped.map((s) => s.id));
-    const missing = order.filter((id) => !rows.has(id) && !skippedIds.has(id));
-    if (missing.length > 0) throw new Error(`feature cache ${key}: ${missing.length} samples have no features and were not reported skipped (first: ${missing[0]})`);
-    const destination = new Map<string, number>();
-    kept.forEach((id, i) => destination.set(id, i));
-    const labels = Int32Array.from(kept, (id) => rows.get(id)!.label);
-    const splits = kept.map((id) => rows.get(id)!.split);
-    rows.clear();
-    const full: FeatureCacheMeta = { ...meta, key, count: kept.length, createdAt: new Date().toISOString() };
+    let missing = 0;
+    let firstMissing = "";
+    let count = 0;
+    for (let i = 0; i < order.length; i++) {
+      if (shardOf[i] >= 0) count++;
+      else if (!skippedIds.has(order[i]) && missing++ === 0) firstMissing = order[i];
+    }
+    if (missing > 0) throw new Error(`feature cache ${key}: ${missing} samples have no features and were not reported skipped (first: ${firstMissing})`);
+    skippedIds.clear();
+    // destination[i]: the entry row of order[i], -1 for a sample without features.
+    const destination = new Int32Array(order.length);
+    const kept: string[] = new Array<string>(count);
+    const labels = new Int32Array(count);
+    const splits: Split[] = new Array<Split>(count);
+    for (let i = 0, row = 0; i < order.length; i++) {
+      if (shardOf[i] < 0) { destination[i] = -1; continue; }
+      destination[i] = row;
+      kept[row] = order[i];
+      labels[row] = labelOf[i];
+      splits[row] = SPLIT_NAMES[splitOf[i]];
+      row++;
+    }
+    const full: FeatureCacheMeta = { ...meta, key, count, createdAt: new Date().toISOString() };
     const tmp = join(this.root, `${key}.tmp-${process.pid}`);
     await rm(tmp, { recursive: true, force: true });
     try {
       await mkdir(tmp, { recursive: true });
-      await writeRows(join(tmp, "features.f32"), files, destination, dim, kept.length);
-      await writeFile(join(tmp, "index.json"), indexJson(kept, labels, splits));
+      await writeRows(join(tmp, "features.f32"), files, (id) => { const at = positions.find(id); return at < 0 ? -1 : destination[at]; }, dim, count);
+      await writeIndex(join(tmp, "index.json"), kept, labels, splits);
       await writeFile(join(tmp, "skipped.json"), JSON.stringify(skipped, null, 1));
       await writeFile(join(tmp, "meta.json"), JSON.stringify(full, null, 2));
     } catch (err) {
       // Half an entry is never left where a later run would look (meta.json is what marks an entry).
       await rm(tmp, { recursive: true, force: true });
-      throw storageError(err, this.root, kept.length * dim * 4);
+      throw storageError(err, this.root, count * dim * 4);
     }
     await rm(this.entryDir(key), { recursive: true, force: true });
     await rename(tmp, this.entryDir(key));
     await rm(this.partialDir(key), { recursive: true, force: true });
-    return entrySet(full, kept, labels, splits, skipped, new FileRows(join(this.entryDir(key), "features.f32"), dim, kept.length));
+    return entrySet(full, kept, labels, splits, skipped, new FileRows(join(this.entryDir(key), "features.f32"), dim, count));
   }
 
   /**
@@ -291,13 +319,8 @@ export class FeatureCache {
     const meta = (await json("meta.json")) as FeatureCacheMeta;
     if (typeof meta !== "object" || meta === null || !Number.isSafeInteger(meta.featureDim) || meta.featureDim < 1 || !Array.isArray(meta.classes))
       throw damaged("meta.json has no valid featureDim and classes");
-    const index = (await json("index.json")) as { id: string; label: number; split: Split }[];
-    if (!Array.isArray(index)) throw damaged("index.json is not a list");
-    index.forEach((r, i) => {
-      if (typeof r !== "object" || r === null || typeof r.id !== "string" || !Number.isInteger(r.label) || r.label < 0 || r.label >= meta.classes.length || !SPLIT_NAMES.includes(r.split))
-        throw damaged(`index.json record ${i} is not {id, label in 0..${meta.classes.length - 1}, split}`);
-    });
-    if (Number.isInteger(meta.count) && meta.count !== index.length) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${index.length}`);
+    const index = await readIndex(join(dir, "index.json"), meta.classes.length, damaged);
+    if (Number.isInteger(meta.count) && meta.count !== index.ids.length) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${index.ids.length}`);
     const skipped = (await json("skipped.json")) as SkippedInput[];
     if (!Array.isArray(skipped)) throw damaged("skipped.json is not a list");
     const file = join(dir, "features.f32");
@@ -307,11 +330,135 @@ export class FeatureCache {
     } catch (cause) {
       throw Object.assign(damaged(`cannot read features.f32 (${(cause as Error).message})`), { cause });
     }
-    if (size !== index.length * meta.featureDim * 4)
-      throw damaged(`${size} bytes of features for ${index.length} samples x ${meta.featureDim}`);
-    const rows = new FileRows(file, meta.featureDim, index.length);
-    return entrySet(meta, index.map((r) => r.id), Int32Array.from(index.map((r) => r.label)), index.map((r) => r.split), skipped, rows);
+    const count = index.ids.length;
+    if (size !== count * meta.featureDim * 4)
+      throw damaged(`${size} bytes of features for ${count} samples x ${meta.featureDim}`);
+    const rows = new FileRows(file, meta.featureDim, count);
+    return entrySet(meta, index.ids, index.labels, index.splits, skipped, rows);
   }
+}
+
+/**
+ * Reads index.json a part at a time: its text is cut between top-level records (found by following
+ * strings and brackets byte by byte) and parsed about 1 MiB at a time, so neither the whole text nor
+ * an object per record is ever held -- only the ids, labels and splits. It accepts and refuses what
+ * JSON.parse of the whole file would, with the same errors as before this read was streamed: "not
+ * valid JSON", "not a list" (both left to JSON.parse of the whole file when the text does not open a
+ * list), or the first record that is not {id, label in 0..classes-1, split}.
+ */
+async function readIndex(file: string, classes: number, damaged: (why: string) => Error): Promise<{ ids: string[]; labels: Int32Array; splits: Split[] }> {
+  const ids: string[] = [];
+  let labels = new Int32Array(1024);
+  const splits: Split[] = [];
+  let badRecord = -1;
+  const take = (text: string): void => {
+    let records: unknown[];
+    try {
+      records = JSON.parse(`[${text}]`) as unknown[];
+    } catch {
+      throw damaged("index.json is not valid JSON");
+    }
+    for (const r of records as { id: string; label: number; split: Split }[]) {
+      if (badRecord >= 0) return;
+      if (typeof r !== "object" || r === null || typeof r.id !== "string" || !Number.isInteger(r.label) || r.label < 0 || r.label >= classes || !SPLIT_NAMES.includes(r.split)) {
+        badRecord = ids.length;
+        return;
+      }
+      if (ids.length === labels.length) {
+        const grown = new Int32Array(labels.length * 2);
+        grown.set(labels);
+        labels = grown;
+      }
+      labels[ids.length] = r.label;
+      ids.push(r.id);
+      splits.push(r.split);
+    }
+  };
+  let fh: FileHandle;
+  try {
+    fh = await open(file, "r");
+  } catch (cause) {
+    throw Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
+  }
+  const WS = (c: number): boolean => c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09;
+  try {
+    const chunk = Buffer.alloc(2 ** 20);
+    let carry = Buffer.alloc(0); // bytes after the last cut, not yet parsed
+    let state: "before" | "in" | "after" = "before";
+    let depth = 0;
+    let inString = false;
+    let escaped = false;
+    let commas = 0; // top-level commas passed
+    for (let pos = 0; ;) {
+      let bytesRead: number;
+      try {
+        ({ bytesRead } = await fh.read(chunk, 0, chunk.length, pos));
+      } catch (cause) {
+        throw Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
+      }
+      if (bytesRead === 0) break;
+      pos += bytesRead;
+      const b = carry.length > 0 ? Buffer.concat([carry, chunk.subarray(0, bytesRead)] as unknown as Uint8Array[]) : chunk.subarray(0, bytesRead);
+      let start = 0; // where the unparsed records begin in b
+      let cut = -1; // the last top-level ',' or the closing ']' in b
+      for (let i = carry.length; i < b.length; i++) {
+        const c = b[i];
+        if (state === "in") {
+          if (inString) {
+            if (escaped) escaped = false;
+            else if (c === 0x5c) escaped = true;
+            else if (c === 0x22) inString = false;
+          } else if (c === 0x22) inString = true;
+          else if (c === 0x5b || c === 0x7b) depth++;
+          else if (c === 0x5d || c === 0x7d) {
+            if (--depth > 0) continue;
+            if (c !== 0x5d) throw damaged("index.json is not valid JSON"); // "[ ... }"
+            cut = i;
+            state = "after";
+          } else if (c === 0x2c && depth === 1) { cut = i; commas++; }
+        } else if (state === "before") {
+          if (WS(c)) continue;
+          // Not a list (or not JSON): JSON.parse of the whole text says which.
+          if (c !== 0x5b) throw await notAList(file, damaged);
+          state = "in";
+          depth = 1;
+          start = i + 1;
+        } else if (!WS(c)) throw damaged("index.json is not valid JSON");
+      }
+      if (cut >= 0) {
+        const text = b.toString("utf8", start, cut);
+        // JSON.parse of `[text]` refuses an empty record inside the text or at either end of it, but not
+        // a text of nothing, which only "[]" (no comma, closed) may be.
+        if (text.trim() !== "") take(text);
+        else if (state !== "after" || commas > 0) throw damaged("index.json is not valid JSON");
+        carry = Buffer.from(b.subarray(cut + 1));
+      } else carry = Buffer.from(b.subarray(start));
+    }
+    if (state !== "after") {
+      if (state === "before") throw await notAList(file, damaged);
+      throw damaged("index.json is not valid JSON");
+    }
+  } finally {
+    await fh.close();
+  }
+  if (badRecord >= 0) throw damaged(`index.json record ${badRecord} is not {id, label in 0..${classes - 1}, split}`);
+  return { ids, labels: labels.slice(0, ids.length), splits };
+}
+
+/** The error for an index.json that does not open a list: whether it is JSON at all decides which. */
+async function notAList(file: string, damaged: (why: string) => Error): Promise<Error> {
+  let text: string;
+  try {
+    text = await readFile(file, "utf8");
+  } catch (cause) {
+    return Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
+  }
+  try {
+    JSON.parse(text);
+  } catch {
+    return damaged("index.json is not valid JSON");
+  }
+  return damaged("index.json is not a list");
 }
 
 /** A shard file's header only (ids, labels, splits, skipped): what commit needs before it places rows. */
@@ -338,7 +485,7 @@ async function readShardHeader(file: string): Promise<Omit<FeatureShardData, "fe
 }
 
 /** Writes every shard's rows at their row in the entry (runs of consecutive rows in one write); one shard in memory at a time. */
-async function writeRows(path: string, files: string[], destination: Map<string, number>, dim: number, count: number): Promise<void> {
+async function writeRows(path: string, files: string[], destination: (id: string) => number, dim: number, count: number): Promise<void> {
   const fh = await open(path, "w");
   try {
     await fh.truncate(count * dim * 4);
@@ -346,11 +493,12 @@ async function writeRows(path: string, files: string[], destination: Map<string,
       const shard = decodeShard(await readFile(file), file);
       const bytes = new Uint8Array(shard.features.buffer, shard.features.byteOffset, shard.features.byteLength);
       const rowBytes = dim * 4;
-      for (let r = 0; r < shard.ids.length;) {
-        const at = destination.get(shard.ids[r]);
-        if (at === undefined) { r++; continue; }
+      const rows = Int32Array.from(shard.ids, destination);
+      for (let r = 0; r < rows.length;) {
+        const at = rows[r];
+        if (at < 0) { r++; continue; }
         let end = r + 1;
-        while (end < shard.ids.length && destination.get(shard.ids[end]) === at + (end - r)) end++;
+        while (end < rows.length && rows[end] === at + (end - r)) end++;
         await fh.write(bytes, r * rowBytes, (end - r) * rowBytes, at * rowBytes);
         r = end;
       }
@@ -360,11 +508,55 @@ async function writeRows(path: string, files: string[], destination: Map<string,
   }
 }
 
-/** index.json without one big intermediate array of records. */
-function indexJson(ids: string[], labels: Int32Array, splits: Split[]): string {
-  const parts: string[] = [];
-  for (let i = 0; i < ids.length; i++) parts.push(JSON.stringify({ id: ids[i], label: labels[i], split: splits[i] }));
-  return `[${parts.join(",")}]`;
+/**
+ * Writes index.json a part at a time (about 1 MiB of text per write): the same bytes as
+ * JSON.stringify of the list of records, without the list or the whole text in memory.
+ */
+async function writeIndex(path: string, ids: string[], labels: Int32Array, splits: Split[]): Promise<void> {
+  const fh = await open(path, "w");
+  try {
+    let part = "[";
+    for (let i = 0; i < ids.length; i++) {
+      // The bytes of JSON.stringify({ id, label, split }), without building the object.
+      part += `${i > 0 ? "," : ""}{"id":${JSON.stringify(ids[i])},"label":${labels[i]},"split":"${splits[i]}"}`;
+      if (part.length >= 2 ** 20) { await fh.write(part); part = ""; }
+    }
+    await fh.write(`${part}]`);
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Where each id stands in a list of ids: the positions sorted by id, searched by halving (4 bytes a
+ * sample; a Map<string, number> takes ten times that). An id listed twice is an error: the list is
+ * a data set's samples, each listed once.
+ */
+class IdPositions {
+  private readonly sorted: Int32Array;
+
+  constructor(private readonly ids: readonly string[], key: string) {
+    const sorted = new Int32Array(ids.length);
+    for (let i = 0; i < sorted.length; i++) sorted[i] = i;
+    sorted.sort((a, b) => (ids[a] < ids[b] ? -1 : ids[a] > ids[b] ? 1 : a - b));
+    for (let i = 1; i < sorted.length; i++)
+      if (ids[sorted[i]] === ids[sorted[i - 1]]) throw new Error(`feature cache ${key}: sample ${ids[sorted[i]]} is listed twice in the sample order`);
+    this.sorted = sorted;
+  }
+
+  /** The position of `id`, or -1. */
+  find(id: string): number {
+    let lo = 0;
+    let hi = this.sorted.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const at = this.ids[this.sorted[mid]];
+      if (at === id) return this.sorted[mid];
+      if (at < id) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return -1;
+  }
 }
 
 /** Whether the `pid@host` holding a cache lock still runs (always true for another host's process). */
