@@ -90,6 +90,8 @@ export function cacheKey(extractorFingerprint: string, datasetFingerprint: strin
 
 const SPLIT_CODES: Record<Split, number> = { train: 0, val: 1, test: 2 };
 const SPLIT_NAMES: Split[] = ["train", "val", "test"];
+/** The shortest record index.json can hold, `{"id":"","label":0,"split":"val"}`. */
+const MIN_RECORD_BYTES = 33;
 
 /** Binary shard file: header JSON length (u32) + header JSON + features bytes. */
 export function encodeShard(s: FeatureShardData): Buffer {
@@ -319,7 +321,7 @@ export class FeatureCache {
     const meta = (await json("meta.json")) as FeatureCacheMeta;
     if (typeof meta !== "object" || meta === null || !Number.isSafeInteger(meta.featureDim) || meta.featureDim < 1 || !Array.isArray(meta.classes))
       throw damaged("meta.json has no valid featureDim and classes");
-    const index = await readIndex(join(dir, "index.json"), meta.classes.length, damaged);
+    const index = await readIndex(join(dir, "index.json"), meta.classes.length, meta.count, damaged);
     if (Number.isInteger(meta.count) && meta.count !== index.ids.length) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${index.ids.length}`);
     const skipped = (await json("skipped.json")) as SkippedInput[];
     if (!Array.isArray(skipped)) throw damaged("skipped.json is not a list");
@@ -346,10 +348,22 @@ export class FeatureCache {
  * valid JSON", "not a list" (both left to JSON.parse of the whole file when the text does not open a
  * list), or the first record that is not {id, label in 0..classes-1, split}.
  */
-async function readIndex(file: string, classes: number, damaged: (why: string) => Error): Promise<{ ids: string[]; labels: Int32Array; splits: Split[] }> {
-  const ids: string[] = [];
-  let labels = new Int32Array(1024);
-  const splits: Split[] = [];
+async function readIndex(file: string, classes: number, expected: number, damaged: (why: string) => Error): Promise<{ ids: string[]; labels: Int32Array; splits: Split[] }> {
+  let fh: FileHandle;
+  let size: number;
+  try {
+    fh = await open(file, "r");
+    size = (await fh.stat()).size;
+  } catch (cause) {
+    throw Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
+  }
+  // Lists of the size meta.json gives (no more records than the file can hold, whatever it says):
+  // grown one push at a time, each list would leave a trail of dead copies, 2-3 times its size, for GC.
+  const capacity = Number.isSafeInteger(expected) && expected > 0 ? Math.min(expected, Math.floor(size / MIN_RECORD_BYTES)) : 0;
+  const ids = new Array<string>(capacity);
+  const splits = new Array<Split>(capacity);
+  let labels = new Int32Array(Math.max(capacity, 1024));
+  let n = 0;
   let badRecord = -1;
   const take = (text: string): void => {
     let records: unknown[];
@@ -361,25 +375,20 @@ async function readIndex(file: string, classes: number, damaged: (why: string) =
     for (const r of records as { id: string; label: number; split: Split }[]) {
       if (badRecord >= 0) return;
       if (typeof r !== "object" || r === null || typeof r.id !== "string" || !Number.isInteger(r.label) || r.label < 0 || r.label >= classes || !SPLIT_NAMES.includes(r.split)) {
-        badRecord = ids.length;
+        badRecord = n;
         return;
       }
-      if (ids.length === labels.length) {
+      if (n === labels.length) {
         const grown = new Int32Array(labels.length * 2);
         grown.set(labels);
         labels = grown;
       }
-      labels[ids.length] = r.label;
-      ids.push(r.id);
-      splits.push(r.split);
+      ids[n] = r.id;
+      labels[n] = r.label;
+      splits[n] = r.split;
+      n++;
     }
   };
-  let fh: FileHandle;
-  try {
-    fh = await open(file, "r");
-  } catch (cause) {
-    throw Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
-  }
   const WS = (c: number): boolean => c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09;
   try {
     const chunk = Buffer.alloc(2 ** 20);
@@ -442,7 +451,9 @@ async function readIndex(file: string, classes: number, damaged: (why: string) =
     await fh.close();
   }
   if (badRecord >= 0) throw damaged(`index.json record ${badRecord} is not {id, label in 0..${classes - 1}, split}`);
-  return { ids, labels: labels.slice(0, ids.length), splits };
+  ids.length = n;
+  splits.length = n;
+  return { ids, labels: labels.length === n ? labels : labels.slice(0, n), splits };
 }
 
 /** The error for an index.json that does not open a list: whether it is JSON at all decides which. */
