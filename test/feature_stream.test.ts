@@ -103,6 +103,13 @@ describe("feature stream - cache entry", () => {
       await writeFile(file, bad);
       await assert.rejects(cache.load("k"), why, bad.slice(0, 40));
     }
+    // A loaded entry keeps labels and splits; its ids are read again when first asked for.
+    await writeFile(file, text);
+    const fresh = await cache.load("k");
+    await writeFile(file, text.replace('"label":2', '"label":1'));
+    assert.throws(() => fresh.ids, /index.json changed since the entry was loaded/);
+    await writeFile(file, text);
+    assert.deepEqual(fresh.ids, records.map((r) => r.id));
   });
 });
 

@@ -12,11 +12,12 @@
  * Memory stays bounded by a shard, not by the data set: `commit()` reads the shards one at a time
  * and writes their rows where they belong in features.f32 (positioned writes), and `load()` reads
  * the index only -- the rows are read by position when a batch needs them ({@link FeatureRows};
- * core/training/feature_batches.ts streams them to training). Only ids, labels and splits are kept
- * per sample (tens of bytes each).
+ * core/training/feature_batches.ts streams them to training). Per sample only a few bytes are kept:
+ * index.json is written and read a part at a time, commit keeps its per-sample state in typed arrays,
+ * and a loaded entry holds labels and splits (12 bytes a sample), its ids read again on first use.
  */
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
 import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
@@ -69,11 +70,22 @@ export function rowsOf(set: FeatureSet): FeatureRows {
   return set.rows ?? new MemoryRows(set.features, set.meta.featureDim);
 }
 
-/** A FeatureSet over `rows`, whose `features` are read (once) only when someone asks for all of them. */
-function entrySet(meta: FeatureCacheMeta, ids: string[], labels: Int32Array, splits: Split[], skipped: SkippedInput[], rows: FeatureRows): FeatureSet {
+/**
+ * A FeatureSet over `rows`, whose `features` are read (once) only when someone asks for all of them;
+ * `ids` given as a function likewise (a loaded entry's, read from index.json on first use).
+ */
+function entrySet(meta: FeatureCacheMeta, ids: string[] | (() => string[]), labels: Int32Array, splits: Split[], skipped: SkippedInput[], rows: FeatureRows): FeatureSet {
   let all: Float32Array | undefined;
+  let idList = typeof ids === "function" ? undefined : ids;
   return {
-    meta, ids, labels, splits, skipped, rows,
+    meta, labels, splits, skipped, rows,
+    get ids() {
+      idList ??= (ids as () => string[])();
+      return idList;
+    },
+    set ids(value: string[]) {
+      idList = value;
+    },
     get features() {
       all ??= rows.readSync(0, rows.count);
       return all;
@@ -321,8 +333,12 @@ export class FeatureCache {
     const meta = (await json("meta.json")) as FeatureCacheMeta;
     if (typeof meta !== "object" || meta === null || !Number.isSafeInteger(meta.featureDim) || meta.featureDim < 1 || !Array.isArray(meta.classes))
       throw damaged("meta.json has no valid featureDim and classes");
-    const index = await readIndex(join(dir, "index.json"), meta.classes.length, meta.count, damaged);
-    if (Number.isInteger(meta.count) && meta.count !== index.ids.length) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${index.ids.length}`);
+    // The ids are not kept: training reads labels and splits only, and ids held for nothing were the
+    // biggest part of an entry's memory (about 40 bytes a sample); they are read again when asked for.
+    const indexFile = join(dir, "index.json");
+    const index = await readIndex(indexFile, meta.classes.length, meta.count, false, damaged);
+    const count = index.labels.length;
+    if (Number.isInteger(meta.count) && meta.count !== count) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${count}`);
     const skipped = (await json("skipped.json")) as SkippedInput[];
     if (!Array.isArray(skipped)) throw damaged("skipped.json is not a list");
     const file = join(dir, "features.f32");
@@ -332,144 +348,226 @@ export class FeatureCache {
     } catch (cause) {
       throw Object.assign(damaged(`cannot read features.f32 (${(cause as Error).message})`), { cause });
     }
-    const count = index.ids.length;
     if (size !== count * meta.featureDim * 4)
       throw damaged(`${size} bytes of features for ${count} samples x ${meta.featureDim}`);
     const rows = new FileRows(file, meta.featureDim, count);
-    return entrySet(meta, index.ids, index.labels, index.splits, skipped, rows);
+    const ids = (): string[] => {
+      const again = readIndexSync(indexFile, meta.classes.length, count, damaged);
+      if (again.labels.length !== count || again.labels.some((l, i) => l !== index.labels[i]) || again.splits.some((s, i) => s !== index.splits[i]))
+        throw damaged("index.json changed since the entry was loaded");
+      return again.ids!;
+    };
+    return entrySet(meta, ids, index.labels, index.splits, skipped, rows);
   }
 }
 
+/** What index.json lists, in entry order (`ids` absent when the read was told not to keep them). */
+interface IndexLists {
+  ids?: string[];
+  labels: Int32Array;
+  splits: Split[];
+}
+
+/** Bytes of index.json read and parsed at a time. */
+const INDEX_PART_BYTES = 2 ** 20;
+
 /**
- * Reads index.json a part at a time: its text is cut between top-level records (found by following
- * strings and brackets byte by byte) and parsed about 1 MiB at a time, so neither the whole text nor
- * an object per record is ever held -- only the ids, labels and splits. It accepts and refuses what
- * JSON.parse of the whole file would, with the same errors as before this read was streamed: "not
- * valid JSON", "not a list" (both left to JSON.parse of the whole file when the text does not open a
- * list), or the first record that is not {id, label in 0..classes-1, split}.
+ * index.json parsed a part at a time: the text is cut between top-level records (found by following
+ * strings and brackets byte by byte) and each part, about {@link INDEX_PART_BYTES}, goes to JSON.parse,
+ * so neither the whole text nor an object per record is ever held -- only the lists. It accepts and
+ * refuses what JSON.parse of the whole file would, with the same errors as before this read was
+ * streamed: "not valid JSON", "not a list" (a text that does not open a list sets {@link notAList}:
+ * JSON.parse of the whole file then tells which), or the first record that is not {id, label in
+ * 0..classes-1, split}.
  */
-async function readIndex(file: string, classes: number, expected: number, damaged: (why: string) => Error): Promise<{ ids: string[]; labels: Int32Array; splits: Split[] }> {
-  let fh: FileHandle;
-  let size: number;
-  try {
-    fh = await open(file, "r");
-    size = (await fh.stat()).size;
-  } catch (cause) {
-    throw Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
+class IndexParser {
+  /** The text does not open a list (the reader then lets JSON.parse of the whole file say what it is). */
+  notAList = false;
+  private readonly ids: string[] | undefined;
+  private labels: Int32Array;
+  private readonly splits: Split[];
+  private n = 0;
+  private badRecord = -1;
+  private carry = Buffer.alloc(0); // bytes after the last cut, not yet parsed
+  private state: "before" | "in" | "after" = "before";
+  private depth = 0;
+  private inString = false;
+  private escaped = false;
+  private commas = 0; // top-level commas passed
+
+  /** `capacity`: records expected (the lists are made that long at once: grown a record at a time, they would leave dead copies, 2-3 times their size, for GC). */
+  constructor(private readonly classes: number, capacity: number, keepIds: boolean, private readonly damaged: (why: string) => Error) {
+    this.ids = keepIds ? new Array<string>(capacity) : undefined;
+    this.splits = new Array<Split>(capacity);
+    this.labels = new Int32Array(Math.max(capacity, 1024));
   }
-  // Lists of the size meta.json gives (no more records than the file can hold, whatever it says):
-  // grown one push at a time, each list would leave a trail of dead copies, 2-3 times its size, for GC.
-  const capacity = Number.isSafeInteger(expected) && expected > 0 ? Math.min(expected, Math.floor(size / MIN_RECORD_BYTES)) : 0;
-  const ids = new Array<string>(capacity);
-  const splits = new Array<Split>(capacity);
-  let labels = new Int32Array(Math.max(capacity, 1024));
-  let n = 0;
-  let badRecord = -1;
-  const take = (text: string): void => {
+
+  /** The next bytes of the file. */
+  push(bytes: Uint8Array): void {
+    if (this.notAList) return;
+    const b = this.carry.length > 0 ? Buffer.concat([this.carry, bytes]) : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    let start = 0; // where the unparsed records begin in b
+    let cut = -1; // the last top-level ',' or the closing ']' in b
+    for (let i = this.carry.length; i < b.length; i++) {
+      const c = b[i];
+      if (this.state === "in") {
+        if (this.inString) {
+          if (this.escaped) this.escaped = false;
+          else if (c === 0x5c) this.escaped = true;
+          else if (c === 0x22) this.inString = false;
+        } else if (c === 0x22) this.inString = true;
+        else if (c === 0x5b || c === 0x7b) this.depth++;
+        else if (c === 0x5d || c === 0x7d) {
+          if (--this.depth > 0) continue;
+          if (c !== 0x5d) throw this.damaged("index.json is not valid JSON"); // "[ ... }"
+          cut = i;
+          this.state = "after";
+        } else if (c === 0x2c && this.depth === 1) {
+          cut = i;
+          this.commas++;
+        }
+      } else if (this.state === "before") {
+        if (isJsonSpace(c)) continue;
+        if (c !== 0x5b) {
+          this.notAList = true;
+          return;
+        }
+        this.state = "in";
+        this.depth = 1;
+        start = i + 1;
+      } else if (!isJsonSpace(c)) throw this.damaged("index.json is not valid JSON");
+    }
+    if (cut >= 0) {
+      const text = b.toString("utf8", start, cut);
+      // JSON.parse of `[text]` refuses an empty record inside the text or at either end of it, but not
+      // a text of nothing, which only "[]" (no comma, closed) may be.
+      if (text.trim() !== "") this.take(text);
+      else if (this.state !== "after" || this.commas > 0) throw this.damaged("index.json is not valid JSON");
+      this.carry = Buffer.from(b.subarray(cut + 1));
+    } else this.carry = Buffer.from(b.subarray(start));
+  }
+
+  /** The lists, once the whole file was pushed (undefined when {@link notAList}). */
+  end(): IndexLists | undefined {
+    if (this.notAList || this.state === "before") {
+      this.notAList = true;
+      return undefined;
+    }
+    if (this.state !== "after") throw this.damaged("index.json is not valid JSON");
+    if (this.badRecord >= 0) throw this.damaged(`index.json record ${this.badRecord} is not {id, label in 0..${this.classes - 1}, split}`);
+    if (this.ids) this.ids.length = this.n;
+    this.splits.length = this.n;
+    return { ids: this.ids, labels: this.labels.length === this.n ? this.labels : this.labels.slice(0, this.n), splits: this.splits };
+  }
+
+  private take(text: string): void {
     let records: unknown[];
     try {
       records = JSON.parse(`[${text}]`) as unknown[];
     } catch {
-      throw damaged("index.json is not valid JSON");
+      throw this.damaged("index.json is not valid JSON");
     }
+    if (this.badRecord >= 0) return; // the rest is only checked to be JSON
     for (const r of records as { id: string; label: number; split: Split }[]) {
-      if (badRecord >= 0) return;
-      if (typeof r !== "object" || r === null || typeof r.id !== "string" || !Number.isInteger(r.label) || r.label < 0 || r.label >= classes || !SPLIT_NAMES.includes(r.split)) {
-        badRecord = n;
+      if (typeof r !== "object" || r === null || typeof r.id !== "string" || !Number.isInteger(r.label) || r.label < 0 || r.label >= this.classes || !SPLIT_NAMES.includes(r.split)) {
+        this.badRecord = this.n;
         return;
       }
-      if (n === labels.length) {
-        const grown = new Int32Array(labels.length * 2);
-        grown.set(labels);
-        labels = grown;
+      if (this.n === this.labels.length) {
+        const grown = new Int32Array(this.labels.length * 2);
+        grown.set(this.labels);
+        this.labels = grown;
       }
-      ids[n] = r.id;
-      labels[n] = r.label;
-      splits[n] = r.split;
-      n++;
+      if (this.ids) this.ids[this.n] = r.id;
+      this.labels[this.n] = r.label;
+      this.splits[this.n] = r.split;
+      this.n++;
     }
-  };
-  const WS = (c: number): boolean => c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09;
-  try {
-    const chunk = Buffer.alloc(2 ** 20);
-    let carry = Buffer.alloc(0); // bytes after the last cut, not yet parsed
-    let state: "before" | "in" | "after" = "before";
-    let depth = 0;
-    let inString = false;
-    let escaped = false;
-    let commas = 0; // top-level commas passed
-    for (let pos = 0; ;) {
-      let bytesRead: number;
-      try {
-        ({ bytesRead } = await fh.read(chunk, 0, chunk.length, pos));
-      } catch (cause) {
-        throw Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
-      }
-      if (bytesRead === 0) break;
-      pos += bytesRead;
-      const b = carry.length > 0 ? Buffer.concat([carry, chunk.subarray(0, bytesRead)] as unknown as Uint8Array[]) : chunk.subarray(0, bytesRead);
-      let start = 0; // where the unparsed records begin in b
-      let cut = -1; // the last top-level ',' or the closing ']' in b
-      for (let i = carry.length; i < b.length; i++) {
-        const c = b[i];
-        if (state === "in") {
-          if (inString) {
-            if (escaped) escaped = false;
-            else if (c === 0x5c) escaped = true;
-            else if (c === 0x22) inString = false;
-          } else if (c === 0x22) inString = true;
-          else if (c === 0x5b || c === 0x7b) depth++;
-          else if (c === 0x5d || c === 0x7d) {
-            if (--depth > 0) continue;
-            if (c !== 0x5d) throw damaged("index.json is not valid JSON"); // "[ ... }"
-            cut = i;
-            state = "after";
-          } else if (c === 0x2c && depth === 1) { cut = i; commas++; }
-        } else if (state === "before") {
-          if (WS(c)) continue;
-          // Not a list (or not JSON): JSON.parse of the whole text says which.
-          if (c !== 0x5b) throw await notAList(file, damaged);
-          state = "in";
-          depth = 1;
-          start = i + 1;
-        } else if (!WS(c)) throw damaged("index.json is not valid JSON");
-      }
-      if (cut >= 0) {
-        const text = b.toString("utf8", start, cut);
-        // JSON.parse of `[text]` refuses an empty record inside the text or at either end of it, but not
-        // a text of nothing, which only "[]" (no comma, closed) may be.
-        if (text.trim() !== "") take(text);
-        else if (state !== "after" || commas > 0) throw damaged("index.json is not valid JSON");
-        carry = Buffer.from(b.subarray(cut + 1));
-      } else carry = Buffer.from(b.subarray(start));
-    }
-    if (state !== "after") {
-      if (state === "before") throw await notAList(file, damaged);
-      throw damaged("index.json is not valid JSON");
-    }
-  } finally {
-    await fh.close();
   }
-  if (badRecord >= 0) throw damaged(`index.json record ${badRecord} is not {id, label in 0..${classes - 1}, split}`);
-  ids.length = n;
-  splits.length = n;
-  return { ids, labels: labels.length === n ? labels : labels.slice(0, n), splits };
+}
+
+function isJsonSpace(c: number): boolean {
+  return c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09;
+}
+
+/** Records to expect in index.json: meta.json's count, but never more than `bytes` of file can hold. */
+function indexCapacity(expected: number, bytes: number): number {
+  return Number.isSafeInteger(expected) && expected > 0 ? Math.min(expected, Math.floor(bytes / MIN_RECORD_BYTES)) : 0;
 }
 
 /** The error for an index.json that does not open a list: whether it is JSON at all decides which. */
-async function notAList(file: string, damaged: (why: string) => Error): Promise<Error> {
-  let text: string;
-  try {
-    text = await readFile(file, "utf8");
-  } catch (cause) {
-    return Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
-  }
+function whyNotAList(text: string, damaged: (why: string) => Error): Error {
   try {
     JSON.parse(text);
   } catch {
     return damaged("index.json is not valid JSON");
   }
   return damaged("index.json is not a list");
+}
+
+function cannotReadIndex(cause: unknown, damaged: (why: string) => Error): Error {
+  return Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
+}
+
+/** Reads index.json with an {@link IndexParser}, one part at a time. */
+async function readIndex(file: string, classes: number, expected: number, keepIds: boolean, damaged: (why: string) => Error): Promise<IndexLists> {
+  let fh: FileHandle;
+  try {
+    fh = await open(file, "r");
+  } catch (cause) {
+    throw cannotReadIndex(cause, damaged);
+  }
+  try {
+    const parser = new IndexParser(classes, indexCapacity(expected, (await fh.stat()).size), keepIds, damaged);
+    const part = Buffer.alloc(INDEX_PART_BYTES);
+    for (let pos = 0; !parser.notAList;) {
+      const { bytesRead } = await fh.read(part, 0, part.length, pos).catch((cause: unknown) => Promise.reject(cannotReadIndex(cause, damaged)));
+      if (bytesRead === 0) break;
+      pos += bytesRead;
+      parser.push(part.subarray(0, bytesRead));
+    }
+    const lists = parser.end();
+    if (lists) return lists;
+  } finally {
+    await fh.close();
+  }
+  throw whyNotAList(await readFile(file, "utf8").catch((cause: unknown) => Promise.reject(cannotReadIndex(cause, damaged))), damaged);
+}
+
+/** {@link readIndex}, synchronously (the ids of a loaded entry, read when first asked for). */
+function readIndexSync(file: string, classes: number, expected: number, damaged: (why: string) => Error): IndexLists {
+  let fd: number;
+  try {
+    fd = openSync(file, "r");
+  } catch (cause) {
+    throw cannotReadIndex(cause, damaged);
+  }
+  try {
+    const parser = new IndexParser(classes, indexCapacity(expected, fstatSync(fd).size), true, damaged);
+    const part = Buffer.alloc(INDEX_PART_BYTES);
+    for (let pos = 0; !parser.notAList;) {
+      let bytesRead: number;
+      try {
+        bytesRead = readSync(fd, part, 0, part.length, pos);
+      } catch (cause) {
+        throw cannotReadIndex(cause, damaged);
+      }
+      if (bytesRead === 0) break;
+      pos += bytesRead;
+      parser.push(part.subarray(0, bytesRead));
+    }
+    const lists = parser.end();
+    if (lists) return lists;
+  } finally {
+    closeSync(fd);
+  }
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (cause) {
+    throw cannotReadIndex(cause, damaged);
+  }
+  throw whyNotAList(text, damaged);
 }
 
 /** A shard file's header only (ids, labels, splits, skipped): what commit needs before it places rows. */
