@@ -52,6 +52,7 @@ export interface FeatureCacheMeta {
 /** A committed cache entry: its index in memory, its rows on disk. */
 export interface FeatureSet {
   meta: FeatureCacheMeta;
+  /** Sample ids in row order. A loaded entry reads them from index.json when first asked for (training never does). */
   ids: string[];
   labels: Int32Array;
   splits: Split[];
