@@ -64,7 +64,7 @@ async function compareStream(): Promise<void> {
   }
   const mean = (k: "stream" | "in_memory"): number => rows.reduce((a, r) => a + (r[k] as { test_accuracy: number }).test_accuracy, 0) / rows.length;
   const result = {
-    bench: "head_stream", data: "fashion-mnist", input_size: 96, feature_layer: layer, limit: Number(limit), epochs, samples: set.ids.length,
+    bench: "head_stream", data: "fashion-mnist", input_size: 96, feature_layer: layer, limit: Number(limit), epochs, samples: set.labels.length,
     mean_test_accuracy: { stream: mean("stream"), in_memory: mean("in_memory"), difference_points: Number((100 * (mean("stream") - mean("in_memory"))).toFixed(2)) },
     machine: { cores: availableParallelism(), cpu: cpus()[0]?.model, loadavg: loadavg(), uptime_seconds: osUptime() }, date: new Date().toISOString(), results: rows,
   };

@@ -60,7 +60,7 @@ async function cacheHit(o: ExtractionOptions, t0: number): Promise<ExtractionRes
   }
   if (cached) {
     const features = cached;
-    o.log.info("feature cache hit: nothing to extract", { key: o.key, samples: features.ids.length });
+    o.log.info("feature cache hit: nothing to extract", { key: o.key, samples: features.labels.length });
     return { features, cacheHit: true, images: 0, seconds: (performance.now() - t0) / 1000, shards: 0, shardsResumed: 0 };
   }
   return undefined;

@@ -4,7 +4,7 @@
  * epoch, each block read once, the same batches for the same seed) with no tensor growth per step.
  */
 import assert from "node:assert/strict";
-import { mkdtemp, rm, stat } from "node:fs/promises";
+import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -76,6 +76,40 @@ describe("feature stream - cache entry", () => {
     assert.deepEqual(Array.from(await set.rows!.read(998, 2)), [...sample(998).row, ...sample(999).row]);
     assert.throws(() => set.rows!.readSync(999, 2), /outside/);
     assert.equal(set.features.length, 1000 * DIM, "all rows on request (small sets, tests)");
+  });
+
+  test("feature stream - index.json is written and read a part at a time, as JSON.stringify writes and JSON.parse reads it", async () => {
+    // 30,000 records: about 1.5 MiB of index, more than one part each way.
+    const { set, dir } = await committed(30000, 1000);
+    const file = join(dir, "k", "index.json");
+    const text = await readFile(file, "utf8");
+    assert.ok(text.length > 2 ** 20);
+    const records = Array.from({ length: 30000 }, (_, i) => ({ id: sample(i).id, label: sample(i).label, split: sample(i).split }));
+    assert.equal(text, JSON.stringify(records), "the same bytes as before it was written in parts");
+    assert.deepEqual(set.ids, records.map((r) => r.id));
+    assert.deepEqual(Array.from(set.labels), records.map((r) => r.label));
+    assert.deepEqual(set.splits, records.map((r) => r.split));
+    // Any JSON list of records loads: spaces and new lines, ids holding the characters that cut records.
+    const odd = [{ id: "a,b]", label: 1, split: "val" as Split }, { id: 'q"}{[\\', label: 0, split: "train" as Split }, { split: "test" as Split, label: 2, id: "\u00e9\u20ac\u{1f600}" }];
+    const cache = new FeatureCache(dir);
+    await writeFile(file, JSON.stringify([...odd, ...records.slice(3)], null, 2));
+    const loaded = await cache.load("k");
+    assert.deepEqual(loaded.ids.slice(0, 4), [...odd.map((r) => r.id), records[3].id]);
+    assert.deepEqual(Array.from(loaded.labels.subarray(0, 3)), [1, 0, 2]);
+    assert.deepEqual(loaded.splits.slice(0, 3), ["val", "train", "test"]);
+    assert.equal(loaded.ids.length, 30000);
+    for (const [bad, why] of [["[]", /meta.json says 30000 samples, index.json lists 0/], [`${text.slice(0, -1)},]`, /index.json is not valid JSON/], [`${text.slice(0, -1)}}`, /index.json is not valid JSON/],
+      [text.slice(0, 2 ** 20 + 7), /index.json is not valid JSON/], ['{"a":[]}', /index.json is not a list/], [text.replace('"label":2', '"label":3'), /index.json record 2 is not \{id, label in 0..2, split\}/]] as const) {
+      await writeFile(file, bad);
+      await assert.rejects(cache.load("k"), why, bad.slice(0, 40));
+    }
+    // A loaded entry keeps labels and splits; its ids are read again when first asked for.
+    await writeFile(file, text);
+    const fresh = await cache.load("k");
+    await writeFile(file, text.replace('"label":2', '"label":1'));
+    assert.throws(() => fresh.ids, /index.json changed since the entry was loaded/);
+    await writeFile(file, text);
+    assert.deepEqual(fresh.ids, records.map((r) => r.id));
   });
 });
 

@@ -156,6 +156,7 @@ describe("feature cache - shards", () => {
       await assert.rejects(cache.commit("k", meta, ["a"]), /in two shards/);
       await cache.putShard("k2", shard("s1", ["a"], 1));
       await assert.rejects(cache.commit("k2", meta, ["a", "zz"]), /no features and were not reported skipped/);
+      await assert.rejects(cache.commit("k2", meta, ["a", "zz", "a"]), /sample a is listed twice in the sample order/);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

@@ -12,12 +12,13 @@
  * Memory stays bounded by a shard, not by the data set: `commit()` reads the shards one at a time
  * and writes their rows where they belong in features.f32 (positioned writes), and `load()` reads
  * the index only -- the rows are read by position when a batch needs them ({@link FeatureRows};
- * core/training/feature_batches.ts streams them to training). Only ids, labels and splits are kept
- * per sample (tens of bytes each).
+ * core/training/feature_batches.ts streams them to training). Per sample only a few bytes are kept:
+ * index.json is written and read a part at a time, commit keeps its per-sample state in typed arrays,
+ * and a loaded entry holds labels and splits (12 bytes a sample), its ids read again on first use.
  */
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
-import { mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from "node:fs";
+import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { FileRows, type FeatureRows, MemoryRows } from "./feature_rows.js";
@@ -51,6 +52,7 @@ export interface FeatureCacheMeta {
 /** A committed cache entry: its index in memory, its rows on disk. */
 export interface FeatureSet {
   meta: FeatureCacheMeta;
+  /** Sample ids in row order. A loaded entry reads them from index.json when first asked for (training never does). */
   ids: string[];
   labels: Int32Array;
   splits: Split[];
@@ -69,11 +71,22 @@ export function rowsOf(set: FeatureSet): FeatureRows {
   return set.rows ?? new MemoryRows(set.features, set.meta.featureDim);
 }
 
-/** A FeatureSet over `rows`, whose `features` are read (once) only when someone asks for all of them. */
-function entrySet(meta: FeatureCacheMeta, ids: string[], labels: Int32Array, splits: Split[], skipped: SkippedInput[], rows: FeatureRows): FeatureSet {
+/**
+ * A FeatureSet over `rows`, whose `features` are read (once) only when someone asks for all of them;
+ * `ids` given as a function likewise (a loaded entry's, read from index.json on first use).
+ */
+function entrySet(meta: FeatureCacheMeta, ids: string[] | (() => string[]), labels: Int32Array, splits: Split[], skipped: SkippedInput[], rows: FeatureRows): FeatureSet {
   let all: Float32Array | undefined;
+  let idList = typeof ids === "function" ? undefined : ids;
   return {
-    meta, ids, labels, splits, skipped, rows,
+    meta, labels, splits, skipped, rows,
+    get ids() {
+      idList ??= (ids as () => string[])();
+      return idList;
+    },
+    set ids(value: string[]) {
+      idList = value;
+    },
     get features() {
       all ??= rows.readSync(0, rows.count);
       return all;
@@ -90,6 +103,8 @@ export function cacheKey(extractorFingerprint: string, datasetFingerprint: strin
 
 const SPLIT_CODES: Record<Split, number> = { train: 0, val: 1, test: 2 };
 const SPLIT_NAMES: Split[] = ["train", "val", "test"];
+/** The shortest record index.json can hold, `{"id":"","label":0,"split":"val"}`. */
+const MIN_RECORD_BYTES = 33;
 
 /** Binary shard file: header JSON length (u32) + header JSON + features bytes. */
 export function encodeShard(s: FeatureShardData): Buffer {
@@ -228,44 +243,72 @@ export class FeatureCache {
    */
   async commit(key: string, meta: Omit<FeatureCacheMeta, "key" | "count" | "createdAt">, order: string[], extraSkipped: SkippedInput[] = []): Promise<FeatureSet> {
     const files = await this.shardFiles(key);
-    const rows = new Map<string, { shard: string; label: number; split: Split }>();
+    // Per sample of `order`, in typed arrays (a few bytes a sample: no object or map entry per sample,
+    // which at 10^6 samples made commit the head phase's peak of memory).
+    const positions = new IdPositions(order, key);
+    const shardIds: string[] = [];
+    const shardOf = new Int32Array(order.length).fill(-1);
+    const labelOf = new Int32Array(order.length);
+    const splitOf = new Uint8Array(order.length);
+    const notOrdered = new Map<string, string>(); // ids in a shard but not in `order` (none in a planned job): only checked for overlaps
     const skipped: SkippedInput[] = [...extraSkipped];
     for (const file of files) {
       const h = await readShardHeader(file);
+      const s = shardIds.push(h.shardId) - 1;
       h.ids.forEach((id, row) => {
-        if (rows.has(id)) throw new Error(`feature cache ${key}: sample ${id} is in two shards (${rows.get(id)!.shard}, ${h.shardId})`);
-        rows.set(id, { shard: h.shardId, label: h.labels[row], split: h.splits[row] });
+        const at = positions.find(id);
+        const seen = at < 0 ? notOrdered.get(id) : shardOf[at] >= 0 ? shardIds[shardOf[at]] : undefined;
+        if (seen !== undefined) throw new Error(`feature cache ${key}: sample ${id} is in two shards (${seen}, ${h.shardId})`);
+        if (at < 0) { notOrdered.set(id, h.shardId); return; }
+        shardOf[at] = s;
+        labelOf[at] = h.labels[row];
+        splitOf[at] = SPLIT_CODES[h.splits[row]];
       });
       for (const x of h.skipped) skipped.push(x); // not push(...): a shard may skip more than the call stack takes
     }
+    notOrdered.clear();
     const dim = meta.featureDim;
-    const kept = order.filter((id) => rows.has(id));
     const skippedIds = new Set(skipped.map((s) => s.id));
-    const missing = order.filter((id) => !rows.has(id) && !skippedIds.has(id));
-    if (missing.length > 0) throw new Error(`feature cache ${key}: ${missing.length} samples have no features and were not reported skipped (first: ${missing[0]})`);
-    const destination = new Map<string, number>();
-    kept.forEach((id, i) => destination.set(id, i));
-    const labels = Int32Array.from(kept, (id) => rows.get(id)!.label);
-    const splits = kept.map((id) => rows.get(id)!.split);
-    rows.clear();
-    const full: FeatureCacheMeta = { ...meta, key, count: kept.length, createdAt: new Date().toISOString() };
+    let missing = 0;
+    let firstMissing = "";
+    let count = 0;
+    for (let i = 0; i < order.length; i++) {
+      if (shardOf[i] >= 0) count++;
+      else if (!skippedIds.has(order[i]) && missing++ === 0) firstMissing = order[i];
+    }
+    if (missing > 0) throw new Error(`feature cache ${key}: ${missing} samples have no features and were not reported skipped (first: ${firstMissing})`);
+    skippedIds.clear();
+    // destination[i]: the entry row of order[i], -1 for a sample without features.
+    const destination = new Int32Array(order.length);
+    const kept: string[] = new Array<string>(count);
+    const labels = new Int32Array(count);
+    const splits: Split[] = new Array<Split>(count);
+    for (let i = 0, row = 0; i < order.length; i++) {
+      if (shardOf[i] < 0) { destination[i] = -1; continue; }
+      destination[i] = row;
+      kept[row] = order[i];
+      labels[row] = labelOf[i];
+      splits[row] = SPLIT_NAMES[splitOf[i]];
+      row++;
+    }
+    const full: FeatureCacheMeta = { ...meta, key, count, createdAt: new Date().toISOString() };
     const tmp = join(this.root, `${key}.tmp-${process.pid}`);
     await rm(tmp, { recursive: true, force: true });
     try {
       await mkdir(tmp, { recursive: true });
-      await writeRows(join(tmp, "features.f32"), files, destination, dim, kept.length);
-      await writeFile(join(tmp, "index.json"), indexJson(kept, labels, splits));
+      await writeRows(join(tmp, "features.f32"), files, (id) => { const at = positions.find(id); return at < 0 ? -1 : destination[at]; }, dim, count);
+      await writeIndex(join(tmp, "index.json"), kept, labels, splits);
       await writeFile(join(tmp, "skipped.json"), JSON.stringify(skipped, null, 1));
       await writeFile(join(tmp, "meta.json"), JSON.stringify(full, null, 2));
     } catch (err) {
       // Half an entry is never left where a later run would look (meta.json is what marks an entry).
       await rm(tmp, { recursive: true, force: true });
-      throw storageError(err, this.root, kept.length * dim * 4);
+      throw storageError(err, this.root, count * dim * 4);
     }
     await rm(this.entryDir(key), { recursive: true, force: true });
     await rename(tmp, this.entryDir(key));
     await rm(this.partialDir(key), { recursive: true, force: true });
-    return entrySet(full, kept, labels, splits, skipped, new FileRows(join(this.entryDir(key), "features.f32"), dim, kept.length));
+    return entrySet(full, kept, labels, splits, skipped, new FileRows(join(this.entryDir(key), "features.f32"), dim, count));
   }
 
   /**
@@ -291,13 +334,12 @@ export class FeatureCache {
     const meta = (await json("meta.json")) as FeatureCacheMeta;
     if (typeof meta !== "object" || meta === null || !Number.isSafeInteger(meta.featureDim) || meta.featureDim < 1 || !Array.isArray(meta.classes))
       throw damaged("meta.json has no valid featureDim and classes");
-    const index = (await json("index.json")) as { id: string; label: number; split: Split }[];
-    if (!Array.isArray(index)) throw damaged("index.json is not a list");
-    index.forEach((r, i) => {
-      if (typeof r !== "object" || r === null || typeof r.id !== "string" || !Number.isInteger(r.label) || r.label < 0 || r.label >= meta.classes.length || !SPLIT_NAMES.includes(r.split))
-        throw damaged(`index.json record ${i} is not {id, label in 0..${meta.classes.length - 1}, split}`);
-    });
-    if (Number.isInteger(meta.count) && meta.count !== index.length) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${index.length}`);
+    // The ids are not kept: training reads labels and splits only, and ids held for nothing were the
+    // biggest part of an entry's memory (about 40 bytes a sample); they are read again when asked for.
+    const indexFile = join(dir, "index.json");
+    const index = await readIndex(indexFile, meta.classes.length, meta.count, false, damaged);
+    const count = index.labels.length;
+    if (Number.isInteger(meta.count) && meta.count !== count) throw damaged(`meta.json says ${meta.count} samples, index.json lists ${count}`);
     const skipped = (await json("skipped.json")) as SkippedInput[];
     if (!Array.isArray(skipped)) throw damaged("skipped.json is not a list");
     const file = join(dir, "features.f32");
@@ -307,11 +349,226 @@ export class FeatureCache {
     } catch (cause) {
       throw Object.assign(damaged(`cannot read features.f32 (${(cause as Error).message})`), { cause });
     }
-    if (size !== index.length * meta.featureDim * 4)
-      throw damaged(`${size} bytes of features for ${index.length} samples x ${meta.featureDim}`);
-    const rows = new FileRows(file, meta.featureDim, index.length);
-    return entrySet(meta, index.map((r) => r.id), Int32Array.from(index.map((r) => r.label)), index.map((r) => r.split), skipped, rows);
+    if (size !== count * meta.featureDim * 4)
+      throw damaged(`${size} bytes of features for ${count} samples x ${meta.featureDim}`);
+    const rows = new FileRows(file, meta.featureDim, count);
+    const ids = (): string[] => {
+      const again = readIndexSync(indexFile, meta.classes.length, count, damaged);
+      if (again.labels.length !== count || again.labels.some((l, i) => l !== index.labels[i]) || again.splits.some((s, i) => s !== index.splits[i]))
+        throw damaged("index.json changed since the entry was loaded");
+      return again.ids!;
+    };
+    return entrySet(meta, ids, index.labels, index.splits, skipped, rows);
   }
+}
+
+/** What index.json lists, in entry order (`ids` absent when the read was told not to keep them). */
+interface IndexLists {
+  ids?: string[];
+  labels: Int32Array;
+  splits: Split[];
+}
+
+/** Bytes of index.json read and parsed at a time. */
+const INDEX_PART_BYTES = 2 ** 20;
+
+/**
+ * index.json parsed a part at a time: the text is cut between top-level records (found by following
+ * strings and brackets byte by byte) and each part, about {@link INDEX_PART_BYTES}, goes to JSON.parse,
+ * so neither the whole text nor an object per record is ever held -- only the lists. It accepts and
+ * refuses what JSON.parse of the whole file would, with the same errors as before this read was
+ * streamed: "not valid JSON", "not a list" (a text that does not open a list sets {@link notAList}:
+ * JSON.parse of the whole file then tells which), or the first record that is not {id, label in
+ * 0..classes-1, split}.
+ */
+class IndexParser {
+  /** The text does not open a list (the reader then lets JSON.parse of the whole file say what it is). */
+  notAList = false;
+  private readonly ids: string[] | undefined;
+  private labels: Int32Array;
+  private readonly splits: Split[];
+  private n = 0;
+  private badRecord = -1;
+  private carry = Buffer.alloc(0); // bytes after the last cut, not yet parsed
+  private state: "before" | "in" | "after" = "before";
+  private depth = 0;
+  private inString = false;
+  private escaped = false;
+  private commas = 0; // top-level commas passed
+
+  /** `capacity`: records expected (the lists are made that long at once: grown a record at a time, they would leave dead copies, 2-3 times their size, for GC). */
+  constructor(private readonly classes: number, capacity: number, keepIds: boolean, private readonly damaged: (why: string) => Error) {
+    this.ids = keepIds ? new Array<string>(capacity) : undefined;
+    this.splits = new Array<Split>(capacity);
+    this.labels = new Int32Array(Math.max(capacity, 1024));
+  }
+
+  /** The next bytes of the file. */
+  push(bytes: Uint8Array): void {
+    if (this.notAList) return;
+    const b = this.carry.length > 0 ? Buffer.concat([this.carry, bytes]) : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    let start = 0; // where the unparsed records begin in b
+    let cut = -1; // the last top-level ',' or the closing ']' in b
+    for (let i = this.carry.length; i < b.length; i++) {
+      const c = b[i];
+      if (this.state === "in") {
+        if (this.inString) {
+          if (this.escaped) this.escaped = false;
+          else if (c === 0x5c) this.escaped = true;
+          else if (c === 0x22) this.inString = false;
+        } else if (c === 0x22) this.inString = true;
+        else if (c === 0x5b || c === 0x7b) this.depth++;
+        else if (c === 0x5d || c === 0x7d) {
+          if (--this.depth > 0) continue;
+          if (c !== 0x5d) throw this.damaged("index.json is not valid JSON"); // "[ ... }"
+          cut = i;
+          this.state = "after";
+        } else if (c === 0x2c && this.depth === 1) {
+          cut = i;
+          this.commas++;
+        }
+      } else if (this.state === "before") {
+        if (isJsonSpace(c)) continue;
+        if (c !== 0x5b) {
+          this.notAList = true;
+          return;
+        }
+        this.state = "in";
+        this.depth = 1;
+        start = i + 1;
+      } else if (!isJsonSpace(c)) throw this.damaged("index.json is not valid JSON");
+    }
+    if (cut >= 0) {
+      const text = b.toString("utf8", start, cut);
+      // JSON.parse of `[text]` refuses an empty record inside the text or at either end of it, but not
+      // a text of nothing, which only "[]" (no comma, closed) may be.
+      if (text.trim() !== "") this.take(text);
+      else if (this.state !== "after" || this.commas > 0) throw this.damaged("index.json is not valid JSON");
+      this.carry = Buffer.from(b.subarray(cut + 1));
+    } else this.carry = Buffer.from(b.subarray(start));
+  }
+
+  /** The lists, once the whole file was pushed (undefined when {@link notAList}). */
+  end(): IndexLists | undefined {
+    if (this.notAList || this.state === "before") {
+      this.notAList = true;
+      return undefined;
+    }
+    if (this.state !== "after") throw this.damaged("index.json is not valid JSON");
+    if (this.badRecord >= 0) throw this.damaged(`index.json record ${this.badRecord} is not {id, label in 0..${this.classes - 1}, split}`);
+    if (this.ids) this.ids.length = this.n;
+    this.splits.length = this.n;
+    return { ids: this.ids, labels: this.labels.length === this.n ? this.labels : this.labels.slice(0, this.n), splits: this.splits };
+  }
+
+  private take(text: string): void {
+    let records: unknown[];
+    try {
+      records = JSON.parse(`[${text}]`) as unknown[];
+    } catch {
+      throw this.damaged("index.json is not valid JSON");
+    }
+    if (this.badRecord >= 0) return; // the rest is only checked to be JSON
+    for (const r of records as { id: string; label: number; split: Split }[]) {
+      if (typeof r !== "object" || r === null || typeof r.id !== "string" || !Number.isInteger(r.label) || r.label < 0 || r.label >= this.classes || !SPLIT_NAMES.includes(r.split)) {
+        this.badRecord = this.n;
+        return;
+      }
+      if (this.n === this.labels.length) {
+        const grown = new Int32Array(this.labels.length * 2);
+        grown.set(this.labels);
+        this.labels = grown;
+      }
+      if (this.ids) this.ids[this.n] = r.id;
+      this.labels[this.n] = r.label;
+      this.splits[this.n] = r.split;
+      this.n++;
+    }
+  }
+}
+
+function isJsonSpace(c: number): boolean {
+  return c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09;
+}
+
+/** Records to expect in index.json: meta.json's count, but never more than `bytes` of file can hold. */
+function indexCapacity(expected: number, bytes: number): number {
+  return Number.isSafeInteger(expected) && expected > 0 ? Math.min(expected, Math.floor(bytes / MIN_RECORD_BYTES)) : 0;
+}
+
+/** The error for an index.json that does not open a list: whether it is JSON at all decides which. */
+function whyNotAList(text: string, damaged: (why: string) => Error): Error {
+  try {
+    JSON.parse(text);
+  } catch {
+    return damaged("index.json is not valid JSON");
+  }
+  return damaged("index.json is not a list");
+}
+
+function cannotReadIndex(cause: unknown, damaged: (why: string) => Error): Error {
+  return Object.assign(damaged(`cannot read index.json (${(cause as Error).message})`), { cause });
+}
+
+/** Reads index.json with an {@link IndexParser}, one part at a time. */
+async function readIndex(file: string, classes: number, expected: number, keepIds: boolean, damaged: (why: string) => Error): Promise<IndexLists> {
+  let fh: FileHandle;
+  try {
+    fh = await open(file, "r");
+  } catch (cause) {
+    throw cannotReadIndex(cause, damaged);
+  }
+  try {
+    const parser = new IndexParser(classes, indexCapacity(expected, (await fh.stat()).size), keepIds, damaged);
+    const part = Buffer.alloc(INDEX_PART_BYTES);
+    for (let pos = 0; !parser.notAList;) {
+      const { bytesRead } = await fh.read(part, 0, part.length, pos).catch((cause: unknown) => Promise.reject(cannotReadIndex(cause, damaged)));
+      if (bytesRead === 0) break;
+      pos += bytesRead;
+      parser.push(part.subarray(0, bytesRead));
+    }
+    const lists = parser.end();
+    if (lists) return lists;
+  } finally {
+    await fh.close();
+  }
+  throw whyNotAList(await readFile(file, "utf8").catch((cause: unknown) => Promise.reject(cannotReadIndex(cause, damaged))), damaged);
+}
+
+/** {@link readIndex}, synchronously (the ids of a loaded entry, read when first asked for). */
+function readIndexSync(file: string, classes: number, expected: number, damaged: (why: string) => Error): IndexLists {
+  let fd: number;
+  try {
+    fd = openSync(file, "r");
+  } catch (cause) {
+    throw cannotReadIndex(cause, damaged);
+  }
+  try {
+    const parser = new IndexParser(classes, indexCapacity(expected, fstatSync(fd).size), true, damaged);
+    const part = Buffer.alloc(INDEX_PART_BYTES);
+    for (let pos = 0; !parser.notAList;) {
+      let bytesRead: number;
+      try {
+        bytesRead = readSync(fd, part, 0, part.length, pos);
+      } catch (cause) {
+        throw cannotReadIndex(cause, damaged);
+      }
+      if (bytesRead === 0) break;
+      pos += bytesRead;
+      parser.push(part.subarray(0, bytesRead));
+    }
+    const lists = parser.end();
+    if (lists) return lists;
+  } finally {
+    closeSync(fd);
+  }
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (cause) {
+    throw cannotReadIndex(cause, damaged);
+  }
+  throw whyNotAList(text, damaged);
 }
 
 /** A shard file's header only (ids, labels, splits, skipped): what commit needs before it places rows. */
@@ -338,7 +595,7 @@ async function readShardHeader(file: string): Promise<Omit<FeatureShardData, "fe
 }
 
 /** Writes every shard's rows at their row in the entry (runs of consecutive rows in one write); one shard in memory at a time. */
-async function writeRows(path: string, files: string[], destination: Map<string, number>, dim: number, count: number): Promise<void> {
+async function writeRows(path: string, files: string[], destination: (id: string) => number, dim: number, count: number): Promise<void> {
   const fh = await open(path, "w");
   try {
     await fh.truncate(count * dim * 4);
@@ -346,11 +603,12 @@ async function writeRows(path: string, files: string[], destination: Map<string,
       const shard = decodeShard(await readFile(file), file);
       const bytes = new Uint8Array(shard.features.buffer, shard.features.byteOffset, shard.features.byteLength);
       const rowBytes = dim * 4;
-      for (let r = 0; r < shard.ids.length;) {
-        const at = destination.get(shard.ids[r]);
-        if (at === undefined) { r++; continue; }
+      const rows = Int32Array.from(shard.ids, destination);
+      for (let r = 0; r < rows.length;) {
+        const at = rows[r];
+        if (at < 0) { r++; continue; }
         let end = r + 1;
-        while (end < shard.ids.length && destination.get(shard.ids[end]) === at + (end - r)) end++;
+        while (end < rows.length && rows[end] === at + (end - r)) end++;
         await fh.write(bytes, r * rowBytes, (end - r) * rowBytes, at * rowBytes);
         r = end;
       }
@@ -360,11 +618,55 @@ async function writeRows(path: string, files: string[], destination: Map<string,
   }
 }
 
-/** index.json without one big intermediate array of records. */
-function indexJson(ids: string[], labels: Int32Array, splits: Split[]): string {
-  const parts: string[] = [];
-  for (let i = 0; i < ids.length; i++) parts.push(JSON.stringify({ id: ids[i], label: labels[i], split: splits[i] }));
-  return `[${parts.join(",")}]`;
+/**
+ * Writes index.json a part at a time (about 1 MiB of text per write): the same bytes as
+ * JSON.stringify of the list of records, without the list or the whole text in memory.
+ */
+async function writeIndex(path: string, ids: string[], labels: Int32Array, splits: Split[]): Promise<void> {
+  const fh = await open(path, "w");
+  try {
+    let part = "[";
+    for (let i = 0; i < ids.length; i++) {
+      // The bytes of JSON.stringify({ id, label, split }), without building the object.
+      part += `${i > 0 ? "," : ""}{"id":${JSON.stringify(ids[i])},"label":${labels[i]},"split":"${splits[i]}"}`;
+      if (part.length >= 2 ** 20) { await fh.write(part); part = ""; }
+    }
+    await fh.write(`${part}]`);
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Where each id stands in a list of ids: the positions sorted by id, searched by halving (4 bytes a
+ * sample; a Map<string, number> takes ten times that). An id listed twice is an error: the list is
+ * a data set's samples, each listed once.
+ */
+class IdPositions {
+  private readonly sorted: Int32Array;
+
+  constructor(private readonly ids: readonly string[], key: string) {
+    const sorted = new Int32Array(ids.length);
+    for (let i = 0; i < sorted.length; i++) sorted[i] = i;
+    sorted.sort((a, b) => (ids[a] < ids[b] ? -1 : ids[a] > ids[b] ? 1 : a - b));
+    for (let i = 1; i < sorted.length; i++)
+      if (ids[sorted[i]] === ids[sorted[i - 1]]) throw new Error(`feature cache ${key}: sample ${ids[sorted[i]]} is listed twice in the sample order`);
+    this.sorted = sorted;
+  }
+
+  /** The position of `id`, or -1. */
+  find(id: string): number {
+    let lo = 0;
+    let hi = this.sorted.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const at = this.ids[this.sorted[mid]];
+      if (at === id) return this.sorted[mid];
+      if (at < id) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return -1;
+  }
 }
 
 /** Whether the `pid@host` holding a cache lock still runs (always true for another host's process). */
