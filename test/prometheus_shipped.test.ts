@@ -60,8 +60,9 @@ test("prometheus as shipped - the targets page lists every process of a run, the
   await eventually("the finished run's targets leave Prometheus", async () => ((await activeTargets()).length === 0 ? true : undefined), 20_000);
 });
 
-test("prometheus as shipped - a cache-hit run, which starts no worker, lists its coordinator", { timeout: 120_000 }, async () => {
-  const { r, seen } = await runWatching("shipped-2", [...JOB, "--epochs", "150"]);
+test("prometheus as shipped - a cache-hit run, which starts no worker, lists its coordinator", { timeout: 180_000 }, async () => {
+  // The run must outlive file_sd's 5 s refresh: 150 epochs of this small head took 4.2 s on a quiet machine.
+  const { r, seen } = await runWatching("shipped-2", [...JOB, "--epochs", "600"]);
   assert.equal(r.code, 0, r.stderr.slice(-3000));
   assert.match(r.stderr, /feature cache hit/);
   assert.deepEqual([...seen], ["coordinator"]);
