@@ -112,7 +112,8 @@ describe("augment data-parallel elastic", () => {
     await jobs.succeeds(c, ws);
     const lost = c.logged("worker lost: new membership");
     assert.ok(lost.length >= 1, `the coordinator re-planned without the lost worker\n${c.tail()}`);
-    assert.deepEqual(lost.at(-1)!["members"], members.slice(1));
+    // Only the victim is dropped; a survivor dropped too (named by the other after a step timeout) shows here with the reports that named it.
+    assert.deepEqual(lost.at(-1)!["members"], members.slice(1), `re-plans: ${JSON.stringify(lost)}\n${c.tail()}\n${ws.filter((w) => w !== victim).map((w) => w.tail()).join("\n")}`);
     const s = await jobs.summary(job);
     const perEpoch = Math.ceil(s.samples.train / BATCH);
     assert.equal(s.phases.head.workers, 3, "every worker that trained a step counts");
