@@ -52,8 +52,9 @@ async function runWatching(job: string, args: string[]): Promise<{ r: CliResult;
 const JOB = ["--data", "fashion-mnist", "--limit", "300", "--input-size", "64", "--feature-layer", "block_12_add", "--workers", "2"];
 
 test("prometheus as shipped - the targets page lists every process of a run, then drops them", { timeout: 240_000 }, async () => {
-  // Enough head epochs that the run outlives file_sd's 5 s refresh even when extraction takes seconds (onnxruntime).
-  const { r, seen, others } = await runWatching("shipped-1", [...JOB, "--epochs", "400"]);
+  // Enough head epochs that the run outlives discovery: file_sd's 5 s refresh, then the scrape pool's sync
+  // (up to 5 s more). A run of 10.9 s (400 epochs on a quiet machine) was missed once.
+  const { r, seen, others } = await runWatching("shipped-1", [...JOB, "--epochs", "1000"]);
   assert.equal(r.code, 0, r.stderr.slice(-3000));
   assert.deepEqual([...seen].sort(), ["coordinator", "shipped-1-w0", "shipped-1-w1"], `targets seen: ${[...seen].join(", ")}`);
   assert.deepEqual([...others], [], "no target but the run's (the static example would be down forever)");
@@ -61,8 +62,8 @@ test("prometheus as shipped - the targets page lists every process of a run, the
 });
 
 test("prometheus as shipped - a cache-hit run, which starts no worker, lists its coordinator", { timeout: 180_000 }, async () => {
-  // The run must outlive file_sd's 5 s refresh: 150 epochs of this small head took 4.2 s on a quiet machine.
-  const { r, seen } = await runWatching("shipped-2", [...JOB, "--epochs", "600"]);
+  // The run must outlive discovery (as above): 150 epochs of this small head took 4.2 s on a quiet machine.
+  const { r, seen } = await runWatching("shipped-2", [...JOB, "--epochs", "1000"]);
   assert.equal(r.code, 0, r.stderr.slice(-3000));
   assert.match(r.stderr, /feature cache hit/);
   assert.deepEqual([...seen], ["coordinator"]);
