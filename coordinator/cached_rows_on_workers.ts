@@ -25,7 +25,7 @@ import { type FeatureSet, rowsOf } from "../core/datasets/feature_store.js";
 import { buildHead } from "../core/models/head.js";
 import { putBytes } from "../core/training/checkpoints.js";
 import { resultEpoch } from "../core/training/train_loop.js";
-import { evaluateSplit, readBlock, splitRows, streamLayout, type StreamLayout, type StreamOptions } from "../core/training/feature_batches.js";
+import { evaluateSplit, readBlock, splitLabels, splitRows, streamLayout, type StreamLayout, type StreamOptions } from "../core/training/feature_batches.js";
 import type { Logger } from "../core/runtime/log.js";
 import { jobNames } from "../proto/subjects.js";
 import { purgeObject } from "../proto/extraction_wire.js";
@@ -118,7 +118,7 @@ export async function fineTuneActivationsOnWorkers(split: SplitBase, head: tf.La
   o.log.info("fine-tuning on the workers", { rows: f.trainRows, val_rows: f.valRows, cut_shape: shape, block_rows: f.blockRows, window_blocks: f.windowBlocks, workers: o.workers });
   const { history, steps, workers } = await withBlocks(o.nc, o.job, set, f, o.log, () => trainDataParallel(model, head, { trainSamples: f.trainRows }, { ...o, phase: "fine_tune", features: f }));
   const test = await evaluateSplit(model, set, "test", o.numClasses, shape);
-  const testY = Int32Array.from(splitRows(set, "test"), (r) => set.labels[r]);
+  const testY = splitLabels(set, "test");
   o.log.info("data-parallel fine-tuning done", { steps, val_accuracy: Number((resultEpoch(history)?.val_accuracy ?? NaN).toFixed(4)) });
   return {
     model, history, workers,
@@ -143,7 +143,7 @@ export async function trainFeatureHeadOnWorkers(ctx: JobContext, nc: NatsConnect
       controls: o.controls, onBatchProgress: progress.moveTo, onEpochEnd: progress.onEpochEnd,
     });
     const t = await evaluateSplit(head, features, "test", numClasses);
-    const testY = Int32Array.from(splitRows(features, "test"), (r) => features.labels[r]);
+    const testY = splitLabels(features, "test");
     return {
       head, history: run.history, workers: run.workers, seconds: (performance.now() - t0) / 1000, val_accuracy: resultEpoch(run.history)?.val_accuracy ?? NaN,
       test: { loss: t.loss, accuracy: t.accuracy, samples: testY.length, confusion: confusionMatrix(testY, t.predictions, numClasses) },

@@ -33,7 +33,7 @@ export async function headPhase(ctx: JobContext, features: FeatureSet, cluster: 
     controls: ctx.controls, onBatchEnd: progress.onBatchEnd, onEpochEnd: progress.onEpochEnd,
   };
   progress.begin();
-  const head = opts.method !== "augment" ? await cached(ctx, features, options, cluster, progress) : await augmented(ctx, features, options, cluster, progress);
+  const head = opts.method !== "augment" ? await cached(ctx, features, trainCount, options, cluster, progress) : await augmented(ctx, features, options, cluster, progress);
   progress.finish();
   metrics?.setEvaluation("head", "test", { loss: head.test.loss, accuracy: head.test.accuracy });
   log.info("head trained", { test_accuracy: round(head.test.accuracy), test_loss: round(head.test.loss), val_accuracy: round(head.val_accuracy), seconds: round(head.seconds, 2) });
@@ -41,9 +41,9 @@ export async function headPhase(ctx: JobContext, features: FeatureSet, cluster: 
 }
 
 /** Method 1 here, or on the workers when they are estimated to be faster (coordinator/head_placement.ts). */
-async function cached(ctx: JobContext, features: FeatureSet, options: HeadTrainingOptions, cluster: Pick<JobCluster, "trainer" | "workers">, progress: PhaseProgress): Promise<HeadPhaseResult> {
+async function cached(ctx: JobContext, features: FeatureSet, trainRows: number, options: HeadTrainingOptions, cluster: Pick<JobCluster, "trainer" | "workers">, progress: PhaseProgress): Promise<HeadPhaseResult> {
   const { opts } = ctx;
-  const job = { trainRows: features.splits.filter((s) => s === "train").length, featureDim: features.meta.featureDim, units: options.units, epochs: options.epochs, batchSize: options.batchSize, workers: cluster.workers };
+  const job = { trainRows, featureDim: features.meta.featureDim, units: options.units, epochs: options.epochs, batchSize: options.batchSize, workers: cluster.workers };
   const place = headOnWorkers(opts, job);
   const estimate = place.estimate ? { estimated_seconds_here: round(place.estimate.here, 1), estimated_seconds_on_workers: round(place.estimate.workers, 1) } : {};
   ctx.log.info("head placement", { on_workers: place.workers && !!cluster.trainer, why: place.workers && !cluster.trainer ? "no training cluster" : place.why, ...estimate });
