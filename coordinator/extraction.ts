@@ -71,7 +71,7 @@ async function extract(o: ExtractionOptions, t0: number): Promise<ExtractionResu
   const shards = planShards(o.dataset.samples, o.shardSize);
   const done = await o.cache.doneShards(o.key);
   const todo = shards.filter((s) => !done.has(s.id));
-  const images = todo.reduce((a, s) => a + s.samples.length, 0);
+  const images = todo.reduce((a, s) => a + s.size, 0);
   o.log.info("extracting features", { key: o.key, shards: shards.length, resumed: shards.length - todo.length, images });
   const counts = { pending: todo.length, running: 0, done: shards.length - todo.length, failed: 0 };
   o.metrics?.setShards(counts);

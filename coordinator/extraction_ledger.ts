@@ -5,7 +5,7 @@
  * the round. Also the give-up rules (how often a rejected result is extracted again) and the error
  * a failed shard becomes. Unit-tested in test/extraction_round_units.test.ts.
  */
-import type { Shard } from "../core/datasets/shards.js";
+import { shardSize, type Shard } from "../core/datasets/shards.js";
 import { ShardFailedError } from "../core/runtime/errors.js";
 import { parseWireShardId, wireShardId, type ShardErrorRecord } from "../proto/extraction_wire.js";
 
@@ -65,7 +65,7 @@ export class ExtractionLedger {
     const claimed = !this.running.has(wire);
     this.running.add(wire);
     const seen = this.imagesSeen.get(wire) ?? 0;
-    const now = Math.min(done, shard.samples.length);
+    const now = Math.min(done, shardSize(shard));
     if (now <= seen) return { claimed, images: 0 };
     this.imagesSeen.set(wire, now);
     return { claimed, images: now - seen };
@@ -92,7 +92,7 @@ export class ExtractionLedger {
     this.pending.delete(wire);
     this.running.delete(wire);
     this.done++;
-    return { images: Math.max(0, shard.samples.length - (this.imagesSeen.get(wire) ?? 0)) };
+    return { images: Math.max(0, shardSize(shard) - (this.imagesSeen.get(wire) ?? 0)) };
   }
 
   /** Ends the round with `e`; true the first time (later failures are ignored). */

@@ -171,11 +171,11 @@ export class ExtractionRoundRun {
   }
 
   private async publishTask(wire: string, attempt: number): Promise<void> {
-    const s = this.ledger.shard(wire);
-    if (!s) return;
+    const samples = this.ledger.shard(wire)?.samples;
+    if (!samples) return;
     const bytes = encode("ShardTask", {
-      header: makeHeader(this.o.opts.job, "coordinator"), shardId: wire, ids: s.samples.map((x) => x.id), labels: s.samples.map((x) => x.label),
-      splits: s.samples.map((x) => toWireSplit(x.split)), attempt,
+      header: makeHeader(this.o.opts.job, "coordinator"), shardId: wire, ids: samples.map((x) => x.id), labels: samples.map((x) => x.label),
+      splits: samples.map((x) => toWireSplit(x.split)), attempt,
     });
     await this.stores.js.publish(this.names.tasks, bytes, { msgID: taskMessageId(wire, attempt) });
     this.stats.tasksPublished++;

@@ -67,7 +67,7 @@ async function images(n: number, size: number): Promise<Uint8Array> {
   const ds = await openDataset("fashion-mnist", { seed: 5, valSplit: 0.1, testSplit: 0.1, limit: 100, maxPixels: 1e7 });
   const px = size * size * 3;
   const out = new Uint8Array(n * px);
-  for (let i = 0; i < n; i++) out.set(await ds.readRgb(ds.samples[i * 3], size), i * px);
+  for (let i = 0; i < n; i++) out.set(await ds.readRgb(ds.samples.get(i * 3), size), i * px);
   return out;
 }
 

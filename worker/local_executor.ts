@@ -6,7 +6,7 @@ import type { Dataset } from "../core/datasets/types.js";
 import type { FeatureExtractor } from "../core/models/feature_model.js";
 import type { FeatureShardData } from "../core/datasets/feature_store.js";
 import type { CtrainMetrics } from "../core/runtime/metrics.js";
-import type { Shard, ShardExecutor } from "../core/datasets/shards.js";
+import { shardSize, type Shard, type ShardExecutor } from "../core/datasets/shards.js";
 import { extractShard } from "./extraction_executor.js";
 
 export class LocalShardExecutor implements ShardExecutor {
@@ -31,7 +31,7 @@ export class LocalShardExecutor implements ShardExecutor {
           this.metrics?.countImages("extract", n - skipped);
         },
       });
-      this.metrics?.setExtractionRate(shard.samples.length / ((performance.now() - t0) / 1000));
+      this.metrics?.setExtractionRate(shardSize(shard) / ((performance.now() - t0) / 1000));
       await onShard(data);
     }
   }

@@ -12,9 +12,10 @@
 import { createHash, type Hash } from "node:crypto";
 import type { Dirent } from "node:fs";
 import { readdir, readFile, realpath, stat } from "node:fs/promises";
-import { extname, join, relative, resolve, sep } from "node:path";
+import { basename, dirname, extname, join, relative, resolve, sep } from "node:path";
 import { BadInputError, ConfigError } from "../runtime/errors.js";
 import { decodeImage, sniffFormat } from "./image_decode.js";
+import { IdIndex, SampleColumns, SampleList } from "./sample_list.js";
 import { applyLimit, stratifiedSplit } from "./splits.js";
 import { SKIP_REASONS, type Dataset, type SampleRef, type SkippedInput } from "./types.js";
 
@@ -53,11 +54,14 @@ interface WalkState {
   classReals: string[];
   label: number;
   seenDirs: Set<string>;
+  /** Real folder being walked -> the name of its entry being looked at (absent once the folder is done). */
+  walking: Map<string, string>;
   /**
-   * Each listed file by {@link fileKey} -> its id, or null when the key is the id (a plain file: one
-   * string per file, not its real path and its id, at millions of files).
+   * Real path of each file listed through a link -> its id. Plain files are not recorded (at 10^7
+   * files that map was the listing's largest part): whether one was listed is read from the walk's
+   * position ({@link listedPlainly}).
    */
-  seenFiles: Map<string, string | null>;
+  linkedFiles: Map<string, string>;
   skipped: SkippedInput[];
   warnings: string[];
 }
@@ -66,6 +70,19 @@ const idOf = (root: string, path: string): string => relative(root, path).split(
 const within = (path: string, dir: string): boolean => path === dir || path.startsWith(dir.endsWith(sep) ? dir : dir + sep);
 /** A listed file's key in WalkState.seenFiles: its real path, relative to the real root when inside it. */
 const fileKey = (w: WalkState, target: string): string => (within(target, w.realRoot) ? idOf(w.realRoot, target) : target);
+
+/**
+ * Whether the real file `target` was already listed as a plain file: its real folder was walked up to
+ * past its name (names in code point order), and its name is not hidden. A plain file never comes twice
+ * (each real folder is walked once), so only a link can reach a file a second time.
+ */
+function listedPlainly(w: WalkState, target: string): boolean {
+  const dir = dirname(target);
+  const name = basename(target);
+  if (name.startsWith(".") || !w.seenDirs.has(dir)) return false;
+  const at = w.walking.get(dir);
+  return at === undefined || byCodePoint(name, at) < 0;
+}
 
 /** A file to stat: its path and its id (relative to the root, `/` separators). */
 interface Found {
@@ -87,6 +104,7 @@ async function walkFiles(dir: string, real: string, onFiles: (files: Found[]) =>
     out = [];
   };
   for (const e of await readDirSorted(dir)) {
+    w.walking.set(real, e.name);
     const p = join(dir, e.name);
     let isDir = e.isDirectory();
     let isFile = e.isFile();
@@ -119,16 +137,17 @@ async function walkFiles(dir: string, real: string, onFiles: (files: Found[]) =>
       await walkFiles(p, target, onFiles, w);
     } else if (isFile) {
       const id = idOf(w.root, p);
-      const key = fileKey(w, target);
-      const first = w.seenFiles.get(key);
+      const link = e.isSymbolicLink();
+      const first = w.linkedFiles.get(target) ?? (link && listedPlainly(w, target) ? fileKey(w, target) : undefined);
       if (first !== undefined) {
-        w.skipped.push({ id, reason: SKIP_REASONS.duplicate, message: `${id}: the same file as ${first ?? key}; listed once.` });
+        w.skipped.push({ id, reason: SKIP_REASONS.duplicate, message: `${id}: the same file as ${first}; listed once.` });
         continue;
       }
-      w.seenFiles.set(key === id ? id : key, key === id ? null : id);
+      if (link) w.linkedFiles.set(target, id);
       out.push({ path: p, id });
     }
   }
+  w.walking.delete(real);
   await flush();
 }
 
@@ -138,7 +157,7 @@ async function walkFiles(dir: string, real: string, onFiles: (files: Found[]) =>
  * files, which at 10^7 files would be gigabytes.
  */
 interface Listing {
-  usable: { id: string; label: number }[];
+  usable: SampleColumns;
   skipped: SkippedInput[];
   warnings: string[];
   identity: Hash;
@@ -149,7 +168,7 @@ async function listClassFiles(root: string, classDirs: string[], listing: Listin
   const realRoot = await realpath(root);
   const classReals = await Promise.all(classDirs.map((c) => realpath(join(root, c))));
   const { skipped, warnings } = listing;
-  const state: WalkState = { root, realRoot, classReals, label: 0, seenDirs: new Set(), seenFiles: new Map(), skipped, warnings };
+  const state: WalkState = { root, realRoot, classReals, label: 0, seenDirs: new Set(), walking: new Map(), linkedFiles: new Map(), skipped, warnings };
   for (let label = 0; label < classDirs.length; label++) {
     if (state.seenDirs.has(classReals[label])) {
       warnings.push(`class folder ${classDirs[label]} is the same folder as another class (a link): not listed again.`);
@@ -175,7 +194,7 @@ async function statFiles(found: Found[], label: number, listing: Listing): Promi
     if (!(IMAGE_EXTENSIONS as readonly string[]).includes(ext))
       listing.skipped.push({ id, reason: SKIP_REASONS.notAnImage, message: `${id}: extension "${ext || "(none)"}" is not one of ${IMAGE_EXTENSIONS.join(" ")}.` });
     else if (s.size === 0) listing.skipped.push({ id, reason: SKIP_REASONS.empty, message: `${id}: the file is empty.` });
-    else listing.usable.push({ id, label });
+    else listing.usable.push(id, label);
   }
 }
 
@@ -184,13 +203,17 @@ async function statFiles(found: Found[], label: number, listing: Listing): Promi
  * without images would still be an output of the classifier, one it could never learn.
  */
 function classesWithImages(root: string, classDirs: string[], usable: Listing["usable"], warnings: string[]): { classes: string[]; newLabel: number[] } {
-  const present = classDirs.map((_, label) => usable.some((u) => u.label === label));
+  const present = classDirs.map(() => false);
+  for (const label of usable.labels()) present[label] = true;
   const classes = classDirs.filter((_, label) => present[label]);
   for (const [label, name] of classDirs.entries()) if (!present[label]) warnings.push(`class folder ${name} has no usable image: left out of the classes.`);
   if (classes.length < 2)
     throw new ConfigError(`--data ${root}: only ${classes.length} class folder${classes.length === 1 ? "" : "s"} with images (${classes.join(", ") || "none"}); a classifier needs at least 2.`);
   return { classes, newLabel: classDirs.map((name) => classes.indexOf(name)) };
 }
+
+/** An id as the listing makes them: a relative path without empty, `.`, `..` or hidden parts. */
+const plainRelative = (id: string): boolean => id.split("/").every((part) => part !== "" && !part.startsWith("."));
 
 async function mapLimited<T, R>(items: readonly T[], limit: number, fn: (t: T) => Promise<R>): Promise<R[]> {
   const out = new Array<R>(items.length);
@@ -224,24 +247,24 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
   if (classDirs.length < 2)
     throw new ConfigError(`--data ${o.root} has ${classDirs.length} class folder${classDirs.length === 1 ? "" : "s"}${classDirs.length ? ` (${classDirs.join(", ")})` : ""}; a classifier needs at least 2 (one sub-folder per class).`);
 
-  const listing: Listing = { usable: [], skipped: [], warnings: [], identity: createHash("sha256") };
+  const listing: Listing = { usable: new SampleColumns(), skipped: [], warnings: [], identity: createHash("sha256") };
   await listClassFiles(root, classDirs, listing);
   const { usable, skipped, warnings } = listing;
   if (usable.length === 0) throw new ConfigError(`--data ${o.root}: no ${IMAGE_EXTENSIONS.join("/")} images found in ${classDirs.join(", ")}.`);
   const { classes, newLabel } = classesWithImages(o.root, classDirs, usable, warnings);
 
-  const ids = usable.map((u) => u.id);
-  const labels = usable.map((u) => newLabel[u.label]);
-  const splits = stratifiedSplit(ids, labels, { seed: o.seed, valFraction: o.valSplit, testFraction: o.testSplit });
-  const kept = applyLimit(ids, labels, splits, o.limit, o.seed);
-  const samples: SampleRef[] = kept.map((i) => ({ id: ids[i], label: labels[i], split: splits[i] }));
+  usable.relabel(newLabel);
+  const labels = usable.labels();
+  const splits = stratifiedSplit(usable, labels, { seed: o.seed, valFraction: o.valSplit, testFraction: o.testSplit });
+  const samples = SampleList.select(usable, applyLimit(usable, labels, splits, o.limit, o.seed), splits);
 
   // v4: the files' identity is hashed while they are listed (v3 kept every line until the end).
   const h = createHash("sha256");
   h.update(JSON.stringify({ kind: "folder", v: 4, classes, seed: o.seed, valSplit: o.valSplit, testSplit: o.testSplit, limit: o.limit, maxPixels: o.maxPixels }));
   h.update(listing.identity.digest("hex"));
 
-  const known = new Set(ids);
+  // Built on the first read (a coordinator that only lists never needs it): 8 bytes a file.
+  let known: IdIndex | undefined;
   return {
     name: o.root,
     classes,
@@ -252,7 +275,8 @@ export async function openFolderDataset(o: FolderDatasetOptions): Promise<Datase
     async readRgb(sample: SampleRef, size: number): Promise<Uint8Array> {
       const id = sample.id;
       // Only ids we listed: an id from a message is never a path to go and read elsewhere.
-      if (!known.has(id)) throw new BadInputError(id, SKIP_REASONS.unknownSample, `${id} is not a sample of ${o.root}.`);
+      known ??= new IdIndex(usable);
+      if (!plainRelative(id) || !known.has(id)) throw new BadInputError(id, SKIP_REASONS.unknownSample, `${id} is not a sample of ${o.root}.`);
       let bytes: Buffer;
       try {
         bytes = await readFile(join(root, ...id.split("/")));

@@ -16,6 +16,7 @@ import { join, resolve } from "node:path";
 import { createGunzip } from "node:zlib";
 import { BadInputError, ConfigError } from "../runtime/errors.js";
 import { grayToRgb } from "./image_decode.js";
+import { SampleList } from "./sample_list.js";
 import { applyLimit, stratifiedSplit } from "./splits.js";
 import { SKIP_REASONS, type Dataset, type SampleRef, type Split } from "./types.js";
 
@@ -304,7 +305,7 @@ export async function openIdxDataset(o: IdxDatasetOptions): Promise<Dataset> {
   const trainSplits = stratifiedSplit(ids.slice(0, nTrain), set.train.labels, { seed: o.seed, valFraction: o.valSplit, testFraction: 0 });
   const splits: Split[] = trainSplits.concat(new Array<Split>(nTest).fill("test"));
   const kept = applyLimit(ids, labels, splits, o.limit, o.seed);
-  const samples: SampleRef[] = kept.map((i) => ({ id: ids[i], label: labels[i], split: splits[i] }));
+  const samples = SampleList.from(kept.map((i) => ({ id: ids[i], label: labels[i], split: splits[i] })));
 
   const fingerprint = createHash("sha256")
     .update(JSON.stringify({ kind: "idx", v: 3, content: set.contentHash, idPrefix: o.idPrefix, classes: o.classes, seed: o.seed, valSplit: o.valSplit, limit: o.limit }))

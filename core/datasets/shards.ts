@@ -9,8 +9,14 @@ import type { FeatureShardData } from "./feature_store.js";
 export interface Shard {
   /** `shard-00042`: stable across runs for the same samples and shard size. */
   id: string;
-  samples: SampleRef[];
+  /** The shard's samples (a planned shard makes them on each read: take them once). */
+  readonly samples: SampleRef[];
+  /** How many samples, without making them (planned shards have it). */
+  readonly size?: number;
 }
+
+/** A shard's sample count. */
+export const shardSize = (s: Shard): number => s.size ?? s.samples.length;
 
 /** Something that turns shards into features: the local process, or workers over NATS. */
 export interface ShardExecutor {

@@ -8,6 +8,11 @@
  */
 import type { Split } from "./types.js";
 
+/** Sample ids: an array, or a column that makes each on demand (sample_list.ts). */
+export type Ids = readonly string[] | { readonly length: number; id(i: number): string };
+
+const idAt = (ids: Ids): ((i: number) => string) => ("id" in ids && typeof ids.id === "function" ? (i) => ids.id(i) : (i) => (ids as readonly string[])[i]);
+
 /** 53-bit string hash (cyrb53): fast, well mixed, deterministic across platforms. */
 export function hash53(text: string, seed: number): number {
   let h1 = 0xdeadbeef ^ seed;
@@ -25,7 +30,8 @@ export function hash53(text: string, seed: number): number {
 }
 
 /** Indices of `candidates` grouped by label, each group ordered by the seeded hash of its ids (`salt` separates uses). */
-function rankedGroups(ids: readonly string[], labels: ArrayLike<number>, candidates: Iterable<number>, seed: number, salt: string): Map<number, number[]> {
+function rankedGroups(ids: Ids, labels: ArrayLike<number>, candidates: Iterable<number>, seed: number, salt: string): Map<number, number[]> {
+  const id = idAt(ids);
   const groups = new Map<number, number[]>();
   const keys = new Float64Array(ids.length);
   for (const i of candidates) {
@@ -33,10 +39,14 @@ function rankedGroups(ids: readonly string[], labels: ArrayLike<number>, candida
     let g = groups.get(l);
     if (!g) groups.set(l, (g = []));
     g.push(i);
-    keys[i] = hash53(salt + ids[i], seed >>> 0);
+    keys[i] = hash53(salt + id(i), seed >>> 0);
   }
-  for (const g of groups.values())
-    g.sort((a, b) => keys[a] - keys[b] || (ids[a] < ids[b] ? -1 : ids[a] > ids[b] ? 1 : 0));
+  const byId = (a: number, b: number): number => {
+    const x = id(a);
+    const y = id(b);
+    return x < y ? -1 : x > y ? 1 : 0;
+  };
+  for (const g of groups.values()) g.sort((a, b) => keys[a] - keys[b] || byId(a, b));
   return groups;
 }
 
@@ -58,7 +68,7 @@ export interface SplitFractions {
  * to val, the rest to train. A class keeps at least one training sample when it has any.
  * Returns an array parallel to `ids`.
  */
-export function stratifiedSplit(ids: readonly string[], labels: ArrayLike<number>, f: SplitFractions): Split[] {
+export function stratifiedSplit(ids: Ids, labels: ArrayLike<number>, f: SplitFractions): Split[] {
   if (ids.length !== labels.length) throw new RangeError(`stratifiedSplit: ${ids.length} ids but ${labels.length} labels`);
   const out = new Array<Split>(ids.length).fill("train");
   for (const g of rankedGroups(ids, labels, allIndices(ids.length), f.seed, "split\0").values()) {
@@ -79,7 +89,7 @@ export function stratifiedSplit(ids: readonly string[], labels: ArrayLike<number
  * of `max` over the classes in proportion to their counts). Returns indices in ascending order;
  * all of `candidates` when there are no more than `max` of them.
  */
-export function stratifiedSubset(ids: readonly string[], labels: ArrayLike<number>, candidates: readonly number[], max: number, seed: number): number[] {
+export function stratifiedSubset(ids: Ids, labels: ArrayLike<number>, candidates: readonly number[], max: number, seed: number): number[] {
   if (candidates.length <= max) return [...candidates].sort((a, b) => a - b);
   if (max <= 0) return [];
   const groups = rankedGroups(ids, labels, candidates, seed, "limit\0");
@@ -119,7 +129,7 @@ export function limitsFor(limit: number, counts: Record<Split, number>): Record<
  * Applies `--limit` to items that already have a split: a stratified subset per split. Returns the
  * kept indices ordered train, then val, then test, ascending within each.
  */
-export function applyLimit(ids: readonly string[], labels: ArrayLike<number>, splits: readonly Split[], limit: number, seed: number): number[] {
+export function applyLimit(ids: Ids, labels: ArrayLike<number>, splits: readonly Split[], limit: number, seed: number): number[] {
   const bySplit: Record<Split, number[]> = { train: [], val: [], test: [] };
   for (let i = 0; i < splits.length; i++) bySplit[splits[i]].push(i);
   const max = limitsFor(limit, { train: bySplit.train.length, val: bySplit.val.length, test: bySplit.test.length });

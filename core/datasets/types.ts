@@ -4,6 +4,8 @@
  * decoder that turns one sample into size x size x 3 RGB bytes. Folder and IDX data sets implement it.
  */
 
+import type { SampleList } from "./sample_list.js";
+
 export const SPLITS = ["train", "val", "test"] as const;
 export type Split = (typeof SPLITS)[number];
 
@@ -50,7 +52,7 @@ export interface Dataset {
   name: string;
   classes: string[];
   /** every usable sample after splitting and --limit, in a stable order (train, then val, then test; listing order within each) */
-  samples: SampleRef[];
+  samples: SampleList;
   /** inputs refused while listing (empty files, unreadable IDX items...) */
   skipped: SkippedInput[];
   /** what the listing left out beyond single inputs, for the log (a class folder without images, a link loop not followed) */

@@ -235,7 +235,7 @@ export function calibrationImages(dataset: Dataset, size: number, count = 64): (
   return async () => {
     const per = size * size * 3;
     const images: Uint8Array[] = [];
-    for (const s of dataset.samples.filter((x) => x.split === "train").slice(0, count)) {
+    for (const s of dataset.samples.firstOf("train", count)) {
       try {
         images.push(await dataset.readRgb(s, size));
       } catch (err) {

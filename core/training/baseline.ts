@@ -11,7 +11,8 @@
  * to [0, 1], one channel when every image of the data set is gray (IDX sets), else three.
  */
 import * as tf from "@tensorflow/tfjs";
-import type { Dataset, SampleRef, Split } from "../datasets/types.js";
+import type { SampleList } from "../datasets/sample_list.js";
+import type { Dataset, Split } from "../datasets/types.js";
 import { BadInputError } from "../runtime/errors.js";
 import { buildHead } from "../models/head.js";
 import { type ArrayData, type EpochStats, evaluate, fit, resultEpoch, type TrainingControls } from "./train_loop.js";
@@ -47,11 +48,11 @@ export async function readPixels(dataset: Dataset, pixelSize: number): Promise<P
   const decodeNext = async (): Promise<void> => {
     for (let i = next++; i < n; i = next++) {
       try {
-        rgb.set(await dataset.readRgb(dataset.samples[i], pixelSize), i * plane * 3);
+        rgb.set(await dataset.readRgb(dataset.samples.get(i), pixelSize), i * plane * 3);
         ok[i] = 1;
       } catch (err) {
         if (!(err instanceof BadInputError)) throw err;
-        skipped.push({ id: dataset.samples[i].id, reason: err.reason, message: err.message });
+        skipped.push({ id: dataset.samples.id(i), reason: err.reason, message: err.message });
       }
     }
   };
@@ -70,9 +71,9 @@ function isGray(rgb: Uint8Array, ok: Uint8Array, plane: number): boolean {
   return true;
 }
 
-function splitPixels(rgb: Uint8Array, ok: Uint8Array, samples: readonly SampleRef[], split: Split, plane: number, channels: number): ArrayData {
+function splitPixels(rgb: Uint8Array, ok: Uint8Array, samples: SampleList, split: Split, plane: number, channels: number): ArrayData {
   const rows: number[] = [];
-  samples.forEach((s, i) => { if (ok[i] && s.split === split) rows.push(i); });
+  for (let i = 0; i < samples.length; i++) if (ok[i] && samples.split(i) === split) rows.push(i);
   const dim = plane * channels;
   const x = new Float32Array(rows.length * dim);
   const y = new Int32Array(rows.length);
@@ -81,7 +82,7 @@ function splitPixels(rgb: Uint8Array, ok: Uint8Array, samples: readonly SampleRe
     const dst = k * dim;
     if (channels === 1) for (let p = 0; p < plane; p++) x[dst + p] = rgb[src + p * 3] / 255;
     else for (let j = 0; j < dim; j++) x[dst + j] = rgb[src + j] / 255;
-    y[k] = samples[r].label;
+    y[k] = samples.label(r);
   });
   return { x, sampleShape: [dim], y };
 }

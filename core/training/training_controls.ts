@@ -68,7 +68,7 @@ export function controlsOf(opts: JobOptions, classWeights: Float32Array | undefi
 }
 
 /** Training samples per class. */
-export function trainCounts(samples: readonly { label: number; split: string }[], classes: number): number[] {
+export function trainCounts(samples: Iterable<{ label: number; split: string }>, classes: number): number[] {
   const counts = new Array<number>(classes).fill(0);
   for (const s of samples) if (s.split === "train") counts[s.label]++;
   return counts;
