@@ -64,7 +64,7 @@ export async function main(argv: string[]): Promise<number> {
   if (!opts.nats) throw new ConfigError(`ctrain coordinator needs --nats URL (use ctrain run for a job on this machine alone).`);
   const auth = natsAuthFrom(parsed.extra);
   const own = readRows(COORDINATOR_OPTION_SPECS, parsed.extra) as unknown as CoordinatorSettings;
-  await preflight(opts, { dataParallelWorkers: fineTunesDataParallel(opts) ? opts.workers : 0 });
+  const { dataset } = await preflight(opts, { dataParallelWorkers: fineTunesDataParallel(opts) ? opts.workers : 0 });
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });
@@ -80,7 +80,7 @@ export async function main(argv: string[]): Promise<number> {
     let summary: JobSummary;
     try {
       const cluster = natsCluster(opts, { connect: async () => nc, log, metrics, ackWaitMs: own.ackWait * 1000, maxDeliver: own.maxDeliver });
-      summary = await runJob(opts, { log, metrics, cluster });
+      summary = await runJob(opts, { log, metrics, cluster, dataset });
     } finally {
       await nc.drain().catch(() => undefined);
     }

@@ -136,7 +136,7 @@ export async function main(argv: string[]): Promise<number> {
   const opts = loadOptions(parsed);
   const auth = natsAuthFrom(parsed.extra);
   // Refuse a job that cannot run before starting nats-server and workers or writing anything.
-  await preflight(opts, { localWorkers: opts.workers, dataParallelWorkers: runsOnWorkers(opts) && fineTunesDataParallel(opts) ? opts.workers : 0 });
+  const { dataset } = await preflight(opts, { localWorkers: opts.workers, dataParallelWorkers: runsOnWorkers(opts) && fineTunesDataParallel(opts) ? opts.workers : 0 });
   const log = createLogger({ job: opts.job, format: opts.logFormat });
   const registry = new Registry();
   const metrics = createMetrics(registry, { job: opts.job });
@@ -167,7 +167,7 @@ export async function main(argv: string[]): Promise<number> {
     : inProcessCluster(opts, metrics);
   let summary: JobSummary;
   try {
-    summary = await runJob(opts, { log, metrics, cluster });
+    summary = await runJob(opts, { log, metrics, cluster, dataset });
   } finally {
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);

@@ -99,7 +99,7 @@ async function extract(o: ExtractionOptions, t0: number): Promise<ExtractionResu
     progress.finish();
   }
   for (const s of o.dataset.skipped) o.metrics?.skippedInput(s.reason);
-  const features = await o.cache.commit(o.key, { ...o.meta, classes: o.dataset.classes }, o.dataset.samples.map((s) => s.id), o.dataset.skipped);
+  const features = await o.cache.commit(o.key, { ...o.meta, classes: o.dataset.classes }, o.dataset.samples.ids(), o.dataset.skipped);
   const seconds = (performance.now() - t0) / 1000;
   o.log.info("features cached", { key: o.key, samples: features.ids.length, skipped: features.skipped.length, seconds: Number(seconds.toFixed(2)) });
   return { features, cacheHit: false, images: extracted, seconds, shards: shards.length, shardsResumed: shards.length - todo.length };

@@ -95,6 +95,8 @@ export interface JobDeps {
   log: Logger;
   metrics?: CtrainMetrics;
   cluster: JobCluster;
+  /** The data set preflight listed, if it ran (else the job lists it). */
+  dataset?: Dataset;
 }
 
 /** Runs the job's phases in order; returns summary.json's content. */
@@ -102,7 +104,7 @@ export async function runJob(opts: JobOptions, deps: JobDeps): Promise<JobSummar
   const startedAt = performance.now();
   const fineTuning = opts.fineTuneLayers.trim() !== "0";
   const { cluster, used } = tracked(deps.cluster);
-  const ctx = await setUpJob(opts, deps.log, deps.metrics);
+  const ctx = await setUpJob(opts, deps.log, deps.metrics, deps.dataset);
   try {
     const extracted = await extractPhase(ctx, cluster);
     const head = await headPhase(ctx, extracted.features, cluster);

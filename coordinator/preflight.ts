@@ -13,7 +13,7 @@ import { dirname, resolve } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import { selectBackend } from "../core/models/backend.js";
 import type { JobOptions } from "../core/runtime/config.js";
-import { openDataset } from "../core/datasets/open.js";
+import { openDataset, type Dataset } from "../core/datasets/open.js";
 import { ConfigError } from "../core/runtime/errors.js";
 import { buildFeatureExtractor, cutTopology, resolveSourceChoices } from "../core/models/feature_model.js";
 import { isOnnxModelSpec, loadOnnxSource } from "../core/models/onnx/user_model.js";
@@ -29,6 +29,8 @@ export interface PreflightResult {
   featureDim: number;
   /** Bytes the feature cache (and the fine-tuning activation cache) needs on --cache-dir, estimated. */
   cacheBytes: number;
+  /** The data set as listed here: the job uses it (a folder of millions of files is listed once, not twice). */
+  dataset: Dataset;
 }
 
 export interface PreflightOptions {
@@ -63,7 +65,7 @@ export async function preflight(opts: JobOptions, o: PreflightOptions = {}): Pro
     checkMemory(opts, n, featureDim, (await selectBackend(opts.backend)).tfBackend);
     await checkWritable(opts.cacheDir, "--cache-dir", cacheBytes, `the feature cache (${n} samples x ${featureDim} floats)`);
     await checkWritable(opts.out, "--out", graphBytes + 4 * 2 ** 20, "the head, the ONNX base, history, summary and report");
-    return { classes: dataset.classes.length, samples: n, featureDim, cacheBytes };
+    return { classes: dataset.classes.length, samples: n, featureDim, cacheBytes, dataset };
   }
   const source = await loadPretrained(opts.model);
   const { featureLayer } = resolveModelChoices(source, opts);
@@ -83,7 +85,7 @@ export async function preflight(opts: JobOptions, o: PreflightOptions = {}): Pro
   const weights = source.artifacts.weightData;
   const modelBytes = (Array.isArray(weights) ? weights.reduce((a, b) => a + b.byteLength, 0) : weights?.byteLength ?? 0) + 4 * 2 ** 20;
   await checkWritable(opts.out, "--out", modelBytes, "the model, history, summary and report");
-  return { classes: dataset.classes.length, samples: n, featureDim, cacheBytes };
+  return { classes: dataset.classes.length, samples: n, featureDim, cacheBytes, dataset };
 }
 
 /** Output shape (without the batch) of a topology, built with throwaway weights. */

@@ -32,11 +32,11 @@ export interface JobContext {
 }
 
 /** Backend, data set, extractor: the job's context. */
-export async function setUpJob(opts: JobOptions, log: Logger, metrics?: CtrainMetrics): Promise<JobContext> {
+export async function setUpJob(opts: JobOptions, log: Logger, metrics?: CtrainMetrics, listed?: Dataset): Promise<JobContext> {
   const backend = await selectBackend(opts.backend);
   log.info("compute backend", { backend: backend.name, requested: backend.requested, passed_over: backend.fallbacks.map((f) => `${f.name}: ${f.reason}`) });
   metrics?.setBackend(backend.name);
-  const dataset = await openJobDataset(opts, log);
+  const dataset = await openJobDataset(opts, log, listed);
   const loaded = await loadModelSource(opts.model);
   const choices = resolveSourceChoices(loaded, opts);
   if (choices.overridden)
@@ -57,10 +57,9 @@ export async function setUpJob(opts: JobOptions, log: Logger, metrics?: CtrainMe
   return { opts, log, metrics, backend, dataset, source, extractor, engine, cache: new FeatureCache(opts.cacheDir), controls };
 }
 
-async function openJobDataset(opts: JobOptions, log: Logger): Promise<Dataset> {
-  const dataset = await openDataset(opts.data, { seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit, maxPixels: opts.maxPixels });
-  const counts = { train: 0, val: 0, test: 0 };
-  for (const s of dataset.samples) counts[s.split]++;
+async function openJobDataset(opts: JobOptions, log: Logger, listed?: Dataset): Promise<Dataset> {
+  const dataset = listed ?? await openDataset(opts.data, { seed: opts.seed, valSplit: opts.valSplit, testSplit: opts.testSplit, limit: opts.limit, maxPixels: opts.maxPixels });
+  const counts = dataset.samples.counts();
   log.info("data set", { data: dataset.name, classes: dataset.classes.length, ...counts, skipped_at_listing: dataset.skipped.length });
   for (const w of dataset.warnings ?? []) log.warn("data set", { data: dataset.name, warning: w });
   return dataset;
