@@ -29,16 +29,30 @@ export function hash53(text: string, seed: number): number {
   return 4294967296 * (2097151 & h2) + (h1 >>> 0);
 }
 
-/** Indices of `candidates` grouped by label, each group ordered by the seeded hash of its ids (`salt` separates uses). */
-function rankedGroups(ids: Ids, labels: ArrayLike<number>, candidates: Iterable<number>, seed: number, salt: string): Map<number, number[]> {
+/**
+ * Indices of `candidates` grouped by label, each group ordered by the seeded hash of its ids (`salt`
+ * separates uses). Groups are typed arrays, counted then filled: no array slot per sample to grow.
+ */
+function rankedGroups(ids: Ids, labels: ArrayLike<number>, candidates: ArrayLike<number>, seed: number, salt: string): Map<number, Uint32Array> {
   const id = idAt(ids);
-  const groups = new Map<number, number[]>();
+  const sizes = new Map<number, number>();
+  for (let k = 0; k < candidates.length; k++) {
+    const l = labels[candidates[k]];
+    sizes.set(l, (sizes.get(l) ?? 0) + 1);
+  }
+  const groups = new Map<number, Uint32Array>();
+  const filled = new Map<number, number>();
+  for (const [l, n] of sizes) {
+    groups.set(l, new Uint32Array(n));
+    filled.set(l, 0);
+  }
   const keys = new Float64Array(ids.length);
-  for (const i of candidates) {
+  for (let k = 0; k < candidates.length; k++) {
+    const i = candidates[k];
     const l = labels[i];
-    let g = groups.get(l);
-    if (!g) groups.set(l, (g = []));
-    g.push(i);
+    const at = filled.get(l)!;
+    groups.get(l)![at] = i;
+    filled.set(l, at + 1);
     keys[i] = hash53(salt + id(i), seed >>> 0);
   }
   const byId = (a: number, b: number): number => {
@@ -50,8 +64,11 @@ function rankedGroups(ids: Ids, labels: ArrayLike<number>, candidates: Iterable<
   return groups;
 }
 
-function allIndices(n: number): number[] {
-  return Array.from({ length: n }, (_, i) => i);
+/** 0..n-1. */
+function allIndices(n: number): Uint32Array {
+  const out = new Uint32Array(n);
+  for (let i = 0; i < n; i++) out[i] = i;
+  return out;
 }
 
 export interface SplitFractions {
@@ -130,6 +147,13 @@ export function limitsFor(limit: number, counts: Record<Split, number>): Record<
  * kept indices ordered train, then val, then test, ascending within each.
  */
 export function applyLimit(ids: Ids, labels: ArrayLike<number>, splits: readonly Split[], limit: number, seed: number): number[] {
+  if (limit <= 0) {
+    // Everything, in split order: one pass a split, no per-split lists (a folder may list 10^7 files).
+    const out = new Array<number>(splits.length);
+    let k = 0;
+    for (const s of ["train", "val", "test"] as const) for (let i = 0; i < splits.length; i++) if (splits[i] === s) out[k++] = i;
+    return out;
+  }
   const bySplit: Record<Split, number[]> = { train: [], val: [], test: [] };
   for (let i = 0; i < splits.length; i++) bySplit[splits[i]].push(i);
   const max = limitsFor(limit, { train: bySplit.train.length, val: bySplit.val.length, test: bySplit.test.length });
