@@ -4,6 +4,9 @@
  * and answer id membership like the Set of strings it replaced.
  */
 import assert from "node:assert/strict";
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { test } from "node:test";
 import fc from "fast-check";
 import { PlannedShard, planShards } from "../coordinator/shard_planner.js";
@@ -59,6 +62,28 @@ test("sample list - ids fill several 4 MiB chunks without one straddling two; an
   assert.ok(columns.bytes() > 8 * 2 ** 20, `${columns.bytes()} bytes: more than two chunks`);
   for (let i = 0; i < n; i += 1) assert.equal(columns.id(i), idOf(i));
   assert.throws(() => columns.push("x".repeat(MAX_ID_BYTES + 1), 0), /at most 65535/);
+});
+
+test("sample list - ids past the in-memory budget spill to an unlinked file and read back exactly, in any order", () => {
+  const dir = mkdtempSync(join(tmpdir(), "ctrain-spill-"));
+  try {
+    const columns = new SampleColumns({ spillAfterBytes: 0, spillDir: dir });
+    const n = 60_000;
+    const idOf = (i: number): string => `c${i % 5}/${"ü".repeat(i % 131)}/${i}.png`;
+    for (let i = 0; i < n; i++) columns.push(idOf(i), i % 5);
+    assert.ok(columns.spilledBytes() > 6 * 2 ** 20, `${columns.spilledBytes()} bytes spilled`);
+    assert.ok(columns.bytes() < 8 * 2 ** 20, `${columns.bytes()} bytes in memory`);
+    assert.deepEqual(readdirSync(dir), [], "the spill file is unlinked at once");
+    for (let i = 0; i < n; i++) assert.equal(columns.id(i), idOf(i));
+    for (let k = 0, i = 7; k < n; k++, i = (i * 7919 + 13) % n) assert.equal(columns.id(i), idOf(i));
+    const list = SampleList.select(columns, Array.from({ length: n }, (_, k) => n - 1 - k), () => "train");
+    assert.equal(list.get(0).id, idOf(n - 1));
+    assert.equal(new IdIndex(list).has(idOf(12345)), true);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const nowhere = new SampleColumns({ spillAfterBytes: 0, spillDir: join(tmpdir(), "ctrain-no-such-folder", "x") });
+  assert.throws(() => { for (let i = 0; i < 200_000; i++) nowhere.push(`class/${i}/${"x".repeat(40)}.png`, 0); }, /cannot write its sample ids to .*ctrain-no-such-folder.*set TMPDIR/);
 });
 
 test("sample list - planShards over a list equals the per-object planner (ids, samples, order)", () => {

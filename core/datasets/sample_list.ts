@@ -1,9 +1,16 @@
 /**
  * A data set's samples in columns: ids packed as UTF-8 bytes, labels and splits in typed arrays.
- * A folder of 10^7 images is listed into about (id bytes + 15) bytes a file, where an array of
+ * A folder of 10^7 images is listed into about 15-20 bytes a file in memory, where an array of
  * `{ id, label, split }` objects took ~290 bytes a file (object, string header, array slot, and the
  * map and set entries built beside it). Readers see `SampleRef`s made on demand, one at a time.
+ *
+ * Past the first {@link SPILL_AFTER_BYTES} of ids, full chunks of ids go to a file that is unlinked
+ * as soon as it is opened (in $TMPDIR; gone with the process, even after a crash) and are read back
+ * through a small block cache: the paths of a 10^7-file folder are never all in memory at once.
  */
+import { closeSync, openSync, readSync, unlinkSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { hash53 } from "./splits.js";
 import { SPLITS, type SampleRef, type Split } from "./types.js";
 
@@ -12,7 +19,29 @@ const CHUNK_BYTES = 4 * 2 ** 20;
 /** Longest id in UTF-8 bytes (paths are at most 4096 bytes on Linux). */
 export const MAX_ID_BYTES = 65535;
 
+/** Ids kept in memory before chunks spill to a file (about 2 million ids of 30 bytes). */
+export const SPILL_AFTER_BYTES = 64 * 2 ** 20;
+/** Spilled ids are read back this many bytes at a time, and this many blocks are kept (4 MiB). */
+const BLOCK_BYTES = 64 * 2 ** 10;
+const CACHED_BLOCKS = 64;
+
 const SPLIT_CODE: Record<Split, number> = { train: 0, val: 1, test: 2 };
+
+/** Closes a spill file's descriptor once its columns are collected (the file itself is already unlinked). */
+const spillFiles = new FinalizationRegistry<number>((fd) => {
+  try {
+    closeSync(fd);
+  } catch {
+    // already closed
+  }
+});
+
+export interface SampleColumnsOptions {
+  /** Bytes of ids held in memory before full chunks spill to a file; default {@link SPILL_AFTER_BYTES}. */
+  spillAfterBytes?: number;
+  /** Folder of the spill file; default the OS temporary folder ($TMPDIR). */
+  spillDir?: string;
+}
 
 function grown<T extends Float64Array | Uint16Array | Int32Array | Uint8Array>(a: T, need: number): T {
   if (need <= a.length) return a;
@@ -23,26 +52,80 @@ function grown<T extends Float64Array | Uint16Array | Int32Array | Uint8Array>(a
 
 /** Ids and labels in listing order, appended one at a time (what a walk of the files builds). */
 export class SampleColumns {
-  private chunks: Buffer[] = [];
+  /** In-memory chunks; null once written to the spill file (at offset chunk x CHUNK_BYTES). */
+  private chunks: (Buffer | null)[] = [];
   private chunkUsed = CHUNK_BYTES;
+  private resident = 0;
+  private spillFd = -1;
+  private spillBytes = 0;
+  private readonly blocks = new Map<number, Buffer>();
   private starts = new Float64Array(1024);
   private lengths = new Uint16Array(1024);
   private labelsOf = new Int32Array(1024);
   private count = 0;
 
+  constructor(private readonly o: SampleColumnsOptions = {}) {}
+
   get length(): number {
     return this.count;
+  }
+
+  /** Starts a new chunk; the full one before it goes to the spill file once enough are in memory. */
+  private newChunk(): void {
+    const full = this.chunks.length - 1;
+    if (full >= 0 && this.resident * CHUNK_BYTES > (this.o.spillAfterBytes ?? SPILL_AFTER_BYTES)) {
+      this.spill(full, this.chunks[full]!.subarray(0, this.chunkUsed));
+      this.chunks[full] = null;
+      this.resident--;
+    }
+    this.chunks.push(Buffer.allocUnsafe(CHUNK_BYTES));
+    this.resident++;
+    this.chunkUsed = 0;
+  }
+
+  private spill(chunk: number, bytes: Buffer): void {
+    const dir = this.o.spillDir ?? tmpdir();
+    try {
+      if (this.spillFd < 0) {
+        const path = join(dir, `ctrain-sample-ids-${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}`);
+        this.spillFd = openSync(path, "wx+", 0o600);
+        unlinkSync(path);
+        spillFiles.register(this, this.spillFd);
+      }
+      for (let done = 0; done < bytes.length; ) done += writeSync(this.spillFd, bytes, done, bytes.length - done, chunk * CHUNK_BYTES + done);
+      this.spillBytes += bytes.length;
+    } catch (cause) {
+      throw new Error(`listing the data set: cannot write its sample ids to ${dir} (${(cause as Error).message}); a data set of millions of files spills its ids there: free space or set TMPDIR to another folder.`, { cause });
+    }
+  }
+
+  /** `length` spilled bytes at file offset `start`, through the block cache. */
+  private spilled(start: number, length: number): Buffer {
+    const block = Math.floor(start / BLOCK_BYTES);
+    const at = start - block * BLOCK_BYTES;
+    if (at + length > BLOCK_BYTES) {
+      const out = Buffer.allocUnsafe(length);
+      readSync(this.spillFd, out, 0, length, start);
+      return out;
+    }
+    let b = this.blocks.get(block);
+    if (b) {
+      this.blocks.delete(block); // most recently used last
+    } else {
+      b = Buffer.allocUnsafe(BLOCK_BYTES);
+      readSync(this.spillFd, b, 0, BLOCK_BYTES, block * BLOCK_BYTES);
+      if (this.blocks.size >= CACHED_BLOCKS) this.blocks.delete(this.blocks.keys().next().value!);
+    }
+    this.blocks.set(block, b);
+    return b.subarray(at, at + length);
   }
 
   push(id: string, label: number): void {
     const bytes = Buffer.byteLength(id, "utf8");
     if (bytes > MAX_ID_BYTES) throw new RangeError(`sample id of ${bytes} bytes (at most ${MAX_ID_BYTES}): ${id.slice(0, 80)}...`);
-    if (this.chunkUsed + bytes > CHUNK_BYTES) {
-      this.chunks.push(Buffer.allocUnsafe(Math.max(CHUNK_BYTES, bytes)));
-      this.chunkUsed = 0;
-    }
+    if (this.chunkUsed + bytes > CHUNK_BYTES) this.newChunk();
     const chunk = this.chunks.length - 1;
-    this.chunks[chunk].write(id, this.chunkUsed, "utf8");
+    this.chunks[chunk]!.write(id, this.chunkUsed, "utf8");
     const n = this.count;
     this.starts = grown(this.starts, n + 1);
     this.lengths = grown(this.lengths, n + 1);
@@ -58,7 +141,9 @@ export class SampleColumns {
     const start = this.starts[i];
     const chunk = Math.floor(start / CHUNK_BYTES);
     const at = start - chunk * CHUNK_BYTES;
-    return this.chunks[chunk].toString("utf8", at, at + this.lengths[i]);
+    const inMemory = this.chunks[chunk];
+    if (inMemory) return inMemory.toString("utf8", at, at + this.lengths[i]);
+    return this.spilled(start, this.lengths[i]).toString("utf8");
   }
 
   label(i: number): number {
@@ -75,9 +160,14 @@ export class SampleColumns {
     return this.labelsOf.subarray(0, this.count);
   }
 
-  /** Bytes held (chunks and columns), for the memory gauge. */
+  /** Bytes of ids written to the spill file (0: all in memory). */
+  spilledBytes(): number {
+    return this.spillBytes;
+  }
+
+  /** Bytes held in memory (chunks, columns and read cache), for the memory gauge. */
   bytes(): number {
-    return this.chunks.length * CHUNK_BYTES + this.starts.byteLength + this.lengths.byteLength + this.labelsOf.byteLength;
+    return this.resident * CHUNK_BYTES + this.blocks.size * BLOCK_BYTES + this.starts.byteLength + this.lengths.byteLength + this.labelsOf.byteLength;
   }
 }
 
