@@ -68,7 +68,7 @@ interface WalkState {
 
 const idOf = (root: string, path: string): string => relative(root, path).split(sep).join("/");
 const within = (path: string, dir: string): boolean => path === dir || path.startsWith(dir.endsWith(sep) ? dir : dir + sep);
-/** A listed file's key in WalkState.seenFiles: its real path, relative to the real root when inside it. */
+/** How a duplicate names the file listed first: its real path, relative to the real root when inside it. */
 const fileKey = (w: WalkState, target: string): string => (within(target, w.realRoot) ? idOf(w.realRoot, target) : target);
 
 /**
