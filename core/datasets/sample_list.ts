@@ -243,14 +243,6 @@ export class SampleList implements Iterable<SampleRef> {
     return out;
   }
 
-  /** Samples in `split`. */
-  count(split: Split): number {
-    const code = SPLIT_CODE[split];
-    let n = 0;
-    for (let k = 0; k < this.length; k++) if (this.splitCodes[k] === code) n++;
-    return n;
-  }
-
   /** Samples per split. */
   counts(): Record<Split, number> {
     const out: Record<Split, number> = { train: 0, val: 0, test: 0 };
@@ -306,6 +298,9 @@ export class SampleList implements Iterable<SampleRef> {
   }
 }
 
+/** Seed of IdIndex's id hashes (any fixed value: the index is never stored). */
+const ID_HASH_SEED = 0x1d1d;
+
 /**
  * Which ids belong to a list, in 8 bytes an id (a sorted array of 53-bit hashes, not a Set of
  * strings): a worker checks a message's ids against its own listing with it.
@@ -315,12 +310,12 @@ export class IdIndex {
 
   constructor(list: { readonly length: number; id(k: number): string }) {
     this.hashes = new Float64Array(list.length);
-    for (let k = 0; k < list.length; k++) this.hashes[k] = hash53(list.id(k), 0x1d1d);
+    for (let k = 0; k < list.length; k++) this.hashes[k] = hash53(list.id(k), ID_HASH_SEED);
     this.hashes.sort();
   }
 
   has(id: string): boolean {
-    const h = hash53(id, 0x1d1d);
+    const h = hash53(id, ID_HASH_SEED);
     let lo = 0;
     let hi = this.hashes.length - 1;
     while (lo <= hi) {
